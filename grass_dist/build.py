@@ -1,0 +1,76 @@
+"""Build a job's parts from its config: model, task, datasets, compressors, fingerprint.
+
+The driver and every worker call these same functions, so all replicas agree; the model's
+state hash in the fingerprint catches any replica that does not.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from torch import nn
+
+from grass_dist.capture import resolve_layers
+from grass_dist.compress import LinearCompressor, build_compressors
+from grass_dist.config import JobConfig
+from grass_dist.errors import ConfigError
+from grass_dist.models import state_hash
+
+FORMAT_VERSION = 1
+
+
+def _instantiate(node: dict[str, Any], where: str) -> Any:
+    try:
+        return instantiate(node)
+    except InstantiationException as e:
+        raise ConfigError(
+            f"could not build '{where}' from _target_={node.get('_target_')!r}: {e}. Check the "
+            f"import path and the arguments under '{where}'."
+        ) from e
+
+
+def build_model(job: JobConfig) -> nn.Module:
+    model = _instantiate(job.model, "model")
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model._target_ returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def build_task(job: JobConfig):
+    return _instantiate(job.task, "task")
+
+
+def build_dataset(job: JobConfig, which: str):
+    node = job.data.get(which)
+    if node is None:
+        raise ConfigError(f"data.{which} is not configured; set data.{which}._target_")
+    dataset = _instantiate(node, f"data.{which}")
+    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        raise ConfigError(f"data.{which} must be a map-style dataset (__getitem__ and __len__)")
+    return dataset
+
+
+def build_layer_compressors(job: JobConfig, model: nn.Module) -> dict[str, LinearCompressor]:
+    return build_compressors(job.compression, resolve_layers(model, job.index.layers))
+
+
+def _canonical(node: Any) -> Any:
+    return json.loads(json.dumps(node, sort_keys=True, default=str))
+
+
+def fingerprint(
+    job: JobConfig, model: nn.Module, compressors: dict[str, LinearCompressor], task
+) -> dict[str, Any]:
+    """What an index's rows depend on; any difference makes the index incompatible."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": {"target": job.model["_target_"], "state_sha256": state_hash(model)},
+        "task": task.spec() if hasattr(task, "spec") else {"target": job.task["_target_"]},
+        "compression": {"method": job.compression.method, "seed": job.compression.seed},
+        "layers": [{"name": n, **c.spec()} for n, c in compressors.items()],
+        "dtype": job.index.dtype,
+        "data": {"train": _canonical(job.data["train"])},
+    }

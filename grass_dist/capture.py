@@ -1,0 +1,113 @@
+"""Per-sample gradient factors of Linear layers, without computing any weight gradient.
+
+Forward hooks keep each layer's input x and output y; `torch.autograd.grad` of the summed
+per-sample losses with respect to the outputs y yields g = dL/dy. Since no parameter is a
+differentiation target, autograd skips every weight-gradient GEMM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from grass_dist.compress.linear import LinearShape
+from grass_dist.errors import ConfigError
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    # transformers' GPT-2 Conv1D is a Linear with a transposed weight (nf = d_out).
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def linear_shape(module: nn.Module) -> LinearShape:
+    """The gradient shape of an nn.Linear or a GPT-2 style Conv1D."""
+    if isinstance(module, nn.Linear):
+        d_out, d_in = module.weight.shape
+    else:
+        d_in, d_out = module.weight.shape
+    return LinearShape(d_in=int(d_in), d_out=int(d_out), bias=module.bias is not None)
+
+
+def resolve_layers(model: nn.Module, names: Iterable[str] | None) -> dict[str, LinearShape]:
+    """Layer name -> shape for the requested layers (all Linear layers when None)."""
+    modules = dict(model.named_modules())
+    if names is None:
+        chosen = [n for n, m in modules.items() if _is_linear_like(m)]
+        if not chosen:
+            raise ConfigError(
+                "the model has no nn.Linear layers to capture; set index.layers to the names "
+                "of its Linear layers"
+            )
+    else:
+        chosen = list(names)
+        linear = [n for n, m in modules.items() if _is_linear_like(m)]
+        for name in chosen:
+            if name not in modules:
+                raise ConfigError(
+                    f"index.layers names {name!r}, which is not a module of the model. "
+                    f"Linear layers in this model: {linear}"
+                )
+            if not _is_linear_like(modules[name]):
+                raise ConfigError(
+                    f"index.layers names {name!r}, a {type(modules[name]).__name__}; only "
+                    f"Linear layers are captured. Linear layers in this model: {linear}"
+                )
+    return {n: linear_shape(modules[n]) for n in chosen}
+
+
+class LinearCapture:
+    """Records inputs and outputs of the chosen layers during one forward pass."""
+
+    def __init__(self, model: nn.Module, names: Iterable[str]):
+        self.model = model
+        self.names = list(names)
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if name in self.outputs:
+                raise RuntimeError(
+                    f"layer {name!r} ran twice in one forward pass; shared layers are not "
+                    f"supported by the factorised capture. Leave it out of index.layers."
+                )
+            self.inputs[name] = args[0].detach()
+            self.outputs[name] = output
+
+        return hook
+
+    @contextmanager
+    def recording(self) -> Iterator[LinearCapture]:
+        self.inputs.clear()
+        self.outputs.clear()
+        modules = dict(self.model.named_modules())
+        handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.names]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def factors(self, losses: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per-sample losses (B,) -> {layer: (x (B, T, d_in), g (B, T, d_out))}.
+
+        The losses are summed, so each sample's g is its own loss's gradient (no 1/B).
+        """
+        missing = [n for n in self.names if n not in self.outputs]
+        if missing:
+            raise RuntimeError(f"layers {missing} did not run in the forward pass")
+        outs = [self.outputs[n] for n in self.names]
+        grads = torch.autograd.grad(losses.sum(), outs, allow_unused=True)
+        result = {}
+        for name, out, g in zip(self.names, outs, grads, strict=True):
+            if g is None:
+                g = torch.zeros_like(out)
+            x = self.inputs[name]
+            batch = x.shape[0]
+            result[name] = (x.reshape(batch, -1, x.shape[-1]), g.reshape(batch, -1, g.shape[-1]))
+        self.inputs.clear()
+        self.outputs.clear()
+        return result

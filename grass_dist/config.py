@@ -1,0 +1,173 @@
+"""Typed configuration of a job: one dataclass per config group, every field documented.
+
+Hydra composes YAML from `conf/`; `JobConfig.from_cfg` merges each group onto its
+dataclass (unknown keys and wrong types are refused by OmegaConf) and validates values,
+so a bad config fails before Ray starts or any gradient is computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from grass_dist.errors import ConfigError
+
+
+def _f(default: Any, help: str) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class RunConfig:
+    name: str = _f("default", "name of this query set / results folder under the index")
+    output_dir: str = _f("outputs", "local folder for caches, logs and the default index")
+
+
+@dataclass
+class CompressionConfig:
+    method: str = _f("factgrass", "identity | factgrass")
+    k: int = _f(256, "compressed size per layer")
+    blowup: int = _f(4, "mask budget k' = blowup * k before the SJLT")
+    mask_out: int | None = _f(None, "explicit mask size on the output-gradient side")
+    mask_in: int | None = _f(None, "explicit mask size on the input side (bias included)")
+    sjlt_c: int = _f(1, "non-zeros per input coordinate in the SJLT")
+    seed: int = _f(0, "seed of every mask and sketch (part of the fingerprint)")
+
+
+@dataclass
+class IndexConfig:
+    url: str | None = _f(None, "index location; defaults to store.url")
+    layers: list[str] | None = _f(None, "Linear layers to capture; null = every Linear layer")
+    shard_size: int = _f(256, "training rows per shard (the unit of work and of commit)")
+    batch_size: int = _f(64, "rows per forward/backward batch inside a shard")
+    dtype: str = _f("float32", "storage dtype of phi: float32 | float16 | bfloat16")
+    verify: bool = _f(True, "check each shard's sha256 when reading")
+
+
+@dataclass
+class PreconditionConfig:
+    damping: float = _f(0.1, "relative damping delta: lambda_l = delta * trace(H_l) / k_l")
+    name: str = _f("fisher", "file name of the preconditioner under preconditioner/")
+
+
+@dataclass
+class ScoringConfig:
+    kind: str = _f("influence", "influence | grad_dot")
+    topk: int = _f(10, "proponents and opponents kept per query")
+    dense: bool = _f(False, "also write the full n_train x n_query score matrix")
+    self_influence: bool = _f(True, "write tau(i, i) for every training row")
+    tile_rows: int = _f(4096, "training rows scored per tile (bounds memory)")
+
+
+@dataclass
+class StoreConfig:
+    url: str = _f("outputs/index", "fsspec URL of the gradient index: path, file://, s3://")
+    storage_options: dict[str, Any] = _f({}, "fsspec options (endpoint, region, ...)")
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = _f(None, "null = embedded Ray; 'auto' or ray://... joins a cluster")
+    num_workers: int = _f(2, "GradientWorker actors (one model replica each)")
+    cpus_per_worker: float = _f(1.0, "CPUs per worker (also its torch thread count)")
+    gpus_per_worker: float = _f(1.0, "GPUs per worker when the cluster has GPUs")
+    num_cpus: int | None = _f(None, "logical CPUs of the embedded Ray (null = machine)")
+    max_inflight_per_worker: int = _f(2, "shards queued per worker (backpressure)")
+    max_shard_retries: int = _f(3, "attempts per shard before the job fails")
+
+
+@dataclass
+class JobConfig:
+    """The validated job: user callables stay as raw Hydra nodes with `_target_`."""
+
+    model: dict[str, Any]
+    data: dict[str, Any]
+    task: dict[str, Any]
+    run: RunConfig
+    compression: CompressionConfig
+    index: IndexConfig
+    precondition: PreconditionConfig
+    scoring: ScoringConfig
+    store: StoreConfig
+    cluster: ClusterConfig
+
+    @property
+    def index_url(self) -> str:
+        return self.index.url or self.store.url
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig | dict) -> JobConfig:
+        cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+        typed = {}
+        for name, schema in _GROUPS.items():
+            node = cfg.get(name, {}) or {}
+            try:
+                merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+            except OmegaConfBaseException as e:
+                raise ConfigError(f"config group '{name}': {e}") from None
+            typed[name] = OmegaConf.to_object(merged)
+        raw = {}
+        for name in ("model", "data", "task"):
+            node = cfg.get(name)
+            raw[name] = OmegaConf.to_container(node, resolve=True) if node is not None else None
+        job = cls(**raw, **typed)
+        job.validate()
+        return job
+
+    def validate(self) -> None:
+        _require_target(self.model, "model")
+        _require_target(self.task, "task")
+        if not isinstance(self.data, dict):
+            raise ConfigError("config group 'data' is missing; add data.train and data.query")
+        _require_target(self.data.get("train"), "data.train")
+        if self.data.get("query") is not None:
+            _require_target(self.data["query"], "data.query")
+        c = self.compression
+        if c.method not in ("identity", "factgrass"):
+            raise ConfigError(
+                f"compression.method={c.method!r} is unknown; use compression=identity or "
+                f"compression=factgrass"
+            )
+        if c.k <= 0:
+            raise ConfigError(f"compression.k={c.k} must be a positive integer, e.g. 1024")
+        if c.blowup < 1 or c.sjlt_c < 1:
+            raise ConfigError("compression.blowup and compression.sjlt_c must be >= 1")
+        if self.index.dtype not in ("float32", "float16", "bfloat16"):
+            raise ConfigError(
+                f"index.dtype={self.index.dtype!r}; choose float32, float16 or bfloat16"
+            )
+        for fname in ("shard_size", "batch_size"):
+            if getattr(self.index, fname) <= 0:
+                raise ConfigError(f"index.{fname} must be positive")
+        if self.precondition.damping < 0:
+            raise ConfigError("precondition.damping must be >= 0 (relative to trace(H)/k)")
+        if self.scoring.kind not in ("influence", "grad_dot"):
+            raise ConfigError(f"scoring.kind={self.scoring.kind!r}; use influence or grad_dot")
+        if self.scoring.topk <= 0 or self.scoring.tile_rows <= 0:
+            raise ConfigError("scoring.topk and scoring.tile_rows must be positive")
+        if self.cluster.num_workers <= 0:
+            raise ConfigError("cluster.num_workers must be at least 1")
+
+
+def _require_target(node: Any, where: str) -> None:
+    if not isinstance(node, dict) or "_target_" not in node:
+        raise ConfigError(
+            f"'{where}' needs a '_target_': the import path of a callable that returns it, "
+            f"e.g. {where}._target_=my_pkg.my_module.build (got {node!r})"
+        )
+
+
+_GROUPS = {
+    "run": RunConfig,
+    "compression": CompressionConfig,
+    "index": IndexConfig,
+    "precondition": PreconditionConfig,
+    "scoring": ScoringConfig,
+    "store": StoreConfig,
+    "cluster": ClusterConfig,
+}

@@ -1,0 +1,19 @@
+"""Durable gradient index on any fsspec store (local, file://, memory://, s3://)."""
+
+from grass_dist.index.gradient_index import GradientIndex, fingerprint_diff
+from grass_dist.index.manifest import ShardRecord, commit, latest
+from grass_dist.index.shards import ShardData, read_shard, write_shard
+from grass_dist.index.store import Store, redact_url
+
+__all__ = [
+    "GradientIndex",
+    "ShardData",
+    "ShardRecord",
+    "Store",
+    "commit",
+    "fingerprint_diff",
+    "latest",
+    "read_shard",
+    "redact_url",
+    "write_shard",
+]

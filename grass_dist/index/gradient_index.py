@@ -1,0 +1,276 @@
+"""The durable gradient index: fingerprint, immutable shard files and committed manifests.
+
+Layout under the index URL (see ARCHITECTURE.md, "Gradient index layout")::
+
+    index.json                          {"format_version": 1, "fingerprint": {...}}, written once
+    _manifests/<version:010d>.json      cumulative, create-only
+    shards/<shard id>/<attempt>.parquet immutable, one per attempt
+    preconditioner/..., results/...     artifacts
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from grass_dist.errors import (
+    CorruptIndexError,
+    CorruptShardError,
+    FingerprintMismatchError,
+    IndexNotFoundError,
+    StoreUnavailableError,
+)
+from grass_dist.index import manifest, shards
+from grass_dist.index.manifest import ShardRecord
+from grass_dist.index.shards import ShardData
+from grass_dist.index.store import Store
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "index.json"
+FORMAT_VERSION = 1
+_RESERVED_DIRS = (f"{manifest.MANIFEST_DIR}/", "shards/")
+_SHARD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_MISSING = object()
+
+
+def _canonical(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """JSON round trip: tuples become lists, keys strings, so stored == requested compares."""
+    try:
+        return json.loads(json.dumps(fingerprint, sort_keys=True))
+    except TypeError as exc:
+        raise TypeError(f"fingerprint must be JSON-serialisable: {exc}") from exc
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    text = "<missing>" if value is _MISSING else json.dumps(value, sort_keys=True)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def fingerprint_diff(stored: Any, requested: Any, path: str = "") -> list[tuple[str, Any, Any]]:
+    """Differing leaves as (key path like ``layers[0].k``, stored, requested)."""
+    if isinstance(stored, dict) and isinstance(requested, dict):
+        out: list[tuple[str, Any, Any]] = []
+        for key in sorted(set(stored) | set(requested)):
+            sub = f"{path}.{key}" if path else str(key)
+            out += fingerprint_diff(stored.get(key, _MISSING), requested.get(key, _MISSING), sub)
+        return out
+    if isinstance(stored, list) and isinstance(requested, list) and len(stored) == len(requested):
+        return [
+            d
+            for i, (a, b) in enumerate(zip(stored, requested, strict=True))
+            for d in fingerprint_diff(a, b, f"{path}[{i}]")
+        ]
+    same = (
+        stored is not _MISSING
+        and requested is not _MISSING
+        and (json.dumps(stored, sort_keys=True) == json.dumps(requested, sort_keys=True))
+    )
+    return [] if same else [(path or "<fingerprint>", stored, requested)]
+
+
+class GradientIndex:
+    """Handle on one gradient index; cheap to pickle (ships url, options and fingerprint).
+
+    Use :meth:`create_or_open` (writers) or :meth:`open` (readers) rather than the constructor.
+    """
+
+    def __init__(self, store: Store, fingerprint: dict[str, Any]) -> None:
+        self.store = store
+        self.fingerprint = fingerprint
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (GradientIndex, (self.store, self.fingerprint))
+
+    def __repr__(self) -> str:
+        return f"GradientIndex({self.store.url_of('')!r})"
+
+    # ---- opening -----------------------------------------------------------------------
+    @classmethod
+    def create_or_open(
+        cls, url: str, fingerprint: dict[str, Any], storage_options: dict[str, Any] | None = None
+    ) -> GradientIndex:
+        """Open the index at ``url``, creating it with ``fingerprint`` if absent.
+
+        Raises:
+            FingerprintMismatchError: the existing index has a different fingerprint.
+        """
+        store = Store(url, storage_options)
+        requested = _canonical(fingerprint)
+        doc = json.dumps(
+            {"format_version": FORMAT_VERSION, "fingerprint": requested}, indent=1, sort_keys=True
+        ).encode()
+        for _ in range(5):
+            if not store.exists(INDEX_FILE) and store.create_only(INDEX_FILE, doc):
+                log.info("created gradient index at %s", store.url_of(""))
+                return cls(store, requested)
+            try:
+                stored = _read_index(store)
+            except FileNotFoundError:  # a racing creator's conditional put failed after all
+                continue
+            _check_fingerprint(store, stored, requested)
+            return cls(store, stored)
+        raise StoreUnavailableError(store.url_of(""), f"{INDEX_FILE} keeps appearing and vanishing")
+
+    @classmethod
+    def open(cls, url: str, storage_options: dict[str, Any] | None = None) -> GradientIndex:
+        """Open an existing index. Raises IndexNotFoundError if there is none at ``url``."""
+        store = Store(url, storage_options)
+        try:
+            return cls(store, _read_index(store))
+        except FileNotFoundError as exc:
+            raise IndexNotFoundError(
+                f"no gradient index at {store.url_of('')} ({INDEX_FILE} not found). Fix: run "
+                "`python -m jobs.index` first, or point store.url at an existing index."
+            ) from exc
+
+    # ---- fingerprint-derived facts -----------------------------------------------------
+    @property
+    def url(self) -> str:
+        """The store URL (may name a local path; has no credentials if none were in it)."""
+        return self.store.url
+
+    @property
+    def layers(self) -> list[tuple[str, int]]:
+        """(layer name, k_l) in column order, from ``fingerprint["layers"]``."""
+        return [(str(d["name"]), int(d["k"])) for d in self.fingerprint.get("layers", [])]
+
+    @property
+    def dtype(self) -> str:
+        """Storage dtype of the gradients: float32 (default), float16 or bfloat16."""
+        return str(self.fingerprint.get("dtype", "float32"))
+
+    # ---- shards and commits ------------------------------------------------------------
+    def committed(self) -> dict[str, ShardRecord]:
+        """shard_id -> record for every shard in the latest manifest."""
+        return manifest.latest(self.store)[1]
+
+    def num_rows(self) -> int:
+        """Total committed training rows."""
+        return sum(rec.rows for rec in self.committed().values())
+
+    def write_shard(
+        self,
+        shard_id: str,
+        start: int,
+        end: int,
+        row_ids: np.ndarray,
+        keys: list[str],
+        phi: dict[str, np.ndarray],
+    ) -> ShardRecord:
+        """Write one shard attempt to a fresh file; the caller commits the returned record.
+
+        Args:
+            shard_id: stable id of training rows [start, end), e.g. ``"000042"``.
+            row_ids: int64, shape (n,). keys: n sample keys.
+            phi: layer name -> array (n, k_l); must match ``self.layers`` exactly.
+        """
+        if not _SHARD_ID.match(shard_id):
+            raise ValueError(f"shard_id must match {_SHARD_ID.pattern}, got {shard_id!r}")
+        want = dict(self.layers)
+        got = {name: int(np.shape(x)[-1]) for name, x in phi.items()}
+        if got != want:
+            raise FingerprintMismatchError(
+                f"shard {shard_id} has layers {_show(got, 200)} but the index at "
+                f"{self.store.url_of('')} expects {_show(want, 200)}. Fix: use the same "
+                "model/compression settings as the index, or a new store.url."
+            )
+        attempt = uuid.uuid4().hex  # unique per attempt: files are never overwritten
+        rel = f"shards/{shard_id}/{attempt}.parquet"
+        ordered = {name: phi[name] for name, _ in self.layers}
+        nbytes, sha = shards.write_shard(self.store, rel, row_ids, keys, ordered, self.dtype)
+        return ShardRecord(
+            shard_id=shard_id,
+            start=int(start),
+            end=int(end),
+            rows=int(np.shape(row_ids)[0]),
+            file=rel,
+            sha256=sha,
+            nbytes=nbytes,
+            attempt=attempt,
+        )
+
+    def commit(self, records: list[ShardRecord]) -> int:
+        """Commit shard records exactly once (first committed attempt wins); returns version."""
+        return manifest.commit(self.store, list(records))
+
+    def read(
+        self, record: ShardRecord, layers: list[str] | None = None, verify: bool = True
+    ) -> ShardData:
+        """Read a committed shard, checking its sha256 (if ``verify``) and row count."""
+        data = shards.read_shard(self.store, record.file, layers, record.sha256 if verify else None)
+        if len(data) != record.rows:
+            raise CorruptShardError(
+                f"shard file {self.store.url_of(record.file)} has {len(data)} rows, the "
+                f"manifest says {record.rows}. Fix: rerun `python -m jobs.index "
+                "index.repair=true` to recompute it."
+            )
+        return data
+
+    def iter_committed(
+        self, layers: list[str] | None = None, verify: bool = True
+    ) -> Iterator[tuple[ShardRecord, ShardData]]:
+        """Yield (record, data) for each committed shard, in order of ``start``.
+
+        Uses one manifest snapshot taken at the first ``next()``; never lists shards/.
+        """
+        for rec in sorted(self.committed().values(), key=lambda r: (r.start, r.shard_id)):
+            yield rec, self.read(rec, layers, verify)
+
+    # ---- artifacts (preconditioner/, results/) -----------------------------------------
+    def put_artifact(self, rel: str, data: bytes) -> None:
+        """Write (overwrite) an artifact such as ``preconditioner/main.safetensors``."""
+        if rel.strip("/") == INDEX_FILE or rel.lstrip("/").startswith(_RESERVED_DIRS):
+            raise ValueError(f"{rel!r} is reserved for the index itself")
+        self.store.write_bytes(rel, data)
+
+    def get_artifact(self, rel: str) -> bytes:
+        """Bytes of an artifact; raises FileNotFoundError if absent."""
+        return self.store.read_bytes(rel)
+
+    def has_artifact(self, rel: str) -> bool:
+        """Whether the artifact exists."""
+        return self.store.exists(rel)
+
+
+def _read_index(store: Store) -> dict[str, Any]:
+    """The stored fingerprint; FileNotFoundError if index.json is absent."""
+    for attempt in range(5):
+        raw = store.read_bytes(INDEX_FILE)
+        try:
+            doc = json.loads(raw)
+            version, fingerprint = doc["format_version"], doc["fingerprint"]
+            break
+        except (ValueError, KeyError, TypeError) as exc:
+            # Without atomic create (rare local filesystems) a reader can catch it mid-write.
+            if attempt == 4:
+                raise CorruptIndexError(
+                    f"{store.url_of(INDEX_FILE)} is unreadable ({exc}). Fix: restore it, or "
+                    "use a new store.url and rebuild the index."
+                ) from exc
+            time.sleep(0.05)
+    if version != FORMAT_VERSION:
+        raise FingerprintMismatchError(
+            f"index at {store.url_of('')} has format_version {version}; this grass_dist reads "
+            f"{FORMAT_VERSION}. Fix: use a new store.url, or the grass_dist that wrote it."
+        )
+    return fingerprint
+
+
+def _check_fingerprint(store: Store, stored: dict[str, Any], requested: dict[str, Any]) -> None:
+    diffs = fingerprint_diff(stored, requested)
+    if not diffs:
+        return
+    lines = "\n".join(f"  {path}: stored={_show(a)} requested={_show(b)}" for path, a, b in diffs)
+    raise FingerprintMismatchError(
+        f"the gradient index at {store.url_of('')} was built with a different fingerprint:\n"
+        f"{lines}\nFix: use a new store.url (or index.url) for these settings, or rerun with "
+        "the same model/compression/data settings as the existing index."
+    )

@@ -1,0 +1,280 @@
+"""A thin fsspec wrapper: one store root, paths relative to it, create-only puts, safe errors.
+
+Works on plain local paths, ``file://``, ``memory://`` and ``s3://`` (s3fs). Storage options
+may hold credentials, so they never appear in ``repr``, logs or exception messages.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from typing import IO, Any
+from urllib.parse import urlsplit, urlunsplit
+
+import fsspec.core
+from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
+
+from grass_dist.errors import StoreUnavailableError
+
+# memory:// emulates create-only with exists + write; this lock makes that pair atomic for
+# all threads of the process (memory:// is per process anyway).
+_MEMORY_LOCK = threading.Lock()
+# Exception modules that mean "talking to storage failed" even when not an OSError.
+_STORAGE_MODULES = {"botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "s3fs", "fsspec"}
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` without user:password in the netloc and without a query string."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc and not parts.query:  # nothing secret-looking (or a plain path)
+        return url
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", ""))
+
+
+def _secret_strings(value: Any) -> list[str]:
+    """All string leaves of ``storage_options`` long enough to be worth scrubbing."""
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _secret_strings(v)]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _secret_strings(v)]
+    return [value] if isinstance(value, str) and len(value) >= 4 else []
+
+
+def _is_storage_error(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in _STORAGE_MODULES
+
+
+def _s3_lost_race(exc: BaseException) -> bool:
+    """True when a conditional (If-None-Match) put failed because the object exists.
+
+    s3fs maps the 412 that AWS tags with ``Condition: If-None-Match`` to FileExistsError, but
+    SeaweedFS's 412 arrives as OSError(EINVAL) and AWS may answer 409 (concurrent conditional
+    write, OSError(EBUSY)). The botocore ClientError is kept as ``__cause__``; prefer it.
+    """
+    if isinstance(exc, FileExistsError):
+        return True
+    response = getattr(exc.__cause__, "response", None)
+    if isinstance(response, dict):
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        code = response.get("Error", {}).get("Code")
+        return status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict")
+    return isinstance(exc, OSError) and exc.errno in (errno.EINVAL, errno.EBUSY)
+
+
+class Store:
+    """A storage root addressed by an fsspec URL; every path argument is relative to it.
+
+    Args:
+        url: local path, ``file://...``, ``memory://...`` or ``s3://bucket/prefix``.
+        storage_options: passed to fsspec (endpoint, credentials, ...); kept out of messages.
+    """
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        scheme, sep, rest = url.partition("://")
+        # A URL keeps "memory://" intact and loses trailing slashes; a plain local path is made
+        # absolute so it names the same directory in every worker.
+        self.url = (
+            f"{scheme}://{rest.rstrip('/')}" if sep else os.path.abspath(os.path.expanduser(url))
+        )
+        self.storage_options: dict[str, Any] = dict(storage_options or {})
+        self._fs: AbstractFileSystem | None = None
+        self._root = ""
+
+    # ---- identity, pickling, display -------------------------------------------------
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Ship only the URL and options; the filesystem (sessions, loops) is rebuilt lazily.
+        return (Store, (self.url, self.storage_options))
+
+    def __repr__(self) -> str:
+        keys = sorted(self.storage_options)
+        return f"Store({redact_url(self.url)!r}, storage_options keys={keys})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Store) and (self.url, self.storage_options) == (
+            other.url,
+            other.storage_options,
+        )
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+    def url_of(self, rel: str) -> str:
+        """Display URL of ``rel`` (credentials removed), for messages and logs."""
+        rel = rel.strip("/")
+        return f"{redact_url(self.url)}/{rel}" if rel else redact_url(self.url)
+
+    # ---- internals -------------------------------------------------------------------
+    @property
+    def fs(self) -> AbstractFileSystem:
+        """The fsspec filesystem, created on first use (also after unpickling)."""
+        if self._fs is None:
+            try:
+                fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+            except Exception as exc:  # unknown protocol, missing driver, bad options
+                raise self._unavailable("cannot create filesystem", exc) from exc
+            self._fs, self._root = fs, root.rstrip("/")
+        return self._fs
+
+    @property
+    def _is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    def _path(self, rel: str) -> str:
+        fs = self.fs  # sets self._root
+        rel = rel.strip("/")
+        if any(part == ".." for part in rel.split("/")):
+            raise ValueError(f"store paths may not contain '..': {rel!r}")
+        path = f"{self._root}/{rel}" if rel else self._root
+        return path.replace("/", os.sep) if isinstance(fs, LocalFileSystem) else path
+
+    def _unavailable(self, what: str, exc: BaseException) -> StoreUnavailableError:
+        reason = f"{what}: {type(exc).__name__}: {exc}"
+        for secret in _secret_strings(self.storage_options):
+            reason = reason.replace(secret, "***")
+        return StoreUnavailableError(redact_url(self.url), reason)
+
+    @contextmanager
+    def _wrap(self, what: str, passthrough: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+        try:
+            yield
+        except passthrough:
+            raise
+        except StoreUnavailableError:
+            raise
+        except Exception as exc:
+            if _is_storage_error(exc):
+                raise self._unavailable(what, exc) from exc
+            raise
+
+    # ---- operations ------------------------------------------------------------------
+    def exists(self, rel: str) -> bool:
+        """Whether the object ``rel`` exists."""
+        path = self._path(rel)
+        with self._wrap(f"cannot check {rel!r}"):
+            return bool(self.fs.exists(path))
+
+    def read_bytes(self, rel: str) -> bytes:
+        """Whole object ``rel``; raises FileNotFoundError if it does not exist."""
+        path = self._path(rel)
+        with self._wrap(f"cannot read {rel!r}", passthrough=(FileNotFoundError,)):
+            return bytes(self.fs.cat_file(path))
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write (or overwrite) ``rel``; readers never observe a partially written object."""
+        path = self._path(rel)
+        with self._wrap(f"cannot write {rel!r}"):
+            if self._is_local:
+                # Temp file in the same directory + os.replace: atomic on POSIX and Windows.
+                tmp = self._local_temp(path, data)
+                os.replace(tmp, path)
+            else:
+                self.fs.pipe_file(path, bytes(data))  # object-store puts are atomic
+
+    def create_only(self, rel: str, data: bytes) -> bool:
+        """Write ``rel`` only if it does not exist yet; returns False if it already existed."""
+        path = self._path(rel)
+        fs = self.fs
+        with self._wrap(f"cannot create {rel!r}"):
+            if isinstance(fs, LocalFileSystem):
+                return self._local_create_only(path, data)
+            if isinstance(fs, MemoryFileSystem):
+                with _MEMORY_LOCK:
+                    if fs.exists(path):
+                        return False
+                    fs.pipe_file(path, bytes(data))
+                    return True
+            try:
+                # s3fs sends If-None-Match: *; generic fsspec falls back to exists + write.
+                fs.pipe_file(path, bytes(data), mode="create")
+            except Exception as exc:
+                is_s3 = "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+                if isinstance(exc, FileExistsError) or (is_s3 and _s3_lost_race(exc)):
+                    return False
+                raise
+            return True
+
+    def list(self, rel_dir: str) -> list[str]:
+        """Sorted names (not paths) directly under ``rel_dir``; [] if it does not exist."""
+        path = self._path(rel_dir)
+        with self._wrap(f"cannot list {rel_dir!r}"):
+            self.fs.invalidate_cache()  # fsspec caches listings; other writers may have added
+            try:
+                entries = self.fs.ls(path, detail=False)
+            except FileNotFoundError:
+                return []
+        names = {str(e).replace(os.sep, "/").rstrip("/").rsplit("/", 1)[-1] for e in entries}
+        return sorted(n for n in names if n)
+
+    def delete(self, rel: str) -> None:
+        """Delete the object ``rel``; a missing object is not an error."""
+        path = self._path(rel)
+        with self._wrap(f"cannot delete {rel!r}"), suppress(FileNotFoundError):
+            self.fs.rm_file(path)
+
+    def open(self, rel: str, mode: str = "rb") -> IO[Any]:
+        """Open ``rel`` as a file object (local parents are created for write modes)."""
+        path = self._path(rel)
+        with self._wrap(f"cannot open {rel!r}", passthrough=(FileNotFoundError,)):
+            if self._is_local and any(c in mode for c in "wxa"):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            return self.fs.open(path, mode)
+
+    def check_writable(self) -> None:
+        """Write, read back and delete a small probe object; raise StoreUnavailableError if not.
+
+        Jobs call this before any compute so a bad URL or credentials fail in seconds.
+        """
+        rel = f"_probe/{uuid.uuid4().hex}"
+        payload = b"grass_dist write probe"
+        self.write_bytes(rel, payload)
+        try:
+            if self.read_bytes(rel) != payload:
+                raise self._unavailable("probe", OSError("read back different bytes"))
+        except FileNotFoundError as exc:
+            raise self._unavailable("probe object vanished after writing", exc) from exc
+        finally:
+            self.delete(rel)
+
+    # ---- local helpers ---------------------------------------------------------------
+    @staticmethod
+    def _local_temp(path: str, data: bytes) -> str:
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        # Dot-prefixed so manifest listings (which match digit names only) ignore it.
+        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return tmp
+
+    def _local_create_only(self, path: str, data: bytes) -> bool:
+        # Write a complete temp file, then hard-link it into place: link() fails with EEXIST if
+        # the name is taken, and readers only ever see the finished file.
+        tmp = self._local_temp(path, data)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                raise
+            # Filesystem without hard links: exclusive create (a reader may see it mid-write).
+            try:
+                with open(path, "xb") as f:
+                    f.write(data)
+                return True
+            except FileExistsError:
+                return False
+        finally:
+            os.unlink(tmp)

@@ -1,0 +1,155 @@
+"""A small MLP trained on the digits data, cached on disk so every worker gets one model.
+
+Training is deterministic given its arguments (local generator, one BLAS thread), and the
+trained weights are cached under a hash of those arguments: the first caller trains,
+every later caller (other processes included) loads the identical state_dict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections import OrderedDict
+from itertools import pairwise
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from grass_dist.data import digits
+
+_BATCH_SIZE = 64
+
+
+def _stack(dataset: Dataset, rows: range) -> tuple[torch.Tensor, torch.Tensor]:
+    """Items `rows` as (len(rows), 64) inputs and (len(rows),) labels.
+
+    Used instead of a DataLoader, whose iterator draws a seed from the global torch RNG.
+    """
+    xs, ys = zip(*(dataset[i] for i in rows), strict=True)
+    return torch.stack(xs), torch.stack(ys)
+
+
+def _mlp(hidden: list[int], generator: torch.Generator) -> nn.Sequential:
+    """64 -> hidden... -> 10 with ReLUs; Linear layers are named fc1, fc2, ..., out."""
+    widths = [64, *hidden]
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    for i, (d_in, d_out) in enumerate(pairwise(widths), start=1):
+        layers[f"fc{i}"] = nn.Linear(d_in, d_out, device="meta")
+        layers[f"act{i}"] = nn.ReLU()
+    layers["out"] = nn.Linear(widths[-1], 10, device="meta")
+    # Built on "meta" and initialised here with the local generator, so that building the
+    # model neither depends on nor advances the global torch RNG.
+    model = nn.Sequential(layers).to_empty(device="cpu")
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            # nn.Linear's own default initialisation, drawn from `generator`.
+            nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
+            bound = 1.0 / math.sqrt(module.in_features)
+            nn.init.uniform_(module.bias, -bound, bound, generator=generator)
+    return model
+
+
+def _train(
+    model: nn.Module, dataset: Dataset, epochs: int, lr: float, generator: torch.Generator
+) -> None:
+    """Minibatch Adam on cross-entropy; shuffles are drawn from `generator`."""
+    x, y = _stack(dataset, range(len(dataset)))  # (N, 64), (N,)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y), generator=generator).split(_BATCH_SIZE):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+
+def digits_mlp(
+    hidden: list[int] = [128, 64],  # noqa: B006 -- never mutated; the Hydra-facing default
+    epochs: int = 40,
+    lr: float = 1e-2,
+    seed: int = 0,
+    n_train: int = 1000,
+    n_query: int = 100,
+    data_seed: int = 0,
+    cache_dir: str = "outputs/cache",
+) -> nn.Module:
+    """The digits MLP trained on `digits("train", n_train, n_query, data_seed)`, in eval mode.
+
+    Maps (B, 64) pixel vectors to (B, 10) logits. Loaded from
+    `<cache_dir>/digits_mlp-<hash of the other arguments>.pt` when that file exists,
+    otherwise trained (a few seconds on CPU) and cached there.
+    """
+    args = {
+        "hidden": [int(h) for h in hidden],
+        "epochs": int(epochs),
+        "lr": float(lr),
+        "seed": int(seed),
+        "n_train": int(n_train),
+        "n_query": int(n_query),
+        "data_seed": int(data_seed),
+    }
+    digest = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"digits_mlp-{digest}.pt")
+
+    generator = torch.Generator(device="cpu").manual_seed(args["seed"])
+    model = _mlp(args["hidden"], generator)
+    if os.path.exists(path):
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model.eval()
+
+    threads = torch.get_num_threads()
+    # One thread makes the float reductions, hence the weights, independent of core count.
+    torch.set_num_threads(1)
+    try:
+        dataset = digits("train", args["n_train"], args["n_query"], args["data_seed"])
+        _train(model, dataset, args["epochs"], args["lr"], generator)
+    finally:
+        torch.set_num_threads(threads)
+
+    # Concurrent callers each write a private temp file and atomically rename it, so a
+    # reader never sees a partial file; all writers produce identical bytes anyway.
+    os.makedirs(cache_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".digits_mlp-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(model.state_dict(), f)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is shared with other users
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return model.eval()
+
+
+def state_hash(model: nn.Module) -> str:
+    """sha256 hex of the state_dict: names, dtypes, shapes and raw bytes, in name order."""
+    h = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        # The header carries the byte count so that no two states hash the same stream.
+        h.update(f"{name}\x1f{t.dtype}\x1f{tuple(t.shape)}\x1f{len(raw)}\n".encode())
+        h.update(raw)
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 512) -> float:
+    """Share of items whose argmax logit equals the label; evaluated in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        correct = 0
+        for start in range(0, len(dataset), batch_size):
+            x, y = _stack(dataset, range(start, min(start + batch_size, len(dataset))))
+            correct += int((model(x).argmax(dim=-1) == y).sum())
+    finally:
+        model.train(was_training)
+    return correct / len(dataset)

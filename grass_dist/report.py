@@ -1,0 +1,250 @@
+"""A self-contained HTML report of the strongest proponents and opponents of each query.
+
+Examples are drawn through the datasets' `describe(i)` protocol: a dict with "key",
+"label" and either "image" (2-D array in [0, 1]) or "text". Images become inline SVG, so
+the file has no scripts, no external assets and no network URLs.
+"""
+
+from __future__ import annotations
+
+import os
+from html import escape
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+TOPK_COLUMNS = ("query_row", "query_key", "rank", "kind", "train_row", "train_key", "score")
+PER_KIND = 5  # proponents / opponents shown per query
+N_SELF_INFLUENCE = 8
+TEXT_CHARS = 300
+IMAGE_PX = 64
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 24px; color: #222; background: #fff; }
+h1 { font-size: 22px; margin: 0 0 12px; } h2 { font-size: 17px; margin: 24px 0 8px; }
+table.stats td, table.stats th { padding: 2px 12px 2px 0; text-align: left; }
+.query { display: flex; gap: 16px; align-items: flex-start; border-top: 1px solid #ccc;
+  padding: 12px 0; }
+.strip { display: flex; flex-wrap: wrap; gap: 6px; align-items: flex-start; margin: 2px 0; }
+.strip-name { width: 90px; font-size: 12px; font-weight: 600; padding-top: 4px; }
+.proponent .strip-name { color: #1a7f37; } .opponent .strip-name { color: #b42318; }
+.card { width: 104px; border: 2px solid #e4e4e4; border-radius: 4px; padding: 4px;
+  font-size: 11px; overflow-wrap: anywhere; }
+.card svg { display: block; margin: 0 auto 3px; border: 1px solid #eee; }
+.card.query-card { border-color: #888; } .card.wrong { border-color: #d92d20; background: #fff4f3; }
+.card.same-label { border-color: #8fd19e; }
+.key { color: #666; } .score { font-family: monospace; } .pred-wrong { color: #d92d20; }
+.text { font-family: monospace; white-space: pre-wrap; max-height: 120px; overflow: hidden; }
+.legend { font-size: 12px; color: #555; }
+"""
+
+
+def _svg(image: Any) -> str:
+    """(H, W) values in [0, 1] -> inline SVG, white = 0, black = 1, about IMAGE_PX wide."""
+    img = np.nan_to_num(np.clip(np.asarray(image, dtype=np.float64), 0.0, 1.0))
+    if img.ndim != 2:
+        raise ValueError(f"describe()['image'] must be a 2-D array, got shape {img.shape}")
+    h, w = img.shape
+    rects = [
+        f'<rect x="{x}" y="{y}" width="1" height="1" fill="#{g:02x}{g:02x}{g:02x}"/>'
+        for y, x in zip(
+            *np.nonzero(img), strict=True
+        )  # background cells stay as the white base rect
+        for g in [round(255 * (1.0 - img[y, x]))]
+    ]
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{IMAGE_PX}" '
+        f'height="{round(IMAGE_PX * h / w)}" viewBox="0 0 {w} {h}" shape-rendering="crispEdges">'
+        f'<rect width="{w}" height="{h}" fill="#fff"/>{"".join(rects)}</svg>'
+    )
+
+
+def _content(desc: dict) -> str:
+    """The image as SVG, or the escaped text cut to TEXT_CHARS characters."""
+    if desc.get("image") is not None:
+        return _svg(desc["image"])
+    text = str(desc.get("text", ""))
+    if len(text) > TEXT_CHARS:
+        text = text[:TEXT_CHARS] + "…"
+    return f'<div class="text">{escape(text)}</div>'
+
+
+def _card(desc: dict, key: str, lines: list[str], classes: str = "") -> str:
+    """One example: content, then label / extra lines (already HTML) and its key."""
+    body = "".join(f"<div>{line}</div>" for line in lines)
+    return (
+        f'<div class="card {classes}">{_content(desc)}{body}'
+        f'<div class="key">{escape(str(key))}</div></div>'
+    )
+
+
+def _label_line(desc: dict) -> str:
+    return "" if desc.get("label") is None else f"label <b>{escape(str(desc['label']))}</b>"
+
+
+def _check_topk(topk: pd.DataFrame) -> None:
+    missing = [c for c in TOPK_COLUMNS if c not in topk.columns]
+    if missing:
+        raise ValueError(f"topk is missing columns {missing}; expected {list(TOPK_COLUMNS)}")
+
+
+def top_proponent_label_agreement(
+    topk: pd.DataFrame, train_set: Any, query_set: Any, rows: list[int] | None = None
+) -> float:
+    """Share of queries whose rank-0 proponent has the query's label (NaN if none).
+
+    Args:
+        topk: the top-k table (see TOPK_COLUMNS); one rank-0 proponent per query.
+        train_set, query_set: datasets with `describe(i)["label"]`.
+        rows: restrict to these query rows; None = every query in `topk`.
+    """
+    _check_topk(topk)
+    top = topk[(topk["kind"] == "proponent") & (topk["rank"] == 0)]
+    if rows is not None:
+        top = top[top["query_row"].isin(list(rows))]
+    top = top.drop_duplicates("query_row")
+    if top.empty:
+        return float("nan")
+    agree = [
+        query_set.describe(int(q))["label"] == train_set.describe(int(t))["label"]
+        for q, t in zip(top["query_row"], top["train_row"], strict=True)
+    ]
+    return float(np.mean(agree))
+
+
+def _summary(
+    topk: pd.DataFrame,
+    train_set: Any,
+    query_set: Any,
+    shown: list[int],
+    stage_times: dict[str, float] | None,
+    predictions: dict[int, int] | None,
+) -> str:
+    queries = sorted(topk["query_row"].unique().tolist())
+    agreement = top_proponent_label_agreement(topk, train_set, query_set)
+    stats = [
+        ("queries scored", f"{len(queries)} (showing {len(shown)})"),
+        ("training rows", str(len(train_set))),
+        (
+            "top proponent has the query's label",
+            "n/a" if np.isnan(agreement) else f"{agreement:.1%}",
+        ),
+    ]
+    scored = [q for q in queries if predictions is not None and q in predictions]
+    if scored:
+        right = sum(predictions[q] == query_set.describe(q)["label"] for q in scored)
+        stats.append(("model accuracy on these queries", f"{right / len(scored):.1%}"))
+    rows = "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in stats)
+    html = f'<h2>Summary</h2><table class="stats">{rows}</table>'
+    if stage_times:
+        rows = "".join(
+            f"<tr><th>{escape(str(k))}</th><td>{float(v):.2f} s</td></tr>"
+            for k, v in stage_times.items()
+        )
+        total = sum(float(v) for v in stage_times.values())
+        html += (
+            f'<h2>Stage times</h2><table class="stats">{rows}'
+            f"<tr><th>total</th><td>{total:.2f} s</td></tr></table>"
+        )
+    return html
+
+
+def _self_influence(self_influence: pd.DataFrame, train_set: Any) -> str:
+    top = self_influence.nlargest(N_SELF_INFLUENCE, "self_influence")
+    cards = []
+    for r, key, v in zip(top["train_row"], top["train_key"], top["self_influence"], strict=True):
+        desc = train_set.describe(int(r))
+        value = f'self-infl. <span class="score">{float(v):.3g}</span>'
+        cards.append(_card(desc, key, [_label_line(desc), value]))
+    return (
+        f"<h2>Highest self-influence ({len(cards)})</h2>"
+        '<p class="legend">Training examples the model fits least like the rest of the data: '
+        "often mislabeled or atypical.</p>"
+        f'<div class="strip">{"".join(cards)}</div>'
+    )
+
+
+def _query(
+    group: pd.DataFrame, train_set: Any, query_set: Any, predictions: dict[int, int] | None
+) -> str:
+    q = int(group["query_row"].iloc[0])
+    qdesc = query_set.describe(q)
+    lines, classes = [_label_line(qdesc)], "query-card"
+    if predictions is not None and q in predictions:
+        pred = predictions[q]
+        wrong = qdesc.get("label") is not None and pred != qdesc["label"]
+        span = '<span class="pred-wrong">' if wrong else "<span>"
+        lines.append(f"{span}predicted <b>{escape(str(pred))}</b></span>")
+        classes += " wrong" if wrong else ""
+    strips = []
+    for kind, name in (("proponent", "Proponents"), ("opponent", "Opponents")):
+        rows = group[group["kind"] == kind].sort_values("rank").head(PER_KIND)
+        cards = []
+        for t, key, score in zip(rows["train_row"], rows["train_key"], rows["score"], strict=True):
+            desc = train_set.describe(int(t))
+            same = desc.get("label") is not None and desc["label"] == qdesc.get("label")
+            score_line = f'score <span class="score">{float(score):.3g}</span>'
+            cards.append(
+                _card(desc, key, [_label_line(desc), score_line], "same-label" if same else "")
+            )
+        strips.append(
+            f'<div class="strip {kind}"><div class="strip-name">{name}</div>'
+            f"{''.join(cards) or '<i>none</i>'}</div>"
+        )
+    query_card = _card(qdesc, group["query_key"].iloc[0], lines, classes)
+    return f'<div class="query">{query_card}<div>{"".join(strips)}</div></div>'
+
+
+def write_report(
+    path: str | os.PathLike | None,
+    topk: pd.DataFrame,
+    train_set: Any,
+    query_set: Any,
+    *,
+    self_influence: pd.DataFrame | None = None,
+    max_queries: int = 12,
+    title: str = "grass_dist attribution report",
+    stage_times: dict[str, float] | None = None,
+    predictions: dict[int, int] | None = None,
+) -> str:
+    """Render the attribution report as one self-contained HTML page.
+
+    Args:
+        path: where to write it (UTF-8); None only returns the HTML.
+        topk: one row per (query, kind, rank), columns TOPK_COLUMNS; proponents are the
+            highest scores, opponents the most negative.
+        train_set, query_set: datasets implementing `describe(i)`.
+        self_influence: columns train_row, train_key, self_influence; the top 8 are shown.
+        max_queries: the first this many query rows (ascending) get a section.
+        title: page title.
+        stage_times: stage name -> seconds, shown as a table.
+        predictions: query row -> predicted label; mistakes are highlighted.
+
+    Returns:
+        The HTML text.
+    """
+    _check_topk(topk)
+    shown = sorted(topk["query_row"].unique().tolist())[: max(0, max_queries)]
+    parts = [_summary(topk, train_set, query_set, shown, stage_times, predictions)]
+    if self_influence is not None and not self_influence.empty:
+        parts.append(_self_influence(self_influence, train_set))
+    parts.append(
+        "<h2>Queries</h2>"
+        '<p class="legend">Proponents most reduced each query\'s loss, opponents most raised '
+        "it. Green borders mark training examples with the query's label; red marks a "
+        "query the model gets wrong.</p>"
+    )
+    groups = topk[topk["query_row"].isin(shown)].groupby("query_row", sort=True)
+    parts.extend(_query(g, train_set, query_set, predictions) for _, g in groups)
+    if not shown:
+        parts.append("<p><i>No queries in the top-k table.</i></p>")
+    html = (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{escape(title)}</title><style>{_CSS}</style></head>"
+        f"<body><h1>{escape(title)}</h1>{''.join(parts)}</body></html>\n"
+    )
+    if path is not None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(html)
+    return html

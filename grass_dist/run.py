@@ -1,0 +1,131 @@
+"""What the `jobs/` entry points run: stage sequences with timing, report and a summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from omegaconf import DictConfig
+
+from grass_dist import pipeline, results
+from grass_dist.build import build_dataset, build_model, build_task
+from grass_dist.errors import GrassError
+from grass_dist.report import top_proponent_label_agreement, write_report
+
+log = logging.getLogger("grass_dist")
+
+
+def _predictions(job: pipeline.Job, dataset) -> dict[int, int]:
+    task = build_task(job.cfg)
+    if not hasattr(task, "predict"):
+        return {}
+    model = build_model(job.cfg).eval()
+    out: dict[int, int] = {}
+    for lo in range(0, len(dataset), 256):
+        rows = range(lo, min(lo + 256, len(dataset)))
+        batch = task.collate([dataset[i] for i in rows])
+        out.update(zip(rows, task.predict(model, batch).tolist(), strict=True))
+    return out
+
+
+def make_report(job: pipeline.Job) -> dict[str, Any]:
+    """Write the HTML report next to the results (and locally when the store is remote)."""
+    name = job.cfg.run.name
+    topk = results.load_table(job.index, name, "topk").to_pandas()
+    files = results.manifest(job.index, name)["files"]
+    self_inf = (
+        results.load_table(job.index, name, "self_influence").to_pandas()
+        if "self_influence" in files
+        else None
+    )
+    train, query = build_dataset(job.cfg, "train"), build_dataset(job.cfg, "query")
+    preds = _predictions(job, query)
+    html = write_report(
+        None,
+        topk,
+        train,
+        query,
+        self_influence=self_inf,
+        stage_times=job.timings,
+        predictions=preds,
+    )
+    job.index.put_artifact(f"{results.results_dir(name)}/report.html", html.encode())
+    local = os.path.join(job.cfg.run.output_dir, f"report-{name}.html")
+    os.makedirs(job.cfg.run.output_dir, exist_ok=True)
+    with open(local, "w", encoding="utf-8") as f:
+        f.write(html)
+    correct = [
+        q
+        for q, p in preds.items()
+        if "label" in query.describe(q) and query.describe(q)["label"] == p
+    ]
+    agreement = top_proponent_label_agreement(topk, train, query, rows=correct) if correct else None
+    return {
+        "report": os.path.abspath(local),
+        "top_proponent_label_agreement": agreement,
+        "query_accuracy": len(correct) / len(query) if preds else None,
+    }
+
+
+def _index_bytes(job: pipeline.Job) -> int:
+    return sum(r.nbytes for r in job.index.committed().values())
+
+
+def _run(
+    cfg: DictConfig, body: Callable[[pipeline.Job], dict[str, Any]], create_index: bool = True
+) -> dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    t0 = time.perf_counter()
+    try:
+        job = pipeline.prepare(cfg, create_index=create_index)
+        try:
+            summary = body(job)
+        finally:
+            pipeline.shutdown(job)
+    except GrassError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    summary["stage_seconds"] = {k: round(v, 3) for k, v in job.timings.items()}
+    summary["total_seconds"] = round(time.perf_counter() - t0, 3)
+    summary["index_url"] = job.index.store.url_of("")
+    print(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def attribute(cfg: DictConfig) -> dict[str, Any]:
+    """All stages: index, preconditioner, query gradients and scores, report."""
+
+    def body(job: pipeline.Job) -> dict[str, Any]:
+        out = {"index": pipeline.run_index(job)}
+        out["precondition"] = pipeline.run_precondition(job)
+        out["score"] = pipeline.run_score(job)
+        with job.stage("report"):
+            out["report"] = make_report(job)
+        out["index_bytes"] = _index_bytes(job)
+        return out
+
+    return _run(cfg, body)
+
+
+def index(cfg: DictConfig) -> dict[str, Any]:
+    """Only the gradient index (resumes: committed shards are skipped)."""
+    return _run(
+        cfg, lambda job: {"index": pipeline.run_index(job), "index_bytes": _index_bytes(job)}
+    )
+
+
+def score(cfg: DictConfig) -> dict[str, Any]:
+    """Preconditioner and scores on an existing index whose fingerprint matches the config."""
+
+    def body(job: pipeline.Job) -> dict[str, Any]:
+        out = {"precondition": pipeline.run_precondition(job), "score": pipeline.run_score(job)}
+        with job.stage("report"):
+            out["report"] = make_report(job)
+        return out
+
+    return _run(cfg, body, create_index=False)

@@ -1,0 +1,1 @@
+"""Ray runtime: cluster connection, gradient workers, shard scheduling, the reducer."""

@@ -1,0 +1,68 @@
+"""Tasks define the per-sample loss whose gradient is attributed.
+
+A task turns a collated batch into per-sample losses (B,). The sum of those losses is
+differentiated, so each sample's gradient is exactly its own (no batch-mean 1/B).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import default_collate
+
+_INPUT_KEYS = ("input", "inputs", "x", "image", "pixel_values")
+_LABEL_KEYS = ("label", "labels", "y", "target")
+
+
+def _pick(batch: dict, keys: tuple[str, ...], what: str) -> Any:
+    for k in keys:
+        if k in batch:
+            return batch[k]
+    raise KeyError(
+        f"dataset items are dicts without an {what} field: expected one of {keys}, "
+        f"got {sorted(batch)}"
+    )
+
+
+class ClassificationTask:
+    """Cross-entropy of the true label; items are (input, label) pairs or dicts."""
+
+    def collate(self, items: list) -> Any:
+        return default_collate(items)
+
+    def split(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """A collated batch -> (inputs, labels)."""
+        if isinstance(batch, dict):
+            return _pick(batch, _INPUT_KEYS, "input"), _pick(batch, _LABEL_KEYS, "label")
+        inputs, labels = batch[0], batch[1]
+        return inputs, labels
+
+    def to(self, batch: Any, device: torch.device) -> Any:
+        if isinstance(batch, dict):
+            return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        return [v.to(device) if torch.is_tensor(v) else v for v in batch]
+
+    def logits(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        inputs, _ = self.split(batch)
+        return model(inputs)
+
+    def per_sample_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """(B,) cross-entropy losses, float32."""
+        _, labels = self.split(batch)
+        return F.cross_entropy(self.logits(model, batch).float(), labels.long(), reduction="none")
+
+    def predict(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """(B,) predicted class ids."""
+        with torch.no_grad():
+            return self.logits(model, batch).argmax(-1)
+
+    def spec(self) -> dict[str, Any]:
+        return {"task": "classification", "loss": "cross_entropy_sum"}
+
+
+def classification() -> ClassificationTask:
+    """Hydra target for the default task."""
+    return ClassificationTask()

@@ -1,0 +1,1 @@
+"""Hydra entry points: `python -m jobs.<name> [overrides]`. Logic lives in grass_dist/."""

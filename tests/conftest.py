@@ -1,0 +1,40 @@
+"""Shared fixtures: Hydra composition of the shipped configs and one Ray per test module."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# Small enough for a 2-core CI machine, big enough to span several shards.
+SMALL = [
+    "data.train.n_train=90",
+    "data.train.n_query=12",
+    "model.hidden=[16]",
+    "model.epochs=8",
+    "index.shard_size=32",
+    "index.batch_size=16",
+    "cluster.cpus_per_worker=0.5",
+    "compression.k=32",
+]
+
+
+def compose_cfg(tmp_path: Path, *overrides: str, small: bool = True):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(
+            config_name="config",
+            overrides=[f"run.output_dir={tmp_path}", *(SMALL if small else []), *overrides],
+        )
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

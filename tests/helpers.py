@@ -1,0 +1,49 @@
+"""Tiny models and exact references shared by the tests."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+
+class SeqModel(nn.Module):
+    """Linear layers on (B, T, d) activations, mean-pooled to class logits."""
+
+    def __init__(self, d_in: int = 5, hidden: int = 7, classes: int = 3):
+        super().__init__()
+        self.proj = nn.Linear(d_in, hidden)
+        self.mix = nn.Linear(hidden, hidden, bias=False)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.mix(torch.relu(self.proj(x))))
+        return self.head(h.mean(1))
+
+
+def mlp(d_in: int = 6, hidden: int = 8, classes: int = 4, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        OrderedDict(fc1=nn.Linear(d_in, hidden), act=nn.ReLU(), out=nn.Linear(hidden, classes))
+    )
+
+
+def per_sample_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Exact per-sample gradients {param name: (B, *shape)} from torch.func."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, xi, yi):
+        out = functional_call(model, p, (xi.unsqueeze(0),))
+        return F.cross_entropy(out, yi.unsqueeze(0))
+
+    return vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+
+
+def layer_grad(grads: dict[str, torch.Tensor], layer: str) -> torch.Tensor:
+    """(B, d_out, d_in + bias): weight gradient with the bias gradient as the last column."""
+    w = grads[f"{layer}.weight"]
+    b = grads.get(f"{layer}.bias")
+    return w if b is None else torch.cat([w, b.unsqueeze(-1)], dim=-1)

@@ -1,0 +1,259 @@
+"""Store (fsspec wrapper) and Parquet shard files, on a local dir and on memory://."""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import uuid
+
+import fsspec
+import numpy as np
+import pytest
+
+from grass_dist.errors import CorruptShardError, StoreUnavailableError
+from grass_dist.index.shards import read_shard, write_shard
+from grass_dist.index.store import Store, _s3_lost_race, redact_url
+
+SECRETS = {"key": "AKIAFAKE", "secret": "s3cr3t-value"}
+
+
+@pytest.fixture(params=["local", "memory"])
+def store_url(request, tmp_path):
+    if request.param == "local":
+        yield str(tmp_path / "idx")
+        return
+    prefix = f"grass-test-{uuid.uuid4().hex}"
+    yield f"memory://{prefix}"
+    mem = fsspec.filesystem("memory")
+    if mem.exists(f"/{prefix}"):
+        mem.rm(f"/{prefix}", recursive=True)
+
+
+def test_write_read_exists_list_delete(store_url):
+    store = Store(store_url)
+    assert not store.exists("a/b.bin")
+    assert store.list("a") == []
+    store.write_bytes("a/b.bin", b"one")
+    store.write_bytes("a/b.bin", b"two")  # overwrite
+    store.write_bytes("a/c.bin", b"three")
+    assert store.read_bytes("a/b.bin") == b"two"
+    assert store.list("a") == ["b.bin", "c.bin"]  # no temp files left behind
+    store.delete("a/b.bin")
+    store.delete("a/b.bin")  # idempotent
+    assert not store.exists("a/b.bin")
+    with pytest.raises(FileNotFoundError):
+        store.read_bytes("a/b.bin")
+    with store.open("a/d.bin", "wb") as f:
+        f.write(b"opened")
+    with store.open("a/d.bin") as f:
+        assert f.read() == b"opened"
+
+
+def test_create_only_semantics(store_url):
+    store = Store(store_url)
+    assert store.create_only("m/0000000001.json", b"first")
+    assert not store.create_only("m/0000000001.json", b"second")
+    assert store.read_bytes("m/0000000001.json") == b"first"
+    assert store.list("m") == ["0000000001.json"]
+
+
+def test_local_path_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    store = Store("rel/idx")
+    assert store.url == str(tmp_path / "rel" / "idx")
+    store.write_bytes("x", b"1")
+    assert (tmp_path / "rel" / "idx" / "x").read_bytes() == b"1"
+
+
+def test_check_writable_and_pickle(store_url):
+    store = Store(store_url, storage_options={})
+    store.check_writable()
+    assert store.list("_probe") == []
+    store.write_bytes("k", b"v")
+    clone = pickle.loads(pickle.dumps(store))
+    assert clone == store and clone._fs is None  # filesystem rebuilt lazily
+    assert clone.read_bytes("k") == b"v"
+
+
+def test_unwritable_store_raises_without_secrets(tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a directory")
+    store = Store(str(blocker / "idx"), storage_options=dict(SECRETS))
+    with pytest.raises(StoreUnavailableError) as info:
+        store.check_writable()
+    msg = str(info.value)
+    assert str(blocker / "idx") in msg and "store.storage_options" in msg
+    for text in (msg, repr(store), repr(info.value)):
+        assert "AKIAFAKE" not in text and "s3cr3t-value" not in text
+    assert "key" in repr(store)  # option names are fine to show, values are not
+    again = pickle.loads(pickle.dumps(info.value))
+    assert str(again) == msg
+
+
+def test_secret_in_low_level_error_is_scrubbed(tmp_path):
+    store = Store(f"memory://grass-test-{uuid.uuid4().hex}", storage_options=dict(SECRETS))
+
+    def boom(*args, **kwargs):
+        raise PermissionError("access denied for AKIAFAKE / s3cr3t-value")
+
+    store.fs.cat_file = boom  # instance attribute shadows the method for this test only
+    try:
+        with pytest.raises(StoreUnavailableError) as info:
+            store.read_bytes("x")
+    finally:
+        del store.fs.cat_file
+    assert "AKIAFAKE" not in str(info.value) and "s3cr3t-value" not in str(info.value)
+    assert "access denied" in str(info.value)
+
+
+def test_unknown_protocol_is_unavailable():
+    store = Store("nosuchproto://bucket/prefix", storage_options=dict(SECRETS))
+    with pytest.raises(StoreUnavailableError) as info:
+        store.exists("index.json")
+    assert "nosuchproto://bucket/prefix" in str(info.value)
+    assert "s3cr3t-value" not in str(info.value)
+
+
+def test_redact_url():
+    assert redact_url("s3://AKIA:secret@bucket/p") == "s3://***@bucket/p"
+    assert redact_url("https://host/p?token=abc") == "https://host/p?***"
+    assert redact_url("/tmp/x") == "/tmp/x"
+    assert Store("s3://AKIA:secret@bucket/p").url_of("a/b") == "s3://***@bucket/p/a/b"
+
+
+class _ClientError(Exception):
+    def __init__(self, status: int, code: str) -> None:
+        super().__init__(code)
+        self.response = {"ResponseMetadata": {"HTTPStatusCode": status}, "Error": {"Code": code}}
+
+
+def _translated(errno_: int, status: int, code: str) -> OSError:
+    exc = OSError(errno_, code)
+    exc.__cause__ = _ClientError(status, code)
+    return exc
+
+
+def test_s3_lost_race_classification():
+    assert _s3_lost_race(FileExistsError())
+    assert _s3_lost_race(_translated(errno.EINVAL, 412, "PreconditionFailed"))  # SeaweedFS
+    assert _s3_lost_race(_translated(errno.EBUSY, 409, "ConditionalRequestConflict"))  # AWS
+    assert not _s3_lost_race(_translated(errno.EINVAL, 400, "InvalidArgument"))
+    assert _s3_lost_race(OSError(errno.EINVAL, "no cause kept"))
+    assert not _s3_lost_race(PermissionError(errno.EACCES, "denied"))
+
+
+class _FakeS3:
+    """Just enough of s3fs for Store.create_only: conditional puts that can lose a race."""
+
+    protocol = ("s3", "s3a")
+
+    def __init__(self, error: BaseException | None) -> None:
+        self.error, self.calls = error, []
+
+    def pipe_file(self, path, data, mode="overwrite"):
+        self.calls.append((path, mode))
+        if self.error is not None:
+            raise self.error
+
+
+def test_s3_create_only_uses_conditional_put():
+    store = Store("s3://bucket/pre")
+    store._fs, store._root = _FakeS3(None), "bucket/pre"
+    assert store.create_only("_manifests/0000000001.json", b"{}")
+    assert store._fs.calls == [("bucket/pre/_manifests/0000000001.json", "create")]
+    store._fs = _FakeS3(_translated(errno.EINVAL, 412, "PreconditionFailed"))
+    assert not store.create_only("_manifests/0000000001.json", b"{}")
+    store._fs = _FakeS3(_translated(errno.EACCES, 403, "AccessDenied"))
+    with pytest.raises(StoreUnavailableError):
+        store.create_only("_manifests/0000000001.json", b"{}")
+
+
+# ---- shard files -------------------------------------------------------------------------
+def _phi(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "model.fc1": rng.standard_normal((n, 16)).astype(np.float32),
+        "model.fc2": rng.standard_normal((n, 4)).astype(np.float32) * 1e-3,
+    }
+
+
+# float16 keeps ~11 significant bits but goes subnormal below 6e-5 (fixed step 2**-24);
+# bfloat16 keeps float32's range with 8 bits. float32 must be bit exact.
+@pytest.mark.parametrize(
+    ("dtype", "rtol", "atol"),
+    [("float32", 0.0, 0.0), ("float16", 2**-11, 2**-25), ("bfloat16", 2**-8, 0.0)],
+)
+def test_shard_round_trip(store_url, dtype, rtol, atol):
+    store = Store(store_url)
+    n = 50
+    phi, row_ids, keys = _phi(n), np.arange(100, 100 + n), [f"ex-{i}" for i in range(n)]
+    nbytes, sha = write_shard(store, "shards/s0/a.parquet", row_ids, keys, phi, dtype)
+    assert nbytes == len(store.read_bytes("shards/s0/a.parquet")) and len(sha) == 64
+    data = read_shard(store, "shards/s0/a.parquet", expected_sha256=sha)
+    assert data.row_ids.dtype == np.int64 and data.row_ids.tolist() == row_ids.tolist()
+    assert data.keys == keys and list(data.phi) == ["model.fc1", "model.fc2"]
+    for name, x in phi.items():
+        assert data.phi[name].dtype == np.float32 and data.phi[name].shape == x.shape
+        np.testing.assert_allclose(data.phi[name], x, rtol=rtol, atol=atol)
+    only = read_shard(store, "shards/s0/a.parquet", layers=["model.fc2"])
+    assert list(only.phi) == ["model.fc2"] and len(only) == n
+
+
+def test_bfloat16_rounding_edge_cases(store_url):
+    store = Store(store_url)
+    x = np.array([[1.0, -2.5, np.inf, -np.inf, np.nan, 0.0, 1 + 2**-8, 3.0e38]], np.float32)
+    write_shard(store, "s.parquet", np.arange(1), ["k"], {"l": x}, "bfloat16")
+    got = read_shard(store, "s.parquet").phi["l"][0]
+    assert got[:4].tolist() == [1.0, -2.5, np.inf, -np.inf] and np.isnan(got[4])
+    assert got[5] == 0.0 and got[6] == 1.0  # ties round to even
+    assert np.isfinite(got[7])
+
+
+def test_empty_shard(store_url):
+    store = Store(store_url)
+    phi = {"l": np.zeros((0, 3), np.float32)}
+    _, sha = write_shard(store, "e.parquet", np.zeros(0, np.int64), [], phi, "float16")
+    data = read_shard(store, "e.parquet", expected_sha256=sha)
+    assert len(data) == 0 and data.phi["l"].shape == (0, 3)
+
+
+def test_sha_mismatch_and_truncation_name_the_file(store_url):
+    store = Store(store_url)
+    _, sha = write_shard(store, "shards/s1/x.parquet", np.arange(5), list("abcde"), _phi(5))
+    with pytest.raises(CorruptShardError, match=r"shards/s1/x\.parquet.*index\.repair=true"):
+        read_shard(store, "shards/s1/x.parquet", expected_sha256="0" * 64)
+    raw = store.read_bytes("shards/s1/x.parquet")
+    store.write_bytes("shards/s1/x.parquet", raw[: len(raw) // 2])
+    with pytest.raises(CorruptShardError, match=r"shards/s1/x\.parquet.*sha256"):
+        read_shard(store, "shards/s1/x.parquet", expected_sha256=sha)
+    with pytest.raises(CorruptShardError, match=r"shards/s1/x\.parquet.*cannot be parsed"):
+        read_shard(store, "shards/s1/x.parquet")
+    with pytest.raises(CorruptShardError, match=r"shards/s1/gone\.parquet.*missing"):
+        read_shard(store, "shards/s1/gone.parquet")
+
+
+def test_write_shard_validates_shapes(store_url):
+    store = Store(store_url)
+    with pytest.raises(ValueError, match="shape"):
+        write_shard(store, "v.parquet", np.arange(3), list("abc"), {"l": np.zeros((2, 4))})
+    with pytest.raises(ValueError, match="keys"):
+        write_shard(store, "v.parquet", np.arange(3), list("ab"), {"l": np.zeros((3, 4))})
+    with pytest.raises(ValueError, match="dtype"):
+        write_shard(store, "v.parquet", np.arange(3), list("abc"), {"l": np.zeros((3, 4))}, "int8")
+    assert not os.path.exists(os.path.join(store.url, "v.parquet"))
+
+
+def test_gradient_columns_use_byte_stream_split(store_url):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    store = Store(store_url)
+    write_shard(store, "b.parquet", np.arange(8), list("abcdefgh"), _phi(8), "bfloat16")
+    meta = pq.ParquetFile(pa.BufferReader(store.read_bytes("b.parquet"))).metadata
+    encodings = {
+        meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i).encodings
+        for i in range(meta.num_columns)
+    }
+    assert "BYTE_STREAM_SPLIT" in encodings["model.fc1.list.element"]
+    assert "BYTE_STREAM_SPLIT" in encodings["model.fc2.list.element"]

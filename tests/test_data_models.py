@@ -1,0 +1,94 @@
+"""The digits splits and the cached digits MLP."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from grass_dist import models
+from grass_dist.data import DigitsDataset, digits
+from grass_dist.models import accuracy, digits_mlp, state_hash
+
+
+def test_splits_are_disjoint_sized_and_deterministic():
+    train, query = digits("train", 300, 50, seed=3), digits("query", 300, 50, seed=3)
+    assert isinstance(train, DigitsDataset)
+    assert (len(train), len(query)) == (300, 50)
+    assert len(set(train.keys)) == 300 and not set(train.keys) & set(query.keys)
+    assert digits("train", 300, 50, seed=3).keys == train.keys
+    assert digits("train", 300, 50, seed=4).keys != train.keys
+    # The train split does not depend on n_query: the permutation is fixed by the seed.
+    assert digits("train", 300, 10, seed=3).keys == train.keys
+    assert all(k.startswith("digits/") for k in train.keys)
+
+
+def test_items_and_describe():
+    ds = digits("query", 100, 20)
+    x, y = ds[0]
+    assert x.dtype == torch.float32 and x.shape == (64,)
+    assert y.dtype == torch.int64 and y.shape == ()
+    xs = torch.stack([ds[i][0] for i in range(len(ds))])
+    assert xs.min() >= 0 and xs.max() <= 1 and xs.max() > 0.9
+    assert ds.labels.dtype == np.int64 and set(ds.labels.tolist()) <= set(range(10))
+    d = ds.describe(3)
+    assert d["key"] == ds.keys[3] and d["label"] == int(ds[3][1]) == ds.labels[3]
+    assert d["image"].shape == (8, 8)
+    np.testing.assert_allclose(d["image"].ravel(), ds[3][0].numpy())
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"split": "test"}, "split"),
+        ({"n_train": 0}, "data.train.n_train"),
+        ({"split": "query", "n_query": -1}, "data.query.n_query"),
+        ({"n_train": 1700, "n_query": 100}, "data.train.n_train + data.train.n_query"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name.replace("+", r"\+")):
+        digits(**kwargs)
+
+
+def test_digits_mlp_trains_caches_and_reloads(tmp_path, monkeypatch):
+    rng_state, threads = torch.random.get_rng_state(), torch.get_num_threads()
+    model = digits_mlp(cache_dir=str(tmp_path))
+    assert torch.equal(torch.random.get_rng_state(), rng_state)
+    assert torch.get_num_threads() == threads
+    assert not model.training
+    assert [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)] == [
+        "fc1",
+        "fc2",
+        "out",
+    ]
+    assert accuracy(model, digits("query")) > 0.9
+    cached = list(tmp_path.glob("digits_mlp-*.pt"))
+    assert len(cached) == 1 and len(cached[0].stem.split("-")[1]) == 16
+    assert not list(tmp_path.glob("*.tmp"))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached model should have been loaded")
+
+    monkeypatch.setattr(models, "_train", no_training)
+    again = digits_mlp(cache_dir=str(tmp_path))
+    assert state_hash(again) == state_hash(model)
+    assert not again.training
+    with pytest.raises(AssertionError, match="cached"):
+        digits_mlp(epochs=1, cache_dir=str(tmp_path))  # other arguments, other cache file
+
+
+def test_training_is_deterministic(tmp_path):
+    a = digits_mlp(hidden=[16], epochs=2, cache_dir=str(tmp_path / "a"))
+    b = digits_mlp(hidden=[16], epochs=2, cache_dir=str(tmp_path / "b"))
+    c = digits_mlp(hidden=[16], epochs=2, seed=1, cache_dir=str(tmp_path / "c"))
+    assert state_hash(a) == state_hash(b) != state_hash(c)
+
+
+def test_state_hash_sees_every_weight(tmp_path):
+    model = digits_mlp(hidden=[8], epochs=1, cache_dir=str(tmp_path))
+    before = state_hash(model)
+    assert len(before) == 64 and state_hash(model) == before
+    with torch.no_grad():
+        model.out.bias[3] += 1e-6
+    assert state_hash(model) != before
