@@ -77,8 +77,23 @@ class ClusterConfig:
     cpus_per_worker: float = _f(1.0, "CPUs per worker (also its torch thread count)")
     gpus_per_worker: float = _f(1.0, "GPUs per worker when the cluster has GPUs")
     num_cpus: int | None = _f(None, "logical CPUs of the embedded Ray (null = machine)")
-    max_inflight_per_worker: int = _f(2, "shards queued per worker (backpressure)")
+    max_inflight_per_worker: int = _f(2, "shards in flight per worker (backpressure)")
     max_shard_retries: int = _f(3, "attempts per shard before the job fails")
+    max_workers: int | None = _f(None, "elastic ceiling: grow to this many workers as nodes join")
+    scale_check_s: float = _f(2.0, "seconds between checks for free resources to grow the pool")
+    worker_resources: dict[str, float] | None = _f(None, "custom resources per worker: {spot: 1}")
+    placement_timeout_s: float = _f(600.0, "fail when no worker can be placed for this long")
+    max_reducer_restarts: int = _f(2, "new reducers started for a stage whose reducer died")
+    progress_interval_s: float = _f(2.0, "seconds between rewrites of the progress record")
+
+
+@dataclass
+class FaultsConfig:
+    """Fault injection for resilience tests and drills; every fault fires at most once per index."""
+
+    kill_worker_after_rows: int | None = _f(None, "a worker exits after computing this many rows")
+    kill_reducer_during: str | None = _f(None, "the reducer exits during: precondition | score")
+    shard_delay_s: float = _f(0.0, "extra seconds each shard takes (simulates a slow model)")
 
 
 @dataclass
@@ -95,6 +110,7 @@ class JobConfig:
     scoring: ScoringConfig
     store: StoreConfig
     cluster: ClusterConfig
+    faults: FaultsConfig
 
     @property
     def index_url(self) -> str:
@@ -150,8 +166,38 @@ class JobConfig:
             raise ConfigError(f"scoring.kind={self.scoring.kind!r}; use influence or grad_dot")
         if self.scoring.topk <= 0 or self.scoring.tile_rows <= 0:
             raise ConfigError("scoring.topk and scoring.tile_rows must be positive")
-        if self.cluster.num_workers <= 0:
-            raise ConfigError("cluster.num_workers must be at least 1")
+        _validate_cluster(self.cluster)
+        _validate_faults(self.faults)
+
+
+def _validate_cluster(cl: ClusterConfig) -> None:
+    if cl.num_workers <= 0:
+        raise ConfigError("cluster.num_workers must be at least 1")
+    if cl.max_workers is not None and cl.max_workers < cl.num_workers:
+        raise ConfigError(
+            f"cluster.max_workers={cl.max_workers} is below cluster.num_workers="
+            f"{cl.num_workers}; set it to null (no growth) or at least num_workers"
+        )
+    if cl.max_inflight_per_worker < 1:
+        raise ConfigError("cluster.max_inflight_per_worker must be at least 1")
+    if 0 < cl.gpus_per_worker < 1:
+        raise ConfigError(
+            f"cluster.gpus_per_worker={cl.gpus_per_worker} would pack several workers on one "
+            "GPU; use 1 (one worker per GPU) or 0 (CPU workers)"
+        )
+    if cl.max_reducer_restarts < 0 or cl.max_shard_retries < 0:
+        raise ConfigError("cluster.max_reducer_restarts and max_shard_retries must be >= 0")
+
+
+def _validate_faults(f: FaultsConfig) -> None:
+    if f.kill_reducer_during not in (None, "precondition", "score"):
+        raise ConfigError(
+            f"faults.kill_reducer_during={f.kill_reducer_during!r}; use precondition, score or null"
+        )
+    if f.kill_worker_after_rows is not None and f.kill_worker_after_rows < 1:
+        raise ConfigError("faults.kill_worker_after_rows must be >= 1 (or null for no fault)")
+    if f.shard_delay_s < 0:
+        raise ConfigError("faults.shard_delay_s must be >= 0")
 
 
 def _require_target(node: Any, where: str) -> None:
@@ -170,4 +216,5 @@ _GROUPS = {
     "scoring": ScoringConfig,
     "store": StoreConfig,
     "cluster": ClusterConfig,
+    "faults": FaultsConfig,
 }

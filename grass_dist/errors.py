@@ -65,3 +65,15 @@ class PreconditionerNotFoundError(GrassError):
 
 class ResultsNotFoundError(GrassError):
     """No complete result set of the requested name exists."""
+
+
+class WorkerStartError(GrassError):
+    """A worker actor raised while starting (building its model, data or compressors)."""
+
+
+class PlacementTimeoutError(GrassError):
+    """No worker could be placed on the cluster for too long."""
+
+
+class ReducerFailedError(GrassError):
+    """The reducer kept dying during a stage."""

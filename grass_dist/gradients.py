@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +28,15 @@ class PhiBlock:
     row_ids: np.ndarray
     keys: list[str]
     phi: dict[str, np.ndarray]
+
+
+@dataclass
+class LoadedRows:
+    """Rows read and collated ahead of compute: batches are (row list, collated batch)."""
+
+    row_ids: np.ndarray
+    keys: list[str]
+    batches: list[tuple[list[int], Any]]
 
 
 class GradientComputer:
@@ -59,11 +69,24 @@ class GradientComputer:
 
     def phi_rows(self, dataset, rows: Sequence[int], batch_size: int) -> PhiBlock:
         """phi for the given dataset rows, computed in batches of `batch_size`."""
+        return self.phi_loaded(self.load_rows(dataset, rows, batch_size))
+
+    def load_rows(self, dataset, rows: Sequence[int], batch_size: int) -> LoadedRows:
+        """Read and collate `rows` into batches of `batch_size` (no model work)."""
         rows = list(rows)
+        chunks = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+        return LoadedRows(
+            row_ids=np.asarray(rows, dtype=np.int64),
+            keys=[sample_key(dataset, r) for r in rows],
+            batches=[(c, self.task.collate([dataset[r] for r in c])) for c in chunks],
+        )
+
+    def phi_loaded(
+        self, loaded: LoadedRows, on_batch: Callable[[int], None] | None = None
+    ) -> PhiBlock:
+        """phi of rows collated by `load_rows`; `on_batch(n_rows)` runs after each batch."""
         parts: dict[str, list[np.ndarray]] = {n: [] for n in self.compressors}
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            batch = self.task.collate([dataset[r] for r in chunk])
+        for chunk, batch in loaded.batches:
             for name, phi in self.phi_batch(batch).items():
                 if not torch.isfinite(phi).all():
                     raise NonFiniteGradientError(
@@ -72,12 +95,10 @@ class GradientComputer:
                         f"or a diverged checkpoint)"
                     )
                 parts[name].append(phi.cpu().numpy())
+            if on_batch is not None:
+                on_batch(len(chunk))
         phi = {
             n: np.concatenate(p) if p else np.zeros((0, self.compressors[n].out_dim), np.float32)
             for n, p in parts.items()
         }
-        return PhiBlock(
-            row_ids=np.asarray(rows, dtype=np.int64),
-            keys=[sample_key(dataset, r) for r in rows],
-            phi=phi,
-        )
+        return PhiBlock(row_ids=loaded.row_ids, keys=loaded.keys, phi=phi)

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import ray
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from grass_dist.build import (
     build_dataset,
@@ -28,12 +27,19 @@ from grass_dist.config import JobConfig
 from grass_dist.gradients import PhiBlock
 from grass_dist.index import GradientIndex, Store
 from grass_dist.models import state_hash
-from grass_dist.runtime.cluster import connect, threads_for, worker_options
-from grass_dist.runtime.reducer import Reducer
-from grass_dist.runtime.scheduler import ActorPool, run_items
-from grass_dist.runtime.worker import GradientWorker, ShardPlan, plan_shards
+from grass_dist.runtime.cluster import connect, start_worker_pool
+from grass_dist.runtime.pool import ActorPool
+from grass_dist.runtime.progress import JobProgress
+from grass_dist.runtime.reducer import ReducerHandle
+from grass_dist.runtime.scheduler import run_items
+from grass_dist.runtime.worker import ShardPlan, ShardResult, plan_shards
 
 log = logging.getLogger("grass_dist")
+
+
+def new_job_id() -> str:
+    """Sortable and unique: names this run's progress record."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
 @dataclass
@@ -47,14 +53,25 @@ class Job:
     n_train: int
     timings: dict[str, float] = field(default_factory=dict)
     index: GradientIndex | None = None
+    job_id: str = field(default_factory=lambda: new_job_id())
+    progress: JobProgress | None = None
     _pool: ActorPool | None = None
-    _reducer: Any = None
+    _reducer: ReducerHandle | None = None
 
     @contextmanager
     def stage(self, name: str):
         t0 = time.perf_counter()
-        yield
+        if self.progress is not None:
+            self.progress.begin(name)
+        try:
+            yield
+        except BaseException as e:
+            if self.progress is not None:
+                self.progress.end(name, time.perf_counter() - t0, e)
+            raise
         self.timings[name] = time.perf_counter() - t0
+        if self.progress is not None:
+            self.progress.end(name, self.timings[name])
         log.info("stage %s took %.2f s", name, self.timings[name])
 
 
@@ -76,33 +93,22 @@ def prepare(cfg: DictConfig | dict, *, create_index: bool = True) -> Job:
     )
     if not create_index:
         GradientIndex.create_or_open(job_cfg.index_url, fp, opts)  # refuses a mismatch
-    return Job(job_cfg, raw, state_hash(model), fp, len(train), index=index)
+    job = Job(job_cfg, raw, state_hash(model), fp, len(train), index=index)
+    job.progress = JobProgress(index.store, job.job_id, job_cfg.cluster.progress_interval_s)
+    return job
 
 
 def _pool(job: Job) -> ActorPool:
     if job._pool is None:
         connect(job.cfg.cluster)
-        cl = job.cfg.cluster
-        actor_cls = ray.remote(GradientWorker).options(**worker_options(cl), max_restarts=0)
-        threads = threads_for(cl.cpus_per_worker)
-        job._pool = ActorPool(
-            lambda i: actor_cls.remote(job.raw, job.model_hash, threads, i), cl.num_workers
-        )
+        job._pool = start_worker_pool(job.cfg.cluster, job.raw, job.model_hash)
     return job._pool
 
 
-def _reducer(job: Job):
+def _reducer(job: Job) -> ReducerHandle:
     if job._reducer is None:
         connect(job.cfg.cluster)
-        job._reducer = (
-            ray.remote(Reducer)
-            .options(num_cpus=0)
-            .remote(
-                job.cfg.index_url,
-                job.cfg.store.storage_options,
-                max(2, job.cfg.cluster.num_workers),
-            )
-        )
+        job._reducer = ReducerHandle(job.cfg)
     return job._reducer
 
 
@@ -113,19 +119,25 @@ def run_index(job: Job, max_shards: int | None = None) -> dict[str, Any]:
     skipped = len(committed)
     if max_shards is not None:
         plans = plans[:max_shards]
-    log.info("index: %d shards to compute, %d already committed (skipped)", len(plans), skipped)
     rows = sum(p.rows for p in plans)
+    log.info(
+        "index: %d shards to compute, skipping %d already committed (resume) in %s; progress in %s",
+        len(plans),
+        skipped,
+        job.index.store.url_of(""),
+        job.index.store.url_of(job.progress.path),
+    )
     with job.stage("index"):
+        job.progress.index_plan(len(plans) + skipped, skipped, job.n_train, rows)
         if plans:
-            bar = tqdm(total=len(plans), desc="index shards", unit="shard", dynamic_ncols=True)
-            t0 = time.perf_counter()
-            done_rows = 0
 
-            def commit(batch: list[tuple[ShardPlan, Any]]) -> None:
-                nonlocal done_rows
-                job.index.commit([record for _, record in batch])
-                done_rows += sum(p.rows for p, _ in batch)
-                bar.set_postfix(rows_per_s=f"{done_rows / (time.perf_counter() - t0):.0f}")
+            def commit(batch: list[tuple[ShardPlan, ShardResult]]) -> None:
+                version = job.index.commit([res.record for _, res in batch])
+                done = ", ".join(f"{p.shard_id} (worker {r.worker_id})" for p, r in batch)
+                log.debug("committed %s in manifest version %d", done, version)
+                job.progress.shards_done(
+                    sum(p.rows for p, _ in batch), [res.node_id for _, res in batch]
+                )
 
             run_items(
                 _pool(job),
@@ -135,18 +147,15 @@ def run_index(job: Job, max_shards: int | None = None) -> dict[str, Any]:
                 describe=lambda p: f"shard {p.shard_id}",
                 max_inflight=job.cfg.cluster.max_inflight_per_worker,
                 max_retries=job.cfg.cluster.max_shard_retries,
-                progress=bar.update,
+                on_tick=job.progress.tick,
             )
-            bar.close()
     return {"computed_shards": len(plans), "skipped_shards": skipped, "rows": rows}
 
 
 def run_precondition(job: Job) -> dict[str, Any]:
     with job.stage("precondition"):
-        return ray.get(
-            _reducer(job).build_preconditioner.remote(
-                job.cfg.precondition.name, job.cfg.index.verify
-            )
+        return _reducer(job).call(
+            "precondition", "build_preconditioner", job.cfg.precondition.name, job.cfg.index.verify
         )
 
 
@@ -178,19 +187,19 @@ def run_score(job: Job) -> dict[str, Any]:
     with job.stage("query_gradients"):
         query = query_phi(job)
     with job.stage("score"):
-        return ray.get(
-            _reducer(job).score.remote(
-                job.cfg.run.name,
-                query,
-                precondition_name=job.cfg.precondition.name,
-                damping=job.cfg.precondition.damping,
-                kind=sc.kind,
-                topk=sc.topk,
-                dense=sc.dense,
-                self_influence=sc.self_influence,
-                tile_rows=sc.tile_rows,
-                verify=job.cfg.index.verify,
-            )
+        return _reducer(job).call(
+            "score",
+            "score",
+            job.cfg.run.name,
+            query,
+            precondition_name=job.cfg.precondition.name,
+            damping=job.cfg.precondition.damping,
+            kind=sc.kind,
+            topk=sc.topk,
+            dense=sc.dense,
+            self_influence=sc.self_influence,
+            tile_rows=sc.tile_rows,
+            verify=job.cfg.index.verify,
         )
 
 
@@ -199,5 +208,5 @@ def shutdown(job: Job) -> None:
         job._pool.shutdown()
         job._pool = None
     if job._reducer is not None:
-        ray.kill(job._reducer)
+        job._reducer.shutdown()
         job._reducer = None

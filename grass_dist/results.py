@@ -1,14 +1,17 @@
 """Result tables in the index store: top-k, self-influence, dense scores.
 
-Layout under `<index>/results/<name>/`: `topk.parquet`, `self_influence.parquet`,
-`dense/<shard id>-<attempt>.parquet` and `_COMPLETE.json`, written last, listing every
-file. Readers go through `_COMPLETE.json`, so a half-written result is never read.
+Layout under `<index>/results/<name>/`: `topk-<attempt>.parquet`,
+`self_influence-<attempt>.parquet`, `dense/<shard id>-<attempt>.parquet` and `_COMPLETE.json`,
+written last (atomically), listing every file. Readers go through `_COMPLETE.json`, and no
+file is ever overwritten, so a half-written or re-running result is never read: until the
+new `_COMPLETE.json` lands, readers keep seeing the previous complete result set.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import uuid
 from typing import Any
 
@@ -52,7 +55,9 @@ def write_dense_part(
 
 
 def write_table(index: GradientIndex, name: str, file: str, table: pa.Table) -> str:
-    rel = f"{results_dir(name)}/{file}"
+    """Write `table` as a new file named after `file` (e.g. topk.parquet); returns its path."""
+    stem, ext = os.path.splitext(file)
+    rel = f"{results_dir(name)}/{stem}-{uuid.uuid4().hex}{ext}"
     index.put_artifact(rel, _to_bytes(table))
     return rel
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import ray
 
 from grass_dist.config import ClusterConfig
+from grass_dist.runtime.pool import ActorPool
+from grass_dist.runtime.worker import GradientWorker
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +32,43 @@ def connect(cfg: ClusterConfig) -> None:
         log.info("joined the Ray cluster at %s", cfg.address)
 
 
-def worker_options(cfg: ClusterConfig) -> dict:
-    """Ray actor options for one GradientWorker: a GPU each when the cluster has GPUs."""
-    opts: dict = {"num_cpus": cfg.cpus_per_worker}
+def worker_request(cfg: ClusterConfig) -> dict[str, float]:
+    """Resources one GradientWorker asks for: CPUs, one whole GPU each when the cluster has
+    GPUs (so at most one worker lands per GPU), and any custom resources."""
+    request = {"CPU": cfg.cpus_per_worker, **(cfg.worker_resources or {})}
     if ray.cluster_resources().get("GPU", 0) > 0 and cfg.gpus_per_worker > 0:
-        opts["num_gpus"] = cfg.gpus_per_worker
+        request["GPU"] = cfg.gpus_per_worker
+    return request
+
+
+def worker_options(cfg: ClusterConfig) -> dict[str, Any]:
+    """Ray actor options for one GradientWorker (threaded: see runtime/overlap.py)."""
+    request = worker_request(cfg)
+    custom = {k: v for k, v in request.items() if k not in ("CPU", "GPU")}
+    opts: dict[str, Any] = {
+        "num_cpus": request["CPU"],
+        "max_restarts": 0,  # the pool replaces dead workers itself, with logged reasons
+        "max_concurrency": cfg.max_inflight_per_worker,
+    }
+    if "GPU" in request:
+        opts["num_gpus"] = request["GPU"]
+    if custom:
+        opts["resources"] = custom
     return opts
+
+
+def start_worker_pool(cfg: ClusterConfig, job: dict[str, Any], model_hash: str) -> ActorPool:
+    """Start `cfg.num_workers` GradientWorker actors (growing to `cfg.max_workers`)."""
+    actor_cls = ray.remote(GradientWorker).options(**worker_options(cfg))
+    threads = threads_for(cfg.cpus_per_worker)
+    return ActorPool(
+        lambda i: actor_cls.remote(job, model_hash, threads, i),
+        cfg.num_workers,
+        max_size=cfg.max_workers,
+        request=worker_request(cfg),
+        scale_check_s=cfg.scale_check_s,
+        placement_timeout_s=cfg.placement_timeout_s,
+    )
 
 
 def threads_for(cpus: float) -> int:

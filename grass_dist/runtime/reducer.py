@@ -6,6 +6,7 @@ written to the index store; the actor itself is only a cache of the loaded artif
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -15,10 +16,13 @@ import pyarrow as pa
 import ray
 
 from grass_dist import results
-from grass_dist.errors import PreconditionerNotFoundError
+from grass_dist.config import FaultsConfig, JobConfig
+from grass_dist.errors import PreconditionerNotFoundError, ReducerFailedError
 from grass_dist.gradients import PhiBlock
 from grass_dist.index import GradientIndex, ShardRecord
 from grass_dist.precondition import FisherSum, Preconditioner
+from grass_dist.runtime.faults import FaultInjector
+from grass_dist.runtime.pool import ACTOR_LOST
 from grass_dist.score import ScorePartial, score_records
 
 log = logging.getLogger(__name__)
@@ -67,12 +71,23 @@ def _score_task(
 
 
 class Reducer:
-    """One per job; `parallelism` is how many map tasks it fans out to."""
+    """One per job; `parallelism` is how many map tasks it fans out to.
 
-    def __init__(self, index_url: str, storage_options: dict, parallelism: int = 4):
+    The driver starts a new reducer when one dies; it resumes from the store (the saved
+    preconditioner, the committed shards), since this actor holds nothing else.
+    """
+
+    def __init__(
+        self,
+        index_url: str,
+        storage_options: dict,
+        parallelism: int = 4,
+        faults: FaultsConfig | None = None,
+    ):
         self.index = GradientIndex.open(index_url, storage_options)
         self.parallelism = parallelism
         self.cached: dict[str, Preconditioner] = {}
+        self.faults = FaultInjector(faults or FaultsConfig(), self.index.store)
 
     def build_preconditioner(self, name: str, verify: bool = True) -> dict[str, Any]:
         """Sum phi^T phi over every committed shard, eigendecompose, save to the store."""
@@ -85,6 +100,7 @@ class Reducer:
         for part in ray.get(refs):  # summed in submission order: same answer every run
             total = total + part
         pre = Preconditioner.from_fisher(total)
+        self.faults.reducer("precondition")
         self.index.put_artifact(preconditioner_path(name), pre.to_bytes())
         self.cached[name] = pre
         return {
@@ -164,6 +180,7 @@ class Reducer:
             )
         if dense:
             files["dense"] = sorted(dense_files)
+        self.faults.reducer("score")  # files written, _COMPLETE.json not yet
         summary = {
             "queries": len(query.row_ids),
             "train_rows": sum(r.rows for r in records),
@@ -204,3 +221,63 @@ class Reducer:
                 data = self.index.read(record, layers=[], verify=False)
                 keys.update(zip(data.row_ids.tolist(), data.keys, strict=True))
         return keys
+
+
+class ReducerHandle:
+    """Driver side of the reducer: starts the actor, and a new one when it dies mid-stage.
+
+    A stage retried on a new reducer starts again from the store: the committed shards, and
+    the saved preconditioner when scoring. Results become visible only through their
+    `_COMPLETE.json`, so a reducer that dies mid-write leaves nothing half-read.
+    """
+
+    def __init__(self, cfg: JobConfig):
+        self.cfg = cfg
+        self.actor: Any = None
+        self.started = 0
+
+    def _start(self, reason: str) -> None:
+        self.started += 1
+        log.info("starting reducer %d: %s", self.started, reason)
+        self.actor = (
+            ray.remote(Reducer)
+            .options(num_cpus=0, max_restarts=0)
+            .remote(
+                self.cfg.index_url,
+                self.cfg.store.storage_options,
+                max(2, self.cfg.cluster.num_workers),
+                self.cfg.faults,
+            )
+        )
+
+    def call(self, stage: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        """`Reducer.<method>(*args, **kwargs)`, retried on a new reducer if this one dies."""
+        attempts = self.cfg.cluster.max_reducer_restarts + 1
+        for attempt in range(1, attempts + 1):
+            if self.actor is None:
+                self._start(f"stage {stage} needs one")
+            try:
+                return ray.get(getattr(self.actor, method).remote(*args, **kwargs))
+            except ACTOR_LOST as e:
+                self.actor = None
+                if attempt == attempts:
+                    raise ReducerFailedError(
+                        f"the reducer died {attempts} times during stage {stage} "
+                        f"({type(e).__name__}); check the reducer's logs, or raise "
+                        "cluster.max_reducer_restarts"
+                    ) from e
+                log.warning(
+                    "retrying stage %s on a new reducer (attempt %d of %d): the reducer died "
+                    "(%s); it resumes from the store",
+                    stage,
+                    attempt + 1,
+                    attempts,
+                    type(e).__name__,
+                )
+        raise AssertionError("unreachable")
+
+    def shutdown(self) -> None:
+        if self.actor is not None:
+            with contextlib.suppress(Exception):
+                ray.kill(self.actor, no_restart=True)
+            self.actor = None

@@ -1,50 +1,28 @@
-"""Dispatch work items to a pool of actors with backpressure and retries on actor death.
+"""Dispatch work items to a worker pool with backpressure and retries on worker death.
 
-Policy: each actor has at most `max_inflight` items queued; an item whose actor died is
-retried on another actor (up to `max_retries` times) and the dead actor is replaced. An
-error raised by the work itself (bad data, NaN gradients) is not retried: it fails the job.
+Policy: each ready worker has at most `max_inflight` items in flight; an item whose worker
+died is retried on another worker (up to `max_retries` times) and the pool replaces the
+dead worker. An error raised by the work itself (bad data, NaN gradients) is not retried:
+it fails the job. The loop wakes at least every `tick_s` seconds so the pool can admit new
+workers and grow, and `on_tick` can report progress, even while no item finishes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+from ray.exceptions import RayTaskError
 
 from grass_dist.errors import ShardFailedError
+from grass_dist.runtime.pool import ACTOR_LOST, ActorPool
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-_ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
-
-
-class ActorPool:
-    """A fixed number of actor slots; a dead actor's slot gets a fresh actor."""
-
-    def __init__(self, factory: Callable[[int], Any], size: int):
-        self.factory = factory
-        self.created = 0
-        self.actors = [self._new() for _ in range(size)]
-
-    def _new(self) -> Any:
-        self.created += 1
-        return self.factory(self.created - 1)
-
-    def replace(self, slot: int) -> None:
-        with contextlib.suppress(Exception):  # already gone
-            ray.kill(self.actors[slot], no_restart=True)
-        self.actors[slot] = self._new()
-
-    def shutdown(self) -> None:
-        for actor in self.actors:
-            with contextlib.suppress(Exception):
-                ray.kill(actor, no_restart=True)
 
 
 def run_items(
@@ -56,7 +34,8 @@ def run_items(
     describe: Callable[[T], str] = str,
     max_inflight: int = 2,
     max_retries: int = 3,
-    progress: Callable[[int], None] | None = None,
+    on_tick: Callable[[], None] | None = None,
+    tick_s: float = 1.0,
 ) -> None:
     """Run `submit(actor, item)` for every item; `on_done` gets finished (item, result) batches.
 
@@ -70,19 +49,25 @@ def run_items(
         return sum(1 for _, a in inflight.values() if a is actor)
 
     while pending or inflight:
+        pool.tick()
         for actor in pool.actors:
             while pending and load(actor) < max_inflight:
                 item = pending.popleft()
                 inflight[submit(actor, item)] = (item, actor)
-        ready, _ = ray.wait(list(inflight), num_returns=1)
+        waitables = [*inflight, *pool.waitables()]
+        if waitables:
+            ray.wait(waitables, num_returns=1, timeout=tick_s)
+        else:
+            time.sleep(tick_s)  # nothing placed yet; the pool's tick raises on timeout
         ready, _ = ray.wait(list(inflight), num_returns=len(inflight), timeout=0)
         done = []
         for ref in ready:
             item, actor = inflight.pop(ref)
             try:
                 done.append((item, ray.get(ref)))
-            except _ACTOR_LOST as e:
+            except ACTOR_LOST as e:
                 failures[item] = failures.get(item, 0) + 1
+                who = pool.where(actor)
                 if failures[item] > max_retries:
                     raise ShardFailedError(
                         f"{describe(item)} failed {failures[item]} times because its worker "
@@ -90,18 +75,18 @@ def run_items(
                         f"the worker logs"
                     ) from e
                 log.warning(
-                    "retrying %s on another worker: its worker died (%s)",
+                    "retrying %s on another worker (attempt %d of %d): %s died (%s)",
                     describe(item),
+                    failures[item] + 1,
+                    max_retries + 1,
+                    who,
                     type(e).__name__,
                 )
-                if actor in pool.actors:
-                    slot = pool.actors.index(actor)
-                    log.warning("replacing the dead worker in slot %d with a new actor", slot)
-                    pool.replace(slot)
+                pool.lost(actor, e)
                 pending.appendleft(item)
             except RayTaskError as e:
                 raise e.as_instanceof_cause() from None
         if done:
             on_done(done)
-            if progress is not None:
-                progress(len(done))
+        if on_tick is not None:
+            on_tick()

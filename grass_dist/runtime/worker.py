@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any
 
+import ray
 import torch
 
 from grass_dist.build import build_dataset, build_layer_compressors, build_model, build_task
@@ -14,6 +16,8 @@ from grass_dist.errors import ModelMismatchError
 from grass_dist.gradients import GradientComputer, PhiBlock
 from grass_dist.index import GradientIndex, ShardRecord
 from grass_dist.models import state_hash
+from grass_dist.runtime.faults import FaultInjector
+from grass_dist.runtime.overlap import Phases
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +52,23 @@ def plan_shards(n_rows: int, shard_size: int, committed: dict[str, ShardRecord])
     return plans
 
 
-def pick_device() -> torch.device:
-    """The GPU Ray assigned to this actor, else the CPU (said once, with the reason)."""
-    import ray
+@dataclass(frozen=True)
+class ShardResult:
+    """A written (not yet committed) shard and where and how long it took."""
 
-    gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
+    record: ShardRecord
+    worker_id: int
+    node_id: str
+    seconds: dict[str, float]  # phase (load, compute, write) -> seconds
+
+
+def pick_device(gpu_ids: list) -> tuple[torch.device, str | None]:
+    """The GPU Ray assigned to this actor, else the CPU, with the reason for a fallback."""
     if gpu_ids and torch.cuda.is_available():
-        return torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPU
+        return torch.device("cuda", 0), None  # Ray sets CUDA_VISIBLE_DEVICES to our GPU
     if gpu_ids:
-        log.warning("worker was given GPU %s but CUDA is unavailable: computing on CPU", gpu_ids)
-    return torch.device("cpu")
+        return torch.device("cpu"), f"given GPU {gpu_ids} but CUDA is unavailable: using the CPU"
+    return torch.device("cpu"), None
 
 
 class GradientWorker:
@@ -75,32 +86,69 @@ class GradientWorker:
                 f"(sha256 {found[:12]} vs {model_hash[:12]}): make model._target_ deterministic "
                 f"(load saved weights) so every replica is the same model"
             )
-        self.device = pick_device()
+        in_ray = ray.is_initialized()
+        self.gpu_ids = [str(g) for g in ray.get_gpu_ids()] if in_ray else []
+        self.node_id = ray.get_runtime_context().get_node_id() if in_ray else "local"
+        self.device, self.device_note = pick_device(self.gpu_ids)
+        if self.device_note:
+            log.warning("worker %d %s", worker_id, self.device_note)  # once, at start
         self.computer = GradientComputer(
             model, build_task(self.job), build_layer_compressors(self.job, model), self.device
         )
         self.index = GradientIndex.open(self.job.index_url, self.job.store.storage_options)
+        self.faults = FaultInjector(self.job.faults, self.index.store)
+        self.phases = Phases()
         self.datasets: dict[str, Any] = {}
+        self._datasets_lock = threading.Lock()  # shard calls run on several threads
 
     def _dataset(self, which: str):
-        if which not in self.datasets:
-            self.datasets[which] = build_dataset(self.job, which)
-        return self.datasets[which]
+        with self._datasets_lock:
+            if which not in self.datasets:
+                self.datasets[which] = build_dataset(self.job, which)
+            return self.datasets[which]
 
-    def index_shard(self, plan: ShardPlan) -> ShardRecord:
-        """Compute phi for the shard's rows and write one new (uncommitted) shard file."""
-        block = self.computer.phi_rows(
-            self._dataset("train"), range(plan.start, plan.end), self.job.index.batch_size
-        )
-        return self.index.write_shard(
-            plan.shard_id, plan.start, plan.end, block.row_ids, block.keys, block.phi
-        )
+    def describe(self) -> dict[str, Any]:
+        """Where this worker runs: answers once the actor is placed and built."""
+        return {
+            "worker_id": self.worker_id,
+            "node_id": self.node_id,
+            "gpu_ids": self.gpu_ids,
+            "device": str(self.device),
+            "device_note": self.device_note,
+        }
+
+    def index_shard(self, plan: ShardPlan) -> ShardResult:
+        """Compute phi for the shard's rows and write one new (uncommitted) shard file.
+
+        Load and write run outside the compute slot (see overlap.py), so concurrent calls
+        on this actor overlap them with another shard's compute.
+        """
+        sid = plan.shard_id
+        with self.phases.run(sid, "load"):
+            loaded = self.computer.load_rows(
+                self._dataset("train"), range(plan.start, plan.end), self.job.index.batch_size
+            )
+        with self.phases.run(sid, "compute"):
+            self.faults.shard_delay()
+            block = self.computer.phi_loaded(
+                loaded, on_batch=lambda n: self.faults.after_rows(n, self.worker_id)
+            )
+        with self.phases.run(sid, "write"):
+            record = self.index.write_shard(
+                sid, plan.start, plan.end, block.row_ids, block.keys, block.phi
+            )
+        return ShardResult(record, self.worker_id, self.node_id, self.phases.seconds(sid))
 
     def phi(self, which: str, start: int, end: int) -> PhiBlock:
         """phi of rows [start, end) of data.<which>, returned rather than stored."""
-        return self.computer.phi_rows(
-            self._dataset(which), range(start, end), self.job.index.batch_size
-        )
+        key = f"{which}:{start}-{end}"
+        with self.phases.run(key, "load"):
+            loaded = self.computer.load_rows(
+                self._dataset(which), range(start, end), self.job.index.batch_size
+            )
+        with self.phases.run(key, "compute"):
+            return self.computer.phi_loaded(loaded)
 
-    def device_name(self) -> str:
-        return str(self.device)
+    def timeline(self) -> list:
+        """Recent PhaseSpans (load / compute / write per shard), for overlap diagnostics."""
+        return self.phases.spans()

@@ -1,0 +1,146 @@
+"""Job progress: a tqdm bar for people and a JSON record in the store for programs.
+
+The record `<index>/_progress/<job id>.json` is rewritten (atomically) at every stage
+boundary and at most every `cluster.progress_interval_s` seconds while shards complete, so
+another process can follow a running job:
+
+    python -m grass_dist.runtime.progress <index url>      # newest job's record
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import Counter
+from datetime import datetime, timezone
+from typing import Any
+
+from tqdm import tqdm
+
+from grass_dist.index import Store
+
+PROGRESS_DIR = "_progress"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class JobProgress:
+    """Progress of one job's stages; the index stage also counts shards, rows, rate and ETA."""
+
+    def __init__(self, store: Store, job_id: str, interval_s: float = 2.0, bar: bool = True):
+        self.store = store
+        self.job_id = job_id
+        self.interval_s = interval_s
+        self.show_bar = bar
+        self.doc: dict[str, Any] = {
+            "job_id": job_id,
+            "stage": None,
+            "state": "starting",
+            "started": _now(),
+            "updated": _now(),
+            "stages": {},
+            "index": None,
+        }
+        self._bar: tqdm | None = None
+        self._t0 = time.monotonic()
+        self._written = 0.0
+        self._by_node: Counter[str] = Counter()
+
+    @property
+    def path(self) -> str:
+        return f"{PROGRESS_DIR}/{self.job_id}.json"
+
+    def write(self) -> None:
+        """Rewrite the record now (readers see the old or the new one, never a mix)."""
+        self.doc["updated"] = _now()
+        self.store.write_bytes(self.path, json.dumps(self.doc, indent=1).encode())
+        self._written = time.monotonic()
+
+    def tick(self) -> None:
+        """Rewrite the record if `interval_s` passed since the last write."""
+        if time.monotonic() - self._written >= self.interval_s:
+            self.write()
+
+    # ---- stages ------------------------------------------------------------------------
+    def begin(self, stage: str) -> None:
+        self.doc["stage"], self.doc["state"] = stage, "running"
+        self.doc["stages"][stage] = {"state": "running", "started": _now()}
+        self.write()
+
+    def end(self, stage: str, seconds: float, error: BaseException | None = None) -> None:
+        state = "failed" if error else "done"
+        self.doc["state"] = state
+        self.doc["stages"][stage].update(state=state, seconds=round(seconds, 3))
+        if error is not None:
+            self.doc["error"] = f"{type(error).__name__}: {error}"
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        self.write()
+
+    # ---- shards ------------------------------------------------------------------------
+    def index_plan(self, shards_total: int, skipped: int, rows_total: int, rows_todo: int) -> None:
+        """Start counting: `skipped` of `shards_total` shards were committed before this run."""
+        self._t0 = time.monotonic()
+        self.doc["index"] = {
+            "shards_total": shards_total,
+            "shards_skipped": skipped,
+            "shards_done": skipped,
+            "rows_total": rows_total,
+            "rows_todo": rows_todo,
+            "rows_done": 0,
+            "rows_per_s": None,
+            "eta_s": None,
+            "shards_by_node": {},
+        }
+        if self.show_bar and shards_total > skipped:
+            self._bar = tqdm(
+                total=shards_total,
+                initial=skipped,
+                desc="index shards",
+                unit="shard",
+                dynamic_ncols=True,
+            )
+        self.write()
+
+    def shards_done(self, rows: int, nodes: list[str]) -> None:
+        """`len(nodes)` more shards (`rows` rows) committed, computed on `nodes`."""
+        ix = self.doc["index"]
+        self._by_node.update(nodes)
+        ix["shards_done"] += len(nodes)
+        ix["rows_done"] += rows
+        elapsed = max(time.monotonic() - self._t0, 1e-9)
+        rate = ix["rows_done"] / elapsed
+        ix["rows_per_s"] = round(rate, 2)
+        ix["eta_s"] = round((ix["rows_todo"] - ix["rows_done"]) / rate, 2) if rate > 0 else None
+        ix["shards_by_node"] = dict(self._by_node)
+        if self._bar is not None:
+            self._bar.update(len(nodes))
+            self._bar.set_postfix(rows_per_s=f"{rate:.0f}")
+        self.tick()
+
+
+def read_progress(store: Store, job_id: str | None = None) -> dict[str, Any] | None:
+    """The record of `job_id`, or the most recently updated one; None if there is none."""
+    if job_id is not None:
+        try:
+            return json.loads(store.read_bytes(f"{PROGRESS_DIR}/{job_id}.json"))
+        except FileNotFoundError:
+            return None
+    docs = []
+    for name in store.list(PROGRESS_DIR):
+        if name.endswith(".json"):
+            try:
+                docs.append(json.loads(store.read_bytes(f"{PROGRESS_DIR}/{name}")))
+            except (FileNotFoundError, ValueError):
+                continue  # a finished job's record removed by hand, or not ours
+    return max(docs, key=lambda d: (d.get("updated", ""), d.get("started", "")), default=None)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m grass_dist.runtime.progress <index url>")
+    print(json.dumps(read_progress(Store(sys.argv[1])), indent=1))

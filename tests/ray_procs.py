@@ -1,0 +1,187 @@
+"""Real Ray node processes on this machine for cluster tests: `ray start --block` per node.
+
+Every node runs in its own process group with its own ports and temp dir, and a fresh auth
+token shared only by this cluster (never ~/.ray/auth_token), so several clusters (other test
+runs included) can live on one machine. `stop()` ends exactly the processes it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (and whose neighbours are not needed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def isolated_auth_token() -> Iterator[None]:
+    """A fresh Ray auth token for this process and its children (not ~/.ray/auth_token).
+
+    Ray caches its auth mode and the token it loaded, so both are refreshed on the way in
+    and out.
+    """
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ADDRESS")}
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    os.environ.pop("RAY_ADDRESS", None)
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+
+
+def ray_cli(*args: str) -> list[str]:
+    """The `ray` command line of this interpreter (its venv), whatever the PATH says."""
+    return [sys.executable, "-c", "from ray.scripts.scripts import main; main()", *args]
+
+
+class LocalRayCluster:
+    """A head and worker nodes started with `ray start`; use as a context manager."""
+
+    def __init__(self, tmp: Path | None = None):
+        # Unix socket paths must stay short: a short temp dir of our own.
+        self.temp_dir = tempfile.mkdtemp(prefix="gdr-", dir="/tmp")
+        self.log_dir = Path(tmp or self.temp_dir)
+        self.port = free_port()
+        self.dashboard_port = free_port()
+        self.env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": secrets.token_hex(32),
+            # Workers and job drivers resolve `python` to this venv's interpreter.
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
+        self.env.pop("RAY_ADDRESS", None)
+        self.nodes: list[subprocess.Popen] = []
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def _start(self, name: str, args: list[str]) -> None:
+        common = [
+            "--block",
+            "--disable-usage-stats",
+            "--node-ip-address=127.0.0.1",
+            f"--temp-dir={self.temp_dir}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            "--object-store-memory=100000000",
+        ]
+        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 -- lives with the node
+        proc = subprocess.Popen(
+            ray_cli("start", *common, *args),
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stop() ends all of it
+        )
+        self.nodes.append(proc)
+
+    def start_head(self) -> None:
+        self._start(
+            "head",
+            [
+                "--head",
+                "--num-cpus=0",
+                f"--port={self.port}",
+                f"--dashboard-port={self.dashboard_port}",
+                "--dashboard-host=127.0.0.1",
+                f"--ray-client-server-port={free_port()}",
+                "--include-dashboard=true",
+            ],
+        )
+
+    def add_worker(self, num_cpus: int = 2, num_gpus: int = 0) -> None:
+        self._start(
+            f"worker{len(self.nodes)}",
+            [f"--address={self.address}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}"],
+        )
+
+    def wait_for(self, cpus: float, timeout: float = 90) -> None:
+        """Block until the cluster reports `cpus` CPUs (every node joined)."""
+        deadline = time.monotonic() + timeout
+        out = ""
+        while time.monotonic() < deadline:
+            for proc in self.nodes:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"a ray node exited early; logs in {self.log_dir}")
+            res = subprocess.run(
+                ray_cli("status", f"--address={self.address}"),
+                env=self.env,
+                capture_output=True,
+                text=True,
+            )
+            out = res.stdout + res.stderr
+            if res.returncode == 0 and f"/{cpus:.1f} CPU" in out:
+                return
+            time.sleep(1)
+        raise TimeoutError(f"cluster never reached {cpus} CPUs: {out[-2000:]}")
+
+    def submit(self, *entrypoint: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        """`ray job submit --working-dir <repo> -- <entrypoint>` and wait for it to finish."""
+        return subprocess.run(
+            ray_cli(
+                "job",
+                "submit",
+                f"--address={self.dashboard}",
+                f"--working-dir={ROOT}",
+                "--",
+                *entrypoint,
+            ),
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def stop(self, grace: float = 10) -> None:
+        """SIGTERM each node's process group (workers first), SIGKILL what outlives `grace`."""
+        for proc in reversed(self.nodes):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in reversed(self.nodes):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # stragglers in the group (raylet children)
+            proc.wait()
+        self.nodes.clear()
+
+    def __enter__(self) -> LocalRayCluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

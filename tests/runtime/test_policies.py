@@ -1,0 +1,150 @@
+"""Runtime policies without a cluster: elastic growth, phase overlap, faults, progress."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+
+import pytest
+from omegaconf import OmegaConf
+
+from grass_dist.config import FaultsConfig, JobConfig
+from grass_dist.errors import ConfigError
+from grass_dist.index import Store
+from grass_dist.runtime import scaling
+from grass_dist.runtime.overlap import Phases, overlap_seconds
+from grass_dist.runtime.progress import JobProgress, read_progress
+from tests.conftest import compose_cfg
+
+REQ = {"CPU": 0.5}
+
+
+def test_grow_adds_what_fits_up_to_the_ceiling():
+    d = scaling.grow(2, 8, {"CPU": 1.0, "memory": 1e9}, REQ)
+    assert d.add == 2 and "growing 2 -> 4" in d.reason
+    assert scaling.grow(2, 3, {"CPU": 4.0}, REQ).add == 1  # capped by max_workers
+
+
+def test_grow_says_why_not():
+    full = scaling.grow(4, 4, {"CPU": 8.0}, REQ)
+    assert full.add == 0 and "cluster.max_workers=4" in full.reason
+    busy = scaling.grow(2, 4, {"CPU": 0.25}, REQ)
+    assert busy.add == 0 and "needs CPU=0.5, free CPU=0.25" in busy.reason
+
+
+def test_grow_needs_every_requested_resource():
+    request = {"CPU": 1.0, "GPU": 1.0}
+    assert scaling.fits({"CPU": 8.0, "GPU": 2.0}, request) == 2
+    assert scaling.fits({"CPU": 8.0}, request) == 0
+    assert scaling.fits({"CPU": 0.3 + 0.2}, {"CPU": 0.5}) == 1  # float dust is not a shortfall
+
+
+def test_phases_overlap_load_and_write_with_compute():
+    """Shard 0's write and shard 1's load run while another shard computes.
+
+    Deterministic: shard 0's write waits until shard 1 is computing, which can only happen
+    if writes run outside the compute slot; a serial worker would time out here.
+    """
+    phases = Phases()
+    s1_computing = threading.Event()
+    s0_computed = threading.Event()
+    errors: list[BaseException] = []
+
+    def shard(i: int) -> None:
+        try:
+            with phases.run(f"s{i}", "load"):
+                if i == 1:
+                    assert s0_computed.wait(0) is False  # loaded before shard 0 finished
+            with phases.run(f"s{i}", "compute"):
+                if i == 0:
+                    s0_computed.wait(0.2)  # give shard 1 time to load meanwhile
+                    s0_computed.set()
+                else:
+                    s1_computing.set()
+                    threading.Event().wait(0.2)
+            with phases.run(f"s{i}", "write"):
+                if i == 0:
+                    assert s1_computing.wait(10), "write did not overlap the next compute"
+        except BaseException as e:  # noqa: BLE001 -- re-raised in the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=shard, args=(i,)) for i in (0, 1)]
+    threads[0].start()
+    threads[1].start()
+    for t in threads:
+        t.join(20)
+    assert not errors, errors
+    spans = phases.spans()
+    computes = sorted((s.start, s.end) for s in spans if s.phase == "compute")
+    assert computes[0][1] <= computes[1][0]  # compute is exclusive
+    assert overlap_seconds(spans, "write", "compute") > 0
+    assert overlap_seconds(spans, "load", "compute") > 0
+    assert set(phases.seconds("s0")) == {"load", "compute", "write"}
+
+
+def test_fault_fires_once_per_index(tmp_path):
+    script = (
+        "import sys; from grass_dist.config import FaultsConfig; "
+        "from grass_dist.index import Store; from grass_dist.runtime.faults import FaultInjector; "
+        f"f = FaultInjector(FaultsConfig(kill_worker_after_rows=5), Store({str(tmp_path)!r})); "
+        "f.after_rows(4, 0); print('alive at 4', flush=True); f.after_rows(4, 0); "
+        "print('alive at 8', flush=True)"
+    )
+    first = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert first.returncode == 1 and first.stdout == "alive at 4\n"
+    assert "faults.kill_worker_after_rows=5" in first.stderr
+    again = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert again.returncode == 0 and again.stdout == "alive at 4\nalive at 8\n"
+
+
+def test_fault_config_is_validated(tmp_path):
+    def job(*overrides: str) -> JobConfig:
+        return JobConfig.from_cfg(
+            OmegaConf.to_container(compose_cfg(tmp_path, *overrides), resolve=True)
+        )
+
+    with pytest.raises(ConfigError, match="faults.kill_reducer_during"):
+        job("faults.kill_reducer_during=index")
+    with pytest.raises(ConfigError, match="cluster.max_workers"):
+        job("cluster.num_workers=3", "cluster.max_workers=2")
+    with pytest.raises(ConfigError, match="one worker per GPU"):
+        job("cluster.gpus_per_worker=0.5")
+    assert job().faults == FaultsConfig()
+
+
+def test_progress_record_counts_rows_rate_and_eta(tmp_path):
+    store = Store(str(tmp_path))
+    progress = JobProgress(store, "job-1", interval_s=0.0, bar=False)
+    progress.begin("index")
+    progress.index_plan(shards_total=4, skipped=1, rows_total=100, rows_todo=75)
+    progress.shards_done(25, ["node-a"])
+    progress.shards_done(25, ["node-b"])
+    doc = read_progress(store, "job-1")
+    ix = doc["index"]
+    assert (doc["stage"], doc["state"]) == ("index", "running")
+    assert (ix["shards_done"], ix["shards_total"], ix["rows_done"]) == (3, 4, 50)
+    assert ix["shards_by_node"] == {"node-a": 1, "node-b": 1}
+    assert ix["rows_per_s"] > 0
+    assert ix["eta_s"] == pytest.approx(25 / ix["rows_per_s"], abs=0.02)
+    progress.end("index", 1.5)
+    assert read_progress(store)["stages"]["index"] == {
+        "state": "done",
+        "started": doc["stages"]["index"]["started"],
+        "seconds": 1.5,
+    }
+
+
+def test_progress_record_is_readable_by_another_process(tmp_path):
+    store = Store(str(tmp_path))
+    JobProgress(store, "old", bar=False).write()
+    progress = JobProgress(store, "new", bar=False)
+    progress.begin("index")
+    out = subprocess.run(
+        [sys.executable, "-m", "grass_dist.runtime.progress", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(out.stdout)["job_id"] == "new"
