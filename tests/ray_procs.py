@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -60,6 +61,21 @@ def ray_cli(*args: str) -> list[str]:
     return [sys.executable, "-c", "from ray.scripts.scripts import main; main()", *args]
 
 
+def running_in_groups(pgids: list[int]) -> list[str]:
+    """Command lines of live (not zombie) processes in the process groups `pgids` (Linux)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError):
+            continue  # not a process, or it just exited
+        state, _ppid, pgrp = stat.rpartition(")")[2].split()[:3]
+        if int(pgrp) in pgids and state != "Z":
+            found.append(cmd)
+    return found
+
+
 class LocalRayCluster:
     """A head and worker nodes started with `ray start`; use as a context manager."""
 
@@ -76,6 +92,8 @@ class LocalRayCluster:
             # Workers and job drivers resolve `python` to this venv's interpreter.
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
             "RAY_USAGE_STATS_ENABLED": "0",
+            # A busy 2-core machine can take longer than Ray's default 30 s to register a node.
+            "RAY_raylet_start_wait_time_s": "120",
         }
         self.env.pop("RAY_ADDRESS", None)
         self.nodes: list[subprocess.Popen] = []
@@ -129,8 +147,8 @@ class LocalRayCluster:
             [f"--address={self.address}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}"],
         )
 
-    def wait_for(self, cpus: float, timeout: float = 90) -> None:
-        """Block until the cluster reports `cpus` CPUs (every node joined)."""
+    def wait_for(self, nodes: int, timeout: float = 120) -> None:
+        """Block until `ray status` lists `nodes` active nodes."""
         deadline = time.monotonic() + timeout
         out = ""
         while time.monotonic() < deadline:
@@ -144,10 +162,11 @@ class LocalRayCluster:
                 text=True,
             )
             out = res.stdout + res.stderr
-            if res.returncode == 0 and f"/{cpus:.1f} CPU" in out:
+            active = out.partition("Active:")[2].partition("Pending:")[0]
+            if res.returncode == 0 and active.count(" node_") == nodes:
                 return
             time.sleep(1)
-        raise TimeoutError(f"cluster never reached {cpus} CPUs: {out[-2000:]}")
+        raise TimeoutError(f"the cluster never had {nodes} nodes: {out[-2000:]}")
 
     def submit(self, *entrypoint: str, timeout: float = 300) -> subprocess.CompletedProcess:
         """`ray job submit --working-dir <repo> -- <entrypoint>` and wait for it to finish."""
@@ -179,6 +198,7 @@ class LocalRayCluster:
                 os.killpg(proc.pid, signal.SIGKILL)  # stragglers in the group (raylet children)
             proc.wait()
         self.nodes.clear()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalRayCluster:
         return self

@@ -1,0 +1,50 @@
+"""The attribution job on real Ray processes: `ray start` nodes and `ray job submit`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from grass_dist import pipeline, results
+from grass_dist.build import build_dataset, build_layer_compressors, build_model, build_task
+from grass_dist.gradients import GradientComputer
+from grass_dist.index import GradientIndex, Store
+from grass_dist.runtime.progress import read_progress
+from tests.conftest import SMALL, compose_cfg
+from tests.ray_procs import LocalRayCluster, running_in_groups
+
+pytestmark = pytest.mark.integration
+
+
+def test_attribute_job_submitted_to_a_started_cluster(tmp_path):
+    out = tmp_path / "out"
+    args = [f"run.output_dir={out}", *SMALL, "cluster.num_workers=2"]
+    with LocalRayCluster(tmp_path) as cluster:
+        cluster.start_head()
+        cluster.wait_for(nodes=1)  # workers join a head that answers
+        cluster.add_worker(num_cpus=3)
+        cluster.wait_for(nodes=2)
+        done = cluster.submit("python", "-m", "jobs.attribute", "cluster.address=auto", *args)
+        groups = [node.pid for node in cluster.nodes]
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "succeeded" in done.stdout
+    assert not running_in_groups(groups), "ray processes outlived the cluster"
+
+    job = pipeline.prepare(compose_cfg(out, "cluster.num_workers=2"))  # no Ray: reads only
+    index = GradientIndex.open(job.cfg.index_url)
+    parts = [data for _, data in index.iter_committed()]
+    rows = np.concatenate([d.row_ids for d in parts])
+    assert rows.tolist() == list(range(90))  # every training row exactly once
+    # The cluster's rows are the gradients this process computes for the same rows.
+    model = build_model(job.cfg)
+    computer = GradientComputer(model, build_task(job.cfg), build_layer_compressors(job.cfg, model))
+    want = computer.phi_rows(build_dataset(job.cfg, "train"), range(90), 16)
+    for layer, got in want.phi.items():
+        stored = np.concatenate([d.phi[layer] for d in parts])
+        np.testing.assert_allclose(stored, got, rtol=1e-5, atol=1e-6)
+    topk = results.load_table(index, "default", "topk").to_pandas()
+    assert sorted(set(topk["query_row"])) == list(range(12))
+    assert len(results.load_table(index, "default", "self_influence")) == 90
+    progress = read_progress(Store(job.cfg.index_url))
+    assert progress["stages"]["score"]["state"] == "done"
+    assert progress["index"]["shards_done"] == progress["index"]["shards_total"] == 3
