@@ -102,7 +102,10 @@ class JobConfig:
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig | dict) -> JobConfig:
-        cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+        if isinstance(cfg, DictConfig):  # groups are merged one by one: resolve first
+            cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+        else:
+            cfg = OmegaConf.create(cfg)
         typed = {}
         for name, schema in _GROUPS.items():
             node = cfg.get(name, {}) or {}

@@ -80,6 +80,7 @@ def prepare(cfg: DictConfig | dict, *, create_index: bool = True) -> Job:
 
 
 def _pool(job: Job) -> ActorPool:
+    """The worker pool, started on first use; waits until every worker holds its model."""
     if job._pool is None:
         connect(job.cfg.cluster)
         cl = job.cfg.cluster
@@ -88,7 +89,16 @@ def _pool(job: Job) -> ActorPool:
         job._pool = ActorPool(
             lambda i: actor_cls.remote(job.raw, job.model_hash, threads, i), cl.num_workers
         )
+        devices = ray.get([a.device_name.remote() for a in job._pool.actors])
+        log.info("%d workers ready on %s", len(devices), ", ".join(sorted(set(devices))))
     return job._pool
+
+
+def release_workers(job: Job) -> None:
+    """Stop the worker pool so its CPUs/GPUs go to the reducer's map tasks."""
+    if job._pool is not None:
+        job._pool.shutdown()
+        job._pool = None
 
 
 def _reducer(job: Job):
@@ -115,29 +125,32 @@ def run_index(job: Job, max_shards: int | None = None) -> dict[str, Any]:
         plans = plans[:max_shards]
     log.info("index: %d shards to compute, %d already committed (skipped)", len(plans), skipped)
     rows = sum(p.rows for p in plans)
+    if not plans:
+        return {"computed_shards": 0, "skipped_shards": skipped, "rows": 0}
+    with job.stage("start_workers"):
+        pool = _pool(job)
     with job.stage("index"):
-        if plans:
-            bar = tqdm(total=len(plans), desc="index shards", unit="shard", dynamic_ncols=True)
-            t0 = time.perf_counter()
-            done_rows = 0
+        bar = tqdm(total=len(plans), desc="index shards", unit="shard", dynamic_ncols=True)
+        t0 = time.perf_counter()
+        done_rows = 0
 
-            def commit(batch: list[tuple[ShardPlan, Any]]) -> None:
-                nonlocal done_rows
-                job.index.commit([record for _, record in batch])
-                done_rows += sum(p.rows for p, _ in batch)
-                bar.set_postfix(rows_per_s=f"{done_rows / (time.perf_counter() - t0):.0f}")
+        def commit(batch: list[tuple[ShardPlan, Any]]) -> None:
+            nonlocal done_rows
+            job.index.commit([record for _, record in batch])
+            done_rows += sum(p.rows for p, _ in batch)
+            bar.set_postfix(rows_per_s=f"{done_rows / (time.perf_counter() - t0):.0f}")
 
-            run_items(
-                _pool(job),
-                plans,
-                lambda a, p: a.index_shard.remote(p),
-                commit,
-                describe=lambda p: f"shard {p.shard_id}",
-                max_inflight=job.cfg.cluster.max_inflight_per_worker,
-                max_retries=job.cfg.cluster.max_shard_retries,
-                progress=bar.update,
-            )
-            bar.close()
+        run_items(
+            pool,
+            plans,
+            lambda a, p: a.index_shard.remote(p),
+            commit,
+            describe=lambda p: f"shard {p.shard_id}",
+            max_inflight=job.cfg.cluster.max_inflight_per_worker,
+            max_retries=job.cfg.cluster.max_shard_retries,
+            progress=bar.update,
+        )
+        bar.close()
     return {"computed_shards": len(plans), "skipped_shards": skipped, "rows": rows}
 
 
@@ -156,15 +169,16 @@ def query_phi(job: Job, which: str = "query") -> PhiBlock:
     chunk = job.cfg.index.shard_size
     spans = [(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]
     blocks: dict[tuple[int, int], PhiBlock] = {}
-    run_items(
-        _pool(job),
-        spans,
-        lambda a, s: a.phi.remote(which, *s),
-        lambda batch: blocks.update(batch),
-        describe=lambda s: f"query rows {s[0]}..{s[1]}",
-        max_inflight=job.cfg.cluster.max_inflight_per_worker,
-        max_retries=job.cfg.cluster.max_shard_retries,
-    )
+    with job.stage(f"{which}_gradients"):
+        run_items(
+            _pool(job),
+            spans,
+            lambda a, s: a.phi.remote(which, *s),
+            blocks.update,
+            describe=lambda s: f"{which} rows {s[0]}..{s[1]}",
+            max_inflight=job.cfg.cluster.max_inflight_per_worker,
+            max_retries=job.cfg.cluster.max_shard_retries,
+        )
     parts = [blocks[s] for s in spans]
     return PhiBlock(
         np.concatenate([p.row_ids for p in parts]),
@@ -173,10 +187,9 @@ def query_phi(job: Job, which: str = "query") -> PhiBlock:
     )
 
 
-def run_score(job: Job) -> dict[str, Any]:
+def run_score(job: Job, query: PhiBlock) -> dict[str, Any]:
+    """Score `query` against the whole index with the saved preconditioner; write results."""
     sc = job.cfg.scoring
-    with job.stage("query_gradients"):
-        query = query_phi(job)
     with job.stage("score"):
         return ray.get(
             _reducer(job).score.remote(
@@ -195,9 +208,7 @@ def run_score(job: Job) -> dict[str, Any]:
 
 
 def shutdown(job: Job) -> None:
-    if job._pool is not None:
-        job._pool.shutdown()
-        job._pool = None
+    release_workers(job)
     if job._reducer is not None:
         ray.kill(job._reducer)
         job._reducer = None
