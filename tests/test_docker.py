@@ -1,12 +1,12 @@
-"""docker/ and docs/cluster.md stay in step with the code, without a Docker engine.
+"""docker/ and README's cluster section stay in step with the code, without a Docker engine.
 
 Checked here: the Ray and torch versions of docker/Dockerfile equal pyproject's and the
 Makefile's pins; the image runs as a non-root user, bakes in no secret and copies only what
 .dockerignore lets through; docker/compose.yaml has the documented topology (a head with
 ``--num-cpus=0``, exactly two workers, one SeaweedFS S3 service, every port on 127.0.0.1);
 and every command, flag, Python module, config preset and override named by the compose
-file, the Dockerfile, docker/.env.example and docs/cluster.md exists (Ray's own CLI parser
-checks the ``ray`` flags, Hydra's compose API the overrides).
+file, the Dockerfile, docker/.env.example and README's "Run on a cluster" section exists
+(Ray's own CLI parser checks the ``ray`` flags, Hydra's compose API the overrides).
 
 Not checked here: that the images build and the containers start (no Docker engine on CI).
 The topology the compose file wires together, a head node with zero CPUs plus two worker
@@ -40,7 +40,16 @@ except ModuleNotFoundError:  # Python 3.10
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 COMPOSE = ROOT / "docker" / "compose.yaml"
 ENV_EXAMPLE = ROOT / "docker" / ".env.example"
-DOCS = ROOT / "docs" / "cluster.md"
+README = ROOT / "README.md"
+
+
+def cluster_doc() -> str:
+    """The README's "Run on a cluster" section."""
+    text = README.read_text()
+    start = text.index("## Run on a cluster")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else None]
+
 SECRET_NAMES = ("RAY_AUTH_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 WEED = shutil.which("weed") or shutil.which("weed", path=str(Path(sys.executable).parent))
 
@@ -138,8 +147,8 @@ def _join(lines: list[str]) -> list[str]:
 
 
 def markdown_commands() -> list[list[str]]:
-    blocks = re.findall(r"```bash\n(.*?)```", DOCS.read_text(), flags=re.S)
-    assert blocks, "docs/cluster.md shows no bash commands"
+    blocks = re.findall(r"```bash\n(.*?)```", cluster_doc(), flags=re.S)
+    assert blocks, "README's cluster section shows no bash commands"
     return [
         cmd
         for block in blocks
@@ -426,7 +435,7 @@ def test_compose_commands_exist(tmp_path):
             check_command(cmd, tmp_path)
 
 
-# ---------------------------------------------------------------- docs/cluster.md
+# ---------------------------------------------------------------- README's cluster section
 
 
 def test_docs_and_file_comments_name_only_existing_commands_modules_and_presets(tmp_path):
@@ -440,7 +449,7 @@ def test_docs_and_file_comments_name_only_existing_commands_modules_and_presets(
 
 
 def test_docs_inline_config_keys_exist(tmp_path):
-    spans = re.findall(r"`([^`\n]+)`", DOCS.read_text())
+    spans = re.findall(r"`([^`\n]+)`", cluster_doc())
     defaults = compose_cfg(tmp_path, small=False)
     groups = set(JobConfig.__dataclass_fields__)
     checked = 0
