@@ -118,7 +118,10 @@ class JobConfig:
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig | dict) -> JobConfig:
-        cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+        if isinstance(cfg, DictConfig):  # groups are merged one by one: resolve first
+            cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+        else:
+            cfg = OmegaConf.create(cfg)
         typed = {}
         for name, schema in _GROUPS.items():
             node = cfg.get(name, {}) or {}
@@ -180,11 +183,6 @@ def _validate_cluster(cl: ClusterConfig) -> None:
         )
     if cl.max_inflight_per_worker < 1:
         raise ConfigError("cluster.max_inflight_per_worker must be at least 1")
-    if 0 < cl.gpus_per_worker < 1:
-        raise ConfigError(
-            f"cluster.gpus_per_worker={cl.gpus_per_worker} would pack several workers on one "
-            "GPU; use 1 (one worker per GPU) or 0 (CPU workers)"
-        )
     if cl.max_reducer_restarts < 0 or cl.max_shard_retries < 0:
         raise ConfigError("cluster.max_reducer_restarts and max_shard_retries must be >= 0")
 

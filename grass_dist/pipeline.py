@@ -53,7 +53,7 @@ class Job:
     n_train: int
     timings: dict[str, float] = field(default_factory=dict)
     index: GradientIndex | None = None
-    job_id: str = field(default_factory=lambda: new_job_id())
+    job_id: str = field(default_factory=new_job_id)
     progress: JobProgress | None = None
     _pool: ActorPool | None = None
     _reducer: ReducerHandle | None = None
@@ -99,10 +99,19 @@ def prepare(cfg: DictConfig | dict, *, create_index: bool = True) -> Job:
 
 
 def _pool(job: Job) -> ActorPool:
+    """The worker pool, started on first use; waits until every worker holds its model."""
     if job._pool is None:
         connect(job.cfg.cluster)
         job._pool = start_worker_pool(job.cfg.cluster, job.raw, job.model_hash)
+        job._pool.wait_ready(1)
     return job._pool
+
+
+def release_workers(job: Job) -> None:
+    """Stop the worker pool so its CPUs/GPUs go to the reducer's map tasks."""
+    if job._pool is not None:
+        job._pool.shutdown()
+        job._pool = None
 
 
 def _reducer(job: Job) -> ReducerHandle:
@@ -127,28 +136,32 @@ def run_index(job: Job, max_shards: int | None = None) -> dict[str, Any]:
         job.index.store.url_of(""),
         job.index.store.url_of(job.progress.path),
     )
+    if not plans:
+        job.progress.index_plan(skipped, skipped, job.n_train, 0)
+        return {"computed_shards": 0, "skipped_shards": skipped, "rows": 0}
+    with job.stage("start_workers"):
+        pool = _pool(job)
     with job.stage("index"):
         job.progress.index_plan(len(plans) + skipped, skipped, job.n_train, rows)
-        if plans:
 
-            def commit(batch: list[tuple[ShardPlan, ShardResult]]) -> None:
-                version = job.index.commit([res.record for _, res in batch])
-                done = ", ".join(f"{p.shard_id} (worker {r.worker_id})" for p, r in batch)
-                log.debug("committed %s in manifest version %d", done, version)
-                job.progress.shards_done(
-                    sum(p.rows for p, _ in batch), [res.node_id for _, res in batch]
-                )
-
-            run_items(
-                _pool(job),
-                plans,
-                lambda a, p: a.index_shard.remote(p),
-                commit,
-                describe=lambda p: f"shard {p.shard_id}",
-                max_inflight=job.cfg.cluster.max_inflight_per_worker,
-                max_retries=job.cfg.cluster.max_shard_retries,
-                on_tick=job.progress.tick,
+        def commit(batch: list[tuple[ShardPlan, ShardResult]]) -> None:
+            version = job.index.commit([res.record for _, res in batch])
+            done = ", ".join(f"{p.shard_id} (worker {r.worker_id})" for p, r in batch)
+            log.debug("committed %s in manifest version %d", done, version)
+            job.progress.shards_done(
+                sum(p.rows for p, _ in batch), [res.node_id for _, res in batch]
             )
+
+        run_items(
+            pool,
+            plans,
+            lambda a, p: a.index_shard.remote(p),
+            commit,
+            describe=lambda p: f"shard {p.shard_id}",
+            max_inflight=job.cfg.cluster.max_inflight_per_worker,
+            max_retries=job.cfg.cluster.max_shard_retries,
+            on_tick=job.progress.tick,
+        )
     return {"computed_shards": len(plans), "skipped_shards": skipped, "rows": rows}
 
 
@@ -165,15 +178,16 @@ def query_phi(job: Job, which: str = "query") -> PhiBlock:
     chunk = job.cfg.index.shard_size
     spans = [(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]
     blocks: dict[tuple[int, int], PhiBlock] = {}
-    run_items(
-        _pool(job),
-        spans,
-        lambda a, s: a.phi.remote(which, *s),
-        lambda batch: blocks.update(batch),
-        describe=lambda s: f"query rows {s[0]}..{s[1]}",
-        max_inflight=job.cfg.cluster.max_inflight_per_worker,
-        max_retries=job.cfg.cluster.max_shard_retries,
-    )
+    with job.stage(f"{which}_gradients"):
+        run_items(
+            _pool(job),
+            spans,
+            lambda a, s: a.phi.remote(which, *s),
+            blocks.update,
+            describe=lambda s: f"{which} rows {s[0]}..{s[1]}",
+            max_inflight=job.cfg.cluster.max_inflight_per_worker,
+            max_retries=job.cfg.cluster.max_shard_retries,
+        )
     parts = [blocks[s] for s in spans]
     return PhiBlock(
         np.concatenate([p.row_ids for p in parts]),
@@ -182,10 +196,9 @@ def query_phi(job: Job, which: str = "query") -> PhiBlock:
     )
 
 
-def run_score(job: Job) -> dict[str, Any]:
+def run_score(job: Job, query: PhiBlock) -> dict[str, Any]:
+    """Score `query` against the whole index with the saved preconditioner; write results."""
     sc = job.cfg.scoring
-    with job.stage("query_gradients"):
-        query = query_phi(job)
     with job.stage("score"):
         return _reducer(job).call(
             "score",
@@ -204,9 +217,7 @@ def run_score(job: Job) -> dict[str, Any]:
 
 
 def shutdown(job: Job) -> None:
-    if job._pool is not None:
-        job._pool.shutdown()
-        job._pool = None
+    release_workers(job)
     if job._reducer is not None:
         job._reducer.shutdown()
         job._reducer = None

@@ -102,8 +102,10 @@ def attribute(cfg: DictConfig) -> dict[str, Any]:
 
     def body(job: pipeline.Job) -> dict[str, Any]:
         out = {"index": pipeline.run_index(job)}
+        query = pipeline.query_phi(job)
+        pipeline.release_workers(job)
         out["precondition"] = pipeline.run_precondition(job)
-        out["score"] = pipeline.run_score(job)
+        out["score"] = pipeline.run_score(job, query)
         with job.stage("report"):
             out["report"] = make_report(job)
         out["index_bytes"] = _index_bytes(job)
@@ -123,7 +125,12 @@ def score(cfg: DictConfig) -> dict[str, Any]:
     """Preconditioner and scores on an existing index whose fingerprint matches the config."""
 
     def body(job: pipeline.Job) -> dict[str, Any]:
-        out = {"precondition": pipeline.run_precondition(job), "score": pipeline.run_score(job)}
+        query = pipeline.query_phi(job)
+        pipeline.release_workers(job)
+        out = {
+            "precondition": pipeline.run_precondition(job),
+            "score": pipeline.run_score(job, query),
+        }
         with job.stage("report"):
             out["report"] = make_report(job)
         return out

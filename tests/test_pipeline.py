@@ -90,8 +90,10 @@ def test_identity_influence_equals_direct_damped_fisher_influence(ray_session, t
     )
     try:
         pipeline.run_index(job)
+        query = pipeline.query_phi(job)
+        pipeline.release_workers(job)
         pipeline.run_precondition(job)
-        pipeline.run_score(job)
+        pipeline.run_score(job, query)
     finally:
         pipeline.shutdown(job)
     model = build_model(job.cfg)

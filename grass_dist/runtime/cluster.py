@@ -33,8 +33,8 @@ def connect(cfg: ClusterConfig) -> None:
 
 
 def worker_request(cfg: ClusterConfig) -> dict[str, float]:
-    """Resources one GradientWorker asks for: CPUs, one whole GPU each when the cluster has
-    GPUs (so at most one worker lands per GPU), and any custom resources."""
+    """Resources one GradientWorker asks for: CPUs, `gpus_per_worker` GPUs when the cluster
+    has GPUs (the default 1 puts at most one worker on each GPU), and custom resources."""
     request = {"CPU": cfg.cpus_per_worker, **(cfg.worker_resources or {})}
     if ray.cluster_resources().get("GPU", 0) > 0 and cfg.gpus_per_worker > 0:
         request["GPU"] = cfg.gpus_per_worker

@@ -113,6 +113,23 @@ class ActorPool:
             ray.kill(actor, no_restart=True)
         self._spawn(f"replaces {member.where()}, which died ({type(error).__name__})")
 
+    def wait_ready(self, minimum: int = 1) -> None:
+        """Block until `minimum` workers are ready (the rest join whenever they are placed)."""
+        while len(self.ready) < minimum:
+            if self.starting:
+                ray.wait(list(self.starting), num_returns=1, timeout=1.0)
+            else:
+                time.sleep(0.2)
+            self.tick()
+        devices = sorted({str((m.info or {}).get("device")) for m in self.ready})
+        log.info(
+            "%d of %d workers ready on %s; %d still starting",
+            len(self.ready),
+            len(self.ready) + len(self.starting),
+            ", ".join(devices),
+            len(self.starting),
+        )
+
     # ---- periodic work ---------------------------------------------------------------
     def tick(self) -> None:
         """Admit workers that became ready, grow if resources appeared, watch placement."""

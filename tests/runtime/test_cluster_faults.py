@@ -285,8 +285,10 @@ def test_killed_reducer_recovers_from_the_store(cluster, clean, caplog):
     base = _cfg(cluster, "reducer")
     job = pipeline.prepare(base)
     try:
+        query = pipeline.query_phi(job)
+        pipeline.release_workers(job)
         pipeline.run_precondition(job)
-        pipeline.run_score(job)
+        pipeline.run_score(job, query)
     finally:
         pipeline.shutdown(job)
     pre_bytes = job.index.get_artifact("preconditioner/fisher.safetensors")
@@ -299,7 +301,7 @@ def test_killed_reducer_recovers_from_the_store(cluster, clean, caplog):
         try:
             pipeline.run_precondition(job)
             if stage == "score":
-                pipeline.run_score(job)
+                pipeline.run_score(job, query)  # the same query gradients as above
         finally:
             pipeline.shutdown(job)
         assert job.index.has_artifact(f"_faults/kill_reducer_{stage}")

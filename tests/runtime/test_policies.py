@@ -109,8 +109,6 @@ def test_fault_config_is_validated(tmp_path):
         job("faults.kill_reducer_during=index")
     with pytest.raises(ConfigError, match="cluster.max_workers"):
         job("cluster.num_workers=3", "cluster.max_workers=2")
-    with pytest.raises(ConfigError, match="one worker per GPU"):
-        job("cluster.gpus_per_worker=0.5")
     assert job().faults == FaultsConfig()
 
 

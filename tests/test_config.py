@@ -1,0 +1,85 @@
+"""Every shipped preset composes and builds; bad input fails before Ray or any gradient."""
+
+import subprocess
+import sys
+
+import pytest
+import ray
+
+from grass_dist import pipeline
+from grass_dist.build import build_dataset, build_layer_compressors, build_model, build_task
+from grass_dist.config import JobConfig
+from grass_dist.errors import ConfigError, FingerprintMismatchError, StoreUnavailableError
+from tests.conftest import CONF, ROOT, compose_cfg
+
+PRESETS = sorted(
+    (group.name, f.stem) for group in CONF.iterdir() if group.is_dir() for f in group.glob("*.yaml")
+)
+
+
+@pytest.mark.parametrize(("group", "option"), PRESETS)
+def test_every_preset_composes_and_instantiates(tmp_path, group, option):
+    job = JobConfig.from_cfg(compose_cfg(tmp_path, f"{group}={option}"))
+    model = build_model(job)
+    build_task(job)
+    assert len(build_dataset(job, "train")) > 0
+    assert build_layer_compressors(job, model)
+
+
+def _fails_before_work(tmp_path, error, match, *overrides):
+    with pytest.raises(error, match=match):
+        pipeline.prepare(compose_cfg(tmp_path, *overrides))
+    assert not ray.is_initialized()
+
+
+def test_unknown_layer_name(tmp_path):
+    _fails_before_work(tmp_path, ConfigError, "index.layers names 'fc9'", "index.layers=[fc9]")
+
+
+@pytest.mark.parametrize("k", [0, -3])
+def test_non_positive_k(tmp_path, k):
+    _fails_before_work(
+        tmp_path, ConfigError, f"compression.k={k} must be a positive", f"compression.k={k}"
+    )
+
+
+def test_k_larger_than_the_layer(tmp_path):
+    _fails_before_work(
+        tmp_path, ConfigError, "compression.k=100000 is larger than layer", "compression.k=100000"
+    )
+
+
+def test_missing_target(tmp_path):
+    _fails_before_work(
+        tmp_path, ConfigError, r"'data.train' needs a '_target_'", "~data.train._target_"
+    )
+
+
+def test_unknown_config_key(tmp_path):
+    _fails_before_work(tmp_path, ConfigError, "config group 'compression'", "+compression.kk=3")
+
+
+def test_unreadable_store_url(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    _fails_before_work(tmp_path, StoreUnavailableError, "store.url", f"store.url={blocker}/index")
+
+
+def test_query_set_with_a_different_model_is_refused(tmp_path):
+    pipeline.prepare(compose_cfg(tmp_path))  # writes index.json, computes nothing
+    with pytest.raises(FingerprintMismatchError, match="model"):
+        pipeline.prepare(compose_cfg(tmp_path, "model.seed=1"), create_index=False)
+    assert not ray.is_initialized()
+
+
+def test_cli_prints_the_message_and_exits_2(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.attribute", f"run.output_dir={tmp_path}", "compression.k=0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "error: compression.k=0 must be a positive integer" in proc.stderr
+    assert "Traceback" not in proc.stderr
