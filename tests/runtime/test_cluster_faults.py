@@ -27,7 +27,9 @@ from ray.cluster_utils import Cluster
 
 from grass_dist import pipeline, results
 from grass_dist.index import GradientIndex, Store
+from grass_dist.runtime.pool import ActorPool
 from grass_dist.runtime.progress import read_progress
+from grass_dist.runtime.scheduler import run_items
 from tests.conftest import compose_cfg
 from tests.ray_procs import ROOT, isolated_auth_token
 
@@ -317,3 +319,45 @@ def test_killed_reducer_recovers_from_the_store(cluster, clean, caplog):
     assert len([n for n in listed if n.startswith("topk-")]) == 3  # clean, dead, retried
     for rel in complete["files"].values():
         assert job.index.has_artifact(rel)
+
+
+@ray.remote(num_cpus=0.1, max_concurrency=8)
+class _Probe:
+    """A worker stand-in that records how many calls it ran at once (up to 8 allowed)."""
+
+    def __init__(self):
+        self.running = 0
+        self.peak = 0
+        self.lock = threading.Lock()
+
+    def describe(self) -> dict:
+        return {"node_id": ray.get_runtime_context().get_node_id(), "device": "cpu"}
+
+    def work(self, item: int) -> int:
+        with self.lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        time.sleep(0.05)
+        with self.lock:
+            self.running -= 1
+        return item
+
+    def peak_calls(self) -> int:
+        return self.peak
+
+
+def test_scheduler_keeps_at_most_max_inflight_shards_per_worker(cluster):
+    pool = ActorPool(lambda i: _Probe.remote(), 2)
+    done: list[int] = []
+    try:
+        pool.wait_ready(2)
+        run_items(pool, range(40), lambda a, i: a.work.remote(i), done_items(done), max_inflight=3)
+        peaks = ray.get([a.peak_calls.remote() for a in pool.actors])
+    finally:
+        pool.shutdown()
+    assert sorted(done) == list(range(40))  # every item exactly once
+    assert max(peaks) == 3  # the bound is reached and never exceeded
+
+
+def done_items(sink: list[int]):
+    return lambda batch: sink.extend(result for _, result in batch)
