@@ -185,6 +185,9 @@ def _validate_cluster(cl: ClusterConfig) -> None:
         raise ConfigError("cluster.max_inflight_per_worker must be at least 1")
     if cl.max_reducer_restarts < 0 or cl.max_shard_retries < 0:
         raise ConfigError("cluster.max_reducer_restarts and max_shard_retries must be >= 0")
+    for name in ("scale_check_s", "placement_timeout_s", "progress_interval_s"):
+        if getattr(cl, name) <= 0:
+            raise ConfigError(f"cluster.{name} must be a positive number of seconds")
 
 
 def _validate_faults(f: FaultsConfig) -> None:

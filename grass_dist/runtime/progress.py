@@ -10,6 +10,7 @@ another process can follow a running job:
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from collections import Counter
@@ -18,7 +19,10 @@ from typing import Any
 
 from tqdm import tqdm
 
+from grass_dist.errors import StoreUnavailableError
 from grass_dist.index import Store
+
+log = logging.getLogger(__name__)
 
 PROGRESS_DIR = "_progress"
 
@@ -54,10 +58,16 @@ class JobProgress:
         return f"{PROGRESS_DIR}/{self.job_id}.json"
 
     def write(self) -> None:
-        """Rewrite the record now (readers see the old or the new one, never a mix)."""
+        """Rewrite the record now (readers see the old or the new one, never a mix).
+
+        A failed write is logged, not raised: progress must never be what fails a job.
+        """
         self.doc["updated"] = _now()
-        self.store.write_bytes(self.path, json.dumps(self.doc, indent=1).encode())
         self._written = time.monotonic()
+        try:
+            self.store.write_bytes(self.path, json.dumps(self.doc, indent=1).encode())
+        except StoreUnavailableError as e:
+            log.warning("progress record %s not written: %s", self.store.url_of(self.path), e)
 
     def tick(self) -> None:
         """Rewrite the record if `interval_s` passed since the last write."""

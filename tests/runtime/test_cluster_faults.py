@@ -26,6 +26,7 @@ import torch
 from ray.cluster_utils import Cluster
 
 from grass_dist import pipeline, results
+from grass_dist.errors import ConfigError, PlacementTimeoutError, WorkerStartError
 from grass_dist.index import GradientIndex, Store
 from grass_dist.runtime.pool import ActorPool
 from grass_dist.runtime.progress import read_progress
@@ -361,3 +362,25 @@ def test_scheduler_keeps_at_most_max_inflight_shards_per_worker(cluster):
 
 def done_items(sink: list[int]):
     return lambda batch: sink.extend(result for _, result in batch)
+
+
+@ray.remote(num_cpus=0.1)
+class _Broken:
+    def __init__(self):
+        raise ConfigError("data.train is broken: fix data.train._target_")
+
+    def describe(self) -> dict:
+        return {}
+
+
+def test_pool_fails_fast_on_broken_or_unplaceable_workers(cluster):
+    broken = ActorPool(lambda i: _Broken.remote(), 1)
+    with pytest.raises(WorkerStartError, match="fix data.train._target_"):
+        broken.wait_ready(1)
+    broken.shutdown()
+    nowhere = ActorPool(
+        lambda i: _Probe.options(resources={"absent": 1}).remote(), 1, placement_timeout_s=1
+    )
+    with pytest.raises(PlacementTimeoutError, match="no worker could be placed for 1 s"):
+        nowhere.wait_ready(1)
+    nowhere.shutdown()
