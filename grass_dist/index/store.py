@@ -156,11 +156,7 @@ class Store:
         """Whether the URL names an S3 bucket (``s3://`` or ``s3a://``)."""
         return self.url.partition("://")[0] in _S3_SCHEMES
 
-    @property
-    def endpoint(self) -> str | None:
-        """The S3 endpoint requests go to (credentials removed); None for other stores."""
-        if not self.is_s3:
-            return None
+    def _endpoint_url(self) -> str | None:
         opts = self.storage_options
         client = opts.get("client_kwargs") or {}
         url = (
@@ -169,7 +165,15 @@ class Store:
             or os.environ.get("AWS_ENDPOINT_URL_S3")
             or os.environ.get("AWS_ENDPOINT_URL")
         )
-        return redact_url(str(url)) if url else "the default AWS S3 endpoint"
+        return str(url) if url else None
+
+    @property
+    def endpoint(self) -> str | None:
+        """The S3 endpoint requests go to (credentials removed); None for other stores."""
+        if not self.is_s3:
+            return None
+        url = self._endpoint_url()
+        return redact_url(url) if url else "the default AWS S3 endpoint"
 
     # ---- internals -------------------------------------------------------------------
     def _fs_options(self) -> dict[str, Any]:
@@ -205,9 +209,10 @@ class Store:
 
     def _error(self, what: str, exc: BaseException, seconds: float = 0.0) -> StoreUnavailableError:
         reason = f"{what}: {type(exc).__name__}: {exc}"
-        for secret in _secret_strings(self.storage_options):
-            reason = reason.replace(secret, "***")
         url, endpoint = redact_url(self.url), self.endpoint
+        for secret in _secret_strings(self.storage_options):
+            if secret != endpoint:  # the endpoint is shown anyway (minus any credentials)
+                reason = reason.replace(secret, "***")
         if endpoint is not None and _access_denied(exc):
             return StoreAccessDeniedError(url, reason, endpoint)
         if is_transient(exc):
