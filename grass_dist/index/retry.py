@@ -1,4 +1,7 @@
-"""Retrying store operations: bounded exponential backoff, on transient errors only.
+"""What a storage failure means, and retrying store operations with bounded backoff.
+
+Failures are classified once, here: transient (retried), access denied, a lost create-only
+race (an answer, see ``is_lost_race``), or another storage error.
 
 An error is transient when it may go away by itself: the endpoint refused or dropped the
 connection, timed out, or answered 500/502/503/504 or a throttling code. Denied access, a
@@ -11,6 +14,7 @@ can take to fail when the endpoint is down.
 
 from __future__ import annotations
 
+import errno
 import logging
 import random
 import time
@@ -34,6 +38,7 @@ _TRANSIENT_NAMES = {
     "ServerTimeoutError",
     "FSTimeoutError",
     "IncompleteRead",
+    "FileExpired",  # s3fs: the object changed while read in ranges; read it again
 }
 _TRANSIENT_STATUS = {500, 502, 503, 504}
 _TRANSIENT_CODES = {
@@ -45,6 +50,11 @@ _TRANSIENT_CODES = {
     "ThrottlingException",
 }
 _ANSWERS = (PermissionError, FileNotFoundError, FileExistsError, IsADirectoryError)
+# Exception modules that mean "talking to storage failed" even when not an OSError.
+_STORAGE_MODULES = {"botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "s3fs", "fsspec"}
+# Codes and botocore exceptions that mean "these credentials may not do this".
+_DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"}
+_DENIED_NAMES = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
 
 
 def _response(exc: BaseException) -> dict | None:
@@ -67,6 +77,39 @@ def is_transient(exc: BaseException) -> bool:
             code = response.get("Error", {}).get("Code")
             return status in _TRANSIENT_STATUS or code in _TRANSIENT_CODES
     return False
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    """Whether ``exc`` came from talking to storage (OSError or a storage client library)."""
+    return isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in _STORAGE_MODULES
+
+
+def is_access_denied(exc: BaseException) -> bool:
+    """True for a refused request or missing credentials (not for a local EACCES)."""
+    if isinstance(exc, PermissionError) or type(exc).__name__ in _DENIED_NAMES:
+        return True
+    response = getattr(exc.__cause__, "response", None)
+    if isinstance(response, dict):
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return status == 403 or response.get("Error", {}).get("Code") in _DENIED_CODES
+    return False
+
+
+def is_lost_race(exc: BaseException) -> bool:
+    """True when a conditional (If-None-Match) put failed because the object exists.
+
+    s3fs maps the 412 that AWS tags with ``Condition: If-None-Match`` to FileExistsError, but
+    SeaweedFS's 412 arrives as OSError(EINVAL) and AWS may answer 409 (concurrent conditional
+    write, OSError(EBUSY)). The botocore ClientError is kept as ``__cause__``; prefer it.
+    """
+    if isinstance(exc, FileExistsError):
+        return True
+    response = getattr(exc.__cause__, "response", None)
+    if isinstance(response, dict):
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        code = response.get("Error", {}).get("Code")
+        return status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict")
+    return isinstance(exc, OSError) and exc.errno in (errno.EINVAL, errno.EBUSY)
 
 
 @dataclass(frozen=True)

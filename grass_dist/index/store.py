@@ -32,19 +32,21 @@ from grass_dist.errors import (
     StoreUnavailableError,
     StoreUnreachableError,
 )
-from grass_dist.index.retry import RetryPolicy, is_transient
+from grass_dist.index.retry import (
+    RetryPolicy,
+    is_access_denied,
+    is_lost_race,
+    is_storage_error,
+    is_transient,
+)
 
 T = TypeVar("T")
 
 # memory:// emulates create-only with exists + write; this lock makes that pair atomic for
 # all threads of the process (memory:// is per process anyway).
 _MEMORY_LOCK = threading.Lock()
-# Exception modules that mean "talking to storage failed" even when not an OSError.
-_STORAGE_MODULES = {"botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "s3fs", "fsspec"}
 _S3_SCHEMES = ("s3", "s3a")
-# Codes and botocore exceptions that mean "these credentials may not do this".
-_DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"}
-_DENIED_NAMES = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
+_RANGE_BYTES = 8 * 2**20  # S3 objects above this are read in ranges of this size
 
 
 def redact_url(url: str) -> str:
@@ -65,38 +67,6 @@ def _secret_strings(value: Any) -> list[str]:
     if isinstance(value, (list, tuple)):
         return [s for v in value for s in _secret_strings(v)]
     return [value] if isinstance(value, str) and len(value) >= 4 else []
-
-
-def _is_storage_error(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in _STORAGE_MODULES
-
-
-def _access_denied(exc: BaseException) -> bool:
-    """True for a refused request or missing credentials (not for a local EACCES)."""
-    if isinstance(exc, PermissionError) or type(exc).__name__ in _DENIED_NAMES:
-        return True
-    response = getattr(exc.__cause__, "response", None)
-    if isinstance(response, dict):
-        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        return status == 403 or response.get("Error", {}).get("Code") in _DENIED_CODES
-    return False
-
-
-def _s3_lost_race(exc: BaseException) -> bool:
-    """True when a conditional (If-None-Match) put failed because the object exists.
-
-    s3fs maps the 412 that AWS tags with ``Condition: If-None-Match`` to FileExistsError, but
-    SeaweedFS's 412 arrives as OSError(EINVAL) and AWS may answer 409 (concurrent conditional
-    write, OSError(EBUSY)). The botocore ClientError is kept as ``__cause__``; prefer it.
-    """
-    if isinstance(exc, FileExistsError):
-        return True
-    response = getattr(exc.__cause__, "response", None)
-    if isinstance(response, dict):
-        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        code = response.get("Error", {}).get("Code")
-        return status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict")
-    return isinstance(exc, OSError) and exc.errno in (errno.EINVAL, errno.EBUSY)
 
 
 class Store:
@@ -213,7 +183,7 @@ class Store:
         for secret in _secret_strings(self.storage_options):
             if secret != endpoint:  # the endpoint is shown anyway (minus any credentials)
                 reason = reason.replace(secret, "***")
-        if endpoint is not None and _access_denied(exc):
+        if endpoint is not None and is_access_denied(exc):
             return StoreAccessDeniedError(url, reason, endpoint)
         if is_transient(exc):
             attempts = self.retry.attempts
@@ -236,7 +206,7 @@ class Store:
         except StoreUnavailableError:
             raise
         except Exception as exc:
-            if _is_storage_error(exc):
+            if is_storage_error(exc):
                 raise self._error(what, exc, time.monotonic() - t0) from exc
             raise
 
@@ -254,6 +224,35 @@ class Store:
             lambda: bytes(self.fs.cat_file(path)),
             passthrough=(FileNotFoundError,),
         )
+
+    def read_buffer(self, rel: str) -> bytes | bytearray:
+        """Whole object ``rel`` as a bytes-like buffer, for large objects (shards).
+
+        From S3, objects over ``_RANGE_BYTES`` are fetched in ranges pinned to the object's
+        ETag (a concurrent overwrite fails the read, which is then retried whole) straight
+        into one preallocated buffer: peak memory is the object plus one range, where a
+        single GET holds about three copies. Raises FileNotFoundError if it does not exist.
+        """
+        path = self._path(rel)
+
+        def get() -> bytes | bytearray:
+            if not self.is_s3:
+                return self.fs.cat_file(path)
+            with self.fs.open(path, "rb", block_size=_RANGE_BYTES, cache_type="none") as f:
+                size = int(f.size)
+                if size <= _RANGE_BYTES:
+                    return f.read()
+                buf, pos = bytearray(size), 0
+                view = memoryview(buf)
+                while pos < size:
+                    chunk = f.read(_RANGE_BYTES)
+                    if not chunk:
+                        raise OSError(errno.EIO, f"object ended at byte {pos} of {size}")
+                    view[pos : pos + len(chunk)] = chunk
+                    pos += len(chunk)
+                return buf
+
+        return self._call(f"cannot read {rel!r}", get, passthrough=(FileNotFoundError,))
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write (or overwrite) ``rel``; readers never observe a partially written object."""
@@ -290,7 +289,7 @@ class Store:
                 # s3fs sends If-None-Match: *; generic fsspec falls back to exists + write.
                 fs.pipe_file(path, bytes(data), mode="create")
             except Exception as exc:
-                if isinstance(exc, FileExistsError) or (self.is_s3 and _s3_lost_race(exc)):
+                if isinstance(exc, FileExistsError) or (self.is_s3 and is_lost_race(exc)):
                     return False
                 raise
             return True

@@ -13,7 +13,8 @@ import torch
 from grass_dist import pipeline, results, run
 from grass_dist.build import build_dataset, build_model
 from grass_dist.errors import CorruptShardError, FingerprintMismatchError
-from grass_dist.index import GradientIndex, ShardRecord
+from grass_dist.index import GradientIndex, ShardRecord, Store
+from grass_dist.index import store as store_module
 from grass_dist.index.manifest import latest, manifest_path
 from tests.helpers import layer_grad, per_sample_grads
 from tests.s3 import committer
@@ -174,3 +175,15 @@ def test_append_computes_new_shards_and_scores_the_whole_index(ray_session, back
         assert not (tmp_path / "index").exists()  # nothing fell back to local disk
     with pytest.raises(FingerprintMismatchError, match="data.train.seed"):
         pipeline.prepare(backend.cfg(tmp_path, *common, "data.train.seed=1"))
+
+
+def test_large_objects_are_read_in_ranges_into_one_buffer(backend, monkeypatch):
+    monkeypatch.setattr(store_module, "_RANGE_BYTES", 64 * 1024)  # many ranges, small data
+    store = Store(backend.url, backend.storage_options)
+    payload = np.random.default_rng(0).bytes(1_000_003)
+    store.write_bytes("big.bin", payload)
+    assert bytes(store.read_buffer("big.bin")) == payload
+    store.write_bytes("small.bin", b"one range")
+    assert bytes(store.read_buffer("small.bin")) == b"one range"
+    with pytest.raises(FileNotFoundError):
+        store.read_buffer("absent.bin")
