@@ -140,7 +140,10 @@ def big_index(server: SeaweedFS, args) -> tuple[tuple, list[dict]]:
     layers, k, rows = args.layers, args.k, args.big_rows
     url, opts = server.url("big"), server.storage_options()
     index = GradientIndex.create_or_open(url, _fingerprint(layers, k), opts)
-    make = lambda s: _phi(s, rows, layers, k)  # noqa: E731
+
+    def make(shard: int) -> dict[str, np.ndarray]:
+        return _phi(shard, rows, layers, k)
+
     first = _write(index, [0], rows, make, 1)
     count = int(np.ceil(args.big_gib * 2**30 / first[1])) + 1  # compressed size decides
     rest = _write(index, list(range(1, count)), rows, make, 2)
@@ -157,7 +160,7 @@ def report(tp: dict[str, dict], made: tuple, scored: list[dict], args) -> str:
     lines = [
         "# Gradient index store benchmark",
         "",
-        f"`python bench/bench_store.py {' '.join(sys.argv[1:])}`".replace("  ", " "),
+        "`" + " ".join(["python bench/bench_store.py", *sys.argv[1:]]) + "`",
         "",
         f"Machine: {os.cpu_count()} CPUs, load average at start {args.load:.1f}. Shards: "
         f"{args.layers} layers x k={args.k} float32 (zstd Parquet, sha256 checked on read).",

@@ -49,7 +49,6 @@ class Backend:
     name: str
     url: str
     storage_options: dict[str, Any] = field(default_factory=dict)
-    server: SeaweedFS | None = None
 
     def cfg(self, tmp_path: Path, *overrides: str, url: str | None = None):
         """The SMALL test config with this backend as ``store`` (``url`` overrides the URL)."""
@@ -61,7 +60,7 @@ class Backend:
 
 def s3_backend(server: SeaweedFS) -> Backend:
     """A fresh prefix in the session's bucket, so tests never see each other's indexes."""
-    return Backend("s3", server.url(f"t-{uuid.uuid4().hex[:12]}"), server.storage_options(), server)
+    return Backend("s3", server.url(f"t-{uuid.uuid4().hex[:12]}"), server.storage_options())
 
 
 @pytest.fixture(params=["local", "s3"])
