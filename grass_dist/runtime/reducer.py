@@ -18,6 +18,7 @@ from grass_dist import results
 from grass_dist.errors import PreconditionerNotFoundError
 from grass_dist.gradients import PhiBlock
 from grass_dist.index import GradientIndex, ShardRecord
+from grass_dist.index.retry import RetryPolicy
 from grass_dist.precondition import FisherSum, Preconditioner
 from grass_dist.score import ScorePartial, score_records
 
@@ -69,8 +70,14 @@ def _score_task(
 class Reducer:
     """One per job; `parallelism` is how many map tasks it fans out to."""
 
-    def __init__(self, index_url: str, storage_options: dict, parallelism: int = 4):
-        self.index = GradientIndex.open(index_url, storage_options)
+    def __init__(
+        self,
+        index_url: str,
+        storage_options: dict,
+        parallelism: int = 4,
+        retry: RetryPolicy | None = None,
+    ):
+        self.index = GradientIndex.open(index_url, storage_options, retry)
         self.parallelism = parallelism
         self.cached: dict[str, Preconditioner] = {}
 
