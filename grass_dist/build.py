@@ -16,7 +16,9 @@ from torch import nn
 from grass_dist.capture import resolve_layers
 from grass_dist.compress import LinearCompressor, build_compressors
 from grass_dist.config import JobConfig
+from grass_dist.data_identity import data_identity
 from grass_dist.errors import ConfigError
+from grass_dist.index.retry import RetryPolicy
 from grass_dist.models import state_hash
 
 FORMAT_VERSION = 1
@@ -53,6 +55,12 @@ def build_dataset(job: JobConfig, which: str):
     return dataset
 
 
+def store_retry(job: JobConfig) -> RetryPolicy:
+    """The backoff policy every process of the job uses for the index store."""
+    st = job.store
+    return RetryPolicy(st.retries, st.backoff_s, st.backoff_max_s)
+
+
 def build_layer_compressors(job: JobConfig, model: nn.Module) -> dict[str, LinearCompressor]:
     return build_compressors(job.compression, resolve_layers(model, job.index.layers))
 
@@ -62,9 +70,13 @@ def _canonical(node: Any) -> Any:
 
 
 def fingerprint(
-    job: JobConfig, model: nn.Module, compressors: dict[str, LinearCompressor], task
+    job: JobConfig, model: nn.Module, compressors: dict[str, LinearCompressor], task, train
 ) -> dict[str, Any]:
-    """What an index's rows depend on; any difference makes the index incompatible."""
+    """What an index's rows depend on; any difference makes the index incompatible.
+
+    ``train`` is the built training set: its size arguments are left out of the data
+    identity so that an index can grow (see ``grass_dist.data_identity``).
+    """
     return {
         "format_version": FORMAT_VERSION,
         "model": {"target": job.model["_target_"], "state_sha256": state_hash(model)},
@@ -72,5 +84,5 @@ def fingerprint(
         "compression": {"method": job.compression.method, "seed": job.compression.seed},
         "layers": [{"name": n, **c.spec()} for n, c in compressors.items()],
         "dtype": job.index.dtype,
-        "data": {"train": _canonical(job.data["train"])},
+        "data": {"train": _canonical(data_identity(job.data["train"], train))},
     }

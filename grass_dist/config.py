@@ -47,6 +47,7 @@ class IndexConfig:
     batch_size: int = _f(64, "rows per forward/backward batch inside a shard")
     dtype: str = _f("float32", "storage dtype of phi: float32 | float16 | bfloat16")
     verify: bool = _f(True, "check each shard's sha256 when reading")
+    repair: bool = _f(False, "jobs.index: check every committed shard, recompute the bad ones")
 
 
 @dataclass
@@ -68,6 +69,9 @@ class ScoringConfig:
 class StoreConfig:
     url: str = _f("outputs/index", "fsspec URL of the gradient index: path, file://, s3://")
     storage_options: dict[str, Any] = _f({}, "fsspec options (endpoint, region, ...)")
+    retries: int = _f(5, "retries of a store operation that failed transiently (outage, 5xx)")
+    backoff_s: float = _f(1.0, "first retry delay; doubles per retry (jittered)")
+    backoff_max_s: float = _f(30.0, "cap on one retry delay")
 
 
 @dataclass
@@ -169,6 +173,9 @@ class JobConfig:
             raise ConfigError(f"scoring.kind={self.scoring.kind!r}; use influence or grad_dot")
         if self.scoring.topk <= 0 or self.scoring.tile_rows <= 0:
             raise ConfigError("scoring.topk and scoring.tile_rows must be positive")
+        st = self.store
+        if st.retries < 0 or st.backoff_s < 0 or st.backoff_max_s < 0:
+            raise ConfigError("store.retries, store.backoff_s and store.backoff_max_s must be >= 0")
         _validate_cluster(self.cluster)
         _validate_faults(self.faults)
 

@@ -8,19 +8,60 @@ class GrassError(Exception):
 
 
 class StoreUnavailableError(GrassError):
-    """The index store cannot be reached, read or written (args: redacted url, reason)."""
+    """The index store cannot be reached, read or written (args: redacted url, reason, endpoint)."""
 
-    def __init__(self, url: str, reason: str) -> None:
-        # args stay (url, reason) so the error pickles through Ray unchanged.
-        super().__init__(url, reason)
-        self.url, self.reason = url, reason
+    fix = (
+        "Fix: check store.url / store.storage_options (endpoint, bucket, credentials, "
+        "permissions) and that the store is reachable from this machine."
+    )
+
+    def __init__(self, url: str, reason: str, endpoint: str | None = None) -> None:
+        # args stay plain strings so the error pickles through Ray unchanged.
+        super().__init__(url, reason, endpoint)
+        self.url, self.reason, self.endpoint = url, reason, endpoint
+
+    def where(self) -> str:
+        """``index store 's3://b/p' at endpoint http://...`` (no credentials)."""
+        at = f" at endpoint {self.endpoint}" if self.endpoint else ""
+        return f"index store {self.url!r}{at}"
 
     def __str__(self) -> str:
-        return (
-            f"index store {self.url!r} is unavailable: {self.reason}. "
-            "Fix: check store.url / store.storage_options (endpoint, bucket, credentials, "
-            "permissions) and that the store is reachable from this machine."
-        )
+        return f"{self.where()} is unavailable: {self.reason}. {self.fix}"
+
+
+class StoreUnreachableError(StoreUnavailableError):
+    """The store kept failing transiently (refused, timeouts, 5xx) until retries ran out."""
+
+    fix = (
+        "Fix: check that the endpoint is up and reachable from every node of the job (or raise "
+        "store.retries / store.backoff_s to ride out longer outages), then rerun the same "
+        "command: committed shards are kept and only the missing ones are computed."
+    )
+
+    def __str__(self) -> str:
+        return f"{self.where()} is unreachable: {self.reason}. {self.fix}"
+
+
+class StoreAccessDeniedError(StoreUnavailableError):
+    """The store refused the credentials or their permissions (HTTP 403, bad signature, none)."""
+
+    fix = (
+        "Fix: check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE "
+        "in the environment of every node, or store.storage_options.key / .secret) and that "
+        "they may read, write and list this bucket and prefix."
+    )
+
+    def __str__(self) -> str:
+        bucket = _bucket(self.url)
+        named = f" (bucket {bucket!r})" if bucket else ""
+        return f"access denied by the {self.where()}{named}: {self.reason}. {self.fix}"
+
+
+def _bucket(url: str) -> str | None:
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("s3", "s3a", "gs", "gcs"):
+        return None
+    return rest.split("/", 1)[0] or None
 
 
 class IndexNotFoundError(GrassError):
@@ -41,6 +82,10 @@ class CommitConflictError(GrassError):
 
 class FingerprintMismatchError(GrassError):
     """The index was built with a different model / compressor / data fingerprint."""
+
+
+class DataMismatchError(FingerprintMismatchError):
+    """data.train no longer holds the rows an existing index was built from."""
 
 
 class ConfigError(GrassError, ValueError):

@@ -22,11 +22,14 @@ from grass_dist.build import (
     build_model,
     build_task,
     fingerprint,
+    store_retry,
 )
 from grass_dist.config import JobConfig
+from grass_dist.data_identity import check_committed_rows
 from grass_dist.gradients import PhiBlock
 from grass_dist.index import GradientIndex, Store
 from grass_dist.models import state_hash
+from grass_dist.runtime import repair
 from grass_dist.runtime.cluster import connect, start_worker_pool
 from grass_dist.runtime.pool import ActorPool
 from grass_dist.runtime.progress import JobProgress
@@ -83,23 +86,25 @@ def prepare(cfg: DictConfig | dict, *, create_index: bool = True) -> Job:
     task = build_task(job_cfg)
     compressors = build_layer_compressors(job_cfg, model)
     train = build_dataset(job_cfg, "train")
-    fp = fingerprint(job_cfg, model, compressors, task)
-    Store(job_cfg.index_url, job_cfg.store.storage_options).check_writable()
-    opts = job_cfg.store.storage_options
+    fp = fingerprint(job_cfg, model, compressors, task, train)
+    opts, retry = job_cfg.store.storage_options, store_retry(job_cfg)
+    Store(job_cfg.index_url, opts, retry).check_writable()
     index = (
-        GradientIndex.create_or_open(job_cfg.index_url, fp, opts)
+        GradientIndex.create_or_open(job_cfg.index_url, fp, opts, retry)
         if create_index
-        else GradientIndex.open(job_cfg.index_url, opts)
+        else GradientIndex.open(job_cfg.index_url, opts, retry)
     )
     if not create_index:
-        GradientIndex.create_or_open(job_cfg.index_url, fp, opts)  # refuses a mismatch
+        GradientIndex.create_or_open(job_cfg.index_url, fp, opts, retry)  # refuses a mismatch
+    check_committed_rows(index, train)  # growing data.train is fine, changing it is not
     job = Job(job_cfg, raw, state_hash(model), fp, len(train), index=index)
     job.progress = JobProgress(index.store, job.job_id, job_cfg.cluster.progress_interval_s)
     return job
 
 
 def _pool(job: Job) -> ActorPool:
-    """The worker pool, started on first use; waits until every worker holds its model."""
+    """The worker pool, started on first use; waits until one worker is ready (the others
+    join as they are placed)."""
     if job._pool is None:
         connect(job.cfg.cluster)
         job._pool = start_worker_pool(job.cfg.cluster, job.raw, job.model_hash)
@@ -163,6 +168,20 @@ def run_index(job: Job, max_shards: int | None = None) -> dict[str, Any]:
             on_tick=job.progress.tick,
         )
     return {"computed_shards": len(plans), "skipped_shards": skipped, "rows": rows}
+
+
+def run_repair(job: Job) -> dict[str, Any]:
+    """Check every committed shard; recompute and re-commit only the bad ones."""
+    with job.stage("repair"):
+        connect(job.cfg.cluster)
+        committed, bad = repair.scan(job.index, max(2, job.cfg.cluster.num_workers))
+        log.info("repair: %d committed shards checked, %d bad", len(committed), len(bad))
+        fixed = (
+            repair.recompute(job.index, _pool(job), [committed[s] for s in bad], job.cfg.cluster)
+            if bad
+            else {}
+        )
+    return {"checked_shards": len(committed), "bad_shards": bad, "recomputed": fixed}
 
 
 def run_precondition(job: Job) -> dict[str, Any]:

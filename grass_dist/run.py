@@ -88,7 +88,10 @@ def _run(
         finally:
             pipeline.shutdown(job)
     except GrassError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # A worker's error arrives wrapped in Ray's RayTaskError, whose text is the remote
+        # stack trace: print the cause's own message instead.
+        cause = getattr(e, "cause", None)
+        print(f"error: {cause if isinstance(cause, GrassError) else e}", file=sys.stderr)
         sys.exit(2)
     summary["stage_seconds"] = {k: round(v, 3) for k, v in job.timings.items()}
     summary["total_seconds"] = round(time.perf_counter() - t0, 3)
@@ -115,10 +118,19 @@ def attribute(cfg: DictConfig) -> dict[str, Any]:
 
 
 def index(cfg: DictConfig) -> dict[str, Any]:
-    """Only the gradient index (resumes: committed shards are skipped)."""
-    return _run(
-        cfg, lambda job: {"index": pipeline.run_index(job), "index_bytes": _index_bytes(job)}
-    )
+    """Only the gradient index (resumes: committed shards are skipped).
+
+    With ``index.repair=true`` every committed shard is checked first and the bad ones are
+    recomputed.
+    """
+
+    def body(job: pipeline.Job) -> dict[str, Any]:
+        out = {"repair": pipeline.run_repair(job)} if job.cfg.index.repair else {}
+        out["index"] = pipeline.run_index(job)
+        out["index_bytes"] = _index_bytes(job)
+        return out
+
+    return _run(cfg, body)
 
 
 def score(cfg: DictConfig) -> dict[str, Any]:

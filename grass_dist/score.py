@@ -143,6 +143,8 @@ def score_records(
         if whiten is not None:
             self_rows.append(data.row_ids)
             self_keys.extend(data.keys)
+        # Release this shard (tiles are views of it) before reading the next: one at a time.
+        data = phi = tile = blocks = None
     return ScorePartial(
         props,
         opps,

@@ -1,6 +1,7 @@
 """Build (or resume) the gradient index only.
 
 python -m jobs.index [hydra overrides]
+python -m jobs.index index.repair=true    # check every committed shard, recompute bad ones
 """
 
 import hydra

@@ -34,14 +34,24 @@ class DigitsDataset(Dataset):
     Attributes:
         labels: int64 array of shape (N,).
         keys: N stable ids `"digits/<index in load_digits()>"`, independent of the split seed.
+        size_arguments: arguments of `digits` that only add rows at the end of this split
+            (see `grass_dist.data_identity`): n_train and n_query for "train", none for
+            "query" (its rows start after the first n_train).
     """
 
-    def __init__(self, pixels: np.ndarray, labels: np.ndarray, source_rows: np.ndarray):
+    def __init__(
+        self,
+        pixels: np.ndarray,
+        labels: np.ndarray,
+        source_rows: np.ndarray,
+        size_arguments: tuple[str, ...] = (),
+    ):
         """pixels (N, 64) in 0..16, labels (N,), source_rows (N,) indices into load_digits()."""
         self._x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32) / 16.0)
         self._y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
         self.labels = self._y.numpy()
         self.keys = [f"digits/{int(r)}" for r in source_rows]
+        self.size_arguments = size_arguments
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -86,5 +96,8 @@ def digits(
         )
     pixels, labels = _load()
     order = np.random.default_rng(seed).permutation(N_DIGITS)
-    rows = order[:n_train] if split == "train" else order[n_train : n_train + n_query]
+    if split == "train":
+        rows = order[:n_train]
+        return DigitsDataset(pixels[rows], labels[rows], rows, ("n_train", "n_query"))
+    rows = order[n_train : n_train + n_query]
     return DigitsDataset(pixels[rows], labels[rows], rows)

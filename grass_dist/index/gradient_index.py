@@ -29,6 +29,7 @@ from grass_dist.errors import (
 )
 from grass_dist.index import manifest, shards
 from grass_dist.index.manifest import ShardRecord
+from grass_dist.index.retry import RetryPolicy
 from grass_dist.index.shards import ShardData
 from grass_dist.index.store import Store
 
@@ -95,14 +96,18 @@ class GradientIndex:
     # ---- opening -----------------------------------------------------------------------
     @classmethod
     def create_or_open(
-        cls, url: str, fingerprint: dict[str, Any], storage_options: dict[str, Any] | None = None
+        cls,
+        url: str,
+        fingerprint: dict[str, Any],
+        storage_options: dict[str, Any] | None = None,
+        retry: RetryPolicy | None = None,
     ) -> GradientIndex:
         """Open the index at ``url``, creating it with ``fingerprint`` if absent.
 
         Raises:
             FingerprintMismatchError: the existing index has a different fingerprint.
         """
-        store = Store(url, storage_options)
+        store = Store(url, storage_options, retry)
         requested = _canonical(fingerprint)
         doc = json.dumps(
             {"format_version": FORMAT_VERSION, "fingerprint": requested}, indent=1, sort_keys=True
@@ -120,9 +125,14 @@ class GradientIndex:
         raise StoreUnavailableError(store.url_of(""), f"{INDEX_FILE} keeps appearing and vanishing")
 
     @classmethod
-    def open(cls, url: str, storage_options: dict[str, Any] | None = None) -> GradientIndex:
+    def open(
+        cls,
+        url: str,
+        storage_options: dict[str, Any] | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> GradientIndex:
         """Open an existing index. Raises IndexNotFoundError if there is none at ``url``."""
-        store = Store(url, storage_options)
+        store = Store(url, storage_options, retry)
         try:
             return cls(store, _read_index(store))
         except FileNotFoundError as exc:
@@ -197,9 +207,24 @@ class GradientIndex:
             attempt=attempt,
         )
 
-    def commit(self, records: list[ShardRecord]) -> int:
-        """Commit shard records exactly once (first committed attempt wins); returns version."""
-        return manifest.commit(self.store, list(records))
+    def commit(self, records: list[ShardRecord], replace: dict[str, str] | None = None) -> int:
+        """Commit shard records exactly once (first committed attempt wins); returns version.
+
+        ``replace`` (repair only) maps a shard id to the bad attempt its new record replaces;
+        see ``manifest.commit``.
+        """
+        return manifest.commit(self.store, list(records), replace=replace)
+
+    def check_shard(self, record: ShardRecord) -> str | None:
+        """Why a committed shard is bad (missing, altered, truncated, wrong rows), or None.
+
+        The text names the file and the problem, without the error's advice to repair.
+        """
+        try:
+            self.read(record, verify=True)
+        except CorruptShardError as exc:
+            return str(exc).partition(" Fix:")[0]
+        return None
 
     def read(
         self, record: ShardRecord, layers: list[str] | None = None, verify: bool = True

@@ -13,6 +13,7 @@ import logging
 import random
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
@@ -78,12 +79,43 @@ def latest(store: Store) -> tuple[int, dict[str, ShardRecord]]:
     return version, records
 
 
-def commit(store: Store, records: list[ShardRecord], max_attempts: int = 50) -> int:
+def _merge(
+    current: dict[str, ShardRecord], records: list[ShardRecord], replace: Mapping[str, str]
+) -> tuple[dict[str, ShardRecord], dict[str, str], bool]:
+    """(merged records, shard_id -> replaced attempt, whether anything changed)."""
+    merged, replaced, changed = dict(current), {}, False
+    for rec in records:
+        kept = merged.get(rec.shard_id)
+        if kept is None:
+            merged[rec.shard_id], changed = rec, True
+        elif kept.attempt == rec.attempt:
+            continue
+        elif replace.get(rec.shard_id) == kept.attempt:
+            log.info("shard %s: attempt %s replaces %s", rec.shard_id, rec.attempt, kept.attempt)
+            merged[rec.shard_id], changed = rec, True
+            replaced[rec.shard_id] = kept.attempt
+        else:
+            log.info(
+                "shard %s already committed (attempt %s); ignoring duplicate attempt %s",
+                rec.shard_id,
+                kept.attempt,
+                rec.attempt,
+            )
+    return merged, replaced, changed
+
+
+def commit(
+    store: Store,
+    records: list[ShardRecord],
+    max_attempts: int = 50,
+    replace: Mapping[str, str] | None = None,
+) -> int:
     """Commit ``records`` exactly once; returns the manifest version that includes them.
 
     Shard ids that are already committed (or repeated in ``records``) keep their first
-    committed attempt; later attempts are logged and ignored. If nothing is new, no manifest
-    is written and the current version is returned.
+    committed attempt; later attempts are logged and ignored, unless ``replace`` maps the
+    shard id to the attempt committed right now (repair of a bad shard). If nothing changes,
+    no manifest is written and the current version is returned.
 
     Raises:
         CommitConflictError: still losing create-only races after ``max_attempts`` tries.
@@ -97,25 +129,16 @@ def commit(store: Store, records: list[ShardRecord], max_attempts: int = 50) -> 
             # create, or damaged. Building on an older one would drop its shards, so wait.
             _backoff(attempt)
             continue
-        merged = dict(current)
-        for rec in records:
-            kept = merged.get(rec.shard_id)
-            if kept is None:
-                merged[rec.shard_id] = rec
-            elif kept.attempt != rec.attempt:
-                log.info(
-                    "shard %s already committed (attempt %s); ignoring duplicate attempt %s",
-                    rec.shard_id,
-                    kept.attempt,
-                    rec.attempt,
-                )
-        if len(merged) == len(current):
+        merged, replaced, changed = _merge(current, records, replace or {})
+        if not changed:
             return version
         doc = {
             "version": version + 1,
             "shards": {sid: asdict(rec) for sid, rec in sorted(merged.items())},
             "created": datetime.now(timezone.utc).isoformat(),
         }
+        if replaced:
+            doc["replaced"] = replaced
         # default=: numpy integers (np.int64 starts/ends from callers) become plain ints.
         data = json.dumps(doc, indent=1, sort_keys=True, default=_builtin).encode()
         if store.create_only(manifest_path(version + 1), data):

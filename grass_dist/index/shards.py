@@ -151,7 +151,7 @@ def read_shard(
     where = store.url_of(rel_path)
     fix = "Fix: rerun `python -m jobs.index index.repair=true` to recompute it."
     try:
-        data = store.read_bytes(rel_path)
+        data = store.read_buffer(rel_path)
     except FileNotFoundError as exc:
         raise CorruptShardError(f"shard file {where} is missing. {fix}") from exc
     if expected_sha256 is not None:

@@ -2,17 +2,24 @@
 
 Works on plain local paths, ``file://``, ``memory://`` and ``s3://`` (s3fs). Storage options
 may hold credentials, so they never appear in ``repr``, logs or exception messages.
+
+Every operation retries transient failures with bounded backoff (``retry.RetryPolicy``) and
+then raises one of three errors, each naming the store and, for S3, its endpoint:
+``StoreUnreachableError`` (outage outlasted the retries), ``StoreAccessDeniedError``
+(credentials or permissions) or ``StoreUnavailableError`` (anything else).
 """
 
 from __future__ import annotations
 
+import copy
 import errno
 import os
 import threading
+import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
-from typing import IO, Any
+from collections.abc import Callable
+from contextlib import suppress
+from typing import IO, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import fsspec.core
@@ -20,13 +27,26 @@ from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
-from grass_dist.errors import StoreUnavailableError
+from grass_dist.errors import (
+    StoreAccessDeniedError,
+    StoreUnavailableError,
+    StoreUnreachableError,
+)
+from grass_dist.index.retry import (
+    RetryPolicy,
+    is_access_denied,
+    is_lost_race,
+    is_storage_error,
+    is_transient,
+)
+
+T = TypeVar("T")
 
 # memory:// emulates create-only with exists + write; this lock makes that pair atomic for
 # all threads of the process (memory:// is per process anyway).
 _MEMORY_LOCK = threading.Lock()
-# Exception modules that mean "talking to storage failed" even when not an OSError.
-_STORAGE_MODULES = {"botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "s3fs", "fsspec"}
+_S3_SCHEMES = ("s3", "s3a")
+_RANGE_BYTES = 8 * 2**20  # S3 objects above this are read in ranges of this size
 
 
 def redact_url(url: str) -> str:
@@ -49,36 +69,23 @@ def _secret_strings(value: Any) -> list[str]:
     return [value] if isinstance(value, str) and len(value) >= 4 else []
 
 
-def _is_storage_error(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in _STORAGE_MODULES
-
-
-def _s3_lost_race(exc: BaseException) -> bool:
-    """True when a conditional (If-None-Match) put failed because the object exists.
-
-    s3fs maps the 412 that AWS tags with ``Condition: If-None-Match`` to FileExistsError, but
-    SeaweedFS's 412 arrives as OSError(EINVAL) and AWS may answer 409 (concurrent conditional
-    write, OSError(EBUSY)). The botocore ClientError is kept as ``__cause__``; prefer it.
-    """
-    if isinstance(exc, FileExistsError):
-        return True
-    response = getattr(exc.__cause__, "response", None)
-    if isinstance(response, dict):
-        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        code = response.get("Error", {}).get("Code")
-        return status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict")
-    return isinstance(exc, OSError) and exc.errno in (errno.EINVAL, errno.EBUSY)
-
-
 class Store:
     """A storage root addressed by an fsspec URL; every path argument is relative to it.
 
     Args:
         url: local path, ``file://...``, ``memory://...`` or ``s3://bucket/prefix``.
         storage_options: passed to fsspec (endpoint, credentials, ...); kept out of messages.
+            For ``s3://``, botocore's own retries are off unless
+            ``config_kwargs.retries`` is given, so that ``retry`` alone bounds the waiting.
+        retry: backoff policy for transient failures (default ``RetryPolicy()``).
     """
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        storage_options: dict[str, Any] | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
         scheme, sep, rest = url.partition("://")
         # A URL keeps "memory://" intact and loses trailing slashes; a plain local path is made
         # absolute so it names the same directory in every worker.
@@ -86,22 +93,24 @@ class Store:
             f"{scheme}://{rest.rstrip('/')}" if sep else os.path.abspath(os.path.expanduser(url))
         )
         self.storage_options: dict[str, Any] = dict(storage_options or {})
+        self.retry = retry or RetryPolicy()
         self._fs: AbstractFileSystem | None = None
         self._root = ""
 
     # ---- identity, pickling, display -------------------------------------------------
     def __reduce__(self) -> tuple[Any, ...]:
-        # Ship only the URL and options; the filesystem (sessions, loops) is rebuilt lazily.
-        return (Store, (self.url, self.storage_options))
+        # Ship only the URL, options and policy; the filesystem (sessions, loops) is rebuilt.
+        return (Store, (self.url, self.storage_options, self.retry))
 
     def __repr__(self) -> str:
         keys = sorted(self.storage_options)
         return f"Store({redact_url(self.url)!r}, storage_options keys={keys})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Store) and (self.url, self.storage_options) == (
+        return isinstance(other, Store) and (self.url, self.storage_options, self.retry) == (
             other.url,
             other.storage_options,
+            other.retry,
         )
 
     def __hash__(self) -> int:
@@ -112,15 +121,47 @@ class Store:
         rel = rel.strip("/")
         return f"{redact_url(self.url)}/{rel}" if rel else redact_url(self.url)
 
+    @property
+    def is_s3(self) -> bool:
+        """Whether the URL names an S3 bucket (``s3://`` or ``s3a://``)."""
+        return self.url.partition("://")[0] in _S3_SCHEMES
+
+    def _endpoint_url(self) -> str | None:
+        opts = self.storage_options
+        client = opts.get("client_kwargs") or {}
+        url = (
+            opts.get("endpoint_url")
+            or client.get("endpoint_url")
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+        )
+        return str(url) if url else None
+
+    @property
+    def endpoint(self) -> str | None:
+        """The S3 endpoint requests go to (credentials removed); None for other stores."""
+        if not self.is_s3:
+            return None
+        url = self._endpoint_url()
+        return redact_url(url) if url else "the default AWS S3 endpoint"
+
     # ---- internals -------------------------------------------------------------------
+    def _fs_options(self) -> dict[str, Any]:
+        # A deep copy: botocore rewrites the retry dict it is given, and ours is pickled.
+        opts = copy.deepcopy(self.storage_options)
+        if self.is_s3:
+            config = opts.setdefault("config_kwargs", {})
+            config.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
+        return opts
+
     @property
     def fs(self) -> AbstractFileSystem:
         """The fsspec filesystem, created on first use (also after unpickling)."""
         if self._fs is None:
             try:
-                fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+                fs, root = fsspec.core.url_to_fs(self.url, **self._fs_options())
             except Exception as exc:  # unknown protocol, missing driver, bad options
-                raise self._unavailable("cannot create filesystem", exc) from exc
+                raise self._error("cannot create filesystem", exc) from exc
             self._fs, self._root = fs, root.rstrip("/")
         return self._fs
 
@@ -136,54 +177,106 @@ class Store:
         path = f"{self._root}/{rel}" if rel else self._root
         return path.replace("/", os.sep) if isinstance(fs, LocalFileSystem) else path
 
-    def _unavailable(self, what: str, exc: BaseException) -> StoreUnavailableError:
+    def _error(self, what: str, exc: BaseException, seconds: float = 0.0) -> StoreUnavailableError:
         reason = f"{what}: {type(exc).__name__}: {exc}"
+        url, endpoint = redact_url(self.url), self.endpoint
         for secret in _secret_strings(self.storage_options):
-            reason = reason.replace(secret, "***")
-        return StoreUnavailableError(redact_url(self.url), reason)
+            if secret != endpoint:  # the endpoint is shown anyway (minus any credentials)
+                reason = reason.replace(secret, "***")
+        if endpoint is not None and is_access_denied(exc):
+            return StoreAccessDeniedError(url, reason, endpoint)
+        if is_transient(exc):
+            attempts = self.retry.attempts
+            reason += f" (gave up after {attempts} attempt(s) over {seconds:.1f} s)"
+            return StoreUnreachableError(url, reason, endpoint)
+        return StoreUnavailableError(url, reason, endpoint)
 
-    @contextmanager
-    def _wrap(self, what: str, passthrough: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    def _call(
+        self,
+        what: str,
+        fn: Callable[[], T],
+        passthrough: tuple[type[BaseException], ...] = (),
+    ) -> T:
+        """``fn()`` with retries; storage errors become the store errors named above."""
+        t0 = time.monotonic()
         try:
-            yield
+            return self.retry.call(fn, f"{what} in {self.url_of('')}")
         except passthrough:
             raise
         except StoreUnavailableError:
             raise
         except Exception as exc:
-            if _is_storage_error(exc):
-                raise self._unavailable(what, exc) from exc
+            if is_storage_error(exc):
+                raise self._error(what, exc, time.monotonic() - t0) from exc
             raise
 
     # ---- operations ------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
         """Whether the object ``rel`` exists."""
         path = self._path(rel)
-        with self._wrap(f"cannot check {rel!r}"):
-            return bool(self.fs.exists(path))
+        return self._call(f"cannot check {rel!r}", lambda: bool(self.fs.exists(path)))
 
     def read_bytes(self, rel: str) -> bytes:
         """Whole object ``rel``; raises FileNotFoundError if it does not exist."""
         path = self._path(rel)
-        with self._wrap(f"cannot read {rel!r}", passthrough=(FileNotFoundError,)):
-            return bytes(self.fs.cat_file(path))
+        return self._call(
+            f"cannot read {rel!r}",
+            lambda: bytes(self.fs.cat_file(path)),
+            passthrough=(FileNotFoundError,),
+        )
+
+    def read_buffer(self, rel: str) -> bytes | bytearray:
+        """Whole object ``rel`` as a bytes-like buffer, for large objects (shards).
+
+        From S3, objects over ``_RANGE_BYTES`` are fetched in ranges pinned to the object's
+        ETag (a concurrent overwrite fails the read, which is then retried whole) straight
+        into one preallocated buffer: peak memory is the object plus one range, where a
+        single GET holds about three copies. Raises FileNotFoundError if it does not exist.
+        """
+        path = self._path(rel)
+
+        def get() -> bytes | bytearray:
+            if not self.is_s3:
+                return self.fs.cat_file(path)
+            with self.fs.open(path, "rb", block_size=_RANGE_BYTES, cache_type="none") as f:
+                size = int(f.size)
+                if size <= _RANGE_BYTES:
+                    return f.read()
+                buf, pos = bytearray(size), 0
+                view = memoryview(buf)
+                while pos < size:
+                    chunk = f.read(_RANGE_BYTES)
+                    if not chunk:
+                        raise OSError(errno.EIO, f"object ended at byte {pos} of {size}")
+                    view[pos : pos + len(chunk)] = chunk
+                    pos += len(chunk)
+                return buf
+
+        return self._call(f"cannot read {rel!r}", get, passthrough=(FileNotFoundError,))
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write (or overwrite) ``rel``; readers never observe a partially written object."""
         path = self._path(rel)
-        with self._wrap(f"cannot write {rel!r}"):
+
+        def put() -> None:
             if self._is_local:
                 # Temp file in the same directory + os.replace: atomic on POSIX and Windows.
-                tmp = self._local_temp(path, data)
-                os.replace(tmp, path)
+                os.replace(self._local_temp(path, data), path)
             else:
                 self.fs.pipe_file(path, bytes(data))  # object-store puts are atomic
 
+        self._call(f"cannot write {rel!r}", put)
+
     def create_only(self, rel: str, data: bytes) -> bool:
-        """Write ``rel`` only if it does not exist yet; returns False if it already existed."""
+        """Write ``rel`` only if it does not exist yet; returns False if it already existed.
+
+        A retried put whose first try did land reads as "already existed": callers (manifest
+        commits) re-read the store after False, so they find their own write there.
+        """
         path = self._path(rel)
         fs = self.fs
-        with self._wrap(f"cannot create {rel!r}"):
+
+        def put() -> bool:
             if isinstance(fs, LocalFileSystem):
                 return self._local_create_only(path, data)
             if isinstance(fs, MemoryFileSystem):
@@ -196,37 +289,48 @@ class Store:
                 # s3fs sends If-None-Match: *; generic fsspec falls back to exists + write.
                 fs.pipe_file(path, bytes(data), mode="create")
             except Exception as exc:
-                is_s3 = "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-                if isinstance(exc, FileExistsError) or (is_s3 and _s3_lost_race(exc)):
+                if isinstance(exc, FileExistsError) or (self.is_s3 and is_lost_race(exc)):
                     return False
                 raise
             return True
 
+        return self._call(f"cannot create {rel!r}", put)
+
     def list(self, rel_dir: str) -> list[str]:
         """Sorted names (not paths) directly under ``rel_dir``; [] if it does not exist."""
         path = self._path(rel_dir)
-        with self._wrap(f"cannot list {rel_dir!r}"):
+
+        def ls() -> list[str]:
             self.fs.invalidate_cache()  # fsspec caches listings; other writers may have added
             try:
-                entries = self.fs.ls(path, detail=False)
+                return list(self.fs.ls(path, detail=False))
             except FileNotFoundError:
                 return []
+
+        entries = self._call(f"cannot list {rel_dir!r}", ls)
         names = {str(e).replace(os.sep, "/").rstrip("/").rsplit("/", 1)[-1] for e in entries}
         return sorted(n for n in names if n)
 
     def delete(self, rel: str) -> None:
         """Delete the object ``rel``; a missing object is not an error."""
         path = self._path(rel)
-        with self._wrap(f"cannot delete {rel!r}"), suppress(FileNotFoundError):
-            self.fs.rm_file(path)
+
+        def rm() -> None:
+            with suppress(FileNotFoundError):
+                self.fs.rm_file(path)
+
+        self._call(f"cannot delete {rel!r}", rm)
 
     def open(self, rel: str, mode: str = "rb") -> IO[Any]:
         """Open ``rel`` as a file object (local parents are created for write modes)."""
         path = self._path(rel)
-        with self._wrap(f"cannot open {rel!r}", passthrough=(FileNotFoundError,)):
+
+        def op() -> IO[Any]:
             if self._is_local and any(c in mode for c in "wxa"):
                 os.makedirs(os.path.dirname(path), exist_ok=True)
             return self.fs.open(path, mode)
+
+        return self._call(f"cannot open {rel!r}", op, passthrough=(FileNotFoundError,))
 
     def check_writable(self) -> None:
         """Write, read back and delete a small probe object; raise StoreUnavailableError if not.
@@ -238,9 +342,9 @@ class Store:
         self.write_bytes(rel, payload)
         try:
             if self.read_bytes(rel) != payload:
-                raise self._unavailable("probe", OSError("read back different bytes"))
+                raise self._error("probe", OSError("read back different bytes"))
         except FileNotFoundError as exc:
-            raise self._unavailable("probe object vanished after writing", exc) from exc
+            raise self._error("probe object vanished after writing", exc) from exc
         finally:
             self.delete(rel)
 

@@ -16,10 +16,12 @@ import pyarrow as pa
 import ray
 
 from grass_dist import results
+from grass_dist.build import store_retry
 from grass_dist.config import FaultsConfig, JobConfig
 from grass_dist.errors import PreconditionerNotFoundError, ReducerFailedError
 from grass_dist.gradients import PhiBlock
 from grass_dist.index import GradientIndex, ShardRecord
+from grass_dist.index.retry import RetryPolicy
 from grass_dist.precondition import FisherSum, Preconditioner
 from grass_dist.runtime.faults import FaultInjector
 from grass_dist.runtime.pool import ACTOR_LOST
@@ -82,9 +84,10 @@ class Reducer:
         index_url: str,
         storage_options: dict,
         parallelism: int = 4,
+        retry: RetryPolicy | None = None,
         faults: FaultsConfig | None = None,
     ):
-        self.index = GradientIndex.open(index_url, storage_options)
+        self.index = GradientIndex.open(index_url, storage_options, retry)
         self.parallelism = parallelism
         self.cached: dict[str, Preconditioner] = {}
         self.faults = FaultInjector(faults or FaultsConfig(), self.index.store)
@@ -246,7 +249,8 @@ class ReducerHandle:
                 self.cfg.index_url,
                 self.cfg.store.storage_options,
                 max(2, self.cfg.cluster.num_workers),
-                self.cfg.faults,
+                retry=store_retry(self.cfg),
+                faults=self.cfg.faults,
             )
         )
 

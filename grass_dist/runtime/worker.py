@@ -10,7 +10,13 @@ from typing import Any
 import ray
 import torch
 
-from grass_dist.build import build_dataset, build_layer_compressors, build_model, build_task
+from grass_dist.build import (
+    build_dataset,
+    build_layer_compressors,
+    build_model,
+    build_task,
+    store_retry,
+)
 from grass_dist.config import JobConfig
 from grass_dist.errors import ModelMismatchError
 from grass_dist.gradients import GradientComputer, PhiBlock
@@ -95,7 +101,9 @@ class GradientWorker:
         self.computer = GradientComputer(
             model, build_task(self.job), build_layer_compressors(self.job, model), self.device
         )
-        self.index = GradientIndex.open(self.job.index_url, self.job.store.storage_options)
+        self.index = GradientIndex.open(
+            self.job.index_url, self.job.store.storage_options, store_retry(self.job)
+        )
         self.faults = FaultInjector(self.job.faults, self.index.store)
         self.phases = Phases()
         self.datasets: dict[str, Any] = {}

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from grass_dist.errors import CorruptShardError, StoreUnavailableError
+from grass_dist.index.retry import is_lost_race as _s3_lost_race
 from grass_dist.index.shards import read_shard, write_shard
-from grass_dist.index.store import Store, _s3_lost_race, redact_url
+from grass_dist.index.store import Store, redact_url
 
 SECRETS = {"key": "AKIAFAKE", "secret": "s3cr3t-value"}
 

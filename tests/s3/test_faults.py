@@ -1,0 +1,112 @@
+"""Faults on a real S3 server: an outage in the middle of indexing, wrong credentials, and no
+secret in anything the job writes or says."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import s3fs
+
+from grass_dist import pipeline, run
+from grass_dist.errors import StoreAccessDeniedError
+from grass_dist.index import GradientIndex
+from tests.s3.conftest import Backend, phi_of_rows, s3_backend
+
+pytestmark = pytest.mark.integration
+
+FAST_RETRY = ("store.retries=2", "store.backoff_s=0.05", "store.backoff_max_s=0.1")
+
+
+def _everything_written(backend: Backend, *roots: Path) -> Iterator[tuple[str, bytes]]:
+    """(where, bytes) of every object under the index URL and every file under ``roots``."""
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **backend.storage_options)
+    for path in fs.find(backend.url.removeprefix("s3://")):
+        yield f"s3://{path}", fs.cat_file(path)
+    for root in roots:
+        for path in root.rglob("*"):
+            if path.is_file():
+                yield str(path), path.read_bytes()
+
+
+def _ray_logs() -> Path:
+    import ray
+
+    return Path(ray._private.worker._global_node.get_logs_dir_path())
+
+
+def test_outage_mid_index_then_rerun_loses_nothing_and_leaks_no_secret(
+    ray_session, seaweedfs, tmp_path, capfd, monkeypatch
+):
+    backend = s3_backend(seaweedfs)
+    shards = ("index.shard_size=8", "cluster.num_workers=1")  # 12 shards of the 90 rows
+    commit = GradientIndex.commit
+
+    def commit_then_outage(self, records, replace=None):
+        version = commit(self, records, replace)
+        seaweedfs.kill()  # the endpoint vanishes right after the job's first commit
+        return version
+
+    monkeypatch.setattr(GradientIndex, "commit", commit_then_outage)
+    try:
+        with pytest.raises(SystemExit) as failed:
+            run.index(backend.cfg(tmp_path, *shards, *FAST_RETRY))
+    finally:
+        monkeypatch.undo()
+        if seaweedfs.proc is None:
+            seaweedfs.start()  # same ports and data directory: the bucket comes back
+    failed_err = capfd.readouterr().err
+    assert failed.value.code == 2
+    (message,) = [line for line in failed_err.splitlines() if line.startswith("error: ")]
+    for part in ("unreachable", seaweedfs.endpoint, backend.url, "rerun the same command"):
+        assert part in message
+    assert "Traceback" not in failed_err
+    before = GradientIndex.open(backend.url, backend.storage_options).committed()
+    assert 1 <= len(before) < 12
+
+    summary = run.attribute(backend.cfg(tmp_path, *shards))
+    assert summary["index"]["computed_shards"] == 12 - len(before)
+    assert summary["index"]["skipped_shards"] == len(before)
+    index = GradientIndex.open(backend.url, backend.storage_options)
+    after = index.committed()
+    assert {s: after[s] for s in before} == before  # nothing committed was lost or replaced
+    spans = [(lo, min(lo + 8, 90)) for lo in range(0, 90, 8)]
+    assert sorted((r.start, r.end) for r in after.values()) == spans  # each row exactly once
+    job = pipeline.prepare(backend.cfg(tmp_path, *shards))
+    for (record, data), want in zip(index.iter_committed(), phi_of_rows(job, spans), strict=True):
+        assert np.array_equal(data.row_ids, want.row_ids), record.shard_id
+        for layer, phi in want.phi.items():
+            assert np.array_equal(data.phi[layer], phi), record.shard_id
+
+    out, err = capfd.readouterr()
+    written = [
+        ("failed run's stderr", failed_err.encode()),
+        ("stdout+stderr", (out + err).encode()),
+    ]
+    written += list(_everything_written(backend, tmp_path, _ray_logs()))
+    assert any(where.endswith("index.json") for where, _ in written)
+    assert any("/results/default/" in where for where, _ in written)
+    assert any("/_manifests/" in where for where, _ in written)
+    secret = seaweedfs.secret_key.encode()
+    assert [where for where, data in written if secret in data] == []
+
+
+def test_wrong_credentials_name_endpoint_and_bucket(seaweedfs, tmp_path, capfd):
+    backend = s3_backend(seaweedfs)
+    wrong = secrets.token_urlsafe(24)
+    backend.storage_options = seaweedfs.storage_options(secret=wrong)
+    cfg = backend.cfg(tmp_path, *FAST_RETRY)
+    with pytest.raises(SystemExit) as failed:
+        run.index(cfg)
+    err = capfd.readouterr().err
+    assert failed.value.code == 2
+    for part in ("access denied", seaweedfs.endpoint, "bucket 'grass'", "AWS_SECRET_ACCESS_KEY"):
+        assert part in err
+    assert "Traceback" not in err
+    with pytest.raises(StoreAccessDeniedError) as denied:
+        pipeline.prepare(cfg)
+    for text in (err, str(denied.value), repr(denied.value.args)):
+        assert wrong not in text and seaweedfs.secret_key not in text
