@@ -13,10 +13,12 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from torch import nn
 
+from grass_dist import learned
 from grass_dist.capture import resolve_layers
-from grass_dist.compress import LinearCompressor, build_compressors
+from grass_dist.compress import Compressor, build_compressors, learned_layers
 from grass_dist.config import JobConfig
 from grass_dist.errors import ConfigError
+from grass_dist.index import GradientIndex
 from grass_dist.models import state_hash
 
 FORMAT_VERSION = 1
@@ -53,8 +55,33 @@ def build_dataset(job: JobConfig, which: str):
     return dataset
 
 
-def build_layer_compressors(job: JobConfig, model: nn.Module) -> dict[str, LinearCompressor]:
-    return build_compressors(job.compression, resolve_layers(model, job.index.layers))
+def build_layer_compressors(
+    job: JobConfig, model: nn.Module, index: GradientIndex | None = None
+) -> dict[str, Compressor]:
+    """The compressors of the configured layers; learned ones load their state from `index`."""
+    shapes = resolve_layers(model, job.index.layers)
+    need = learned_layers(job.compression, shapes)
+    states = learned.load_states(index, need) if need and index is not None else {}
+    return build_compressors(job.compression, shapes, states)
+
+
+def driver_compressors(job: JobConfig, model: nn.Module, task, train) -> dict[str, Compressor]:
+    """The driver's compressors: learned state comes from the existing index, else is fitted.
+
+    Fitting runs only when no index exists yet; `learned.save_states` then stores it.
+    """
+    shapes = resolve_layers(model, job.index.layers)
+    need = learned_layers(job.compression, shapes)
+    if not need:
+        return build_compressors(job.compression, shapes)
+    existing = learned.open_existing(job.index_url, job.store.storage_options)
+    if existing is not None:
+        states = learned.load_states(existing, need)
+    else:
+        states = learned.fit_states(
+            job.compression, model, task, train, shapes, need, job.index.batch_size
+        )
+    return build_compressors(job.compression, shapes, states)
 
 
 def _canonical(node: Any) -> Any:
@@ -62,7 +89,7 @@ def _canonical(node: Any) -> Any:
 
 
 def fingerprint(
-    job: JobConfig, model: nn.Module, compressors: dict[str, LinearCompressor], task
+    job: JobConfig, model: nn.Module, compressors: dict[str, Compressor], task
 ) -> dict[str, Any]:
     """What an index's rows depend on; any difference makes the index incompatible."""
     return {

@@ -19,14 +19,15 @@ from tqdm import tqdm
 
 from grass_dist.build import (
     build_dataset,
-    build_layer_compressors,
     build_model,
     build_task,
+    driver_compressors,
     fingerprint,
 )
 from grass_dist.config import JobConfig
 from grass_dist.gradients import PhiBlock
 from grass_dist.index import GradientIndex, Store
+from grass_dist.learned import save_states
 from grass_dist.models import state_hash
 from grass_dist.runtime.cluster import connect, threads_for, worker_options
 from grass_dist.runtime.reducer import Reducer
@@ -64,11 +65,16 @@ def prepare(cfg: DictConfig | dict, *, create_index: bool = True) -> Job:
     job_cfg = JobConfig.from_cfg(raw)
     model = build_model(job_cfg)
     task = build_task(job_cfg)
-    compressors = build_layer_compressors(job_cfg, model)
     train = build_dataset(job_cfg, "train")
-    fp = fingerprint(job_cfg, model, compressors, task)
-    Store(job_cfg.index_url, job_cfg.store.storage_options).check_writable()
     opts = job_cfg.store.storage_options
+    if not create_index:
+        GradientIndex.open(job_cfg.index_url, opts)  # IndexNotFoundError before any fitting
+    compressors = driver_compressors(job_cfg, model, task, train)
+    fp = fingerprint(job_cfg, model, compressors, task)
+    store = Store(job_cfg.index_url, opts)
+    store.check_writable()
+    if create_index:
+        save_states(store, compressors)  # learned masks, before the index that names them
     index = (
         GradientIndex.create_or_open(job_cfg.index_url, fp, opts)
         if create_index
