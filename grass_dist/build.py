@@ -13,7 +13,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from torch import nn
 
-from grass_dist import learned
+from grass_dist import compressor_state
 from grass_dist.capture import resolve_layers
 from grass_dist.compress import Compressor, build_compressors, learned_layers
 from grass_dist.config import JobConfig
@@ -61,24 +61,24 @@ def build_layer_compressors(
     """The compressors of the configured layers; learned ones load their state from `index`."""
     shapes = resolve_layers(model, job.index.layers)
     need = learned_layers(job.compression, shapes)
-    states = learned.load_states(index, need) if need and index is not None else {}
+    states = compressor_state.load_states(index, need) if need and index is not None else {}
     return build_compressors(job.compression, shapes, states)
 
 
 def driver_compressors(job: JobConfig, model: nn.Module, task, train) -> dict[str, Compressor]:
     """The driver's compressors: learned state comes from the existing index, else is fitted.
 
-    Fitting runs only when no index exists yet; `learned.save_states` then stores it.
+    Fitting runs only when no index exists yet; `compressor_state.save_states` then stores it.
     """
     shapes = resolve_layers(model, job.index.layers)
     need = learned_layers(job.compression, shapes)
     if not need:
         return build_compressors(job.compression, shapes)
-    existing = learned.open_existing(job.index_url, job.store.storage_options)
+    existing = compressor_state.open_existing(job.index_url, job.store.storage_options)
     if existing is not None:
-        states = learned.load_states(existing, need)
+        states = compressor_state.load_states(existing, need)
     else:
-        states = learned.fit_states(
+        states = compressor_state.fit_states(
             job.compression, model, task, train, shapes, need, job.index.batch_size
         )
     return build_compressors(job.compression, shapes, states)

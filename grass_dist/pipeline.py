@@ -24,10 +24,10 @@ from grass_dist.build import (
     driver_compressors,
     fingerprint,
 )
+from grass_dist.compressor_state import save_states
 from grass_dist.config import JobConfig
 from grass_dist.gradients import PhiBlock
 from grass_dist.index import GradientIndex, Store
-from grass_dist.learned import save_states
 from grass_dist.models import state_hash
 from grass_dist.runtime.cluster import connect, threads_for, worker_options
 from grass_dist.runtime.reducer import Reducer

@@ -2,7 +2,7 @@
 
 `fit` turns a `GradSample` into the state bytes (safetensors of the sorted indices);
 `from_state` rebuilds the compressor from those bytes. The bytes are stored in the index
-(see `grass_dist.learned`) and their sha256 is part of the compressor spec, so every
+(see `grass_dist.compressor_state`) and their sha256 is part of the compressor spec, so every
 worker and every query uses the very mask the index was built with.
 """
 

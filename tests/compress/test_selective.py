@@ -17,17 +17,26 @@ from grass_dist.compress.learned import (
     SelectiveMaskCompressor,
 )
 from grass_dist.compress.selective import factor_inner, flat_inner, spearman_rows
+from grass_dist.compressor_state import gradient_sample, sample_rows
 from grass_dist.config import CompressionConfig, SelectiveConfig
 from grass_dist.data import digits
 from grass_dist.errors import ConfigError, FingerprintMismatchError
 from grass_dist.gradients import GradientComputer
-from grass_dist.learned import gradient_sample, sample_rows
 from grass_dist.models import digits_mlp
 from grass_dist.seeding import generator
 from grass_dist.tasks import ClassificationTask
 from tests.helpers import SeqModel
 
 FIT = SelectiveConfig(epochs=150, check_every=25)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The fits are many tiny ops: on a busy 2-core machine thread hand-offs dominate them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -97,9 +97,16 @@ def fit_states(
     train = gradient_sample(computer, dataset, fit_rows, batch_size)
     held = gradient_sample(computer, dataset, held_rows, batch_size)
     states = {}
-    for name in layers:
-        cls = compressor_class(method_for(cfg, name, shapes[name])[0])
-        states[name] = cls.fit(cfg, name, shapes[name], GradSample(train[name], held[name]))
+    threads = torch.get_num_threads()
+    # One thread makes the fit, hence the stored mask, independent of the core count (and
+    # its many small steps gain nothing from more).
+    torch.set_num_threads(1)
+    try:
+        for name in layers:
+            cls = compressor_class(method_for(cfg, name, shapes[name])[0])
+            states[name] = cls.fit(cfg, name, shapes[name], GradSample(train[name], held[name]))
+    finally:
+        torch.set_num_threads(threads)
     return states
 
 
