@@ -30,6 +30,12 @@ class PhiBlock:
     phi: dict[str, np.ndarray]
 
 
+def _compress(
+    comp: Compressor, grad: tuple[torch.Tensor, torch.Tensor] | torch.Tensor
+) -> torch.Tensor:
+    return comp.compress(*grad) if isinstance(grad, tuple) else comp.compress_flat(grad)
+
+
 class GradientComputer:
     """Per-sample gradients of the chosen layers, compressed by each layer's compressor.
 
@@ -74,12 +80,7 @@ class GradientComputer:
         """One collated batch -> {layer: (B, k) float32} on the compute device."""
         grads = self.layer_gradients(batch)
         with torch.no_grad():
-            return {
-                n: self.compressors[n].compress(*g)
-                if isinstance(g, tuple)
-                else self.compressors[n].compress_flat(g)
-                for n, g in grads.items()
-            }
+            return {n: _compress(self.compressors[n], g) for n, g in grads.items()}
 
     def phi_rows(self, dataset, rows: Sequence[int], batch_size: int) -> PhiBlock:
         """phi for the given dataset rows, computed in batches of `batch_size`."""

@@ -148,7 +148,7 @@ def require_linear(method: str, name: str, shape: LayerShape) -> LinearShape:
         raise ConfigError(
             f"compression method {method!r} is factorised and needs a Linear layer, but "
             f"{name!r} is a {shape.kind}; choose a flat method for it with "
-            f"compression.other=grass (or compression.overrides)"
+            f"compression.other=grass or +compression.overrides.{name}=grass"
         )
     return shape
 
@@ -158,6 +158,6 @@ def check_k(k: int, name: str, shape: LayerShape) -> None:
     if k > shape.numel:
         raise ConfigError(
             f"compression.k={k} is larger than layer {name!r} allows: its gradient has "
-            f"{shape.numel} entries. Lower compression.k, restrict index.layers, or set "
-            f"compression.overrides={{{name}: identity}} for small layers."
+            f"{shape.numel} entries. Lower compression.k, restrict index.layers, or keep small "
+            f"layers whole with +compression.overrides.{name}=identity"
         )

@@ -62,7 +62,8 @@ class LearnedCompressor(Compressor):
     def from_config(cls, cfg: Any, name: str, shape: LayerShape) -> Compressor:
         raise ConfigError(
             f"compression method {cls.method!r} for layer {name!r} is learned from training "
-            f"gradients; build it with grass_dist.learned (pipeline.prepare does this)"
+            "gradients and stored in the index: pipeline.prepare fits it, and "
+            "grass_dist.build.build_layer_compressors(job, model, index) loads it"
         )
 
     @classmethod

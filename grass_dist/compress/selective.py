@@ -81,6 +81,8 @@ def fit_masks(
     (n_heldout, n_train) matrix of weighted inner products. Of the hard top-k' masks seen
     along the way, the one whose inner products rank best (mean Spearman) is returned.
     """
+    if all(k >= d for k, d in zip(budgets, dims, strict=True)):
+        return FitResult([torch.arange(d) for d in dims], 0, 1.0)  # nothing to choose
     logits = [(0.01 * torch.randn(d, generator=gen)).requires_grad_() for d in dims]
     exact = inner([torch.ones(d) for d in dims]).detach()
     opt = torch.optim.Adam(logits, lr=lr)
