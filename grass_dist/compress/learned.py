@@ -8,6 +8,7 @@ worker and every query uses the very mask the index was built with.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -52,7 +53,8 @@ class GradSample:
 
 
 class LearnedCompressor(Compressor):
-    """Mixin-style base: the spec names the fit's settings and the state's sha256."""
+    """Base of compressors with learned state; their spec names the fit's settings and the
+    state's sha256."""
 
     learned: ClassVar[bool] = True
     state: bytes
@@ -85,17 +87,7 @@ class LearnedCompressor(Compressor):
 
 def fit_settings(cfg: Any) -> dict[str, Any]:
     """The `compression.selective` fields the masks depend on (part of the spec)."""
-    s = cfg.selective
-    return {
-        "samples": s.samples,
-        "holdout": s.holdout,
-        "epochs": s.epochs,
-        "lr": s.lr,
-        "lam": s.lam,
-        "min_spearman": s.min_spearman,
-        "check_every": s.check_every,
-        "seed": s.seed,
-    }
+    return dataclasses.asdict(cfg.selective)
 
 
 def _fit(cfg: Any, name: str, inner, dims: list[int], budgets: list[int], keys: list[str]):
@@ -112,7 +104,7 @@ def _fit(cfg: Any, name: str, inner, dims: list[int], budgets: list[int], keys: 
         gen=generator(s.seed, name, "selective"),
     )
     log.info(
-        "selective mask for %s: %d epochs, Spearman %.3f, sizes %s",
+        "selective mask for %s: chosen at step %d, Spearman %.3f on the fit rows, sizes %s",
         name,
         result.epochs,
         result.spearman,
