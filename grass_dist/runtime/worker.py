@@ -82,12 +82,12 @@ class GradientWorker:
                 f"(load saved weights) so every replica is the same model"
             )
         self.device = pick_device()
-        self.computer = GradientComputer(
-            model, build_task(self.job), build_layer_compressors(self.job, model), self.device
-        )
         self.index = GradientIndex.open(
             self.job.index_url, self.job.store.storage_options, store_retry(self.job)
         )
+        # Learned masks come from the index, so queries use the masks the index was built with.
+        compressors = build_layer_compressors(self.job, model, self.index)
+        self.computer = GradientComputer(model, build_task(self.job), compressors, self.device)
         self.datasets: dict[str, Any] = {}
 
     def _dataset(self, which: str):
