@@ -13,11 +13,13 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from torch import nn
 
+from grass_dist import compressor_state
 from grass_dist.capture import resolve_layers
-from grass_dist.compress import LinearCompressor, build_compressors
+from grass_dist.compress import Compressor, build_compressors, learned_layers
 from grass_dist.config import JobConfig
 from grass_dist.data_identity import data_identity
 from grass_dist.errors import ConfigError
+from grass_dist.index import GradientIndex
 from grass_dist.index.retry import RetryPolicy
 from grass_dist.models import state_hash
 
@@ -61,8 +63,33 @@ def store_retry(job: JobConfig) -> RetryPolicy:
     return RetryPolicy(st.retries, st.backoff_s, st.backoff_max_s)
 
 
-def build_layer_compressors(job: JobConfig, model: nn.Module) -> dict[str, LinearCompressor]:
-    return build_compressors(job.compression, resolve_layers(model, job.index.layers))
+def build_layer_compressors(
+    job: JobConfig, model: nn.Module, index: GradientIndex | None = None
+) -> dict[str, Compressor]:
+    """The compressors of the configured layers; learned ones load their state from `index`."""
+    shapes = resolve_layers(model, job.index.layers)
+    need = learned_layers(job.compression, shapes)
+    states = compressor_state.load_states(index, need) if need and index is not None else {}
+    return build_compressors(job.compression, shapes, states)
+
+
+def driver_compressors(job: JobConfig, model: nn.Module, task, train) -> dict[str, Compressor]:
+    """The driver's compressors: learned state comes from the existing index, else is fitted.
+
+    Fitting runs only when no index exists yet; `compressor_state.save_states` then stores it.
+    """
+    shapes = resolve_layers(model, job.index.layers)
+    need = learned_layers(job.compression, shapes)
+    if not need:
+        return build_compressors(job.compression, shapes)
+    existing = compressor_state.open_existing(job.index_url, job.store.storage_options)
+    if existing is not None:
+        states = compressor_state.load_states(existing, need)
+    else:
+        states = compressor_state.fit_states(
+            job.compression, model, task, train, shapes, need, job.index.batch_size
+        )
+    return build_compressors(job.compression, shapes, states)
 
 
 def _canonical(node: Any) -> Any:
@@ -70,7 +97,7 @@ def _canonical(node: Any) -> Any:
 
 
 def fingerprint(
-    job: JobConfig, model: nn.Module, compressors: dict[str, LinearCompressor], task, train
+    job: JobConfig, model: nn.Module, compressors: dict[str, Compressor], task, train
 ) -> dict[str, Any]:
     """What an index's rows depend on; any difference makes the index incompatible.
 

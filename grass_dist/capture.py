@@ -1,4 +1,4 @@
-"""Per-sample gradient factors of Linear layers, without computing any weight gradient.
+"""Which layers are attributed, and per-sample gradient factors of the Linear ones.
 
 Forward hooks keep each layer's input x and output y; `torch.autograd.grad` of the summed
 per-sample losses with respect to the outputs y yields g = dL/dy. Since no parameter is a
@@ -13,12 +13,12 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from grass_dist.compress.linear import LinearShape
+from grass_dist.compress.base import FlatShape, LayerShape, LinearShape
 from grass_dist.errors import ConfigError
 
 
-def _is_linear_like(module: nn.Module) -> bool:
-    # transformers' GPT-2 Conv1D is a Linear with a transposed weight (nf = d_out).
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear, or transformers' GPT-2 Conv1D (a Linear with a transposed weight)."""
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
@@ -31,31 +31,45 @@ def linear_shape(module: nn.Module) -> LinearShape:
     return LinearShape(d_in=int(d_in), d_out=int(d_out), bias=module.bias is not None)
 
 
-def resolve_layers(model: nn.Module, names: Iterable[str] | None) -> dict[str, LinearShape]:
-    """Layer name -> shape for the requested layers (all Linear layers when None)."""
+def flat_shape(module: nn.Module) -> FlatShape:
+    """The flat gradient layout of any module: its parameters in `named_parameters` order."""
+    params = tuple((n, tuple(p.shape)) for n, p in module.named_parameters())
+    return FlatShape(kind=type(module).__name__, params=params)
+
+
+def resolve_layers(model: nn.Module, names: Iterable[str] | None) -> dict[str, LayerShape]:
+    """Layer name -> shape for the requested modules (all Linear layers when None).
+
+    Linear layers get a LinearShape (factorised capture); any other module with parameters
+    gets a FlatShape (per-sample gradients through torch.func).
+    """
     modules = dict(model.named_modules())
+    linear = [n for n, m in modules.items() if is_linear_like(m)]
     if names is None:
-        chosen = [n for n, m in modules.items() if _is_linear_like(m)]
-        if not chosen:
+        if not linear:
             raise ConfigError(
                 "the model has no nn.Linear layers to capture; set index.layers to the names "
-                "of its Linear layers"
+                "of the modules to attribute (any module with parameters)"
             )
-    else:
-        chosen = list(names)
-        linear = [n for n, m in modules.items() if _is_linear_like(m)]
-        for name in chosen:
-            if name not in modules:
-                raise ConfigError(
-                    f"index.layers names {name!r}, which is not a module of the model. "
-                    f"Linear layers in this model: {linear}"
-                )
-            if not _is_linear_like(modules[name]):
-                raise ConfigError(
-                    f"index.layers names {name!r}, a {type(modules[name]).__name__}; only "
-                    f"Linear layers are captured. Linear layers in this model: {linear}"
-                )
-    return {n: linear_shape(modules[n]) for n in chosen}
+        return {n: linear_shape(modules[n]) for n in linear}
+    shapes: dict[str, LayerShape] = {}
+    for name in names:
+        if name not in modules:
+            raise ConfigError(
+                f"index.layers names {name!r}, which is not a module of the model. "
+                f"Linear layers in this model: {linear}"
+            )
+        module = modules[name]
+        if is_linear_like(module):
+            shapes[name] = linear_shape(module)
+        elif next(module.parameters(), None) is None:
+            raise ConfigError(
+                f"index.layers names {name!r}, a {type(module).__name__} without parameters; "
+                f"name modules that have parameters. Linear layers in this model: {linear}"
+            )
+        else:
+            shapes[name] = flat_shape(module)
+    return shapes
 
 
 class LinearCapture:

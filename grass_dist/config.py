@@ -29,20 +29,52 @@ class RunConfig:
 
 
 @dataclass
+class SelectiveConfig:
+    samples: int = _f(256, "training rows whose gradients the selective masks are fitted to")
+    holdout: int = _f(64, "further training rows that play the queries in the objective")
+    epochs: int = _f(300, "Adam steps (full batch) at most")
+    lr: float = _f(0.02, "Adam learning rate on the mask logits")
+    lam: float = _f(1e-4, "lambda: weight of the sparsity penalty f * sum(m)")
+    min_spearman: float = _f(0.9, "stop once masked-vs-exact Spearman drops below this")
+    check_every: int = _f(50, "steps between two checks of the early-stopping Spearman")
+    seed: int = _f(0, "seed of the row sample and the logit init (part of the fingerprint)")
+
+
+@dataclass
 class CompressionConfig:
-    method: str = _f("factgrass", "identity | factgrass")
+    method: str = _f(
+        "factgrass",
+        "method for Linear layers: factgrass | selective_factgrass | logra | grass | "
+        "selective_grass | selective_mask | sjlt | random_mask | gaussian | rademacher | "
+        "identity",
+    )
+    other: str = _f(
+        "grass",
+        "method for non-Linear layers named in index.layers (flat methods only): grass | "
+        "selective_grass | selective_mask | sjlt | random_mask | gaussian | rademacher | identity",
+    )
+    overrides: dict[str, str] = _f({}, "layer name or module class name -> method")
     k: int = _f(256, "compressed size per layer")
     blowup: int = _f(4, "mask budget k' = blowup * k before the SJLT")
     mask_out: int | None = _f(None, "explicit mask size on the output-gradient side")
     mask_in: int | None = _f(None, "explicit mask size on the input side (bias included)")
     sjlt_c: int = _f(1, "non-zeros per input coordinate in the SJLT")
+    proj_out: int | None = _f(None, "LoGra k_o (null: factor pair of k nearest sqrt(k))")
+    proj_in: int | None = _f(None, "LoGra k_i (set with proj_out; k = k_o * k_i)")
+    jl_chunk_rows: int = _f(4096, "dense JL: rows of R drawn at a time (memory only, same R)")
+    jl_cache_mb: int = _f(256, "dense JL: keep R on the device when at most this many MiB")
     seed: int = _f(0, "seed of every mask and sketch (part of the fingerprint)")
+    selective: SelectiveConfig = field(
+        default_factory=SelectiveConfig, metadata={"help": "Selective Mask fitting"}
+    )
 
 
 @dataclass
 class IndexConfig:
     url: str | None = _f(None, "index location; defaults to store.url")
-    layers: list[str] | None = _f(None, "Linear layers to capture; null = every Linear layer")
+    layers: list[str] | None = _f(
+        None, "modules to attribute (any with parameters); null = every Linear layer"
+    )
     shard_size: int = _f(256, "training rows per shard (the unit of work and of commit)")
     batch_size: int = _f(64, "rows per forward/backward batch inside a shard")
     dtype: str = _f("float32", "storage dtype of phi: float32 | float16 | bfloat16")
@@ -150,16 +182,7 @@ class JobConfig:
         _require_target(self.data.get("train"), "data.train")
         if self.data.get("query") is not None:
             _require_target(self.data["query"], "data.query")
-        c = self.compression
-        if c.method not in ("identity", "factgrass"):
-            raise ConfigError(
-                f"compression.method={c.method!r} is unknown; use compression=identity or "
-                f"compression=factgrass"
-            )
-        if c.k <= 0:
-            raise ConfigError(f"compression.k={c.k} must be a positive integer, e.g. 1024")
-        if c.blowup < 1 or c.sjlt_c < 1:
-            raise ConfigError("compression.blowup and compression.sjlt_c must be >= 1")
+        _validate_compression(self.compression)
         if self.index.dtype not in ("float32", "float16", "bfloat16"):
             raise ConfigError(
                 f"index.dtype={self.index.dtype!r}; choose float32, float16 or bfloat16"
@@ -206,6 +229,31 @@ def _validate_faults(f: FaultsConfig) -> None:
         raise ConfigError("faults.kill_worker_after_rows must be >= 1 (or null for no fault)")
     if f.shard_delay_s < 0:
         raise ConfigError("faults.shard_delay_s must be >= 0")
+
+
+def _validate_compression(c: CompressionConfig) -> None:
+    from grass_dist.compress.registry import compressor_class  # that package imports this one
+
+    compressor_class(c.method, "compression.method")
+    if compressor_class(c.other, "compression.other").factorised:
+        raise ConfigError(
+            f"compression.other={c.other!r} is factorised (Linear layers only); choose a flat "
+            f"method for non-Linear layers, e.g. compression.other=grass"
+        )
+    for key, method in c.overrides.items():
+        compressor_class(method, f"compression.overrides.{key}")
+    if c.k <= 0:
+        raise ConfigError(f"compression.k={c.k} must be a positive integer, e.g. 1024")
+    if c.blowup < 1 or c.sjlt_c < 1:
+        raise ConfigError("compression.blowup and compression.sjlt_c must be >= 1")
+    if c.jl_chunk_rows < 1 or c.jl_cache_mb < 0:
+        raise ConfigError("compression.jl_chunk_rows must be >= 1 and jl_cache_mb >= 0")
+    s = c.selective
+    if min(s.samples - 1, s.holdout, s.epochs + 1, s.check_every) < 1 or s.lr <= 0 or s.lam < 0:
+        raise ConfigError(
+            "compression.selective needs samples >= 2, holdout >= 1, epochs >= 0, "
+            f"check_every >= 1, lr > 0 and lam >= 0 (got {s})"
+        )
 
 
 def _require_target(node: Any, where: str) -> None:

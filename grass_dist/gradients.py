@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from grass_dist.capture import LinearCapture
-from grass_dist.compress import LinearCompressor
+from grass_dist.compress import Compressor, LinearShape
 from grass_dist.errors import NonFiniteGradientError
+from grass_dist.persample import FlatGradients
 
 
 def sample_key(dataset, row: int) -> str:
@@ -39,14 +40,25 @@ class LoadedRows:
     batches: list[tuple[list[int], Any]]
 
 
+def _compress(
+    comp: Compressor, grad: tuple[torch.Tensor, torch.Tensor] | torch.Tensor
+) -> torch.Tensor:
+    return comp.compress(*grad) if isinstance(grad, tuple) else comp.compress_flat(grad)
+
+
 class GradientComputer:
-    """Runs forward/backward with capture hooks and compresses every captured layer."""
+    """Per-sample gradients of the chosen layers, compressed by each layer's compressor.
+
+    Linear layers: one forward/backward with capture hooks gives their factors (x, g).
+    Other layers: `torch.func` gives their flat per-sample gradients (a second pass, only
+    when such layers are chosen).
+    """
 
     def __init__(
         self,
         model: nn.Module,
         task,
-        compressors: dict[str, LinearCompressor],
+        compressors: dict[str, Compressor],
         device: torch.device | str = "cpu",
     ):
         self.device = torch.device(device)
@@ -56,16 +68,29 @@ class GradientComputer:
         self.model.requires_grad_(True)
         self.task = task
         self.compressors = {n: c.to(self.device) for n, c in compressors.items()}
-        self.capture = LinearCapture(self.model, list(compressors))
+        linear = [n for n, c in compressors.items() if isinstance(c.shape, LinearShape)]
+        flat = [n for n in compressors if n not in linear]
+        self.capture = LinearCapture(self.model, linear) if linear else None
+        self.flat = FlatGradients(self.model, task, flat) if flat else None
+
+    def layer_gradients(self, batch) -> dict[str, tuple[torch.Tensor, torch.Tensor] | torch.Tensor]:
+        """One collated batch -> {Linear layer: (x (B, T, d_in), g (B, T, d_out)),
+        other layer: v (B, p)} on the compute device, in the compressors' layer order."""
+        batch = self.task.to(batch, self.device)
+        out: dict[str, tuple[torch.Tensor, torch.Tensor] | torch.Tensor] = {}
+        if self.capture is not None:
+            with self.capture.recording():
+                losses = self.task.per_sample_loss(self.model, batch)
+            out.update(self.capture.factors(losses))
+        if self.flat is not None:
+            out.update(self.flat.per_sample(batch))
+        return {n: out[n] for n in self.compressors}
 
     def phi_batch(self, batch) -> dict[str, torch.Tensor]:
         """One collated batch -> {layer: (B, k) float32} on the compute device."""
-        batch = self.task.to(batch, self.device)
-        with self.capture.recording():
-            losses = self.task.per_sample_loss(self.model, batch)
-        factors = self.capture.factors(losses)
+        grads = self.layer_gradients(batch)
         with torch.no_grad():
-            return {n: self.compressors[n].compress(x, g) for n, (x, g) in factors.items()}
+            return {n: _compress(self.compressors[n], g) for n, g in grads.items()}
 
     def phi_rows(self, dataset, rows: Sequence[int], batch_size: int) -> PhiBlock:
         """phi for the given dataset rows, computed in batches of `batch_size`."""

@@ -1,4 +1,4 @@
-"""A small MLP trained on the digits data, cached on disk so every worker gets one model.
+"""Small models trained on the digits data, cached on disk so every worker gets one model.
 
 Training is deterministic given its arguments (local generator, one BLAS thread), and the
 trained weights are cached under a hash of those arguments: the first caller trains,
@@ -13,7 +13,9 @@ import math
 import os
 import tempfile
 from collections import OrderedDict
+from collections.abc import Callable
 from itertools import pairwise
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,22 @@ def _stack(dataset: Dataset, rows: range) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(xs), torch.stack(ys)
 
 
+def _init(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """PyTorch's default Linear / Conv2d initialisation, drawn from `generator`.
+
+    Models are built on "meta" and materialised here, so that building one neither depends
+    on nor advances the global torch RNG.
+    """
+    model = model.to_empty(device="cpu")
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
+            fan_in = module.weight[0].numel()
+            bound = 1.0 / math.sqrt(fan_in)
+            nn.init.uniform_(module.bias, -bound, bound, generator=generator)
+    return model
+
+
 def _mlp(hidden: list[int], generator: torch.Generator) -> nn.Sequential:
     """64 -> hidden... -> 10 with ReLUs; Linear layers are named fc1, fc2, ..., out."""
     widths = [64, *hidden]
@@ -42,16 +60,21 @@ def _mlp(hidden: list[int], generator: torch.Generator) -> nn.Sequential:
         layers[f"fc{i}"] = nn.Linear(d_in, d_out, device="meta")
         layers[f"act{i}"] = nn.ReLU()
     layers["out"] = nn.Linear(widths[-1], 10, device="meta")
-    # Built on "meta" and initialised here with the local generator, so that building the
-    # model neither depends on nor advances the global torch RNG.
-    model = nn.Sequential(layers).to_empty(device="cpu")
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            # nn.Linear's own default initialisation, drawn from `generator`.
-            nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
-            bound = 1.0 / math.sqrt(module.in_features)
-            nn.init.uniform_(module.bias, -bound, bound, generator=generator)
-    return model
+    return _init(nn.Sequential(layers), generator)
+
+
+def _cnn(channels: list[int], hidden: int, generator: torch.Generator) -> nn.Sequential:
+    """(B, 64) -> 1x8x8 -> 3x3 convs conv1, conv2, ... (ReLU) -> 2x2 max-pool -> fc1 -> out."""
+    layers: OrderedDict[str, nn.Module] = OrderedDict(image=nn.Unflatten(1, (1, 8, 8)))
+    for i, (c_in, c_out) in enumerate(pairwise([1, *channels]), start=1):
+        layers[f"conv{i}"] = nn.Conv2d(c_in, c_out, 3, padding=1, device="meta")
+        layers[f"cact{i}"] = nn.ReLU()
+    layers["pool"] = nn.MaxPool2d(2)
+    layers["flat"] = nn.Flatten()
+    layers["fc1"] = nn.Linear(channels[-1] * 16, hidden, device="meta")
+    layers["act1"] = nn.ReLU()
+    layers["out"] = nn.Linear(hidden, 10, device="meta")
+    return _init(nn.Sequential(layers), generator)
 
 
 def _train(
@@ -67,6 +90,63 @@ def _train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+
+
+def _trained(
+    kind: str,
+    args: dict[str, Any],
+    build: Callable[[torch.Generator], nn.Module],
+    cache_dir: str,
+) -> nn.Module:
+    """`build(generator)` trained on the digits train split, cached under a hash of `args`.
+
+    `args` holds epochs, lr, seed, n_train, n_query, data_seed and the architecture.
+    The file is `<cache_dir>/<kind>-<hash>.pt`; the model comes back in eval mode.
+    """
+    digest = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"{kind}-{digest}.pt")
+
+    generator = torch.Generator(device="cpu").manual_seed(args["seed"])
+    model = build(generator)
+    if os.path.exists(path):
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model.eval()
+
+    threads = torch.get_num_threads()
+    # One thread makes the float reductions, hence the weights, independent of core count.
+    torch.set_num_threads(1)
+    try:
+        dataset = digits("train", args["n_train"], args["n_query"], args["data_seed"])
+        _train(model, dataset, args["epochs"], args["lr"], generator)
+    finally:
+        torch.set_num_threads(threads)
+
+    # Concurrent callers each write a private temp file and atomically rename it, so a
+    # reader never sees a partial file; all writers produce identical bytes anyway.
+    os.makedirs(cache_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{kind}-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(model.state_dict(), f)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is shared with other users
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return model.eval()
+
+
+def _recipe(
+    epochs: int, lr: float, seed: int, n_train: int, n_query: int, data_seed: int
+) -> dict[str, Any]:
+    return {
+        "epochs": int(epochs),
+        "lr": float(lr),
+        "seed": int(seed),
+        "n_train": int(n_train),
+        "n_query": int(n_query),
+        "data_seed": int(data_seed),
+    }
 
 
 def digits_mlp(
@@ -87,44 +167,36 @@ def digits_mlp(
     """
     args = {
         "hidden": [int(h) for h in hidden],
-        "epochs": int(epochs),
-        "lr": float(lr),
-        "seed": int(seed),
-        "n_train": int(n_train),
-        "n_query": int(n_query),
-        "data_seed": int(data_seed),
+        **_recipe(epochs, lr, seed, n_train, n_query, data_seed),
     }
-    digest = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:16]
-    path = os.path.join(cache_dir, f"digits_mlp-{digest}.pt")
+    return _trained("digits_mlp", args, lambda gen: _mlp(args["hidden"], gen), cache_dir)
 
-    generator = torch.Generator(device="cpu").manual_seed(args["seed"])
-    model = _mlp(args["hidden"], generator)
-    if os.path.exists(path):
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return model.eval()
 
-    threads = torch.get_num_threads()
-    # One thread makes the float reductions, hence the weights, independent of core count.
-    torch.set_num_threads(1)
-    try:
-        dataset = digits("train", args["n_train"], args["n_query"], args["data_seed"])
-        _train(model, dataset, args["epochs"], args["lr"], generator)
-    finally:
-        torch.set_num_threads(threads)
+def digits_cnn(
+    channels: list[int] = [32, 32],  # noqa: B006 -- never mutated; the Hydra-facing default
+    hidden: int = 32,
+    epochs: int = 20,
+    lr: float = 1e-2,
+    seed: int = 0,
+    n_train: int = 1000,
+    n_query: int = 100,
+    data_seed: int = 0,
+    cache_dir: str = "outputs/cache",
+) -> nn.Module:
+    """A small CNN trained like `digits_mlp`: (B, 64) pixels, reshaped to (B, 1, 8, 8) inside.
 
-    # Concurrent callers each write a private temp file and atomically rename it, so a
-    # reader never sees a partial file; all writers produce identical bytes anyway.
-    os.makedirs(cache_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".digits_mlp-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(model.state_dict(), f)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is shared with other users
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return model.eval()
+    Modules conv1, conv2, ... (3x3, padding 1, ReLU), a 2x2 max-pool, then Linear fc1
+    (channels[-1] * 16 -> hidden) and out (hidden -> 10). Cached as
+    `<cache_dir>/digits_cnn-<hash>.pt`.
+    """
+    args = {
+        "channels": [int(c) for c in channels],
+        "hidden": int(hidden),
+        **_recipe(epochs, lr, seed, n_train, n_query, data_seed),
+    }
+    return _trained(
+        "digits_cnn", args, lambda gen: _cnn(args["channels"], args["hidden"], gen), cache_dir
+    )
 
 
 def state_hash(model: nn.Module) -> str:

@@ -18,12 +18,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from grass_dist.build import (
     build_dataset,
-    build_layer_compressors,
     build_model,
     build_task,
+    driver_compressors,
     fingerprint,
     store_retry,
 )
+from grass_dist.compressor_state import save_states
 from grass_dist.config import JobConfig
 from grass_dist.data_identity import check_committed_rows
 from grass_dist.gradients import PhiBlock
@@ -84,11 +85,16 @@ def prepare(cfg: DictConfig | dict, *, create_index: bool = True) -> Job:
     job_cfg = JobConfig.from_cfg(raw)
     model = build_model(job_cfg)
     task = build_task(job_cfg)
-    compressors = build_layer_compressors(job_cfg, model)
     train = build_dataset(job_cfg, "train")
-    fp = fingerprint(job_cfg, model, compressors, task, train)
     opts, retry = job_cfg.store.storage_options, store_retry(job_cfg)
-    Store(job_cfg.index_url, opts, retry).check_writable()
+    if not create_index:
+        GradientIndex.open(job_cfg.index_url, opts, retry)  # IndexNotFoundError before fitting
+    compressors = driver_compressors(job_cfg, model, task, train)
+    fp = fingerprint(job_cfg, model, compressors, task, train)
+    store = Store(job_cfg.index_url, opts, retry)
+    store.check_writable()
+    if create_index:
+        save_states(store, compressors)  # learned masks, before the index that names them
     index = (
         GradientIndex.create_or_open(job_cfg.index_url, fp, opts, retry)
         if create_index

@@ -47,3 +47,34 @@ def layer_grad(grads: dict[str, torch.Tensor], layer: str) -> torch.Tensor:
     w = grads[f"{layer}.weight"]
     b = grads.get(f"{layer}.bias")
     return w if b is None else torch.cat([w, b.unsqueeze(-1)], dim=-1)
+
+
+class ConvNet(nn.Module):
+    """Conv2d + LayerNorm + Linear head on (B, 1, 5, 5) images (flat and factorised layers)."""
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.norm = nn.LayerNorm(27)
+        self.head = nn.Linear(27, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(torch.tanh(self.conv(x)).flatten(1)))
+
+
+class EmbedNet(nn.Module):
+    """Embedding -> Linear on token ids (B, T), mean-pooled to class logits."""
+
+    def __init__(self, vocab: int = 11, dim: int = 4, classes: int = 3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.embed(ids))).mean(1)
+
+
+def module_grad(grads: dict[str, torch.Tensor], module: str) -> torch.Tensor:
+    """(B, p): a module's per-sample parameter gradients, flattened in parameter order."""
+    names = [n for n in grads if n.rsplit(".", 1)[0] == module]
+    return torch.cat([grads[n].flatten(1) for n in names], 1)

@@ -31,21 +31,26 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def isolated_auth_token() -> Iterator[None]:
-    """A fresh Ray auth token for this process and its children (not ~/.ray/auth_token).
+def isolated_ray_env() -> Iterator[str]:
+    """Ray settings of this process and its children, private to the caller.
 
-    Ray caches its auth mode and the token it loaded, so both are refreshed on the way in
-    and out.
+    A fresh auth token (not ~/.ray/auth_token), and RAY_TMPDIR set to a new short directory
+    (yielded), so that a `ray.cluster_utils.Cluster` keeps its sessions and its
+    `ray_current_cluster` address file there, not in the /tmp/ray that other Ray users on
+    this machine read. Ray caches its auth mode and token, so both are refreshed on the way
+    in and out.
     """
     from ray._raylet import AuthenticationTokenLoader, Config
 
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ADDRESS")}
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    keys = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ADDRESS", "RAY_TMPDIR")
+    saved = {k: os.environ.get(k) for k in keys}
+    tmp = tempfile.mkdtemp(prefix="gdc-", dir="/tmp")
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_TMPDIR=tmp)
     os.environ.pop("RAY_ADDRESS", None)
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
     try:
-        yield
+        yield tmp
     finally:
         for key, value in saved.items():
             if value is None:
@@ -54,6 +59,7 @@ def isolated_auth_token() -> Iterator[None]:
                 os.environ[key] = value
         Config.initialize("")
         AuthenticationTokenLoader.instance().reset_cache()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def ray_cli(*args: str) -> list[str]:

@@ -1,60 +1,99 @@
-"""Gradient compressors, built from the `compression` config for each captured layer."""
+"""Gradient compressors, built from the `compression` config for each captured layer.
+
+Every method registers itself by name (see `registry.py`); Linear layers use
+`compression.method`, other layers `compression.other`, and `compression.overrides`
+names a method for individual layers (by layer name or module class name).
+"""
 
 from __future__ import annotations
 
+from grass_dist.compress import dense, flat, learned, linear  # noqa: F401 -- registers methods
+from grass_dist.compress.base import (
+    Compressor,
+    FlatShape,
+    LayerShape,
+    LinearShape,
+    linear_gradient,
+)
+from grass_dist.compress.dense import GaussianJL, RademacherJL
+from grass_dist.compress.flat import GraSSCompressor, RandomMaskCompressor, SJLTCompressor
+from grass_dist.compress.learned import GradSample, LearnedCompressor
 from grass_dist.compress.linear import (
     FactGraSSCompressor,
     IdentityCompressor,
-    LinearCompressor,
-    LinearShape,
+    LoGraCompressor,
     factor_sizes,
 )
+from grass_dist.compress.registry import compressor_class, methods
 from grass_dist.compress.sketch import SJLT, random_mask
 from grass_dist.config import CompressionConfig
-from grass_dist.errors import ConfigError
 
-METHODS = ("identity", "factgrass")
+LinearCompressor = Compressor  # the name the first pipeline used for the interface
 
 
-def build_compressor(cfg: CompressionConfig, name: str, shape: LinearShape) -> LinearCompressor:
-    """The compressor for one Linear layer; validates k against the layer's size."""
-    if cfg.method == "identity":
-        return IdentityCompressor(name, shape)
-    if cfg.method == "factgrass":
-        if cfg.k > shape.numel:
-            raise ConfigError(
-                f"compression.k={cfg.k} is larger than layer {name!r} allows: its gradient has "
-                f"{shape.d_out}x{shape.cols}={shape.numel} entries. Lower compression.k, "
-                f"restrict index.layers, or use compression=identity for small layers."
-            )
-        return FactGraSSCompressor(
-            name,
-            shape,
-            k=cfg.k,
-            seed=cfg.seed,
-            blowup=cfg.blowup,
-            mask_out=cfg.mask_out,
-            mask_in=cfg.mask_in,
-            sjlt_c=cfg.sjlt_c,
-        )
-    raise ConfigError(f"compression.method={cfg.method!r} is unknown; choose one of {METHODS}")
+def method_for(cfg: CompressionConfig, name: str, shape: LayerShape) -> tuple[str, str]:
+    """(method, config field it came from) for one layer."""
+    kind = "Linear" if isinstance(shape, LinearShape) else shape.kind
+    for key in (name, kind):
+        if key in cfg.overrides:
+            return cfg.overrides[key], f"compression.overrides.{key}"
+    if isinstance(shape, LinearShape):
+        return cfg.method, "compression.method"
+    return cfg.other, "compression.other"
+
+
+def build_compressor(
+    cfg: CompressionConfig, name: str, shape: LayerShape, state: bytes | None = None
+) -> Compressor:
+    """The compressor of one layer; learned methods need their fitted `state` bytes."""
+    method, where = method_for(cfg, name, shape)
+    cls = compressor_class(method, where)
+    if issubclass(cls, LearnedCompressor):
+        if state is None:
+            return cls.from_config(cfg, name, shape)  # refuses, saying how to fit it
+        return cls.from_state(cfg, name, shape, state)
+    return cls.from_config(cfg, name, shape)
 
 
 def build_compressors(
-    cfg: CompressionConfig, shapes: dict[str, LinearShape]
-) -> dict[str, LinearCompressor]:
+    cfg: CompressionConfig,
+    shapes: dict[str, LayerShape],
+    states: dict[str, bytes] | None = None,
+) -> dict[str, Compressor]:
     """One compressor per layer, in the given layer order."""
-    return {name: build_compressor(cfg, name, shape) for name, shape in shapes.items()}
+    states = states or {}
+    return {n: build_compressor(cfg, n, s, states.get(n)) for n, s in shapes.items()}
+
+
+def learned_layers(cfg: CompressionConfig, shapes: dict[str, LayerShape]) -> list[str]:
+    """Layers whose method is learned (and so needs a fitted state)."""
+    return [n for n, s in shapes.items() if compressor_class(*method_for(cfg, n, s)).learned]
 
 
 __all__ = [
     "SJLT",
+    "Compressor",
     "FactGraSSCompressor",
+    "FlatShape",
+    "GaussianJL",
+    "GradSample",
+    "GraSSCompressor",
     "IdentityCompressor",
+    "LayerShape",
+    "LearnedCompressor",
     "LinearCompressor",
     "LinearShape",
+    "LoGraCompressor",
+    "RademacherJL",
+    "RandomMaskCompressor",
+    "SJLTCompressor",
     "build_compressor",
     "build_compressors",
+    "compressor_class",
     "factor_sizes",
+    "learned_layers",
+    "linear_gradient",
+    "method_for",
+    "methods",
     "random_mask",
 ]

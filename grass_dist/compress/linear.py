@@ -2,94 +2,60 @@
 
 For `y = W x + b` with inputs x_t (B, T, d_in) and output gradients g_t (B, T, d_out), a
 sample's weight gradient is G = sum_t g_t a_t^T with a = [x, 1] when the layer has a
-bias. Every compressor here maps the factors to (B, k) without forming G, except
-`identity`, whose output *is* vec(G) (row-major, bias column last).
+bias. The factorised methods here map the factors to (B, k) without forming G;
+`identity`'s output *is* vec(G) (row-major, bias column last), or the flat gradient of
+any other layer.
 """
 
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
+from grass_dist.compress.base import (
+    Compressor,
+    LayerShape,
+    LinearShape,
+    check_k,
+    linear_gradient,
+    require_linear,
+)
+from grass_dist.compress.registry import register
 from grass_dist.compress.sketch import SJLT, random_mask
 from grass_dist.errors import ConfigError
 from grass_dist.seeding import generator
 
 
-@dataclass(frozen=True)
-class LinearShape:
-    """Shape of a Linear layer's weight gradient: d_out x (d_in + bias)."""
-
-    d_in: int
-    d_out: int
-    bias: bool
-
-    @property
-    def cols(self) -> int:
-        return self.d_in + int(self.bias)
-
-    @property
-    def numel(self) -> int:
-        return self.d_out * self.cols
-
-
-def _select_inputs(x: torch.Tensor, idx: torch.Tensor, d_in: int) -> torch.Tensor:
-    """Columns `idx` of a = [x, 1] without building a: (B, T, d_in) -> (B, T, len(idx))."""
-    has_bias_col = bool(idx.numel()) and int(idx[-1]) == d_in  # idx is sorted
+def select_inputs(x: torch.Tensor, idx: torch.Tensor, d_in: int) -> torch.Tensor:
+    """Columns `idx` (sorted) of a = [x, 1] without building a: (B, T, d_in) -> (B, T, |idx|)."""
+    has_bias_col = bool(idx.numel()) and int(idx[-1]) == d_in
     cols = x.index_select(-1, idx[:-1] if has_bias_col else idx)
     if has_bias_col:
         cols = torch.cat([cols, torch.ones_like(x[..., :1])], dim=-1)
     return cols
 
 
-class LinearCompressor(ABC):
-    """Maps (x, g) of one Linear layer to phi (B, out_dim) float32."""
-
-    method: ClassVar[str]
-
-    def __init__(self, name: str, shape: LinearShape):
-        self.name = name
-        self.shape = shape
-
-    @property
-    @abstractmethod
-    def out_dim(self) -> int: ...
-
-    @abstractmethod
-    def compress(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """x (B, T, d_in), g (B, T, d_out) -> phi (B, out_dim) float32."""
-
-    def spec(self) -> dict[str, Any]:
-        """JSON description: part of the index fingerprint."""
-        return {
-            "method": self.method,
-            "d_in": self.shape.d_in,
-            "d_out": self.shape.d_out,
-            "bias": self.shape.bias,
-            "k": self.out_dim,
-        }
-
-    def to(self, device: torch.device | str) -> LinearCompressor:
-        return self
-
-
-class IdentityCompressor(LinearCompressor):
-    """The exact per-sample gradient vec([dW, db]) (for tests and small models)."""
+@register
+class IdentityCompressor(Compressor):
+    """The exact per-sample gradient (for tests and small models): vec([dW, db]) or v."""
 
     method = "identity"
+
+    @classmethod
+    def from_config(cls, cfg: Any, name: str, shape: LayerShape) -> IdentityCompressor:
+        return cls(name, shape)
 
     @property
     def out_dim(self) -> int:
         return self.shape.numel
 
     def compress(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        a = _select_inputs(x, torch.arange(self.shape.cols, device=x.device), self.shape.d_in)
-        grad = torch.bmm(g.transpose(1, 2).float(), a.float())
-        return grad.reshape(grad.shape[0], -1)
+        return linear_gradient(x, g, self.shape)
+
+    def compress_flat(self, v: torch.Tensor) -> torch.Tensor:
+        return v.float()
 
 
 def factor_sizes(k_prime: int, d_out: int, cols: int) -> tuple[int, int]:
@@ -100,8 +66,74 @@ def factor_sizes(k_prime: int, d_out: int, cols: int) -> tuple[int, int]:
     return k_o, k_i
 
 
-class FactGraSSCompressor(LinearCompressor):
-    """Mask both factors, sum outer products over the sequence, then SJLT to k."""
+class MaskedFactors(Compressor):
+    """Mask both factors, sum outer products over the sequence, then SJLT to k.
+
+    `idx_out` (k_o') on g and `idx_in` (k_i') on a select the block of G that is
+    sketched: exactly vec(G) masked by idx_out x idx_in, never forming G.
+    """
+
+    factorised = True
+
+    def __init__(
+        self,
+        name: str,
+        shape: LinearShape,
+        k: int,
+        seed: int,
+        idx_out: torch.Tensor,
+        idx_in: torch.Tensor,
+        sjlt_c: int = 1,
+    ):
+        super().__init__(name, shape)
+        self.idx_out, self.idx_in = idx_out, idx_in
+        k_prime = idx_out.numel() * idx_in.numel()
+        if k > k_prime:
+            raise ConfigError(
+                f"compression for layer {name!r}: k={k} exceeds the masked size "
+                f"{idx_out.numel()}x{idx_in.numel()}={k_prime}; lower compression.k "
+                f"or raise compression.mask_out/mask_in"
+            )
+        self.k, self.seed = k, seed
+        self.sjlt = SJLT(k_prime, k, generator(seed, name, "sjlt"), c=sjlt_c)
+
+    @property
+    def out_dim(self) -> int:
+        return self.k
+
+    def to(self, device: torch.device | str) -> MaskedFactors:
+        self.idx_out = self.idx_out.to(device)
+        self.idx_in = self.idx_in.to(device)
+        self.sjlt.to(device)
+        return self
+
+    def compress(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        a = select_inputs(x, self.idx_in, self.shape.d_in).float()
+        g = g.index_select(-1, self.idx_out).float()
+        masked = torch.bmm(g.transpose(1, 2), a)  # (B, k_o', k_i')
+        return self.sjlt.apply(masked.reshape(masked.shape[0], -1))
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            **super().spec(),
+            "seed": self.seed,
+            "mask_out": self.idx_out.numel(),
+            "mask_in": self.idx_in.numel(),
+            "sjlt_c": self.sjlt.c,
+        }
+
+
+def mask_budget(cfg: Any, shape: LinearShape) -> tuple[int, int]:
+    """(k_o', k_i') from compression.mask_out/mask_in, else blowup * k split near sqrt."""
+    auto_o, auto_i = factor_sizes(cfg.blowup * cfg.k, shape.d_out, shape.cols)
+    k_o = auto_o if cfg.mask_out is None else min(cfg.mask_out, shape.d_out)
+    k_i = auto_i if cfg.mask_in is None else min(cfg.mask_in, shape.cols)
+    return k_o, k_i
+
+
+@register
+class FactGraSSCompressor(MaskedFactors):
+    """FactGraSS: random masks on both factors, outer products, SJLT to k."""
 
     method = "factgrass"
 
@@ -116,45 +148,89 @@ class FactGraSSCompressor(LinearCompressor):
         mask_in: int | None = None,
         sjlt_c: int = 1,
     ):
-        super().__init__(name, shape)
         if mask_out is None or mask_in is None:
             auto_o, auto_i = factor_sizes(blowup * k, shape.d_out, shape.cols)
             mask_out = auto_o if mask_out is None else mask_out
             mask_in = auto_i if mask_in is None else mask_in
-        self.idx_out = random_mask(shape.d_out, mask_out, generator(seed, name, "mask_out"))
-        self.idx_in = random_mask(shape.cols, mask_in, generator(seed, name, "mask_in"))
-        k_prime = self.idx_out.numel() * self.idx_in.numel()
-        if k > k_prime:
+        idx_out = random_mask(shape.d_out, mask_out, generator(seed, name, "mask_out"))
+        idx_in = random_mask(shape.cols, mask_in, generator(seed, name, "mask_in"))
+        super().__init__(name, shape, k, seed, idx_out, idx_in, sjlt_c)
+        self.blowup = blowup
+
+    @classmethod
+    def from_config(cls, cfg: Any, name: str, shape: LayerShape) -> FactGraSSCompressor:
+        check_k(cfg.k, name, require_linear(cls.method, name, shape))
+        return cls(name, shape, cfg.k, cfg.seed, cfg.blowup, cfg.mask_out, cfg.mask_in, cfg.sjlt_c)
+
+    def spec(self) -> dict[str, Any]:
+        return {**super().spec(), "blowup": self.blowup}
+
+
+def logra_sizes(k: int, d_out: int, cols: int) -> tuple[int, int]:
+    """(k_o, k_i) with k_o * k_i = k, k_o <= d_out, k_i <= cols, as square as possible."""
+    pairs = [(o, k // o) for o in range(1, k + 1) if k % o == 0 and o <= d_out and k // o <= cols]
+    if not pairs:
+        raise ConfigError(
+            f"compression.k={k} has no factor pair k_o * k_i with k_o <= {d_out} and "
+            f"k_i <= {cols}; set compression.proj_out and compression.proj_in explicitly"
+        )
+    return min(pairs, key=lambda p: (abs(p[0] - p[1]), -p[0]))
+
+
+@register
+class LoGraCompressor(Compressor):
+    """LoGra: phi = vec(sum_t (P_o g_t)(P_i a_t)^T) = vec(P_o G P_i^T), k = k_o k_i.
+
+    P_o (k_o, d_out) and P_i (k_i, cols) have N(0, 1) / sqrt(k_o or k_i) entries, so
+    phi = vec(G) @ kron(P_o, P_i)^T.
+    """
+
+    method = "logra"
+    factorised = True
+
+    def __init__(self, name: str, shape: LinearShape, k_out: int, k_in: int, seed: int):
+        super().__init__(name, shape)
+        self.seed = seed
+        self.p_out = torch.randn(k_out, shape.d_out, generator=generator(seed, name, "logra_out"))
+        self.p_out /= math.sqrt(k_out)
+        self.p_in = torch.randn(k_in, shape.cols, generator=generator(seed, name, "logra_in"))
+        self.p_in /= math.sqrt(k_in)
+
+    @classmethod
+    def from_config(cls, cfg: Any, name: str, shape: LayerShape) -> LoGraCompressor:
+        shape = require_linear(cls.method, name, shape)
+        if cfg.proj_out is None and cfg.proj_in is None:
+            k_out, k_in = logra_sizes(cfg.k, shape.d_out, shape.cols)
+        elif cfg.proj_out is None or cfg.proj_in is None:
+            raise ConfigError("set both compression.proj_out and compression.proj_in, or neither")
+        else:
+            k_out, k_in = cfg.proj_out, cfg.proj_in
+        if k_out > shape.d_out or k_in > shape.cols:
             raise ConfigError(
-                f"compression for layer {name!r}: k={k} exceeds the masked size "
-                f"{self.idx_out.numel()}x{self.idx_in.numel()}={k_prime}; lower compression.k "
-                f"or raise compression.mask_out/mask_in"
+                f"LoGra sizes {k_out}x{k_in} exceed layer {name!r} ({shape.d_out}x{shape.cols}); "
+                f"lower compression.proj_out / proj_in or compression.k"
             )
-        self.k, self.blowup, self.seed = k, blowup, seed
-        self.sjlt = SJLT(k_prime, k, generator(seed, name, "sjlt"), c=sjlt_c)
+        return cls(name, shape, k_out, k_in, cfg.seed)
 
     @property
     def out_dim(self) -> int:
-        return self.k
+        return self.p_out.shape[0] * self.p_in.shape[0]
 
-    def to(self, device: torch.device | str) -> FactGraSSCompressor:
-        self.idx_out = self.idx_out.to(device)
-        self.idx_in = self.idx_in.to(device)
-        self.sjlt.to(device)
+    def to(self, device: torch.device | str) -> LoGraCompressor:
+        self.p_out, self.p_in = self.p_out.to(device), self.p_in.to(device)
         return self
 
     def compress(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        a = _select_inputs(x, self.idx_in, self.shape.d_in).float()
-        g = g.index_select(-1, self.idx_out).float()
-        masked = torch.bmm(g.transpose(1, 2), a)  # (B, k_o', k_i')
-        return self.sjlt.apply(masked.reshape(masked.shape[0], -1))
+        a = x.float() @ self.p_in[:, : self.shape.d_in].T  # (B, T, k_i)
+        if self.shape.bias:
+            a = a + self.p_in[:, -1]
+        go = g.float() @ self.p_out.T  # (B, T, k_o)
+        return torch.bmm(go.transpose(1, 2), a).reshape(x.shape[0], -1)
 
     def spec(self) -> dict[str, Any]:
         return {
             **super().spec(),
             "seed": self.seed,
-            "blowup": self.blowup,
-            "mask_out": self.idx_out.numel(),
-            "mask_in": self.idx_in.numel(),
-            "sjlt_c": self.sjlt.c,
+            "proj_out": self.p_out.shape[0],
+            "proj_in": self.p_in.shape[0],
         }

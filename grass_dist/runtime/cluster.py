@@ -20,7 +20,9 @@ def connect(cfg: ClusterConfig) -> None:
     if ray.is_initialized():
         return
     if cfg.address is None:
+        # address="local" always starts a fresh Ray here, even if a cluster runs nearby.
         ray.init(
+            address="local",
             num_cpus=cfg.num_cpus,
             include_dashboard=False,
             logging_level=logging.WARNING,

@@ -98,12 +98,12 @@ class GradientWorker:
         self.device, self.device_note = pick_device(self.gpu_ids)
         if self.device_note:
             log.warning("worker %d %s", worker_id, self.device_note)  # once, at start
-        self.computer = GradientComputer(
-            model, build_task(self.job), build_layer_compressors(self.job, model), self.device
-        )
         self.index = GradientIndex.open(
             self.job.index_url, self.job.store.storage_options, store_retry(self.job)
         )
+        # Learned masks come from the index, so queries use the masks the index was built with.
+        compressors = build_layer_compressors(self.job, model, self.index)
+        self.computer = GradientComputer(model, build_task(self.job), compressors, self.device)
         self.faults = FaultInjector(self.job.faults, self.index.store)
         self.phases = Phases()
         self.datasets: dict[str, Any] = {}

@@ -32,7 +32,7 @@ from grass_dist.runtime.pool import ActorPool
 from grass_dist.runtime.progress import read_progress
 from grass_dist.runtime.scheduler import run_items
 from tests.conftest import compose_cfg
-from tests.ray_procs import ROOT, isolated_auth_token
+from tests.ray_procs import ROOT, isolated_ray_env
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +50,7 @@ BASE = [
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    with isolated_auth_token():
+    with isolated_ray_env():
         c = Cluster(
             initialize_head=True,
             head_node_args={
