@@ -31,7 +31,7 @@ from grass_dist.index import GradientIndex, Store
 from grass_dist.runtime.pool import ActorPool
 from grass_dist.runtime.progress import read_progress
 from grass_dist.runtime.scheduler import run_items
-from tests.conftest import compose_cfg
+from tests.conftest import SMALL, compose_cfg
 from tests.ray_procs import ROOT, isolated_ray_env
 
 pytestmark = pytest.mark.integration
@@ -231,7 +231,10 @@ def test_killed_driver_resumes_with_the_same_index(cluster, clean, tmp_path):
         sys.executable,
         "-m",
         "jobs.index",
-        *[a for a in _cfg_args(cluster, name)],
+        f"run.output_dir={cluster.out}",
+        *SMALL,
+        f"store.url={cluster.out / name}",
+        *BASE,
         f"cluster.address={cluster.address}",
         "faults.shard_delay_s=0.5",
     ]
@@ -266,12 +269,6 @@ def test_killed_driver_resumes_with_the_same_index(cluster, clean, tmp_path):
     assert stats["computed_shards"] == SHARDS - committed
     assert f"skipping {committed} already committed" in second.stdout + second.stderr
     _assert_same_index(store.url, clean)
-
-
-def _cfg_args(cluster, name: str) -> list[str]:
-    from tests.conftest import SMALL
-
-    return [f"run.output_dir={cluster.out}", *SMALL, f"store.url={cluster.out / name}", *BASE]
 
 
 def _scores(job: pipeline.Job) -> dict:
