@@ -7,6 +7,7 @@ differentiation target, autograd skips every weight-gradient GEMM.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -15,6 +16,8 @@ from torch import nn
 
 from grass_dist.compress.linear import LinearShape
 from grass_dist.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def _is_linear_like(module: nn.Module) -> bool:
@@ -31,11 +34,32 @@ def linear_shape(module: nn.Module) -> LinearShape:
     return LinearShape(d_in=int(d_in), d_out=int(d_out), bias=module.bias is not None)
 
 
+def _tied_to(model: nn.Module) -> dict[str, list[str]]:
+    """Linear-like layer -> the other modules holding its weight (tied embeddings)."""
+    holders: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for param in module.parameters(recurse=False):
+            holders.setdefault(id(param), []).append(name)
+    return {
+        name: [h for h in holders[id(module.weight)] if h != name]
+        for name, module in model.named_modules()
+        if _is_linear_like(module) and len(holders[id(module.weight)]) > 1
+    }
+
+
 def resolve_layers(model: nn.Module, names: Iterable[str] | None) -> dict[str, LinearShape]:
-    """Layer name -> shape for the requested layers (all Linear layers when None)."""
+    """Layer name -> shape for the requested layers (all untied Linear layers when None).
+
+    A layer whose weight another module also uses (an LM head tied to the embedding) is
+    left out: the factorised capture would see only this layer's share of the weight's
+    gradient.
+    """
     modules = dict(model.named_modules())
+    tied = _tied_to(model)
     if names is None:
-        chosen = [n for n, m in modules.items() if _is_linear_like(m)]
+        chosen = [n for n, m in modules.items() if _is_linear_like(m) and n not in tied]
+        if tied:
+            log.info("index.layers=null leaves out layers with tied weights: %s", sorted(tied))
         if not chosen:
             raise ConfigError(
                 "the model has no nn.Linear layers to capture; set index.layers to the names "
@@ -54,6 +78,12 @@ def resolve_layers(model: nn.Module, names: Iterable[str] | None) -> dict[str, L
                 raise ConfigError(
                     f"index.layers names {name!r}, a {type(modules[name]).__name__}; only "
                     f"Linear layers are captured. Linear layers in this model: {linear}"
+                )
+            if name in tied:
+                raise ConfigError(
+                    f"index.layers names {name!r}, whose weight is shared with {tied[name]} "
+                    f"(tied embeddings): its captured gradient would miss the other uses. "
+                    f"Leave it out of index.layers or untie the weights"
                 )
     return {n: linear_shape(modules[n]) for n in chosen}
 

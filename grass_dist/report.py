@@ -92,7 +92,7 @@ def _check_topk(topk: pd.DataFrame) -> None:
 def top_proponent_label_agreement(
     topk: pd.DataFrame, train_set: Any, query_set: Any, rows: list[int] | None = None
 ) -> float:
-    """Share of queries whose rank-0 proponent has the query's label (NaN if none).
+    """Share of labelled queries whose rank-0 proponent has the query's label (NaN if none).
 
     Args:
         topk: the top-k table (see TOPK_COLUMNS); one rank-0 proponent per query.
@@ -106,11 +106,12 @@ def top_proponent_label_agreement(
     top = top.drop_duplicates("query_row")
     if top.empty:
         return float("nan")
-    agree = [
-        query_set.describe(int(q))["label"] == train_set.describe(int(t))["label"]
+    pairs = [
+        (query_set.describe(int(q)).get("label"), train_set.describe(int(t)).get("label"))
         for q, t in zip(top["query_row"], top["train_row"], strict=True)
     ]
-    return float(np.mean(agree))
+    agree = [a == b for a, b in pairs if a is not None and b is not None]
+    return float(np.mean(agree)) if agree else float("nan")
 
 
 def _summary(

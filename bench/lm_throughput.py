@@ -1,0 +1,115 @@
+"""Index throughput of a tiny GPT-2 on CPU: plain forward+backward vs FactGraSS.
+
+Both run on the same rows of the Python documentation topics, in the same token-budget
+batches, in the same process; the table goes to bench/results/lm.md.
+
+    .venv/bin/python bench/lm_throughput.py [--rows 256] [--repeats 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from grass_dist.capture import resolve_layers
+from grass_dist.compress import build_compressors
+from grass_dist.config import CompressionConfig
+from grass_dist.data.text import pydoc_topics
+from grass_dist.gradients import GradientComputer
+from grass_dist.hf import hf_causal_lm
+from grass_dist.tasks_lm import CausalLMTask
+
+OUT = os.path.join(os.path.dirname(__file__), "results", "lm.md")
+
+
+def tiny_gpt2() -> torch.nn.Module:
+    """The example's architecture (4 layers, 128 wide, byte vocabulary), random weights."""
+    config = {"n_layer": 4, "n_head": 4, "n_embd": 128, "n_positions": 256, "vocab_size": 257}
+    return hf_causal_lm("gpt2", config, seed=0)
+
+
+def plain_pass(model, task, batches) -> None:
+    """Forward, summed loss, backward with every weight gradient (a training step's compute)."""
+    model.train(False)
+    for batch in batches:
+        model.zero_grad(set_to_none=True)
+        task.per_sample_loss(model, batch).sum().backward()
+
+
+def factgrass_pass(computer, data, rows, batch_size) -> None:
+    computer.phi_rows(data, rows, batch_size)
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--k", type=int, default=256)
+    parser.add_argument("--batch-tokens", type=int, default=4096)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    data = pydoc_topics(max_length=256)
+    rows = list(range(args.rows))
+    items = [data[r] for r in rows]
+    tokens = sum(len(it["input_ids"]) for it in items)
+    task = CausalLMTask("sum", args.batch_tokens)
+    batches = [task.collate([items[j] for j in g]) for g in task.plan_batches(items, 64)]
+    model = tiny_gpt2()
+    comps = build_compressors(CompressionConfig(k=args.k), resolve_layers(model, None))
+    computer = GradientComputer(model, task, comps)
+
+    runs = {
+        "plain forward+backward (weight grads)": lambda: plain_pass(model, task, batches),
+        f"FactGraSS k={args.k} per layer ({len(comps)} layers)": lambda: factgrass_pass(
+            computer, data, rows, 64
+        ),
+    }
+    for fn in runs.values():  # warm-up
+        fn()
+    seconds = {name: [] for name in runs}
+    for _ in range(args.repeats):  # interleaved, so machine load hits both alike
+        for name, fn in runs.items():
+            seconds[name].append(timed(fn))
+
+    base = statistics.median(next(iter(seconds.values())))
+    lines = [
+        "# Index throughput: tiny GPT-2 on CPU",
+        "",
+        f"`.venv/bin/python bench/lm_throughput.py --rows {args.rows} --repeats {args.repeats} "
+        f"--threads {args.threads}`",
+        "",
+        f"Model: GPT-2, 4 layers, 128 wide, vocabulary 257 (bytes), "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters, float32. "
+        f"Data: the first {args.rows} pydoc_topics documents (max 256 tokens), {tokens:,} "
+        f"tokens, {len(batches)} token-budget batches of <= {args.batch_tokens} padded tokens. "
+        f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or 'cpu'}, "
+        f"median of {args.repeats} interleaved runs.",
+        "",
+        "| method | seconds | tokens/s | vs plain |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, secs in seconds.items():
+        med = statistics.median(secs)
+        lines.append(f"| {name} | {med:.2f} | {tokens / med:,.0f} | {base / med:.2f}x |")
+    text = "\n".join(lines) + "\n"
+    os.makedirs(os.path.dirname(OUT), exist_ok=True)
+    with open(OUT, "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
