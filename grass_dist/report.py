@@ -35,7 +35,9 @@ table.stats td, table.stats th { padding: 2px 12px 2px 0; text-align: left; }
 .card.query-card { border-color: #888; } .card.wrong { border-color: #d92d20; background: #fff4f3; }
 .card.same-label { border-color: #8fd19e; }
 .key { color: #666; } .score { font-family: monospace; } .pred-wrong { color: #d92d20; }
-.text { font-family: monospace; white-space: pre-wrap; max-height: 120px; overflow: hidden; }
+.card.text-card { width: 220px; }
+.text { font-family: monospace; white-space: pre-wrap; max-height: 120px; overflow: hidden;
+  margin-bottom: 3px; }
 .legend { font-size: 12px; color: #555; }
 """
 
@@ -73,6 +75,8 @@ def _content(desc: dict) -> str:
 def _card(desc: dict, key: str, lines: list[str], classes: str = "") -> str:
     """One example: content, then label / extra lines (already HTML) and its key."""
     body = "".join(f"<div>{line}</div>" for line in lines)
+    if desc.get("image") is None:
+        classes += " text-card"  # text needs a wider card than a thumbnail
     return (
         f'<div class="card {classes}">{_content(desc)}{body}'
         f'<div class="key">{escape(str(key))}</div></div>'

@@ -68,7 +68,7 @@ def test_local_files_jsonl_parquet_and_text(tmp_path):
 
 
 def test_pydoc_documents_and_subsets():
-    keys, texts = pydoc_documents(doc_chars=400)
+    keys, texts = pydoc_documents()
     assert len(keys) == len(set(keys)) > 500
     assert keys[0].startswith("pydoc/") and all(t.strip() for t in texts)
     for_docs = [t for k, t in zip(keys, texts, strict=True) if k.startswith("pydoc/for/")]

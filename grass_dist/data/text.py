@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -54,6 +55,7 @@ class TextDataset(Dataset):
         self.tokenizer: Tokenizer = load_tokenizer(tokenizer)
         self.max_length, self.add_bos = int(max_length), bool(add_bos)
         self._texts = list(texts)
+        self._recent: OrderedDict[int, list[int]] = OrderedDict()
         # Rows are (document, first token, end token); truncation tokenises lazily.
         if long == "truncate":
             self._rows = [(d, 0, self.max_length) for d in range(len(self._texts))]
@@ -68,9 +70,16 @@ class TextDataset(Dataset):
                     self.keys.append(f"{key}#{b}")
 
     def _doc_ids(self, d: int) -> list[int]:
+        # The blocks of a document are consecutive rows: keep its last few tokenisations.
+        if d in self._recent:
+            self._recent.move_to_end(d)
+            return self._recent[d]
         ids = self.tokenizer.encode(self._texts[d])
         if self.add_bos and self.tokenizer.bos_id is not None:
             ids = [self.tokenizer.bos_id, *ids]
+        self._recent[d] = ids
+        if len(self._recent) > 4:
+            self._recent.popitem(last=False)
         return ids
 
     def _row_ids(self, i: int) -> list[int]:
