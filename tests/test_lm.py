@@ -280,9 +280,18 @@ def test_tiny_gpt2_trains_deterministically_caches_and_reloads(tmp_path, monkeyp
         tiny_lm.tiny_gpt2(**{**small, "steps": 4}, cache_dir=str(tmp_path / "a"))
 
 
-def test_lm_presets_compose_and_build(tmp_path):
-    from omegaconf import OmegaConf
+TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.steps=2"]
 
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [*TINY, "data.train.n_docs=6", "data.train.max_length=64"],  # the example as shipped
+        ["model=hf_causal_lm", "data=text_files"],
+    ],
+    ids=["tiny_gpt2+pydoc_topics", "hf_causal_lm+text_files"],
+)
+def test_lm_presets_compose_and_build(tmp_path, overrides):
     from grass_dist.build import (
         build_dataset,
         build_layer_compressors,
@@ -295,23 +304,27 @@ def test_lm_presets_compose_and_build(tmp_path):
 
     (tmp_path / "corpus.jsonl").write_text('{"text": "one doc"}\n{"text": "another doc"}\n')
     (tmp_path / "q.jsonl").write_text('{"prompt": "one ", "completion": "doc"}\n')
+    files = [f"data.train.paths=[{tmp_path}/corpus.jsonl]", f"data.query.path={tmp_path}/q.jsonl"]
+    text_files = "data=text_files" in overrides
     cfg = compose_cfg(
         tmp_path,
         "+example=tiny_gpt2",
-        "model=hf_causal_lm",
-        "data=text_files",
-        f"data.train.paths=[{tmp_path}/corpus.jsonl]",
-        f"data.query.path={tmp_path}/q.jsonl",
+        *overrides,
+        *(files if text_files else []),
         "compression.k=16",
         small=False,
     )
-    job = JobConfig.from_cfg(OmegaConf.to_container(cfg, resolve=True))
+    job = JobConfig.from_cfg(cfg)
     assert job.index_url.endswith("index-tiny_gpt2")
     model, task = build_model(job), build_task(job)
     comps = build_layer_compressors(job, model)
-    assert "lm_head" in comps and "model.layers.1.mlp.down_proj" in comps  # an untied Llama
     train, query = build_dataset(job, "train"), build_dataset(job, "query")
-    assert len(train) == 2 and query.describe(0)["text"] == "one ⟦doc⟧"
+    if text_files:
+        assert "lm_head" in comps and "model.layers.1.mlp.down_proj" in comps  # untied Llama
+        assert len(train) == 2 and query.describe(0)["text"] == "one ⟦doc⟧"
+    else:
+        assert "transformer.h.0.attn.c_attn" in comps and "lm_head" not in comps
+        assert len(train) == 6 and len(query) == 6
     block = GradientComputer(model, task, comps).phi_rows(train, range(2), batch_size=2)
     assert all(p.shape == (2, 16) for p in block.phi.values())
     assert fingerprint(job, model, comps, task)["task"]["loss"] == "next_token_cross_entropy_sum"
