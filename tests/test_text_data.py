@@ -97,6 +97,8 @@ def test_prompts_from_items_and_files(tmp_path):
         path=str(tmp_path / "q.jsonl"), prompt_field="p", completion_field="c", per_token=True
     )
     assert len(from_file) == 5 and from_file.describe(0)["text"] == "Hello ⟦w⟧"
+    with pytest.raises(ConfigError, match="empty prompt and no start token"):
+        prompts(items=[{"prompt": "", "completion": "b"}], add_bos=False)
     with pytest.raises(ConfigError, match="exactly one of"):
         prompts()
 

@@ -48,6 +48,11 @@ class PromptDataset(Dataset):
                     f"data.query.max_length - 1 = {max_length - 1}"
                 )
             context = (start + self.tokenizer.encode(prompt))[-(max_length - len(target)) :]
+            if not context:
+                raise ConfigError(
+                    f"query {key!r} has an empty prompt and no start token, so its first "
+                    f"completion token has no context: give a prompt or data.query.add_bos=true"
+                )
             self._pairs.append((context, target))
         self._rows = [
             (q, j)
