@@ -52,15 +52,9 @@ def test_text_example_end_to_end_and_bfloat16_scores_track_float32(ray_session, 
     shown = train.describe(int(top["train_row"]))["text"][:40]
     assert shown.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;") in html
 
-    job16 = pipeline.prepare(
-        _cfg(tmp_path, "bf16", "model.dtype=bfloat16", "cluster.num_workers=1")
-    )
-    try:
-        pipeline.run_index(job16)
-        pipeline.run_precondition(job16)
-        pipeline.run_score(job16)
-    finally:
-        pipeline.shutdown(job16)
+    bf16 = _cfg(tmp_path, "bf16", "model.dtype=bfloat16", "cluster.num_workers=1")
+    run.attribute(bf16)
+    job16 = pipeline.prepare(bf16, create_index=False)
     assert job16.fingerprint["model"]["state_sha256"] != job32.fingerprint["model"]["state_sha256"]
     dense32 = results.load_dense(job32.index, "tiny_gpt2")
     dense16 = results.load_dense(job16.index, "tiny_gpt2")
