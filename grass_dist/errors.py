@@ -110,3 +110,7 @@ class PreconditionerNotFoundError(GrassError):
 
 class ResultsNotFoundError(GrassError):
     """No complete result set of the requested name exists."""
+
+
+class MissingDependencyError(GrassError, ImportError):
+    """An optional dependency (an extra of grass_dist) is not installed."""

@@ -82,25 +82,31 @@ class GradientComputer:
         with torch.no_grad():
             return {n: _compress(self.compressors[n], g) for n, g in grads.items()}
 
+    def _batches(self, items: list, batch_size: int) -> list[list[int]]:
+        """Positions of `items` per batch: the task's plan (e.g. by token budget) or chunks."""
+        if hasattr(self.task, "plan_batches"):
+            return self.task.plan_batches(items, batch_size)
+        return [
+            list(range(s, min(s + batch_size, len(items))))
+            for s in range(0, len(items), batch_size)
+        ]
+
     def phi_rows(self, dataset, rows: Sequence[int], batch_size: int) -> PhiBlock:
-        """phi for the given dataset rows, computed in batches of `batch_size`."""
+        """phi for the given dataset rows, in row order, from batches of <= `batch_size` rows."""
         rows = list(rows)
-        parts: dict[str, list[np.ndarray]] = {n: [] for n in self.compressors}
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            batch = self.task.collate([dataset[r] for r in chunk])
-            for name, phi in self.phi_batch(batch).items():
-                if not torch.isfinite(phi).all():
+        items = [dataset[r] for r in rows]
+        phi = {n: np.zeros((len(rows), c.out_dim), np.float32) for n, c in self.compressors.items()}
+        for group in self._batches(items, batch_size):
+            batch = self.task.collate([items[j] for j in group])
+            for name, block in self.phi_batch(batch).items():
+                if not torch.isfinite(block).all():
+                    bad = sorted(rows[j] for j in group)
                     raise NonFiniteGradientError(
-                        f"non-finite gradients in layer {name!r} for rows {chunk[0]}..{chunk[-1]}"
-                        f": check the model's loss on these examples (NaN/inf inputs or labels, "
-                        f"or a diverged checkpoint)"
+                        f"non-finite gradients in layer {name!r} for one of rows {bad[:8]}"
+                        f"{'...' if len(bad) > 8 else ''}: check the model's loss on these "
+                        f"examples (NaN/inf inputs or labels, or a diverged checkpoint)"
                     )
-                parts[name].append(phi.cpu().numpy())
-        phi = {
-            n: np.concatenate(p) if p else np.zeros((0, self.compressors[n].out_dim), np.float32)
-            for n, p in parts.items()
-        }
+                phi[name][group] = block.cpu().numpy()
         return PhiBlock(
             row_ids=np.asarray(rows, dtype=np.int64),
             keys=[sample_key(dataset, r) for r in rows],
