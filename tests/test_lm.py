@@ -327,4 +327,5 @@ def test_lm_presets_compose_and_build(tmp_path, overrides):
         assert len(train) == 6 and len(query) == 6
     block = GradientComputer(model, task, comps).phi_rows(train, range(2), batch_size=2)
     assert all(p.shape == (2, 16) for p in block.phi.values())
-    assert fingerprint(job, model, comps, task)["task"]["loss"] == "next_token_cross_entropy_sum"
+    fp = fingerprint(job, model, comps, task, train)
+    assert fp["task"]["loss"] == "next_token_cross_entropy_sum"
