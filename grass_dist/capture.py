@@ -7,6 +7,7 @@ differentiation target, autograd skips every weight-gradient GEMM.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -15,6 +16,8 @@ from torch import nn
 
 from grass_dist.compress.base import FlatShape, LayerShape, LinearShape
 from grass_dist.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -37,21 +40,40 @@ def flat_shape(module: nn.Module) -> FlatShape:
     return FlatShape(kind=type(module).__name__, params=params)
 
 
+def _tied_to(model: nn.Module) -> dict[str, list[str]]:
+    """Linear-like layer -> the other modules holding its weight (tied embeddings)."""
+    holders: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for param in module.parameters(recurse=False):
+            holders.setdefault(id(param), []).append(name)
+    return {
+        name: [h for h in holders[id(module.weight)] if h != name]
+        for name, module in model.named_modules()
+        if is_linear_like(module) and len(holders[id(module.weight)]) > 1
+    }
+
+
 def resolve_layers(model: nn.Module, names: Iterable[str] | None) -> dict[str, LayerShape]:
-    """Layer name -> shape for the requested modules (all Linear layers when None).
+    """Layer name -> shape for the requested modules (all untied Linear layers when None).
 
     Linear layers get a LinearShape (factorised capture); any other module with parameters
-    gets a FlatShape (per-sample gradients through torch.func).
+    gets a FlatShape (per-sample gradients through torch.func). A Linear layer whose weight
+    another module also uses (an LM head tied to the embedding) is left out: the factorised
+    capture would see only this layer's share of the weight's gradient.
     """
     modules = dict(model.named_modules())
     linear = [n for n, m in modules.items() if is_linear_like(m)]
+    tied = _tied_to(model)
     if names is None:
-        if not linear:
+        chosen = [n for n in linear if n not in tied]
+        if tied:
+            log.info("index.layers=null leaves out layers with tied weights: %s", sorted(tied))
+        if not chosen:
             raise ConfigError(
                 "the model has no nn.Linear layers to capture; set index.layers to the names "
                 "of the modules to attribute (any module with parameters)"
             )
-        return {n: linear_shape(modules[n]) for n in linear}
+        return {n: linear_shape(modules[n]) for n in chosen}
     shapes: dict[str, LayerShape] = {}
     for name in names:
         if name not in modules:
@@ -60,6 +82,12 @@ def resolve_layers(model: nn.Module, names: Iterable[str] | None) -> dict[str, L
                 f"Linear layers in this model: {linear}"
             )
         module = modules[name]
+        if name in tied:
+            raise ConfigError(
+                f"index.layers names {name!r}, whose weight is shared with {tied[name]} "
+                f"(tied embeddings): its captured gradient would miss the other uses. "
+                f"Leave it out of index.layers or untie the weights"
+            )
         if is_linear_like(module):
             shapes[name] = linear_shape(module)
         elif next(module.parameters(), None) is None:

@@ -122,3 +122,7 @@ class PlacementTimeoutError(GrassError):
 
 class ReducerFailedError(GrassError):
     """The reducer kept dying during a stage."""
+
+
+class MissingDependencyError(GrassError, ImportError):
+    """An optional dependency (an extra of grass_dist) is not installed."""

@@ -31,19 +31,24 @@ class PhiBlock:
     phi: dict[str, np.ndarray]
 
 
-@dataclass
-class LoadedRows:
-    """Rows read and collated ahead of compute: batches are (row list, collated batch)."""
-
-    row_ids: np.ndarray
-    keys: list[str]
-    batches: list[tuple[list[int], Any]]
-
-
 def _compress(
     comp: Compressor, grad: tuple[torch.Tensor, torch.Tensor] | torch.Tensor
 ) -> torch.Tensor:
     return comp.compress(*grad) if isinstance(grad, tuple) else comp.compress_flat(grad)
+
+
+@dataclass
+class LoadedRows:
+    """Rows read and collated ahead of compute.
+
+    Attributes:
+        row_ids: int64 (n,). keys: n sample keys.
+        batches: (positions in row_ids, collated batch) per batch, in the task's order.
+    """
+
+    row_ids: np.ndarray
+    keys: list[str]
+    batches: list[tuple[list[int], Any]]
 
 
 class GradientComputer:
@@ -92,38 +97,48 @@ class GradientComputer:
         with torch.no_grad():
             return {n: _compress(self.compressors[n], g) for n, g in grads.items()}
 
+    def _batches(self, items: list, batch_size: int) -> list[list[int]]:
+        """Positions of `items` per batch: the task's plan (e.g. by token budget) or chunks."""
+        if hasattr(self.task, "plan_batches"):
+            return self.task.plan_batches(items, batch_size)
+        return [
+            list(range(s, min(s + batch_size, len(items))))
+            for s in range(0, len(items), batch_size)
+        ]
+
     def phi_rows(self, dataset, rows: Sequence[int], batch_size: int) -> PhiBlock:
-        """phi for the given dataset rows, computed in batches of `batch_size`."""
+        """phi for the given dataset rows, in row order, from batches of <= `batch_size` rows."""
         return self.phi_loaded(self.load_rows(dataset, rows, batch_size))
 
     def load_rows(self, dataset, rows: Sequence[int], batch_size: int) -> LoadedRows:
-        """Read and collate `rows` into batches of `batch_size` (no model work)."""
+        """Read `rows` and collate them into the task's batches (no model work)."""
         rows = list(rows)
-        chunks = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+        items = [dataset[r] for r in rows]
         return LoadedRows(
             row_ids=np.asarray(rows, dtype=np.int64),
             keys=[sample_key(dataset, r) for r in rows],
-            batches=[(c, self.task.collate([dataset[r] for r in c])) for c in chunks],
+            batches=[
+                (group, self.task.collate([items[j] for j in group]))
+                for group in self._batches(items, batch_size)
+            ],
         )
 
     def phi_loaded(
         self, loaded: LoadedRows, on_batch: Callable[[int], None] | None = None
     ) -> PhiBlock:
-        """phi of rows collated by `load_rows`; `on_batch(n_rows)` runs after each batch."""
-        parts: dict[str, list[np.ndarray]] = {n: [] for n in self.compressors}
-        for chunk, batch in loaded.batches:
-            for name, phi in self.phi_batch(batch).items():
-                if not torch.isfinite(phi).all():
+        """phi of rows read by `load_rows`; `on_batch(n_rows)` runs after each batch."""
+        n = len(loaded.row_ids)
+        phi = {name: np.zeros((n, c.out_dim), np.float32) for name, c in self.compressors.items()}
+        for group, batch in loaded.batches:
+            for name, block in self.phi_batch(batch).items():
+                if not torch.isfinite(block).all():
+                    bad = sorted(int(loaded.row_ids[j]) for j in group)
                     raise NonFiniteGradientError(
-                        f"non-finite gradients in layer {name!r} for rows {chunk[0]}..{chunk[-1]}"
-                        f": check the model's loss on these examples (NaN/inf inputs or labels, "
-                        f"or a diverged checkpoint)"
+                        f"non-finite gradients in layer {name!r} for one of rows {bad[:8]}"
+                        f"{'...' if len(bad) > 8 else ''}: check the model's loss on these "
+                        f"examples (NaN/inf inputs or labels, or a diverged checkpoint)"
                     )
-                parts[name].append(phi.cpu().numpy())
+                phi[name][group] = block.cpu().numpy()
             if on_batch is not None:
-                on_batch(len(chunk))
-        phi = {
-            n: np.concatenate(p) if p else np.zeros((0, self.compressors[n].out_dim), np.float32)
-            for n, p in parts.items()
-        }
+                on_batch(len(group))
         return PhiBlock(row_ids=loaded.row_ids, keys=loaded.keys, phi=phi)

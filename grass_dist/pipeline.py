@@ -221,8 +221,11 @@ def query_phi(job: Job, which: str = "query") -> PhiBlock:
     )
 
 
-def run_score(job: Job, query: PhiBlock) -> dict[str, Any]:
-    """Score `query` against the whole index with the saved preconditioner; write results."""
+def run_score(job: Job, query: PhiBlock | None = None) -> dict[str, Any]:
+    """Score `query` (default: data.query) against the whole index; write results."""
+    if query is None:
+        query = query_phi(job)
+        release_workers(job)  # the scorer tasks need the workers' CPUs
     sc = job.cfg.scoring
     with job.stage("score"):
         return _reducer(job).call(

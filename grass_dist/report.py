@@ -35,7 +35,9 @@ table.stats td, table.stats th { padding: 2px 12px 2px 0; text-align: left; }
 .card.query-card { border-color: #888; } .card.wrong { border-color: #d92d20; background: #fff4f3; }
 .card.same-label { border-color: #8fd19e; }
 .key { color: #666; } .score { font-family: monospace; } .pred-wrong { color: #d92d20; }
-.text { font-family: monospace; white-space: pre-wrap; max-height: 120px; overflow: hidden; }
+.card.text-card { width: 220px; }
+.text { font-family: monospace; white-space: pre-wrap; max-height: 120px; overflow: hidden;
+  margin-bottom: 3px; }
 .legend { font-size: 12px; color: #555; }
 """
 
@@ -73,6 +75,8 @@ def _content(desc: dict) -> str:
 def _card(desc: dict, key: str, lines: list[str], classes: str = "") -> str:
     """One example: content, then label / extra lines (already HTML) and its key."""
     body = "".join(f"<div>{line}</div>" for line in lines)
+    if desc.get("image") is None:
+        classes += " text-card"  # text needs a wider card than a thumbnail
     return (
         f'<div class="card {classes}">{_content(desc)}{body}'
         f'<div class="key">{escape(str(key))}</div></div>'
@@ -92,7 +96,7 @@ def _check_topk(topk: pd.DataFrame) -> None:
 def top_proponent_label_agreement(
     topk: pd.DataFrame, train_set: Any, query_set: Any, rows: list[int] | None = None
 ) -> float:
-    """Share of queries whose rank-0 proponent has the query's label (NaN if none).
+    """Share of labelled queries whose rank-0 proponent has the query's label (NaN if none).
 
     Args:
         topk: the top-k table (see TOPK_COLUMNS); one rank-0 proponent per query.
@@ -106,11 +110,12 @@ def top_proponent_label_agreement(
     top = top.drop_duplicates("query_row")
     if top.empty:
         return float("nan")
-    agree = [
-        query_set.describe(int(q))["label"] == train_set.describe(int(t))["label"]
+    pairs = [
+        (query_set.describe(int(q)).get("label"), train_set.describe(int(t)).get("label"))
         for q, t in zip(top["query_row"], top["train_row"], strict=True)
     ]
-    return float(np.mean(agree))
+    agree = [a == b for a, b in pairs if a is not None and b is not None]
+    return float(np.mean(agree)) if agree else float("nan")
 
 
 def _summary(

@@ -155,7 +155,7 @@ def test_append_computes_new_shards_and_scores_the_whole_index(ray_session, back
         backend.cfg(tmp_path, *common, "cluster.num_workers=2"),  # data.train.n_train=90
         pipeline.run_index,
         pipeline.run_precondition,
-        lambda job: pipeline.run_score(job, pipeline.query_phi(job)),
+        pipeline.run_score,
     )
     assert stats == {"computed_shards": 1, "skipped_shards": 2, "rows": 26}
     assert pre["rows"] == 90 and score["train_rows"] == 90

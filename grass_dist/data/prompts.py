@@ -1,0 +1,137 @@
+"""Queries for a causal LM: attribute the loss of a completion given its prompt."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from grass_dist.data.text import column, expand_paths, file_format, read_table
+from grass_dist.data.tokenizer import Tokenizer, load_tokenizer
+from grass_dist.errors import ConfigError
+
+IGNORE = -100  # label of tokens that carry no loss (prompt, start token, padding)
+
+
+class PromptDataset(Dataset):
+    """(prompt, completion) pairs as rows whose loss is the completion's alone.
+
+    An item is {"input_ids": (L,) int64, "labels": (L,) int64}: [start] + prompt + completion,
+    labels IGNORE on the start and prompt tokens. With `per_token`, every completion token
+    is a row of its own (labels IGNORE elsewhere, key "<key>/t<j>"); since the task's loss
+    is a sum over tokens, a pair's scores are the sum of its per-token rows' scores.
+    A prompt too long for `max_length` loses its first tokens; the completion never does.
+    """
+
+    def __init__(
+        self,
+        keys: Sequence[str],
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        tokenizer: str = "bytes",
+        max_length: int = 512,
+        per_token: bool = False,
+        add_bos: bool = True,
+    ):
+        if not len(keys) == len(prompts) == len(completions) or len(set(keys)) != len(keys):
+            raise ConfigError("data.query needs one unique key per prompt/completion pair")
+        self.tokenizer: Tokenizer = load_tokenizer(tokenizer)
+        start = [self.tokenizer.bos_id] if add_bos and self.tokenizer.bos_id is not None else []
+        self._pairs: list[tuple[list[int], list[int]]] = []
+        for key, prompt, completion in zip(keys, prompts, completions, strict=True):
+            target = self.tokenizer.encode(completion)
+            if not 1 <= len(target) <= max_length - 1:
+                raise ConfigError(
+                    f"query {key!r}: the completion has {len(target)} tokens; it needs 1 to "
+                    f"data.query.max_length - 1 = {max_length - 1}"
+                )
+            context = (start + self.tokenizer.encode(prompt))[-(max_length - len(target)) :]
+            if not context:
+                raise ConfigError(
+                    f"query {key!r} has an empty prompt and no start token, so its first "
+                    f"completion token has no context: give a prompt or data.query.add_bos=true"
+                )
+            self._pairs.append((context, target))
+        self._rows = [
+            (q, j)
+            for q, (_, target) in enumerate(self._pairs)
+            for j in (range(len(target)) if per_token else [None])
+        ]
+        self.keys = [str(keys[q]) if j is None else f"{keys[q]}/t{j}" for q, j in self._rows]
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        q, j = self._rows[int(i)]
+        context, target = self._pairs[q]
+        ids = torch.tensor(context + target, dtype=torch.long)
+        labels = torch.full_like(ids, IGNORE)
+        if j is None:
+            labels[len(context) :] = ids[len(context) :]
+        else:
+            labels[len(context) + j] = ids[len(context) + j]
+        return {"input_ids": ids, "labels": labels}
+
+    def describe(self, i: int) -> dict:
+        """Rendering protocol of the report: the prompt with the attributed part in ⟦ ⟧."""
+        q, j = self._rows[int(i)]
+        context, target = self._pairs[q]
+        decode = self.tokenizer.decode
+        if j is None:
+            text = f"{decode(context)}⟦{decode(target)}⟧"
+        else:
+            text = f"{decode(context + target[:j])}⟦{decode(target[j : j + 1])}⟧"
+        return {"key": self.keys[int(i)], "text": text}
+
+
+def prompts(
+    items: Sequence[Mapping[str, Any]] | None = None,
+    path: str | Sequence[str] | None = None,
+    format: str | None = None,
+    prompt_field: str = "prompt",
+    completion_field: str = "completion",
+    key_field: str | None = None,
+    tokenizer: str = "bytes",
+    max_length: int = 512,
+    per_token: bool = False,
+    add_bos: bool = True,
+) -> PromptDataset:
+    """Hydra target: queries from inline `items` ({prompt, completion, key?}) or local files.
+
+    Args:
+        items: a list of mappings with "prompt", "completion" and optionally "key".
+        path, format: JSONL or Parquet files (globs allowed) with the two text columns.
+        prompt_field, completion_field, key_field: column names in those files.
+        tokenizer, max_length, add_bos: as for the training data (use the same tokenizer).
+        per_token: one row per completion token instead of one per pair.
+    """
+    if (items is None) == (path is None):
+        raise ConfigError("data.query: set exactly one of data.query.items and data.query.path")
+    if items is not None:
+        keys = [str(it.get("key") or f"prompt/{n}") for n, it in enumerate(items)]
+        pairs = [(str(it["prompt"]), str(it["completion"])) for it in items]
+    else:
+        keys, pairs = [], []
+        for file in expand_paths(path):
+            table = read_table(file, file_format(file, format))
+            texts = zip(
+                column(table, prompt_field, file, "query.prompt_field"),
+                column(table, completion_field, file, "query.completion_field"),
+                strict=True,
+            )
+            ids = column(table, key_field, file, "query.key_field") if key_field else None
+            for row, pair in enumerate(texts):
+                keys.append(ids[row] if ids else f"{file}:{row}")
+                pairs.append(pair)
+    return PromptDataset(
+        keys,
+        [p for p, _ in pairs],
+        [c for _, c in pairs],
+        tokenizer,
+        max_length,
+        per_token,
+        add_bos,
+    )
