@@ -50,7 +50,6 @@ def cluster_doc() -> str:
     end = text.find("\n## ", start + 1)
     return text[start : end if end != -1 else None]
 
-
 SECRET_NAMES = ("RAY_AUTH_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 WEED = shutil.which("weed") or shutil.which("weed", path=str(Path(sys.executable).parent))
 
