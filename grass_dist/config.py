@@ -57,11 +57,14 @@ class PreconditionConfig:
 
 @dataclass
 class ScoringConfig:
-    kind: str = _f("influence", "influence | grad_dot")
+    kind: str = _f("influence", "influence | grad_dot | cosine (over all layers at once)")
     topk: int = _f(10, "proponents and opponents kept per query")
-    dense: bool = _f(False, "also write the full n_train x n_query score matrix")
+    dense: bool = _f(False, "also write the full n_train x n_query score matrix, tile by tile")
     self_influence: bool = _f(True, "write tau(i, i) for every training row")
     tile_rows: int = _f(4096, "training rows scored per tile (bounds memory)")
+    breakdown: bool = _f(False, "add per-layer score columns score.<layer> to the top-k table")
+    parallelism: int | None = _f(None, "scorer tasks; null = cluster CPUs / cpus_per_task")
+    cpus_per_task: float = _f(1.0, "CPUs per scorer task (also its torch thread count)")
 
 
 @dataclass
@@ -146,10 +149,14 @@ class JobConfig:
                 raise ConfigError(f"index.{fname} must be positive")
         if self.precondition.damping < 0:
             raise ConfigError("precondition.damping must be >= 0 (relative to trace(H)/k)")
-        if self.scoring.kind not in ("influence", "grad_dot"):
-            raise ConfigError(f"scoring.kind={self.scoring.kind!r}; use influence or grad_dot")
+        if self.scoring.kind not in ("influence", "grad_dot", "cosine"):
+            raise ConfigError(
+                f"scoring.kind={self.scoring.kind!r}; use influence, grad_dot or cosine"
+            )
         if self.scoring.topk <= 0 or self.scoring.tile_rows <= 0:
             raise ConfigError("scoring.topk and scoring.tile_rows must be positive")
+        if self.scoring.cpus_per_task <= 0 or (self.scoring.parallelism or 1) <= 0:
+            raise ConfigError("scoring.cpus_per_task and scoring.parallelism must be positive")
         if self.cluster.num_workers <= 0:
             raise ConfigError("cluster.num_workers must be at least 1")
 

@@ -47,3 +47,23 @@ def layer_grad(grads: dict[str, torch.Tensor], layer: str) -> torch.Tensor:
     w = grads[f"{layer}.weight"]
     b = grads.get(f"{layer}.bias")
     return w if b is None else torch.cat([w, b.unsqueeze(-1)], dim=-1)
+
+
+def assert_topk_close(rows, values, exact, k: int, largest: bool, tol: float) -> None:
+    """A top-k (rows, values: (Q, k)) against exact scores (n, Q) float64, up to rounding.
+
+    Sorted values must agree within `tol`; every returned row's exact score must match its
+    value; the row sets may differ only by rows tied with the k-th value within `tol`.
+    """
+    exact = torch.as_tensor(exact, dtype=torch.float64)
+    rows = torch.tensor(rows)
+    values = torch.tensor(values, dtype=torch.float64)
+    want_v, want_r = torch.topk(exact.T, k, dim=1, largest=largest)
+    assert (values - want_v).abs().max() <= tol, float((values - want_v).abs().max())
+    assert (exact.T.gather(1, rows) - values).abs().max() <= tol
+    for q in range(rows.shape[0]):
+        got, want = set(rows[q].tolist()), set(want_r[q].tolist())
+        assert len(got) == k
+        kth = want_v[q, -1]
+        for r in got ^ want:
+            assert abs(float(exact[r, q] - kth)) <= tol, (q, r)
