@@ -1,8 +1,10 @@
 """The running top-k is exact: same rows and scores as a full sort, for any tiling."""
 
+import numpy as np
 import pytest
 import torch
 
+from grass_dist.score import Block, QuerySide, score_stream
 from grass_dist.topk import EMPTY, TopKPair, decode, encode, merge_keys
 
 
@@ -71,3 +73,40 @@ def test_partials_from_any_split_of_the_rows_merge_to_the_same_answer():
     merged = merge_keys(merge_keys(parts[2], parts[0], 64), parts[1], 64)
     got = decode(merged)
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+
+
+def test_floor_from_the_first_tile_keeps_results_exact():
+    gen = torch.Generator().manual_seed(5)
+    scores = torch.randn(20, 20000, generator=gen).round(decimals=2)
+    top = TopKPair(20, 50, expected_rows=20000)
+    for lo in range(0, 20000, 2000):
+        top.add(scores[:, lo : lo + 2000].contiguous(), torch.arange(lo, lo + 2000))
+    assert top.floor is not None  # the floor was in force
+    props, opps = top.finish()
+    assert len(top.shortfall()) == 0
+    for keys, sign in ((props, 1), (opps, -1)):
+        got, want = decode(keys, sign), brute(scores, 50, sign)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+
+
+def test_a_misleading_first_tile_is_caught_and_rescored_exactly():
+    gen = torch.Generator().manual_seed(6)
+    scores = torch.randn(6, 20000, generator=gen)
+    scores[:3, :2000] *= 10  # queries 0-2: the first tile overstates their whole stream
+    matrix = torch.eye(6)  # scores = matrix @ phi.T with phi = scores.T
+    query = QuerySide(matrix, [("a", 0, 6)], "grad_dot")
+    phi = scores.T.contiguous()
+
+    def blocks():
+        for lo in range(0, 20000, 5000):
+            yield Block(np.arange(lo, lo + 5000), [], phi[lo : lo + 5000])
+
+    partial = score_stream(query, blocks, 50, tile_rows=2000, expected_rows=20000)
+    for keys, sign in ((partial.proponents, 1), (partial.opponents, -1)):
+        got, want = decode(keys, sign), brute(scores, 50, sign)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    top = TopKPair(6, 50, expected_rows=20000)
+    for lo in range(0, 20000, 2000):
+        top.add(scores[:, lo : lo + 2000].contiguous(), torch.arange(lo, lo + 2000))
+    top.finish()
+    assert set(top.shortfall().tolist()) == {0, 1, 2}

@@ -20,22 +20,31 @@ from grass_dist.gradients import PhiBlock
 from grass_dist.index import GradientIndex, ShardRecord
 from grass_dist.precondition import FisherSum, Preconditioner
 from grass_dist.runtime.faults import KillOnce
-from grass_dist.runtime.scoring import ScoreOptions, fan_out, fan_out_breakdown, shard_groups
+from grass_dist.runtime.scoring import (
+    ScoreOptions,
+    fan_out,
+    fan_out_breakdown,
+    release_memory,
+    shard_groups,
+)
 from grass_dist.score import ScorePartial, prepare_queries, whiteners_for
 from grass_dist.topk import decode
 
 log = logging.getLogger(__name__)
+
+_FRESH_PROCESS_BYTES = 1 << 28
 
 
 def preconditioner_path(name: str) -> str:
     return f"preconditioner/{name}.safetensors"
 
 
-@ray.remote(max_calls=1)  # the worker exits afterwards, returning all of its memory
+@ray.remote
 def _fisher_task(index: GradientIndex, records: list[ShardRecord], verify: bool) -> FisherSum:
     total = FisherSum({}, 0)
     for record in records:
         total = total + FisherSum.of(index.read(record, verify=verify).phi)
+    release_memory()
     return total
 
 
@@ -112,7 +121,9 @@ class Reducer:
         layers = [name for name, _, _ in prepared.layers]
         records = sorted(self.index.committed().values(), key=lambda r: r.start)
         run_dir = results.new_run_dir(result_name)
-        opts = ScoreOptions(topk, tile_rows, verify, cpus_per_task, max_retries, True)
+        # Large top-k state: let each scorer's process end with its task to return the memory.
+        fresh = len(query.row_ids) * topk * 64 > _FRESH_PROCESS_BYTES
+        opts = ScoreOptions(topk, tile_rows, verify, cpus_per_task, max_retries, fresh)
         if parallelism is None:
             parallelism = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_task))
         whiteners = whiteners_for(pre, layers, damping) if self_influence else None
