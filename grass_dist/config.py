@@ -85,6 +85,23 @@ class ClusterConfig:
 
 
 @dataclass
+class ServeConfig:
+    host: str = _f("127.0.0.1", "address the HTTP service binds (non-loopback is warned about)")
+    port: int = _f(8000, "HTTP port of the service")
+    route_prefix: str = _f("/", "URL prefix of the service's routes (query, healthz)")
+    app_name: str = _f("grass_dist", "Ray Serve application name")
+    replicas: int = _f(1, "model replicas answering queries")
+    cpus_per_replica: float = _f(1.0, "CPUs per replica (also its torch thread count)")
+    max_ongoing_requests: int = _f(16, "requests a replica accepts at once (more wait)")
+    topk: int = _f(10, "proponents and opponents returned when a request does not say")
+    max_topk: int = _f(1000, "largest topk a request may ask for")
+    kind: str | None = _f(None, "default score kind; null = scoring.kind")
+    max_examples: int = _f(64, "most examples per request (more: HTTP 413)")
+    max_request_bytes: int = _f(4_000_000, "largest request body (more: HTTP 413)")
+    cache_bytes: int = _f(1 << 30, "hold the train phi in replica memory up to this size")
+
+
+@dataclass
 class JobConfig:
     """The validated job: user callables stay as raw Hydra nodes with `_target_`."""
 
@@ -98,6 +115,7 @@ class JobConfig:
     scoring: ScoringConfig
     store: StoreConfig
     cluster: ClusterConfig
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     @property
     def index_url(self) -> str:
@@ -159,6 +177,26 @@ class JobConfig:
             raise ConfigError("scoring.cpus_per_task and scoring.parallelism must be positive")
         if self.cluster.num_workers <= 0:
             raise ConfigError("cluster.num_workers must be at least 1")
+        _validate_serve(self.serve)
+
+
+def _validate_serve(s: ServeConfig) -> None:
+    if s.kind is not None and s.kind not in ("influence", "grad_dot", "cosine"):
+        raise ConfigError(f"serve.kind={s.kind!r}; use influence, grad_dot, cosine or null")
+    for name in ("replicas", "max_ongoing_requests", "topk", "max_topk", "max_examples"):
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"serve.{name} must be positive")
+    if s.topk > s.max_topk:
+        raise ConfigError(f"serve.topk={s.topk} exceeds serve.max_topk={s.max_topk}")
+    if not 0 < s.port < 65536:
+        raise ConfigError(f"serve.port={s.port} is not a TCP port (1..65535)")
+    if s.max_request_bytes <= 0 or s.cache_bytes < 0 or s.cpus_per_replica <= 0:
+        raise ConfigError(
+            "serve.max_request_bytes and serve.cpus_per_replica must be positive and "
+            "serve.cache_bytes >= 0"
+        )
+    if not s.route_prefix.startswith("/"):
+        raise ConfigError(f"serve.route_prefix={s.route_prefix!r} must start with '/'")
 
 
 def _require_target(node: Any, where: str) -> None:
@@ -177,4 +215,5 @@ _GROUPS = {
     "scoring": ScoringConfig,
     "store": StoreConfig,
     "cluster": ClusterConfig,
+    "serve": ServeConfig,
 }

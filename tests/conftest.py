@@ -35,6 +35,6 @@ def compose_cfg(tmp_path: Path, *overrides: str, small: bool = True):
 def ray_session():
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False)
     yield ray
     ray.shutdown()

@@ -48,7 +48,10 @@ def main() -> None:
         [f"q{i}" for i in range(args.queries)],
         phi_rows(10**9, 10**9 + args.queries, LAYERS, seed=1),
     )
-    ray.init(num_cpus=args.cpus, include_dashboard=False, object_store_memory=200 << 20)
+    ray.init(
+        address="local", num_cpus=args.cpus, include_dashboard=False,
+        object_store_memory=200 << 20,
+    )  # fmt: skip
     try:
         reducer = ray.remote(Reducer).options(num_cpus=0).remote(args.dir, {}, args.cpus)
         t0 = time.perf_counter()

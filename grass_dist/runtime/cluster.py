@@ -18,6 +18,7 @@ def connect(cfg: ClusterConfig) -> None:
         return
     if cfg.address is None:
         ray.init(
+            address="local",  # a new Ray here, even if `ray start` left one running
             num_cpus=cfg.num_cpus,
             include_dashboard=False,
             logging_level=logging.WARNING,

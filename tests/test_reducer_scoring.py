@@ -1,5 +1,6 @@
-"""A killed scorer task is retried without losing or duplicating pairs; results appear only
-when complete, and a failed run leaves the previous complete results in place."""
+"""Scoring through the Reducer on Ray: a killed scorer task is retried without losing or
+duplicating pairs, results appear only when complete (a failed run leaves the previous
+complete results in place), and per-layer breakdowns add up to the scores."""
 
 import numpy as np
 import pytest
@@ -43,7 +44,8 @@ def test_a_scorer_killed_mid_run_is_retried_without_lost_or_duplicate_pairs(redu
     clean = _score(actor, "clean")
     faulty = _score(actor, "faulty", fault=KillOnce(str(tmp_path), "after_dense_part"))
     assert (tmp_path / "killed-after_dense_part").exists()  # a scorer process really died
-    assert len(faulty["files"]["dense"]) == len(set(faulty["files"]["dense"])) == 18  # 6 shards x 3 tiles
+    parts = faulty["files"]["dense"]
+    assert len(parts) == len(set(parts)) == 18  # 6 shards x 3 tiles, each once
     dense = results.load_dense(index, "faulty")
     assert dense.shape == (3000, 7)
     np.testing.assert_array_equal(dense, results.load_dense(index, "clean"))
@@ -68,3 +70,19 @@ def test_a_failed_run_leaves_the_last_complete_results_visible(reducer, tmp_path
     for path in first["files"].values():  # the replaced run's files are gone
         assert not index.has_artifact(path)
     assert all(index.has_artifact(p) for p in second["files"].values())
+
+
+@pytest.mark.parametrize("kind", ["cosine", "influence"])
+def test_layer_breakdown_columns_sum_to_the_score_through_the_reducer(reducer, kind):
+    index, actor = reducer
+    out = _score(actor, f"bd-{kind}", kind=kind, dense=False, breakdown=True, topk=5)
+    table = results.load_table(index, f"bd-{kind}", "topk").to_pandas()
+    assert out["files"]["topk"].endswith("topk.parquet") and len(table) == 2 * 7 * 5
+    total = table["score.a"] + table["score.b"]
+    np.testing.assert_allclose(total, table["score"], rtol=1e-4, atol=1e-5)
+    assert (table["score.a"] != 0).all() and (table["score.b"] != 0).all()
+    if kind == "cosine":
+        assert table["score"].abs().max() <= 1.0 + 1e-6
+    best = table[(table["kind"] == "proponent") & (table["rank"] == 0)]
+    worst = table[(table["kind"] == "opponent") & (table["rank"] == 0)]
+    assert (best["score"].to_numpy() > worst["score"].to_numpy()).all()
