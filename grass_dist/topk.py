@@ -112,14 +112,20 @@ class RunningTopK:
                 self.kth = merged.amin(dim=1)
                 return
         starts = torch.cumsum(counts, 0) - counts
-        pos = self.fill[qi] + torch.arange(qi.numel()) - starts[qi]
-        self.pool[qi, pos] = keys
+        pos = (self.fill - starts).index_select(0, qi) + torch.arange(qi.numel())
+        width = self._buf.shape[1]
+        self._buf.view(-1).index_copy_(0, qi * width + self.k + pos, keys)
         self.fill += counts
 
     def finish(self) -> torch.Tensor:
-        """Keys (Q, k), best first, after merging every waiting candidate."""
-        self._flush()
-        return torch.sort(self.keys, dim=1, descending=True).values
+        """Keys (Q, k), best first, after merging every waiting candidate (one sorted topk)."""
+        width = int(self.fill.max())
+        out = torch.topk(self._buf[:, : self.k + width], self.k, dim=1, sorted=True).values
+        self._buf[:, : self.k] = out
+        self._buf[:, self.k : self.k + width] = EMPTY
+        self.fill.zero_()
+        self.kth = out[:, -1].clone()
+        return out
 
     def _flush(self) -> None:
         width = int(self.fill.max())
@@ -161,32 +167,27 @@ class TopKPair:
         if self.floor is not None:
             hi, lo = torch.maximum(hi, self.floor[0]), torch.minimum(lo, self.floor[1])
         n_query, n_cols = scores.shape
-        step = max(1, _CHUNK // max(1, n_cols))  # queries per block: stays in cache
-        mask = self._mask_buffer(min(step, n_query) * n_cols)
+        n = n_query * n_cols
+        mask = self._mask_buffer(n)
         for side, bound in ((self.props, hi), (self.opps, lo)):
-            flat = []
-            for a in range(0, n_query, step):
-                s = scores[a : a + step]
-                m = mask[: s.numel()].view(s.shape)
-                if side is self.props:
-                    torch.ge(s, bound[a : a + step], out=m)
-                else:
-                    torch.le(s, bound[a : a + step], out=m)
-                hits = m.view(-1).nonzero().flatten()
-                if hits.numel() > m.numel() // 2:  # warm-up: most scores qualify
-                    side.add_dense(s, rows, a)
-                else:
-                    flat.append(hits + a * n_cols)
-            if flat:
-                idx = torch.cat(flat)
-                qi, ti = idx // n_cols, idx % n_cols
-                values = scores.view(-1)[idx] * side.sign
-                side.add_candidates(qi, encode(values, rows[ti]))
+            compare = torch.ge if side is self.props else torch.le
+            compare(scores, bound, out=mask[:n].view(n_query, n_cols))
+            idx = _flat_nonzero(mask)
+            if idx is None:  # warm-up: most scores qualify, select from the whole tile
+                side.add_dense(scores, rows)
+                continue
+            qi = torch.div(idx, n_cols, rounding_mode="floor")
+            values = scores.view(-1).index_select(0, idx)
+            cand_rows = rows.index_select(0, idx - qi * n_cols)
+            side.add_candidates(qi, encode(values * side.sign, cand_rows))
 
     def _mask_buffer(self, n: int) -> torch.Tensor:
-        if self._mask is None or self._mask.numel() < n:
-            self._mask = torch.empty(n, dtype=torch.bool)
-        return self._mask
+        """A bool buffer of n entries rounded up to whole int64 words, padding False."""
+        words = -(-n // 8)
+        if self._mask is None or self._mask.numel() < 8 * words:
+            self._mask = torch.empty(8 * words, dtype=torch.bool)
+        self._mask[n : 8 * words] = False
+        return self._mask[: 8 * words]
 
     def _estimate_floor(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Per-query (high, low) floors from the first tile, or None when not worth it."""
@@ -211,6 +212,21 @@ class TopKPair:
             return torch.zeros(0, dtype=torch.int64)
         short = (self.props.keys == EMPTY).any(1) | (self.opps.keys == EMPTY).any(1)
         return short.nonzero().flatten()
+
+
+def _flat_nonzero(mask: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the True entries of a flat bool mask (length a multiple of 8), ascending;
+    None when most of its 8-entry words hold one (the caller then takes everything).
+
+    Scanning int64 words first reads the mask once at 1/8 of the entries; only the words
+    that hold a True are unpacked to bytes.
+    """
+    words = mask.view(torch.int64)
+    hit = words.nonzero().flatten()
+    if hit.numel() > words.numel() // 2:
+        return None
+    word, byte = words.index_select(0, hit).view(torch.uint8).view(-1, 8).nonzero(as_tuple=True)
+    return hit.index_select(0, word) * 8 + byte
 
 
 def _padded(qi: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -139,7 +139,8 @@ class QueryEngine:
         return self._answer(partial, len(items))
 
     def _score(self, query, topk: int) -> ScorePartial:
-        tile_rows = self.job.scoring.tile_rows
+        # A few queries make thin tiles: widen them so a request costs a handful of GEMMs.
+        tile_rows = max(self.job.scoring.tile_rows, (1 << 22) // query.n_query)
         if self.cache is not None:
             cache = self.cache
             return score_stream(
