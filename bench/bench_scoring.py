@@ -231,9 +231,10 @@ def main() -> None:
     ap.add_argument("--service-rows", type=int, default=100_000)
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--skip-service", action="store_true")
+    ap.add_argument("--skip-scoring", action="store_true")
     args = ap.parse_args()
     load = os.getloadavg()[0]
-    lines = bench_scoring(args)
+    lines = [] if args.skip_scoring else bench_scoring(args)
     if not args.skip_service:
         lines += bench_service(args)
     header = (

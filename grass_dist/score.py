@@ -63,10 +63,24 @@ def concat(phi: dict[str, np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(parts, axis=1))
 
 
-def unit_rows(x: torch.Tensor) -> torch.Tensor:
-    """Rows divided by their norm (computed in float64); zero rows stay zero. Same dtype."""
-    norm = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64, keepdim=True)
-    return (x.double() / norm.clamp_min(torch.finfo(torch.float64).tiny)).to(x.dtype)
+_NORM_CHUNK = 1 << 20  # elements converted to float64 at once by row_norms
+
+
+def row_norms(x: torch.Tensor) -> torch.Tensor:
+    """(n, K) -> (n,) float64 Euclidean norms of the rows, summed in float64 in chunks."""
+    step = max(1, _NORM_CHUNK // max(1, x.shape[1]))
+    parts = [
+        torch.linalg.vector_norm(x[lo : lo + step].double(), dim=1)
+        for lo in range(0, x.shape[0], step)
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+
+def unit_rows(x: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of x (n, K) float32 divided by their norms (n,) float64; zero rows stay zero."""
+    norms = row_norms(x) if norms is None else norms
+    inverse = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
+    return x * inverse.to(x.dtype)[:, None]
 
 
 def prepare_queries(
@@ -93,8 +107,8 @@ class ScorePartial:
     """What scoring a set of train rows yields: top-k keys and per-row diagonals.
 
     proponents / opponents: (Q, k) int64 keys (see grass_dist.topk). rows, keys: every row
-    scored, in scoring order. self_influence: tau(i, i) under the influence kernel (float64,
-    empty unless requested); grad_norm_sq: ||phi_i||^2 over all layers (float64).
+    scored, in scoring order. self_influence: tau(i, i) under the influence kernel and
+    grad_norm_sq: ||phi_i||^2 over all layers (float64; both empty unless requested).
     """
 
     proponents: torch.Tensor
@@ -120,13 +134,15 @@ class ScorePartial:
 class Block:
     """Train rows to score: rows (n,) int64, keys, phi (n, K) float32 (layers concatenated).
 
-    `name` identifies the block in dense part names (a shard id).
+    `name` identifies the block in dense part names (a shard id); `norms` (n,) float64 are
+    the rows' norms when already known (a cache computes them once).
     """
 
     rows: np.ndarray
     keys: list[str]
     phi: torch.Tensor
     name: str = ""
+    norms: torch.Tensor | None = None
 
 
 DenseSink = Callable[[int, np.ndarray, torch.Tensor], None]
@@ -136,7 +152,8 @@ class TileScorer:
     """Folds blocks of train rows into top-k proponents and opponents for one QuerySide.
 
     whiteners: per layer W_l (k_l, k_l) with W W^T = (H_l + lambda_l I)^-1; when given,
-    self-influence ||phi_i W||^2 is computed in the same pass. dense_sink(tile_start, rows,
+    the diagonals (self-influence ||phi_i W||^2 and ||phi_i||^2) are computed in the same
+    pass. dense_sink(tile_start, rows,
     scores (Q, t) float32) receives every tile (tile_start counts rows within a block).
     expected_rows: how many rows will be added, if known (lets the top-k set a floor).
     """
@@ -166,29 +183,33 @@ class TileScorer:
         keys: list[str],
         phi: torch.Tensor,
         dense_sink: DenseSink | None = None,
+        norms: torch.Tensor | None = None,
     ) -> None:
-        """A block of train rows: rows (n,) int64, keys, phi (n, K) float32 (concatenated)."""
+        """A block of train rows: rows (n,) int64, keys, phi (n, K) float32 (concatenated),
+        optionally their norms (n,) float64."""
         if len(rows) and (int(rows.min()) < 0 or int(rows.max()) > MAX_ROW):
             raise ValueError(f"train rows must lie in [0, {MAX_ROW}]")
+        if norms is None and (self.query.kind == "cosine" or self.whiteners is not None):
+            norms = row_norms(phi)
         rows_t = torch.from_numpy(np.array(rows, dtype=np.int64))  # a writable copy
         for lo in range(0, len(rows), self.tile_rows):
-            tile = phi[lo : lo + self.tile_rows]
-            scores = self._scores(tile)
-            self.top.add(scores, rows_t[lo : lo + self.tile_rows])
+            hi = lo + self.tile_rows
+            tile = phi[lo:hi]
+            scores = self._scores(tile, None if norms is None else norms[lo:hi])
+            self.top.add(scores, rows_t[lo:hi])
             if dense_sink is not None:
-                dense_sink(lo, rows[lo : lo + self.tile_rows], scores)
+                dense_sink(lo, rows[lo:hi], scores)
             if self.whiteners is not None:
                 self.self_inf.append(self._self_influence(tile))
         self.rows.append(np.asarray(rows, dtype=np.int64))
         self.keys.extend(keys)
-        self.norm_sq.append(
-            (torch.linalg.vector_norm(phi, dim=1, dtype=torch.float64) ** 2).numpy()
-        )
+        if self.whiteners is not None:
+            self.norm_sq.append((norms**2).numpy())
 
-    def _scores(self, tile: torch.Tensor) -> torch.Tensor:
+    def _scores(self, tile: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
         """(t, K) train tile -> (Q, t) float32 scores: one GEMM."""
         if self.query.kind == "cosine":
-            tile = unit_rows(tile)
+            tile = unit_rows(tile, norms)
         out = self._buf[: self.query.n_query * tile.shape[0]].view(-1, tile.shape[0])
         return torch.matmul(self.query.matrix, tile.T, out=out)
 
@@ -229,7 +250,7 @@ def score_stream(
     scorer = TileScorer(query, topk, tile_rows, whiteners, expected_rows)
     for block in blocks():
         sink = functools.partial(dense_sink, block) if dense_sink is not None else None
-        scorer.add(block.rows, block.keys, block.phi, sink)
+        scorer.add(block.rows, block.keys, block.phi, sink, block.norms)
     partial = scorer.finish()
     short = scorer.top.shortfall()
     if len(short):

@@ -48,6 +48,11 @@ def _fisher_task(index: GradientIndex, records: list[ShardRecord], verify: bool)
     return total
 
 
+def _by_layer(terms: np.ndarray, layers: list[str]) -> dict[str, np.ndarray]:
+    """(Q, k, L) per-layer terms -> {layer: (Q, k)}."""
+    return {name: terms[..., j] for j, name in enumerate(layers)}
+
+
 class Reducer:
     """One per job; `parallelism` is how many map tasks it fans out to."""
 
@@ -142,10 +147,12 @@ class Reducer:
         terms = None
         if breakdown:
             terms = {
-                name: fan_out_breakdown(self.index, records, prepared, rows, opts, parallelism)
+                name: _by_layer(
+                    fan_out_breakdown(self.index, records, prepared, rows, opts, parallelism),
+                    layers,
+                )
                 for name, (_, rows) in ranked.items()
             }
-            terms = {n: {la: t[..., j] for j, la in enumerate(layers)} for n, t in terms.items()}
         files = self._write(run_dir, query, merged, ranked, terms, self_influence)
         if dense:
             files["dense"] = sorted(dense_files)

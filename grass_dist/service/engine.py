@@ -33,7 +33,14 @@ from grass_dist.index import GradientIndex
 from grass_dist.precondition import Preconditioner
 from grass_dist.runtime.reducer import preconditioner_path
 from grass_dist.runtime.scoring import ScoreOptions, fan_out, score_records
-from grass_dist.score import Block, ScorePartial, concat, prepare_queries, score_stream
+from grass_dist.score import (
+    Block,
+    ScorePartial,
+    concat,
+    prepare_queries,
+    row_norms,
+    score_stream,
+)
 from grass_dist.topk import decode
 
 log = logging.getLogger(__name__)
@@ -50,11 +57,13 @@ def open_checked(job: JobConfig, model, compressors, task) -> GradientIndex:
 
 @dataclass
 class TrainCache:
-    """Every committed train row in memory: rows (n,) sorted, keys, phi (n, K) float32."""
+    """Every committed train row in memory: rows (n,) sorted, keys, phi (n, K) float32 and
+    the rows' norms (n,) float64 (for cosine scores)."""
 
     rows: np.ndarray
     keys: pa.Array
     phi: torch.Tensor
+    norms: torch.Tensor
 
     @classmethod
     def load(cls, index: GradientIndex, layers: list[str], verify: bool) -> TrainCache:
@@ -65,7 +74,8 @@ class TrainCache:
             parts.append(concat(data.phi))
         order = np.argsort(np.concatenate(rows), kind="stable")
         phi = torch.cat(parts)[torch.from_numpy(order)]
-        return cls(np.concatenate(rows)[order], pa.array(keys, pa.string()).take(order), phi)
+        keys = pa.array(keys, pa.string()).take(order)
+        return cls(np.concatenate(rows)[order], keys, phi, row_norms(phi))
 
     def key_of(self, rows: np.ndarray) -> list[str]:
         return self.keys.take(pa.array(np.searchsorted(self.rows, rows))).to_pylist()
@@ -142,11 +152,8 @@ class QueryEngine:
         # A few queries make thin tiles: widen them so a request costs a handful of GEMMs.
         tile_rows = max(self.job.scoring.tile_rows, (1 << 22) // query.n_query)
         if self.cache is not None:
-            cache = self.cache
-            return score_stream(
-                query, lambda: [Block(cache.rows, [], cache.phi)], topk, tile_rows,
-                expected_rows=self.n_train,
-            )  # fmt: skip
+            block = Block(self.cache.rows, [], self.cache.phi, norms=self.cache.norms)
+            return score_stream(query, lambda: [block], topk, tile_rows, expected_rows=self.n_train)
         opts = ScoreOptions(topk, tile_rows, self.job.index.verify, self.job.scoring.cpus_per_task)
         if not ray.is_initialized():
             return score_records(self.index, self.records, query, opts)[0]
