@@ -70,18 +70,23 @@ class AttributionService:
         }
 
     async def _body(self, request: Request) -> bytes:
-        """The body, refusing (413) past serve.max_request_bytes without reading it all."""
+        """The body, refusing (413) past serve.max_request_bytes without keeping it.
+
+        An oversized body is still read (and dropped) up to 16x the limit, so the client
+        gets the 413 rather than a connection reset while it is sending.
+        """
         limit = self.job.serve.max_request_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise BadRequestError(
-                f"request body has {declared} bytes, over serve.max_request_bytes={limit}", 413
-            )
-        body = bytearray()
+        body, size = bytearray(), 0
         async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise BadRequestError(f"request body over serve.max_request_bytes={limit}", 413)
+            size += len(chunk)
+            if size <= limit:
+                body += chunk
+            elif size > 16 * limit:
+                break
+        if size > limit:
+            raise BadRequestError(
+                f"request body over serve.max_request_bytes={limit}: send fewer examples", 413
+            )
         return bytes(body)
 
 
