@@ -151,6 +151,11 @@ def free_port() -> int:
 
 
 def bench_service(args) -> list[str]:
+    with tempfile.TemporaryDirectory(prefix="grass-bench-serve-") as tmp:
+        return _bench_service(args, tmp)
+
+
+def _bench_service(args, tmp: str) -> list[str]:
     import ray
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
@@ -168,7 +173,6 @@ def bench_service(args) -> list[str]:
     from grass_dist.runtime.reducer import preconditioner_path
     from grass_dist.service import app
 
-    tmp = tempfile.mkdtemp(prefix="grass-bench-serve-")
     port = free_port()
     with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
         cfg = compose("config", [f"run.output_dir={tmp}", f"serve.port={port}"])
