@@ -90,11 +90,14 @@ class PreconditionConfig:
 
 @dataclass
 class ScoringConfig:
-    kind: str = _f("influence", "influence | grad_dot")
+    kind: str = _f("influence", "influence | grad_dot | cosine (over all layers at once)")
     topk: int = _f(10, "proponents and opponents kept per query")
-    dense: bool = _f(False, "also write the full n_train x n_query score matrix")
+    dense: bool = _f(False, "also write the full n_train x n_query score matrix, tile by tile")
     self_influence: bool = _f(True, "write tau(i, i) for every training row")
     tile_rows: int = _f(4096, "training rows scored per tile (bounds memory)")
+    breakdown: bool = _f(False, "add per-layer score columns score.<layer> to the top-k table")
+    parallelism: int | None = _f(None, "scorer tasks; null = cluster CPUs / cpus_per_task")
+    cpus_per_task: float = _f(1.0, "CPUs per scorer task (also its torch thread count)")
 
 
 @dataclass
@@ -133,6 +136,23 @@ class FaultsConfig:
 
 
 @dataclass
+class ServeConfig:
+    host: str = _f("127.0.0.1", "address the HTTP service binds (non-loopback is warned about)")
+    port: int = _f(8000, "HTTP port of the service")
+    route_prefix: str = _f("/", "URL prefix of the service's routes (query, healthz)")
+    app_name: str = _f("grass_dist", "Ray Serve application name")
+    replicas: int = _f(1, "model replicas answering queries")
+    cpus_per_replica: float = _f(1.0, "CPUs per replica (also its torch thread count)")
+    max_ongoing_requests: int = _f(16, "requests a replica accepts at once (more wait)")
+    topk: int = _f(10, "proponents and opponents returned when a request does not say")
+    max_topk: int = _f(1000, "largest topk a request may ask for")
+    kind: str | None = _f(None, "default score kind; null = scoring.kind")
+    max_examples: int = _f(64, "most examples per request (more: HTTP 413)")
+    max_request_bytes: int = _f(4_000_000, "largest request body (more: HTTP 413)")
+    cache_bytes: int = _f(1 << 30, "hold the train phi in replica memory up to this size")
+
+
+@dataclass
 class JobConfig:
     """The validated job: user callables stay as raw Hydra nodes with `_target_`."""
 
@@ -147,6 +167,7 @@ class JobConfig:
     store: StoreConfig
     cluster: ClusterConfig
     faults: FaultsConfig
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     @property
     def index_url(self) -> str:
@@ -192,8 +213,10 @@ class JobConfig:
                 raise ConfigError(f"index.{fname} must be positive")
         if self.precondition.damping < 0:
             raise ConfigError("precondition.damping must be >= 0 (relative to trace(H)/k)")
-        if self.scoring.kind not in ("influence", "grad_dot"):
-            raise ConfigError(f"scoring.kind={self.scoring.kind!r}; use influence or grad_dot")
+        if self.scoring.kind not in ("influence", "grad_dot", "cosine"):
+            raise ConfigError(
+                f"scoring.kind={self.scoring.kind!r}; use influence, grad_dot or cosine"
+            )
         if self.scoring.topk <= 0 or self.scoring.tile_rows <= 0:
             raise ConfigError("scoring.topk and scoring.tile_rows must be positive")
         st = self.store
@@ -201,6 +224,9 @@ class JobConfig:
             raise ConfigError("store.retries, store.backoff_s and store.backoff_max_s must be >= 0")
         _validate_cluster(self.cluster)
         _validate_faults(self.faults)
+        if self.scoring.cpus_per_task <= 0 or (self.scoring.parallelism or 1) <= 0:
+            raise ConfigError("scoring.cpus_per_task and scoring.parallelism must be positive")
+        _validate_serve(self.serve)
 
 
 def _validate_cluster(cl: ClusterConfig) -> None:
@@ -256,6 +282,25 @@ def _validate_compression(c: CompressionConfig) -> None:
         )
 
 
+def _validate_serve(s: ServeConfig) -> None:
+    if s.kind is not None and s.kind not in ("influence", "grad_dot", "cosine"):
+        raise ConfigError(f"serve.kind={s.kind!r}; use influence, grad_dot, cosine or null")
+    for name in ("replicas", "max_ongoing_requests", "topk", "max_topk", "max_examples"):
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"serve.{name} must be positive")
+    if s.topk > s.max_topk:
+        raise ConfigError(f"serve.topk={s.topk} exceeds serve.max_topk={s.max_topk}")
+    if not 0 < s.port < 65536:
+        raise ConfigError(f"serve.port={s.port} is not a TCP port (1..65535)")
+    if s.max_request_bytes <= 0 or s.cache_bytes < 0 or s.cpus_per_replica <= 0:
+        raise ConfigError(
+            "serve.max_request_bytes and serve.cpus_per_replica must be positive and "
+            "serve.cache_bytes >= 0"
+        )
+    if not s.route_prefix.startswith("/"):
+        raise ConfigError(f"serve.route_prefix={s.route_prefix!r} must start with '/'")
+
+
 def _require_target(node: Any, where: str) -> None:
     if not isinstance(node, dict) or "_target_" not in node:
         raise ConfigError(
@@ -273,4 +318,5 @@ _GROUPS = {
     "store": StoreConfig,
     "cluster": ClusterConfig,
     "faults": FaultsConfig,
+    "serve": ServeConfig,
 }

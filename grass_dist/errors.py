@@ -126,3 +126,23 @@ class ReducerFailedError(GrassError):
 
 class MissingDependencyError(GrassError, ImportError):
     """An optional dependency (an extra of grass_dist) is not installed."""
+class BadRequestError(GrassError, ValueError):
+    """A query request is malformed or too large; `status` is the HTTP status to answer."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message, status)
+        self.message, self.status = message, status
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ServiceError(GrassError):
+    """The query service answered with an error (`status` is its HTTP status)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(status, message)
+        self.status, self.message = status, message
+
+    def __str__(self) -> str:
+        return f"HTTP {self.status}: {self.message}"

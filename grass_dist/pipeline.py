@@ -241,6 +241,10 @@ def run_score(job: Job, query: PhiBlock | None = None) -> dict[str, Any]:
             self_influence=sc.self_influence,
             tile_rows=sc.tile_rows,
             verify=job.cfg.index.verify,
+            breakdown=sc.breakdown,
+            parallelism=sc.parallelism,
+            cpus_per_task=sc.cpus_per_task,
+            max_retries=job.cfg.cluster.max_shard_retries,
         )
 
 

@@ -1,32 +1,38 @@
 """Result tables in the index store: top-k, self-influence, dense scores.
 
-Layout under `<index>/results/<name>/`: `topk-<attempt>.parquet`,
-`self_influence-<attempt>.parquet`, `dense/<shard id>-<attempt>.parquet` and `_COMPLETE.json`,
-written last (atomically), listing every file. Readers go through `_COMPLETE.json`, and no
-file is ever overwritten, so a half-written or re-running result is never read: until the
-new `_COMPLETE.json` lands, readers keep seeing the previous complete result set.
+Layout under `<index>/results/<name>/`:
+
+    _COMPLETE.json                   written last; lists every file of the current run
+    <run id>/topk.parquet            one row per (kind, query, rank)
+    <run id>/self_influence.parquet  one row per train row
+    <run id>/dense/<shard>.<tile start>.parquet   train_row + scores[n_query] per tile
+
+Each scoring run writes into a fresh run folder, so the files the current `_COMPLETE.json`
+lists are never touched while it is current; readers go through `_COMPLETE.json`, so a
+half-written run is never visible. Dense part names are deterministic within a run: a
+retried scorer task overwrites its own parts instead of adding duplicates. When a new run
+completes, the files of the run it replaces are deleted.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
+import logging
 import uuid
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from grass_dist.errors import ResultsNotFoundError
+from grass_dist.errors import ResultsNotFoundError, StoreUnavailableError
 from grass_dist.index import GradientIndex
 
+log = logging.getLogger(__name__)
 
-def _to_bytes(table: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    return buf.getvalue()
+COMPLETE = "_COMPLETE.json"
 
 
 def _from_bytes(data: bytes) -> pa.Table:
@@ -37,39 +43,73 @@ def results_dir(name: str) -> str:
     return f"results/{name}"
 
 
+def new_run_dir(name: str) -> str:
+    """A fresh folder for one scoring run of result set `name`."""
+    return f"{results_dir(name)}/{uuid.uuid4().hex}"
+
+
 def write_dense_part(
-    index: GradientIndex, name: str, shard_id: str, rows: np.ndarray, scores: np.ndarray
+    index: GradientIndex, run_dir: str, shard_id: str, start: int, rows, scores
 ) -> str:
-    """One shard's dense block: rows (n,), scores (n, Q) float32 -> relative file path."""
-    n_query = scores.shape[1]
-    flat = pa.array(np.ascontiguousarray(scores, np.float32).reshape(-1))
+    """One tile: rows (t,), scores (Q, t) float32 -> its relative path (same inputs, same path)."""
+    scores = np.ascontiguousarray(np.asarray(scores, dtype=np.float32).T)  # (t, Q)
     table = pa.table(
         {
-            "train_row": pa.array(rows, pa.int64()),
-            "scores": pa.FixedSizeListArray.from_arrays(flat, n_query),
+            "train_row": pa.array(np.asarray(rows, np.int64)),
+            "scores": pa.FixedSizeListArray.from_arrays(
+                pa.array(scores.reshape(-1)), scores.shape[1]
+            ),
         }
     )
-    rel = f"{results_dir(name)}/dense/{shard_id}-{uuid.uuid4().hex}.parquet"
-    index.put_artifact(rel, _to_bytes(table))
-    return rel
+    return write_table(index, run_dir, f"dense/{shard_id}.{start:012d}.parquet", table)
 
 
-def write_table(index: GradientIndex, name: str, file: str, table: pa.Table) -> str:
-    """Write `table` as a new file named after `file` (e.g. topk.parquet); returns its path."""
-    stem, ext = os.path.splitext(file)
-    rel = f"{results_dir(name)}/{stem}-{uuid.uuid4().hex}{ext}"
-    index.put_artifact(rel, _to_bytes(table))
+def write_table(index: GradientIndex, run_dir: str, file: str, table: pa.Table) -> str:
+    return write_tables(index, run_dir, file, [table])
+
+
+def write_tables(index: GradientIndex, run_dir: str, file: str, tables: Iterable[pa.Table]) -> str:
+    """Pieces of one table (same schema) -> one Parquet file, a row group per piece.
+
+    Streamed to the store, so only one piece is in memory. The file is not yet listed by
+    any `_COMPLETE.json`, so no reader can see it half-written.
+    """
+    rel = f"{run_dir}/{file}"
+    with index.store.open(rel, "wb") as f:
+        writer = None
+        for table in tables:
+            if writer is None:
+                writer = pq.ParquetWriter(f, table.schema, compression="zstd")
+            writer.write_table(table)
+        if writer is None:
+            raise ValueError(f"no rows to write to {file}")
+        writer.close()
     return rel
 
 
 def complete(index: GradientIndex, name: str, files: dict[str, Any], summary: dict) -> None:
-    """Mark the result set complete: the only file readers trust."""
-    body = {"files": files, "summary": summary}
-    index.put_artifact(f"{results_dir(name)}/_COMPLETE.json", json.dumps(body, indent=1).encode())
+    """Publish a finished run (one atomic put), then delete the files of the run it replaces."""
+    rel = f"{results_dir(name)}/{COMPLETE}"
+    old = json.loads(index.get_artifact(rel))["files"] if index.has_artifact(rel) else {}
+    index.put_artifact(rel, json.dumps({"files": files, "summary": summary}, indent=1).encode())
+    keep = set(_paths(files))
+    for path in _paths(old):
+        if path not in keep:
+            try:
+                index.store.delete(path)
+            except StoreUnavailableError as e:  # the new run is published; this is tidying
+                log.warning("could not delete superseded result file %s: %s", path, e)
+
+
+def _paths(files: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    for value in files.values():
+        out.extend(value if isinstance(value, list) else [value])
+    return out
 
 
 def manifest(index: GradientIndex, name: str) -> dict[str, Any]:
-    rel = f"{results_dir(name)}/_COMPLETE.json"
+    rel = f"{results_dir(name)}/{COMPLETE}"
     if not index.has_artifact(rel):
         raise ResultsNotFoundError(
             f"no complete results named {name!r} in {index.store.url_of('')}: run "
@@ -97,3 +137,66 @@ def load_dense(index: GradientIndex, name: str) -> np.ndarray:
     table = pa.concat_tables(tables).sort_by("train_row")
     n_query = table.schema.field("scores").type.list_size
     return table["scores"].combine_chunks().flatten().to_numpy().reshape(-1, n_query)
+
+
+def _key_index(key_rows: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Positions of `rows` in the sorted `key_rows` (which must contain every one of them)."""
+    n = len(key_rows)
+    if n and key_rows[0] == 0 and key_rows[-1] == n - 1:  # sorted + unique -> 0..n-1
+        return rows
+    pos = np.searchsorted(key_rows, rows).clip(0, max(n - 1, 0))
+    if n == 0 or not np.array_equal(key_rows[pos], rows):
+        raise ValueError("train_keys does not cover every ranked train row")
+    return pos
+
+
+def topk_tables(
+    query_rows: np.ndarray,
+    query_keys: list[str],
+    ranked: dict[str, tuple[np.ndarray, np.ndarray]],
+    train_keys: tuple[np.ndarray, pa.Array | list[str]],
+    breakdown: dict[str, dict[str, np.ndarray]] | None = None,
+    rows_per_table: int = 1 << 18,
+) -> Iterator[pa.Table]:
+    """The top-k table in pieces of about `rows_per_table` rows (bounded memory).
+
+    Args:
+        query_rows: (Q,) int64; query_keys: Q keys.
+        ranked: kind ('proponent' / 'opponent') -> (scores (Q, k), train rows (Q, k));
+            rows -1 mark unfilled slots (fewer than k train rows), which are left out.
+        train_keys: (sorted unique train rows (n,), their keys): covers every ranked row.
+        breakdown: kind -> {layer: (Q, k) per-layer scores}, as columns `score.<layer>`.
+
+    Rows are ordered by query, kind, rank; columns as in report.TOPK_COLUMNS.
+    """
+    key_rows, key_values = train_keys
+    if not isinstance(key_values, pa.Array):
+        key_values = pa.array(key_values, pa.string())
+    qkeys = pa.array(query_keys, pa.string())
+    kinds = pa.array(list(ranked), pa.string())
+    query_rows = np.asarray(query_rows, np.int64)
+    layers = list(next(iter(breakdown.values()))) if breakdown else []
+    width = sum(rows.shape[1] for _, rows in ranked.values())
+    step = max(1, rows_per_table // max(1, width))
+
+    def stack(a: int, arrays: list[np.ndarray]) -> np.ndarray:  # (queries, kinds, k)
+        return np.stack([x[a : a + step] for x in arrays], axis=1)
+
+    for a in range(0, len(query_rows), step):
+        rows = stack(a, [r for _, r in ranked.values()])
+        q, kind, rank = np.nonzero(rows >= 0)  # ordered by query, kind, rank
+        picked = rows[q, kind, rank].astype(np.int64)
+        scores = stack(a, [s for s, _ in ranked.values()])[q, kind, rank]
+        cols = {
+            "query_row": pa.array(query_rows[q + a]),
+            "query_key": qkeys.take(pa.array(q + a)),
+            "rank": pa.array(rank.astype(np.int64)),
+            "kind": kinds.take(pa.array(kind)),
+            "train_row": pa.array(picked),
+            "score": pa.array(scores.astype(np.float64)),
+            "train_key": key_values.take(pa.array(_key_index(key_rows, picked))),
+        }
+        for layer in layers:
+            terms = stack(a, [breakdown[kd][layer] for kd in ranked])[q, kind, rank]
+            cols[f"score.{layer}"] = pa.array(terms.astype(np.float64))
+        yield pa.table(cols)

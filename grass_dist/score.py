@@ -1,154 +1,280 @@
-"""Streaming scores: train tiles against preconditioned queries with a running top-k.
+"""Streaming scores of train rows against prepared queries, with a running top-k.
 
-tau(i, t) = sum_l phi_{t,l}^T (H_l + lambda_l I)^-1 phi_{i,l}. The preconditioner is applied
-once on the query side; each train tile costs one GEMM per layer. No stage holds an
-n_train x n_query matrix: tiles are folded into a top-k of proponents (largest) and
-opponents (smallest) per query and, on request, written out tile by tile.
+Score kinds, for a query t and a train row i with compressed gradients phi per layer l:
+
+- influence: tau(i, t) = sum_l phi_{t,l}^T (H_l + lambda_l I)^-1 phi_{i,l};
+- grad_dot:  sum_l phi_{t,l}^T phi_{i,l};
+- cosine:    <phi_t, phi_i> / (||phi_t|| ||phi_i||), where phi is the concatenation of all
+  layers (the cosine of the whole compressed gradient, not a sum of per-layer cosines);
+  a zero gradient has cosine 0 with everything.
+
+The query side is prepared once (preconditioned, or unit-normalised) into one (Q, K) matrix
+over the concatenated layers, so each train tile costs one float32 GEMM. No stage holds an
+n_train x n_query matrix: tiles fold into running top-k lists and, on request, go to a
+dense sink one tile at a time.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from grass_dist.index import GradientIndex, ShardRecord
 from grass_dist.precondition import Preconditioner
+from grass_dist.topk import MAX_ROW, TopKPair, merge_keys
+
+log = logging.getLogger(__name__)
+
+KINDS = ("influence", "grad_dot", "cosine")
 
 
 @dataclass
-class TopK:
-    """Best `k` scores per query: values (Q, k) float64 and train rows (Q, k) int64.
+class QuerySide:
+    """Queries ready to score: `matrix` (Q, K) float32 over the concatenated layers.
 
-    `largest=True` keeps proponents, `largest=False` opponents; unfilled slots are +-inf/-1.
+    `layers` lists (name, lo, hi) column ranges of each layer in the concatenation.
     """
 
-    values: torch.Tensor
-    rows: torch.Tensor
-    largest: bool
+    matrix: torch.Tensor
+    layers: list[tuple[str, int, int]]
+    kind: str
 
-    @classmethod
-    def empty(cls, n_query: int, k: int, largest: bool) -> TopK:
-        fill = -np.inf if largest else np.inf
-        return cls(
-            torch.full((n_query, k), fill, dtype=torch.float64),
-            torch.full((n_query, k), -1, dtype=torch.int64),
-            largest,
-        )
-
-    def update(self, scores: torch.Tensor, rows: torch.Tensor) -> None:
-        """Fold a tile: scores (n_tile, Q), rows (n_tile,)."""
-        vals = torch.cat([self.values, scores.T.double()], dim=1)
-        cand = torch.cat([self.rows, rows.expand(scores.shape[1], -1)], dim=1)
-        self.values, self.rows = _best(vals, cand, self.values.shape[1], self.largest)
-
-    def merge(self, other: TopK) -> TopK:
-        vals = torch.cat([self.values, other.values], dim=1)
-        cand = torch.cat([self.rows, other.rows], dim=1)
-        return TopK(*_best(vals, cand, self.values.shape[1], self.largest), self.largest)
+    @property
+    def n_query(self) -> int:
+        return int(self.matrix.shape[0])
 
 
-def _best(
-    vals: torch.Tensor, cand: torch.Tensor, k: int, largest: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    # Ties break towards the lower train row so the result never depends on tiling.
-    order = torch.argsort(cand, dim=1, stable=True)
-    vals, cand = vals.gather(1, order), cand.gather(1, order)
-    idx = torch.argsort(vals, dim=1, descending=largest, stable=True)[:, :k]
-    return vals.gather(1, idx), cand.gather(1, idx)
+def layer_slices(phi: dict[str, np.ndarray]) -> list[tuple[str, int, int]]:
+    """(name, lo, hi) of each layer when the layers are concatenated in `phi`'s order."""
+    out, lo = [], 0
+    for name, x in phi.items():
+        out.append((name, lo, lo + int(np.shape(x)[1])))
+        lo += int(np.shape(x)[1])
+    return out
+
+
+def concat(phi: dict[str, np.ndarray]) -> torch.Tensor:
+    """{layer: (n, k_l)} -> (n, sum k_l) float32, a fresh (writable) tensor."""
+    parts = [np.asarray(x, dtype=np.float32) for x in phi.values()]
+    return torch.from_numpy(np.concatenate(parts, axis=1))
+
+
+_NORM_CHUNK = 1 << 20  # elements converted to float64 at once by row_norms
+
+
+def row_norms(x: torch.Tensor) -> torch.Tensor:
+    """(n, K) -> (n,) float64 Euclidean norms of the rows, summed in float64 in chunks."""
+    step = max(1, _NORM_CHUNK // max(1, x.shape[1]))
+    parts = [
+        torch.linalg.vector_norm(x[lo : lo + step].double(), dim=1)
+        for lo in range(0, x.shape[0], step)
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+
+def unit_rows(x: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of x (n, K) float32 divided by their norms (n,) float64; zero rows stay zero."""
+    norms = row_norms(x) if norms is None else norms
+    inverse = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
+    return x * inverse.to(x.dtype)[:, None]
+
+
+def prepare_queries(
+    phi: dict[str, np.ndarray],
+    kind: str,
+    preconditioner: Preconditioner | None = None,
+    damping: float = 0.0,
+) -> QuerySide:
+    """Query phi {layer: (Q, k_l)} -> the (Q, K) matrix each train tile multiplies."""
+    if kind not in KINDS:
+        raise ValueError(f"score kind {kind!r} is unknown; use one of {list(KINDS)}")
+    if kind == "influence":
+        if preconditioner is None:
+            raise ValueError("influence scores need a preconditioner")
+        phi = preconditioner.precondition_queries(phi, damping, "influence")
+    matrix = concat(phi)
+    if kind == "cosine":
+        matrix = unit_rows(matrix)
+    return QuerySide(matrix, layer_slices(phi), kind)
 
 
 @dataclass
 class ScorePartial:
-    """What one scorer returns for its group of train shards."""
+    """What scoring a set of train rows yields: top-k keys and per-row diagonals.
 
-    proponents: TopK
-    opponents: TopK
-    self_rows: np.ndarray  # (m,) int64
-    self_keys: list[str]
-    self_influence: np.ndarray  # (m,) float64
+    proponents / opponents: (Q, k) int64 keys (see grass_dist.topk). rows, keys: every row
+    scored, in scoring order. self_influence: tau(i, i) under the influence kernel and
+    grad_norm_sq: ||phi_i||^2 over all layers (float64; both empty unless requested).
+    """
+
+    proponents: torch.Tensor
+    opponents: torch.Tensor
+    rows: np.ndarray
+    keys: list[str]
+    self_influence: np.ndarray
+    grad_norm_sq: np.ndarray
 
     def merge(self, other: ScorePartial) -> ScorePartial:
+        k = self.proponents.shape[1]
         return ScorePartial(
-            self.proponents.merge(other.proponents),
-            self.opponents.merge(other.opponents),
-            np.concatenate([self.self_rows, other.self_rows]),
-            self.self_keys + other.self_keys,
+            merge_keys(self.proponents, other.proponents, k),
+            merge_keys(self.opponents, other.opponents, k),
+            np.concatenate([self.rows, other.rows]),
+            self.keys + other.keys,
             np.concatenate([self.self_influence, other.self_influence]),
+            np.concatenate([self.grad_norm_sq, other.grad_norm_sq]),
         )
 
 
-def tile_scores(
-    train_phi: dict[str, torch.Tensor], query_pre: dict[str, torch.Tensor]
-) -> torch.Tensor:
-    """sum_l phi_train_l (n, k) @ query_pre_l^T (k, Q) -> (n, Q) float32."""
-    out = None
-    for name, q in query_pre.items():
-        part = train_phi[name] @ q.T
-        out = part if out is None else out.add_(part)
-    return out
+@dataclass
+class Block:
+    """Train rows to score: rows (n,) int64, keys, phi (n, K) float32 (layers concatenated).
 
-
-def score_records(
-    index: GradientIndex,
-    records: Iterable[ShardRecord],
-    query_pre: dict[str, np.ndarray],
-    topk: int,
-    *,
-    preconditioner: Preconditioner | None = None,
-    delta: float = 0.0,
-    tile_rows: int = 4096,
-    verify: bool = True,
-    dense_sink: Callable[[ShardRecord, np.ndarray, np.ndarray], None] | None = None,
-) -> ScorePartial:
-    """Score every row of `records` against the preconditioned queries (Q, k) per layer.
-
-    With a `preconditioner`, self-influence tau(i, i) is computed in the same pass.
-    `dense_sink(record, rows, scores (n, Q) float32)` receives each shard's dense block.
+    `name` identifies the block in dense part names (a shard id); `norms` (n,) float64 are
+    the rows' norms when already known (a cache computes them once).
     """
-    layers = list(query_pre)
-    q = {n: torch.tensor(np.asarray(x), dtype=torch.float32) for n, x in query_pre.items()}
-    n_query = next(iter(q.values())).shape[0]
-    props, opps = TopK.empty(n_query, topk, True), TopK.empty(n_query, topk, False)
-    whiten = (
-        {n: preconditioner.layers[n].whitener(delta).float() for n in layers}
-        if preconditioner is not None
-        else None
-    )
-    self_rows, self_keys, self_vals = [], [], []
-    for record in records:
-        data = index.read(record, layers=layers, verify=verify)
-        rows = torch.tensor(data.row_ids)
-        # Arrow hands out read-only buffers; one copy per shard gives torch its own.
-        phi = {n: torch.tensor(x) for n, x in data.phi.items()}
-        blocks = []
-        for lo in range(0, len(rows), tile_rows):
-            tile = {n: x[lo : lo + tile_rows] for n, x in phi.items()}
-            scores = tile_scores(tile, q)
-            props.update(scores, rows[lo : lo + tile_rows])
-            opps.update(scores, rows[lo : lo + tile_rows])
+
+    rows: np.ndarray
+    keys: list[str]
+    phi: torch.Tensor
+    name: str = ""
+    norms: torch.Tensor | None = None
+
+
+DenseSink = Callable[[int, np.ndarray, torch.Tensor], None]
+
+
+class TileScorer:
+    """Folds blocks of train rows into top-k proponents and opponents for one QuerySide.
+
+    whiteners: per layer W_l (k_l, k_l) with W W^T = (H_l + lambda_l I)^-1; when given,
+    the diagonals (self-influence ||phi_i W||^2 and ||phi_i||^2) are computed in the same
+    pass. dense_sink(tile_start, rows,
+    scores (Q, t) float32) receives every tile (tile_start counts rows within a block).
+    expected_rows: how many rows will be added, if known (lets the top-k set a floor).
+    """
+
+    def __init__(
+        self,
+        query: QuerySide,
+        topk: int,
+        tile_rows: int = 4096,
+        whiteners: dict[str, torch.Tensor] | None = None,
+        expected_rows: int | None = None,
+    ):
+        # The (Q, tile) score buffer is capped at 2**24 floats (64 MiB) for large query sets.
+        tile_rows = min(tile_rows, max(256, (1 << 24) // max(1, query.n_query)))
+        self.query, self.tile_rows = query, tile_rows
+        self.top = TopKPair(query.n_query, topk, expected_rows)
+        self.whiteners = whiteners
+        self.rows: list[np.ndarray] = []
+        self.keys: list[str] = []
+        self.self_inf: list[np.ndarray] = []
+        self.norm_sq: list[np.ndarray] = []
+        self._buf = torch.empty(query.n_query * tile_rows, dtype=torch.float32)
+
+    def add(
+        self,
+        rows: np.ndarray,
+        keys: list[str],
+        phi: torch.Tensor,
+        dense_sink: DenseSink | None = None,
+        norms: torch.Tensor | None = None,
+    ) -> None:
+        """A block of train rows: rows (n,) int64, keys, phi (n, K) float32 (concatenated),
+        optionally their norms (n,) float64."""
+        if len(rows) and (int(rows.min()) < 0 or int(rows.max()) > MAX_ROW):
+            raise ValueError(f"train rows must lie in [0, {MAX_ROW}]")
+        if norms is None and (self.query.kind == "cosine" or self.whiteners is not None):
+            norms = row_norms(phi)
+        rows_t = torch.from_numpy(np.array(rows, dtype=np.int64))  # a writable copy
+        for lo in range(0, len(rows), self.tile_rows):
+            hi = lo + self.tile_rows
+            tile = phi[lo:hi]
+            scores = self._scores(tile, None if norms is None else norms[lo:hi])
+            self.top.add(scores, rows_t[lo:hi])
             if dense_sink is not None:
-                blocks.append(scores.numpy())
-            if whiten is not None:
-                s = sum((tile[n] @ whiten[n]).square().sum(1).double() for n in layers)
-                self_vals.append(s.numpy())
-        if dense_sink is not None:
-            dense_sink(
-                record,
-                data.row_ids,
-                np.concatenate(blocks) if blocks else np.zeros((0, n_query), np.float32),
-            )
-        if whiten is not None:
-            self_rows.append(data.row_ids)
-            self_keys.extend(data.keys)
-        # Release this shard (tiles are views of it) before reading the next: one at a time.
-        data = phi = tile = blocks = None
-    return ScorePartial(
-        props,
-        opps,
-        np.concatenate(self_rows) if self_rows else np.zeros(0, np.int64),
-        self_keys,
-        np.concatenate(self_vals) if self_vals else np.zeros(0, np.float64),
-    )
+                dense_sink(lo, rows[lo:hi], scores)
+            if self.whiteners is not None:
+                self.self_inf.append(self._self_influence(tile))
+        self.rows.append(np.asarray(rows, dtype=np.int64))
+        self.keys.extend(keys)
+        if self.whiteners is not None:
+            self.norm_sq.append((norms**2).numpy())
+
+    def _scores(self, tile: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
+        """(t, K) train tile -> (Q, t) float32 scores: one GEMM."""
+        if self.query.kind == "cosine":
+            tile = unit_rows(tile, norms)
+        out = self._buf[: self.query.n_query * tile.shape[0]].view(-1, tile.shape[0])
+        return torch.matmul(self.query.matrix, tile.T, out=out)
+
+    def _self_influence(self, tile: torch.Tensor) -> np.ndarray:
+        total = torch.zeros(tile.shape[0], dtype=torch.float64)
+        for name, lo, hi in self.query.layers:
+            total += (tile[:, lo:hi] @ self.whiteners[name]).square().sum(1, dtype=torch.float64)
+        return total.numpy()
+
+    def finish(self) -> ScorePartial:
+        def cat(parts: list[np.ndarray], dtype) -> np.ndarray:
+            return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+        return ScorePartial(
+            *self.top.finish(),
+            cat(self.rows, np.int64),
+            self.keys,
+            cat(self.self_inf, np.float64),
+            cat(self.norm_sq, np.float64),
+        )
+
+
+def score_stream(
+    query: QuerySide,
+    blocks: Callable[[], Iterable[Block]],
+    topk: int,
+    tile_rows: int = 4096,
+    *,
+    expected_rows: int | None = None,
+    whiteners: dict[str, torch.Tensor] | None = None,
+    dense_sink: Callable[[Block, int, np.ndarray, torch.Tensor], None] | None = None,
+) -> ScorePartial:
+    """Score every block `blocks()` yields; exact top-k even when the floor was too high.
+
+    Queries reported by TopKPair.shortfall are rescored over a second `blocks()` stream
+    without a floor (top-k only), so `blocks` must yield the same rows each call.
+    """
+    scorer = TileScorer(query, topk, tile_rows, whiteners, expected_rows)
+    for block in blocks():
+        sink = functools.partial(dense_sink, block) if dense_sink is not None else None
+        scorer.add(block.rows, block.keys, block.phi, sink, block.norms)
+    partial = scorer.finish()
+    short = scorer.top.shortfall()
+    if len(short):
+        log.info("rescoring %d of %d queries without a floor", len(short), query.n_query)
+        sub = QuerySide(query.matrix[short], query.layers, query.kind)
+        redo = score_stream(sub, blocks, topk, tile_rows)
+        partial.proponents[short] = redo.proponents
+        partial.opponents[short] = redo.opponents
+    return partial
+
+
+def whiteners_for(
+    preconditioner: Preconditioner, layers: list[str], damping: float
+) -> dict[str, torch.Tensor]:
+    """Per-layer float32 W_l with W W^T = (H_l + lambda_l I)^-1 (for self-influence)."""
+    return {n: preconditioner.layers[n].whitener(damping).float() for n in layers}
+
+
+def layer_scores(query: QuerySide, q_index: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+    """Per-layer terms of the score of pairs (query q_index[j], train phi[j]) -> (n, L).
+
+    The terms sum to the pair's score; for cosine each is <q_l, phi_l> / (||q|| ||phi||).
+    """
+    if query.kind == "cosine":
+        phi = unit_rows(phi)
+    q = query.matrix[q_index]
+    return torch.stack([(q[:, lo:hi] * phi[:, lo:hi]).sum(1) for _, lo, hi in query.layers], dim=1)

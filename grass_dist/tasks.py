@@ -13,6 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import default_collate
 
+from grass_dist.codec import decode_array
+from grass_dist.errors import BadRequestError
+
 _INPUT_KEYS = ("input", "inputs", "x", "image", "pixel_values")
 _LABEL_KEYS = ("label", "labels", "y", "target")
 
@@ -58,6 +61,23 @@ class ClassificationTask:
         """(B,) predicted class ids."""
         with torch.no_grad():
             return self.logits(model, batch).argmax(-1)
+
+    def decode_example(self, example: Any, template: Any) -> Any:
+        """A request example -> an item `collate` accepts, shaped like the training item
+        `template`. Tuple items take {"input": tensor, "label": int}; dict items take their
+        own field names. Raises BadRequestError (naming the field) on anything else."""
+        if isinstance(template, dict):
+            fields = {k: v for k, v in template.items() if torch.is_tensor(v)}
+        else:
+            fields = {"input": template[0], "label": template[1]}
+        if not isinstance(example, dict):
+            raise BadRequestError(f"an example is an object with fields {sorted(fields)}")
+        if set(example) != set(fields):
+            raise BadRequestError(
+                f"example fields {sorted(example)} do not match the expected {sorted(fields)}"
+            )
+        out = {k: decode_array(example[k], like, k) for k, like in fields.items()}
+        return out if isinstance(template, dict) else (out["input"], out["label"])
 
     def spec(self) -> dict[str, Any]:
         return {"task": "classification", "loss": "cross_entropy_sum"}

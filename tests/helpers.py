@@ -78,3 +78,21 @@ def module_grad(grads: dict[str, torch.Tensor], module: str) -> torch.Tensor:
     """(B, p): a module's per-sample parameter gradients, flattened in parameter order."""
     names = [n for n in grads if n.rsplit(".", 1)[0] == module]
     return torch.cat([grads[n].flatten(1) for n in names], 1)
+def assert_topk_close(rows, values, exact, k: int, largest: bool, tol: float) -> None:
+    """A top-k (rows, values: (Q, k)) against exact scores (n, Q) float64, up to rounding.
+
+    Sorted values must agree within `tol`; every returned row's exact score must match its
+    value; the row sets may differ only by rows tied with the k-th value within `tol`.
+    """
+    exact = torch.as_tensor(exact, dtype=torch.float64)
+    rows = torch.tensor(rows)
+    values = torch.tensor(values, dtype=torch.float64)
+    want_v, want_r = torch.topk(exact.T, k, dim=1, largest=largest)
+    assert (values - want_v).abs().max() <= tol, float((values - want_v).abs().max())
+    assert (exact.T.gather(1, rows) - values).abs().max() <= tol
+    for q in range(rows.shape[0]):
+        got, want = set(rows[q].tolist()), set(want_r[q].tolist())
+        assert len(got) == k
+        kth = want_v[q, -1]
+        for r in got ^ want:
+            assert abs(float(exact[r, q] - kth)) <= tol, (q, r)

@@ -11,7 +11,9 @@ from grass_dist.gradients import GradientComputer
 from grass_dist.index import GradientIndex
 from grass_dist.models import digits_mlp
 from grass_dist.precondition import FisherSum, Preconditioner
-from grass_dist.score import score_records
+from grass_dist.runtime.scoring import ScoreOptions, score_records
+from grass_dist.score import prepare_queries
+from tests.test_score import _assemble
 from grass_dist.tasks import ClassificationTask
 
 # Unit roundoff: float16 2^-11 = 4.9e-4, bfloat16 2^-8 = 3.9e-3. Scores sum many rounded
@@ -46,10 +48,10 @@ def _dense_scores(tmp_path, train, query, dtype: str, kind: str) -> np.ndarray:
     for _, data in index.iter_committed():
         fisher = fisher + FisherSum.of(data.phi)
     pre = Preconditioner.from_fisher(fisher)
-    q = pre.precondition_queries(query.phi, 0.1, kind)
-    blocks = []
-    score_records(index, records, q, 5, dense_sink=lambda r, rows, s: blocks.append(s))
-    return np.concatenate(blocks).astype(np.float64)
+    prepared = prepare_queries(query.phi, kind, pre, 0.1)
+    _, parts = score_records(index, records, prepared, ScoreOptions(topk=5, tile_rows=64),
+                             dense_dir="results/dtype/run")
+    return _assemble(index, parts).astype(np.float64)
 
 
 @pytest.mark.parametrize("kind", ["influence", "grad_dot"])

@@ -3,6 +3,10 @@
 A fault fires at most once per index: the process that is about to die first claims a
 create-only marker under `<index>/_faults/`, so the retried shard or restarted reducer runs
 through cleanly, exactly like a real crash followed by a recovery.
+
+`KillOnce` does the same for a scorer task: it travels with a scoring request, and the first
+task that reaches its point ends its process; Ray retries the task, which runs through. Its
+marker directory must be shared by the scorer processes (a local folder on one machine).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 from grass_dist.config import FaultsConfig
 from grass_dist.index import Store
@@ -55,3 +60,28 @@ class FaultInjector:
         """Sleep `faults.shard_delay_s` (a slow model, to widen windows in drills)."""
         if self.cfg.shard_delay_s > 0:
             time.sleep(self.cfg.shard_delay_s)
+
+
+POINTS = ("after_dense_part", "after_shard")
+
+
+@dataclass(frozen=True)
+class KillOnce:
+    marker_dir: str
+    point: str = "after_dense_part"
+
+    def __post_init__(self) -> None:
+        if self.point not in POINTS:
+            raise ValueError(f"fault point {self.point!r} is unknown; use one of {POINTS}")
+
+    def reached(self, point: str) -> None:
+        """Called by the scorer at each `point`: exits the process the first time only."""
+        if point != self.point:
+            return
+        try:
+            with open(os.path.join(self.marker_dir, f"killed-{point}"), "x"):
+                pass
+        except FileExistsError:
+            return
+        log.warning("fault injection: killing scorer process %d at %s", os.getpid(), point)
+        os._exit(17)

@@ -23,20 +23,25 @@ from grass_dist.gradients import PhiBlock
 from grass_dist.index import GradientIndex, ShardRecord
 from grass_dist.index.retry import RetryPolicy
 from grass_dist.precondition import FisherSum, Preconditioner
-from grass_dist.runtime.faults import FaultInjector
+from grass_dist.runtime.faults import FaultInjector, KillOnce
 from grass_dist.runtime.pool import ACTOR_LOST
-from grass_dist.score import ScorePartial, score_records
+from grass_dist.runtime.scoring import (
+    ScoreOptions,
+    fan_out,
+    fan_out_breakdown,
+    release_memory,
+    shard_groups,
+)
+from grass_dist.score import ScorePartial, prepare_queries, whiteners_for
+from grass_dist.topk import decode
 
 log = logging.getLogger(__name__)
+
+_FRESH_PROCESS_BYTES = 1 << 28
 
 
 def preconditioner_path(name: str) -> str:
     return f"preconditioner/{name}.safetensors"
-
-
-def _groups(records: list[ShardRecord], n_groups: int) -> list[list[ShardRecord]]:
-    n_groups = max(1, min(n_groups, len(records)))
-    return [records[i::n_groups] for i in range(n_groups)]
 
 
 @ray.remote
@@ -44,32 +49,13 @@ def _fisher_task(index: GradientIndex, records: list[ShardRecord], verify: bool)
     total = FisherSum({}, 0)
     for record in records:
         total = total + FisherSum.of(index.read(record, verify=verify).phi)
+    release_memory()
     return total
 
 
-@ray.remote
-def _score_task(
-    index, records, query_pre, topk, preconditioner, delta, tile_rows, verify, dense_name
-) -> tuple[ScorePartial, list[str]]:
-    dense_files: list[str] = []
-
-    def sink(record: ShardRecord, rows: np.ndarray, scores: np.ndarray) -> None:
-        dense_files.append(
-            results.write_dense_part(index, dense_name, record.shard_id, rows, scores)
-        )
-
-    partial = score_records(
-        index,
-        records,
-        query_pre,
-        topk,
-        preconditioner=preconditioner,
-        delta=delta,
-        tile_rows=tile_rows,
-        verify=verify,
-        dense_sink=sink if dense_name else None,
-    )
-    return partial, dense_files
+def _by_layer(terms: np.ndarray, layers: list[str]) -> dict[str, np.ndarray]:
+    """(Q, k, L) per-layer terms -> {layer: (Q, k)}."""
+    return {name: terms[..., j] for j, name in enumerate(layers)}
 
 
 class Reducer:
@@ -97,7 +83,8 @@ class Reducer:
         t0 = time.perf_counter()
         records = sorted(self.index.committed().values(), key=lambda r: r.start)
         refs = [
-            _fisher_task.remote(self.index, g, verify) for g in _groups(records, self.parallelism)
+            _fisher_task.remote(self.index, g, verify)
+            for g in shard_groups(records, self.parallelism)
         ]
         total = FisherSum({}, 0)
         for part in ray.get(refs):  # summed in submission order: same answer every run
@@ -136,94 +123,102 @@ class Reducer:
         self_influence: bool,
         tile_rows: int,
         verify: bool = True,
+        breakdown: bool = False,
+        parallelism: int | None = None,
+        cpus_per_task: float = 1.0,
+        max_retries: int = 3,
+        fault: KillOnce | None = None,
     ) -> dict[str, Any]:
-        """Score every committed train row against `query`; write results; return a summary."""
+        """Score every committed train row against `query`; write results; return a summary.
+
+        `parallelism` scorer tasks (default: cluster CPUs / cpus_per_task) each take a group
+        of shards; `fault` injects a crash for recovery tests (see runtime/faults.py).
+        """
         t0 = time.perf_counter()
-        pre = self.load_preconditioner(precondition_name)
-        query_pre = pre.precondition_queries(query.phi, damping, kind)
+        pre = (
+            self.load_preconditioner(precondition_name)
+            if kind == "influence" or self_influence
+            else None
+        )
+        prepared = prepare_queries(query.phi, kind, pre, damping)
+        layers = [name for name, _, _ in prepared.layers]
         records = sorted(self.index.committed().values(), key=lambda r: r.start)
-        q_ref = ray.put(query_pre)  # shared once through the object store
-        pre_ref = ray.put(pre) if self_influence else None
-        refs = [
-            _score_task.remote(
-                self.index,
-                g,
-                q_ref,
-                topk,
-                pre_ref,
-                damping,
-                tile_rows,
-                verify,
-                result_name if dense else None,
-            )
-            for g in _groups(records, self.parallelism)
-        ]
-        merged, dense_files = None, []
-        for partial, files in ray.get(refs):
-            merged = partial if merged is None else merged.merge(partial)
-            dense_files.extend(files)
-        files: dict[str, Any] = {
-            "topk": results.write_table(
-                self.index, result_name, "topk.parquet", self._topk_table(merged, query, records)
+        run_dir = results.new_run_dir(result_name)
+        # Large top-k state: let each scorer's process end with its task to return the memory.
+        fresh = len(query.row_ids) * topk * 64 > _FRESH_PROCESS_BYTES
+        opts = ScoreOptions(topk, tile_rows, verify, cpus_per_task, max_retries, fresh)
+        if parallelism is None:
+            parallelism = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_task))
+        whiteners = whiteners_for(pre, layers, damping) if self_influence else None
+        merged, dense_files = fan_out(
+            self.index, records, prepared, opts, parallelism, whiteners,
+            run_dir if dense else None, fault,
+        )  # fmt: skip
+        score_seconds = time.perf_counter() - t0
+        ranked = {
+            name: tuple(x.numpy() for x in decode(keys, sign))
+            for name, keys, sign in (
+                ("proponent", merged.proponents, 1),
+                ("opponent", merged.opponents, -1),
             )
         }
-        if self_influence:
-            order = np.argsort(merged.self_rows, kind="stable")
-            files["self_influence"] = results.write_table(
-                self.index,
-                result_name,
-                "self_influence.parquet",
-                pa.table(
-                    {
-                        "train_row": pa.array(merged.self_rows[order], pa.int64()),
-                        "train_key": pa.array([merged.self_keys[i] for i in order], pa.string()),
-                        "self_influence": pa.array(merged.self_influence[order], pa.float64()),
-                    }
-                ),
-            )
+        terms = None
+        if breakdown:
+            terms = {
+                name: _by_layer(
+                    fan_out_breakdown(self.index, records, prepared, rows, opts, parallelism),
+                    layers,
+                )
+                for name, (_, rows) in ranked.items()
+            }
+        files = self._write(run_dir, query, merged, ranked, terms, self_influence)
         if dense:
             files["dense"] = sorted(dense_files)
         self.faults.reducer("score")  # files written, _COMPLETE.json not yet
+        n_train = sum(r.rows for r in records)
         summary = {
             "queries": len(query.row_ids),
-            "train_rows": sum(r.rows for r in records),
+            "train_rows": n_train,
             "kind": kind,
             "damping": damping,
+            "topk": topk,
+            "scorer_tasks": min(parallelism, len(records)),
+            "pairs_per_second": len(query.row_ids) * n_train / max(score_seconds, 1e-9),
             "seconds": time.perf_counter() - t0,
         }
         results.complete(self.index, result_name, files, summary)
         return {**summary, "files": files}
 
-    def _topk_table(
-        self, merged: ScorePartial, query: PhiBlock, records: list[ShardRecord]
-    ) -> pa.Table:
-        cols: dict[str, list] = {
-            k: [] for k in ("query_row", "query_key", "rank", "kind", "train_row", "score")
+    def _write(
+        self,
+        run_dir: str,
+        query: PhiBlock,
+        merged: ScorePartial,
+        ranked: dict[str, tuple[np.ndarray, np.ndarray]],
+        terms: dict[str, dict[str, np.ndarray]] | None,
+        self_influence: bool,
+    ) -> dict[str, Any]:
+        """Top-k (and self-influence) tables into the run folder -> {kind: path}."""
+        order = np.argsort(merged.rows, kind="stable")
+        rows = merged.rows[order]
+        keys = pa.array(merged.keys, pa.string()).take(pa.array(order))
+        tables = results.topk_tables(query.row_ids, query.keys, ranked, (rows, keys), terms)
+        files: dict[str, Any] = {
+            "topk": results.write_tables(self.index, run_dir, "topk.parquet", tables)
         }
-        for label, top in (("proponent", merged.proponents), ("opponent", merged.opponents)):
-            rows, vals = top.rows.numpy(), top.values.numpy()
-            for q in range(rows.shape[0]):
-                keep = rows[q] >= 0
-                n = int(keep.sum())
-                cols["query_row"] += [int(query.row_ids[q])] * n
-                cols["query_key"] += [query.keys[q]] * n
-                cols["rank"] += list(range(n))
-                cols["kind"] += [label] * n
-                cols["train_row"] += rows[q][keep].tolist()
-                cols["score"] += vals[q][keep].tolist()
-        keys = self._train_keys(set(cols["train_row"]), records)
-        table = pa.table(cols)
-        return table.append_column(
-            "train_key", pa.array([keys[r] for r in cols["train_row"]], pa.string())
-        )
-
-    def _train_keys(self, rows: set[int], records: list[ShardRecord]) -> dict[int, str]:
-        keys: dict[int, str] = {}
-        for record in records:
-            if any(record.start <= r < record.end for r in rows):
-                data = self.index.read(record, layers=[], verify=False)
-                keys.update(zip(data.row_ids.tolist(), data.keys, strict=True))
-        return keys
+        if self_influence:
+            diag = pa.table(
+                {
+                    "train_row": pa.array(rows),
+                    "train_key": keys,
+                    "self_influence": pa.array(merged.self_influence[order]),
+                    "grad_norm_sq": pa.array(merged.grad_norm_sq[order]),
+                }
+            )
+            files["self_influence"] = results.write_table(
+                self.index, run_dir, "self_influence.parquet", diag
+            )
+        return files
 
 
 class ReducerHandle:

@@ -1,0 +1,72 @@
+"""Tensors in JSON: nested lists, or base64 of the raw bytes with dtype and shape.
+
+The client side is grass_dist.client.encode.
+
+`{"b64": "<base64 of C-order little-endian bytes>", "dtype": "float32", "shape": [64]}` is
+exact and compact for images; nested lists are convenient for small inputs. Decoding is
+always against a template (a training example's tensor), so shape and dtype are checked
+before anything reaches the model.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+import numpy as np
+import torch
+
+from grass_dist.errors import BadRequestError
+
+_B64_FIELDS = {"b64", "dtype", "shape"}
+
+
+def _bad(where: str, message: str) -> BadRequestError:
+    return BadRequestError(f"{where}: {message}", status=422)
+
+
+def _from_b64(value: dict, like: torch.Tensor, where: str) -> np.ndarray:
+    if set(value) != _B64_FIELDS:
+        raise _bad(where, f"a base64 tensor has exactly the fields {sorted(_B64_FIELDS)}")
+    want = str(like.dtype).removeprefix("torch.")
+    if value["dtype"] != want:
+        raise _bad(where, f"dtype {value['dtype']!r}, expected {want!r}")
+    try:
+        dtype = np.dtype(want).newbyteorder("<")
+        raw = base64.b64decode(value["b64"], validate=True)
+    except (TypeError, binascii.Error) as e:
+        raise _bad(where, f"b64 is not valid base64 ({e})") from None
+    shape = value["shape"]
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise _bad(where, f"shape must be a list of integers, got {shape!r}")
+    if len(raw) != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
+        raise _bad(where, f"{len(raw)} bytes do not hold a {want} tensor of shape {shape}")
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def _from_list(value: Any, like: torch.Tensor, where: str) -> np.ndarray:
+    try:
+        arr = np.array(value)
+    except ValueError as e:  # ragged nesting
+        raise _bad(where, f"nested lists are ragged ({e})") from None
+    if arr.dtype == object or arr.dtype.kind not in "biuf":
+        raise _bad(where, "expected numbers (nested lists) or a base64 tensor")
+    if arr.dtype.kind == "b":
+        raise _bad(where, "booleans are not numbers here")
+    if arr.dtype.kind == "f" and not like.dtype.is_floating_point:
+        raise _bad(where, f"got fractional numbers, expected integers ({like.dtype})")
+    return arr
+
+
+def decode_array(value: Any, like: torch.Tensor, where: str) -> torch.Tensor:
+    """JSON value -> tensor with `like`'s dtype and shape; BadRequestError (422) otherwise."""
+    arr = (
+        _from_b64(value, like, where) if isinstance(value, dict) else _from_list(value, like, where)
+    )
+    if tuple(arr.shape) != tuple(like.shape):
+        raise _bad(where, f"shape {list(arr.shape)}, expected {list(like.shape)}")
+    out = torch.from_numpy(np.array(arr, dtype=np.dtype(str(like.dtype).removeprefix("torch."))))
+    if out.is_floating_point() and not torch.isfinite(out).all():
+        raise _bad(where, "contains NaN or infinity")
+    return out

@@ -1,0 +1,219 @@
+"""Scorer tasks: all-pairs scoring fanned out over groups of committed shards.
+
+Each Ray task takes one group of shards, streams them tile by tile through a TileScorer
+and returns its partial top-k; the prepared queries go through the object store once and
+every task reads the same copy. Partials are merged in submission order, so the answer
+never depends on which task finished first.
+
+A scorer whose process dies is retried by Ray (`max_retries`). Its dense parts have
+deterministic names, so the retry overwrites what the dead attempt wrote: no pair is lost
+or written twice, and only the successful attempt's file list reaches the results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import torch
+
+from grass_dist import results
+from grass_dist.index import GradientIndex, ShardRecord
+from grass_dist.runtime.cluster import threads_for
+from grass_dist.runtime.faults import KillOnce
+from grass_dist.score import (
+    Block,
+    QuerySide,
+    ScorePartial,
+    TileScorer,
+    concat,
+    layer_scores,
+    score_stream,
+)
+
+_PAIR_CHUNK = 1 << 16  # pairs gathered at once for the per-layer breakdown
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """How every scorer task runs."""
+
+    topk: int
+    tile_rows: int = 4096
+    verify: bool = True
+    cpus_per_task: float = 1.0
+    max_retries: int = 3
+    fresh_process: bool = False  # end each task's worker process (returns all its memory)
+
+
+def shard_groups(records: list[ShardRecord], n_groups: int) -> list[list[ShardRecord]]:
+    """Records (sorted by start) dealt round-robin into at most `n_groups` groups."""
+    n_groups = max(1, min(n_groups, len(records)))
+    return [records[i::n_groups] for i in range(n_groups)]
+
+
+def score_records(
+    index: GradientIndex,
+    records: list[ShardRecord],
+    query: QuerySide,
+    opts: ScoreOptions,
+    whiteners: dict[str, torch.Tensor] | None = None,
+    dense_dir: str | None = None,
+    fault: KillOnce | None = None,
+) -> tuple[ScorePartial, list[str]]:
+    """Score every row of `records` in this process -> (partial, dense part paths)."""
+    layers = [name for name, _, _ in query.layers]
+    files: list[str] = []
+
+    def blocks() -> Iterator[Block]:
+        for record in records:
+            data = index.read(record, layers=layers, verify=opts.verify)
+            yield Block(data.row_ids, data.keys, concat(data.phi), record.shard_id)
+            if fault is not None:
+                fault.reached("after_shard")
+
+    def sink(block: Block, start: int, rows: np.ndarray, scores: torch.Tensor) -> None:
+        files.append(
+            results.write_dense_part(index, dense_dir, block.name, start, rows, scores.numpy())
+        )
+        if fault is not None:
+            fault.reached("after_dense_part")
+
+    partial = score_stream(
+        query,
+        blocks,
+        opts.topk,
+        opts.tile_rows,
+        expected_rows=sum(r.rows for r in records),
+        whiteners=whiteners,
+        dense_sink=sink if dense_dir else None,
+    )
+    return partial, files
+
+
+def _task_options(opts: ScoreOptions) -> dict:
+    # Retries are for lost workers only: an exception in the scoring itself would recur.
+    return {
+        "num_cpus": opts.cpus_per_task,
+        "max_retries": opts.max_retries,
+        "retry_exceptions": False,
+    }
+
+
+def release_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise), so an idle Ray
+    worker does not hold on to the peak of the task it ran."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _score(index, records, query, opts, whiteners, dense_dir, fault):
+    torch.set_num_threads(threads_for(opts.cpus_per_task))
+    out = score_records(index, records, query, opts, whiteners, dense_dir, fault)
+    release_memory()
+    return out
+
+
+# max_calls can only be fixed at decoration: one variant per choice of fresh_process.
+_SCORE_TASKS = {False: ray.remote(_score), True: ray.remote(max_calls=1)(_score)}
+
+
+def fan_out(
+    index: GradientIndex,
+    records: list[ShardRecord],
+    query: QuerySide,
+    opts: ScoreOptions,
+    parallelism: int,
+    whiteners: dict[str, torch.Tensor] | None = None,
+    dense_dir: str | None = None,
+    fault: KillOnce | None = None,
+) -> tuple[ScorePartial, list[str]]:
+    """Score `records` with up to `parallelism` Ray tasks -> (merged partial, dense parts)."""
+    if not records:
+        return TileScorer(query, opts.topk, opts.tile_rows, whiteners).finish(), []
+    q_ref, w_ref = ray.put(query), ray.put(whiteners)  # shared once, not per task
+    task = _SCORE_TASKS[opts.fresh_process].options(**_task_options(opts))
+    refs = [
+        task.remote(index, group, q_ref, opts, w_ref, dense_dir, fault)
+        for group in shard_groups(records, parallelism)
+    ]
+    merged, files = None, []
+    for ref in refs:  # one partial at a time, in submission order
+        partial, parts = ray.get(ref)
+        merged = partial if merged is None else merged.merge(partial)
+        files.extend(parts)
+        del partial
+    return merged, files
+
+
+def breakdown_records(
+    index: GradientIndex,
+    records: list[ShardRecord],
+    query: QuerySide,
+    rows: np.ndarray,
+    verify: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-layer score terms of the pairs (query q, train rows[q, j]) found in `records`.
+
+    rows: (Q, m) int64 (-1 = no pair). Returns (flat positions into rows (n,) int64,
+    terms (n, L) float32); each pair appears once, from the shard that holds its row.
+    """
+    layers = [name for name, _, _ in query.layers]
+    flat = rows.reshape(-1)
+    out_pos, out_val = [], []
+    for record in records:
+        pos = np.nonzero((flat >= record.start) & (flat < record.end))[0]
+        if len(pos) == 0:
+            continue
+        data = index.read(record, layers=layers, verify=verify)
+        phi = concat(data.phi)
+        order = np.argsort(data.row_ids, kind="stable")
+        local = order[np.searchsorted(data.row_ids[order], flat[pos]).clip(0, len(order) - 1)]
+        found = data.row_ids[local] == flat[pos]
+        pos, local = pos[found], local[found]
+        for lo in range(0, len(pos), _PAIR_CHUNK):
+            q_index = torch.from_numpy(pos[lo : lo + _PAIR_CHUNK] // rows.shape[1])
+            terms = layer_scores(query, q_index, phi[local[lo : lo + _PAIR_CHUNK]])
+            out_val.append(terms.numpy())
+        out_pos.append(pos)
+    if not out_pos:
+        return np.zeros(0, np.int64), np.zeros((0, len(layers)), np.float32)
+    return np.concatenate(out_pos), np.concatenate(out_val)
+
+
+def _breakdown(index, records, query, rows, opts):
+    torch.set_num_threads(threads_for(opts.cpus_per_task))
+    out = breakdown_records(index, records, query, rows, opts.verify)
+    release_memory()
+    return out
+
+
+_BREAKDOWN_TASKS = {False: ray.remote(_breakdown), True: ray.remote(max_calls=1)(_breakdown)}
+
+
+def fan_out_breakdown(
+    index: GradientIndex,
+    records: list[ShardRecord],
+    query: QuerySide,
+    rows: np.ndarray,
+    opts: ScoreOptions,
+    parallelism: int,
+) -> np.ndarray:
+    """Per-layer terms (Q, m, L) float32 of every pair in `rows` (Q, m); zeros where -1."""
+    out = np.zeros((rows.size, len(query.layers)), np.float32)
+    if not records:
+        return out.reshape(*rows.shape, -1)
+    q_ref, r_ref = ray.put(query), ray.put(rows)
+    task = _BREAKDOWN_TASKS[opts.fresh_process].options(**_task_options(opts))
+    refs = [
+        task.remote(index, group, q_ref, r_ref, opts)
+        for group in shard_groups(records, parallelism)
+    ]
+    for ref in refs:
+        pos, terms = ray.get(ref)
+        out[pos] = terms
+    return out.reshape(*rows.shape, -1)

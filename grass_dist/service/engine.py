@@ -1,0 +1,187 @@
+"""The query engine behind the service: new examples in, top-k training rows out.
+
+It loads one model replica and the index's preconditioner once, checks that the index was
+built with exactly the compressors this config builds (its fingerprint), and computes each
+request's query gradients with GradientComputer, the same code the index was built with.
+The train phi stays in memory when it fits `serve.cache_bytes`; otherwise every request
+streams the shards (through Ray scorer tasks when Ray is up).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from grass_dist.build import (
+    build_dataset,
+    build_layer_compressors,
+    build_model,
+    build_task,
+    fingerprint,
+)
+from grass_dist.config import JobConfig
+from grass_dist.errors import BadRequestError, ConfigError, NonFiniteGradientError
+from grass_dist.gradients import GradientComputer
+from grass_dist.index import GradientIndex
+from grass_dist.precondition import Preconditioner
+from grass_dist.runtime.reducer import preconditioner_path
+from grass_dist.runtime.scoring import ScoreOptions, fan_out, score_records
+from grass_dist.score import (
+    Block,
+    ScorePartial,
+    concat,
+    prepare_queries,
+    row_norms,
+    score_stream,
+)
+from grass_dist.topk import decode
+
+log = logging.getLogger(__name__)
+
+
+def open_checked(job: JobConfig, model, compressors, task) -> GradientIndex:
+    """The job's index, refusing one built with another model/compressor/data fingerprint."""
+    opts = job.store.storage_options
+    GradientIndex.open(job.index_url, opts)  # IndexNotFoundError rather than creating one
+    return GradientIndex.create_or_open(
+        job.index_url, fingerprint(job, model, compressors, task), opts
+    )
+
+
+@dataclass
+class TrainCache:
+    """Every committed train row in memory: rows (n,) sorted, keys, phi (n, K) float32 and
+    the rows' norms (n,) float64 (for cosine scores)."""
+
+    rows: np.ndarray
+    keys: pa.Array
+    phi: torch.Tensor
+    norms: torch.Tensor
+
+    @classmethod
+    def load(cls, index: GradientIndex, layers: list[str], verify: bool) -> TrainCache:
+        rows, keys, parts = [], [], []
+        for _, data in index.iter_committed(layers, verify):
+            rows.append(data.row_ids)
+            keys.extend(data.keys)
+            parts.append(concat(data.phi))
+        order = np.argsort(np.concatenate(rows), kind="stable")
+        phi = torch.cat(parts)[torch.from_numpy(order)]
+        keys = pa.array(keys, pa.string()).take(order)
+        return cls(np.concatenate(rows)[order], keys, phi, row_norms(phi))
+
+    def key_of(self, rows: np.ndarray) -> list[str]:
+        return self.keys.take(pa.array(np.searchsorted(self.rows, rows))).to_pylist()
+
+
+class QueryEngine:
+    """One replica's state: model, compressors, preconditioner, optional train cache."""
+
+    def __init__(self, job: JobConfig):
+        self.job = job
+        model = build_model(job)
+        task = build_task(job)
+        if not hasattr(task, "decode_example"):
+            raise ConfigError(
+                f"task {job.task['_target_']} has no decode_example(example, template): "
+                f"implement it to turn request examples into dataset items"
+            )
+        compressors = build_layer_compressors(job, model)
+        self.index = open_checked(job, model, compressors, task)
+        self.task = task
+        self.computer = GradientComputer(model, task, compressors)
+        self.template = build_dataset(job, "train")[0]
+        self.layers = [name for name, _ in self.index.layers]
+        self.records = sorted(self.index.committed().values(), key=lambda r: r.start)
+        self.n_train = sum(r.rows for r in self.records)
+        path = preconditioner_path(job.precondition.name)
+        self.pre = (
+            Preconditioner.from_bytes(self.index.get_artifact(path))
+            if self.index.has_artifact(path)
+            else None
+        )
+        width = sum(k for _, k in self.index.layers)
+        self.cache = None
+        if self.n_train * width * 4 <= job.serve.cache_bytes:
+            t0 = time.perf_counter()
+            self.cache = TrainCache.load(self.index, self.layers, job.index.verify)
+            log.info("cached %d train rows in %.2f s", self.n_train, time.perf_counter() - t0)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "train_rows": self.n_train,
+            "layers": self.layers,
+            "cached": self.cache is not None,
+            "kinds": ["grad_dot", "cosine"] + (["influence"] if self.pre is not None else []),
+        }
+
+    def decode(self, examples: list) -> list:
+        """Request examples -> dataset items (BadRequestError 422 naming the example)."""
+        items = []
+        for i, example in enumerate(examples):
+            try:
+                items.append(self.task.decode_example(example, self.template))
+            except BadRequestError as e:
+                raise BadRequestError(f"examples[{i}].{e.message}", 422) from None
+        return items
+
+    def query(self, items: list, topk: int, kind: str) -> list[dict[str, Any]]:
+        """Top-k proponents and opponents of each item among all committed train rows."""
+        if kind == "influence" and self.pre is None:
+            raise BadRequestError(
+                f"kind 'influence' needs the preconditioner {self.job.precondition.name!r}, "
+                f"which this index lacks: use grad_dot or cosine, or build it first",
+                409,
+            )
+        try:
+            phi = self.computer.phi_rows(items, range(len(items)), self.job.index.batch_size).phi
+        except (NonFiniteGradientError, IndexError, ValueError, RuntimeError) as e:
+            raise BadRequestError(f"could not compute the loss of these examples: {e}", 422) from e
+        query = prepare_queries(phi, kind, self.pre, self.job.precondition.damping)
+        partial = self._score(query, min(topk, max(1, self.n_train)))
+        return self._answer(partial, len(items))
+
+    def _score(self, query, topk: int) -> ScorePartial:
+        # A few queries make thin tiles: widen them so a request costs a handful of GEMMs.
+        tile_rows = max(self.job.scoring.tile_rows, (1 << 22) // query.n_query)
+        if self.cache is not None:
+            block = Block(self.cache.rows, [], self.cache.phi, norms=self.cache.norms)
+            return score_stream(query, lambda: [block], topk, tile_rows, expected_rows=self.n_train)
+        opts = ScoreOptions(topk, tile_rows, self.job.index.verify, self.job.scoring.cpus_per_task)
+        if not ray.is_initialized():
+            return score_records(self.index, self.records, query, opts)[0]
+        parallelism = self.job.scoring.parallelism or max(
+            1, int(ray.available_resources().get("CPU", 1) // opts.cpus_per_task)
+        )
+        return fan_out(self.index, self.records, query, opts, parallelism)[0]
+
+    def _answer(self, partial: ScorePartial, n: int) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = [{} for _ in range(n)]
+        for label, keys, sign in (
+            ("proponents", partial.proponents, 1),
+            ("opponents", partial.opponents, -1),
+        ):
+            values, rows = (x.numpy() for x in decode(keys, sign))
+            names = self._keys(rows[rows >= 0], partial)
+            it = iter(names)
+            for q in range(n):
+                keep = rows[q] >= 0
+                out[q][label] = [
+                    {"train_row": int(r), "train_key": next(it), "score": float(v)}
+                    for r, v in zip(rows[q][keep], values[q][keep], strict=True)
+                ]
+        return out
+
+    def _keys(self, rows: np.ndarray, partial: ScorePartial) -> list[str]:
+        if self.cache is not None:
+            return self.cache.key_of(rows)
+        order = np.argsort(partial.rows, kind="stable")
+        pos = order[np.searchsorted(partial.rows[order], rows)]
+        return pa.array(partial.keys, pa.string()).take(pa.array(pos)).to_pylist()

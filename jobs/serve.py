@@ -1,0 +1,25 @@
+"""Serve attribution queries over a finished index (HTTP on 127.0.0.1 by default).
+
+python -m jobs.serve [hydra overrides], e.g. python -m jobs.serve store.url=/data/index
+"""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from grass_dist.errors import GrassError
+from grass_dist.service.app import serve_forever
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        serve_forever(OmegaConf.to_container(cfg, resolve=True))
+    except GrassError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

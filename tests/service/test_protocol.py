@@ -1,0 +1,85 @@
+"""Request validation of the query service, without a server: every refusal has its 4xx."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from grass_dist.client import encode
+from grass_dist.codec import decode_array
+from grass_dist.config import ServeConfig
+from grass_dist.errors import BadRequestError
+from grass_dist.service.protocol import parse_query
+from grass_dist.tasks import ClassificationTask
+
+LIKE = torch.zeros(2, 3)
+TEMPLATE = (torch.zeros(4), torch.tensor(0))
+
+
+def status_of(fn, *args) -> int:
+    with pytest.raises(BadRequestError) as info:
+        fn(*args)
+    return info.value.status
+
+
+def test_tensors_decode_from_nested_lists_and_exact_base64():
+    x = np.arange(6, dtype=np.float32).reshape(2, 3) / 7
+    assert torch.equal(decode_array(encode(x), LIKE, "x"), torch.from_numpy(x))
+    assert torch.equal(decode_array(x.tolist(), LIKE, "x"), torch.from_numpy(x))
+    assert decode_array(3, torch.tensor(0), "label").item() == 3
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        [[1, 2], [3, 4]],  # shape
+        [[1, 2, 3], [4, 5]],  # ragged
+        [["a", "b", "c"], ["d", "e", "f"]],  # not numbers
+        [[True, False, True]] * 2,  # booleans
+        [[float("nan"), 0, 0], [0, 0, 0]],  # NaN
+        encode(np.zeros((2, 3), np.float64)),  # dtype
+        {**encode(np.zeros((2, 3), np.float32)), "b64": "!!"},  # base64
+        {**encode(np.zeros((2, 3), np.float32)), "shape": [3, 3]},  # byte count
+        {**encode(np.zeros((2, 3), np.float32)), "extra": 1},  # unknown field
+    ],
+)
+def test_malformed_tensors_are_422(value):
+    assert status_of(decode_array, value, LIKE, "input") == 422
+
+
+def test_fractional_labels_and_unknown_example_fields_are_refused():
+    task = ClassificationTask()
+    item = task.decode_example({"input": [0.0, 1, 2, 3], "label": 2}, TEMPLATE)
+    assert torch.equal(item[0], torch.tensor([0.0, 1, 2, 3])) and item[1].item() == 2
+    assert status_of(task.decode_example, {"input": [0.0] * 4, "label": 1.5}, TEMPLATE) == 422
+    assert status_of(task.decode_example, {"input": [0.0] * 4}, TEMPLATE) == 400
+    extra = {"input": [0.0] * 4, "label": 1, "weight": 2}
+    assert status_of(task.decode_example, extra, TEMPLATE) == 400
+
+
+LIMITS = ServeConfig(max_examples=2, max_request_bytes=200, max_topk=50)
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (b"{not json", 400),
+        (b"[1, 2]", 400),
+        (json.dumps({"examples": [{}], "colour": 1}).encode(), 400),
+        (json.dumps({"examples": []}).encode(), 400),
+        (json.dumps({"examples": [{}], "topk": 0}).encode(), 400),
+        (json.dumps({"examples": [{}], "topk": 51}).encode(), 400),
+        (json.dumps({"examples": [{}], "topk": True}).encode(), 400),
+        (json.dumps({"examples": [{}], "kind": "magic"}).encode(), 400),
+        (json.dumps({"examples": [{}, {}, {}]}).encode(), 413),
+        (json.dumps({"examples": [{"input": [0.0] * 60}]}).encode(), 413),
+    ],
+)
+def test_bad_bodies_get_their_status(body, status):
+    assert status_of(parse_query, body, LIMITS, "influence") == status
+
+
+def test_a_good_body_takes_defaults_from_the_config():
+    req = parse_query(b'{"examples": [{"a": 1}]}', LIMITS, "cosine")
+    assert (req.examples, req.topk, req.kind) == ([{"a": 1}], 10, "cosine")

@@ -1,0 +1,186 @@
+"""The query service over HTTP: same top-k as the batch job, 4xx on bad bodies, concurrency.
+
+One module-wide Ray runs the batch job (index, preconditioner, scores of the query split),
+then serves the finished index twice on 127.0.0.1: with the train phi cached in the replica
+and streamed from the shards (serve.cache_bytes=0), under two route prefixes.
+"""
+
+import json
+import socket
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from grass_dist import Client, pipeline, results
+from grass_dist.build import build_dataset, build_layer_compressors, build_model, build_task
+from grass_dist.config import JobConfig
+from grass_dist.errors import FingerprintMismatchError, ServiceError
+from grass_dist.gradients import GradientComputer
+from grass_dist.service import app
+from tests.conftest import compose_cfg
+from tests.helpers import assert_topk_close
+from tests.synthetic import read_all
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(ray_session, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    port = free_port()
+    common = [f"serve.port={port}", "serve.cpus_per_replica=0.5", "serve.max_examples=16"]
+    cfg = compose_cfg(tmp, *common)
+    job = pipeline.prepare(cfg)
+    try:
+        pipeline.run_index(job)
+        pipeline.run_precondition(job)
+        pipeline.run_score(job)
+    finally:
+        pipeline.shutdown(job)
+    cached = app.start(OmegaConf.to_container(cfg, resolve=True))
+    streamed_cfg = compose_cfg(
+        tmp, *common, "serve.cache_bytes=0", "serve.route_prefix=/stream", "serve.app_name=s"
+    )
+    streamed = app.start(OmegaConf.to_container(streamed_cfg, resolve=True))
+    yield job, cached, streamed
+    app.stop()
+
+
+def query_items(job):
+    query = build_dataset(job.cfg, "query")
+    return [{"input": query[i][0], "label": int(query[i][1])} for i in range(len(query))]
+
+
+def test_health_reports_the_index(service):
+    _, cached, streamed = service
+    assert Client(cached).health() == {
+        "status": "ok",
+        "train_rows": 90,
+        "layers": ["fc1", "out"],
+        "cached": True,
+        "kinds": ["grad_dot", "cosine", "influence"],
+    }
+    assert Client(streamed).health()["cached"] is False
+
+
+def test_answers_equal_the_batch_jobs_top_k_cached_and_streamed(service):
+    job, cached, streamed = service
+    items = query_items(job)
+    table = results.load_table(job.index, "default", "topk").to_pandas()
+    for url in (cached, streamed):
+        answers = Client(url).query(items, topk=10, kind="influence")
+        assert len(answers) == 12
+        for q, answer in enumerate(answers):
+            for kind, label in (("proponent", "proponents"), ("opponent", "opponents")):
+                want = table[(table["query_row"] == q) & (table["kind"] == kind)]
+                want = want.sort_values("rank")
+                got = answer[label]
+                assert [g["train_row"] for g in got] == want["train_row"].tolist()
+                assert [g["train_key"] for g in got] == want["train_key"].tolist()
+                np.testing.assert_allclose(
+                    [g["score"] for g in got], want["score"], rtol=1e-5, atol=1e-7
+                )
+
+
+@pytest.mark.parametrize("kind", ["grad_dot", "cosine"])
+def test_other_kinds_match_a_direct_computation(service, kind):
+    job, cached, _ = service
+    items = query_items(job)[:3]
+    model = build_model(job.cfg)
+    computer = GradientComputer(model, build_task(job.cfg), build_layer_compressors(job.cfg, model))
+    batch = [(it["input"], torch.tensor(it["label"])) for it in items]
+    q = computer.phi_rows(batch, range(3), 16).phi
+    rows, train = read_all(job.index)
+    t = np.concatenate([train[n] for n in q], 1).astype(np.float64)
+    qq = np.concatenate(list(q.values()), 1).astype(np.float64)
+    exact = t @ qq.T
+    if kind == "cosine":
+        exact /= np.linalg.norm(t, axis=1, keepdims=True) @ np.linalg.norm(qq, axis=1)[None]
+    answers = Client(cached).query(items, topk=7, kind=kind)
+    for label, largest in (("proponents", True), ("opponents", False)):
+        got_rows = [[g["train_row"] for g in a[label]] for a in answers]
+        got_vals = [[g["score"] for g in a[label]] for a in answers]
+        tol = 1e-5 * np.abs(exact).max()
+        assert_topk_close(got_rows, got_vals, exact[np.argsort(rows)], 7, largest, tol)
+
+
+def post(url: str, body: bytes, method: str = "POST") -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=body, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_bad_requests_get_4xx_and_the_service_keeps_serving(service):
+    job, cached, _ = service
+    good = {"input": query_items(job)[0]["input"].tolist(), "label": 1}
+    cases = [
+        (b"{oops", 400),
+        (json.dumps({"examples": [good], "extra": 1}).encode(), 400),
+        (json.dumps({"examples": [{**good, "input": good["input"][:10]}]}).encode(), 422),
+        (json.dumps({"examples": [{**good, "label": 0.5}]}).encode(), 422),
+        (json.dumps({"examples": [{**good, "label": 99}]}).encode(), 422),
+        (json.dumps({"examples": [good] * 17}).encode(), 413),
+        (b'{"examples": [' + b"0," * 3_000_000 + b"0]}", 413),
+    ]
+    for body, status in cases:
+        code, answer = post(f"{cached}/query", body)
+        assert (code, "error" in answer) == (status, True), (body[:80], code, answer)
+    assert post(f"{cached}/query", b"", method="GET")[0] == 405
+    assert post(f"{cached}/nowhere", b"{}")[0] == 404
+    with pytest.raises(ServiceError) as info:
+        Client(cached).query([good], kind="nonsense")
+    assert info.value.status == 400 and "kind" in info.value.message
+    code, answer = post(f"{cached}/query", json.dumps({"examples": [good], "topk": 3}).encode())
+    assert code == 200 and len(answer["results"][0]["proponents"]) == 3
+
+
+def test_eight_clients_times_twenty_requests_are_all_answered_correctly(service):
+    job, cached, _ = service
+    items = query_items(job)
+    want = {q: a["proponents"] for q, a in enumerate(Client(cached).query(items, topk=5))}
+
+    def same(got: list[dict], ref: list[dict]) -> bool:
+        # One example per request: its gradient may differ from the batched one in the
+        # last bits, so scores compare to float tolerance and rows exactly.
+        return [g["train_row"] for g in got] == [g["train_row"] for g in ref] and np.allclose(
+            [g["score"] for g in got], [g["score"] for g in ref], rtol=1e-5, atol=1e-7
+        )
+
+    def client(c: int) -> list[bool]:
+        api, ok = Client(cached), []
+        for r in range(20):
+            q = (c * 20 + r) % len(items)
+            ok.append(same(api.query([items[q]], topk=5)[0]["proponents"], want[q]))
+        return ok
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = [ok for part in pool.map(client, range(8)) for ok in part]
+    assert len(answers) == 160 and all(answers)
+
+
+def test_an_index_with_another_fingerprint_is_refused_before_deploying(service, tmp_path):
+    job, *_ = service
+    raw = dict(job.raw)
+    raw["compression"] = {**raw["compression"], "k": 16}
+    with pytest.raises(FingerprintMismatchError):
+        app.check(JobConfig.from_cfg(raw))
+
+
+def test_only_loopback_hosts_count_as_local():
+    assert app._is_loopback("127.0.0.1") and app._is_loopback("::1")
+    assert app._is_loopback("localhost")
+    assert not app._is_loopback("0.0.0.0") and not app._is_loopback("10.1.2.3")

@@ -1,0 +1,88 @@
+"""Scoring through the Reducer on Ray: a killed scorer task is retried without losing or
+duplicating pairs, results appear only when complete (a failed run leaves the previous
+complete results in place), and per-layer breakdowns add up to the scores."""
+
+import numpy as np
+import pytest
+import ray
+
+from grass_dist import results
+from grass_dist.errors import ResultsNotFoundError
+from grass_dist.gradients import PhiBlock
+from grass_dist.runtime.faults import KillOnce
+from grass_dist.runtime.reducer import Reducer
+from tests.synthetic import phi_rows, write_index
+
+pytestmark = pytest.mark.integration
+
+LAYERS = {"a": 8, "b": 8}
+
+
+@pytest.fixture(scope="module")
+def reducer(ray_session, tmp_path_factory):
+    url = str(tmp_path_factory.mktemp("faults") / "index")
+    index = write_index(url, 3000, LAYERS, shard_rows=500)
+    actor = ray.remote(Reducer).options(num_cpus=0).remote(url, {}, 3)
+    ray.get(actor.build_preconditioner.remote("fisher"))
+    yield index, actor
+    ray.kill(actor)
+
+
+QUERY = PhiBlock(np.arange(7), [f"q{i}" for i in range(7)], phi_rows(10**6, 10**6 + 7, LAYERS))
+
+
+def _score(actor, name, **kw):
+    args = dict(
+        precondition_name="fisher", damping=0.1, kind="influence", topk=20, dense=True,
+        self_influence=True, tile_rows=200, parallelism=3,
+    )  # fmt: skip
+    return ray.get(actor.score.remote(name, QUERY, **{**args, **kw}))
+
+
+def test_a_scorer_killed_mid_run_is_retried_without_lost_or_duplicate_pairs(reducer, tmp_path):
+    index, actor = reducer
+    clean = _score(actor, "clean")
+    faulty = _score(actor, "faulty", fault=KillOnce(str(tmp_path), "after_dense_part"))
+    assert (tmp_path / "killed-after_dense_part").exists()  # a scorer process really died
+    parts = faulty["files"]["dense"]
+    assert len(parts) == len(set(parts)) == 18  # 6 shards x 3 tiles, each once
+    dense = results.load_dense(index, "faulty")
+    assert dense.shape == (3000, 7)
+    np.testing.assert_array_equal(dense, results.load_dense(index, "clean"))
+    for kind in ("topk", "self_influence"):
+        got = results.load_table(index, "faulty", kind)
+        assert got.equals(results.load_table(index, "clean", kind))
+    assert clean["files"]["dense"] != faulty["files"]["dense"]  # separate run folders
+
+
+def test_a_failed_run_leaves_the_last_complete_results_visible(reducer, tmp_path):
+    index, actor = reducer
+    with pytest.raises(ResultsNotFoundError):
+        results.manifest(index, "kept")
+    first = _score(actor, "kept", dense=False)
+    before = results.load_table(index, "kept", "topk")
+    with pytest.raises(ray.exceptions.RayError):
+        _score(actor, "kept", topk=3, max_retries=0, fault=KillOnce(str(tmp_path), "after_shard"))
+    assert results.manifest(index, "kept")["files"] == first["files"]
+    assert results.load_table(index, "kept", "topk").equals(before)
+    second = _score(actor, "kept", topk=3, dense=False)
+    assert results.load_table(index, "kept", "topk").num_rows == 2 * 7 * 3
+    for path in first["files"].values():  # the replaced run's files are gone
+        assert not index.has_artifact(path)
+    assert all(index.has_artifact(p) for p in second["files"].values())
+
+
+@pytest.mark.parametrize("kind", ["cosine", "influence"])
+def test_layer_breakdown_columns_sum_to_the_score_through_the_reducer(reducer, kind):
+    index, actor = reducer
+    out = _score(actor, f"bd-{kind}", kind=kind, dense=False, breakdown=True, topk=5)
+    table = results.load_table(index, f"bd-{kind}", "topk").to_pandas()
+    assert out["files"]["topk"].endswith("topk.parquet") and len(table) == 2 * 7 * 5
+    total = table["score.a"] + table["score.b"]
+    np.testing.assert_allclose(total, table["score"], rtol=1e-4, atol=1e-5)
+    assert (table["score.a"] != 0).all() and (table["score.b"] != 0).all()
+    if kind == "cosine":
+        assert table["score"].abs().max() <= 1.0 + 1e-6
+    best = table[(table["kind"] == "proponent") & (table["rank"] == 0)]
+    worst = table[(table["kind"] == "opponent") & (table["rank"] == 0)]
+    assert (best["score"].to_numpy() > worst["score"].to_numpy()).all()

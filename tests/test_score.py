@@ -1,0 +1,148 @@
+"""Scoring kinds, self-influence, per-layer breakdown and dense parts against float64 references."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from grass_dist import results
+from grass_dist.precondition import FisherSum, Preconditioner
+from grass_dist.runtime.scoring import ScoreOptions, breakdown_records, score_records
+from grass_dist.score import prepare_queries, whiteners_for
+from grass_dist.topk import decode
+from tests.synthetic import phi_rows, read_all, write_index
+
+LAYERS = {"a": 6, "b": 4}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    index = write_index(str(tmp_path_factory.mktemp("idx")), 300, LAYERS, shard_rows=70)
+    rows, train = read_all(index)
+    query = phi_rows(10_000, 10_009, LAYERS, seed=1)
+    query["a"][3] = 0.0  # a query whose layer-a gradient vanishes
+    pre = Preconditioner.from_fisher(FisherSum.of(train))
+    return index, rows, train, query, pre
+
+
+def reference(kind, train, query, pre, damping):
+    """Dense (n_train, Q) float64 scores and per-layer terms {layer: (n_train, Q)}."""
+    t = {n: torch.tensor(x, dtype=torch.float64) for n, x in train.items()}
+    q = {n: torch.tensor(x, dtype=torch.float64) for n, x in query.items()}
+    if kind == "influence":
+        terms = {}
+        for n in t:
+            h = t[n].T @ t[n] / t[n].shape[0]
+            lam = damping * torch.trace(h) / h.shape[0]
+            inv = torch.linalg.inv(h + lam * torch.eye(h.shape[0], dtype=torch.float64))
+            terms[n] = t[n] @ inv @ q[n].T
+    elif kind == "grad_dot":
+        terms = {n: t[n] @ q[n].T for n in t}
+    else:
+        tn = torch.cat(list(t.values()), 1).norm(dim=1, keepdim=True)
+        qn = torch.cat(list(q.values()), 1).norm(dim=1, keepdim=True)
+        terms = {n: (t[n] @ q[n].T) / (tn @ qn.T) for n in t}
+    return sum(terms.values()), terms
+
+
+def brute_topk(dense: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """(n, Q) -> (Q, k) train rows, ties to the lower row."""
+    s = dense.T if largest else -dense.T
+    return torch.argsort(s, dim=1, descending=True, stable=True)[:, :k]
+
+
+@pytest.mark.parametrize("kind", ["influence", "grad_dot", "cosine"])
+def test_every_kind_matches_its_float64_definition(setup, kind, tmp_path):
+    index, rows, train, query, pre = setup
+    damping = 0.3
+    prepared = prepare_queries(query, kind, pre, damping)
+    records = sorted(index.committed().values(), key=lambda r: r.start)
+    opts = ScoreOptions(topk=7, tile_rows=32)
+    whiten = whiteners_for(pre, list(LAYERS), damping)
+    partial, parts = score_records(index, records, prepared, opts, whiten, "results/x/run")
+    expected, _ = reference(kind, train, query, pre, damping)
+    dense = torch.tensor(_assemble(index, parts), dtype=torch.float64)
+    assert (dense - expected).abs().max() / expected.abs().max() < 1e-5
+    if kind == "cosine":
+        assert dense[:, 3].abs().max() <= 1.0 + 1e-6 and dense[:, 3].abs().max() > 0.1
+    for keys, sign in ((partial.proponents, 1), (partial.opponents, -1)):
+        values, top_rows = decode(keys, sign)
+        assert torch.equal(top_rows, brute_topk(expected, 7, sign > 0))
+        np.testing.assert_allclose(
+            values, expected.gather(0, top_rows.T).T.float(), rtol=1e-5, atol=1e-6
+        )
+    t = {n: torch.tensor(x, dtype=torch.float64) for n, x in train.items()}
+    self_ref = sum(
+        ((t[n] @ torch.linalg.inv(_damped(t[n], damping))) * t[n]).sum(1) for n in t
+    )
+    np.testing.assert_allclose(partial.self_influence, self_ref.numpy(), rtol=1e-4)
+    norm_ref = sum((t[n] ** 2).sum(1) for n in t).numpy()
+    np.testing.assert_allclose(partial.grad_norm_sq, norm_ref, rtol=1e-6)
+    assert partial.rows.tolist() == list(range(300))
+
+
+def _damped(x: torch.Tensor, damping: float) -> torch.Tensor:
+    h = x.T @ x / x.shape[0]
+    return h + damping * torch.trace(h) / h.shape[0] * torch.eye(h.shape[0], dtype=h.dtype)
+
+
+def _assemble(index, parts) -> np.ndarray:
+    tables = [pq.read_table(pa.BufferReader(index.get_artifact(p))) for p in parts]
+    table = pa.concat_tables(tables).sort_by("train_row")
+    assert table["train_row"].to_pylist() == list(range(300))  # every row exactly once
+    q = table.schema.field("scores").type.list_size
+    return table["scores"].combine_chunks().flatten().to_numpy().reshape(-1, q)
+
+
+def test_dense_part_names_are_deterministic_so_a_retry_overwrites(setup):
+    index, *_, query, pre = setup
+    prepared = prepare_queries(query, "grad_dot")
+    records = sorted(index.committed().values(), key=lambda r: r.start)
+    opts = ScoreOptions(topk=3, tile_rows=50)
+    _, first = score_records(index, records, prepared, opts, dense_dir="results/y/r")
+    _, again = score_records(index, records, prepared, opts, dense_dir="results/y/r")
+    assert first == again and len(set(first)) == len(first) == 9  # 4 shards x 2 tiles + 1
+
+
+@pytest.mark.parametrize("kind", ["influence", "cosine"])
+def test_layer_breakdown_sums_to_the_score_and_matches_each_layer_term(setup, kind):
+    index, rows, train, query, pre = setup
+    prepared = prepare_queries(query, kind, pre, 0.3)
+    records = sorted(index.committed().values(), key=lambda r: r.start)
+    pairs = np.array([[5, 299, -1], [0, 150, 71]] * 4 + [[70, 69, 1]], dtype=np.int64)
+    pos, terms = breakdown_records(index, records, prepared, pairs)
+    _, ref_terms = reference(kind, train, query, pre, 0.3)
+    assert sorted(pos.tolist()) == [i for i in range(pairs.size) if pairs.flat[i] >= 0]
+    for p, got in zip(pos, terms, strict=True):
+        q, row = divmod(int(p), pairs.shape[1])
+        want = [float(ref_terms[n][pairs[q, row], q]) for n in LAYERS]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_topk_table_lists_each_kind_query_and_rank_with_keys():
+    ranked = {
+        "proponent": (np.array([[3.0, 2.0], [1.0, -np.inf]]), np.array([[4, 1], [2, -1]])),
+        "opponent": (np.array([[-1.0, 0.0], [1.0, np.inf]]), np.array([[0, 2], [2, -1]])),
+    }
+    pieces = list(
+        results.topk_tables(
+            np.array([10, 11]),
+            ["q10", "q11"],
+            ranked,
+            (np.array([0, 1, 2, 4]), ["k0", "k1", "k2", "k4"]),
+            {"proponent": {"a": np.ones((2, 2))}, "opponent": {"a": np.zeros((2, 2))}},
+            rows_per_table=4,  # one query per piece
+        )
+    )
+    assert len(pieces) == 2
+    table = pa.concat_tables(pieces).to_pandas()
+    assert table["query_key"].tolist() == ["q10"] * 4 + ["q11"] * 2
+    assert table["kind"].tolist() == ["proponent", "proponent", "opponent", "opponent"] + [
+        "proponent",
+        "opponent",
+    ]
+    assert table["rank"].tolist() == [0, 1, 0, 1, 0, 0]
+    assert table["train_key"].tolist() == ["k4", "k1", "k0", "k2", "k2", "k2"]
+    assert table["score"].tolist() == [3.0, 2.0, -1.0, 0.0, 1.0, 1.0]
+    assert table["score.a"].tolist() == [1.0, 1.0, 0.0, 0.0, 1.0, 0.0]
