@@ -13,8 +13,8 @@ from grass_dist.models import digits_mlp
 from grass_dist.precondition import FisherSum, Preconditioner
 from grass_dist.runtime.scoring import ScoreOptions, score_records
 from grass_dist.score import prepare_queries
-from tests.test_score import _assemble
 from grass_dist.tasks import ClassificationTask
+from tests.test_score import _assemble
 
 # Unit roundoff: float16 2^-11 = 4.9e-4, bfloat16 2^-8 = 3.9e-3. Scores sum many rounded
 # products, so their relative error sits near (not above) one roundoff; bounds allow 4x.
