@@ -310,12 +310,15 @@ def test_killed_reducer_recovers_from_the_store(cluster, clean, caplog):
     after = _scores(job)
     for key in before:
         assert before[key].reset_index(drop=True).equals(after[key].reset_index(drop=True))
-    # The dead attempt's files are never referenced; the first result's files are intact.
-    listed = set(Store(str(dst)).list(f"results/{job.cfg.run.name}"))
+    # Each scoring run writes its own folder; only the folder the current _COMPLETE.json
+    # names is read, so the dead attempt's folder is never referenced.
     now = results.manifest(job.index, job.cfg.run.name)
-    assert {Path(f).name for f in now["files"].values()} < listed
-    assert len([n for n in listed if n.startswith("topk-")]) == 3  # clean, dead, retried
-    for rel in complete["files"].values():
+    run_dirs = {Path(f).parent.name for f in (now["files"]["topk"], now["files"]["self_influence"])}
+    assert len(run_dirs) == 1
+    listed = set(Store(str(dst)).list(f"results/{job.cfg.run.name}"))
+    assert run_dirs < listed and "_COMPLETE.json" in listed
+    assert now["files"] != complete["files"]  # a new run replaced the first
+    for rel in (now["files"]["topk"], now["files"]["self_influence"]):
         assert job.index.has_artifact(rel)
 
 
