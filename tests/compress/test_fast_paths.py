@@ -5,7 +5,7 @@ sequences, several SJLT copies."""
 import pytest
 import torch
 
-from grass_dist.compress import FactGraSSCompressor, LinearShape, build_compressor
+from grass_dist.compress import FactGraSSCompressor, LinearShape, build_compressor, linear
 from grass_dist.compress.sketch import SJLT, scatter_signed
 from grass_dist.config import CompressionConfig
 from grass_dist.seeding import generator
@@ -87,3 +87,12 @@ def test_scatter_signed_sums_every_copy_in_place_or_not():
     scatter_signed(out, x.clone(), s.buckets, s.signs, overwrite=True)
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(s.apply(x), want)
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_factgrass_in_sample_chunks_equals_one_chunk(t, monkeypatch):
+    comp = FactGraSSCompressor("l", LinearShape(7, 6, True), 10, 0, mask_out=4, mask_in=5)
+    x, g = _factors(t, batch=9)
+    whole = comp.compress(x, g)
+    monkeypatch.setattr(linear, "_CHUNK_FLOATS", 2 * 4 * 5)  # chunks of two samples
+    assert torch.equal(comp.compress(x, g), whole)
