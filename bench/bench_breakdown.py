@@ -41,7 +41,7 @@ from grass_dist.compress import build_compressors  # noqa: E402
 from grass_dist.compress.linear import _CHUNK_FLOATS, MaskedFactors, gather_columns  # noqa: E402
 from grass_dist.compress.sketch import scatter_signed  # noqa: E402
 from grass_dist.config import CompressionConfig  # noqa: E402
-from grass_dist.gradients import GradientComputer  # noqa: E402
+from grass_dist.gradients import GradientComputer, all_finite  # noqa: E402
 from grass_dist.index.shards import write_shard  # noqa: E402
 from grass_dist.index.store import Store  # noqa: E402
 from grass_dist.tasks import ClassificationTask  # noqa: E402
@@ -114,7 +114,7 @@ def index_batch(gc: GradientComputer, batch, clock: Clock, check: bool) -> dict[
             clock.last = time.process_time()  # the check is not part of the build
     host = {}
     for name, p in phi.items():
-        if not torch.isfinite(p).all():
+        if not all_finite(p):
             raise AssertionError(f"non-finite phi in layer {name}")
         host[name] = p.cpu().numpy()
     clock.lap("phi to host + finiteness check")

@@ -5,10 +5,21 @@ sequences, several SJLT copies."""
 import pytest
 import torch
 
-from grass_dist.compress import FactGraSSCompressor, LinearShape, build_compressor, linear
+from grass_dist.capture import resolve_layers
+from grass_dist.compress import (
+    FactGraSSCompressor,
+    LinearShape,
+    build_compressor,
+    build_compressors,
+    linear,
+)
 from grass_dist.compress.sketch import SJLT, scatter_signed
 from grass_dist.config import CompressionConfig
+from grass_dist.errors import NonFiniteGradientError
+from grass_dist.gradients import GradientComputer, all_finite
 from grass_dist.seeding import generator
+from grass_dist.tasks import ClassificationTask
+from tests.helpers import mlp
 
 
 def _explicit_g(x: torch.Tensor, g: torch.Tensor, bias: bool) -> torch.Tensor:
@@ -96,3 +107,19 @@ def test_factgrass_in_sample_chunks_equals_one_chunk(t, monkeypatch):
     whole = comp.compress(x, g)
     monkeypatch.setattr(linear, "_CHUNK_FLOATS", 2 * 4 * 5)  # chunks of two samples
     assert torch.equal(comp.compress(x, g), whole)
+
+
+def test_all_finite_is_exact_even_when_the_sum_overflows():
+    assert all_finite(torch.tensor([[3e38, 3e38], [1.0, 2.0]]))
+    assert not all_finite(torch.tensor([[1.0, float("nan")]]))
+    assert not all_finite(torch.tensor([[float("inf"), 1.0]]))
+    assert not all_finite(torch.tensor([[float("inf"), -float("inf")]]))
+
+
+def test_non_finite_phi_names_the_layer_and_rows():
+    model = mlp(d_in=4, hidden=5)
+    comps = build_compressors(CompressionConfig(k=4), resolve_layers(model, None))
+    rows = [(torch.randn(4), torch.tensor(1)) for _ in range(3)]
+    rows[2] = (torch.tensor([1.0, float("nan"), 0.0, 0.0]), torch.tensor(0))
+    with pytest.raises(NonFiniteGradientError, match=r"layer 'fc1' for rows 2..2"):
+        GradientComputer(model, ClassificationTask(), comps).phi_rows(rows, range(3), 2)
