@@ -23,18 +23,26 @@ from grass_dist.compress.base import (
     require_linear,
 )
 from grass_dist.compress.registry import register
-from grass_dist.compress.sketch import SJLT, random_mask
+from grass_dist.compress.sketch import SJLT, random_mask, scatter_signed
 from grass_dist.errors import ConfigError
 from grass_dist.seeding import generator
 
+_CHUNK_FLOATS = 1 << 18
 
-def select_inputs(x: torch.Tensor, idx: torch.Tensor, d_in: int) -> torch.Tensor:
-    """Columns `idx` (sorted) of a = [x, 1] without building a: (B, T, d_in) -> (B, T, |idx|)."""
-    has_bias_col = bool(idx.numel()) and int(idx[-1]) == d_in
-    cols = x.index_select(-1, idx[:-1] if has_bias_col else idx)
-    if has_bias_col:
-        cols = torch.cat([cols, torch.ones_like(x[..., :1])], dim=-1)
-    return cols
+
+def gather_columns(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """Columns `idx` of the last axis: (B, T, d) -> (B, T, len(idx)); x itself when None."""
+    if idx is None:
+        return x
+    b, t, d = x.shape
+    # index_select on a 2-D (B T, d) view is ~6x faster than on the 3-D tensor.
+    return x.reshape(b * t, d).index_select(1, idx).view(b, t, idx.numel())
+
+
+def unless_all(idx: torch.Tensor, dim: int) -> torch.Tensor | None:
+    """`idx`, or None when it keeps all `dim` coordinates in order (no gather needed)."""
+    full = idx.numel() == dim and torch.equal(idx.cpu(), torch.arange(dim))
+    return None if full else idx
 
 
 @register
@@ -96,6 +104,26 @@ class MaskedFactors(Compressor):
             )
         self.k, self.seed = k, seed
         self.sjlt = SJLT(k_prime, k, generator(seed, name, "sjlt"), c=sjlt_c)
+        self._plan()
+
+    def _plan(self) -> None:
+        """Gathers and sketch layout for `compress`, on the indices' device.
+
+        The bias column of a = [x, 1] is never built: its block of M is sum_t g_t[idx_out],
+        sketched with the matching columns of the SJLT (`_bias_col`); the rest of M is the
+        product of the gathered factors (`_main`). Both are (buckets, signs), each (c, entries).
+        """
+        k_o, k_i = self.idx_out.numel(), self.idx_in.numel()
+        self._bias = self.shape.bias and int(self.idx_in[-1]) == self.shape.d_in
+        x_cols = self.idx_in[:-1] if self._bias else self.idx_in
+        self._out_cols = unless_all(self.idx_out, self.shape.d_out)
+        self._in_cols = unless_all(x_cols, self.shape.d_in)
+        # vec(M) is row-major over (idx_out, idx_in): entry o * k_i + i.
+        grid = torch.arange(k_o * k_i, device=self.sjlt.buckets.device).view(k_o, k_i)
+        main = grid[:, : x_cols.numel()].reshape(-1)
+        self._main = (self.sjlt.buckets[:, main], self.sjlt.signs[:, main])
+        bias = grid[:, -1]
+        self._bias_col = (self.sjlt.buckets[:, bias], self.sjlt.signs[:, bias])
 
     @property
     def out_dim(self) -> int:
@@ -105,13 +133,26 @@ class MaskedFactors(Compressor):
         self.idx_out = self.idx_out.to(device)
         self.idx_in = self.idx_in.to(device)
         self.sjlt.to(device)
+        self._plan()
         return self
 
     def compress(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        a = select_inputs(x, self.idx_in, self.shape.d_in).float()
-        g = g.index_select(-1, self.idx_out).float()
-        masked = torch.bmm(g.transpose(1, 2), a)  # (B, k_o', k_i')
-        return self.sjlt.apply(masked.reshape(masked.shape[0], -1))
+        g = gather_columns(g, self._out_cols).float()  # (B, T, k_o')
+        a = gather_columns(x, self._in_cols).float()  # (B, T, k_i' - bias)
+        out = torch.zeros(x.shape[0], self.k, dtype=torch.float32, device=x.device)
+        # Samples in chunks whose (chunk, k') products take ~1 MiB: they stay in cache and
+        # are reused rather than freshly mapped (1.6x faster at batch 256 x k' 8192).
+        step = max(1, _CHUNK_FLOATS // max(1, g.shape[2] * a.shape[2]))
+        for lo in range(0, x.shape[0], step):
+            gs, xs = g[lo : lo + step], a[lo : lo + step]
+            if a.shape[1] == 1:  # a broadcast outer product: ~4x faster than bmm over T = 1
+                main = gs[:, 0, :, None] * xs[:, 0, None, :]  # (g^T * a is ~40x slower)
+            else:
+                main = torch.bmm(gs.transpose(1, 2), xs)  # (chunk, k_o', k_i' - bias)
+            scatter_signed(out[lo : lo + step], main.view(gs.shape[0], -1), *self._main, True)
+        if self._bias:
+            scatter_signed(out, g.sum(1), *self._bias_col, overwrite=True)
+        return out
 
     def spec(self) -> dict[str, Any]:
         return {
@@ -225,6 +266,8 @@ class LoGraCompressor(Compressor):
         if self.shape.bias:
             a = a + self.p_in[:, -1]
         go = g.float() @ self.p_out.T  # (B, T, k_o)
+        if a.shape[1] == 1:  # an outer product: a broadcast product beats a bmm over T = 1
+            return (go[:, 0, :, None] * a[:, 0, None, :]).reshape(x.shape[0], -1)
         return torch.bmm(go.transpose(1, 2), a).reshape(x.shape[0], -1)
 
     def spec(self) -> dict[str, Any]:
