@@ -110,3 +110,11 @@ class PreconditionerNotFoundError(GrassError):
 
 class ResultsNotFoundError(GrassError):
     """No complete result set of the requested name exists."""
+
+
+class GroundTruthError(GrassError):
+    """LDS ground truth is missing, inconsistent with the scores, or could not be built."""
+
+
+class DampingSelectionError(GrassError):
+    """precondition.damping=auto has no objective to choose by (no ground truth, no labels)."""
