@@ -176,14 +176,15 @@ class Member:
         return sweep(self.index, cols, masks, topk, parallelism, self.cfg.index.verify)
 
 
-def _by_lds(members: list[Member], gt, val, test, grid, n_boot: int) -> dict[str, Any]:
+def by_lds(members: list[Member], gt, val, test, grid, n_boot: int) -> dict[str, Any]:
+    """Choose delta by the (ensemble's) LDS on query rows `val`; report it on rows `test`."""
     q_val = len(val)
     sums = sum(m.predictions(val, grid, gt.masks, 1).sums for m in members) / len(members)
     values = [
         lds_from_predictions(sums[:, d * q_val : (d + 1) * q_val], gt.y[:, val], 0).mean
         for d in range(len(grid))
     ]
-    best = _argmax(values, grid)
+    best = best_delta(values, grid)
     held = sum(m.predictions(test, [best], gt.masks, 1).sums for m in members) / len(members)
     result = lds_from_predictions(held, gt.y[:, test], n_boot, seed=0)
     return {
@@ -204,7 +205,8 @@ def _agreement(top: TopK, train_labels, query_labels, n_delta: int) -> list[floa
     return [float(hit[d * q : (d + 1) * q].mean()) for d in range(n_delta)]
 
 
-def _by_proxy(members: list[Member], cfg, val, test, grid, topk: int) -> dict[str, Any]:
+def by_proxy(members: list[Member], cfg, val, test, grid, topk: int) -> dict[str, Any]:
+    """Choose delta by top-`topk` proponent label agreement on `val`; report it on `test`."""
     train_labels = _labels(build_dataset(cfg, "train"))
     query_labels = _labels(build_dataset(cfg, "query"))
     if train_labels is None or query_labels is None:
@@ -220,13 +222,13 @@ def _by_proxy(members: list[Member], cfg, val, test, grid, topk: int) -> dict[st
         return np.mean(per_member, axis=0)
 
     values = agreement(val, grid).tolist()
-    best = _argmax(values, grid)
+    best = best_delta(values, grid)
     held = float(agreement(test, [best])[0])
     name = f"label_agreement@{topk}"
     return {"objective": name, "values": values, "chosen": best, "heldout": {name: held}}
 
 
-def _argmax(values: list[float], grid: list[float]) -> float:
+def best_delta(values: list[float], grid: list[float]) -> float:
     """The delta with the best value; NaN never wins, ties go to the larger delta (stabler)."""
     finite = [(v, d) for v, d in zip(values, grid, strict=True) if np.isfinite(v)]
     if not finite:
@@ -251,9 +253,9 @@ def choose(members: list[Member], cfg: JobConfig, n_train: int) -> dict[str, Any
     grid = [float(d) for d in p.grid]
     if gt is not None:
         _check_ground_truth(gt, members[0].query, n_train)
-        out = _by_lds(members, gt, val, test, grid, cfg.lds.bootstrap)
+        out = by_lds(members, gt, val, test, grid, cfg.lds.bootstrap)
     else:
         log.info("damping=auto: no LDS ground truth for this recipe; using the label proxy")
-        out = _by_proxy(members, cfg, val, test, grid, p.proxy_topk)
+        out = by_proxy(members, cfg, val, test, grid, p.proxy_topk)
     log.info("damping=auto chose delta=%g by %s", out["chosen"], out["objective"])
     return {"grid": grid, "validation_queries": len(val), "heldout_queries": len(test), **out}

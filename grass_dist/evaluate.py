@@ -45,7 +45,7 @@ def record_selection(where: Any, name: str, selection: dict[str, Any]) -> None:
     )
 
 
-def _members(jobs: list[pipeline.Job], queries: list[PhiBlock]) -> list[damping.Member]:
+def members_of(jobs: list[pipeline.Job], queries: list[PhiBlock]) -> list[damping.Member]:
     return [
         damping.Member(
             j.index, damping.load_preconditioner(j.index, j.cfg.precondition.name), q, j.cfg
@@ -58,7 +58,7 @@ def _select(jobs: list[pipeline.Job], queries: list[PhiBlock], cfg: JobConfig) -
     """With damping=auto: choose delta for all `jobs` and set it on each; else None."""
     if cfg.precondition.damping != "auto":
         return None
-    selection = damping.choose(_members(jobs, queries), cfg, jobs[0].n_train)
+    selection = damping.choose(members_of(jobs, queries), cfg, jobs[0].n_train)
     selection["validation"] = cfg.precondition.validation
     selection["validation_seed"] = cfg.precondition.validation_seed
     for job in jobs:

@@ -78,6 +78,6 @@ def test_validation_split_and_choice():
     assert len(damping.validation_split(3, 0.1, 0)[0]) == 1  # at least one each
     with pytest.raises(DampingSelectionError, match="at least 2 queries"):
         damping.validation_split(1, 0.1, 0)
-    assert damping._argmax([0.1, float("nan"), 0.3, 0.3], [1e-3, 1e-2, 1e-1, 1.0]) == 1.0
+    assert damping.best_delta([0.1, float("nan"), 0.3, 0.3], [1e-3, 1e-2, 1e-1, 1.0]) == 1.0
     with pytest.raises(DampingSelectionError, match="undefined"):
-        damping._argmax([float("nan")], [1.0])
+        damping.best_delta([float("nan")], [1.0])

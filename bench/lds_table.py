@@ -1,0 +1,169 @@
+"""Render bench/results/lds.md from lds.json (bench_lds.py) and lds_dattri.json (dattri).
+
+Standard library only: both benchmark environments call `write_table()`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "lds")
+
+
+def _load(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _lds(held: dict) -> str:
+    low, high = held["ci95"]
+    return f"{held['lds']:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def _best(curve: list[float], grid: list[float]) -> str:
+    i = max(range(len(curve)), key=lambda j: curve[j])
+    return f"{curve[i]:.3f} (δ={grid[i]:g})"
+
+
+def _rows(report: dict, dattri: dict | None) -> list[str]:
+    exact = report["exact"]
+    ceiling = exact["selection"]["heldout"]["lds"]
+    grid = exact["selection"]["grid"]
+    lines = [
+        "| method | k | dims per layer (fc1, fc2, out) | δ chosen on validation | "
+        "held-out LDS [95% CI] | − exact | oracle δ on held-out | proxy's δ → held-out LDS "
+        "| index s | precondition s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| exact (all {exact['params']} parameters, Woodbury) | – | – | "
+        f"{exact['selection']['chosen']:g} | {_lds(exact['selection']['heldout'])} | 0 | "
+        f"{_best(exact['heldout_curve'], grid)} | – | – | {exact['seconds']['total']} (total) |",
+    ]
+    for row in report["rows"]:
+        held = row["selection"]["heldout"]
+        dims = ", ".join(row["layers"].values())
+        secs = row["seconds"]
+        lines.append(
+            f"| {row['method']} | {row['k']} | {dims} | {row['selection']['chosen']:g} | "
+            f"{_lds(held)} | {held['lds'] - ceiling:+.3f} | {_best(row['heldout_curve'], grid)} | "
+            f"{row['proxy_chosen']:g} → {row['proxy_heldout_lds']:.3f} | "
+            f"{secs.get('index', 0):.1f} | {secs.get('precondition', 0):.1f} |"
+        )
+    if dattri is not None and "heldout" in dattri:
+        held = dattri["heldout"]
+        lines.append(
+            f"| dattri {dattri['version']} FactGraSSAttributor | {dattri['k']} | "
+            f"{dattri['dims']} | {dattri['chosen']:g} | {_lds(held)} | "
+            f"{held['lds'] - ceiling:+.3f} | {_best(dattri['heldout_curve'], dattri['grid'])} "
+            f"| – | {dattri['seconds']['cache']:.1f} (cache) | – |"
+        )
+    return lines
+
+
+def _curves(report: dict, dattri: dict | None) -> list[str]:
+    grid = report["exact"]["selection"]["grid"]
+    lines = [
+        "| method | k | " + " | ".join(f"{d:g}" for d in grid) + " |",
+        "|---|---|" + "---|" * len(grid),
+        "| exact | – | " + " | ".join(f"{v:.3f}" for v in report["exact"]["heldout_curve"]) + " |",
+    ]
+    for row in report["rows"]:
+        vals = " | ".join(f"{v:.3f}" for v in row["heldout_curve"])
+        lines.append(f"| {row['method']} | {row['k']} | {vals} |")
+    if dattri is not None and "heldout_curve" in dattri:
+        vals = " | ".join(f"{v:.3f}" for v in dattri["heldout_curve"])
+        lines.append(f"| dattri FactGraSS | {dattri['k']} | {vals} |")
+    return lines
+
+
+def _targets(report: dict, dattri: dict | None) -> list[str]:
+    ceiling = report["exact"]["selection"]["heldout"]["lds"]
+    fact = [r for r in report["rows"] if r["method"] == "factgrass" and r["k"] == 4096]
+    if not fact:
+        return []
+    ours = fact[0]["selection"]["heldout"]["lds"]
+    gap = ceiling - ours
+    lines = [
+        f"- FactGraSS k=4096 held-out LDS {ours:.3f} vs exact {ceiling:.3f}: gap {gap:.3f} "
+        f"({'within' if gap <= 0.02 else 'NOT within'} 0.02).",
+    ]
+    if dattri is not None and "heldout" in dattri:
+        theirs = dattri["heldout"]["lds"]
+        verdict = "no worse than" if ours >= theirs else "WORSE than"
+        lines.append(
+            f"- dattri FactGraSS k={dattri['k']} held-out LDS {theirs:.3f} (δ={dattri['chosen']:g}"
+            f" chosen the same way): ours is {verdict} dattri's ({ours - theirs:+.3f})."
+        )
+    elif dattri is not None:
+        lines.append(f"- dattri comparison not available: {dattri.get('error')}")
+    else:
+        lines.append("- dattri comparison not run (bench/bench_lds_dattri.py).")
+    return lines
+
+
+def _cnn(report: dict) -> list[str]:
+    cnn = report.get("cnn")
+    if not cnn:
+        return []
+    layers = ", ".join(f"{n} {s['method']}:{s['k']}" for n, s in cnn["layers"].items())
+    sel, res = cnn["selection"], cnn["lds"]
+    return [
+        "## CNN on digits, end to end (Conv2d through flat GraSS)",
+        "",
+        f"Overrides: `{' '.join(cnn['overrides'])}` (plus identity for layers with at most k "
+        f"entries). Layers (method:dims): {layers}.",
+        "",
+        f"- damping=auto chose δ={sel['chosen']:g} by {sel['objective']} on "
+        f"{sel['validation_queries']} validation queries.",
+        f"- held-out LDS {_lds(res['heldout_queries'])}; all queries {_lds(res['all_queries'])}.",
+        f"- ground truth {cnn['ground_truth']['digest']} (built now: "
+        f"{cnn['ground_truth']['built_now']}, {cnn['ground_truth']['seconds']} s); stage seconds "
+        f"{cnn['stage_seconds']}.",
+    ]
+
+
+def write_table() -> str:
+    report = _load(RESULTS + ".json")
+    if report is None:
+        raise SystemExit(f"{RESULTS}.json is missing: run bench/bench_lds.py first")
+    dattri = _load(RESULTS + "_dattri.json")
+    s, gt = report["setting"], report["ground_truth"]
+    text = "\n".join(
+        [
+            f"# LDS on the digits MLP: {s['n_train']} train, {s['n_query']} queries, "
+            f"{s['subsets']} subsets x {s['seeds']} seeds",
+            "",
+            f"Command: `{report['command']}`" + (f" and `{dattri['command']}`" if dattri else ""),
+            "",
+            f"Model: {report['model']}. Ground truth {gt['digest']} (retraining took "
+            f"{gt['seconds']} s here, built now: {gt['built_now']}); the LDS of one seed's "
+            f"outputs against another's is {gt['seed_agreement']:.3f} (noise of the targets). "
+            f"Load average at start: {report['load_average_at_start']:.1f} on 2 cores.",
+            "",
+            "δ is chosen from the grid on a seeded 10 % validation split of the queries by LDS "
+            "(precondition.damping=auto); LDS is reported on the other 90 % with a bootstrap "
+            "95 % interval over queries. 'oracle' is the best δ for the held-out queries "
+            "themselves (reference only); 'proxy' is the δ the label-agreement proxy (used when "
+            "no ground truth exists) picks, with its held-out LDS. Dims per layer are "
+            "method:dimension; layers whose gradient has at most k entries are kept whole "
+            "(identity), and where k' = 4k exceeds a layer, masks keep the whole layer.",
+            "",
+            *_targets(report, dattri),
+            "",
+            *_rows(report, dattri),
+            "",
+            "## Held-out LDS at every δ",
+            "",
+            *_curves(report, dattri),
+            "",
+            *_cnn(report),
+            "",
+            f"Total: {report.get('total_seconds', '?')} s.",
+            "",
+        ]
+    )
+    with open(RESULTS + ".md", "w") as f:
+        f.write(text)
+    return text
