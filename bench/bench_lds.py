@@ -173,16 +173,19 @@ def cnn_end_to_end(args) -> dict:
     ]
     raw = compose_raw(args, *cnn)
     raw = compose_raw(args, *cnn, *whole_layers(raw, args.cnn_k))
-    t0 = time.perf_counter()
     gt, built = ground_truth.ensure(JobConfig.from_cfg(raw), raw)
-    gt_seconds = time.perf_counter() - t0
     summary = run.attribute(OmegaConf.create(raw))
     where = ArtifactDir(Store(raw["index"]["url"]))
     evaluated = evaluate.evaluate_results(where, "cnn", gt, JobConfig.from_cfg(raw).lds.bootstrap)
     return {
         "overrides": cnn,
         "layers": {s["name"]: s for s in _fingerprint_layers(raw)},
-        "ground_truth": {"digest": gt.digest, "built_now": built, "seconds": round(gt_seconds, 1)},
+        "ground_truth": {
+            "digest": gt.digest,
+            "built_now": built,
+            "train_seconds": gt.spec.get("train_seconds"),
+            "seed_agreement": _seed_agreement(gt),
+        },
         "selection": summary["damping"],
         "lds": evaluated,
         "stage_seconds": summary["stage_seconds"],
@@ -209,8 +212,8 @@ def dattri_payload(args, gt) -> str:
         "train_y": torch.stack([train[i][1] for i in range(len(train))]),
         "query_x": torch.stack([query[i][0] for i in range(len(query))]),
         "query_y": torch.stack([query[i][1] for i in range(len(query))]),
-        "masks": torch.from_numpy(gt.masks),
-        "y": torch.from_numpy(gt.y),
+        "masks": torch.tensor(gt.masks),
+        "y": torch.tensor(gt.y),
         "val": torch.from_numpy(val),
         "test": torch.from_numpy(test),
         "grid": [float(d) for d in p.grid],
@@ -242,7 +245,7 @@ def main() -> None:
     t0 = time.perf_counter()
     gt, built = ground_truth.ensure(JobConfig.from_cfg(raw), raw)
     report = {
-        "command": "python bench/bench_lds.py " + " ".join(sys.argv[1:]),
+        "command": " ".join([".venv/bin/python bench/bench_lds.py", *sys.argv[1:]]),
         "setting": {k: getattr(args, k) for k in ("n_train", "n_query", "subsets", "seeds", "ks")},
         "model": {k: v for k, v in raw["model"].items() if k != "cache_dir"},
         "load_average_at_start": load,
@@ -250,6 +253,7 @@ def main() -> None:
             "digest": gt.digest,
             "built_now": built,
             "seconds": round(time.perf_counter() - t0, 1),
+            "train_seconds": gt.spec.get("train_seconds"),  # measured when it was built
             "seed_agreement": _seed_agreement(gt),
         },
         "dattri_payload": dattri_payload(args, gt),

@@ -121,7 +121,8 @@ def main() -> None:
         "--payload", default=os.path.join(ROOT, "outputs", "bench_lds", "dattri_payload.pt")
     )
     args = ap.parse_args()
-    command = "python bench/bench_lds_dattri.py " + " ".join(sys.argv[1:])
+    python = os.path.relpath(sys.executable, ROOT)
+    command = " ".join([python, "bench/bench_lds_dattri.py", *sys.argv[1:]])
     torch.set_num_threads(1)
     try:
         payload = torch.load(args.payload, weights_only=True)

@@ -164,8 +164,8 @@ def _subset(phi: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarra
 class Member:
     """One attributed model: its index, preconditioner and query phi (an ensemble has C)."""
 
-    def __init__(self, index: GradientIndex, pre: Preconditioner, query: PhiBlock, job_cfg):
-        self.index, self.pre, self.query, self.cfg = index, pre, query, job_cfg
+    def __init__(self, index: GradientIndex, pre: Preconditioner, query: PhiBlock, cfg: JobConfig):
+        self.index, self.pre, self.query, self.cfg = index, pre, query, cfg
 
     def predictions(
         self, rows: np.ndarray, grid: list[float], masks: np.ndarray | None, topk: int
@@ -176,7 +176,14 @@ class Member:
         return sweep(self.index, cols, masks, topk, parallelism, self.cfg.index.verify)
 
 
-def by_lds(members: list[Member], gt, val, test, grid, n_boot: int) -> dict[str, Any]:
+def by_lds(
+    members: list[Member],
+    gt: gt_mod.GroundTruth,
+    val: np.ndarray,
+    test: np.ndarray,
+    grid: list[float],
+    n_boot: int,
+) -> dict[str, Any]:
     """Choose delta by the (ensemble's) LDS on query rows `val`; report it on rows `test`."""
     q_val = len(val)
     sums = sum(m.predictions(val, grid, gt.masks, 1).sums for m in members) / len(members)
@@ -205,7 +212,14 @@ def _agreement(top: TopK, train_labels, query_labels, n_delta: int) -> list[floa
     return [float(hit[d * q : (d + 1) * q].mean()) for d in range(n_delta)]
 
 
-def by_proxy(members: list[Member], cfg, val, test, grid, topk: int) -> dict[str, Any]:
+def by_proxy(
+    members: list[Member],
+    cfg: JobConfig,
+    val: np.ndarray,
+    test: np.ndarray,
+    grid: list[float],
+    topk: int,
+) -> dict[str, Any]:
     """Choose delta by top-`topk` proponent label agreement on `val`; report it on `test`."""
     train_labels = _labels(build_dataset(cfg, "train"))
     query_labels = _labels(build_dataset(cfg, "query"))
