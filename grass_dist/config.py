@@ -82,10 +82,43 @@ class IndexConfig:
     repair: bool = _f(False, "jobs.index: check every committed shard, recompute the bad ones")
 
 
+DAMPING_GRID = [10.0**e for e in range(-7, 3)]
+
+
 @dataclass
 class PreconditionConfig:
-    damping: float = _f(0.1, "relative damping delta: lambda_l = delta * trace(H_l) / k_l")
+    damping: Any = _f(
+        0.1,
+        "relative damping delta (lambda_l = delta * trace(H_l) / k_l), or 'auto': pick it "
+        "from `grid` on a validation split of the queries (see grass_dist.damping)",
+    )
     name: str = _f("fisher", "file name of the preconditioner under preconditioner/")
+    grid: list[float] = _f(DAMPING_GRID, "damping=auto: the deltas tried (default 1e-7..1e2)")
+    validation: float = _f(0.1, "damping=auto: share of the queries that choose delta")
+    validation_seed: int = _f(0, "damping=auto: seed of the validation split")
+    proxy_topk: int = _f(10, "damping=auto without ground truth: proponents per query judged")
+
+
+@dataclass
+class LdsConfig:
+    subsets: int = _f(50, "m: random training subsets whose models are retrained")
+    seeds: int = _f(3, "s: training seeds per subset (outputs are averaged over them)")
+    fraction: float = _f(0.5, "share of the training rows in each subset")
+    seed: int = _f(0, "seed of the subsets and of the retraining seeds")
+    output: str = _f("logprob", "f(z_t; theta): logprob of the true label | margin")
+    bootstrap: int = _f(1000, "bootstrap resamples of the queries for the 95% interval")
+    cpus_per_task: float = _f(1.0, "Ray CPUs per retraining task")
+    url: str | None = _f(None, "where ground truth lives; null = <store.url>/lds")
+    results: list[str] | None = _f(None, "result sets evaluated by jobs.lds; null = [run.name]")
+
+
+@dataclass
+class EnsembleConfig:
+    size: int = _f(1, "C models attributed and averaged; member c has model.seed + c")
+    models: list[dict[str, Any]] = _f(
+        [],
+        "explicit per-member model overrides (e.g. [{epochs: 10}, {epochs: 20}]); wins over size",
+    )
 
 
 @dataclass
@@ -168,6 +201,8 @@ class JobConfig:
     cluster: ClusterConfig
     faults: FaultsConfig
     serve: ServeConfig = field(default_factory=ServeConfig)
+    lds: LdsConfig = field(default_factory=LdsConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
 
     @property
     def index_url(self) -> str:
@@ -211,8 +246,10 @@ class JobConfig:
         for fname in ("shard_size", "batch_size"):
             if getattr(self.index, fname) <= 0:
                 raise ConfigError(f"index.{fname} must be positive")
-        if self.precondition.damping < 0:
-            raise ConfigError("precondition.damping must be >= 0 (relative to trace(H)/k)")
+        _validate_damping(self.precondition)
+        _validate_lds(self.lds)
+        if self.ensemble.size < 1:
+            raise ConfigError(f"ensemble.size={self.ensemble.size} must be at least 1")
         if self.scoring.kind not in ("influence", "grad_dot", "cosine"):
             raise ConfigError(
                 f"scoring.kind={self.scoring.kind!r}; use influence, grad_dot or cosine"
@@ -301,6 +338,35 @@ def _validate_serve(s: ServeConfig) -> None:
         raise ConfigError(f"serve.route_prefix={s.route_prefix!r} must start with '/'")
 
 
+def _validate_damping(p: PreconditionConfig) -> None:
+    if p.damping == "auto":
+        if not p.grid or min(p.grid) <= 0:
+            raise ConfigError("precondition.grid must list positive deltas, e.g. [1e-3,1e-2,0.1]")
+        if not 0 < p.validation < 1 or p.proxy_topk < 1:
+            raise ConfigError(
+                f"precondition.validation={p.validation} must be in (0, 1) and "
+                f"precondition.proxy_topk={p.proxy_topk} >= 1"
+            )
+        return
+    if isinstance(p.damping, bool) or not isinstance(p.damping, (int, float)):
+        raise ConfigError(f"precondition.damping={p.damping!r} must be a number >= 0 or 'auto'")
+    if p.damping < 0:
+        raise ConfigError("precondition.damping must be >= 0 (relative to trace(H)/k)")
+    p.damping = float(p.damping)
+
+
+def _validate_lds(c: LdsConfig) -> None:
+    if c.subsets < 2 or c.seeds < 1 or c.bootstrap < 0 or c.cpus_per_task <= 0:
+        raise ConfigError(
+            "lds.subsets must be >= 2, lds.seeds >= 1, lds.bootstrap >= 0 and "
+            f"lds.cpus_per_task > 0 (got {c})"
+        )
+    if not 0 < c.fraction < 1:
+        raise ConfigError(f"lds.fraction={c.fraction} must be in (0, 1), e.g. 0.5")
+    if c.output not in ("logprob", "margin"):
+        raise ConfigError(f"lds.output={c.output!r}; choose logprob or margin")
+
+
 def _require_target(node: Any, where: str) -> None:
     if not isinstance(node, dict) or "_target_" not in node:
         raise ConfigError(
@@ -319,4 +385,6 @@ _GROUPS = {
     "cluster": ClusterConfig,
     "faults": FaultsConfig,
     "serve": ServeConfig,
+    "lds": LdsConfig,
+    "ensemble": EnsembleConfig,
 }

@@ -146,3 +146,9 @@ class ServiceError(GrassError):
 
     def __str__(self) -> str:
         return f"HTTP {self.status}: {self.message}"
+class GroundTruthError(GrassError):
+    """LDS ground truth is missing, inconsistent with the scores, or could not be built."""
+
+
+class DampingSelectionError(GrassError):
+    """precondition.damping=auto has no objective to choose by (no ground truth, no labels)."""

@@ -8,12 +8,13 @@ every later caller (other processes included) loads the identical state_dict.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
 import tempfile
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from itertools import pairwise
 from typing import Any
 
@@ -23,6 +24,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from grass_dist.data import digits
+from grass_dist.errors import ConfigError
 
 _BATCH_SIZE = 64
 
@@ -78,10 +80,14 @@ def _cnn(channels: list[int], hidden: int, generator: torch.Generator) -> nn.Seq
 
 
 def _train(
-    model: nn.Module, dataset: Dataset, epochs: int, lr: float, generator: torch.Generator
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    epochs: int,
+    lr: float,
+    generator: torch.Generator,
 ) -> None:
-    """Minibatch Adam on cross-entropy; shuffles are drawn from `generator`."""
-    x, y = _stack(dataset, range(len(dataset)))  # (N, 64), (N,)
+    """Minibatch Adam on cross-entropy of x (N, 64), y (N,); shuffles come from `generator`."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     for _ in range(epochs):
@@ -90,6 +96,29 @@ def _train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+
+
+def _fit(
+    args: dict[str, Any],
+    build: Callable[[torch.Generator], nn.Module],
+    rows: Sequence[int] | None = None,
+) -> nn.Module:
+    """`build(generator)` trained on rows `rows` (None: all) of the digits train split.
+
+    One generator seeded with args["seed"] draws the initialisation, then the shuffles; one
+    BLAS thread makes the float reductions, hence the weights, independent of core count.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(args["seed"])
+    model = build(generator)
+    dataset = digits("train", args["n_train"], args["n_query"], args["data_seed"])
+    x, y = _stack(dataset, range(len(dataset)) if rows is None else rows)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _train(model, x, y, args["epochs"], args["lr"], generator)
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval()
 
 
 def _trained(
@@ -105,21 +134,11 @@ def _trained(
     """
     digest = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"{kind}-{digest}.pt")
-
-    generator = torch.Generator(device="cpu").manual_seed(args["seed"])
-    model = build(generator)
     if os.path.exists(path):
+        model = build(torch.Generator(device="cpu").manual_seed(args["seed"]))
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval()
-
-    threads = torch.get_num_threads()
-    # One thread makes the float reductions, hence the weights, independent of core count.
-    torch.set_num_threads(1)
-    try:
-        dataset = digits("train", args["n_train"], args["n_query"], args["data_seed"])
-        _train(model, dataset, args["epochs"], args["lr"], generator)
-    finally:
-        torch.set_num_threads(threads)
+    model = _fit(args, build)
 
     # Concurrent callers each write a private temp file and atomically rename it, so a
     # reader never sees a partial file; all writers produce identical bytes anyway.
@@ -149,6 +168,40 @@ def _recipe(
     }
 
 
+def _mlp_recipe(
+    hidden: list[int],
+    epochs: int,
+    lr: float,
+    seed: int,
+    n_train: int,
+    n_query: int,
+    data_seed: int,
+) -> tuple[dict[str, Any], Callable[[torch.Generator], nn.Module]]:
+    args = {
+        "hidden": [int(h) for h in hidden],
+        **_recipe(epochs, lr, seed, n_train, n_query, data_seed),
+    }
+    return args, lambda gen: _mlp(args["hidden"], gen)
+
+
+def _cnn_recipe(
+    channels: list[int],
+    hidden: int,
+    epochs: int,
+    lr: float,
+    seed: int,
+    n_train: int,
+    n_query: int,
+    data_seed: int,
+) -> tuple[dict[str, Any], Callable[[torch.Generator], nn.Module]]:
+    args = {
+        "channels": [int(c) for c in channels],
+        "hidden": int(hidden),
+        **_recipe(epochs, lr, seed, n_train, n_query, data_seed),
+    }
+    return args, lambda gen: _cnn(args["channels"], args["hidden"], gen)
+
+
 def digits_mlp(
     hidden: list[int] = [128, 64],  # noqa: B006 -- never mutated; the Hydra-facing default
     epochs: int = 40,
@@ -165,11 +218,8 @@ def digits_mlp(
     `<cache_dir>/digits_mlp-<hash of the other arguments>.pt` when that file exists,
     otherwise trained (a few seconds on CPU) and cached there.
     """
-    args = {
-        "hidden": [int(h) for h in hidden],
-        **_recipe(epochs, lr, seed, n_train, n_query, data_seed),
-    }
-    return _trained("digits_mlp", args, lambda gen: _mlp(args["hidden"], gen), cache_dir)
+    args, build = _mlp_recipe(hidden, epochs, lr, seed, n_train, n_query, data_seed)
+    return _trained("digits_mlp", args, build, cache_dir)
 
 
 def digits_cnn(
@@ -189,14 +239,50 @@ def digits_cnn(
     (channels[-1] * 16 -> hidden) and out (hidden -> 10). Cached as
     `<cache_dir>/digits_cnn-<hash>.pt`.
     """
-    args = {
-        "channels": [int(c) for c in channels],
-        "hidden": int(hidden),
-        **_recipe(epochs, lr, seed, n_train, n_query, data_seed),
-    }
-    return _trained(
-        "digits_cnn", args, lambda gen: _cnn(args["channels"], args["hidden"], gen), cache_dir
-    )
+    args, build = _cnn_recipe(channels, hidden, epochs, lr, seed, n_train, n_query, data_seed)
+    return _trained("digits_cnn", args, build, cache_dir)
+
+
+# Model builders whose training recipe `train_on` can replay on a subset of the rows.
+_RETRAINABLE = {
+    "grass_dist.models.digits_mlp": (digits_mlp, _mlp_recipe),
+    "grass_dist.models.digits_cnn": (digits_cnn, _cnn_recipe),
+}
+
+
+def retrainable(model: dict[str, Any]) -> bool:
+    """Whether `train_on` knows the training recipe of this `model` config node."""
+    return model.get("_target_") in _RETRAINABLE
+
+
+def train_on(model: dict[str, Any], rows: Sequence[int], seed: int) -> nn.Module:
+    """The model of a `model` config node, trained afresh on training rows `rows` only.
+
+    Same architecture and recipe (epochs, lr, batch size, data split) as the builder named
+    by `_target_`, with `seed` in place of model.seed (initialisation and shuffles); nothing
+    is cached. This is what linear-datamodeling ground truth retrains on each subset.
+
+    Args:
+        model: the Hydra node, e.g. {"_target_": "grass_dist.models.digits_mlp", ...}.
+        rows: indices into the digits train split (sorted or not; order is kept).
+        seed: the training seed.
+
+    Returns:
+        The trained model in eval mode.
+    """
+    if not retrainable(model):
+        raise ConfigError(
+            f"model._target_={model.get('_target_')!r} has no known training recipe, so its "
+            f"ground truth cannot be built by retraining; use one of {sorted(_RETRAINABLE)}"
+        )
+    builder, recipe = _RETRAINABLE[model["_target_"]]
+    given = {k: v for k, v in model.items() if k != "_target_"}
+    bound = inspect.signature(builder).bind(**given)
+    bound.apply_defaults()
+    kwargs = {k: v for k, v in bound.arguments.items() if k != "cache_dir"}
+    kwargs["seed"] = int(seed)
+    args, build = recipe(**kwargs)
+    return _fit(args, build, list(rows))
 
 
 def state_hash(model: nn.Module) -> str:

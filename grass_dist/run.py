@@ -10,9 +10,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from grass_dist import pipeline, results
+from grass_dist import evaluate, pipeline, results
 from grass_dist.build import build_dataset, build_model, build_task
 from grass_dist.errors import GrassError
 from grass_dist.report import top_proponent_label_agreement, write_report
@@ -76,6 +76,21 @@ def _index_bytes(job: pipeline.Job) -> int:
     return sum(r.nbytes for r in job.index.committed().values())
 
 
+def _run_plain(body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run `body` with the jobs' logging, error report and JSON summary."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    t0 = time.perf_counter()
+    try:
+        summary = body()
+    except GrassError as e:
+        cause = getattr(e, "cause", None)
+        print(f"error: {cause if isinstance(cause, GrassError) else e}", file=sys.stderr)
+        sys.exit(2)
+    summary["total_seconds"] = round(time.perf_counter() - t0, 3)
+    print(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
 def _run(
     cfg: DictConfig, body: Callable[[pipeline.Job], dict[str, Any]], create_index: bool = True
 ) -> dict[str, Any]:
@@ -101,14 +116,22 @@ def _run(
 
 
 def attribute(cfg: DictConfig) -> dict[str, Any]:
-    """All stages: index, preconditioner, query gradients and scores, report."""
+    """All stages: index, preconditioner, query gradients and scores, report.
+
+    With ensemble.size > 1 (or ensemble.models) every member runs these stages and the
+    scores are averaged (see grass_dist.ensemble).
+    """
+    raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    members = raw.get("ensemble") or {}
+    if members.get("size", 1) > 1 or members.get("models"):
+        return _run_plain(lambda: evaluate.attribute_ensemble(raw))
 
     def body(job: pipeline.Job) -> dict[str, Any]:
         out = {"index": pipeline.run_index(job)}
         query = pipeline.query_phi(job)
         pipeline.release_workers(job)
         out["precondition"] = pipeline.run_precondition(job)
-        out["score"] = pipeline.run_score(job, query)
+        out.update(evaluate.score_stage(job, query))
         with job.stage("report"):
             out["report"] = make_report(job)
         out["index_bytes"] = _index_bytes(job)
@@ -139,10 +162,8 @@ def score(cfg: DictConfig) -> dict[str, Any]:
     def body(job: pipeline.Job) -> dict[str, Any]:
         query = pipeline.query_phi(job)
         pipeline.release_workers(job)
-        out = {
-            "precondition": pipeline.run_precondition(job),
-            "score": pipeline.run_score(job, query),
-        }
+        out = {"precondition": pipeline.run_precondition(job)}
+        out.update(evaluate.score_stage(job, query))
         with job.stage("report"):
             out["report"] = make_report(job)
         return out

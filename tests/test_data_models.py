@@ -92,3 +92,27 @@ def test_state_hash_sees_every_weight(tmp_path):
     with torch.no_grad():
         model.out.bias[3] += 1e-6
     assert state_hash(model) != before
+
+
+def test_train_on_replays_the_builders_recipe(tmp_path):
+    node = {
+        "_target_": "grass_dist.models.digits_mlp",
+        "hidden": [8],
+        "epochs": 2,
+        "n_train": 60,
+        "n_query": 10,
+        "seed": 5,
+        "cache_dir": str(tmp_path),
+    }
+    built = models.train_on(node, range(60), seed=5)  # all rows, the model's own seed
+    kwargs = {k: v for k, v in node.items() if k != "_target_"}
+    assert state_hash(built) == state_hash(digits_mlp(**kwargs))
+    half = models.train_on(node, range(0, 60, 2), seed=5)
+    assert state_hash(half) == state_hash(models.train_on(node, range(0, 60, 2), seed=5))
+    assert state_hash(half) != state_hash(built)
+    assert state_hash(models.train_on(node, range(0, 60, 2), seed=6)) != state_hash(half)
+    cnn = {"_target_": "grass_dist.models.digits_cnn", "channels": [2], "hidden": 4, "epochs": 1}
+    small_cnn = models.train_on({**cnn, "n_train": 40}, range(10), seed=0)
+    assert small_cnn(torch.zeros(3, 64)).shape == (3, 10)
+    with pytest.raises(ValueError, match="no known training recipe"):
+        models.train_on({"_target_": "my.model"}, range(3), seed=0)

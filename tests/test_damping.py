@@ -1,0 +1,83 @@
+"""damping=auto reuses the saved eigendecomposition: sweeps read phi, never recompute it."""
+
+import numpy as np
+import pytest
+import torch
+
+from grass_dist import damping
+from grass_dist.errors import DampingSelectionError
+from grass_dist.gradients import GradientComputer
+from grass_dist.index import GradientIndex
+from grass_dist.precondition import FisherSum, Preconditioner
+
+LAYERS = {"fc1": 6, "out": 4}
+
+
+def _index(tmp_path, n=30, shard=10):
+    rng = np.random.default_rng(0)
+    phi = {name: rng.standard_normal((n, k)).astype(np.float32) for name, k in LAYERS.items()}
+    fp = {"layers": [{"name": n, "k": k} for n, k in LAYERS.items()], "dtype": "float32"}
+    index = GradientIndex.create_or_open(str(tmp_path / "idx"), fp)
+    records = []
+    for lo in range(0, n, shard):
+        part = {name: x[lo : lo + shard] for name, x in phi.items()}
+        rows = np.arange(lo, lo + shard)
+        records.append(
+            index.write_shard(f"{lo:04d}", lo, lo + shard, rows, [str(r) for r in rows], part)
+        )
+    index.commit(records)
+    return index, phi
+
+
+def _direct(phi, query, delta):
+    total = 0
+    for name, x in phi.items():
+        h = x.astype(np.float64).T @ x / len(x)
+        lam = delta * np.trace(h) / h.shape[0]
+        total = total + x @ np.linalg.solve(h + lam * np.eye(h.shape[0]), query[name].T)
+    return total  # (n, Q)
+
+
+def test_sweep_scores_every_delta_from_the_saved_eigendecomposition(tmp_path, monkeypatch):
+    index, phi = _index(tmp_path)
+    pre = Preconditioner.from_bytes(Preconditioner.from_fisher(FisherSum.of(phi)).to_bytes())
+    rng = np.random.default_rng(1)
+    query = {name: rng.standard_normal((5, k)).astype(np.float32) for name, k in LAYERS.items()}
+    masks = rng.random((7, 30)) < 0.5
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the sweep recomputed gradients or refactorised H")
+
+    monkeypatch.setattr(GradientComputer, "phi_batch", forbidden)
+    monkeypatch.setattr(GradientComputer, "phi_rows", forbidden)
+    monkeypatch.setattr(Preconditioner, "from_fisher", forbidden)
+    monkeypatch.setattr(torch.linalg, "eigh", forbidden)
+    monkeypatch.setattr(torch.linalg, "cholesky", forbidden)
+
+    grid = [1e-3, 1e-1, 10.0]
+    cols = damping.stacked_queries(pre, query, grid, "influence")
+    records = sorted(index.committed().values(), key=lambda r: r.start)
+    # Two groups merged, as the Ray fan-out does.
+    part = damping.sweep_records(index, records[:1], cols, masks, 1).merge(
+        damping.sweep_records(index, records[1:], cols, masks, 1)
+    )
+    top = damping.sweep_records(index, records, cols, None, 3).top
+    for d, delta in enumerate(grid):
+        want = _direct(phi, query, delta)
+        got = part.sums[:, d * 5 : (d + 1) * 5]
+        np.testing.assert_allclose(got, masks @ want, rtol=1e-4, atol=1e-4)
+        want_top = np.argsort(-want, axis=0, kind="stable")[:3].T
+        np.testing.assert_array_equal(top.rows[d * 5 : (d + 1) * 5].numpy(), want_top)
+
+
+def test_validation_split_and_choice():
+    val, test = damping.validation_split(50, 0.1, seed=0)
+    assert len(val) == 5 and len(test) == 45 and not set(val) & set(test)
+    assert np.array_equal(val, damping.validation_split(50, 0.1, seed=0)[0])
+    assert not np.array_equal(val, damping.validation_split(50, 0.1, seed=1)[0])
+    assert len(damping.validation_split(3, 0.1, 0)[0]) == 1  # at least one each
+    with pytest.raises(DampingSelectionError, match="at least 2 queries"):
+        damping.validation_split(1, 0.1, 0)
+    assert damping.best_delta([0.1, float("nan"), 0.3, 0.3], [1e-3, 1e-2, 1e-1, 1.0]) == 1.0
+    with pytest.raises(DampingSelectionError, match="undefined"):
+        damping.best_delta([float("nan")], [1.0])
