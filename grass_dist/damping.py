@@ -38,9 +38,9 @@ from grass_dist.index import GradientIndex, ShardRecord
 from grass_dist.lds import ground_truth as gt_mod
 from grass_dist.lds.metric import lds_from_predictions
 from grass_dist.precondition import Preconditioner
+from grass_dist.running_topk import TopK, tile_scores
 from grass_dist.runtime.cluster import connect
 from grass_dist.runtime.reducer import preconditioner_path
-from grass_dist.score import TopK, tile_scores
 from grass_dist.seeding import generator
 
 log = logging.getLogger(__name__)

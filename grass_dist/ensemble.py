@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import io
-import re
 from typing import Any
 
 import numpy as np
@@ -26,7 +25,7 @@ from grass_dist.config import JobConfig
 from grass_dist.errors import ConfigError, ResultsNotFoundError
 from grass_dist.gradients import sample_key
 from grass_dist.index import Store
-from grass_dist.score import TopK
+from grass_dist.running_topk import TopK
 
 MEMBER_DIR = "ckpt_{}"
 
@@ -88,9 +87,8 @@ def _dense_by_shard(where: Any, name: str) -> dict[str, str]:
             f"member results {name!r} have no dense scores; members are scored with "
             f"scoring.dense=true, so rerun the ensemble job"
         )
-    return {
-        re.sub(r"-[0-9a-f]{32}\.parquet$", "", rel.rsplit("/", 1)[1]): rel for rel in files["dense"]
-    }
+    # Parts are named <shard id>.<tile start>.parquet: the same in every member.
+    return {rel.rsplit("/", 1)[1].removesuffix(".parquet"): rel for rel in files["dense"]}
 
 
 def _mean_block(members: list[Any], parts: list[dict[str, str]], shard: str):
@@ -161,24 +159,30 @@ def average(members: list[Any], name: str, out: Any, topk: int, train: Any) -> d
     n_query = max(query_keys) + 1
     props, opps = TopK.empty(n_query, topk, True), TopK.empty(n_query, topk, False)
     dense_files = []
-    for shard in sorted(parts[0]):
-        rows, block = _mean_block(members, parts, shard)
+    run_dir = results.new_run_dir(name)
+    for part in sorted(parts[0]):
+        rows, block = _mean_block(members, parts, part)
         scores, row_ids = torch.tensor(block), torch.tensor(rows)  # copies: Arrow is read-only
         props.update(scores, row_ids)
         opps.update(scores, row_ids)
-        dense_files.append(results.write_dense_part(out, name, shard, rows, block))
+        shard, start = part.rsplit(".", 1)
+        dense_files.append(
+            results.write_dense_part(out, run_dir, shard, int(start), rows, block.T)
+        )
     named = set(props.rows.flatten().tolist()) | set(opps.rows.flatten().tolist())
     train_keys = {r: sample_key(train, r) for r in named if r >= 0}
     keys = [query_keys.get(q, str(q)) for q in range(n_query)]
     files: dict[str, Any] = {
         "topk": results.write_table(
-            out, name, "topk.parquet", _topk_table(props, opps, keys, train_keys)
+            out, run_dir, "topk.parquet", _topk_table(props, opps, keys, train_keys)
         ),
         "dense": dense_files,
     }
     self_inf = _self_influence(members, name)
     if self_inf is not None:
-        files["self_influence"] = results.write_table(out, name, "self_influence.parquet", self_inf)
+        files["self_influence"] = results.write_table(
+            out, run_dir, "self_influence.parquet", self_inf
+        )
     summary = {"ensemble_members": len(members), "queries": n_query}
     results.complete(out, name, files, summary)
     return {**summary, "files": files}
