@@ -143,9 +143,9 @@ class GradientComputer:
                 if not all_finite(block):
                     bad = sorted(int(loaded.row_ids[j]) for j in group)
                     raise NonFiniteGradientError(
-                        f"non-finite gradients in layer {name!r} for one of rows {bad[:8]}"
-                        f"{'...' if len(bad) > 8 else ''}: check the model's loss on these "
-                        f"examples (NaN/inf inputs or labels, or a diverged checkpoint)"
+                        f"non-finite gradients in layer {name!r} for rows {bad[0]}..{bad[-1]} "
+                        f"(a batch of {len(bad)}): check the model's loss on these examples "
+                        f"(NaN/inf inputs or labels, or a diverged checkpoint)"
                     )
                 phi[name][group] = block.cpu().numpy()
             if on_batch is not None:

@@ -18,9 +18,10 @@ class _Train:
 
 def _member(url, scores: np.ndarray, self_inf: np.ndarray):
     where = ensemble.ArtifactDir(Store(url))
+    run_dir = results.new_run_dir("run")
     dense = [
         results.write_dense_part(
-            where, "run", f"{lo:04d}", np.arange(lo, lo + 5), scores[lo : lo + 5]
+            where, run_dir, f"{lo:04d}", lo, np.arange(lo, lo + 5), scores[lo : lo + 5].T
         )
         for lo in (0, 5)
     ]
@@ -39,8 +40,8 @@ def _member(url, scores: np.ndarray, self_inf: np.ndarray):
         {"train_row": np.arange(10), "train_key": _Train.keys, "self_influence": self_inf}
     )
     files = {
-        "topk": results.write_table(where, "run", "topk.parquet", topk),
-        "self_influence": results.write_table(where, "run", "self_influence.parquet", self_table),
+        "topk": results.write_table(where, run_dir, "topk.parquet", topk),
+        "self_influence": results.write_table(where, run_dir, "self_influence.parquet", self_table),
         "dense": dense,
     }
     results.complete(where, "run", files, {})

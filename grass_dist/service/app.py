@@ -19,7 +19,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from grass_dist.build import build_layer_compressors, build_model, build_task
+from grass_dist.build import build_dataset, build_model, build_task
 from grass_dist.config import JobConfig
 from grass_dist.errors import BadRequestError, ConfigError
 from grass_dist.runtime.cluster import connect, threads_for
@@ -108,7 +108,7 @@ def check(job: JobConfig) -> None:
             f"task {job.task['_target_']} has no decode_example(example, template): "
             f"implement it to turn request examples into dataset items"
         )
-    open_checked(job, model, task=task, compressors=build_layer_compressors(job, model))
+    open_checked(job, model, task, build_dataset(job, "train"))
 
 
 def start(raw_job: dict[str, Any]) -> str:

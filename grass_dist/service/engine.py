@@ -26,6 +26,7 @@ from grass_dist.build import (
     build_task,
     fingerprint,
 )
+from grass_dist.compress import Compressor
 from grass_dist.config import JobConfig
 from grass_dist.errors import BadRequestError, ConfigError, NonFiniteGradientError
 from grass_dist.gradients import GradientComputer
@@ -46,13 +47,18 @@ from grass_dist.topk import decode
 log = logging.getLogger(__name__)
 
 
-def open_checked(job: JobConfig, model, compressors, task) -> GradientIndex:
-    """The job's index, refusing one built with another model/compressor/data fingerprint."""
+def open_checked(
+    job: JobConfig, model, task, train
+) -> tuple[GradientIndex, dict[str, Compressor]]:
+    """The job's index and its compressors (learned ones loaded from it), refusing an index
+    built with another model/compressor/data fingerprint."""
     opts = job.store.storage_options
-    GradientIndex.open(job.index_url, opts)  # IndexNotFoundError rather than creating one
-    return GradientIndex.create_or_open(
-        job.index_url, fingerprint(job, model, compressors, task), opts
+    index = GradientIndex.open(job.index_url, opts)  # IndexNotFoundError rather than creating
+    compressors = build_layer_compressors(job, model, index)
+    GradientIndex.create_or_open(
+        job.index_url, fingerprint(job, model, compressors, task, train), opts
     )
+    return index, compressors
 
 
 @dataclass
@@ -93,11 +99,11 @@ class QueryEngine:
                 f"task {job.task['_target_']} has no decode_example(example, template): "
                 f"implement it to turn request examples into dataset items"
             )
-        compressors = build_layer_compressors(job, model)
-        self.index = open_checked(job, model, compressors, task)
+        train = build_dataset(job, "train")
+        self.index, compressors = open_checked(job, model, task, train)
         self.task = task
         self.computer = GradientComputer(model, task, compressors)
-        self.template = build_dataset(job, "train")[0]
+        self.template = train[0]
         self.layers = [name for name, _ in self.index.layers]
         self.records = sorted(self.index.committed().values(), key=lambda r: r.start)
         self.n_train = sum(r.rows for r in self.records)
