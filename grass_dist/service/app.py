@@ -21,9 +21,9 @@ from starlette.responses import JSONResponse
 
 from grass_dist.build import build_dataset, build_model, build_task
 from grass_dist.config import JobConfig
-from grass_dist.errors import BadRequestError, ConfigError
+from grass_dist.errors import BadRequestError
 from grass_dist.runtime.cluster import connect, threads_for
-from grass_dist.service.engine import QueryEngine, open_checked
+from grass_dist.service.engine import QueryEngine, open_checked, require_decoder
 from grass_dist.service.protocol import parse_query
 
 log = logging.getLogger("grass_dist")
@@ -103,11 +103,7 @@ def check(job: JobConfig) -> None:
     """Everything that can be refused before deploying: the task hook and the fingerprint."""
     model = build_model(job)
     task = build_task(job)
-    if not hasattr(task, "decode_example"):
-        raise ConfigError(
-            f"task {job.task['_target_']} has no decode_example(example, template): "
-            f"implement it to turn request examples into dataset items"
-        )
+    require_decoder(job, task)
     open_checked(job, model, task, build_dataset(job, "train"))
 
 

@@ -47,6 +47,15 @@ from grass_dist.topk import decode
 log = logging.getLogger(__name__)
 
 
+def require_decoder(job: JobConfig, task) -> None:
+    """Refuse a task that cannot turn request examples into dataset items."""
+    if not hasattr(task, "decode_example"):
+        raise ConfigError(
+            f"task {job.task['_target_']} has no decode_example(example, template): "
+            f"implement it to turn request examples into dataset items"
+        )
+
+
 def open_checked(
     job: JobConfig, model, task, train
 ) -> tuple[GradientIndex, dict[str, Compressor]]:
@@ -94,11 +103,7 @@ class QueryEngine:
         self.job = job
         model = build_model(job)
         task = build_task(job)
-        if not hasattr(task, "decode_example"):
-            raise ConfigError(
-                f"task {job.task['_target_']} has no decode_example(example, template): "
-                f"implement it to turn request examples into dataset items"
-            )
+        require_decoder(job, task)
         train = build_dataset(job, "train")
         self.index, compressors = open_checked(job, model, task, train)
         self.task = task
