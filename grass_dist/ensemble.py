@@ -166,9 +166,7 @@ def average(members: list[Any], name: str, out: Any, topk: int, train: Any) -> d
         props.update(scores, row_ids)
         opps.update(scores, row_ids)
         shard, start = part.rsplit(".", 1)
-        dense_files.append(
-            results.write_dense_part(out, run_dir, shard, int(start), rows, block.T)
-        )
+        dense_files.append(results.write_dense_part(out, run_dir, shard, int(start), rows, block.T))
     named = set(props.rows.flatten().tolist()) | set(opps.rows.flatten().tolist())
     train_keys = {r: sample_key(train, r) for r in named if r >= 0}
     keys = [query_keys.get(q, str(q)) for q in range(n_query)]

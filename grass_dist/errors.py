@@ -126,6 +126,8 @@ class ReducerFailedError(GrassError):
 
 class MissingDependencyError(GrassError, ImportError):
     """An optional dependency (an extra of grass_dist) is not installed."""
+
+
 class BadRequestError(GrassError, ValueError):
     """A query request is malformed or too large; `status` is the HTTP status to answer."""
 
@@ -146,6 +148,8 @@ class ServiceError(GrassError):
 
     def __str__(self) -> str:
         return f"HTTP {self.status}: {self.message}"
+
+
 class GroundTruthError(GrassError):
     """LDS ground truth is missing, inconsistent with the scores, or could not be built."""
 

@@ -78,6 +78,8 @@ def module_grad(grads: dict[str, torch.Tensor], module: str) -> torch.Tensor:
     """(B, p): a module's per-sample parameter gradients, flattened in parameter order."""
     names = [n for n in grads if n.rsplit(".", 1)[0] == module]
     return torch.cat([grads[n].flatten(1) for n in names], 1)
+
+
 def assert_topk_close(rows, values, exact, k: int, largest: bool, tol: float) -> None:
     """A top-k (rows, values: (Q, k)) against exact scores (n, Q) float64, up to rounding.
 

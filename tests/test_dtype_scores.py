@@ -49,8 +49,9 @@ def _dense_scores(tmp_path, train, query, dtype: str, kind: str) -> np.ndarray:
         fisher = fisher + FisherSum.of(data.phi)
     pre = Preconditioner.from_fisher(fisher)
     prepared = prepare_queries(query.phi, kind, pre, 0.1)
-    _, parts = score_records(index, records, prepared, ScoreOptions(topk=5, tile_rows=64),
-                             dense_dir="results/dtype/run")
+    _, parts = score_records(
+        index, records, prepared, ScoreOptions(topk=5, tile_rows=64), dense_dir="results/dtype/run"
+    )
     return _assemble(index, parts).astype(np.float64)
 
 

@@ -73,9 +73,7 @@ def test_every_kind_matches_its_float64_definition(setup, kind, tmp_path):
             values, expected.gather(0, top_rows.T).T.float(), rtol=1e-5, atol=1e-6
         )
     t = {n: torch.tensor(x, dtype=torch.float64) for n, x in train.items()}
-    self_ref = sum(
-        ((t[n] @ torch.linalg.inv(_damped(t[n], damping))) * t[n]).sum(1) for n in t
-    )
+    self_ref = sum(((t[n] @ torch.linalg.inv(_damped(t[n], damping))) * t[n]).sum(1) for n in t)
     np.testing.assert_allclose(partial.self_influence, self_ref.numpy(), rtol=1e-4)
     norm_ref = sum((t[n] ** 2).sum(1) for n in t).numpy()
     np.testing.assert_allclose(partial.grad_norm_sq, norm_ref, rtol=1e-6)

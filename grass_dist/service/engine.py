@@ -56,9 +56,7 @@ def require_decoder(job: JobConfig, task) -> None:
         )
 
 
-def open_checked(
-    job: JobConfig, model, task, train
-) -> tuple[GradientIndex, dict[str, Compressor]]:
+def open_checked(job: JobConfig, model, task, train) -> tuple[GradientIndex, dict[str, Compressor]]:
     """The job's index and its compressors (learned ones loaded from it), refusing an index
     built with another model/compressor/data fingerprint."""
     opts = job.store.storage_options
