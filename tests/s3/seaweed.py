@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -66,8 +67,12 @@ class SeaweedFS:
         self.access_key = "GD" + secrets.token_hex(8).upper()
         self.secret_key = secrets.token_urlsafe(30)
         self.proc: subprocess.Popen | None = None
-        for sub in ("data", "logs", "tmp"):
+        for sub in ("data", "logs"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
+        # weed's unix sockets: a unix socket path is limited to 107 bytes, which a deep
+        # workdir (pytest's tmp_path) exceeds, so they live in a short private folder of
+        # their own (mode 0700), removed by stop().
+        self.sockets = Path(tempfile.mkdtemp(prefix="gd-weed-"))
         identities = {
             "identities": [
                 {
@@ -117,14 +122,15 @@ class SeaweedFS:
             "-master.volumeSizeLimitMB=1024",
             # One master: a restart need not wait the default 10 s to elect itself leader.
             "-master.electionTimeout=1s",
-            f"-filer.localSocket={self.workdir / 'tmp' / 'filer.sock'}",
-            f"-s3.localSocket={self.workdir / 'tmp' / 's3.sock'}",
+            f"-filer.localSocket={self.sockets / 'filer.sock'}",
+            f"-s3.localSocket={self.sockets / 's3.sock'}",
         ]
 
     def start(self, timeout: float = 90.0) -> None:
         """Start the server and wait until a put/get round trip through S3 works."""
         # TMPDIR: weed puts its unix sockets there; keep them out of the shared /tmp.
-        env = {**os.environ, "TMPDIR": str(self.workdir / "tmp")}
+        self.sockets.mkdir(mode=0o700, exist_ok=True)  # again after a stop()
+        env = {**os.environ, "TMPDIR": str(self.sockets)}
         out = open(self.workdir / "logs" / "stdout.txt", "ab")  # noqa: SIM115 -- child owns it
         self.proc = subprocess.Popen(
             self._command(), stdout=out, stderr=subprocess.STDOUT, env=env, cwd=self.workdir
@@ -170,6 +176,7 @@ class SeaweedFS:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+        shutil.rmtree(self.sockets, ignore_errors=True)
         # weed always puts its gRPC unix sockets in /tmp, named by port: remove ours.
         for port in self.ports.values():
             for name in _PORT_NAMES:
