@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -24,6 +23,9 @@ SMALL = [
 
 
 def compose_cfg(tmp_path: Path, *overrides: str, small: bool = True):
+    # Imported here, not at the top: a GPU machine runs tests/test_cuda.py without Hydra.
+    from hydra import compose, initialize_config_dir
+
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(
             config_name="config",
