@@ -1,6 +1,6 @@
 """All-pairs scoring throughput against torch.matmul, and query-service latency.
 
-    python bench/bench_scoring.py [--rows 100000 --queries 5000 --topk 1024 --dims 128 512]
+    python bench/bench_scoring.py [--rows 100000 --queries 5000 --topk 10 1024 --dims 128 512]
 
 Scoring (one process, one torch thread, random float32 data in memory). Each variant is
 timed by the process's CPU time, which a busy shared machine inflates far less than wall
@@ -112,23 +112,25 @@ def bench_scoring(args) -> list[str]:
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     lines = [
-        f"rows={args.rows} queries={args.queries} topk={args.topk} tile_rows={args.tile_rows} "
+        f"rows={args.rows} queries={args.queries} tile_rows={args.tile_rows} "
         f"shard_rows={args.shard_rows}; best of {args.repeats}, 1 torch thread. Pairs/s by "
         "CPU time (wall-time ratio in brackets).",
         "",
         "`top-k ns/pair`: the scorer's CPU time beyond the GEMM, per (query, train row) pair: the",
-        "exact top-k's passes over each score tile, a cost that does not shrink with K, so at",
-        "small K (a cheap GEMM) it weighs more.",
+        "exact top-k's passes over each score tile plus its merges, which grow with top-k and",
+        "do not shrink with K, so at small K (a cheap GEMM) they weigh more.",
         "",
-        "| K | matmul pairs/s | scorer pairs/s | scorer/matmul | top-k ns/pair | index pairs/s "
-        "| index/matmul |",
-        "|---|---|---|---|---|---|---|",
+        "| K | top-k | matmul pairs/s | scorer pairs/s | scorer/matmul | top-k ns/pair "
+        "| index pairs/s | index/matmul |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    variants = {
-        "matmul": lambda q, t: time_matmul(q, t, args.tile_rows),
-        "scorer": lambda q, t: time_scorer(q, t, args.tile_rows, args.topk),
-        "index": lambda q, t: time_index(q, t, args.tile_rows, args.topk, args.shard_rows),
-    }
+    variants = {"matmul": lambda q, t: time_matmul(q, t, args.tile_rows)}
+    for k in args.topk:
+        variants[f"scorer {k}"] = lambda q, t, k=k: time_scorer(q, t, args.tile_rows, k)
+        variants[f"index {k}"] = lambda q, t, k=k: time_index(
+            q, t, args.tile_rows, k, args.shard_rows
+        )
+    pairs = args.rows * args.queries
     for dim in args.dims:
         q = torch.randn(args.queries, dim, generator=gen)
         train = torch.randn(args.rows, dim, generator=gen)
@@ -138,15 +140,16 @@ def bench_scoring(args) -> list[str]:
             for name, run in variants.items():
                 clock = run(q, train)
                 cpu[name], wall[name] = min(cpu[name], clock.cpu), min(wall[name], clock.wall)
-        pairs = args.rows * args.queries
-        lines.append(
-            f"| {dim} | {pairs / cpu['matmul']:.3g} | {pairs / cpu['scorer']:.3g} | "
-            f"{cpu['matmul'] / cpu['scorer']:.2f} ({wall['matmul'] / wall['scorer']:.2f}) | "
-            f"{(cpu['scorer'] - cpu['matmul']) / pairs * 1e9:.2f} | "
-            f"{pairs / cpu['index']:.3g} | "
-            f"{cpu['matmul'] / cpu['index']:.2f} ({wall['matmul'] / wall['index']:.2f}) |"
-        )
-        print(lines[-1], flush=True)
+        for k in args.topk:
+            scorer, index = f"scorer {k}", f"index {k}"
+            lines.append(
+                f"| {dim} | {k} | {pairs / cpu['matmul']:.3g} | {pairs / cpu[scorer]:.3g} | "
+                f"{cpu['matmul'] / cpu[scorer]:.2f} ({wall['matmul'] / wall[scorer]:.2f}) | "
+                f"{(cpu[scorer] - cpu['matmul']) / pairs * 1e9:.2f} | "
+                f"{pairs / cpu[index]:.3g} | "
+                f"{cpu['matmul'] / cpu[index]:.2f} ({wall['matmul'] / wall[index]:.2f}) |"
+            )
+            print(lines[-1], flush=True)
     return lines
 
 
@@ -233,7 +236,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--queries", type=int, default=5_000)
-    ap.add_argument("--topk", type=int, default=1024)
+    ap.add_argument("--topk", type=int, nargs="+", default=[10, 1024])
     ap.add_argument("--tile-rows", type=int, default=4096)
     ap.add_argument("--shard-rows", type=int, default=20_000)
     ap.add_argument("--dims", type=int, nargs="+", default=[128, 512, 1024])

