@@ -72,8 +72,8 @@ class SeaweedFS:
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
         # weed's unix sockets: a unix socket path is limited to 107 bytes, which a deep
         # workdir (pytest's tmp_path) exceeds, so they live in a short private folder of
-        # their own (mode 0700), removed by stop().
-        self.sockets = Path(tempfile.mkdtemp(prefix="gd-weed-"))
+        # their own (mode 0700), made by start() and removed by stop().
+        self.sockets: Path | None = None
         identities = {
             "identities": [
                 {
@@ -130,7 +130,8 @@ class SeaweedFS:
     def start(self, timeout: float = 90.0) -> None:
         """Start the server and wait until a put/get round trip through S3 works."""
         # TMPDIR: weed puts its unix sockets there; keep them out of the shared /tmp.
-        self.sockets.mkdir(mode=0o700, exist_ok=True)  # again after a stop()
+        if self.sockets is None:
+            self.sockets = Path(tempfile.mkdtemp(prefix="gd-weed-"))
         env = {**os.environ, "TMPDIR": str(self.sockets)}
         out = open(self.workdir / "logs" / "stdout.txt", "ab")  # noqa: SIM115 -- child owns it
         self.proc = subprocess.Popen(
@@ -177,7 +178,9 @@ class SeaweedFS:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
-        shutil.rmtree(self.sockets, ignore_errors=True)
+        if self.sockets is not None:
+            shutil.rmtree(self.sockets, ignore_errors=True)
+            self.sockets = None
         # weed always puts its gRPC unix sockets in /tmp, named by port: remove ours.
         for port in self.ports.values():
             for name in _PORT_NAMES:
