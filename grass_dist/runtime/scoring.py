@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,15 +111,22 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _score(index, records, query, opts, whiteners, dense_dir, fault):
-    torch.set_num_threads(threads_for(opts.cpus_per_task))
-    out = score_records(index, records, query, opts, whiteners, dense_dir, fault)
-    release_memory()
-    return out
+def _in_task(fn: Callable, cpus: float, *args):
+    """A scoring task's body: fn(*args) on torch threads for the task's CPUs, then hand
+    the freed memory back."""
+    torch.set_num_threads(threads_for(cpus))
+    try:
+        return fn(*args)
+    finally:
+        release_memory()
 
 
 # max_calls can only be fixed at decoration: one variant per choice of fresh_process.
-_SCORE_TASKS = {False: ray.remote(_score), True: ray.remote(max_calls=1)(_score)}
+_TASKS = {False: ray.remote(_in_task), True: ray.remote(max_calls=1)(_in_task)}
+
+
+def _task(opts: ScoreOptions):
+    return _TASKS[opts.fresh_process].options(**_task_options(opts))
 
 
 def fan_out(
@@ -136,9 +143,10 @@ def fan_out(
     if not records:
         return TileScorer(query, opts.topk, opts.tile_rows, whiteners).finish(), []
     q_ref, w_ref = ray.put(query), ray.put(whiteners)  # shared once, not per task
-    task = _SCORE_TASKS[opts.fresh_process].options(**_task_options(opts))
     refs = [
-        task.remote(index, group, q_ref, opts, w_ref, dense_dir, fault)
+        _task(opts).remote(
+            score_records, opts.cpus_per_task, index, group, q_ref, opts, w_ref, dense_dir, fault
+        )
         for group in shard_groups(records, parallelism)
     ]
     merged, files = None, []
@@ -185,16 +193,6 @@ def breakdown_records(
     return np.concatenate(out_pos), np.concatenate(out_val)
 
 
-def _breakdown(index, records, query, rows, opts):
-    torch.set_num_threads(threads_for(opts.cpus_per_task))
-    out = breakdown_records(index, records, query, rows, opts.verify)
-    release_memory()
-    return out
-
-
-_BREAKDOWN_TASKS = {False: ray.remote(_breakdown), True: ray.remote(max_calls=1)(_breakdown)}
-
-
 def fan_out_breakdown(
     index: GradientIndex,
     records: list[ShardRecord],
@@ -208,9 +206,10 @@ def fan_out_breakdown(
     if not records:
         return out.reshape(*rows.shape, -1)
     q_ref, r_ref = ray.put(query), ray.put(rows)
-    task = _BREAKDOWN_TASKS[opts.fresh_process].options(**_task_options(opts))
     refs = [
-        task.remote(index, group, q_ref, r_ref, opts)
+        _task(opts).remote(
+            breakdown_records, opts.cpus_per_task, index, group, q_ref, r_ref, opts.verify
+        )
         for group in shard_groups(records, parallelism)
     ]
     for ref in refs:
