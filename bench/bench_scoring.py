@@ -252,7 +252,8 @@ def main() -> None:
     if not args.skip_service:
         lines += bench_service(args)
     header = (
-        f"# All-pairs scoring throughput and service latency\n\n`python bench/bench_scoring.py`"
+        "# All-pairs scoring throughput and service latency\n\n"
+        f"`{' '.join(['python bench/bench_scoring.py', *sys.argv[1:]])}`"
         f" on {os.cpu_count()} CPUs (load average {load:.1f} at start), torch "
         f"{torch.__version__}\n\n## Scoring throughput\n\n"
     )
