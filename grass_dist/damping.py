@@ -32,6 +32,7 @@ import torch
 
 from grass_dist.build import build_dataset
 from grass_dist.config import JobConfig
+from grass_dist.data import items
 from grass_dist.errors import DampingSelectionError, GroundTruthError
 from grass_dist.gradients import PhiBlock
 from grass_dist.index import GradientIndex, ShardRecord
@@ -136,18 +137,6 @@ def load_preconditioner(index: GradientIndex, name: str) -> Preconditioner:
     return Preconditioner.from_bytes(index.get_artifact(preconditioner_path(name)))
 
 
-def _labels(dataset: Any) -> np.ndarray | None:
-    labels = getattr(dataset, "labels", None)
-    if labels is not None:
-        return np.asarray(labels)
-    if hasattr(dataset, "describe"):
-        try:
-            return np.asarray([dataset.describe(i)["label"] for i in range(len(dataset))])
-        except (KeyError, TypeError):
-            return None
-    return None
-
-
 def _check_ground_truth(gt: gt_mod.GroundTruth, query: PhiBlock, n_train: int) -> None:
     if gt.query_keys != list(query.keys) or gt.masks.shape[1] != n_train:
         raise GroundTruthError(
@@ -221,13 +210,15 @@ def by_proxy(
     topk: int,
 ) -> dict[str, Any]:
     """Choose delta by top-`topk` proponent label agreement on `val`; report it on `test`."""
-    train_labels = _labels(build_dataset(cfg, "train"))
-    query_labels = _labels(build_dataset(cfg, "query"))
+    train_labels = items.labels(build_dataset(cfg, "train"))
+    query_labels = items.labels(build_dataset(cfg, "query"))
     if train_labels is None or query_labels is None:
+        which = "data.train" if train_labels is None else "data.query"
         raise DampingSelectionError(
-            "precondition.damping=auto found no LDS ground truth for this recipe and the data "
-            "has no labels for the proxy: build ground truth with python -m jobs.lds, or set "
-            "precondition.damping to a number"
+            f"precondition.damping=auto found no LDS ground truth for this recipe and {which} "
+            "has no labels for the proxy (items are neither (input, label) pairs nor dicts "
+            "with a label field, and the dataset has no `labels`): build ground truth with "
+            "python -m jobs.lds, or set precondition.damping to a number"
         )
 
     def agreement(rows: np.ndarray, deltas: list[float]) -> np.ndarray:

@@ -12,14 +12,9 @@ from torch import nn
 
 from grass_dist.capture import LinearCapture
 from grass_dist.compress import Compressor, LinearShape
+from grass_dist.data.items import sample_key
 from grass_dist.errors import NonFiniteGradientError
 from grass_dist.persample import FlatGradients
-
-
-def sample_key(dataset, row: int) -> str:
-    """The stable key of a dataset row: `dataset.keys[row]` if it has keys, else the row."""
-    keys = getattr(dataset, "keys", None)
-    return str(keys[row]) if keys is not None and not callable(keys) else str(row)
 
 
 @dataclass

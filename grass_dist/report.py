@@ -1,8 +1,10 @@
 """A self-contained HTML report of the strongest proponents and opponents of each query.
 
-Examples are drawn through the datasets' `describe(i)` protocol: a dict with "key",
-"label" and either "image" (2-D array in [0, 1]) or "text". Images become inline SVG, so
-the file has no scripts, no external assets and no network URLs.
+Examples are drawn through `grass_dist.data.items.describe`: a dataset's own
+`describe(i)` when it has one, else what its items show (label, a picture or text), so
+plain `TensorDataset`s, lists of tuples or dicts and `datasets.Dataset`s all render.
+Images become inline SVG, so the file has no scripts, no external assets and no network
+URLs.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from grass_dist.data import items
+
 TOPK_COLUMNS = ("query_row", "query_key", "rank", "kind", "train_row", "train_key", "score")
 PER_KIND = 5  # proponents / opponents shown per query
 N_SELF_INFLUENCE = 8
 TEXT_CHARS = 300
 IMAGE_PX = 64
+IMAGE_CELLS = 32  # larger images are block-averaged down: a thumbnail needs no more
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 24px; color: #222; background: #fff; }
@@ -42,18 +47,31 @@ table.stats td, table.stats th { padding: 2px 12px 2px 0; text-align: left; }
 """
 
 
+def _shrink(img: np.ndarray) -> np.ndarray:
+    """(H, W[, 3]) -> at most IMAGE_CELLS per side, by averaging f x f blocks."""
+    f = -(-max(img.shape[:2]) // IMAGE_CELLS)
+    if f == 1:
+        return img
+    h, w = img.shape[0] // f, img.shape[1] // f
+    blocks = img[: h * f, : w * f].reshape(h, f, w, f, *img.shape[2:])
+    return blocks.mean(axis=(1, 3))
+
+
 def _svg(image: Any) -> str:
-    """(H, W) values in [0, 1] -> inline SVG, white = 0, black = 1, about IMAGE_PX wide."""
+    """(H, W) ink in [0, 1] (white = 0, black = 1) or (H, W, 3) RGB in [0, 1] -> inline SVG
+    about IMAGE_PX wide."""
     img = np.nan_to_num(np.clip(np.asarray(image, dtype=np.float64), 0.0, 1.0))
-    if img.ndim != 2:
-        raise ValueError(f"describe()['image'] must be a 2-D array, got shape {img.shape}")
-    h, w = img.shape
+    if img.ndim != 2 and img.shape[2:] != (3,):
+        raise ValueError(f"describe()['image'] must be (H, W) or (H, W, 3), got shape {img.shape}")
+    img = _shrink(img)
+    # Grey ink becomes RGB; white cells are skipped (the base rect is white).
+    rgb = np.repeat(1.0 - img[..., None], 3, axis=2) if img.ndim == 2 else img
+    rgb = np.round(255 * rgb).astype(int)
+    h, w = rgb.shape[:2]
     rects = [
-        f'<rect x="{x}" y="{y}" width="1" height="1" fill="#{g:02x}{g:02x}{g:02x}"/>'
-        for y, x in zip(
-            *np.nonzero(img), strict=True
-        )  # background cells stay as the white base rect
-        for g in [round(255 * (1.0 - img[y, x]))]
+        f'<rect x="{x}" y="{y}" width="1" height="1" fill="#{r:02x}{g:02x}{b:02x}"/>'
+        for y, x in zip(*np.nonzero((rgb < 255).any(axis=2)), strict=True)
+        for r, g, b in [rgb[y, x]]
     ]
     return (
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{IMAGE_PX}" '
@@ -100,7 +118,7 @@ def top_proponent_label_agreement(
 
     Args:
         topk: the top-k table (see TOPK_COLUMNS); one rank-0 proponent per query.
-        train_set, query_set: datasets with `describe(i)["label"]`.
+        train_set, query_set: map-style datasets (labels read by `items.label_of`).
         rows: restrict to these query rows; None = every query in `topk`.
     """
     _check_topk(topk)
@@ -111,7 +129,7 @@ def top_proponent_label_agreement(
     if top.empty:
         return float("nan")
     pairs = [
-        (query_set.describe(int(q)).get("label"), train_set.describe(int(t)).get("label"))
+        (items.label_of(query_set, q), items.label_of(train_set, t))
         for q, t in zip(top["query_row"], top["train_row"], strict=True)
     ]
     agree = [a == b for a, b in pairs if a is not None and b is not None]
@@ -136,9 +154,10 @@ def _summary(
             "n/a" if np.isnan(agreement) else f"{agreement:.1%}",
         ),
     ]
-    scored = [q for q in queries if predictions is not None and q in predictions]
+    truth = {q: items.label_of(query_set, q) for q in queries if q in (predictions or {})}
+    scored = [q for q, label in truth.items() if label is not None]
     if scored:
-        right = sum(predictions[q] == query_set.describe(q)["label"] for q in scored)
+        right = sum(predictions[q] == truth[q] for q in scored)
         stats.append(("model accuracy on these queries", f"{right / len(scored):.1%}"))
     rows = "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in stats)
     html = f'<h2>Summary</h2><table class="stats">{rows}</table>'
@@ -159,7 +178,7 @@ def _self_influence(self_influence: pd.DataFrame, train_set: Any) -> str:
     top = self_influence.nlargest(N_SELF_INFLUENCE, "self_influence")
     cards = []
     for r, key, v in zip(top["train_row"], top["train_key"], top["self_influence"], strict=True):
-        desc = train_set.describe(int(r))
+        desc = items.describe(train_set, r)
         value = f'self-infl. <span class="score">{float(v):.3g}</span>'
         cards.append(_card(desc, key, [_label_line(desc), value]))
     return (
@@ -174,7 +193,7 @@ def _query(
     group: pd.DataFrame, train_set: Any, query_set: Any, predictions: dict[int, int] | None
 ) -> str:
     q = int(group["query_row"].iloc[0])
-    qdesc = query_set.describe(q)
+    qdesc = items.describe(query_set, q)
     lines, classes = [_label_line(qdesc)], "query-card"
     if predictions is not None and q in predictions:
         pred = predictions[q]
@@ -187,7 +206,7 @@ def _query(
         rows = group[group["kind"] == kind].sort_values("rank").head(PER_KIND)
         cards = []
         for t, key, score in zip(rows["train_row"], rows["train_key"], rows["score"], strict=True):
-            desc = train_set.describe(int(t))
+            desc = items.describe(train_set, t)
             same = desc.get("label") is not None and desc["label"] == qdesc.get("label")
             score_line = f'score <span class="score">{float(score):.3g}</span>'
             cards.append(
@@ -219,7 +238,7 @@ def write_report(
         path: where to write it (UTF-8); None only returns the HTML.
         topk: one row per (query, kind, rank), columns TOPK_COLUMNS; proponents are the
             highest scores, opponents the most negative.
-        train_set, query_set: datasets implementing `describe(i)`.
+        train_set, query_set: map-style datasets; see `grass_dist.data.items.describe`.
         self_influence: columns train_row, train_key, self_influence; the top 8 are shown.
         max_queries: the first this many query rows (ascending) get a section.
         title: page title.

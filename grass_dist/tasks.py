@@ -16,8 +16,9 @@ from torch.utils.data import default_collate
 from grass_dist.codec import decode_array
 from grass_dist.errors import BadRequestError
 
-_INPUT_KEYS = ("input", "inputs", "x", "image", "pixel_values")
-_LABEL_KEYS = ("label", "labels", "y", "target")
+# Field names of dict items, in order of preference (grass_dist.data.items reads them too).
+INPUT_FIELDS = ("input", "inputs", "x", "image", "pixel_values")
+LABEL_FIELDS = ("label", "labels", "y", "target")
 
 
 def _pick(batch: dict, keys: tuple[str, ...], what: str) -> Any:
@@ -39,7 +40,7 @@ class ClassificationTask:
     def split(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """A collated batch -> (inputs, labels)."""
         if isinstance(batch, dict):
-            return _pick(batch, _INPUT_KEYS, "input"), _pick(batch, _LABEL_KEYS, "label")
+            return _pick(batch, INPUT_FIELDS, "input"), _pick(batch, LABEL_FIELDS, "label")
         inputs, labels = batch[0], batch[1]
         return inputs, labels
 
@@ -69,7 +70,8 @@ class ClassificationTask:
         if isinstance(template, dict):
             fields = {k: v for k, v in template.items() if torch.is_tensor(v)}
         else:
-            fields = {"input": template[0], "label": template[1]}
+            # Plain (input, label) items may hold numpy inputs or int labels, not tensors.
+            fields = {"input": torch.as_tensor(template[0]), "label": torch.as_tensor(template[1])}
         if not isinstance(example, dict):
             raise BadRequestError(f"an example is an object with fields {sorted(fields)}")
         if set(example) != set(fields):

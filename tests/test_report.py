@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import re
+import shutil
+import struct
 import subprocess
-from pathlib import Path
+import zlib
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from torch.utils.data import TensorDataset
 
 from grass_dist.data import digits
 from grass_dist.report import TOPK_COLUMNS, top_proponent_label_agreement, write_report
 
-CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM = shutil.which("chromium")
 EVIL_KEY = "<script>alert(1)</script>"
 
 
@@ -107,16 +111,146 @@ def test_top_proponent_label_agreement(sets):
     assert np.isnan(top_proponent_label_agreement(topk, train, query, rows=[17]))
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium")
+def test_plain_datasets_render(sets):
+    """TensorDataset / list-of-dict sets: pictures, labels and row-number keys, no describe."""
+    train, query = sets
+    plain_train = TensorDataset(
+        torch.stack([train[i][0] for i in range(len(train))]), torch.as_tensor(train.labels)
+    )
+    plain_query = [{"image": query[i][0].reshape(8, 8), "label": query[i][1]} for i in range(20)]
+    topk = make_topk(2)
+    topk["train_key"] = topk["train_row"].astype(str)  # what the index stores for plain data
+    html = write_report(None, topk, plain_train, plain_query, predictions={0: 99})
+    assert html.count("<svg") == 2 * 11
+    assert f"label <b>{int(query.labels[1])}</b>" in html
+    assert f"label <b>{int(train.labels[10])}</b>" in html
+    assert '<div class="key">10</div>' in html and '<div class="key">101</div>' in html
+    assert html.count('class="card query-card wrong"') == 1
+    assert "model accuracy on these queries</th><td>0.0%" in html
+    want = topk["query_row"].map(query.labels.__getitem__)
+    got = topk["train_row"].map(train.labels.__getitem__)
+    top = (topk["kind"] == "proponent") & (topk["rank"] == 0)
+    expect = float((want[top] == got[top]).mean())
+    assert top_proponent_label_agreement(topk, plain_train, plain_query) == expect
+
+
+def test_large_and_colour_images_are_thumbnails():
+    class Photos:
+        def __len__(self) -> int:
+            return 200
+
+        def __getitem__(self, i: int):
+            rng = np.random.default_rng(i)
+            return {"img": rng.integers(0, 255, (96, 64, 3), dtype=np.uint8), "label": "cat"}
+
+    html = write_report(None, make_topk(1), Photos(), Photos())
+    svg = re.search(r"<svg[^>]*>", html).group(0)
+    assert 'viewBox="0 0 21 32"' in svg  # 96 x 64 averaged in 3 x 3 blocks
+    assert "label <b>cat</b>" in html
+    assert re.search(r'fill="#(?!([0-9a-f]{2})\1\1)[0-9a-f]{6}"', html)  # not grey: colour
+
+
+def _png_pixels(data: bytes) -> np.ndarray:
+    """An 8-bit RGB(A) PNG -> (H, W, C) uint8; enough of the format to read a screenshot."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, header = 8, [], None
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        pos += 12 + length
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat.append(body)
+    width, height, depth, colour, _, _, interlace = header
+    assert depth == 8 and colour in (2, 6) and interlace == 0, header
+    bpp = 3 if colour == 2 else 4
+    raw = np.frombuffer(zlib.decompress(b"".join(idat)), np.uint8).reshape(height, -1)
+    out = np.zeros((height, width * bpp), np.int64)
+    prev = np.zeros(width * bpp, np.int64)
+    for y in range(height):
+        f, line = raw[y, 0], raw[y, 1:].astype(np.int64)
+        if f == 0:
+            row = line
+        elif f == 1:  # Sub: a running sum per channel
+            row = line.reshape(width, bpp).cumsum(axis=0).reshape(-1) % 256
+        elif f == 2:  # Up
+            row = (line + prev) % 256
+        else:  # Average / Paeth depend on the pixel just decoded: byte by byte
+            row, up = line.tolist(), prev.tolist()
+            for i in range(len(row)):
+                a = row[i - bpp] if i >= bpp else 0
+                b, c = up[i], up[i - bpp] if i >= bpp else 0
+                if f == 3:
+                    row[i] = (row[i] + (a + b) // 2) % 256
+                else:
+                    p = a + b - c
+                    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                    pred = a if pa <= pb and pa <= pc else b if pb <= pc else c
+                    row[i] = (row[i] + pred) % 256
+            row = np.asarray(row, np.int64)
+        out[y] = prev = row
+    return out.reshape(height, width, bpp).astype(np.uint8)
+
+
+def test_png_reader_round_trip():
+    """The reader against a PNG written here with every filter type (so it can fail)."""
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (5, 4, 3), dtype=np.uint8)
+    rows, prev = [], np.zeros(12, np.int64)
+    for y in range(5):
+        cur, left = img[y].reshape(-1).astype(np.int64), np.zeros(12, np.int64)
+        left[3:] = cur[:-3]
+        upleft = np.zeros(12, np.int64)
+        upleft[3:] = prev[:-3]
+        f = y % 5
+        if f == 4:
+            p = left + prev - upleft
+            pa, pb, pc = abs(p - left), abs(p - prev), abs(p - upleft)
+            pred = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, prev, upleft))
+        else:
+            pred = [np.zeros(12, np.int64), left, prev, (left + prev) // 2][f]
+        rows.append(bytes([f]) + ((cur - pred) % 256).astype(np.uint8).tobytes())
+        prev = cur
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + b"\0\0\0\0"
+
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 5, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"".join(rows)))
+        + chunk(b"IEND", b"")
+    )
+    np.testing.assert_array_equal(_png_pixels(png), img)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (.ci/run installs it)")
 def test_report_renders_in_chromium(sets, tmp_path):
+    """The default digits report in headless Chromium: query cards with pictures and scores
+    in the rendered DOM, and a screenshot that is not blank."""
     train, query = sets
     html_path, png = tmp_path / "report.html", tmp_path / "report.png"
     write_report(html_path, make_topk(3, evil_row=2), train, query, predictions={0: 99})
-    cmd = [
-        str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+    base = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
         "--no-first-run", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-        f"--screenshot={png}", "--window-size=1200,1600", html_path.as_uri(),
+        "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=900,700",
     ]  # fmt: skip
-    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    dom = subprocess.run(
+        [*base, "--dump-dom", html_path.as_uri()],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    cards = re.findall(r'<div class="card query-card[^"]*">(.*?)</div></div>', dom)
+    assert len(cards) == 3 and all("<svg" in c and "<rect" in c for c in cards)
+    assert len(re.findall(r'score <span class="score">-?[0-9.e-]+</span>', dom)) == 3 * 10
+    assert "<script" not in dom  # the escaped evil key stayed text
+    subprocess.run([*base, f"--screenshot={png}", html_path.as_uri()], check=True,
+                   capture_output=True, timeout=120)  # fmt: skip
+    pixels = _png_pixels(png.read_bytes())[..., :3]
+    assert pixels.shape == (700, 900, 3)
+    ink = (pixels < 128).all(axis=2)  # dark pixels: text and digit strokes
+    assert ink.mean() > 0.005, f"screenshot is (nearly) blank: {ink.mean():.2%} dark pixels"
