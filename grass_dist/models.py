@@ -260,7 +260,8 @@ def train_on(model: dict[str, Any], rows: Sequence[int], seed: int) -> nn.Module
 
     Same architecture and recipe (epochs, lr, batch size, data split) as the builder named
     by `_target_`, with `seed` in place of model.seed (initialisation and shuffles); nothing
-    is cached. This is what linear-datamodeling ground truth retrains on each subset.
+    is cached. This is what linear-datamodeling ground truth retrains on each subset when
+    no `lds.train` recipe is given (`grass_dist.lds.retrain`).
 
     Args:
         model: the Hydra node, e.g. {"_target_": "grass_dist.models.digits_mlp", ...}.
@@ -273,7 +274,8 @@ def train_on(model: dict[str, Any], rows: Sequence[int], seed: int) -> nn.Module
     if not retrainable(model):
         raise ConfigError(
             f"model._target_={model.get('_target_')!r} has no known training recipe, so its "
-            f"ground truth cannot be built by retraining; use one of {sorted(_RETRAINABLE)}"
+            f"ground truth cannot be built by retraining; give yours with "
+            f"+lds.train._target_=my_pkg.train.fit or use one of {sorted(_RETRAINABLE)}"
         )
     builder, recipe = _RETRAINABLE[model["_target_"]]
     given = {k: v for k, v in model.items() if k != "_target_"}

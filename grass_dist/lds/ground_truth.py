@@ -1,12 +1,13 @@
 """LDS ground truth: models retrained on random training subsets, built once, kept in the store.
 
 For m subsets S_j (each a seeded random `fraction` of the training rows) and s seeds, a
-Ray task per (j, seed) retrains the model with the builder's own recipe on S_j only
-(`grass_dist.models.train_on`) and measures f(z_t) for every query t: the log-probability
-of the true label ("logprob") or log(p / (1 - p)) ("margin"). y_j(t) is the mean over
-the seeds. The result is cached under `<lds url>/<digest>/`, where the digest covers
-everything the outputs depend on (model recipe, data, task, subsets, seeds, output), so a
-second call with the same recipe reads it back and trains nothing:
+Ray task per (j, seed) retrains the model on S_j only, with the user's `lds.train` recipe
+or the builder's own (`grass_dist.lds.retrain`), and measures f(z_t) for every query t:
+the log-probability of the true label ("logprob") or log(p / (1 - p)) ("margin"). y_j(t)
+is the mean over the seeds. The result is cached under `<lds url>/<digest>/`, where the
+digest covers everything the outputs depend on (model, retraining recipe, data, task,
+subsets, seeds, output), so a second call with the same recipe reads it back and trains
+nothing:
 
     <lds url>/<digest>/ground_truth.parquet   subset, rows (list<int32>), y (Q), y_seeds (s*Q)
     <lds url>/<digest>/spec.json              the recipe, sizes and query keys; written last
@@ -34,8 +35,9 @@ from grass_dist.config import JobConfig
 from grass_dist.errors import ConfigError, GroundTruthError
 from grass_dist.gradients import sample_key
 from grass_dist.index import Store
-from grass_dist.models import retrainable, train_on
+from grass_dist.lds import retrain
 from grass_dist.seeding import derive_seed, generator
+from grass_dist.tasks import ClassificationTask
 
 log = logging.getLogger(__name__)
 
@@ -63,23 +65,20 @@ def recipe(job: JobConfig) -> dict[str, Any]:
     """Everything the ground truth depends on, as canonical JSON-able data."""
     model = {k: v for k, v in job.model.items() if k not in _NOT_RECIPE}
     lds = job.lds
-    return json.loads(
-        json.dumps(
-            {
-                "model": model,
-                "train": job.data["train"],
-                "query": job.data.get("query"),
-                "task": job.task,
-                "subsets": lds.subsets,
-                "seeds": lds.seeds,
-                "fraction": lds.fraction,
-                "seed": lds.seed,
-                "output": lds.output,
-            },
-            sort_keys=True,
-            default=str,
-        )
-    )
+    spec = {
+        "model": model,
+        "train": job.data["train"],
+        "query": job.data.get("query"),
+        "task": job.task,
+        "subsets": lds.subsets,
+        "seeds": lds.seeds,
+        "fraction": lds.fraction,
+        "seed": lds.seed,
+        "output": lds.output,
+    }
+    if lds.train is not None:  # absent for the built-in recipe: its digests stay as they were
+        spec["recipe"] = lds.train
+    return json.loads(json.dumps(spec, sort_keys=True, default=str))
 
 
 def digest(spec: dict[str, Any]) -> str:
@@ -102,12 +101,23 @@ def training_seed(seed: int, subset: int, replicate: int) -> int:
     return derive_seed(seed, "lds_train", str(subset), str(replicate)) & (2**31 - 1)
 
 
+def output_reader(task: Any) -> Any:
+    """What reads (logits, labels) off a batch for the outputs: the job's task when it has
+    `logits(model, batch)` and `split(batch)`, else the classification reading of
+    `(input, label)` pairs or input/label dicts. A user's task often defines only its loss,
+    and the outputs (log p of the true label) do not depend on the loss attributed."""
+    if hasattr(task, "logits") and hasattr(task, "split"):
+        return task
+    return ClassificationTask()
+
+
 def model_outputs(model: torch.nn.Module, task: Any, dataset: Any, output: str) -> np.ndarray:
     """f(z_t; model) for every item of `dataset`: (Q,) float64.
 
     "logprob" is log p(true label); "margin" is log(p / (1 - p)) = logit_y - logsumexp of
-    the other logits (TRAK's output function).
+    the other logits (TRAK's output function). Batches are read by `output_reader(task)`.
     """
+    task = output_reader(task)
     out = []
     with torch.no_grad():
         for lo in range(0, len(dataset), _BATCH):
@@ -130,11 +140,8 @@ def _retrain(
     """Retrainings (rows, seed) in turn -> each model's outputs on data.query (Q,)."""
     torch.set_num_threads(threads)
     cfg = JobConfig.from_cfg(job)
-    task, query = build_task(cfg), build_dataset(cfg, "query")
-    return [
-        model_outputs(train_on(cfg.model, rows, seed), task, query, cfg.lds.output)
-        for rows, seed in work
-    ]
+    task, query, train = build_task(cfg), build_dataset(cfg, "query"), retrain.retrainer(cfg)
+    return [model_outputs(train(rows, seed), task, query, cfg.lds.output) for rows, seed in work]
 
 
 def lds_store(job: JobConfig) -> Store:
@@ -144,15 +151,18 @@ def lds_store(job: JobConfig) -> Store:
 
 
 def _check_buildable(job: JobConfig) -> None:
-    if not retrainable(job.model):
+    retrain.check(job)
+    reader = output_reader(build_task(job))
+    try:  # one query item, before any retraining: is there a label to read?
+        _, labels = reader.split(reader.collate([build_dataset(job, "query")[0]]))
+        problem = None if torch.is_tensor(labels) else f"its label is a {type(labels).__name__}"
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    if problem is not None:
         raise ConfigError(
-            f"LDS ground truth retrains the model, but model._target_="
-            f"{job.model.get('_target_')!r} has no known training recipe "
-            f"(grass_dist.models.train_on); use model=digits_mlp or model=digits_cnn"
-        )
-    if not hasattr(build_task(job), "logits"):
-        raise ConfigError(
-            "LDS outputs need a task with logits(model, batch), e.g. task=classification"
+            f"LDS outputs are log p(true label), but data.query items give no label to read "
+            f"({problem}); use (input, label) items or dicts with input/label keys, or a "
+            f"task with logits(model, batch) and split(batch) -> (inputs, labels)"
         )
 
 

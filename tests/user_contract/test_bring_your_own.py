@@ -1,0 +1,127 @@
+"""README's "Bring your own model and data" commands, run literally with a user's package.
+
+The commands are parsed from README.md's own fenced blocks of that section, so the
+documentation cannot drift from what is tested; only the checkpoint placeholder
+`/ckpt.pt` is replaced by the user's real checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shlex
+
+import pytest
+from omegaconf import OmegaConf
+
+from grass_dist.build import build_dataset, build_model
+from grass_dist.config import JobConfig
+from grass_dist.errors import ConfigError
+from grass_dist.index import GradientIndex
+from grass_dist.results import load_dense, load_table
+from tests.conftest import compose_cfg
+from tests.user_contract.conftest import ROOT, run_job
+
+pytestmark = pytest.mark.integration
+
+SECTION = "## Bring your own model and data (config only)"
+CHECKPOINT = "/ckpt.pt"
+
+
+def readme_commands() -> list[tuple[str, list[str]]]:
+    """(job, overrides) of every `python -m jobs.<job>` line in the section's bash blocks."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index(SECTION) :]
+    section = section[: section.find("\n## ", len(SECTION))]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", section, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words[:2] == ["python", "-m"] and words[2].startswith("jobs."):
+                commands.append((words[2].removeprefix("jobs."), words[3:]))
+    return commands
+
+
+def _summary(stdout: str) -> dict:
+    """The JSON summary a job prints last (from its opening brace on a line of its own)."""
+    lines = stdout.splitlines()
+    return json.loads("\n".join(lines[lines.index("{") :]))
+
+
+def test_readme_commands_run_with_the_users_model_data_task_and_recipe(user_pkg, tmp_path):
+    commands = readme_commands()
+    assert [job for job, _ in commands] == ["attribute", "lds"]
+    summaries = {}
+    for job, overrides in commands:
+        overrides = [o.replace(f"={CHECKPOINT}", f"={user_pkg.checkpoint}") for o in overrides]
+        done = run_job(job, *overrides, user=user_pkg, cwd=tmp_path)
+        assert done.returncode == 0, f"jobs.{job} failed:\n{done.stderr[-3000:]}"
+        summaries[job] = _summary(done.stdout)
+    # my_pkg.data.train_set() has 120 rows and queries() 10 (the callables' defaults).
+    attributed = summaries["attribute"]
+    assert attributed["index"]["rows"] == 120 and attributed["score"]["queries"] == 10
+    index = GradientIndex.open(str(tmp_path / "outputs" / "index-mine"))
+    assert load_dense(index, "default").shape == (120, 10)
+    topk = load_table(index, "default", "topk").to_pandas()
+    assert sorted(topk["query_row"].unique()) == list(range(10))
+    ground_truth = summaries["lds"]["ground_truth"]
+    assert ground_truth["built_now"] and ground_truth["queries"] == 10
+    record = json.loads(
+        (tmp_path / "outputs" / "index-mine" / "results" / "default" / "lds.json").read_text()
+    )
+    assert math.isfinite(record["all_queries"]["lds"])
+    assert record["ground_truth"] == ground_truth["digest"]
+
+
+def test_a_leftover_preset_argument_stops_the_job_naming_it_and_its_removal(user_pkg, tmp_path):
+    # README's old command: only _target_ overridden, so model=digits_mlp's arguments stay.
+    done = run_job(
+        "index",
+        "model._target_=my_pkg.models.load",
+        f"+model.path={user_pkg.checkpoint}",
+        user=user_pkg,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "model._target_=my_pkg.models.load takes no argument epochs" in done.stderr
+    assert "the preset model=digits_mlp" in done.stderr and "also hidden" in done.stderr
+    assert "Select model=custom" in done.stderr and "~model.epochs" in done.stderr
+    assert not (tmp_path / "outputs" / "index").exists()  # refused before anything was written
+
+
+def test_a_leftover_data_argument_names_the_data_override(tmp_path):
+    target = "data.train._target_=tests.user_contract.test_bring_your_own.train_set"
+    job = JobConfig.from_cfg(compose_cfg(tmp_path, target, small=False))
+    with pytest.raises(
+        ConfigError,
+        match=r"takes no argument split, n_train, n_query, seed \(it takes: n\)\. .*"
+        r"Select data=custom .* ~data\.train\.split",
+    ):
+        build_dataset(job, "train")
+
+
+def train_set(n=120):
+    """A user's dataset callable taking its own arguments, not the digits preset's."""
+    return list(range(n))
+
+
+def test_a_group_chosen_on_the_command_line_wins_over_an_examples(tmp_path):
+    # README: `+example=tiny_gpt2 model=custom model._target_=...` keeps the example's data
+    # and task for the user's own model, with none of the example model's arguments.
+    cfg = compose_cfg(
+        tmp_path, "+example=tiny_gpt2", "model=custom", "model._target_=my_pkg.lm.load", small=False
+    )
+    assert dict(cfg.model) == {"_target_": "my_pkg.lm.load"}
+    assert cfg.data.train._target_ == "grass_dist.data.text.pydoc_topics"
+    assert cfg.task._target_ == "grass_dist.tasks_lm.causal_lm"
+
+
+def test_custom_presets_hold_only_an_unset_target(tmp_path):
+    cfg = compose_cfg(tmp_path, "model=custom", "data=custom", "task=custom", small=False)
+    nodes = {"model": cfg.model, "train": cfg.data.train, "query": cfg.data.query, "task": cfg.task}
+    for name, node in nodes.items():
+        assert OmegaConf.to_container(node) == {"_target_": "???"}, name
+    job = JobConfig.from_cfg(cfg)
+    with pytest.raises(ConfigError, match=r"model._target_ is not set: .*model._target_=my_pkg"):
+        build_model(job)
