@@ -156,3 +156,15 @@ class GroundTruthError(GrassError):
 
 class DampingSelectionError(GrassError):
     """precondition.damping=auto has no objective to choose by (no ground truth, no labels)."""
+
+
+class DampingNotChosenError(ConfigError):
+    """precondition.damping=auto, but no batch job recorded the delta it chose."""
+
+
+class ServiceCheckError(GrassError):
+    """The query service's pre-deploy query failed, so it is not deployed."""
+
+
+class BadRecordError(ConfigError):
+    """A data record lacks a configured field, or its value is null or not a string."""

@@ -1,6 +1,10 @@
 """Serve attribution queries over a finished index (HTTP on 127.0.0.1 by default).
 
 python -m jobs.serve [hydra overrides], e.g. python -m jobs.serve store.url=/data/index
+python -m jobs.serve precondition.damping=auto   # the delta jobs.attribute chose for run.name
+
+Exits 2, before deploying, when the config does not fit the index or the pre-deploy query
+fails (see grass_dist.service.app.check).
 """
 
 import sys

@@ -12,6 +12,7 @@ from grass_dist.gradients import GradientComputer
 from grass_dist.seeding import derive_seed, generator
 from grass_dist.tasks import ClassificationTask
 from tests.helpers import SeqModel, layer_grad, mlp, per_sample_grads
+from tests.test_no_weight_gemm import MatmulLog, weight_gradient_gemms
 
 
 def _phi(model, x, y, cfg):
@@ -32,19 +33,20 @@ def test_identity_equals_torch_func_per_sample_gradients(three_d):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_capture_never_computes_weight_grads():
-    model = mlp()
-    cap = LinearCapture(model, ["fc1", "out"])
-    with cap.recording():
-        loss = ClassificationTask().per_sample_loss(model, [torch.randn(3, 6), torch.zeros(3)])
-    cap.factors(loss)
-    assert all(p.grad is None for p in model.parameters())
-
-
 def test_sjlt_apply_equals_explicit_matrix():
     s = SJLT(50, 8, generator(0, "t"), c=3)
     x = torch.randn(4, 50)
     torch.testing.assert_close(s.apply(x), x @ s.matrix(), rtol=1e-5, atol=1e-5)
+
+
+def test_capture_runs_no_weight_gradient_gemm():
+    model = mlp(d_in=9, hidden=11)  # weights (11, 9) and (4, 11); a batch of 5 rows
+    cap = LinearCapture(model, ["fc1", "out"])
+    with MatmulLog() as log:
+        with cap.recording():
+            loss = ClassificationTask().per_sample_loss(model, [torch.randn(5, 9), torch.zeros(5)])
+        cap.factors(loss)
+    assert log.calls and weight_gradient_gemms(log, model) == []
 
 
 @pytest.mark.parametrize("three_d", [False, True])

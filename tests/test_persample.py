@@ -15,6 +15,7 @@ from grass_dist.gradients import GradientComputer
 from grass_dist.tasks import ClassificationTask
 from tests.conftest import compose_cfg
 from tests.helpers import ConvNet, EmbedNet, layer_grad, module_grad, per_sample_grads
+from tests.test_no_weight_gemm import MatmulLog, weight_gradient_gemms
 
 LAYERS = ["conv", "norm", "head"]
 
@@ -39,13 +40,16 @@ def test_shapes_of_non_linear_layers():
 def test_identity_on_mixed_layers_equals_torch_func_gradients():
     model, x, y = _conv_case()
     computer, _ = _computer(model, CompressionConfig(method="identity", other="identity"), LAYERS)
-    phi = computer.phi_batch([x, y])
+    with MatmulLog() as log:
+        phi = computer.phi_batch([x, y])
+    # Neither pass (hooks for the Linear head, torch.func for the rest) runs the head's
+    # (3, 27) weight-gradient GEMM; the batch of 6 keeps other shapes apart from it.
+    assert log.calls and weight_gradient_gemms(log, model) == []
     exact = per_sample_grads(model, x, y)
     for layer in ("conv", "norm"):
         torch.testing.assert_close(phi[layer], module_grad(exact, layer), rtol=1e-5, atol=1e-6)
     want = layer_grad(exact, "head").reshape(6, -1)
     torch.testing.assert_close(phi["head"], want, rtol=1e-5, atol=1e-6)
-    assert all(p.grad is None for p in model.parameters())
 
 
 def test_flat_grass_is_sjlt_of_masked_per_sample_gradient():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,7 +14,8 @@ import torch
 from grass_dist.data.prompts import IGNORE, prompts
 from grass_dist.data.text import TextDataset, pydoc_documents, pydoc_topics, text_files
 from grass_dist.data.tokenizer import ByteTokenizer, load_tokenizer
-from grass_dist.errors import ConfigError
+from grass_dist.errors import BadRecordError, ConfigError
+from tests.conftest import ROOT
 
 DOCS = ["alpha beta gamma", "a much longer document about délta and epsilon", "zeta"]
 
@@ -61,10 +64,110 @@ def test_local_files_jsonl_parquet_and_text(tmp_path):
     assert keyed.keys == ["doc0", "doc1", "doc2"]
     paras = text_files(str(tmp_path / "c.txt"), separator="\n\n")
     assert [paras.describe(i)["text"] for i in range(len(paras))] == ["first para", "second para"]
-    with pytest.raises(ConfigError, match=r"no column 'text' \(data.field\)"):
+    with pytest.raises(ConfigError, match=r"no column 'text' \(data.train.field\)"):
         text_files(str(tmp_path / "b.parquet"))
     with pytest.raises(ConfigError, match="matches no local file"):
         text_files(str(tmp_path / "nothing*.jsonl"))
+
+
+def write_jsonl(path, records) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+GOOD = {"key": "g", "text": "a good document"}
+
+
+@pytest.mark.parametrize(
+    ("bad", "why"),
+    [
+        ({"key": "x", "body": "no text field"}, r"has no data.train.field='text' \(its fields"),
+        ({"key": "x", "text": None}, r"has data.train.field='text' = null, not a string"),
+        ({"key": "x", "text": 7}, r"has data.train.field='text' = int 7, not a string"),
+        ({"key": "x", "text": ["a", "b"]}, r"has data.train.field='text' = list \['a', 'b'\]"),
+    ],
+)
+def test_a_jsonl_record_without_its_text_is_refused_with_file_line_and_field(tmp_path, bad, why):
+    # Line 1 is good, line 2 blank (not a record), line 3 is the bad record.
+    path = tmp_path / "corpus.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n\n" + json.dumps(bad) + "\n")
+    with pytest.raises(BadRecordError, match=rf"corpus.jsonl, line 3 {why}") as info:
+        text_files(str(path))
+    assert "data.train.on_bad_record=skip" in str(info.value)
+    assert isinstance(info.value, ConfigError)  # the jobs exit 2 on it
+    skipped = text_files(str(path), on_bad_record="skip")
+    assert skipped.keys == ["corpus.jsonl:0"] and skipped.skipped_records == 1
+
+
+def test_lines_that_are_not_json_objects_are_bad_records(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "cut\n["a list"]\n{"text": "also fine"}\n')
+    with pytest.raises(BadRecordError, match=r"c.jsonl, line 2 is not valid JSON"):
+        text_files(str(path))
+    ds = text_files(str(path), on_bad_record="skip")
+    # Default keys count records, so the good ones keep the keys they had.
+    assert ds.keys == ["c.jsonl:0", "c.jsonl:3"] and ds.skipped_records == 2
+
+
+def test_parquet_nulls_non_strings_and_bad_keys(tmp_path):
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"text": ["one", None, "three"], "id": ["a", "b", "c"]}), path)
+    with pytest.raises(BadRecordError, match=r"p.parquet, row 1 has data.train.field='text' = nul"):
+        text_files(str(path), key_field="id")
+    assert text_files(str(path), key_field="id", on_bad_record="skip").keys == ["a", "c"]
+
+    pq.write_table(pa.table({"text": [1, 2]}), path)
+    with pytest.raises(BadRecordError, match=r"row 0 has data.train.field='text' = int 1"):
+        text_files(str(path))
+
+    pq.write_table(pa.table({"text": ["one", "two", "three"], "id": ["a", None, "a"]}), path)
+    with pytest.raises(BadRecordError, match=r"row 1 has data.train.key_field='id' = null"):
+        text_files(str(path), key_field="id")
+    with pytest.raises(ConfigError, match=r"no column 'nope' \(data.train.key_field\)"):
+        text_files(str(path), key_field="nope")
+    ds = text_files(str(path), key_field="id", on_bad_record="skip")
+    assert ds.keys == ["a"] and ds.skipped_records == 2  # the null key and the repeated one
+
+    pq.write_table(pa.table({"text": ["one", "two"], "id": [5, 5]}), path)  # integer ids
+    with pytest.raises(BadRecordError, match=r"row 1 has data.train.key_field='id' = '5', already"):
+        text_files(str(path), key_field="id")
+    with pytest.raises(ConfigError, match="data.train.on_bad_record='ignore'"):
+        text_files(str(path), on_bad_record="ignore")
+
+
+def test_query_records_without_a_completion_are_refused(tmp_path):
+    path = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "c"}])
+    with pytest.raises(BadRecordError, match=r"q.jsonl, line 2 has no data.query.completion_field"):
+        prompts(path=path)
+    with pytest.raises(BadRecordError, match=r"data.query.items\[1\].completion is None"):
+        prompts(items=[{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": None}])
+
+
+def test_jobs_index_exits_2_on_a_bad_record_before_any_gradient(tmp_path):
+    pytest.importorskip("transformers")
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": "one doc"}, {"key": "x", "b": "y"}])
+    queries = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "one ", "completion": "doc"}])
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.index",
+            "+example=tiny_gpt2",
+            "model=hf_causal_lm",  # random weights from a config: nothing is trained
+            "data=text_files",
+            f"data.train.paths=[{corpus}]",
+            f"data.query.path={queries}",
+            f"run.output_dir={out}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "corpus.jsonl, line 2 has no data.train.field='text'" in run.stderr
+    assert not (out / "index-tiny_gpt2").exists()  # refused before the index was created
 
 
 def test_pydoc_documents_and_subsets():

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from grass_dist.data.text import column, expand_paths, file_format, read_table
+from grass_dist.data.text import Field, expand_paths, file_format, read_fields
 from grass_dist.data.tokenizer import Tokenizer, load_tokenizer
-from grass_dist.errors import ConfigError
+from grass_dist.errors import BadRecordError, ConfigError
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, start token, padding)
 
@@ -104,28 +104,43 @@ def prompts(
     Args:
         items: a list of mappings with "prompt", "completion" and optionally "key".
         path, format: JSONL or Parquet files (globs allowed) with the two text columns.
-        prompt_field, completion_field, key_field: column names in those files.
+        prompt_field, completion_field, key_field: column names in those files. A record
+            whose prompt or completion (or key) is missing, null or not a string is refused
+            (BadRecordError naming the file, line or row and field).
         tokenizer, max_length, add_bos: as for the training data (use the same tokenizer).
         per_token: one row per completion token instead of one per pair.
     """
     if (items is None) == (path is None):
         raise ConfigError("data.query: set exactly one of data.query.items and data.query.path")
     if items is not None:
+        for n, it in enumerate(items):
+            for name in ("prompt", "completion"):
+                if not isinstance(it.get(name), str):
+                    raise BadRecordError(
+                        f"data.query.items[{n}].{name} is {it.get(name)!r}: give every item a "
+                        f"string prompt and completion"
+                    )
         keys = [str(it.get("key") or f"prompt/{n}") for n, it in enumerate(items)]
         pairs = [(str(it["prompt"]), str(it["completion"])) for it in items]
     else:
+        fields = [
+            Field(prompt_field, "data.query.prompt_field"),
+            Field(completion_field, "data.query.completion_field"),
+        ]
+        if key_field:
+            fields.append(Field(key_field, "data.query.key_field", key=True))
         keys, pairs = [], []
         for file in expand_paths(path):
-            table = read_table(file, file_format(file, format))
-            texts = zip(
-                column(table, prompt_field, file, "query.prompt_field"),
-                column(table, completion_field, file, "query.completion_field"),
-                strict=True,
-            )
-            ids = column(table, key_field, file, "query.key_field") if key_field else None
-            for row, pair in enumerate(texts):
-                keys.append(ids[row] if ids else f"{file}:{row}")
-                pairs.append(pair)
+            fmt = file_format(file, format)
+            if fmt == "text":
+                raise ConfigError(
+                    f"data.query.path: {file} is plain text; prompts come from JSONL or Parquet "
+                    f"files with {prompt_field!r} and {completion_field!r} fields"
+                )
+            records = read_fields(file, fmt, fields)
+            for row, values in zip(records.rows, records.values, strict=True):
+                keys.append(values[2] if key_field else f"{file}:{row}")
+                pairs.append((values[0], values[1]))
     return PromptDataset(
         keys,
         [p for p, _ in pairs],

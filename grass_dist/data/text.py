@@ -5,26 +5,37 @@ Each process that builds a dataset reads the files and tokenises the rows itself
 workers tokenise their own shards. Rows are documents cut to `max_length` tokens
 (`long="truncate"`) or consecutive blocks of `max_length` tokens overlapping by one token
 (`long="split"`).
+
+JSONL and Parquet records are checked when the dataset is built, before any gradient: a
+record whose text (or key) field is missing, null or not a string is refused with its file,
+line (JSONL, from 1) or row (Parquet, from 0) and field, or skipped and counted with
+`on_bad_record="skip"`.
 """
 
 from __future__ import annotations
 
 import glob
+import json
+import logging
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
 from grass_dist.data.tokenizer import Tokenizer, load_tokenizer
-from grass_dist.errors import ConfigError
+from grass_dist.errors import BadRecordError, ConfigError
+
+log = logging.getLogger(__name__)
 
 LONG_MODES = ("truncate", "split")
+BAD_RECORD_MODES = ("error", "skip")
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "text"}
 
 
@@ -34,8 +45,11 @@ class TextDataset(Dataset):
     Items are dicts {"input_ids": (L,) int64, "labels": (L,) int64} with 2 <= L <= max_length;
     labels equal the inputs (the task shifts them by one). With `add_bos` a document starts
     with the tokenizer's start token. Keys are the document keys, or "<key>#<block>" when a
-    document is split into blocks.
+    document is split into blocks. `skipped_records` counts the bad records left out when
+    the documents were read (on_bad_record="skip").
     """
+
+    skipped_records: int = 0
 
     def __init__(
         self,
@@ -120,18 +134,112 @@ def file_format(path: str, format: str | None) -> str:
     return fmt
 
 
-def read_table(path: str, fmt: str):
-    """A JSONL (one object per line) or Parquet file as a pyarrow Table."""
-    return pa_json.read_json(path) if fmt == "jsonl" else pq.read_table(path)
+@dataclass(frozen=True)
+class Field:
+    """A column a dataset reads from each record, and the config option that names it."""
+
+    column: str
+    option: str  # e.g. "data.train.field": what error messages tell the user to fix
+    key: bool = False  # a document id: integers are accepted (as their decimal text)
 
 
-def column(table, name: str, path: str, what: str) -> list[str]:
-    """Column `name` as strings; the error names the config field `data.<what>`."""
-    if name not in table.column_names:
+def _jsonl_records(path: str) -> Iterator[tuple[str, dict[str, Any] | str]]:
+    """(where, record) per non-blank line; a line that is no JSON object gives the reason."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"line {n}", f"is not valid JSON ({e})"
+                continue
+            if isinstance(record, dict):
+                yield f"line {n}", record
+            else:
+                yield f"line {n}", f"is a JSON {type(record).__name__}, not an object"
+
+
+def _parquet_records(path: str, columns: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    table = pq.read_table(path, columns=columns)
+    values = [table.column(c).to_pylist() for c in columns]
+    for row in range(table.num_rows):
+        yield f"row {row}", {c: v[row] for c, v in zip(columns, values, strict=True)}
+
+
+def _problem(record: dict[str, Any], field: Field) -> str | None:
+    """Why `record`'s value of `field` is unusable, or None."""
+    if field.column not in record:
+        return f"has no {field.option}={field.column!r} (its fields: {sorted(record)})"
+    value = record[field.column]
+    if isinstance(value, str) or (field.key and type(value) is int):
+        return None
+    shown = "null" if value is None else f"{type(value).__name__} {value!r:.40}"
+    return f"has {field.option}={field.column!r} = {shown}, not a string"
+
+
+def check_mode(on_bad_record: str, option: str) -> None:
+    """Refuse an on_bad_record value other than "error" or "skip" (ConfigError naming it)."""
+    if on_bad_record not in BAD_RECORD_MODES:
+        raise ConfigError(f"{option}={on_bad_record!r}; choose one of {list(BAD_RECORD_MODES)}")
+
+
+@dataclass
+class Records:
+    """The usable records of a file: record numbers (from 0, blank JSONL lines not counted),
+    where each is ("line 3" / "row 2"), their field values, and why others were skipped."""
+
+    rows: list[int]
+    where: list[str]
+    values: list[list[str]]
+    skipped: list[str]
+
+
+def read_fields(
+    path: str, fmt: str, fields: Sequence[Field], on_bad_record: str = "error", option: str = ""
+) -> Records:
+    """The string fields of every record of a JSONL or Parquet file.
+
+    A column no record has is a ConfigError (the option names a wrong column); a record
+    whose field is missing, null or not a string is a BadRecordError naming the file,
+    line/row and option, or is skipped when `on_bad_record` is "skip". `option` names the
+    on_bad_record option in messages (e.g. "data.train.on_bad_record").
+    """
+    if fmt == "parquet":
+        names = pq.read_schema(path).names
+        missing = [f for f in fields if f.column not in names]
+        records = _parquet_records(path, [f.column for f in fields if f.column in names])
+    else:
+        records = list(_jsonl_records(path))
+        names = sorted({c for _, r in records if isinstance(r, dict) for c in r})
+        missing = [f for f in fields if f.column not in names]
+    if missing:
         raise ConfigError(
-            f"{path} has no column {name!r} (data.{what}); its columns: {table.column_names}"
+            f"{path} has no column {missing[0].column!r} ({missing[0].option}); its "
+            f"columns: {names}"
         )
-    return [str(v) for v in table.column(name).to_pylist()]
+    out = Records([], [], [], [])
+    for n, (where, record) in enumerate(records):
+        reason = record if isinstance(record, str) else None
+        for field in fields if reason is None else ():
+            reason = _problem(record, field)
+            if reason is not None:
+                break
+        if reason is None:
+            out.rows.append(n)
+            out.where.append(where)
+            out.values.append([str(record[f.column]) for f in fields])
+        else:
+            skip_bad(out.skipped, f"{path}, {where} {reason}", on_bad_record, option)
+    return out
+
+
+def skip_bad(skipped: list[str], problem: str, on_bad_record: str, option: str) -> None:
+    """Note a bad record in `skipped`, or refuse it (BadRecordError) unless skipping."""
+    if on_bad_record != "skip":
+        fix = f" or set {option}=skip to leave such records out" if option else ""
+        raise BadRecordError(f"{problem}: fix the record{fix}")
+    skipped.append(problem)
 
 
 def read_documents(
@@ -140,38 +248,63 @@ def read_documents(
     field: str = "text",
     key_field: str | None = None,
     separator: str | None = None,
-) -> tuple[list[str], list[str]]:
-    """(keys, texts) of the documents in local files, in file then row order.
+    on_bad_record: str = "error",
+) -> tuple[list[str], list[str], list[str]]:
+    """(keys, texts, skipped) of the documents in local files, in file then record order.
 
     Args:
         paths: file paths or glob patterns.
         format: jsonl | parquet | text; None = from each file's extension.
         field: the text column of JSONL / Parquet files.
-        key_field: a column of unique document ids; None = "<file>:<row>".
+        key_field: a column of unique document ids (strings or integers); None =
+            "<file>:<record number>".
         separator: plain text files are split on it (e.g. a blank line "\\n\\n"); None = one
             document per file.
+        on_bad_record: "error" refuses a record whose text or key is missing, null or not
+            a string, or whose key repeats an earlier one (BadRecordError naming the file,
+            line or row and field); "skip" leaves it out and lists why in `skipped`.
 
-    Empty documents are skipped.
+    Empty documents are skipped (and not counted as bad).
     """
+    check_mode(on_bad_record, "data.train.on_bad_record")
     files = expand_paths(paths)
     root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
-    keys, texts = [], []
+    fields = [Field(field, "data.train.field")]
+    if key_field:
+        fields.append(Field(key_field, "data.train.key_field", key=True))
+    keys: list[str] = []
+    texts: list[str] = []
+    skipped: list[str] = []
+    first_seen: dict[str, str] = {}
     for path in files:
-        fmt, ids = file_format(path, format), None
+        fmt = file_format(path, format)
+        name = os.path.relpath(os.path.abspath(path), root)
         if fmt == "text":
             with open(path, encoding="utf-8") as f:
                 body = f.read()
             docs = [body] if separator is None else body.split(separator)
+            found = [(f"{name}:{n}", text, path) for n, text in enumerate(docs)]
         else:
-            table = read_table(path, fmt)
-            docs = column(table, field, path, "field")
-            ids = column(table, key_field, path, "key_field") if key_field else None
-        name = os.path.relpath(os.path.abspath(path), root)
-        for row, text in enumerate(docs):
-            if text.strip():
-                keys.append(ids[row] if ids else f"{name}:{row}")
-                texts.append(text)
-    return keys, texts
+            records = read_fields(path, fmt, fields, on_bad_record, "data.train.on_bad_record")
+            skipped.extend(records.skipped)
+            found = [
+                (v[1] if key_field else f"{name}:{n}", v[0], f"{path}, {where}")
+                for n, where, v in zip(records.rows, records.where, records.values, strict=True)
+            ]
+        for key, text, where in found:
+            if not text.strip():
+                continue
+            if key in first_seen:
+                problem = (
+                    f"{where} has data.train.key_field={key_field!r} = {key!r}, already the "
+                    f"key of {first_seen[key]}"
+                )
+                skip_bad(skipped, problem, on_bad_record, "data.train.on_bad_record")
+                continue
+            first_seen[key] = where
+            keys.append(key)
+            texts.append(text)
+    return keys, texts, skipped
 
 
 def text_files(
@@ -184,10 +317,23 @@ def text_files(
     max_length: int = 512,
     long: str = "truncate",
     add_bos: bool = True,
+    on_bad_record: str = "error",
 ) -> TextDataset:
-    """Hydra target: a TextDataset of the documents in local files (see read_documents)."""
-    keys, texts = read_documents(paths, format, field, key_field, separator)
-    return TextDataset(keys, texts, tokenizer, max_length, long, add_bos)
+    """Hydra target: a TextDataset of the documents in local files (see read_documents).
+
+    With on_bad_record="skip" the dataset's `skipped_records` counts the records left out,
+    and a warning gives the count and the first few reasons.
+    """
+    keys, texts, skipped = read_documents(paths, format, field, key_field, separator, on_bad_record)
+    if skipped:
+        log.warning(
+            "data.train.on_bad_record=skip: left out %d bad record(s), e.g. %s",
+            len(skipped),
+            "; ".join(skipped[:3]),
+        )
+    dataset = TextDataset(keys, texts, tokenizer, max_length, long, add_bos)
+    dataset.skipped_records = len(skipped)
+    return dataset
 
 
 def pydoc_documents(doc_chars: int = 300) -> tuple[list[str], list[str]]:

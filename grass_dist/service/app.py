@@ -1,14 +1,18 @@
 """The Ray Serve application: HTTP in front of one QueryEngine per replica.
 
-`start` validates the config and the index in the driver (so a mismatch fails before
-anything is deployed), starts Serve's HTTP proxy on serve.host:serve.port and deploys
-`serve.replicas` replicas; `serve_forever` is what `python -m jobs.serve` runs.
+`start` first runs the pre-deploy check in the driver: it validates the config and the
+index and answers one real query of each kind the service offers through the same code as
+POST /query (parse, decode, query gradients, preconditioning, scoring), so a config that
+would fail every request fails before anything is deployed. Then it starts Serve's HTTP
+proxy on serve.host:serve.port and deploys `serve.replicas` replicas; `serve_forever` is
+what `python -m jobs.serve` runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
 import signal
 import threading
@@ -19,14 +23,36 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from grass_dist.build import build_dataset, build_model, build_task
+from grass_dist.client import encode
 from grass_dist.config import JobConfig
-from grass_dist.errors import BadRequestError
+from grass_dist.errors import BadRequestError, GrassError, ServiceCheckError
 from grass_dist.runtime.cluster import connect, threads_for
-from grass_dist.service.engine import QueryEngine, open_checked, require_decoder
-from grass_dist.service.protocol import parse_query
+from grass_dist.service.engine import QueryEngine
+from grass_dist.service.protocol import QueryRequest, parse_query
 
 log = logging.getLogger("grass_dist")
+
+
+class QueryHandler:
+    """What POST /query does with a body, shared by the replicas and the pre-deploy check."""
+
+    def __init__(self, job: JobConfig, engine: QueryEngine):
+        self.job, self.engine = job, engine
+        self.default_kind = job.serve.kind or job.scoring.kind
+
+    def parse(self, body: bytes) -> tuple[QueryRequest, list]:
+        """A body -> (the request, its examples as dataset items); BadRequestError if bad."""
+        req = parse_query(body, self.job.serve, self.default_kind)
+        return req, self.engine.decode(req.examples)
+
+    def answer(self, req: QueryRequest, items: list) -> dict[str, Any]:
+        """The JSON answer of a parsed request (runs the model: one request at a time)."""
+        return {
+            "kind": req.kind,
+            "topk": req.topk,
+            "train_rows": self.engine.n_train,
+            "results": self.engine.query(items, req.topk, req.kind),
+        }
 
 
 class AttributionService:
@@ -36,8 +62,8 @@ class AttributionService:
         self.job = JobConfig.from_cfg(raw_job)
         torch.set_num_threads(threads_for(self.job.serve.cpus_per_replica))
         self.engine = QueryEngine(self.job)
+        self.handler = QueryHandler(self.job, self.engine)
         self.prefix = self.job.serve.route_prefix.rstrip("/")
-        self.default_kind = self.job.serve.kind or self.job.scoring.kind
         # Gradient capture keeps per-forward state, so requests take turns on the model.
         self.lock = asyncio.Lock()
 
@@ -58,16 +84,9 @@ class AttributionService:
             raise BadRequestError(f"no route {path!r}: use POST {self.prefix}/query", 404)
         if request.method != "POST":
             raise BadRequestError(f"{path} takes POST, not {request.method}", 405)
-        req = parse_query(await self._body(request), self.job.serve, self.default_kind)
-        items = self.engine.decode(req.examples)
+        req, items = self.handler.parse(await self._body(request))
         async with self.lock:
-            results = await asyncio.to_thread(self.engine.query, items, req.topk, req.kind)
-        return {
-            "kind": req.kind,
-            "topk": req.topk,
-            "train_rows": self.engine.n_train,
-            "results": results,
-        }
+            return await asyncio.to_thread(self.handler.answer, req, items)
 
     async def _body(self, request: Request) -> bytes:
         """The body, refusing (413) past serve.max_request_bytes without keeping it.
@@ -99,12 +118,52 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def probe_example(task: Any, item: Any) -> Any:
+    """A training item as a request example: the task's `encode_example(item)` when it has
+    one, else the classification format ({"input", "label"}, or a dict item's tensors)."""
+    if hasattr(task, "encode_example"):
+        return task.encode_example(item)
+    fields = (
+        {k: v for k, v in item.items() if torch.is_tensor(v)}
+        if isinstance(item, dict)
+        else {"input": item[0], "label": item[1]}
+    )
+    # A 0-dim tensor (a label) goes as a JSON number, as users send it.
+    return {k: v.item() if torch.is_tensor(v) and v.ndim == 0 else v for k, v in fields.items()}
+
+
 def check(job: JobConfig) -> None:
-    """Everything that can be refused before deploying: the task hook and the fingerprint."""
-    model = build_model(job)
-    task = build_task(job)
-    require_decoder(job, task)
-    open_checked(job, model, task, build_dataset(job, "train"))
+    """Everything that can be refused before deploying: the task hook, the fingerprint, the
+    damping, and one real query per kind the service offers.
+
+    The query is the first training row sent as a JSON body through QueryHandler, the code
+    behind POST /query, scored against the first committed shard (QueryEngine's probe).
+    """
+    engine = QueryEngine(job, probe=True)
+    handler = QueryHandler(job, engine)
+    example = encode(probe_example(engine.task, engine.template))
+    for kind in engine.info()["kinds"]:
+        body = json.dumps({"examples": [example], "topk": 1, "kind": kind}).encode()
+        try:
+            req, items = handler.parse(body)
+        except BadRequestError as e:  # the example's format, not the config
+            raise ServiceCheckError(
+                f"the pre-deploy check could not send the first training row as a request "
+                f"example ({e}): give the task {job.task['_target_']} an encode_example(item) "
+                f"method that returns a training item in its request format"
+            ) from e
+        try:
+            answer = handler.answer(req, items)
+        except Exception as e:
+            if not isinstance(e, GrassError):  # a bug, not a config: keep its traceback
+                log.exception("pre-deploy query (kind=%s) failed", kind)
+            raise ServiceCheckError(
+                f"the pre-deploy query (the first training row, kind={kind}) failed, so "
+                f"every {kind} request would: {type(e).__name__}: {e}. Fix the config "
+                f"(model, data, task, precondition) to match the index before serving"
+            ) from e
+        top = answer["results"][0]["proponents"]
+        log.info("pre-deploy query (kind=%s) answered: top proponent %s", kind, top[:1])
 
 
 def start(raw_job: dict[str, Any]) -> str:

@@ -5,6 +5,11 @@ built with exactly the compressors this config builds (its fingerprint), and com
 request's query gradients with GradientComputer, the same code the index was built with.
 The train phi stays in memory when it fits `serve.cache_bytes`; otherwise every request
 streams the shards (through Ray scorer tasks when Ray is up).
+
+With precondition.damping=auto the service serves the delta that the batch job chose and
+recorded in the summary of result set run.name (`damping_selection`, see
+grass_dist.evaluate), so its influence scores are the batch job's; without a recorded
+choice it refuses to start.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import pyarrow as pa
 import ray
 import torch
 
+from grass_dist import results
 from grass_dist.build import (
     build_dataset,
     build_layer_compressors,
@@ -28,7 +34,13 @@ from grass_dist.build import (
 )
 from grass_dist.compress import Compressor
 from grass_dist.config import JobConfig
-from grass_dist.errors import BadRequestError, ConfigError, NonFiniteGradientError
+from grass_dist.errors import (
+    BadRequestError,
+    ConfigError,
+    DampingNotChosenError,
+    NonFiniteGradientError,
+    ResultsNotFoundError,
+)
 from grass_dist.gradients import GradientComputer
 from grass_dist.index import GradientIndex
 from grass_dist.precondition import Preconditioner
@@ -68,6 +80,33 @@ def open_checked(job: JobConfig, model, task, train) -> tuple[GradientIndex, dic
     return index, compressors
 
 
+def served_damping(job: JobConfig, index: GradientIndex) -> float:
+    """The relative damping delta of influence queries: precondition.damping, or for 'auto'
+    the delta the batch job chose for result set run.name (DampingNotChosenError if none)."""
+    p = job.precondition
+    if p.damping != "auto":
+        return float(p.damping)
+    try:
+        selection = results.manifest(index, job.run.name)["summary"].get("damping_selection")
+    except ResultsNotFoundError:
+        selection = None
+    if selection is None:
+        raise DampingNotChosenError(
+            f"precondition.damping=auto, but result set run.name={job.run.name!r} of "
+            f"{job.index_url} records no damping choice to serve: run `python -m "
+            f"jobs.attribute precondition.damping=auto run.name={job.run.name}` with this "
+            f"config first, or set precondition.damping to a number"
+        )
+    delta = float(selection["chosen"])
+    log.info(
+        "precondition.damping=auto: serving delta=%g, chosen by %s for result set %r",
+        delta,
+        selection.get("objective"),
+        job.run.name,
+    )
+    return delta
+
+
 @dataclass
 class TrainCache:
     """Every committed train row in memory: rows (n,) sorted, keys, phi (n, K) float32 and
@@ -95,9 +134,14 @@ class TrainCache:
 
 
 class QueryEngine:
-    """One replica's state: model, compressors, preconditioner, optional train cache."""
+    """One replica's state: model, compressors, preconditioner, optional train cache.
 
-    def __init__(self, job: JobConfig):
+    `probe` builds the pre-deploy check's engine: nothing cached, and queries score the
+    first committed shard only, so the check runs every step of a request (decode, query
+    gradients, preconditioning, scoring, keys) without a pass over the whole index.
+    """
+
+    def __init__(self, job: JobConfig, probe: bool = False):
         self.job = job
         model = build_model(job)
         task = build_task(job)
@@ -109,6 +153,8 @@ class QueryEngine:
         self.template = train[0]
         self.layers = [name for name, _ in self.index.layers]
         self.records = sorted(self.index.committed().values(), key=lambda r: r.start)
+        if probe:
+            self.records = self.records[:1]
         self.n_train = sum(r.rows for r in self.records)
         path = preconditioner_path(job.precondition.name)
         self.pre = (
@@ -116,9 +162,11 @@ class QueryEngine:
             if self.index.has_artifact(path)
             else None
         )
+        # Only influence uses the damping, and only an index with a preconditioner offers it.
+        self.damping = served_damping(job, self.index) if self.pre is not None else None
         width = sum(k for _, k in self.index.layers)
         self.cache = None
-        if self.n_train * width * 4 <= job.serve.cache_bytes:
+        if not probe and self.n_train * width * 4 <= job.serve.cache_bytes:
             t0 = time.perf_counter()
             self.cache = TrainCache.load(self.index, self.layers, job.index.verify)
             log.info("cached %d train rows in %.2f s", self.n_train, time.perf_counter() - t0)
@@ -153,7 +201,7 @@ class QueryEngine:
             phi = self.computer.phi_rows(items, range(len(items)), self.job.index.batch_size).phi
         except (NonFiniteGradientError, IndexError, ValueError, RuntimeError) as e:
             raise BadRequestError(f"could not compute the loss of these examples: {e}", 422) from e
-        query = prepare_queries(phi, kind, self.pre, self.job.precondition.damping)
+        query = prepare_queries(phi, kind, self.pre, self.damping or 0.0)
         partial = self._score(query, min(topk, max(1, self.n_train)))
         return self._answer(partial, len(items))
 

@@ -2,9 +2,12 @@
 
 One module-wide Ray runs the batch job (index, preconditioner, scores of the query split),
 then serves the finished index twice on 127.0.0.1: with the train phi cached in the replica
-and streamed from the shards (serve.cache_bytes=0), under two route prefixes.
+and streamed from the shards (serve.cache_bytes=0), under two route prefixes. The batch job
+also scores the queries as with precondition.damping=auto (result set "auto"), which a
+third app serves with damping=auto under /auto.
 """
 
+import dataclasses
 import json
 import socket
 import urllib.error
@@ -16,12 +19,17 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from grass_dist import Client, pipeline, results
+from grass_dist import Client, evaluate, pipeline, results
 from grass_dist.build import build_dataset, build_layer_compressors, build_model, build_task
 from grass_dist.config import JobConfig
-from grass_dist.errors import FingerprintMismatchError, ServiceError
+from grass_dist.errors import (
+    DampingNotChosenError,
+    FingerprintMismatchError,
+    ServiceCheckError,
+    ServiceError,
+)
 from grass_dist.gradients import GradientComputer
-from grass_dist.service import app
+from grass_dist.service import app, engine
 from tests.conftest import compose_cfg
 from tests.helpers import assert_topk_close
 from tests.synthetic import read_all
@@ -35,17 +43,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+AUTO = ["precondition.damping=auto", "precondition.grid=[0.001,10.0]", "run.name=auto"]
+
+
 @pytest.fixture(scope="module")
 def service(ray_session, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     port = free_port()
     common = [f"serve.port={port}", "serve.cpus_per_replica=0.5", "serve.max_examples=16"]
     cfg = compose_cfg(tmp, *common)
+    auto_cfg = compose_cfg(tmp, *common, *AUTO, "serve.route_prefix=/auto", "serve.app_name=a")
     job = pipeline.prepare(cfg)
     try:
         pipeline.run_index(job)
         pipeline.run_precondition(job)
-        pipeline.run_score(job)
+        query = pipeline.query_phi(job)
+        pipeline.release_workers(job)
+        pipeline.run_score(job, query)
+        # The scoring stage of `jobs.attribute precondition.damping=auto run.name=auto` on
+        # the same index, queries and reducer: it chooses delta and records the choice.
+        auto = JobConfig.from_cfg(OmegaConf.to_container(auto_cfg, resolve=True))
+        chosen = evaluate.score_stage(dataclasses.replace(job, cfg=auto), query)["damping"]
     finally:
         pipeline.shutdown(job)
     cached = app.start(OmegaConf.to_container(cfg, resolve=True))
@@ -53,8 +71,15 @@ def service(ray_session, tmp_path_factory):
         tmp, *common, "serve.cache_bytes=0", "serve.route_prefix=/stream", "serve.app_name=s"
     )
     streamed = app.start(OmegaConf.to_container(streamed_cfg, resolve=True))
-    yield job, cached, streamed
+    yield job, cached, streamed, (auto_cfg, chosen["chosen"])
     app.stop()
+
+
+@pytest.fixture(scope="module")
+def auto_service(service):
+    """The service with damping=auto over result set "auto": (delta chosen, its URL)."""
+    *_, (auto_cfg, chosen) = service
+    return chosen, app.start(OmegaConf.to_container(auto_cfg, resolve=True))
 
 
 def query_items(job):
@@ -62,8 +87,22 @@ def query_items(job):
     return [{"input": query[i][0], "label": int(query[i][1])} for i in range(len(query))]
 
 
+def assert_answers_equal_topk_table(answers, table) -> None:
+    """Service answers (one per query row) equal a batch job's top-k table."""
+    for q, answer in enumerate(answers):
+        for kind, label in (("proponent", "proponents"), ("opponent", "opponents")):
+            want = table[(table["query_row"] == q) & (table["kind"] == kind)]
+            want = want.sort_values("rank")
+            got = answer[label]
+            assert [g["train_row"] for g in got] == want["train_row"].tolist()
+            assert [g["train_key"] for g in got] == want["train_key"].tolist()
+            np.testing.assert_allclose(
+                [g["score"] for g in got], want["score"], rtol=1e-5, atol=1e-7
+            )
+
+
 def test_health_reports_the_index(service):
-    _, cached, streamed = service
+    _, cached, streamed, _ = service
     assert Client(cached).health() == {
         "status": "ok",
         "train_rows": 90,
@@ -75,27 +114,62 @@ def test_health_reports_the_index(service):
 
 
 def test_answers_equal_the_batch_jobs_top_k_cached_and_streamed(service):
-    job, cached, streamed = service
+    job, cached, streamed, _ = service
     items = query_items(job)
     table = results.load_table(job.index, "default", "topk").to_pandas()
     for url in (cached, streamed):
         answers = Client(url).query(items, topk=10, kind="influence")
         assert len(answers) == 12
-        for q, answer in enumerate(answers):
-            for kind, label in (("proponent", "proponents"), ("opponent", "opponents")):
-                want = table[(table["query_row"] == q) & (table["kind"] == kind)]
-                want = want.sort_values("rank")
-                got = answer[label]
-                assert [g["train_row"] for g in got] == want["train_row"].tolist()
-                assert [g["train_key"] for g in got] == want["train_key"].tolist()
-                np.testing.assert_allclose(
-                    [g["score"] for g in got], want["score"], rtol=1e-5, atol=1e-7
-                )
+        assert_answers_equal_topk_table(answers, table)
+
+
+def test_damping_auto_serves_the_delta_the_batch_job_chose(service, auto_service):
+    job, *_ = service
+    chosen, url = auto_service
+    done = results.manifest(job.index, "auto")
+    assert done["summary"]["damping_selection"]["chosen"] == chosen in (0.001, 10.0)
+    table = results.load_table(job.index, "auto", "topk").to_pandas()
+    answers = Client(url).query(query_items(job), topk=10, kind="influence")
+    assert_answers_equal_topk_table(answers, table)
+    # The default result set was scored at delta=0.1, outside the grid: other scores.
+    default = results.load_table(job.index, "default", "topk").to_pandas()
+    assert not np.allclose(default["score"], table["score"], rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["default", "never_scored"])
+def test_damping_auto_without_a_recorded_choice_is_refused(service, name):
+    job, *_ = service
+    raw = {**job.raw, "precondition": {**job.raw["precondition"], "damping": "auto"}}
+    raw["run"] = {**raw["run"], "name": name}
+    with pytest.raises(DampingNotChosenError) as info:
+        app.check(JobConfig.from_cfg(raw))
+    message = str(info.value)
+    assert f"run.name={name!r}" in message and "precondition.damping=auto" in message
+    assert "python -m jobs.attribute precondition.damping=auto" in message
+
+
+def test_the_pre_deploy_check_answers_a_real_influence_query(service, monkeypatch):
+    job, *_ = service
+    app.check(JobConfig.from_cfg(job.raw))  # the index as built: every kind answers
+    real = engine.prepare_queries
+
+    def broken(phi, kind, pre, damping):  # what damping='auto' reaching the maths did
+        if kind == "influence":
+            raise TypeError(f"unsupported operand type(s) for *: {type(damping).__name__!r}")
+        return real(phi, kind, pre, damping)
+
+    monkeypatch.setattr(engine, "prepare_queries", broken)
+    with pytest.raises(ServiceCheckError, match="kind=influence.*TypeError"):
+        app.check(JobConfig.from_cfg(job.raw))
+    # A task whose request format the check cannot guess is told how to supply an example.
+    monkeypatch.setattr(app, "probe_example", lambda task, item: {"text": "a digit"})
+    with pytest.raises(ServiceCheckError, match="encode_example"):
+        app.check(JobConfig.from_cfg(job.raw))
 
 
 @pytest.mark.parametrize("kind", ["grad_dot", "cosine"])
 def test_other_kinds_match_a_direct_computation(service, kind):
-    job, cached, _ = service
+    job, cached, *_ = service
     items = query_items(job)[:3]
     model = build_model(job.cfg)
     computer = GradientComputer(model, build_task(job.cfg), build_layer_compressors(job.cfg, model))
@@ -125,7 +199,7 @@ def post(url: str, body: bytes, method: str = "POST") -> tuple[int, dict]:
 
 
 def test_bad_requests_get_4xx_and_the_service_keeps_serving(service):
-    job, cached, _ = service
+    job, cached, *_ = service
     good = {"input": query_items(job)[0]["input"].tolist(), "label": 1}
     cases = [
         (b"{oops", 400),
@@ -149,7 +223,7 @@ def test_bad_requests_get_4xx_and_the_service_keeps_serving(service):
 
 
 def test_eight_clients_times_twenty_requests_are_all_answered_correctly(service):
-    job, cached, _ = service
+    job, cached, *_ = service
     items = query_items(job)
     want = {q: a["proponents"] for q, a in enumerate(Client(cached).query(items, topk=5))}
 
