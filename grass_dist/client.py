@@ -26,7 +26,7 @@ def encode(value: Any) -> Any:
     if hasattr(value, "detach"):  # a torch tensor, without importing torch here
         value = value.detach().cpu().numpy()
     if isinstance(value, np.ndarray):
-        arr = np.ascontiguousarray(value)
+        arr = np.ascontiguousarray(value).reshape(value.shape)  # keeps 0-d labels 0-d
         data = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
         return {
             "b64": base64.b64encode(data).decode(),

@@ -28,6 +28,10 @@ def test_tensors_decode_from_nested_lists_and_exact_base64():
     assert torch.equal(decode_array(encode(x), LIKE, "x"), torch.from_numpy(x))
     assert torch.equal(decode_array(x.tolist(), LIKE, "x"), torch.from_numpy(x))
     assert decode_array(3, torch.tensor(0), "label").item() == 3
+    # A TensorDataset's label is a 0-d tensor: it must travel as shape [] to match.
+    label = torch.tensor(7)
+    assert encode(label)["shape"] == []
+    assert decode_array(encode(label), label, "label").item() == 7
 
 
 @pytest.mark.parametrize(
