@@ -211,3 +211,37 @@ class LocalRayCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def wait_for_output(log: Path, text: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    """Block until the process `proc`, whose output goes to `log`, has printed `text`."""
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text(errors="replace"):
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with code {proc.returncode}: {log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {text!r} after {timeout} s: {log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def stop_groups(
+    procs: list[subprocess.Popen], sig: int = signal.SIGINT, grace: float = 30
+) -> list[str]:
+    """Send `sig` to each process's group, in order (for SIGINT: Ctrl-C in its terminal).
+
+    Each group gets `grace` seconds to end; SIGKILL then ends whatever is left of it, so a
+    failing test leaves no Ray behind. Only these groups are touched: other Ray instances on
+    the machine keep running. Returns the command lines that `sig` did not end in time.
+    """
+    outlived: list[str] = []
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        deadline = time.monotonic() + grace
+        while running_in_groups([proc.pid]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        outlived += running_in_groups([proc.pid])
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return outlived

@@ -1,11 +1,11 @@
 """The durable gradient index: fingerprint, immutable shard files and committed manifests.
 
-Layout under the index URL (see ARCHITECTURE.md, "Gradient index layout")::
+Layout under the index URL (README.md, "Results: layout and schema", lists every path)::
 
     index.json                          {"format_version": 1, "fingerprint": {...}}, written once
     _manifests/<version:010d>.json      cumulative, create-only
     shards/<shard id>/<attempt>.parquet immutable, one per attempt
-    preconditioner/..., results/...     artifacts
+    preconditioner/..., results/...     artifacts (`put_artifact` / `get_artifact`)
 """
 
 from __future__ import annotations
