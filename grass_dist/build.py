@@ -6,19 +6,22 @@ state hash in the fingerprint catches any replica that does not.
 
 from __future__ import annotations
 
+import inspect
 import json
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from torch import nn
 
-from grass_dist import compressor_state
+from grass_dist import compress, compressor_state
 from grass_dist.capture import resolve_layers
 from grass_dist.compress import Compressor, build_compressors, learned_layers
 from grass_dist.config import JobConfig
 from grass_dist.data_identity import data_identity
-from grass_dist.errors import ConfigError
+from grass_dist.errors import ConfigError, GrassError
 from grass_dist.index import GradientIndex
 from grass_dist.index.retry import RetryPolicy
 from grass_dist.models import state_hash
@@ -26,10 +29,121 @@ from grass_dist.models import state_hash
 FORMAT_VERSION = 1
 
 
+# Keys Hydra reads itself; everything else under a node is an argument of its _target_.
+_HYDRA_KEYS = frozenset({"_target_", "_args_", "_recursive_", "_convert_", "_partial_"})
+_UNSET = "???"
+# Groups with a `custom` preset: a bare `_target_` for the user's own callable.
+_CUSTOM_PRESETS = ("model", "data", "task")
+
+
+def _preset(where: str) -> tuple[str | None, set[str] | None]:
+    """The preset Hydra chose for `where`'s group (`group=option`) and the argument names
+    under `where` set on the command line; (None, None) when Hydra did not compose the job."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None, None
+    hydra = HydraConfig.get()
+    group = where.split(".")[0]
+    choice = hydra.runtime.choices.get(group)
+    prefix = f"{where}."
+    keys = (o.lstrip("~+").split("=", 1)[0] for o in hydra.overrides.task)
+    user = {k[len(prefix) :].split(".")[0] for k in keys if k.startswith(prefix)}
+    return (f"{group}={choice}" if choice else None), user
+
+
+def _leftover_fix(where: str, given: list[str], extra: list[str]) -> str:
+    """How to drop arguments the callable does not take, naming the preset they came from."""
+    group = where.split(".")[0]
+    if group not in _CUSTOM_PRESETS:
+        return f"Remove them: {' '.join(f'~{where}.{k}' for k in extra)}"
+    preset, user = _preset(where)
+    # Every key the command line did not set came from the preset, accepted ones included:
+    # the preset's `hidden` would reach a user's `hidden` too.
+    held = extra if user is None else [k for k in given if k not in user]
+    drop = [*held, *(k for k in extra if k not in held)]
+    also = [k for k in held if k not in extra]
+    source = f"the preset {preset}" if preset else "the selected preset"
+    received = f" (also {', '.join(also)}, which it would receive)" if also else ""
+    return (
+        f"Arguments under {where} are passed to its _target_, and {source} holds those of its "
+        f"own _target_{received}. Select {group}=custom (a _target_ and no arguments; add "
+        f"yours with +{where}.<name>=...) or remove them: "
+        f"{' '.join(f'~{where}.{k}' for k in drop)}"
+    )
+
+
+def locate_target(node: dict[str, Any], where: str) -> Callable[..., Any]:
+    """The callable named by `node["_target_"]`; ConfigError when unset or not importable."""
+    target = node.get("_target_")
+    if target in (None, _UNSET):
+        raise ConfigError(
+            f"{where}._target_ is not set: give the import path of your callable, e.g. "
+            f"{where}._target_=my_pkg.module.build"
+        )
+    try:
+        return get_object(str(target))
+    except Exception as e:  # Hydra raises ImportError or a bare Exception for a bad path
+        raise ConfigError(
+            f"{where}._target_={target!r} cannot be imported ({e}); check the import path and "
+            f"that its package is on PYTHONPATH of every node"
+        ) from None
+
+
+def check_arguments(
+    fn: Callable[..., Any], node: dict[str, Any], where: str, supplied: int = 0
+) -> None:
+    """Refuse, before calling `fn`, arguments under `where` that it does not take, and
+    required ones that are missing. The first `supplied` parameters are passed by the
+    caller (e.g. lds.train's dataset and seed), not by the config.
+
+    A preset's arguments belong to the preset's own `_target_`: overriding only `_target_`
+    keeps them, which is the usual cause of a leftover argument, so the message says how
+    to drop them all (the `custom` preset) or one by one (`~key`).
+    """
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # builtins and C extensions may have no signature
+        return
+    target = f"{where}._target_={node.get('_target_')}"
+    given = [k for k in node if k not in _HYDRA_KEYS]
+    named = params[supplied:]
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        takes = {p.name for p in named if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        extra = [k for k in given if k not in takes]
+        if extra:
+            raise ConfigError(
+                f"{target} takes no argument {', '.join(extra)} (it takes: "
+                f"{', '.join(sorted(takes)) or 'none'}). {_leftover_fix(where, given, extra)}"
+            )
+    # A preset's `???` (e.g. data=text_files' paths) would otherwise reach the callable as text.
+    unset = [k for k in given if isinstance(node[k], str) and node[k] == _UNSET]
+    if unset:
+        adds = " ".join(f"{where}.{k}=<value>" for k in unset)
+        raise ConfigError(
+            f"{target} needs {', '.join(unset)}, which the preset leaves unset: add {adds}"
+        )
+    if node.get("_partial_") or node.get("_args_"):
+        return
+    missing = [
+        p.name
+        for p in named
+        if p.default is p.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and p.name not in node
+    ]
+    if missing:
+        adds = " ".join(f"+{where}.{p}=<value>" for p in missing)
+        raise ConfigError(f"{target} needs argument {', '.join(missing)}: add {adds}")
+
+
 def _instantiate(node: dict[str, Any], where: str) -> Any:
+    check_arguments(locate_target(node, where), node, where)
     try:
         return instantiate(node)
     except InstantiationException as e:
+        if isinstance(e.__cause__, GrassError):  # the callable's own refusal says it best
+            raise e.__cause__ from None
         raise ConfigError(
             f"could not build '{where}' from _target_={node.get('_target_')!r}: {e}. Check the "
             f"import path and the arguments under '{where}'."
@@ -39,12 +153,28 @@ def _instantiate(node: dict[str, Any], where: str) -> Any:
 def build_model(job: JobConfig) -> nn.Module:
     model = _instantiate(job.model, "model")
     if not isinstance(model, nn.Module):
-        raise ConfigError(f"model._target_ returned a {type(model).__name__}, not an nn.Module")
+        raise ConfigError(
+            f"model._target_={job.model['_target_']!r} returned an object of type "
+            f"{type(model).__name__}, not a torch nn.Module; make it return the model to attribute"
+        )
     return model
 
 
+# What every process calls on a task (grass_dist.gradients); the rest is optional.
+TASK_METHODS = ("collate", "to", "per_sample_loss")
+
+
 def build_task(job: JobConfig):
-    return _instantiate(job.task, "task")
+    task = _instantiate(job.task, "task")
+    missing = [m for m in TASK_METHODS if not callable(getattr(task, m, None))]
+    if missing:
+        raise ConfigError(
+            f"task._target_={job.task['_target_']!r} returned an object of type "
+            f"{type(task).__name__} without "
+            f"{', '.join(missing)}; a task needs collate(items), to(batch, device) and "
+            f"per_sample_loss(model, batch) (see grass_dist.tasks.ClassificationTask)"
+        )
+    return task
 
 
 def build_dataset(job: JobConfig, which: str):
@@ -53,8 +183,54 @@ def build_dataset(job: JobConfig, which: str):
         raise ConfigError(f"data.{which} is not configured; set data.{which}._target_")
     dataset = _instantiate(node, f"data.{which}")
     if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
-        raise ConfigError(f"data.{which} must be a map-style dataset (__getitem__ and __len__)")
+        raise ConfigError(
+            f"data.{which}._target_={node['_target_']!r} returned an object of type "
+            f"{type(dataset).__name__}, not a map-style dataset (__getitem__ and __len__); "
+            f"return e.g. a list or a torch TensorDataset"
+        )
+    if len(dataset) == 0:
+        raise ConfigError(
+            f"data.{which}._target_={node['_target_']!r} built an empty dataset (0 rows); "
+            f"check the arguments under data.{which} (its size, split or path)"
+        )
     return dataset
+
+
+def check_rows(job: JobConfig, model: nn.Module, task, dataset, which: str) -> None:
+    """Row 0 of data.<which> through the task and the model, forward only (no gradient):
+    items the task cannot collate, or the model cannot take, fail here with the fields to
+    check instead of inside a worker after Ray started."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    training = model.training
+    model.eval()  # eval: a forward in train mode could update buffers (batch-norm statistics)
+    try:
+        with torch.no_grad():
+            losses = task.per_sample_loss(model, task.to(task.collate([dataset[0]]), device))
+    except GrassError:
+        raise
+    except Exception as e:
+        raise ConfigError(
+            f"row 0 of data.{which} does not fit task._target_={job.task['_target_']!r} and "
+            f"model._target_={job.model['_target_']!r}: {type(e).__name__}: {e}. Check that "
+            f"data.{which} returns the items the task collates and the model takes"
+        ) from None
+    finally:
+        model.train(training)
+    shape = tuple(getattr(losses, "shape", ()))
+    if shape != (1,):
+        raise ConfigError(
+            f"task._target_={job.task['_target_']!r}: per_sample_loss returned shape {shape} "
+            f"for one row of data.{which}; it must return one loss per row, shape (B,)"
+        )
+
+
+def check_compressors(job: JobConfig, model: nn.Module) -> list[str]:
+    """Refuse the layers and compression settings before anything is written or computed;
+    returns the layers kept whole by compression.whole_small_layers."""
+    shapes = resolve_layers(model, job.index.layers)
+    compress.check_compressors(job.compression, shapes)
+    return compress.whole_layers(job.compression, shapes)
 
 
 def store_retry(job: JobConfig) -> RetryPolicy:
@@ -102,7 +278,9 @@ def fingerprint(
     """What an index's rows depend on; any difference makes the index incompatible.
 
     ``train`` is the built training set: its size arguments are left out of the data
-    identity so that an index can grow (see ``grass_dist.data_identity``).
+    identity so that an index can grow (see ``grass_dist.data_identity``). A layer kept
+    whole by compression.whole_small_layers is recorded in ``layers`` as method identity,
+    so turning the switch off (where it kept a layer whole) makes the index incompatible.
     """
     return {
         "format_version": FORMAT_VERSION,

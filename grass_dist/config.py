@@ -7,6 +7,8 @@ so a bad config fails before Ray starts or any gradient is computed.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +66,11 @@ class CompressionConfig:
     jl_chunk_rows: int = _f(4096, "dense JL: rows of R drawn at a time (memory only, same R)")
     jl_cache_mb: int = _f(256, "dense JL: keep R on the device when at most this many MiB")
     seed: int = _f(0, "seed of every mask and sketch (part of the fingerprint)")
+    whole_small_layers: bool = _f(
+        True,
+        "keep a layer whole (method identity, its exact gradient) when its gradient has at "
+        "most k entries; false refuses such a layer instead",
+    )
     selective: SelectiveConfig = field(
         default_factory=SelectiveConfig, metadata={"help": "Selective Mask fitting"}
     )
@@ -110,6 +117,11 @@ class LdsConfig:
     cpus_per_task: float = _f(1.0, "Ray CPUs per retraining task")
     url: str | None = _f(None, "where ground truth lives; null = <store.url>/lds")
     results: list[str] | None = _f(None, "result sets evaluated by jobs.lds; null = [run.name]")
+    train: dict[str, Any] | None = _f(
+        None,
+        "retraining recipe: {_target_: a callable (dataset, seed, **args) -> nn.Module, args...}; "
+        "null = the model builder's own (model=digits_mlp, digits_cnn)",
+    )
 
 
 @dataclass
@@ -210,17 +222,14 @@ class JobConfig:
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig | dict) -> JobConfig:
-        if isinstance(cfg, DictConfig):  # groups are merged one by one: resolve first
-            cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-        else:
-            cfg = OmegaConf.create(cfg)
+        cfg = OmegaConf.create(resolve(cfg))  # groups are merged one by one: resolve first
         typed = {}
         for name, schema in _GROUPS.items():
             node = cfg.get(name, {}) or {}
             try:
                 merged = OmegaConf.merge(OmegaConf.structured(schema), node)
             except OmegaConfBaseException as e:
-                raise ConfigError(f"config group '{name}': {e}") from None
+                raise ConfigError(_merge_error(name, e)) from None
             typed[name] = OmegaConf.to_object(merged)
         raw = {}
         for name in ("model", "data", "task"):
@@ -231,6 +240,8 @@ class JobConfig:
         return job
 
     def validate(self) -> None:
+        _require_finite(self)
+        _validate_names(self)
         _require_target(self.model, "model")
         _require_target(self.task, "task")
         if not isinstance(self.data, dict):
@@ -246,6 +257,7 @@ class JobConfig:
         for fname in ("shard_size", "batch_size"):
             if getattr(self.index, fname) <= 0:
                 raise ConfigError(f"index.{fname} must be positive")
+        _validate_layers(self.index.layers)
         _validate_damping(self.precondition)
         _validate_lds(self.lds)
         if self.ensemble.size < 1:
@@ -261,9 +273,50 @@ class JobConfig:
             raise ConfigError("store.retries, store.backoff_s and store.backoff_max_s must be >= 0")
         _validate_cluster(self.cluster)
         _validate_faults(self.faults)
-        if self.scoring.cpus_per_task <= 0 or (self.scoring.parallelism or 1) <= 0:
-            raise ConfigError("scoring.cpus_per_task and scoring.parallelism must be positive")
+        sc = self.scoring
+        if sc.cpus_per_task <= 0:
+            raise ConfigError(
+                f"scoring.cpus_per_task={sc.cpus_per_task} must be positive, e.g. "
+                f"scoring.cpus_per_task=1"
+            )
+        if sc.parallelism is not None and sc.parallelism < 1:
+            raise ConfigError(
+                f"scoring.parallelism={sc.parallelism} must be at least 1; set "
+                f"scoring.parallelism=null to use every CPU of the cluster"
+            )
         _validate_serve(self.serve)
+
+
+def _merge_error(group: str, e: OmegaConfBaseException) -> str:
+    """One line naming the field, from OmegaConf's multi-line message."""
+    reason = str(getattr(e, "msg", None) or e).splitlines()[0]
+    key = getattr(e, "full_key", None)
+    field_name = f"{group}.{key}" if key else group
+    return (
+        f"config group '{group}': {reason} (field {field_name}). Fix: use the fields of "
+        f"conf/{group}/*.yaml with values of their type; new keys are not accepted"
+    )
+
+
+def resolve(cfg: DictConfig | dict) -> dict[str, Any]:
+    """The composed config as plain dicts and lists, every `${...}` interpolation resolved.
+
+    A preset may take values from another group's preset (digits_mlp reads its sizes from
+    the digits data preset); selecting one without the other leaves a dangling reference,
+    refused here with the key and the fix instead of OmegaConf's traceback.
+    """
+    if not isinstance(cfg, DictConfig):
+        return cfg
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "the config"
+        raise ConfigError(
+            f"{key} could not be resolved ({str(getattr(e, 'msg', e)).splitlines()[0]}). "
+            f"The presets selected do not fit together (e.g. model=digits_mlp takes its sizes "
+            f"from data=digits): select matching presets (model=custom with data=custom), or "
+            f"set {key} yourself"
+        ) from None
 
 
 def _validate_cluster(cl: ClusterConfig) -> None:
@@ -273,6 +326,27 @@ def _validate_cluster(cl: ClusterConfig) -> None:
         raise ConfigError(
             f"cluster.max_workers={cl.max_workers} is below cluster.num_workers="
             f"{cl.num_workers}; set it to null (no growth) or at least num_workers"
+        )
+    if cl.cpus_per_worker <= 0:
+        raise ConfigError(
+            f"cluster.cpus_per_worker={cl.cpus_per_worker} must be positive (CPUs per "
+            f"worker, fractions allowed), e.g. cluster.cpus_per_worker=1"
+        )
+    if cl.gpus_per_worker < 0:
+        raise ConfigError(
+            f"cluster.gpus_per_worker={cl.gpus_per_worker} must be >= 0; set 0 to run the "
+            f"workers on CPUs only"
+        )
+    if cl.num_cpus is not None and cl.num_cpus < 1:
+        raise ConfigError(f"cluster.num_cpus={cl.num_cpus} must be at least 1, or null (every CPU)")
+    for key, amount in (cl.worker_resources or {}).items():
+        if amount < 0:
+            raise ConfigError(
+                f"cluster.worker_resources.{key}={amount} must be >= 0 (an amount per worker)"
+            )
+    if cl.address is not None and not cl.address.strip():
+        raise ConfigError(
+            "cluster.address is empty; set it to null (embedded Ray), 'auto' or ray://host:port"
         )
     if cl.max_inflight_per_worker < 1:
         raise ConfigError("cluster.max_inflight_per_worker must be at least 1")
@@ -307,6 +381,13 @@ def _validate_compression(c: CompressionConfig) -> None:
         compressor_class(method, f"compression.overrides.{key}")
     if c.k <= 0:
         raise ConfigError(f"compression.k={c.k} must be a positive integer, e.g. 1024")
+    for name in ("mask_out", "mask_in", "proj_out", "proj_in"):
+        size = getattr(c, name)
+        if size is not None and size < 1:
+            raise ConfigError(
+                f"compression.{name}={size} must be a positive size, or null to derive it "
+                f"from compression.k"
+            )
     if c.blowup < 1 or c.sjlt_c < 1:
         raise ConfigError("compression.blowup and compression.sjlt_c must be >= 1")
     if c.jl_chunk_rows < 1 or c.jl_cache_mb < 0:
@@ -316,6 +397,11 @@ def _validate_compression(c: CompressionConfig) -> None:
         raise ConfigError(
             "compression.selective needs samples >= 2, holdout >= 1, epochs >= 0, "
             f"check_every >= 1, lr > 0 and lam >= 0 (got {s})"
+        )
+    if not -1 <= s.min_spearman <= 1:
+        raise ConfigError(
+            f"compression.selective.min_spearman={s.min_spearman} is not a Spearman "
+            f"correlation; choose a value in [-1, 1], e.g. 0.9"
         )
 
 
@@ -333,6 +419,11 @@ def _validate_serve(s: ServeConfig) -> None:
         raise ConfigError(
             "serve.max_request_bytes and serve.cpus_per_replica must be positive and "
             "serve.cache_bytes >= 0"
+        )
+    if not s.host.strip() or not s.app_name.strip():
+        raise ConfigError(
+            "serve.host and serve.app_name must not be empty; e.g. serve.host=127.0.0.1 "
+            "serve.app_name=grass_dist"
         )
     if not s.route_prefix.startswith("/"):
         raise ConfigError(f"serve.route_prefix={s.route_prefix!r} must start with '/'")
@@ -365,6 +456,78 @@ def _validate_lds(c: LdsConfig) -> None:
         raise ConfigError(f"lds.fraction={c.fraction} must be in (0, 1), e.g. 0.5")
     if c.output not in ("logprob", "margin"):
         raise ConfigError(f"lds.output={c.output!r}; choose logprob or margin")
+    if c.train is not None and not isinstance(c.train.get("_target_"), str):
+        raise ConfigError(
+            f"lds.train={c.train!r} needs a _target_: the import path of your retraining "
+            f"callable (dataset, seed, **args) -> nn.Module, e.g. "
+            f"+lds.train._target_=my_pkg.train.fit"
+        )
+
+
+def _require_finite(job: JobConfig) -> None:
+    """Refuse NaN and inf in every number of every config group.
+
+    A NaN passes every `x <= 0` check and an inf damping zeroes every score, so they are
+    refused here once, by field name, rather than in each range check.
+    """
+    for name in _GROUPS:
+        for where, value in _numbers(getattr(job, name), name):
+            if not math.isfinite(value):
+                raise ConfigError(f"{where}={value} must be a finite number; set a real value")
+
+
+def _numbers(node: Any, where: str) -> list[tuple[str, float]]:
+    """(field path, value) of every float under `node` (dataclasses, lists, dicts)."""
+    if isinstance(node, float):
+        return [(where, node)]
+    if dataclasses.is_dataclass(node):
+        fields = [(f.name, getattr(node, f.name)) for f in dataclasses.fields(node)]
+    elif isinstance(node, dict):
+        fields = list(node.items())
+    elif isinstance(node, list):
+        return [n for i, v in enumerate(node) for n in _numbers(v, f"{where}[{i}]")]
+    else:
+        return []
+    return [n for key, v in fields for n in _numbers(v, f"{where}.{key}")]
+
+
+def _safe_name(value: str) -> bool:
+    """True when `value` can name one folder or file: no separators, not '.' or '..'."""
+    bad = {"/", "\\"} | {chr(c) for c in range(32)}
+    return bool(value.strip()) and value not in (".", "..") and not bad & set(value)
+
+
+def _validate_names(job: JobConfig) -> None:
+    """Names that become store paths, and the store URL itself, before anything is written."""
+    named = [("run.name", job.run.name), ("precondition.name", job.precondition.name)]
+    named += [(f"lds.results[{i}]", r) for i, r in enumerate(job.lds.results or [])]
+    for where, value in named:
+        if not _safe_name(value):
+            raise ConfigError(
+                f"{where}={value!r} must name a single folder: no '/' or '\\', not "
+                f"empty, '.' or '..'; e.g. {where}=my_queries"
+            )
+    if not job.store.url.strip():
+        raise ConfigError(
+            "store.url is empty; set it to the index location, e.g. store.url=outputs/index "
+            "or store.url=s3://bucket/prefix"
+        )
+    for where, url in (("index.url", job.index.url), ("lds.url", job.lds.url)):
+        if url is not None and not url.strip():
+            raise ConfigError(f"{where} is empty; set a URL, or null to use store.url")
+
+
+def _validate_layers(layers: list[str] | None) -> None:
+    if layers is None:
+        return
+    if not layers:
+        raise ConfigError(
+            "index.layers=[] names no layer to attribute; list module names, e.g. "
+            "index.layers=[fc1,out], or set index.layers=null for every Linear layer"
+        )
+    twice = sorted({n for n in layers if layers.count(n) > 1})
+    if twice:
+        raise ConfigError(f"index.layers names {twice} more than once; list each layer once")
 
 
 def _require_target(node: Any, where: str) -> None:

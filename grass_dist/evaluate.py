@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from grass_dist import damping, ensemble, pipeline, results
 from grass_dist.build import build_dataset, store_retry
-from grass_dist.config import JobConfig
+from grass_dist.config import JobConfig, resolve
 from grass_dist.errors import GrassError, GroundTruthError, ResultsNotFoundError
 from grass_dist.gradients import PhiBlock
 from grass_dist.index import Store
@@ -160,9 +160,11 @@ def lds(cfg: DictConfig | dict) -> dict[str, Any]:
     """jobs.lds: ensure the ground truth, then evaluate lds.results (default [run.name])."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     t0 = time.perf_counter()
-    raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     try:
+        raw = resolve(cfg)
         job = JobConfig.from_cfg(raw)
+        if ground_truth.lookup(job) is None:
+            ground_truth.check_buildable(job)  # a bad recipe is refused before Ray starts
         connect(job.cluster)
         gt, built = ground_truth.ensure(job, raw)
         where = ensemble.ArtifactDir(

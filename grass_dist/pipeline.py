@@ -14,18 +14,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from grass_dist.build import (
     build_dataset,
     build_model,
     build_task,
+    check_compressors,
+    check_rows,
     driver_compressors,
     fingerprint,
     store_retry,
 )
 from grass_dist.compressor_state import save_states
-from grass_dist.config import JobConfig
+from grass_dist.config import JobConfig, resolve
 from grass_dist.data_identity import check_committed_rows
 from grass_dist.gradients import PhiBlock
 from grass_dist.index import GradientIndex, Store
@@ -56,6 +58,8 @@ class Job:
     fingerprint: dict[str, Any]
     n_train: int
     timings: dict[str, float] = field(default_factory=dict)
+    whole_layers: list[str] = field(default_factory=list)
+    skipped_records: int = 0  # bad training records left out on data.train.on_bad_record=skip
     index: GradientIndex | None = None
     job_id: str = field(default_factory=new_job_id)
     progress: JobProgress | None = None
@@ -79,20 +83,38 @@ class Job:
         log.info("stage %s took %.2f s", name, self.timings[name])
 
 
-def prepare(cfg: DictConfig | dict, *, create_index: bool = True) -> Job:
-    """Validate everything and open (or create) the index; no Ray, no gradients."""
-    raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+def prepare(cfg: DictConfig | dict, *, create_index: bool = True, query: bool = False) -> Job:
+    """Validate everything and open (or create) the index; no Ray, no gradients.
+
+    The checks run in order of cost, and all of them before the first write to the store:
+    config, model, task, data (non-empty, row 0 through the task and model; data.query too
+    when `query` or configured), layers and compressors, then the store. Only then may
+    learned masks be fitted.
+    """
+    raw = resolve(cfg)
     job_cfg = JobConfig.from_cfg(raw)
     model = build_model(job_cfg)
     task = build_task(job_cfg)
     train = build_dataset(job_cfg, "train")
+    check_rows(job_cfg, model, task, train, "train")
+    if query or job_cfg.data.get("query") is not None:
+        # A missing, empty or unfitting query set fails here, not after the index build.
+        check_rows(job_cfg, model, task, build_dataset(job_cfg, "query"), "query")
+    whole = check_compressors(job_cfg, model)
+    if whole:
+        log.info(
+            "keeping layers %s whole (exact gradients): each has at most compression.k=%d "
+            "entries (compression.whole_small_layers=true)",
+            whole,
+            job_cfg.compression.k,
+        )
     opts, retry = job_cfg.store.storage_options, store_retry(job_cfg)
     if not create_index:
         GradientIndex.open(job_cfg.index_url, opts, retry)  # IndexNotFoundError before fitting
-    compressors = driver_compressors(job_cfg, model, task, train)
-    fp = fingerprint(job_cfg, model, compressors, task, train)
     store = Store(job_cfg.index_url, opts, retry)
     store.check_writable()
+    compressors = driver_compressors(job_cfg, model, task, train)
+    fp = fingerprint(job_cfg, model, compressors, task, train)
     if create_index:
         save_states(store, compressors)  # learned masks, before the index that names them
     index = (
@@ -103,7 +125,16 @@ def prepare(cfg: DictConfig | dict, *, create_index: bool = True) -> Job:
     if not create_index:
         GradientIndex.create_or_open(job_cfg.index_url, fp, opts, retry)  # refuses a mismatch
     check_committed_rows(index, train)  # growing data.train is fine, changing it is not
-    job = Job(job_cfg, raw, state_hash(model), fp, len(train), index=index)
+    job = Job(
+        job_cfg,
+        raw,
+        state_hash(model),
+        fp,
+        len(train),
+        index=index,
+        whole_layers=whole,
+        skipped_records=getattr(train, "skipped_records", 0),
+    )
     job.progress = JobProgress(index.store, job.job_id, job_cfg.cluster.progress_interval_s)
     return job
 

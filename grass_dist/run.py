@@ -8,13 +8,21 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from grass_dist import evaluate, pipeline, results
-from grass_dist.build import build_dataset, build_model, build_task
-from grass_dist.errors import GrassError
+from grass_dist import ensemble, evaluate, pipeline, results
+from grass_dist.build import (
+    build_dataset,
+    build_model,
+    build_task,
+    check_arguments,
+    locate_target,
+)
+from grass_dist.config import JobConfig, resolve
+from grass_dist.data import items
+from grass_dist.errors import ConfigError, GrassError
 from grass_dist.report import top_proponent_label_agreement, write_report
 
 log = logging.getLogger("grass_dist")
@@ -59,11 +67,7 @@ def make_report(job: pipeline.Job) -> dict[str, Any]:
     os.makedirs(job.cfg.run.output_dir, exist_ok=True)
     with open(local, "w", encoding="utf-8") as f:
         f.write(html)
-    correct = [
-        q
-        for q, p in preds.items()
-        if "label" in query.describe(q) and query.describe(q)["label"] == p
-    ]
+    correct = [q for q, p in preds.items() if items.label_of(query, q) == p]
     agreement = top_proponent_label_agreement(topk, train, query, rows=correct) if correct else None
     return {
         "report": os.path.abspath(local),
@@ -76,6 +80,32 @@ def _index_bytes(job: pipeline.Job) -> int:
     return sum(r.nbytes for r in job.index.committed().values())
 
 
+def cli(main: Callable[[], Any]) -> None:
+    """Call a `hydra.main` entry point as `python -m jobs.<name>` does.
+
+    Hydra itself refuses a bad command line (an unknown key or preset, a malformed override)
+    with status 1, the status of a crash; such a refusal exits 2 here like every other bad
+    input. Hydra exits from inside its handler, so the refusal is the exit's context.
+    """
+    from hydra.errors import CompactHydraException
+
+    try:
+        main()
+    except SystemExit as e:
+        if e.code == 1 and isinstance(e.__context__, CompactHydraException):
+            sys.exit(2)
+        raise
+
+
+def _refuse(e: GrassError) -> NoReturn:
+    """Print the error's one paragraph (no traceback) and exit with status 2."""
+    # A worker's error arrives wrapped in Ray's RayTaskError, whose text is the remote
+    # stack trace: print the cause's own message instead.
+    cause = getattr(e, "cause", None)
+    print(f"error: {cause if isinstance(cause, GrassError) else e}", file=sys.stderr)
+    sys.exit(2)
+
+
 def _run_plain(body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Run `body` with the jobs' logging, error report and JSON summary."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -83,36 +113,66 @@ def _run_plain(body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     try:
         summary = body()
     except GrassError as e:
-        cause = getattr(e, "cause", None)
-        print(f"error: {cause if isinstance(cause, GrassError) else e}", file=sys.stderr)
-        sys.exit(2)
+        _refuse(e)
     summary["total_seconds"] = round(time.perf_counter() - t0, 3)
     print(json.dumps(summary, indent=2, default=str))
     return summary
 
 
+def _compression_summary(job: pipeline.Job) -> dict[str, Any]:
+    c = job.cfg.compression
+    return {
+        "method": c.method,
+        "k": c.k,
+        "whole_small_layers": c.whole_small_layers,
+        "whole_layers": job.whole_layers,
+    }
+
+
 def _run(
-    cfg: DictConfig, body: Callable[[pipeline.Job], dict[str, Any]], create_index: bool = True
+    cfg: DictConfig,
+    body: Callable[[pipeline.Job], dict[str, Any]],
+    create_index: bool = True,
+    query: bool = False,
 ) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     t0 = time.perf_counter()
     try:
-        job = pipeline.prepare(cfg, create_index=create_index)
+        job = pipeline.prepare(cfg, create_index=create_index, query=query)
         try:
             summary = body(job)
         finally:
             pipeline.shutdown(job)
     except GrassError as e:
-        # A worker's error arrives wrapped in Ray's RayTaskError, whose text is the remote
-        # stack trace: print the cause's own message instead.
-        cause = getattr(e, "cause", None)
-        print(f"error: {cause if isinstance(cause, GrassError) else e}", file=sys.stderr)
-        sys.exit(2)
+        _refuse(e)
+    summary["compression"] = _compression_summary(job)
+    if job.skipped_records:
+        summary["skipped_records"] = job.skipped_records  # data.train.on_bad_record=skip
     summary["stage_seconds"] = {k: round(v, 3) for k, v in job.timings.items()}
     summary["total_seconds"] = round(time.perf_counter() - t0, 3)
     summary["index_url"] = job.index.store.url_of("")
     print(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def _is_ensemble(raw: dict[str, Any]) -> bool:
+    """Judged on the validated config, so a bad ensemble value exits 2 rather than raising.
+
+    Every member's model arguments are checked here too: members run one after another, so
+    a bad `ensemble.models[c]` would otherwise fail only after the members before it ran.
+    """
+    try:
+        cfg = JobConfig.from_cfg(raw)
+        if not ensemble.is_ensemble(cfg):
+            return False
+        for c, member in enumerate(ensemble.member_configs(raw, cfg)):
+            try:
+                check_arguments(locate_target(member["model"], "model"), member["model"], "model")
+            except ConfigError as e:
+                raise ConfigError(f"ensemble member {c} (model with its overrides): {e}") from None
+        return True
+    except GrassError as e:
+        _refuse(e)
 
 
 def attribute(cfg: DictConfig) -> dict[str, Any]:
@@ -121,9 +181,11 @@ def attribute(cfg: DictConfig) -> dict[str, Any]:
     With ensemble.size > 1 (or ensemble.models) every member runs these stages and the
     scores are averaged (see grass_dist.ensemble).
     """
-    raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    members = raw.get("ensemble") or {}
-    if members.get("size", 1) > 1 or members.get("models"):
+    try:
+        raw = resolve(cfg)
+    except GrassError as e:
+        _refuse(e)
+    if _is_ensemble(raw):
         return _run_plain(lambda: evaluate.attribute_ensemble(raw))
 
     def body(job: pipeline.Job) -> dict[str, Any]:
@@ -137,7 +199,7 @@ def attribute(cfg: DictConfig) -> dict[str, Any]:
         out["index_bytes"] = _index_bytes(job)
         return out
 
-    return _run(cfg, body)
+    return _run(cfg, body, query=True)
 
 
 def index(cfg: DictConfig) -> dict[str, Any]:
@@ -168,4 +230,4 @@ def score(cfg: DictConfig) -> dict[str, Any]:
             out["report"] = make_report(job)
         return out
 
-    return _run(cfg, body, create_index=False)
+    return _run(cfg, body, create_index=False, query=True)

@@ -7,7 +7,7 @@ python -m jobs.attribute scoring.dense=true && python -m jobs.lds lds.subsets=50
 import hydra
 from omegaconf import DictConfig
 
-from grass_dist import evaluate
+from grass_dist import evaluate, run
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
@@ -16,4 +16,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run.cli(main)

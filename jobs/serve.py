@@ -10,8 +10,10 @@ fails (see grass_dist.service.app.check).
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from grass_dist import run
+from grass_dist.config import resolve
 from grass_dist.errors import GrassError
 from grass_dist.service.app import serve_forever
 
@@ -19,11 +21,11 @@ from grass_dist.service.app import serve_forever
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
-        serve_forever(OmegaConf.to_container(cfg, resolve=True))
+        serve_forever(resolve(cfg))
     except GrassError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
 if __name__ == "__main__":
-    main()
+    run.cli(main)

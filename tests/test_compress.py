@@ -130,7 +130,9 @@ def test_random_mask_and_factor_sizes():
 
 def test_k_larger_than_layer_is_refused():
     with pytest.raises(ConfigError, match=r"compression.k=100 is larger than layer 'out'"):
-        build_compressors(CompressionConfig(k=100), resolve_layers(mlp(), ["out"]))
+        build_compressors(
+            CompressionConfig(k=100, whole_small_layers=False), resolve_layers(mlp(), ["out"])
+        )
 
 
 def test_unknown_and_non_linear_layers_are_refused():

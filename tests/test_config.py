@@ -33,6 +33,9 @@ PRESETS = sorted(
 @pytest.mark.parametrize(("group", "option"), [p for p in PRESETS if p[0] != "compression"])
 def test_every_preset_composes_and_instantiates(tmp_path, group, option):
     # Compression presets: tests/test_compression_presets.py (learned ones need a fit).
+    if option == "custom":  # the user names their own callable: refused until they do
+        _custom_preset_needs_a_target(tmp_path, group)
+        return
     if group == "model":  # the small preset's overrides are the MLP's
         cfg = compose_cfg(tmp_path, f"model={option}", "model.epochs=2", small=False)
     else:
@@ -42,6 +45,21 @@ def test_every_preset_composes_and_instantiates(tmp_path, group, option):
     build_task(job)
     assert len(build_dataset(job, "train")) > 0
     assert build_layer_compressors(job, model)
+
+
+def _custom_preset_needs_a_target(tmp_path, group):
+    # The digits model's sizes follow data.train's, which the custom data preset lacks.
+    sizes = ("model.n_train=90", "model.n_query=12", "model.data_seed=0")
+    job = JobConfig.from_cfg(
+        compose_cfg(tmp_path, f"{group}=custom", *(sizes if group == "data" else ()), small=False)
+    )
+    build = {
+        "model": build_model,
+        "task": build_task,
+        "data": lambda j: build_dataset(j, "train"),
+    }[group]
+    with pytest.raises(ConfigError, match=rf"{group}[.\w]*\._target_ is not set"):
+        build(job)
 
 
 def _fails_before_work(tmp_path, error, match, *overrides):
@@ -61,10 +79,22 @@ def test_non_positive_k(tmp_path, k):
     )
 
 
-def test_k_larger_than_the_layer(tmp_path):
+def test_k_larger_than_the_layer_with_whole_small_layers_off(tmp_path):
     _fails_before_work(
-        tmp_path, ConfigError, "compression.k=100000 is larger than layer", "compression.k=100000"
+        tmp_path,
+        ConfigError,
+        r"compression.k=100000 is larger than layer 'fc1'.*whole_small_layers=true",
+        "compression.k=100000",
+        "++compression.whole_small_layers=false",
     )
+    assert not (tmp_path / "index").exists()
+
+
+def test_k_larger_than_every_layer_keeps_them_all_whole(tmp_path):
+    job = pipeline.prepare(compose_cfg(tmp_path, "compression.k=100000"))
+    assert job.whole_layers == ["fc1", "out"]
+    assert {d["method"] for d in job.fingerprint["layers"]} == {"identity"}
+    assert not ray.is_initialized()
 
 
 def test_missing_target(tmp_path):

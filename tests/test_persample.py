@@ -85,11 +85,18 @@ def test_embedding_gradients_and_dict_batches():
 
 def test_method_per_layer_type_and_overrides():
     shapes = resolve_layers(ConvNet(), LAYERS)
-    cfg = CompressionConfig(method="logra", other="sjlt", overrides={"LayerNorm": "identity"})
+    cfg = CompressionConfig(
+        method="logra",
+        other="sjlt",
+        overrides={"LayerNorm": "identity"},
+        whole_small_layers=False,
+    )
     assert method_for(cfg, "conv", shapes["conv"]) == ("sjlt", "compression.other")
     assert method_for(cfg, "norm", shapes["norm"])[0] == "identity"
     assert method_for(cfg, "head", shapes["head"]) == ("logra", "compression.method")
-    cfg = CompressionConfig(overrides={"head": "gaussian", "Linear": "sjlt"})
+    cfg = CompressionConfig(
+        overrides={"head": "gaussian", "Linear": "sjlt"}, whole_small_layers=False
+    )
     assert method_for(cfg, "head", shapes["head"])[0] == "gaussian"
     with pytest.raises(ConfigError, match="'conv' is a Conv2d"):
         build_compressors(CompressionConfig(k=4, overrides={"conv": "logra"}), shapes)

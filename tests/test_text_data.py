@@ -170,6 +170,30 @@ def test_jobs_index_exits_2_on_a_bad_record_before_any_gradient(tmp_path):
     assert not (out / "index-tiny_gpt2").exists()  # refused before the index was created
 
 
+def test_skipped_records_reach_the_job(tmp_path):
+    # on_bad_record=skip: the job knows how many records it left out (its summary says so).
+    pytest.importorskip("transformers")
+    from grass_dist import pipeline
+    from tests.conftest import compose_cfg
+
+    corpus = write_jsonl(
+        tmp_path / "corpus.jsonl", [{"text": "one doc"}, {"b": "y"}, {"text": None}]
+    )
+    queries = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "one ", "completion": "doc"}])
+    cfg = compose_cfg(
+        tmp_path,
+        "+example=tiny_gpt2",
+        "model=hf_causal_lm",
+        "data=text_files",
+        f"data.train.paths=[{corpus}]",
+        f"data.query.path={queries}",
+        "data.train.on_bad_record=skip",
+        small=False,
+    )
+    job = pipeline.prepare(cfg)
+    assert (job.n_train, job.skipped_records) == (1, 2)
+
+
 def test_pydoc_documents_and_subsets():
     keys, texts = pydoc_documents()
     assert len(keys) == len(set(keys)) > 500

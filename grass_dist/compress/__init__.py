@@ -32,7 +32,14 @@ LinearCompressor = Compressor  # the name the first pipeline used for the interf
 
 
 def method_for(cfg: CompressionConfig, name: str, shape: LayerShape) -> tuple[str, str]:
-    """(method, config field it came from) for one layer."""
+    """(method, config field it came from) for one layer.
+
+    With `compression.whole_small_layers` a layer whose gradient has at most k entries is
+    kept whole (identity): no method can compress it below k, and its exact gradient costs
+    no more columns than k.
+    """
+    if cfg.whole_small_layers and shape.numel <= cfg.k:
+        return "identity", "compression.whole_small_layers"
     kind = "Linear" if isinstance(shape, LinearShape) else shape.kind
     for key in (name, kind):
         if key in cfg.overrides:
@@ -40,6 +47,13 @@ def method_for(cfg: CompressionConfig, name: str, shape: LayerShape) -> tuple[st
     if isinstance(shape, LinearShape):
         return cfg.method, "compression.method"
     return cfg.other, "compression.other"
+
+
+def whole_layers(cfg: CompressionConfig, shapes: dict[str, LayerShape]) -> list[str]:
+    """Layers that `compression.whole_small_layers` keeps whole, in layer order."""
+    return [
+        n for n, s in shapes.items() if method_for(cfg, n, s)[1] == "compression.whole_small_layers"
+    ]
 
 
 def build_compressor(
@@ -70,6 +84,20 @@ def learned_layers(cfg: CompressionConfig, shapes: dict[str, LayerShape]) -> lis
     return [n for n, s in shapes.items() if compressor_class(*method_for(cfg, n, s)).learned]
 
 
+def check_compressors(cfg: CompressionConfig, shapes: dict[str, LayerShape]) -> None:
+    """Refuse any layer's compression settings before a job writes or computes anything.
+
+    Non-learned compressors are built once and dropped (masks and sketch plans only; dense
+    JL draws its matrix lazily); learned ones are checked without fitting.
+    """
+    for name, shape in shapes.items():
+        cls = compressor_class(*method_for(cfg, name, shape))
+        if issubclass(cls, LearnedCompressor):
+            cls.check(cfg, name, shape)
+        else:
+            cls.from_config(cfg, name, shape)
+
+
 __all__ = [
     "SJLT",
     "Compressor",
@@ -89,6 +117,7 @@ __all__ = [
     "SJLTCompressor",
     "build_compressor",
     "build_compressors",
+    "check_compressors",
     "compressor_class",
     "factor_sizes",
     "learned_layers",
@@ -96,4 +125,5 @@ __all__ = [
     "method_for",
     "methods",
     "random_mask",
+    "whole_layers",
 ]

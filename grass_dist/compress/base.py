@@ -154,10 +154,15 @@ def require_linear(method: str, name: str, shape: LayerShape) -> LinearShape:
 
 
 def check_k(k: int, name: str, shape: LayerShape) -> None:
-    """Refuse a compressed size larger than the layer's gradient."""
+    """Refuse a compressed size larger than the layer's gradient.
+
+    Reached only with compression.whole_small_layers=false: otherwise such a layer is kept
+    whole before its compressor is chosen (`compress.method_for`).
+    """
     if k > shape.numel:
         raise ConfigError(
             f"compression.k={k} is larger than layer {name!r} allows: its gradient has "
-            f"{shape.numel} entries. Lower compression.k, restrict index.layers, or keep small "
-            f"layers whole with +compression.overrides.{name}=identity"
+            f"{shape.numel} entries. Keep such layers whole with "
+            f"compression.whole_small_layers=true (the default), lower compression.k, "
+            f"restrict index.layers, or set +compression.overrides.{name}=identity"
         )

@@ -27,7 +27,7 @@ from grass_dist.compress.base import (
     require_linear,
 )
 from grass_dist.compress.flat import MaskSketch
-from grass_dist.compress.linear import MaskedFactors, mask_budget
+from grass_dist.compress.linear import MaskedFactors, check_masked_size, mask_budget
 from grass_dist.compress.registry import register
 from grass_dist.compress.selective import factor_inner, fit_masks, flat_inner
 from grass_dist.errors import ConfigError, FingerprintMismatchError
@@ -67,6 +67,11 @@ class LearnedCompressor(Compressor):
             "gradients and stored in the index: pipeline.prepare fits it, and "
             "grass_dist.build.build_layer_compressors(job, model, index) loads it"
         )
+
+    @classmethod
+    def check(cls, cfg: Any, name: str, shape: LayerShape) -> None:
+        """Refuse, before any gradient is fitted, the settings `from_state` would refuse."""
+        check_k(cfg.k, name, shape)
 
     @classmethod
     def fit(cls, cfg: Any, name: str, shape: LayerShape, sample: GradSample) -> bytes:
@@ -136,6 +141,12 @@ class SelectiveFactGraSSCompressor(MaskedFactors, LearnedCompressor):
     """Selective masks on both factors (sizes as FactGraSS's), outer products, SJLT to k."""
 
     method = "selective_factgrass"
+
+    @classmethod
+    def check(cls, cfg: Any, name: str, shape: LayerShape) -> None:
+        shape = require_linear(cls.method, name, shape)
+        check_k(cfg.k, name, shape)
+        check_masked_size(cfg.k, name, *mask_budget(cfg, shape))
 
     @classmethod
     def fit(cls, cfg: Any, name: str, shape: LayerShape, sample: GradSample) -> bytes:

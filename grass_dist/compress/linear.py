@@ -74,6 +74,16 @@ def factor_sizes(k_prime: int, d_out: int, cols: int) -> tuple[int, int]:
     return k_o, k_i
 
 
+def check_masked_size(k: int, name: str, k_out: int, k_in: int) -> None:
+    """Refuse masks of k_out x k_in entries that cannot be sketched to k."""
+    if k > k_out * k_in:
+        raise ConfigError(
+            f"compression for layer {name!r}: k={k} exceeds the masked size "
+            f"{k_out}x{k_in}={k_out * k_in}; lower compression.k "
+            f"or raise compression.mask_out/mask_in"
+        )
+
+
 class MaskedFactors(Compressor):
     """Mask both factors, sum outer products over the sequence, then SJLT to k.
 
@@ -95,13 +105,8 @@ class MaskedFactors(Compressor):
     ):
         super().__init__(name, shape)
         self.idx_out, self.idx_in = idx_out, idx_in
+        check_masked_size(k, name, idx_out.numel(), idx_in.numel())
         k_prime = idx_out.numel() * idx_in.numel()
-        if k > k_prime:
-            raise ConfigError(
-                f"compression for layer {name!r}: k={k} exceeds the masked size "
-                f"{idx_out.numel()}x{idx_in.numel()}={k_prime}; lower compression.k "
-                f"or raise compression.mask_out/mask_in"
-            )
         self.k, self.seed = k, seed
         self.sjlt = SJLT(k_prime, k, generator(seed, name, "sjlt"), c=sjlt_c)
         self._plan()
@@ -240,6 +245,7 @@ class LoGraCompressor(Compressor):
     @classmethod
     def from_config(cls, cfg: Any, name: str, shape: LayerShape) -> LoGraCompressor:
         shape = require_linear(cls.method, name, shape)
+        check_k(cfg.k, name, shape)
         if cfg.proj_out is None and cfg.proj_in is None:
             k_out, k_in = logra_sizes(cfg.k, shape.d_out, shape.cols)
         elif cfg.proj_out is None or cfg.proj_in is None:

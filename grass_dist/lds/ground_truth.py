@@ -150,7 +150,8 @@ def lds_store(job: JobConfig) -> Store:
     return Store(url, job.store.storage_options, store_retry(job))
 
 
-def _check_buildable(job: JobConfig) -> None:
+def check_buildable(job: JobConfig) -> None:
+    """Refuse, before any retraining, a recipe or query set that cannot give LDS outputs."""
     retrain.check(job)
     reader = output_reader(build_task(job))
     try:  # one query item, before any retraining: is there a label to read?
@@ -252,7 +253,7 @@ def ensure(job: JobConfig, raw: dict[str, Any]) -> tuple[GroundTruth, bool]:
     if cached is not None:
         log.info("LDS ground truth %s found in %s: no retraining", key, store.url_of(key))
         return cached, False
-    _check_buildable(job)
+    check_buildable(job)
     train, query = build_dataset(job, "train"), build_dataset(job, "query")
     masks = subset_masks(len(train), job.lds.subsets, job.lds.fraction, job.lds.seed)
     log.info(

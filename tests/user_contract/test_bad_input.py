@@ -1,0 +1,476 @@
+"""Bad input is refused before Ray starts or any gradient is computed.
+
+Each row of the table is one bad input (config, data, store or service) given to a job's
+real entry point: the job must exit with status 2, print one paragraph that names the
+field and the fix (no traceback), start no Ray, and leave the store as it was. Most rows
+call `jobs.<job>.main(cfg)` in this process (Hydra passes a composed config straight
+through); a few run `python -m jobs.<job>` as a user's shell would, with RAY_TMPDIR on an
+empty folder that must stay empty.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from grass_dist import pipeline
+from tests.conftest import compose_cfg
+from tests.user_contract.conftest import run_job
+
+# The user's own model (a checkpoint loaded by my_pkg.models.load: layers fc1, act, out)
+# and datasets, small; `{ckpt}` and `{case}` are filled in per row.
+USER_MODEL = ("model=custom", "model._target_=my_pkg.models.load", "+model.path={ckpt}")
+USER = (
+    *USER_MODEL,
+    "data=custom",
+    "data.train._target_=my_pkg.data.train_set",
+    "+data.train.n=90",
+    "data.query._target_=my_pkg.data.queries",
+    "+data.query.n=12",
+    "index.shard_size=32",
+    "compression.k=32",
+    "cluster.num_workers=1",
+)
+
+
+# (job, overrides, what the message must say)
+CASES = {
+    # precondition
+    "damping_nan": (
+        "attribute",
+        ("precondition.damping=nan",),
+        r"precondition\.damping=nan must be a finite",
+    ),
+    "damping_inf": (
+        "attribute",
+        ("precondition.damping=inf",),
+        r"precondition\.damping=inf must be a finite",
+    ),
+    "damping_negative": (
+        "attribute",
+        ("precondition.damping=-1",),
+        r"precondition\.damping must be >= 0",
+    ),
+    "damping_word": (
+        "score",
+        ("precondition.damping=big",),
+        r"precondition\.damping='big' must be a number >= 0 or 'auto'",
+    ),
+    "grid_zero": (
+        "attribute",
+        ("precondition.damping=auto", "precondition.grid=[0.1,0]"),
+        r"precondition\.grid must list positive",
+    ),
+    "grid_nan": (
+        "attribute",
+        ("precondition.damping=auto", "precondition.grid=[0.1,nan]"),
+        r"precondition\.grid\[1\]=nan must be a finite",
+    ),
+    "precondition_name_path": (
+        "score",
+        ("precondition.name=../fisher",),
+        r"precondition\.name='\.\./fisher' must name a single folder",
+    ),
+    # compression
+    "k_zero": ("index", ("compression.k=0",), r"compression\.k=0 must be a positive integer"),
+    "k_text": (
+        "index",
+        ("compression.k=many",),
+        r"config group 'compression': Value 'many'.*field compression\.k\)",
+    ),
+    "mask_out_negative": (
+        "attribute",
+        ("compression.mask_out=-5",),
+        r"compression\.mask_out=-5 must be a positive size",
+    ),
+    "proj_in_zero": (
+        "attribute",
+        ("compression=logra", "compression.proj_out=4", "compression.proj_in=0"),
+        r"compression\.proj_in=0 must be a positive size",
+    ),
+    "unknown_method": (
+        "attribute",
+        ("compression.method=fastgrass",),
+        r"compression\.method='fastgrass' is unknown",
+    ),
+    "factorised_other": (
+        "index",
+        ("compression.other=factgrass",),
+        r"compression\.other='factgrass' is factorised",
+    ),
+    "k_above_layer_switch_off": (
+        "attribute",
+        ("compression.k=5000", "++compression.whole_small_layers=false"),
+        r"compression\.k=5000 is larger than layer 'fc1'.*compression\.whole_small_layers=true",
+    ),
+    "masks_below_k": (
+        "index",
+        ("compression.k=64", "compression.mask_out=2", "compression.mask_in=2"),
+        r"layer 'fc1': k=64 exceeds the masked size 2x2=4",
+    ),
+    "selective_masks_below_k": (
+        "index",
+        (
+            "compression=selective_factgrass",
+            "compression.k=64",
+            "compression.mask_out=2",
+            "compression.mask_in=2",
+        ),
+        r"layer 'fc1': k=64 exceeds the masked size 2x2=4",
+    ),
+    "min_spearman_2": (
+        "index",
+        ("compression.selective.min_spearman=2",),
+        r"compression\.selective\.min_spearman=2\.0 is not a Spearman",
+    ),
+    # index
+    "layers_empty": ("attribute", ("index.layers=[]",), r"index\.layers=\[\] names no layer"),
+    "layers_twice": (
+        "index",
+        ("index.layers=[fc1,fc1]",),
+        r"index\.layers names \['fc1'\] more than once",
+    ),
+    "layers_unknown": (
+        "attribute",
+        ("index.layers=[fc9]",),
+        r"index\.layers names 'fc9', which is not a module",
+    ),
+    "layers_no_parameters": (
+        "attribute",
+        ("index.layers=[act]",),
+        r"index\.layers names 'act', a ReLU without parameters",
+    ),
+    "dtype_typo": ("index", ("index.dtype=float64",), r"index\.dtype='float64'; choose float32"),
+    "shard_size_zero": ("index", ("index.shard_size=0",), r"index\.shard_size must be positive"),
+    "index_url_empty": ("index", ("index.url=''",), r"index\.url is empty"),
+    # run and store
+    "run_name_parent": (
+        "attribute",
+        ("run.name=../x",),
+        r"run\.name='\.\./x' must name a single folder",
+    ),
+    "run_name_empty": ("score", ("run.name=''",), r"run\.name='' must name a single folder"),
+    "store_url_empty": ("attribute", ("store.url=''",), r"store\.url is empty"),
+    "store_url_a_file": (
+        "index",
+        ("store.url={case}/a_file",),
+        r"index store .*a_file.* is unavailable.*store\.url",
+    ),
+    "store_protocol_unknown": (
+        "index",
+        ("store.url=nosuch://bucket/index",),
+        r"unavailable: cannot create filesystem.*store\.url",
+    ),
+    "store_retries_negative": (
+        "index",
+        ("store.retries=-1",),
+        r"store\.retries, store\.backoff_s and store\.backoff_max_s must be >= 0",
+    ),
+    "score_without_index": (
+        "score",
+        (),
+        r"no gradient index at .*Fix: run `python -m jobs\.index` first",
+    ),
+    # cluster, scoring, ensemble, faults
+    "cpus_per_worker_zero": (
+        "attribute",
+        ("cluster.cpus_per_worker=0",),
+        r"cluster\.cpus_per_worker=0\.0 must be positive",
+    ),
+    "cpus_per_worker_negative": (
+        "index",
+        ("cluster.cpus_per_worker=-1",),
+        r"cluster\.cpus_per_worker=-1\.0 must be positive",
+    ),
+    "gpus_per_worker_negative": (
+        "attribute",
+        ("cluster.gpus_per_worker=-1",),
+        r"cluster\.gpus_per_worker=-1\.0 must be >= 0",
+    ),
+    "num_workers_zero": (
+        "index",
+        ("cluster.num_workers=0",),
+        r"cluster\.num_workers must be at least 1",
+    ),
+    "num_cpus_zero": ("index", ("cluster.num_cpus=0",), r"cluster\.num_cpus=0 must be at least 1"),
+    "placement_timeout_inf": (
+        "index",
+        ("cluster.placement_timeout_s=inf",),
+        r"cluster\.placement_timeout_s=inf must be a finite",
+    ),
+    "scoring_parallelism_zero": (
+        "attribute",
+        ("scoring.parallelism=0",),
+        r"scoring\.parallelism=0 must be at least 1",
+    ),
+    "scoring_cpus_nan": (
+        "score",
+        ("scoring.cpus_per_task=nan",),
+        r"scoring\.cpus_per_task=nan must be a finite",
+    ),
+    "scoring_kind_typo": (
+        "attribute",
+        ("scoring.kind=dot",),
+        r"scoring\.kind='dot'; use influence",
+    ),
+    "scoring_topk_zero": (
+        "attribute",
+        ("scoring.topk=0",),
+        r"scoring\.topk and scoring\.tile_rows must be positive",
+    ),
+    "unknown_key": (
+        "attribute",
+        ("+scoring.topk_k=3",),
+        r"config group 'scoring': Key 'topk_k' not in 'ScoringConfig' \(field scoring\.topk_k\)",
+    ),
+    "ensemble_size_zero": (
+        "attribute",
+        ("ensemble.size=0",),
+        r"ensemble\.size=0 must be at least 1",
+    ),
+    "ensemble_member_argument": (
+        "attribute",
+        ("ensemble.models=[{hidden:24},{hiden:8}]",),
+        r"ensemble member 1 .*my_pkg\.models\.load takes no argument hiden",
+    ),
+    "faults_delay_negative": (
+        "index",
+        ("faults.shard_delay_s=-1",),
+        r"faults\.shard_delay_s must be >= 0",
+    ),
+    # lds
+    "lds_subsets_one": ("lds", ("lds.subsets=1",), r"lds\.subsets must be >= 2"),
+    "lds_fraction_nan": ("lds", ("lds.fraction=nan",), r"lds\.fraction=nan must be a finite"),
+    "lds_results_path": (
+        "lds",
+        ("lds.results=[a/b]",),
+        r"lds\.results\[0\]='a/b' must name a single folder",
+    ),
+    # service
+    "serve_port_zero": ("serve", ("serve.port=0",), r"serve\.port=0 is not a TCP port"),
+    "serve_topk_above_max": (
+        "serve",
+        ("serve.topk=50", "serve.max_topk=10"),
+        r"serve\.topk=50 exceeds serve\.max_topk=10",
+    ),
+    "serve_prefix": (
+        "serve",
+        ("serve.route_prefix=api",),
+        r"serve\.route_prefix='api' must start with '/'",
+    ),
+    "serve_cpus_nan": (
+        "serve",
+        ("serve.cpus_per_replica=nan",),
+        r"serve\.cpus_per_replica=nan must be a finite",
+    ),
+    "serve_host_empty": (
+        "serve",
+        ("serve.host=''",),
+        r"serve\.host and serve\.app_name must not be empty",
+    ),
+    # the user's own model, task and data
+    "train_set_empty": (
+        "attribute",
+        ("data.train.n=0",),
+        r"data\.train\._target_='my_pkg\.data\.train_set' built an empty dataset",
+    ),
+    "query_set_empty": (
+        "attribute",
+        ("data.query.n=0",),
+        r"data\.query\._target_='my_pkg\.data\.queries' built an empty dataset",
+    ),
+    "query_set_empty_score": (
+        "score",
+        ("data.query.n=0",),
+        r"data\.query\._target_='my_pkg\.data\.queries' built an empty dataset",
+    ),
+    "query_missing": (
+        "attribute",
+        ("data.query=null",),
+        r"data\.query is not configured; set data\.query\._target_",
+    ),
+    "train_not_a_dataset": (
+        "index",
+        ("data.train._target_=my_pkg.tasks.SmoothedCE", "~data.train.n"),
+        r"data\.train\._target_='my_pkg\.tasks\.SmoothedCE' returned an object of type "
+        r"SmoothedCE, not a map-style dataset",
+    ),
+    "items_do_not_fit_the_task": (
+        "index",
+        (
+            "task=custom",
+            "task._target_=my_pkg.tasks.SmoothedCE",
+            "data.train._target_=my_pkg.data.dicts",
+        ),
+        r"row 0 of data\.train does not fit task\._target_='my_pkg\.tasks\.SmoothedCE'.*Attribute",
+    ),
+    "train_target_missing": (
+        "index",
+        ("~data.train._target_",),
+        r"'data\.train' needs a '_target_'",
+    ),
+    "model_module_missing": (
+        "attribute",
+        ("model._target_=my_pkg.nope.load",),
+        r"model\._target_='my_pkg\.nope\.load' cannot be imported",
+    ),
+    "model_not_a_module": (
+        "attribute",
+        ("model._target_=my_pkg.data.train_set", "~model.path"),
+        r"model\._target_='my_pkg\.data\.train_set' returned an object of type TensorDataset, "
+        r"not a torch nn\.Module",
+    ),
+    "task_not_a_task": (
+        "attribute",
+        ("task=custom", "task._target_=my_pkg.data.train_set"),
+        r"task\._target_='my_pkg\.data\.train_set' returned an object of type TensorDataset "
+        r"without collate, to, per_sample_loss",
+    ),
+}
+
+
+def _snapshot(root: Path) -> dict[str, bytes] | None:
+    """Every file under `root` with its bytes (None when `root` does not exist)."""
+    if not root.exists():
+        return None
+    if root.is_file():
+        return {"": root.read_bytes()}
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def _overrides(user, case: Path, *overrides: str) -> list[str]:
+    """USER, the row's own store under `case`, then the row's overrides."""
+    given = (*USER, f"store.url={case / 'index'}", *overrides)
+    return [o.replace("{case}", str(case)).replace("{ckpt}", str(user.checkpoint)) for o in given]
+
+
+def _message(stderr: str) -> str:
+    """The error paragraph: stderr from its last line that starts with 'error: ' to the end,
+    without a blank line (so nothing, not even a log line, is printed after it)."""
+    assert "Traceback" not in stderr
+    lines = stderr.rstrip().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+    assert starts, stderr[-3000:]
+    paragraph = lines[starts[-1] :]
+    assert all(line.strip() for line in paragraph), stderr[-3000:]
+    return "\n".join(paragraph)
+
+
+def _refused(job: str, cfg, capsys) -> str:
+    """Run `jobs.<job>` on a composed config; it must exit 2. Returns its error paragraph."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        importlib.import_module(f"jobs.{job}").main(cfg)
+    assert exited.value.code == 2
+    return _message(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(("job", "given", "match"), CASES.values(), ids=CASES.keys())
+def test_bad_input_exits_2_before_ray_and_writes_nothing(
+    tmp_path, user_pkg, monkeypatch, capsys, job, given, match
+):
+    monkeypatch.syspath_prepend(str(user_pkg.root))
+    (tmp_path / "a_file").write_text("a file, not a folder")
+    before = {p: _snapshot(p) for p in (tmp_path / "index", tmp_path / "a_file")}
+    cfg = compose_cfg(tmp_path, *_overrides(user_pkg, tmp_path, *given), small=False)
+    assert re.search(match, _refused(job, cfg, capsys), re.S)
+    assert not ray.is_initialized()
+    assert {p: _snapshot(p) for p in before} == before
+
+
+def test_score_refuses_another_model_and_leaves_the_index_as_it_was(
+    tmp_path, user_pkg, monkeypatch, capsys
+):
+    monkeypatch.syspath_prepend(str(user_pkg.root))
+    store = tmp_path / "index"
+    pipeline.prepare(compose_cfg(tmp_path, *_overrides(user_pkg, tmp_path), small=False))
+    before = _snapshot(store)
+    assert "index.json" in before  # prepare writes the fingerprint, computes nothing
+    state = torch.load(user_pkg.checkpoint, weights_only=True)
+    state["out.bias"] += 1.0  # the user retrained: another model
+    torch.save(state, tmp_path / "retrained.pt")
+    given = _overrides(user_pkg, tmp_path, f"model.path={tmp_path / 'retrained.pt'}")
+    message = _refused("score", compose_cfg(tmp_path, *given, small=False), capsys)
+    assert re.search(r"error: the gradient index at .* different fingerprint", message)
+    assert "model.state_sha256" in message
+    assert not ray.is_initialized()
+    assert _snapshot(store) == before
+
+
+def test_a_malformed_text_record_is_refused_before_ray(tmp_path, user_pkg, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(user_pkg.root))
+    corpus, queries = tmp_path / "corpus.jsonl", tmp_path / "q.jsonl"
+    corpus.write_text('{"text": "one doc"}\n{"txt": "a misspelt field"}\n')
+    queries.write_text('{"prompt": "one ", "completion": "doc"}\n')
+    given = (
+        *USER_MODEL,
+        "data=text_files",
+        f"data.train.paths=[{corpus}]",
+        f"data.query.path={queries}",
+        f"store.url={tmp_path / 'index'}",
+    )
+    cfg = compose_cfg(
+        tmp_path, *(o.replace("{ckpt}", str(user_pkg.checkpoint)) for o in given), small=False
+    )
+    message = _refused("index", cfg, capsys)
+    assert re.search(r"corpus\.jsonl, line 2 .*text.*data\.train\.on_bad_record=skip", message)
+    assert not ray.is_initialized()
+    assert not (tmp_path / "index").exists()
+
+
+# Through the real CLI, as a user's shell runs it (the table above calls the same mains).
+CLI_CASES = {
+    "run_name_parent": ("attribute", ("run.name=../x",), r"run\.name='\.\./x' must name a single"),
+    "empty_train_set": ("index", ("data.train.n=0",), r"built an empty dataset"),
+}
+
+
+@pytest.mark.parametrize(("job", "overrides", "match"), CLI_CASES.values(), ids=CLI_CASES.keys())
+def test_cli_refuses_before_ray_starts(tmp_path, user_pkg, job, overrides, match):
+    ray_tmp = tmp_path / "ray"  # Ray puts every session it starts under RAY_TMPDIR
+    ray_tmp.mkdir()
+    given = _overrides(user_pkg, tmp_path, *overrides)
+    env = user_pkg.env(RAY_TMPDIR=str(ray_tmp))
+    proc = run_job(job, *given, user=user_pkg, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert re.search(match, _message(proc.stderr), re.S)
+    assert list(ray_tmp.iterdir()) == []
+    assert not (tmp_path / "index").exists()
+
+
+def test_cli_exits_2_when_hydra_refuses_the_command_line(tmp_path, user_pkg):
+    # A misspelt key is refused by Hydra itself, before any grass_dist code runs.
+    proc = run_job("index", "compresion.k=64", user=user_pkg, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Could not override 'compresion.k'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "outputs" / "index").exists()
+
+
+def test_presets_that_do_not_fit_together_are_named(tmp_path, user_pkg, monkeypatch, capsys):
+    # The digits model reads its sizes from the digits data preset, which data=custom lacks.
+    monkeypatch.syspath_prepend(str(user_pkg.root))
+    given = [o for o in _overrides(user_pkg, tmp_path) if o not in USER_MODEL]
+    cfg = compose_cfg(tmp_path, *given, small=False)
+    message = _refused("attribute", cfg, capsys)
+    assert re.search(
+        r"model\.n_train could not be resolved .*\(model=custom with data=custom\)", message
+    )
+    assert not ray.is_initialized()
+    assert not (tmp_path / "index").exists()
+
+
+def test_lds_refuses_a_bad_recipe_before_ray_starts(tmp_path, user_pkg, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(user_pkg.root))
+    given = _overrides(
+        user_pkg, tmp_path, "+lds.train._target_=my_pkg.train.fit", "+lds.train.bogus=1"
+    )
+    message = _refused("lds", compose_cfg(tmp_path, *given, small=False), capsys)
+    assert re.search(r"lds\.train.*bogus", message, re.S)
+    assert not ray.is_initialized()
+    assert not (tmp_path / "index").exists()
