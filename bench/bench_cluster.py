@@ -37,6 +37,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from bench.cluster_model import commit_table, measure_commits, model_section  # noqa: E402
 from grass_dist import pipeline  # noqa: E402
+from grass_dist.config import register_configs  # noqa: E402
 from grass_dist.data.digits import DigitsDataset, digits  # noqa: E402
 from grass_dist.runtime.overlap import overlap_seconds  # noqa: E402
 from grass_dist.runtime.pool import ActorPool  # noqa: E402
@@ -63,6 +64,7 @@ def tiled_digits(rows: int, split: str, n_train: int, n_query: int, seed: int) -
 
 
 def job_cfg(out: Path, name: str, rows: int, *overrides: str):
+    register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose(
             config_name="config",

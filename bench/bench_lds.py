@@ -44,7 +44,7 @@ from lds_table import RESULTS, write_table  # noqa: E402
 from grass_dist import damping, evaluate, pipeline, run  # noqa: E402
 from grass_dist.build import build_dataset, build_model, build_task  # noqa: E402
 from grass_dist.capture import resolve_layers  # noqa: E402
-from grass_dist.config import JobConfig  # noqa: E402
+from grass_dist.config import JobConfig, register_configs  # noqa: E402
 from grass_dist.ensemble import ArtifactDir  # noqa: E402
 from grass_dist.exact import ExactInfluence, all_parameter_gradients  # noqa: E402
 from grass_dist.index import Store  # noqa: E402
@@ -63,6 +63,7 @@ METHODS = [
 
 
 def compose_raw(args, *overrides: str) -> dict:
+    register_configs()
     with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
         cfg = compose(
             config_name="config",

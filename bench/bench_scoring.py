@@ -177,12 +177,13 @@ def _bench_service(args, tmp: str) -> list[str]:
         build_task,
         fingerprint,
     )
-    from grass_dist.config import JobConfig
+    from grass_dist.config import JobConfig, register_configs
     from grass_dist.precondition import FisherSum, Preconditioner
     from grass_dist.runtime.reducer import preconditioner_path
     from grass_dist.service import app
 
     port = free_port()
+    register_configs()
     with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
         cfg = compose("config", [f"run.output_dir={tmp}", f"serve.port={port}"])
     raw = OmegaConf.to_container(cfg, resolve=True)

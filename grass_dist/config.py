@@ -1,8 +1,11 @@
 """Typed configuration of a job: one dataclass per config group, every field documented.
 
-Hydra composes YAML from `conf/`; `JobConfig.from_cfg` merges each group onto its
-dataclass (unknown keys and wrong types are refused by OmegaConf) and validates values,
-so a bad config fails before Ray starts or any gradient is computed.
+These dataclasses are the one source of every default. `register_configs` hands
+`JobConfig` to Hydra as the base of `conf/config.yaml`, so a YAML preset sets only what
+differs from them (tests/test_presets.py refuses a preset that restates a default).
+`JobConfig.from_cfg` merges each group onto its dataclass (unknown keys and wrong types
+are refused by OmegaConf) and validates values, so a bad config fails before Ray starts
+or any gradient is computed.
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ class IndexConfig:
     layers: list[str] | None = _f(
         None, "modules to attribute (any with parameters); null = every Linear layer"
     )
-    shard_size: int = _f(256, "training rows per shard (the unit of work and of commit)")
+    shard_size: int = _f(128, "training rows per shard (the unit of work and of commit)")
     batch_size: int = _f(64, "rows per forward/backward batch inside a shard")
     dtype: str = _f("float32", "storage dtype of phi: float32 | float16 | bfloat16")
     verify: bool = _f(True, "check each shard's sha256 when reading")
@@ -117,7 +120,9 @@ class LdsConfig:
     cpus_per_task: float = _f(1.0, "Ray CPUs per retraining task")
     url: str | None = _f(None, "where ground truth lives; null = <store.url>/lds")
     results: list[str] | None = _f(None, "result sets evaluated by jobs.lds; null = [run.name]")
-    train: dict[str, Any] | None = _f(
+    # Any, not dict | None: Hydra cannot add `+lds.train._target_=...` under a typed
+    # Optional[Dict] that is null; _validate_lds checks the type instead.
+    train: Any = _f(
         None,
         "retraining recipe: {_target_: a callable (dataset, seed, **args) -> nn.Module, args...}; "
         "null = the model builder's own (model=digits_mlp, digits_cnn)",
@@ -204,14 +209,14 @@ class JobConfig:
     model: dict[str, Any]
     data: dict[str, Any]
     task: dict[str, Any]
-    run: RunConfig
-    compression: CompressionConfig
-    index: IndexConfig
-    precondition: PreconditionConfig
-    scoring: ScoringConfig
-    store: StoreConfig
-    cluster: ClusterConfig
-    faults: FaultsConfig
+    run: RunConfig = field(default_factory=RunConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    precondition: PreconditionConfig = field(default_factory=PreconditionConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     lds: LdsConfig = field(default_factory=LdsConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
@@ -285,6 +290,24 @@ class JobConfig:
                 f"scoring.parallelism=null to use every CPU of the cluster"
             )
         _validate_serve(self.serve)
+
+
+# The name conf/config.yaml's defaults list gives JobConfig.
+JOB_SCHEMA = "_job_schema"
+
+
+def register_configs() -> None:
+    """Give Hydra `JobConfig` as `_job_schema`, the base conf/config.yaml is merged onto.
+
+    Call it before Hydra composes `conf/` (the jobs, tests and benchmarks do): every field
+    then exists with its dataclass default, a preset sets only what differs, and Hydra
+    refuses an unknown key or a value of the wrong type on the command line. An explicit
+    call rather than an import side effect, so importing the library changes no global
+    state; calling it again replaces the entry with the same one.
+    """
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=JOB_SCHEMA, node=JobConfig)
 
 
 def _merge_error(group: str, e: OmegaConfBaseException) -> str:
@@ -456,7 +479,9 @@ def _validate_lds(c: LdsConfig) -> None:
         raise ConfigError(f"lds.fraction={c.fraction} must be in (0, 1), e.g. 0.5")
     if c.output not in ("logprob", "margin"):
         raise ConfigError(f"lds.output={c.output!r}; choose logprob or margin")
-    if c.train is not None and not isinstance(c.train.get("_target_"), str):
+    if c.train is not None and not (
+        isinstance(c.train, dict) and isinstance(c.train.get("_target_"), str)
+    ):
         raise ConfigError(
             f"lds.train={c.train!r} needs a _target_: the import path of your retraining "
             f"callable (dataset, seed, **args) -> nn.Module, e.g. "

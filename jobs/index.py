@@ -8,6 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from grass_dist import run
+from grass_dist.config import register_configs
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
@@ -16,4 +17,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    register_configs()
     run.cli(main)

@@ -13,7 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from grass_dist import run
-from grass_dist.config import resolve
+from grass_dist.config import register_configs, resolve
 from grass_dist.errors import GrassError
 from grass_dist.service.app import serve_forever
 
@@ -28,4 +28,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    register_configs()
     run.cli(main)

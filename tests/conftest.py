@@ -26,6 +26,9 @@ def compose_cfg(tmp_path: Path, *overrides: str, small: bool = True):
     # Imported here, not at the top: a GPU machine runs tests/test_cuda.py without Hydra.
     from hydra import compose, initialize_config_dir
 
+    from grass_dist.config import register_configs
+
+    register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(
             config_name="config",
