@@ -85,7 +85,7 @@ def tiny_gpt2(
     steps: int = 400,
     batch_size: int = 8,
     lr: float = 3e-3,
-    warmup: int = 50,
+    warmup: int = 30,
     seed: int = 0,
     dtype: str = "float32",
     doc_chars: int = 300,
