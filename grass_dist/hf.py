@@ -1,9 +1,9 @@
 """Causal language models from Hugging Face `transformers` (the optional extra `hf`).
 
 A model is either built from a config with a seeded random initialisation or loaded with
-`from_pretrained` from a local directory. The hub is never contacted: the offline
-switches are set before `transformers` is first imported and every load is
-`local_files_only`.
+`from_pretrained` from a local directory. The hub is never contacted: every load, here and
+in grass_dist.data.tokenizer, passes `local_files_only=True`, so the process environment
+(HF_HUB_OFFLINE and the like) is left to the caller.
 """
 
 from __future__ import annotations
@@ -15,10 +15,6 @@ import torch
 from torch import nn
 
 from grass_dist.errors import ConfigError, MissingDependencyError
-
-# Read by huggingface_hub and transformers when they are imported, hence at module level.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
