@@ -1,13 +1,12 @@
 """Gradient compressors, built from the `compression` config for each captured layer.
 
-Every method registers itself by name (see `registry.py`); Linear layers use
+Every method is named in one table (`registry.py`); Linear layers use
 `compression.method`, other layers `compression.other`, and `compression.overrides`
 names a method for individual layers (by layer name or module class name).
 """
 
 from __future__ import annotations
 
-from grass_dist.compress import dense, flat, learned, linear  # noqa: F401 -- registers methods
 from grass_dist.compress.base import (
     Compressor,
     FlatShape,

@@ -102,7 +102,7 @@ def linear_entries(
 class Compressor(ABC):
     """Maps one layer's per-sample gradient to phi (B, out_dim) float32.
 
-    Subclasses register under `method` (see `registry.register`) and are built with
+    Subclasses are listed by `method` in `registry.REGISTRY` and are built with
     `from_config`. `factorised` ones only take a Linear layer's factors; `learned` ones
     are fitted to training gradients and rebuilt from their stored state (`learned.py`).
     """

@@ -15,7 +15,6 @@ from typing import Any, ClassVar
 import torch
 
 from grass_dist.compress.base import Compressor, LayerShape, check_k
-from grass_dist.compress.registry import register
 from grass_dist.seeding import generator
 
 BLOCK_ROWS = 1024
@@ -89,7 +88,6 @@ class DenseJL(Compressor):
         return {**super().spec(), "seed": self.seed, "block_rows": BLOCK_ROWS}
 
 
-@register
 class GaussianJL(DenseJL):
     """R with N(0, 1) entries."""
 
@@ -97,7 +95,6 @@ class GaussianJL(DenseJL):
     draw = "gaussian"
 
 
-@register
 class RademacherJL(DenseJL):
     """R with +-1 entries."""
 

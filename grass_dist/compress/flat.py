@@ -18,7 +18,6 @@ from grass_dist.compress.base import (
     linear_entries,
     linear_gradient,
 )
-from grass_dist.compress.registry import register
 from grass_dist.compress.sketch import SJLT, random_mask
 from grass_dist.seeding import generator
 
@@ -70,7 +69,6 @@ class MaskSketch(Compressor):
         return out
 
 
-@register
 class RandomMaskCompressor(MaskSketch):
     """RM(k): k random coordinates of vec(G), no rescaling."""
 
@@ -83,7 +81,6 @@ class RandomMaskCompressor(MaskSketch):
         return cls(name, shape, cfg.seed, idx, None)
 
 
-@register
 class SJLTCompressor(MaskSketch):
     """SJLT(p -> k) of the whole vec(G); O(c p) per sample."""
 
@@ -95,7 +92,6 @@ class SJLTCompressor(MaskSketch):
         return cls(name, shape, cfg.seed, None, cfg.k, cfg.sjlt_c)
 
 
-@register
 class GraSSCompressor(MaskSketch):
     """GraSS: RM(k' = blowup * k) then SJLT(k' -> k); O(k') per sample."""
 

@@ -28,7 +28,6 @@ from grass_dist.compress.base import (
 )
 from grass_dist.compress.flat import MaskSketch
 from grass_dist.compress.linear import MaskedFactors, check_masked_size, mask_budget
-from grass_dist.compress.registry import register
 from grass_dist.compress.selective import factor_inner, fit_masks, flat_inner
 from grass_dist.errors import ConfigError, FingerprintMismatchError
 from grass_dist.seeding import generator
@@ -136,7 +135,6 @@ def _indices(state: bytes, key: str, dim: int, size: int, name: str) -> torch.Te
     return idx
 
 
-@register
 class SelectiveFactGraSSCompressor(MaskedFactors, LearnedCompressor):
     """Selective masks on both factors (sizes as FactGraSS's), outer products, SJLT to k."""
 
@@ -196,7 +194,6 @@ class SelectiveFlat(MaskSketch, LearnedCompressor):
         return {**super().spec(), **self._learned_spec()}
 
 
-@register
 class SelectiveGraSSCompressor(SelectiveFlat):
     """Selective mask to k' = blowup * k coordinates, then SJLT to k."""
 
@@ -204,7 +201,6 @@ class SelectiveGraSSCompressor(SelectiveFlat):
     sketch = True
 
 
-@register
 class SelectiveMaskCompressor(SelectiveFlat):
     """Selective mask to k coordinates, no sketch."""
 

@@ -22,7 +22,6 @@ from grass_dist.compress.base import (
     linear_gradient,
     require_linear,
 )
-from grass_dist.compress.registry import register
 from grass_dist.compress.sketch import SJLT, random_mask, scatter_signed
 from grass_dist.errors import ConfigError
 from grass_dist.seeding import generator
@@ -45,7 +44,6 @@ def unless_all(idx: torch.Tensor, dim: int) -> torch.Tensor | None:
     return None if full else idx
 
 
-@register
 class IdentityCompressor(Compressor):
     """The exact per-sample gradient (for tests and small models): vec([dW, db]) or v."""
 
@@ -177,7 +175,6 @@ def mask_budget(cfg: Any, shape: LinearShape) -> tuple[int, int]:
     return k_o, k_i
 
 
-@register
 class FactGraSSCompressor(MaskedFactors):
     """FactGraSS: random masks on both factors, outer products, SJLT to k."""
 
@@ -223,7 +220,6 @@ def logra_sizes(k: int, d_out: int, cols: int) -> tuple[int, int]:
     return min(pairs, key=lambda p: (abs(p[0] - p[1]), -p[0]))
 
 
-@register
 class LoGraCompressor(Compressor):
     """LoGra: phi = vec(sum_t (P_o g_t)(P_i a_t)^T) = vec(P_o G P_i^T), k = k_o k_i.
 

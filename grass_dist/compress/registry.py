@@ -1,35 +1,48 @@
-"""Compression methods by name: each compressor class registers itself under its `method`.
+"""Compression methods by name: the one table of every compressor class.
 
-Adding a method touches its own module plus the import list in `compress/__init__.py`.
+The table is written out here rather than filled by decorators as each compressor module
+is imported, so which methods exist never depends on what happened to be imported first.
+Adding a method touches its own module plus `REGISTRY`.
 """
 
 from __future__ import annotations
 
-from typing import TypeVar
-
 from grass_dist.compress.base import Compressor
+from grass_dist.compress.dense import GaussianJL, RademacherJL
+from grass_dist.compress.flat import GraSSCompressor, RandomMaskCompressor, SJLTCompressor
+from grass_dist.compress.learned import (
+    SelectiveFactGraSSCompressor,
+    SelectiveGraSSCompressor,
+    SelectiveMaskCompressor,
+)
+from grass_dist.compress.linear import FactGraSSCompressor, IdentityCompressor, LoGraCompressor
 from grass_dist.errors import ConfigError
 
-REGISTRY: dict[str, type[Compressor]] = {}
-
-C = TypeVar("C", bound=type[Compressor])
-
-
-def register(cls: C) -> C:
-    """Class decorator: make `compression.method=<cls.method>` build `cls`."""
-    if cls.method in REGISTRY and REGISTRY[cls.method] is not cls:
-        raise ValueError(f"compression method {cls.method!r} is registered twice")
-    REGISTRY[cls.method] = cls
-    return cls
+REGISTRY: dict[str, type[Compressor]] = {
+    cls.method: cls
+    for cls in (
+        IdentityCompressor,
+        FactGraSSCompressor,
+        LoGraCompressor,
+        GraSSCompressor,
+        SJLTCompressor,
+        RandomMaskCompressor,
+        GaussianJL,
+        RademacherJL,
+        SelectiveFactGraSSCompressor,
+        SelectiveGraSSCompressor,
+        SelectiveMaskCompressor,
+    )
+}
 
 
 def methods() -> list[str]:
-    """Registered method names, sorted."""
+    """Method names, sorted."""
     return sorted(REGISTRY)
 
 
 def compressor_class(method: str, where: str = "compression.method") -> type[Compressor]:
-    """The class registered as `method`; ConfigError naming `where` if unknown."""
+    """The class of `method`; ConfigError naming `where` if unknown."""
     try:
         return REGISTRY[method]
     except KeyError:
