@@ -45,7 +45,7 @@ def test_store_that_ignores_create_only_is_refused_before_a_shard_is_lost(backen
     # The job refuses up front too: before any mask is fitted or shard computed.
     lax_job = Backend("lax", url, options)
     with pytest.raises(SystemExit) as refused:
-        run.index(lax_job.cfg(tmp_path, *SELECTIVE, url=url))
+        run.index(lax_job.cfg(tmp_path, *SELECTIVE))
     assert refused.value.code == 2
     message = capfd.readouterr().err
     assert "does not enforce create-only writes" in message and "Fix:" in message
