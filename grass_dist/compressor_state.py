@@ -2,9 +2,13 @@
 
 The driver fits the masks of every learned layer (Selective Mask) on the per-sample
 gradients of a seeded sample of training rows, before the index exists. Their bytes go to
-`compressors/<layer>.safetensors` in the index store and their sha256 into the layer's
+`compressors/<layer>-<sha256>.safetensors` in the index store and their sha256 into the layer's
 spec, hence into the fingerprint. Workers and the query side load the state back from the
 index and check it against that sha256, so every gradient goes through the same mask.
+
+A state file is named by its sha256 and written create-only, never replaced: two drivers
+that create one index at once may each store a fit, and index.json, written once, names the
+one that counts (a driver whose fit differs is refused by the fingerprint check).
 """
 
 from __future__ import annotations
@@ -37,9 +41,9 @@ log = logging.getLogger(__name__)
 STATE_DIR = "compressors"
 
 
-def state_path(layer: str) -> str:
-    """Where a layer's learned state lives in the index store."""
-    return f"{STATE_DIR}/{layer}.safetensors"
+def state_path(layer: str, sha256: str) -> str:
+    """Where a layer's learned state with hex digest ``sha256`` lives in the index store."""
+    return f"{STATE_DIR}/{layer}-{sha256}.safetensors"
 
 
 def sample_rows(cfg: CompressionConfig, n_rows: int) -> tuple[list[int], list[int]]:
@@ -128,12 +132,12 @@ def load_states(index: GradientIndex, layers: list[str]) -> dict[str, bytes]:
                 f"settings, or a new store.url for these."
             )
         try:
-            data = index.get_artifact(state_path(name))
+            data = index.get_artifact(state_path(name, sha))
         except FileNotFoundError:
             data = b""
         if hashlib.sha256(data).hexdigest() != sha:
             raise CorruptIndexError(
-                f"{index.store.url_of(state_path(name))} is missing or does not match the "
+                f"{index.store.url_of(state_path(name, sha))} is missing or does not match the "
                 f"sha256 in the index fingerprint. Fix: restore it, or rebuild the index under "
                 f"a new store.url."
             )
@@ -142,14 +146,20 @@ def load_states(index: GradientIndex, layers: list[str]) -> dict[str, bytes]:
 
 
 def save_states(store: Store, compressors: dict[str, Compressor]) -> None:
-    """Write each learned compressor's state unless the store already holds those bytes."""
+    """Store each learned compressor's state create-only under its sha256 (see the module).
+
+    Raises:
+        CorruptIndexError: the file named by a state's sha256 holds other bytes.
+    """
     for name, comp in compressors.items():
         if not isinstance(comp, LearnedCompressor):
             continue
-        path = state_path(name)
-        if store.exists(path) and store.read_bytes(path) == comp.state:
-            continue
-        store.write_bytes(path, comp.state)
+        path = state_path(name, hashlib.sha256(comp.state).hexdigest())
+        if not store.create_only(path, comp.state):
+            raise CorruptIndexError(
+                f"{store.url_of(path)} does not hold the bytes its name's sha256 stands for. "
+                "Fix: delete that file and rerun, or use a new store.url."
+            )
         log.info("stored the learned compressor of %s at %s", name, store.url_of(path))
 
 

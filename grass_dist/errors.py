@@ -80,6 +80,10 @@ class CommitConflictError(GrassError):
     """A manifest commit kept losing create-only races and gave up."""
 
 
+class CreateOnlyUnsupportedError(GrassError):
+    """The store does not enforce create-only puts, so two committers could both win."""
+
+
 class FingerprintMismatchError(GrassError):
     """The index was built with a different model / compressor / data fingerprint."""
 

@@ -174,8 +174,13 @@ class LocalRayCluster:
             time.sleep(1)
         raise TimeoutError(f"the cluster never had {nodes} nodes: {out[-2000:]}")
 
-    def submit(self, *entrypoint: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        """`ray job submit --working-dir <repo> -- <entrypoint>` and wait for it to finish."""
+    def submit(
+        self, *entrypoint: str, timeout: float = 300, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess:
+        """`ray job submit --working-dir <repo> -- <entrypoint>` and wait for it to finish.
+
+        ``env`` replaces the cluster's environment (its auth token included) for this call.
+        """
         return subprocess.run(
             ray_cli(
                 "job",
@@ -185,7 +190,7 @@ class LocalRayCluster:
                 "--",
                 *entrypoint,
             ),
-            env=self.env,
+            env=self.env if env is None else env,
             capture_output=True,
             text=True,
             timeout=timeout,

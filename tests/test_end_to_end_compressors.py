@@ -41,7 +41,7 @@ def _direct_phi(job, index, which: str) -> dict[str, np.ndarray]:
     out = {}
     for spec in index.fingerprint["layers"]:
         name = spec["name"]
-        state = st_load(index.get_artifact(f"compressors/{name}.safetensors"))
+        state = st_load(index.get_artifact(compressor_state.state_path(name, spec["state_sha256"])))
         masked = layer_grad(exact, name)[:, state["idx_out"]][:, :, state["idx_in"]]
         k_prime = state["idx_out"].numel() * state["idx_in"].numel()
         sjlt = SJLT(k_prime, spec["k"], generator(spec["seed"], name, "sjlt"), c=spec["sjlt_c"])
@@ -59,7 +59,7 @@ def test_selective_masks_are_stored_and_loaded_by_fresh_workers(ray_session, tmp
         pipeline.shutdown(job)
     index = GradientIndex.open(job.cfg.index_url)
     for spec in index.fingerprint["layers"]:
-        data = index.get_artifact(f"compressors/{spec['name']}.safetensors")
+        data = index.get_artifact(compressor_state.state_path(spec["name"], spec["state_sha256"]))
         assert spec["method"] == "selective_factgrass"
         assert spec["state_sha256"] == hashlib.sha256(data).hexdigest()
         assert spec["selective"]["samples"] == 40
@@ -80,8 +80,10 @@ def test_selective_masks_are_stored_and_loaded_by_fresh_workers(ray_session, tmp
     assert again.fingerprint == index.fingerprint
     with pytest.raises(FingerprintMismatchError, match=r"layers\[0\].selective.epochs"):
         pipeline.prepare(compose_cfg(tmp_path, *SELECTIVE, "compression.selective.epochs=31"))
-    index.store.delete("compressors/out.safetensors")
-    with pytest.raises(CorruptIndexError, match="compressors/out.safetensors"):
+    out_sha = next(d["state_sha256"] for d in index.fingerprint["layers"] if d["name"] == "out")
+    out_state = compressor_state.state_path("out", out_sha)
+    index.store.delete(out_state)
+    with pytest.raises(CorruptIndexError, match=out_state):
         pipeline.prepare(cfg)
 
 

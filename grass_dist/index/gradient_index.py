@@ -106,8 +106,11 @@ class GradientIndex:
 
         Raises:
             FingerprintMismatchError: the existing index has a different fingerprint.
+            CreateOnlyUnsupportedError: the store does not enforce create-only puts, on
+                which index.json and every manifest commit rely.
         """
         store = Store(url, storage_options, retry)
+        store.check_create_only()
         requested = _canonical(fingerprint)
         doc = json.dumps(
             {"format_version": FORMAT_VERSION, "fingerprint": requested}, indent=1, sort_keys=True

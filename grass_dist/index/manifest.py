@@ -119,9 +119,11 @@ def commit(
 
     Raises:
         CommitConflictError: still losing create-only races after ``max_attempts`` tries.
+        CreateOnlyUnsupportedError: the store lets a create-only put replace an object.
     """
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+    store.check_create_only()  # once per Store: the loop below is only safe if it holds
     for attempt in range(max_attempts):
         version, current, newest = _latest(store)
         if newest > version:

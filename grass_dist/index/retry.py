@@ -1,7 +1,8 @@
 """What a storage failure means, and retrying store operations with bounded backoff.
 
 Failures are classified once, here: transient (retried), access denied, a lost create-only
-race (an answer, see ``is_lost_race``), or another storage error.
+race (an answer, see ``is_lost_race``; ``is_unclear_refusal`` when only a read-back can
+tell), or another storage error.
 
 An error is transient when it may go away by itself: the endpoint refused or dropped the
 connection, timed out, or answered 500/502/503/504 or a throttling code. Denied access, a
@@ -57,7 +58,7 @@ _DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", 
 _DENIED_NAMES = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
 
 
-def _response(exc: BaseException) -> dict | None:
+def _response(exc: BaseException | None) -> dict | None:
     response = getattr(exc, "response", None)
     return response if isinstance(response, dict) else None
 
@@ -96,11 +97,12 @@ def is_access_denied(exc: BaseException) -> bool:
 
 
 def is_lost_race(exc: BaseException) -> bool:
-    """True when a conditional (If-None-Match) put failed because the object exists.
+    """True when a conditional (If-None-Match) put was refused because the object exists.
 
     s3fs maps the 412 that AWS tags with ``Condition: If-None-Match`` to FileExistsError, but
     SeaweedFS's 412 arrives as OSError(EINVAL) and AWS may answer 409 (concurrent conditional
-    write, OSError(EBUSY)). The botocore ClientError is kept as ``__cause__``; prefer it.
+    write, OSError(EBUSY)), with the botocore ClientError kept as ``__cause__``: only that
+    status or code makes such an error a lost race (see ``is_unclear_refusal`` otherwise).
     """
     if isinstance(exc, FileExistsError):
         return True
@@ -109,7 +111,20 @@ def is_lost_race(exc: BaseException) -> bool:
         status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         code = response.get("Error", {}).get("Code")
         return status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict")
-    return isinstance(exc, OSError) and exc.errno in (errno.EINVAL, errno.EBUSY)
+    return False
+
+
+def is_unclear_refusal(exc: BaseException) -> bool:
+    """An EINVAL/EBUSY from a conditional put with no HTTP status kept: maybe a lost race.
+
+    Errno alone cannot tell a 412/409 from a malformed request, so the caller reads the object
+    back to decide (``Store.create_only``).
+    """
+    return (
+        isinstance(exc, OSError)
+        and exc.errno in (errno.EINVAL, errno.EBUSY)
+        and _response(exc.__cause__) is None
+    )
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,9 @@
 Works on plain local paths, ``file://``, ``memory://`` and ``s3://`` (s3fs). Storage options
 may hold credentials, so they never appear in ``repr``, logs or exception messages.
 
+Create-only puts (manifest commits) are read back before they count, and
+``check_create_only`` refuses a store that lets a create-only put replace an object.
+
 Every operation retries transient failures with bounded backoff (``retry.RetryPolicy``) and
 then raises one of three errors, each naming the store and, for S3, its endpoint:
 ``StoreUnreachableError`` (outage outlasted the retries), ``StoreAccessDeniedError``
@@ -28,6 +31,7 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
 from grass_dist.errors import (
+    CreateOnlyUnsupportedError,
     StoreAccessDeniedError,
     StoreUnavailableError,
     StoreUnreachableError,
@@ -38,6 +42,7 @@ from grass_dist.index.retry import (
     is_lost_race,
     is_storage_error,
     is_transient,
+    is_unclear_refusal,
 )
 
 T = TypeVar("T")
@@ -96,6 +101,7 @@ class Store:
         self.retry = retry or RetryPolicy()
         self._fs: AbstractFileSystem | None = None
         self._root = ""
+        self._create_only_checked = False  # see check_create_only
 
     # ---- identity, pickling, display -------------------------------------------------
     def __reduce__(self) -> tuple[Any, ...]:
@@ -268,13 +274,23 @@ class Store:
         self._call(f"cannot write {rel!r}", put)
 
     def create_only(self, rel: str, data: bytes) -> bool:
-        """Write ``rel`` only if it does not exist yet; returns False if it already existed.
+        """Write ``rel`` only if it does not exist yet; True when ``rel`` now holds ``data``.
 
-        A retried put whose first try did land reads as "already existed": callers (manifest
-        commits) re-read the store after False, so they find their own write there.
+        The object is read back after every put, and its bytes decide, not the put's answer:
+
+        - a put that succeeded must read back as ``data``; anything else means the store
+          replaced a create-only object: CreateOnlyUnsupportedError;
+        - a put refused because the object exists (FileExistsError, HTTP 412/409), or refused
+          with a bare EINVAL/EBUSY that kept no HTTP status, is a lost race when the object
+          holds other bytes, ours when it holds ``data`` (a retried put whose first try
+          landed), and a store error when there is no object at all.
+
+        Raises:
+            CreateOnlyUnsupportedError: a put that succeeded did not leave ``data`` there.
         """
         path = self._path(rel)
         fs = self.fs
+        refused: list[BaseException] = []  # why a put was refused, for the read-back below
 
         def put() -> bool:
             if isinstance(fs, LocalFileSystem):
@@ -289,12 +305,63 @@ class Store:
                 # s3fs sends If-None-Match: *; generic fsspec falls back to exists + write.
                 fs.pipe_file(path, bytes(data), mode="create")
             except Exception as exc:
-                if isinstance(exc, FileExistsError) or (self.is_s3 and is_lost_race(exc)):
-                    return False
-                raise
+                lost = isinstance(exc, FileExistsError) or (
+                    self.is_s3 and (is_lost_race(exc) or is_unclear_refusal(exc))
+                )
+                if not lost:
+                    raise
+                refused[:] = [exc]
+                return False
             return True
 
-        return self._call(f"cannot create {rel!r}", put)
+        what = f"cannot create {rel!r}"
+        written = self._call(what, put)
+        try:
+            held: bytes | None = self.read_bytes(rel)
+        except FileNotFoundError:
+            held = None
+        if written and held != data:
+            state = "nothing" if held is None else f"{len(held)} other bytes"
+            raise CreateOnlyUnsupportedError(
+                self._not_enforced(f"{self.url_of(rel)} held {state} right after it was written")
+            )
+        if held is None and refused and not is_lost_race(refused[0]):
+            raise self._error(what, refused[0])  # refused, yet nothing there: not a race
+        return held == data
+
+    def check_create_only(self) -> None:
+        """Refuse a store that does not enforce create-only puts (probed once per instance).
+
+        Two create-only puts of one fresh probe object: the second must be refused. Manifest
+        commits rely on this; without it no commit protocol on the store alone is safe (a lock
+        or a lease would itself be a create-only object), so such a store is refused.
+
+        Raises:
+            CreateOnlyUnsupportedError: the second put replaced the first.
+        """
+        if self._create_only_checked:
+            return
+        rel = f"_probe/create-only-{uuid.uuid4().hex}"
+        try:
+            if not self.create_only(rel, b"grass_dist create-only probe 1"):
+                raise self._error("create-only probe", OSError("a fresh probe object existed"))
+            if self.create_only(rel, b"grass_dist create-only probe 2"):
+                raise CreateOnlyUnsupportedError(
+                    self._not_enforced(f"a second create-only put replaced {self.url_of(rel)}")
+                )
+        finally:
+            self.delete(rel)
+        self._create_only_checked = True
+
+    def _not_enforced(self, what: str) -> str:
+        at = f" at endpoint {self.endpoint}" if self.endpoint else ""
+        return (
+            f"the index store {self.url_of('')!r}{at} does not enforce create-only writes "
+            f"({what}), so two jobs committing at once could both write the same manifest "
+            "version and the shards of one would silently drop out of the index. Fix: use a "
+            "store that enforces conditional writes (on S3, PutObject with If-None-Match: *, "
+            "as AWS S3 and SeaweedFS do) or a local filesystem path for store.url."
+        )
 
     def list(self, rel_dir: str) -> list[str]:
         """Sorted names (not paths) directly under ``rel_dir``; [] if it does not exist."""
@@ -333,9 +400,14 @@ class Store:
         return self._call(f"cannot open {rel!r}", op, passthrough=(FileNotFoundError,))
 
     def check_writable(self) -> None:
-        """Write, read back and delete a small probe object; raise StoreUnavailableError if not.
+        """Write, read back and delete a small probe object, then ``check_create_only``.
 
-        Jobs call this before any compute so a bad URL or credentials fail in seconds.
+        Jobs call this before any compute so a bad URL or credentials, or a store whose
+        create-only puts are not enforced, fail in seconds.
+
+        Raises:
+            StoreUnavailableError: the probe cannot be written or read back.
+            CreateOnlyUnsupportedError: see ``check_create_only``.
         """
         rel = f"_probe/{uuid.uuid4().hex}"
         payload = b"grass_dist write probe"
@@ -347,6 +419,7 @@ class Store:
             raise self._error("probe object vanished after writing", exc) from exc
         finally:
             self.delete(rel)
+        self.check_create_only()
 
     # ---- local helpers ---------------------------------------------------------------
     @staticmethod

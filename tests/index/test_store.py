@@ -11,8 +11,9 @@ import fsspec
 import numpy as np
 import pytest
 
-from grass_dist.errors import CorruptShardError, StoreUnavailableError
+from grass_dist.errors import CorruptShardError, CreateOnlyUnsupportedError, StoreUnavailableError
 from grass_dist.index.retry import is_lost_race as _s3_lost_race
+from grass_dist.index.retry import is_unclear_refusal
 from grass_dist.index.shards import read_shard, write_shard
 from grass_dist.index.store import Store, redact_url
 
@@ -140,34 +141,89 @@ def test_s3_lost_race_classification():
     assert _s3_lost_race(_translated(errno.EINVAL, 412, "PreconditionFailed"))  # SeaweedFS
     assert _s3_lost_race(_translated(errno.EBUSY, 409, "ConditionalRequestConflict"))  # AWS
     assert not _s3_lost_race(_translated(errno.EINVAL, 400, "InvalidArgument"))
-    assert _s3_lost_race(OSError(errno.EINVAL, "no cause kept"))
     assert not _s3_lost_race(PermissionError(errno.EACCES, "denied"))
+    # A bare errno is no proof of a race: only reading the object back can tell.
+    assert not _s3_lost_race(OSError(errno.EINVAL, "no cause kept"))
+    assert is_unclear_refusal(OSError(errno.EBUSY, "no cause kept"))
+    assert not is_unclear_refusal(_translated(errno.EINVAL, 400, "InvalidArgument"))
 
 
 class _FakeS3:
-    """Just enough of s3fs for Store.create_only: conditional puts that can lose a race."""
+    """Just enough of s3fs for Store.create_only: objects, and conditional puts that fail with
+    ``error`` (after which ``objects`` holds what a racing writer left) or, with
+    ``ignore_create``, silently overwrite."""
 
     protocol = ("s3", "s3a")
 
-    def __init__(self, error: BaseException | None) -> None:
-        self.error, self.calls = error, []
+    def __init__(self, error: BaseException | None = None, ignore_create: bool = False) -> None:
+        self.error, self.ignore_create = error, ignore_create
+        self.calls: list[tuple[str, str]] = []
+        self.objects: dict[str, bytes] = {}
 
     def pipe_file(self, path, data, mode="overwrite"):
         self.calls.append((path, mode))
         if self.error is not None:
             raise self.error
+        if mode == "create" and path in self.objects and not self.ignore_create:
+            raise FileExistsError(path)
+        self.objects[path] = data
+
+    def cat_file(self, path):
+        if path not in self.objects:
+            raise FileNotFoundError(path)
+        return self.objects[path]
+
+    def rm_file(self, path):
+        self.objects.pop(path, None)
 
 
-def test_s3_create_only_uses_conditional_put():
+def _fake_store(fake: _FakeS3, **objects: bytes) -> Store:
     store = Store("s3://bucket/pre")
-    store._fs, store._root = _FakeS3(None), "bucket/pre"
-    assert store.create_only("_manifests/0000000001.json", b"{}")
-    assert store._fs.calls == [("bucket/pre/_manifests/0000000001.json", "create")]
-    store._fs = _FakeS3(_translated(errno.EINVAL, 412, "PreconditionFailed"))
-    assert not store.create_only("_manifests/0000000001.json", b"{}")
-    store._fs = _FakeS3(_translated(errno.EACCES, 403, "AccessDenied"))
+    store._fs, store._root = fake, "bucket/pre"
+    fake.objects.update({f"bucket/pre/{rel}.json": data for rel, data in objects.items()})
+    return store
+
+
+def test_s3_create_only_reads_back_to_decide():
+    fake = _FakeS3()
+    store = _fake_store(fake)
+    assert store.create_only("m.json", b"ours")
+    assert fake.calls == [("bucket/pre/m.json", "create")]
+    assert not store.create_only("m.json", b"theirs")
+    precondition = _translated(errno.EINVAL, 412, "PreconditionFailed")
+    assert not _fake_store(_FakeS3(precondition), m=b"theirs").create_only("m.json", b"ours")
+    # Our first try landed, its answer was lost, the retry was refused: the bytes are ours.
+    assert _fake_store(_FakeS3(precondition), m=b"ours").create_only("m.json", b"ours")
+    # A bare EINVAL is a lost race only if another object is there ...
+    bare = OSError(errno.EINVAL, "no cause kept")
+    assert not _fake_store(_FakeS3(bare), m=b"theirs").create_only("m.json", b"ours")
+    with pytest.raises(StoreUnavailableError, match="no cause kept"):  # ... else an error
+        _fake_store(_FakeS3(bare)).create_only("m.json", b"ours")
     with pytest.raises(StoreUnavailableError):
-        store.create_only("_manifests/0000000001.json", b"{}")
+        _fake_store(_FakeS3(_translated(errno.EACCES, 403, "AccessDenied"))).create_only(
+            "m.json", b"ours"
+        )
+
+
+def test_create_only_that_replaced_an_object_is_refused():
+    store = _fake_store(_FakeS3(ignore_create=True))
+    store.fs.cat_file = lambda path: b"stale"  # the put "won" but left other bytes
+    with pytest.raises(CreateOnlyUnsupportedError, match="right after it was written"):
+        store.create_only("m.json", b"ours")
+    store = _fake_store(_FakeS3(ignore_create=True), m=b"theirs")
+    with pytest.raises(CreateOnlyUnsupportedError) as info:
+        store.check_create_only()
+    assert "second create-only put replaced" in str(info.value)
+    assert "If-None-Match" in str(info.value) and "Fix:" in str(info.value)
+    assert not store.fs.objects.keys() - {"bucket/pre/m.json"}  # the probe is removed
+
+
+def test_create_only_probe_passes_once_per_store(store_url, monkeypatch):
+    store = Store(store_url)
+    store.check_create_only()
+    assert store.list("_probe") == []
+    monkeypatch.setattr(Store, "create_only", lambda self, rel, data: pytest.fail("probed twice"))
+    store.check_create_only()
 
 
 # ---- shard files -------------------------------------------------------------------------

@@ -1,6 +1,9 @@
-"""The attribution job on real Ray processes: `ray start` nodes and `ray job submit`."""
+"""The attribution job on real Ray processes: `ray start` nodes and `ray job submit`; a
+submission without the cluster's auth token is refused and runs nothing."""
 
 from __future__ import annotations
+
+import secrets
 
 import numpy as np
 import pytest
@@ -16,6 +19,21 @@ from tests.ray_procs import LocalRayCluster, running_in_groups
 pytestmark = pytest.mark.integration
 
 
+def _submit_without_the_token(cluster: LocalRayCluster, tmp_path) -> list:
+    """`ray job submit` with no token (token auth off on the client), then a wrong one.
+
+    HOME is an empty folder, so no ~/.ray/auth_token of this machine's user is found. The job
+    would create `tmp_path/ran`.
+    """
+    home = tmp_path / "home"
+    home.mkdir()
+    base = {k: v for k, v in cluster.env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    base["HOME"] = str(home)
+    wrong = {**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    job = ("python", "-c", f"open({str(tmp_path / 'ran')!r}, 'w')")
+    return [cluster.submit(*job, timeout=120, env=env) for env in (base, wrong)]
+
+
 def test_attribute_job_submitted_to_a_started_cluster(tmp_path):
     out = tmp_path / "out"
     args = [f"run.output_dir={out}", *SMALL, "cluster.num_workers=2"]
@@ -24,8 +42,13 @@ def test_attribute_job_submitted_to_a_started_cluster(tmp_path):
         cluster.wait_for(nodes=1)  # workers join a head that answers
         cluster.add_worker(num_cpus=3)
         cluster.wait_for(nodes=2)
+        refusals = _submit_without_the_token(cluster, tmp_path)
         done = cluster.submit("python", "-m", "jobs.attribute", "cluster.address=auto", *args)
         groups = [node.pid for node in cluster.nodes]
+    for refused, why in zip(refusals, ("Missing", "Invalid"), strict=True):
+        assert refused.returncode != 0, refused.stdout[-2000:]
+        assert f"{why} authentication token" in refused.stderr, refused.stderr[-2000:]
+    assert not (tmp_path / "ran").exists(), "a job submitted without the token ran"
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "succeeded" in done.stdout
     assert not running_in_groups(groups), "ray processes outlived the cluster"

@@ -1,12 +1,16 @@
-"""A committer process for the race test: spawned, so it imports only the index package."""
+"""Committer processes for the race tests: spawned, so they import only the index package
+(and the ``ignorecreate://`` test store, so that they can open it too)."""
 
 from __future__ import annotations
 
+import multiprocessing as mp
 from typing import Any
 
 import numpy as np
 
 from grass_dist.index import GradientIndex, Store
+from grass_dist.index.manifest import MANIFEST_DIR
+from tests.s3 import lax_fs  # noqa: F401 -- registers ignorecreate:// in this process
 
 LAYER, K, ROWS = "fc", 4, 3
 
@@ -21,13 +25,14 @@ def commit_shards(
 ) -> None:
     """Commit each of ``shards`` on its own, all processes in lockstep; also race on "dup".
 
-    Counts lost create-only races into ``lost`` (a shared integer).
+    Counts lost manifest races into ``lost`` (a shared integer); the store's create-only
+    probe, refused by design, is not one.
     """
     original = Store.create_only
 
     def counting(self: Store, rel: str, data: bytes) -> bool:
         won = original(self, rel, data)
-        if not won:
+        if not won and rel.startswith(MANIFEST_DIR):
             with lost.get_lock():
                 lost.value += 1
         return won
@@ -42,3 +47,24 @@ def commit_shards(
         record = index.write_shard(sid, start, start + ROWS, rows, [f"r{r}" for r in rows], phi)
         barrier.wait(timeout=60)  # everyone commits at the same moment
         index.commit([record])
+
+
+def race(url: str, options: dict[str, Any], procs: int, per_proc: int) -> tuple[list[int], int]:
+    """Run ``procs`` committer processes of ``per_proc`` shards each on the index at ``url``.
+
+    Returns (their exit codes, create-only races they lost).
+    """
+    ctx = mp.get_context("spawn")  # fresh interpreters: never fork a process running Ray
+    barrier, lost = ctx.Barrier(procs), ctx.Value("i", 0)
+    workers = [
+        ctx.Process(
+            target=commit_shards,
+            args=(url, options, p, list(range(p, procs * per_proc, procs)), barrier, lost),
+        )
+        for p in range(procs)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    return [w.exitcode for w in workers], lost.value

@@ -74,7 +74,8 @@ def phi_of_rows(job: pipeline.Job, spans: list[tuple[int, int]]) -> list[PhiBloc
     """phi of training rows [start, end) per span, computed here with one thread, as a worker
     computes a shard (same batches, same thread count: the same bits)."""
     model = build_model(job.cfg)
-    computer = GradientComputer(model, build_task(job.cfg), build_layer_compressors(job.cfg, model))
+    compressors = build_layer_compressors(job.cfg, model, job.index)  # learned: the index's
+    computer = GradientComputer(model, build_task(job.cfg), compressors)
     train = build_dataset(job.cfg, "train")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -4,7 +4,6 @@ racing committers, integrity repair and appends behave the same on each."""
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 
 import numpy as np
 import pytest
@@ -73,32 +72,13 @@ def test_racing_committer_processes_lose_and_duplicate_nothing(backend):
         {"layers": [{"name": committer.LAYER, "k": committer.K}]},
         backend.storage_options,
     )
-    ctx = mp.get_context("spawn")  # fresh interpreters: never fork a process running Ray
-    barrier, lost = ctx.Barrier(procs), ctx.Value("i", 0)
-    workers = [
-        ctx.Process(
-            target=committer.commit_shards,
-            args=(
-                backend.url,
-                backend.storage_options,
-                p,
-                list(range(p, procs * per_proc, procs)),
-                barrier,
-                lost,
-            ),
-        )
-        for p in range(procs)
-    ]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(120)
-        assert w.exitcode == 0
+    exitcodes, lost = committer.race(backend.url, backend.storage_options, procs, per_proc)
+    assert exitcodes == [0] * procs
     index = _open(backend)
     version, records = latest(index.store)
     assert sorted(records) == ["dup", *(f"s{s:03d}" for s in range(procs * per_proc))]
     assert version == procs * per_proc + 1  # one manifest per commit that added a shard
-    assert lost.value > 0  # lockstep commits did collide: conflicts were detected, not lost
+    assert lost > 0  # lockstep commits did collide: conflicts were detected, not lost
     for sid, record in records.items():
         data = index.read(record)
         if sid != "dup":
