@@ -131,10 +131,15 @@ def load_states(index: GradientIndex, layers: list[str]) -> dict[str, bytes]:
                 f"{stored.get(name, {}).get('method')!r}). Fix: use the index's compression "
                 f"settings, or a new store.url for these."
             )
-        try:
-            data = index.get_artifact(state_path(name, sha))
-        except FileNotFoundError:
-            data = b""
+        data = b""
+        # Indexes written before states were content-addressed keep them under the layer's
+        # name alone; the sha256 check below holds either file to the fingerprint.
+        for path in (state_path(name, sha), f"{STATE_DIR}/{name}.safetensors"):
+            try:
+                data = index.get_artifact(path)
+                break
+            except FileNotFoundError:
+                continue
         if hashlib.sha256(data).hexdigest() != sha:
             raise CorruptIndexError(
                 f"{index.store.url_of(state_path(name, sha))} is missing or does not match the "
