@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable
 from contextlib import suppress
+from datetime import datetime
 from typing import IO, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -311,6 +312,27 @@ class Store:
         names = {str(e).replace(os.sep, "/").rstrip("/").rsplit("/", 1)[-1] for e in entries}
         return sorted(n for n in names if n)
 
+    def walk(self, rel_dir: str) -> dict[str, tuple[int, float | None]]:
+        """Every object under ``rel_dir``, recursively: path relative to the root -> (bytes,
+        modification time in seconds since the epoch, by the store's clock; None if the
+        filesystem reports none). {} if ``rel_dir`` does not exist.
+        """
+        path = self._path(rel_dir).replace(os.sep, "/")
+
+        def find() -> dict[str, dict[str, Any]]:
+            self.fs.invalidate_cache()  # other writers may have added objects
+            try:
+                return self.fs.find(path, detail=True)
+            except FileNotFoundError:
+                return {}
+
+        found = self._call(f"cannot list {rel_dir!r}", find)
+        root = self._root.replace(os.sep, "/").rstrip("/") + "/"
+        return {
+            name.replace(os.sep, "/").removeprefix(root): (int(info["size"]), _modified(info))
+            for name, info in found.items()
+        }
+
     def delete(self, rel: str) -> None:
         """Delete the object ``rel``; a missing object is not an error."""
         path = self._path(rel)
@@ -382,3 +404,14 @@ class Store:
                 return False
         finally:
             os.unlink(tmp)
+
+
+def _modified(info: dict[str, Any]) -> float | None:
+    """An fsspec info dict's modification time (local: mtime, S3: LastModified, memory: created)."""
+    for key in ("mtime", "LastModified", "created"):
+        value = info.get(key)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, (int, float)):
+            return float(value)
+    return None
