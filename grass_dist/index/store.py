@@ -220,11 +220,14 @@ class Store:
     def read_bytes(self, rel: str) -> bytes:
         """Whole object ``rel``; raises FileNotFoundError if it does not exist."""
         path = self._path(rel)
-        return self._call(
-            f"cannot read {rel!r}",
-            lambda: bytes(self.fs.cat_file(path)),
-            passthrough=(FileNotFoundError,),
-        )
+
+        def get() -> bytes:
+            # s3fs sizes a read from its listing cache when that holds the parent folder, and
+            # so calls an object created after the listing missing: drop those entries.
+            self.fs.invalidate_cache(path)
+            return bytes(self.fs.cat_file(path))
+
+        return self._call(f"cannot read {rel!r}", get, passthrough=(FileNotFoundError,))
 
     def read_buffer(self, rel: str) -> bytes | bytearray:
         """Whole object ``rel`` as a bytes-like buffer, for large objects (shards).
@@ -239,6 +242,7 @@ class Store:
         def get() -> bytes | bytearray:
             if not self.is_s3:
                 return self.fs.cat_file(path)
+            self.fs.invalidate_cache(path)  # as in read_bytes: a stale listing hides new objects
             with self.fs.open(path, "rb", block_size=_RANGE_BYTES, cache_type="none") as f:
                 size = int(f.size)
                 if size <= _RANGE_BYTES:
