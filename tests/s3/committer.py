@@ -1,12 +1,15 @@
-"""A committer process for the race test: spawned, so it imports only the index package."""
+"""Committer processes for the race tests: spawned, so they import only the index package."""
 
 from __future__ import annotations
 
+import random
+import time
 from typing import Any
 
 import numpy as np
 
-from grass_dist.index import GradientIndex, Store
+from grass_dist.errors import ShardCollectedError
+from grass_dist.index import GradientIndex, Store, manifest
 
 LAYER, K, ROWS = "fc", 4, 3
 
@@ -17,12 +20,20 @@ def phi_of(shard: int) -> dict[str, np.ndarray]:
 
 
 def commit_shards(
-    url: str, options: dict[str, Any], proc: int, shards: list[int], barrier: Any, lost: Any
+    url: str,
+    options: dict[str, Any],
+    proc: int,
+    shards: list[int],
+    barrier: Any,
+    lost: Any,
+    checkpoint_every: int,
 ) -> None:
     """Commit each of ``shards`` on its own, all processes in lockstep; also race on "dup".
 
-    Counts lost create-only races into ``lost`` (a shared integer).
+    Counts lost create-only races into ``lost`` (a shared integer). Writes a checkpoint every
+    ``checkpoint_every`` versions.
     """
+    manifest.CHECKPOINT_EVERY = checkpoint_every  # this process only
     original = Store.create_only
 
     def counting(self: Store, rel: str, data: bytes) -> bool:
@@ -42,3 +53,26 @@ def commit_shards(
         record = index.write_shard(sid, start, start + ROWS, rows, [f"r{r}" for r in rows], phi)
         barrier.wait(timeout=60)  # everyone commits at the same moment
         index.commit([record])
+
+
+def write_and_commit(url: str, options: dict[str, Any], count: int, stats: Any) -> None:
+    """Write and commit shards w000.. one by one, pausing between write and commit, while gc
+    runs; also abandon an attempt of every third shard (garbage for gc).
+
+    ``stats``: shared [commits refused because gc had collected the file, bytes written].
+    """
+    index = GradientIndex.open(url, options)
+    for i in range(count):
+        rows = np.arange(ROWS * i, ROWS * i + ROWS)
+        while True:
+            for _ in range(2 if i % 3 == 0 else 1):
+                record = index.write_shard(
+                    f"w{i:03d}", rows[0], rows[-1] + 1, rows, ["k"] * ROWS, phi_of(i)
+                )
+                stats[1] += record.nbytes
+            time.sleep(random.uniform(0, 0.05))  # written, not yet committed: gc's window
+            try:
+                index.commit([record])
+                break
+            except ShardCollectedError:
+                stats[0] += 1  # as the driver would: compute the shard again
