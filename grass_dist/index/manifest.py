@@ -38,7 +38,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from grass_dist.errors import CommitConflictError, CorruptIndexError, ShardCollectedError
+from grass_dist.errors import (
+    CommitConflictError,
+    CorruptIndexError,
+    ShardCollectedError,
+    StoreUnavailableError,
+)
 from grass_dist.index.store import Store, redact_url
 
 log = logging.getLogger(__name__)
@@ -289,7 +294,12 @@ class ManifestLog:
         shards = ",".join(entries[sid] for sid in state.shards)
         data = b'{"shards":{' + shards.encode() + b"}," + _dumps(rest)[1:]
         # Create-only: a checkpoint is a pure function of the log, so an existing one is equal.
-        self.store.create_only(checkpoint_path(state.version), data)
+        try:
+            self.store.create_only(checkpoint_path(state.version), data)
+        except StoreUnavailableError as exc:
+            # The commit itself is durable; without this checkpoint, new readers read the
+            # deltas since the previous one (up to the next checkpoint's version).
+            log.warning("commit %d kept, its checkpoint not written: %s", state.version, exc)
 
 
 def latest(store: Store) -> tuple[int, dict[str, ShardRecord]]:

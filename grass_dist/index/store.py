@@ -222,9 +222,10 @@ class Store:
         path = self._path(rel)
 
         def get() -> bytes:
-            # s3fs sizes a read from its listing cache when that holds the parent folder, and
-            # so calls an object created after the listing missing: drop those entries.
-            self.fs.invalidate_cache(path)
+            if self.is_s3:
+                # s3fs sizes a read from its listing cache when that holds the parent folder,
+                # and so calls an object created after the listing missing: drop those entries.
+                self.fs.invalidate_cache(path)
             return bytes(self.fs.cat_file(path))
 
         return self._call(f"cannot read {rel!r}", get, passthrough=(FileNotFoundError,))

@@ -11,7 +11,7 @@ import uuid
 import fsspec
 import pytest
 
-from grass_dist.errors import CorruptIndexError
+from grass_dist.errors import CorruptIndexError, StoreUnavailableError
 from grass_dist.index import GradientIndex, ManifestLog, ShardRecord, Store, commit, latest
 from grass_dist.index.manifest import checkpoint_path, manifest_path
 
@@ -163,3 +163,19 @@ def test_readers_racing_a_committer_see_whole_commits_only(url, checkpoint_every
     assert not errors
     assert latest(Store(url))[0] == commits
     assert len(seen) > 3  # the readers did run while the committer was committing
+
+
+def test_a_checkpoint_that_cannot_be_written_keeps_the_commit(tmp_path, monkeypatch, caplog):
+    store = Store(str(tmp_path / "idx"))
+    original = Store.create_only
+
+    def no_checkpoints(self, rel, data):
+        if rel.startswith("_manifests/checkpoints/"):
+            raise StoreUnavailableError(self.url, "disk full")
+        return original(self, rel, data)
+
+    monkeypatch.setattr(Store, "create_only", no_checkpoints)
+    log = ManifestLog(store, checkpoint_every=2)
+    assert [log.commit([_rec(i)]) for i in range(3)] == [1, 2, 3]
+    assert "commit 2 kept, its checkpoint not written" in caplog.text
+    assert latest(Store(store.url)) == log.snapshot()
