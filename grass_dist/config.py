@@ -203,6 +203,12 @@ class ServeConfig:
 
 
 @dataclass
+class GcConfig:
+    grace_s: float = _f(3600.0, "jobs.gc keeps uncommitted attempt files younger than this (s)")
+    dry_run: bool = _f(False, "jobs.gc reports what it would remove and removes nothing")
+
+
+@dataclass
 class JobConfig:
     """The validated job: user callables stay as raw Hydra nodes with `_target_`."""
 
@@ -220,6 +226,7 @@ class JobConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)
     lds: LdsConfig = field(default_factory=LdsConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    gc: GcConfig = field(default_factory=GcConfig)
 
     @property
     def index_url(self) -> str:
@@ -265,6 +272,8 @@ class JobConfig:
         _validate_layers(self.index.layers)
         _validate_damping(self.precondition)
         _validate_lds(self.lds)
+        if not self.gc.grace_s >= 0:
+            raise ConfigError(f"gc.grace_s={self.gc.grace_s} must be >= 0 seconds")
         if self.ensemble.size < 1:
             raise ConfigError(f"ensemble.size={self.ensemble.size} must be at least 1")
         if self.scoring.kind not in ("influence", "grad_dot", "cosine"):
@@ -575,4 +584,5 @@ _GROUPS = {
     "serve": ServeConfig,
     "lds": LdsConfig,
     "ensemble": EnsembleConfig,
+    "gc": GcConfig,
 }

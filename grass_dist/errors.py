@@ -172,3 +172,7 @@ class ServiceCheckError(GrassError):
 
 class BadRecordError(ConfigError):
     """A data record lacks a configured field, or its value is null or not a string."""
+
+
+class ShardCollectedError(GrassError):
+    """A commit named a shard file that garbage collection had already removed."""

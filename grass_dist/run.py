@@ -19,10 +19,14 @@ from grass_dist.build import (
     build_task,
     check_arguments,
     locate_target,
+    store_retry,
 )
 from grass_dist.config import JobConfig, resolve
 from grass_dist.data import items
-from grass_dist.errors import ConfigError, GrassError
+from grass_dist.errors import ConfigError, GrassError, IndexNotFoundError
+from grass_dist.index.gc import collect
+from grass_dist.index.gradient_index import INDEX_FILE
+from grass_dist.index.store import Store
 from grass_dist.report import top_proponent_label_agreement, write_report
 
 log = logging.getLogger("grass_dist")
@@ -216,6 +220,22 @@ def index(cfg: DictConfig) -> dict[str, Any]:
         return out
 
     return _run(cfg, body)
+
+
+def gc(cfg: DictConfig) -> dict[str, Any]:
+    """Remove shard attempt files no manifest version lists, unchanged for gc.grace_s."""
+
+    def body() -> dict[str, Any]:
+        job = JobConfig.from_cfg(cfg)
+        store = Store(job.index_url, job.store.storage_options, store_retry(job))
+        if not store.exists(INDEX_FILE):
+            raise IndexNotFoundError(
+                f"no gradient index at {store.url_of('')} ({INDEX_FILE} not found), so there is "
+                "nothing to collect. Fix: point store.url (or index.url) at an existing index."
+            )
+        return {"gc": collect(store, job.gc.grace_s, job.gc.dry_run).to_dict()}
+
+    return _run_plain(body)
 
 
 def score(cfg: DictConfig) -> dict[str, Any]:

@@ -71,6 +71,11 @@ def test_store_benchmark_runs_tiny(tmp_path):
     assert "| seaweedfs | write | " in text and "| seaweedfs | read | " in text
 
 
+def test_commit_benchmark_runs_tiny(tmp_path):
+    args = "--sizes 10 200 --commits 20 --checkpoint-every 10 --before-commits 2"
+    assert "| 200 | " in _table(tmp_path, "bench_commit.py", args)
+
+
 def test_cluster_benchmark_runs_quick(tmp_path):
     assert "per-shard" in _table(tmp_path, "bench_cluster.py", "--quick").lower()
 

@@ -3,7 +3,8 @@
 Layout under the index URL (README.md, "Results: layout and schema", lists every path)::
 
     index.json                          {"format_version": 1, "fingerprint": {...}}, written once
-    _manifests/<version:010d>.json      cumulative, create-only
+    _manifests/<version:010d>.json      one commit's records (a delta), create-only
+    _manifests/checkpoints/<version:010d>.json   the whole state every CHECKPOINT_EVERY versions
     shards/<shard id>/<attempt>.parquet immutable, one per attempt
     preconditioner/..., results/...     artifacts (`put_artifact` / `get_artifact`)
 """
@@ -28,7 +29,7 @@ from grass_dist.errors import (
     StoreUnavailableError,
 )
 from grass_dist.index import manifest, shards
-from grass_dist.index.manifest import ShardRecord
+from grass_dist.index.manifest import ManifestLog, ShardRecord
 from grass_dist.index.retry import RetryPolicy
 from grass_dist.index.shards import ShardData
 from grass_dist.index.store import Store
@@ -86,6 +87,7 @@ class GradientIndex:
     def __init__(self, store: Store, fingerprint: dict[str, Any]) -> None:
         self.store = store
         self.fingerprint = fingerprint
+        self._manifests: ManifestLog | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (GradientIndex, (self.store, self.fingerprint))
@@ -161,9 +163,16 @@ class GradientIndex:
         return str(self.fingerprint.get("dtype", "float32"))
 
     # ---- shards and commits ------------------------------------------------------------
+    @property
+    def manifests(self) -> ManifestLog:
+        """This process's view of the manifest log (made on first use, never pickled)."""
+        if self._manifests is None:
+            self._manifests = ManifestLog(self.store)
+        return self._manifests
+
     def committed(self) -> dict[str, ShardRecord]:
-        """shard_id -> record for every shard in the latest manifest."""
-        return manifest.latest(self.store)[1]
+        """shard_id -> record for every shard in the latest manifest version."""
+        return self.manifests.snapshot()[1]
 
     def num_rows(self) -> int:
         """Total committed training rows."""
@@ -214,9 +223,9 @@ class GradientIndex:
         """Commit shard records exactly once (first committed attempt wins); returns version.
 
         ``replace`` (repair only) maps a shard id to the bad attempt its new record replaces;
-        see ``manifest.commit``.
+        see ``ManifestLog.commit``.
         """
-        return manifest.commit(self.store, list(records), replace=replace)
+        return self.manifests.commit(list(records), replace=replace)
 
     def check_shard(self, record: ShardRecord) -> str | None:
         """Why a committed shard is bad (missing, altered, truncated, wrong rows), or None.

@@ -1,9 +1,27 @@
-"""Exactly-once shard commits through cumulative, create-only manifest versions.
+"""Exactly-once shard commits through a log of small, create-only manifest versions.
 
-``_manifests/<version:010d>.json`` holds every committed shard as of that version. A commit
+Version ``v`` is ``_manifests/<v:010d>.json``, a delta: the shard records that commit ``v``
+added or replaced. The committed state at ``v`` is versions 1..v applied in order. A commit
 writes version ``latest + 1`` with a create-only put; losing the race means someone else
-committed first, so re-read and try the next version. A shard id is never replaced once
-committed: the first committed attempt wins, so retried or duplicated shards add no rows.
+committed first, so apply their version and try the next. A shard id is never replaced once
+committed: the first committed attempt wins, so retried or duplicated shards add no rows
+(repair swaps a bad attempt explicitly, see ``replace``).
+
+Why a commit costs the same at any index size: ``ManifestLog`` keeps the state it last built,
+so a commit merges its records into that state, puts only the delta and, after a lost race,
+reads only the versions newer than its own. It never lists ``_manifests/`` and never rewrites
+committed records. Every ``CHECKPOINT_EVERY`` versions, the committer of that version also
+writes ``_manifests/checkpoints/<v:010d>.json`` (the whole state at ``v``) so that opening an
+index reads one checkpoint and at most that many deltas, not the whole log.
+
+A reader never sees part of a commit: a version is one object that appears whole, and a
+state is always every version up to some ``v``. A manifest written by an older grass_dist is
+cumulative (a ``shards`` key, like a checkpoint) and is read as the checkpoint it is.
+
+Garbage collection (``grass_dist.index.gc``) goes through the same log: before it deletes
+uncommitted attempt files it commits a version naming them (``collected``). A later commit
+refuses those files, and every earlier one is in the state gc checked, so no manifest version
+ever lists a deleted file.
 """
 
 from __future__ import annotations
@@ -12,18 +30,31 @@ import json
 import logging
 import random
 import re
+import threading
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Any
 
-from grass_dist.errors import CommitConflictError, CorruptIndexError
+from grass_dist.errors import (
+    CommitConflictError,
+    CorruptIndexError,
+    ShardCollectedError,
+    StoreUnavailableError,
+)
 from grass_dist.index.store import Store, redact_url
 
 log = logging.getLogger(__name__)
 
 MANIFEST_DIR = "_manifests"
+CHECKPOINT_DIR = f"{MANIFEST_DIR}/checkpoints"
+# Opening an index reads at most this many deltas; a checkpoint's cost (the whole state) is
+# spread over this many commits.
+CHECKPOINT_EVERY = 1000
 _NAME = re.compile(r"^(\d{10})\.json$")
+_FETCH_BATCH = 32  # versions read concurrently while catching up (S3 round trips overlap)
 
 
 @dataclass(frozen=True)
@@ -44,64 +75,241 @@ class ShardRecord:
         """Build from a manifest entry (extra keys from newer writers are ignored)."""
         return cls(**{name: d[name] for name in cls.__dataclass_fields__})  # type: ignore[arg-type]
 
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest entry (field by field; ``asdict`` is several times slower)."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
 
 def manifest_path(version: int) -> str:
-    """Relative path of manifest ``version``."""
+    """Relative path of manifest ``version`` (a delta, or a cumulative manifest of old)."""
     return f"{MANIFEST_DIR}/{version:010d}.json"
 
 
-def _listed_versions(store: Store) -> list[int]:
-    """Manifest versions present, newest first (listing cache invalidated by Store.list)."""
-    found = (_NAME.match(name) for name in store.list(MANIFEST_DIR))
-    return sorted((int(m.group(1)) for m in found if m), reverse=True)
+def checkpoint_path(version: int) -> str:
+    """Relative path of the checkpoint (whole state) at ``version``."""
+    return f"{CHECKPOINT_DIR}/{version:010d}.json"
 
 
-def _read(store: Store, version: int) -> dict[str, ShardRecord]:
-    doc = json.loads(store.read_bytes(manifest_path(version)))
-    return {sid: ShardRecord.from_dict(rec) for sid, rec in doc["shards"].items()}
+@dataclass
+class ManifestState:
+    """The committed state at ``version``.
+
+    ``retired`` holds the files of attempts that a repair replaced (older versions list them,
+    so gc keeps them); ``collected`` the files gc removed, which no commit may list.
+    """
+
+    version: int = 0
+    shards: dict[str, ShardRecord] = field(default_factory=dict)
+    retired: set[str] = field(default_factory=set)
+    collected: set[str] = field(default_factory=set)
+
+    def apply(self, version: int, doc: dict[str, Any]) -> None:
+        """Apply manifest ``version`` (a delta, or a whole state); parse errors change nothing."""
+        if "shards" in doc:  # a checkpoint, or a cumulative manifest of an older grass_dist
+            self.shards = {sid: ShardRecord.from_dict(r) for sid, r in doc["shards"].items()}
+            self.retired = set(doc.get("retired", []))
+            self.collected = set(doc.get("collected", []))
+        else:
+            records = {sid: ShardRecord.from_dict(r) for sid, r in doc["records"].items()}
+            collected = list(doc.get("collected", []))
+            for sid, rec in records.items():
+                old = self.shards.get(sid)
+                if old is not None and old.file != rec.file:
+                    self.retired.add(old.file)
+                self.shards[sid] = rec
+            self.collected.update(collected)
+        self.version = version
+
+    def files(self) -> set[str]:
+        """Every file some manifest version up to this one lists (current and retired)."""
+        return {rec.file for rec in self.shards.values()} | self.retired
+
+    def copy(self) -> ManifestState:
+        return ManifestState(
+            self.version, dict(self.shards), set(self.retired), set(self.collected)
+        )
 
 
-def _latest(store: Store) -> tuple[int, dict[str, ShardRecord], int]:
-    """(newest parsable version, its records, newest listed version)."""
-    listed = _listed_versions(store)
-    for version in listed:
+class ManifestLog:
+    """One process's view of an index's manifest log, kept current by reading newer versions.
+
+    Thread-safe. Keep one per index and process (``GradientIndex`` does): its cached state is
+    what makes commits independent of the index size.
+    """
+
+    def __init__(self, store: Store, checkpoint_every: int | None = None) -> None:
+        self.store = store
+        self.checkpoint_every = checkpoint_every or CHECKPOINT_EVERY
+        self._state: ManifestState | None = None
+        self._blocked = 0  # the newest version, when it is unreadable (else 0)
+        # Shard id -> its checkpoint entry ('"id":{...}'): serialising 100k records anew for
+        # each checkpoint would cost more than the commits between two checkpoints.
+        self._entries: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def state(self) -> ManifestState:
+        """A copy of the newest committed state."""
+        with self._lock:
+            return self._refresh().copy()
+
+    def snapshot(self) -> tuple[int, dict[str, ShardRecord]]:
+        """(version, shard_id -> record) of the newest committed state; (0, {}) if none."""
+        with self._lock:
+            state = self._refresh()
+            return state.version, dict(state.shards)
+
+    def commit(
+        self,
+        records: list[ShardRecord],
+        replace: Mapping[str, str] | None = None,
+        collect: Iterable[str] = (),
+        max_attempts: int = 50,
+    ) -> int:
+        """Commit ``records`` exactly once; returns the manifest version that includes them.
+
+        Shard ids that are already committed (or repeated in ``records``) keep their first
+        committed attempt; later attempts are logged and ignored, unless ``replace`` maps the
+        shard id to the attempt committed right now (repair of a bad shard). ``collect``
+        (gc only) names uncommitted files about to be deleted; files that some version lists
+        are left out. If nothing changes, no manifest is written and the current version is
+        returned.
+
+        Raises:
+            ShardCollectedError: a record's file was removed by gc; nothing was committed.
+            CommitConflictError: still losing create-only races after ``max_attempts`` tries.
+            CorruptIndexError: the newest manifest stays unreadable.
+            CreateOnlyUnsupportedError: the store lets a create-only put replace an object.
+        """
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        self.store.check_create_only()  # once per Store: the loop below is only safe if it holds
+        collect = set(collect)
+        with self._lock:
+            # No read first: the create-only put finds out whether the kept state is stale.
+            state = self._refresh(catch_up=False)
+            for attempt in range(max_attempts):
+                if self._blocked:
+                    # The newest manifest is unreadable: mid-write on a filesystem without
+                    # atomic create, or damaged. Building on an older one would drop it.
+                    _backoff(attempt)
+                    self._catch_up()
+                    continue
+                delta, replaced, gone = _merge(state, records, replace or {})
+                if gone:
+                    raise ShardCollectedError(_collected_message(self.store, gone))
+                doomed = sorted(collect - state.files() - state.collected) if collect else []
+                if not delta and not doomed:
+                    return state.version
+                version = state.version + 1
+                doc: dict[str, Any] = {
+                    "version": version,
+                    "records": {sid: rec.to_dict() for sid, rec in sorted(delta.items())},
+                    "created": datetime.now(timezone.utc).isoformat(),
+                }
+                if replaced:
+                    doc["replaced"] = replaced
+                if doomed:
+                    doc["collected"] = doomed
+                data = _dumps(doc, indent=1)
+                if self.store.create_only(manifest_path(version), data):
+                    self._apply(version, data)  # exactly what readers parse
+                    if version % self.checkpoint_every == 0:
+                        self._checkpoint()
+                    return version
+                _backoff(attempt)  # lost the race: another committer wrote `version` first
+                self._catch_up()
+        if self._blocked:
+            raise CorruptIndexError(
+                f"manifest {self.store.url_of(manifest_path(self._blocked))} is unreadable, so "
+                "new shards cannot be committed on top of it. Fix: inspect or restore that "
+                "file, then rerun."
+            )
+        raise CommitConflictError(
+            f"could not commit {len(records)} shard(s) to {redact_url(self.store.url)} after "
+            f"{max_attempts} attempts: other writers kept committing first. Fix: rerun the job "
+            "(committed shards are kept), or use fewer concurrent committers (batch commits "
+            "in the driver)."
+        )
+
+    # ---- reading the log -------------------------------------------------------------
+    def _refresh(self, catch_up: bool = True) -> ManifestState:
+        if self._state is None:
+            self._state, prefetched = _load_base(self.store)
+            self._catch_up(prefetched)
+        elif catch_up:
+            self._catch_up()
+        return self._state
+
+    def _catch_up(self, prefetched: dict[int, bytes] | None = None) -> None:
+        """Apply every version after the cached one, up to the first that does not exist."""
+        state, prefetched = self._state, prefetched or {}
+        assert state is not None
+        self._blocked, batch = 0, 1
+        while True:
+            versions = list(range(state.version + 1, state.version + 1 + batch))
+            raws = _fetch(self.store, versions, prefetched)
+            for version, raw in zip(versions, raws, strict=True):
+                if raw is None:  # the log ends here (a later one read early is a race, not a gap)
+                    return
+                try:
+                    self._apply(version, raw)
+                except (ValueError, KeyError, TypeError) as exc:
+                    self._unreadable(version, exc)
+                    return
+            batch = min(2 * batch, _FETCH_BATCH)
+
+    def _apply(self, version: int, raw: bytes) -> None:
+        assert self._state is not None
+        doc = json.loads(raw)
+        self._state.apply(version, doc)
+        if "shards" in doc:
+            self._entries = {}
+        else:
+            for sid, entry in doc["records"].items():
+                self._entries[sid] = _entry(sid, entry)
+
+    def _unreadable(self, version: int, exc: Exception) -> None:
+        where = self.store.url_of(manifest_path(version))
+        if self.store.exists(manifest_path(version + 1)):
+            raise CorruptIndexError(
+                f"manifest {where} is unreadable ({exc}) and newer versions build on it, so the "
+                "committed state cannot be read. Fix: restore that file from a backup, or "
+                "rebuild the index under a new store.url."
+            )
+        log.warning(
+            "newest manifest %s is unreadable (%s); reading the state before it", where, exc
+        )
+        self._blocked = version
+
+    def _checkpoint(self) -> None:
+        state, entries = self._state, self._entries
+        assert state is not None
+        for sid, rec in state.shards.items():
+            if sid not in entries:  # loaded with the base state, not from a delta
+                entries[sid] = _entry(sid, rec.to_dict())
+        rest = {
+            "version": state.version,
+            "retired": sorted(state.retired),
+            "collected": sorted(state.collected),
+            "created": datetime.now(timezone.utc).isoformat(),
+        }
+        shards = ",".join(entries[sid] for sid in state.shards)
+        data = b'{"shards":{' + shards.encode() + b"}," + _dumps(rest)[1:]
+        # Create-only: a checkpoint is a pure function of the log, so an existing one is equal.
         try:
-            return version, _read(store, version), listed[0]
-        except (ValueError, KeyError, TypeError) as exc:
-            where = store.url_of(manifest_path(version))
-            log.warning("skipping unreadable manifest %s: %s", where, exc)
-    return 0, {}, listed[0] if listed else 0
+            self.store.create_only(checkpoint_path(state.version), data)
+        except StoreUnavailableError as exc:
+            # The commit itself is durable; without this checkpoint, new readers read the
+            # deltas since the previous one (up to the next checkpoint's version).
+            log.warning("commit %d kept, its checkpoint not written: %s", state.version, exc)
 
 
 def latest(store: Store) -> tuple[int, dict[str, ShardRecord]]:
-    """Newest committed manifest: (version, shard_id -> record); (0, {}) if none exists."""
-    version, records, _ = _latest(store)
-    return version, records
+    """Newest committed manifest: (version, shard_id -> record); (0, {}) if none exists.
 
-
-def _merge(
-    current: dict[str, ShardRecord], records: list[ShardRecord], replace: Mapping[str, str]
-) -> tuple[dict[str, ShardRecord], dict[str, str], bool]:
-    """(merged records, shard_id -> replaced attempt, whether anything changed)."""
-    merged, replaced, changed = dict(current), {}, False
-    for rec in records:
-        kept = merged.get(rec.shard_id)
-        if kept is None:
-            merged[rec.shard_id], changed = rec, True
-        elif kept.attempt == rec.attempt:
-            continue
-        elif replace.get(rec.shard_id) == kept.attempt:
-            log.info("shard %s: attempt %s replaces %s", rec.shard_id, rec.attempt, kept.attempt)
-            merged[rec.shard_id], changed = rec, True
-            replaced[rec.shard_id] = kept.attempt
-        else:
-            log.info(
-                "shard %s already committed (attempt %s); ignoring duplicate attempt %s",
-                rec.shard_id,
-                kept.attempt,
-                rec.attempt,
-            )
-    return merged, replaced, changed
+    Reads from scratch; keep a ``ManifestLog`` (or ``GradientIndex``) to read repeatedly.
+    """
+    return ManifestLog(store).snapshot()
 
 
 def commit(
@@ -110,53 +318,133 @@ def commit(
     max_attempts: int = 50,
     replace: Mapping[str, str] | None = None,
 ) -> int:
-    """Commit ``records`` exactly once; returns the manifest version that includes them.
+    """``ManifestLog.commit`` from scratch (one-off commits; a kept log commits faster)."""
+    return ManifestLog(store).commit(records, replace, max_attempts=max_attempts)
 
-    Shard ids that are already committed (or repeated in ``records``) keep their first
-    committed attempt; later attempts are logged and ignored, unless ``replace`` maps the
-    shard id to the attempt committed right now (repair of a bad shard). If nothing changes,
-    no manifest is written and the current version is returned.
 
-    Raises:
-        CommitConflictError: still losing create-only races after ``max_attempts`` tries.
-        CreateOnlyUnsupportedError: the store lets a create-only put replace an object.
+def legacy_files(store: Store) -> set[str]:
+    """Files listed by the cumulative manifests an older grass_dist wrote (versions 1..L).
+
+    They precede every delta, and each may list files that later ones replaced.
     """
-    if max_attempts < 1:
-        raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
-    store.check_create_only()  # once per Store: the loop below is only safe if it holds
-    for attempt in range(max_attempts):
-        version, current, newest = _latest(store)
-        if newest > version:
-            # The newest manifest is unreadable: mid-write on a filesystem without atomic
-            # create, or damaged. Building on an older one would drop its shards, so wait.
-            _backoff(attempt)
+    files: set[str] = set()
+    first = 1
+    while True:
+        versions = list(range(first, first + _FETCH_BATCH))
+        for raw in _fetch(store, versions, {}):
+            try:
+                doc = json.loads(raw) if raw is not None else None
+            except ValueError:
+                continue  # unreadable: the state readers see skips it too
+            if not isinstance(doc, dict) or "shards" not in doc:
+                return files
+            files.update(str(rec["file"]) for rec in doc["shards"].values())
+        first += _FETCH_BATCH
+
+
+def _merge(
+    state: ManifestState, records: list[ShardRecord], replace: Mapping[str, str]
+) -> tuple[dict[str, ShardRecord], dict[str, str], list[ShardRecord]]:
+    """(records to commit, shard_id -> attempt they replace, records whose file gc removed)."""
+    delta: dict[str, ShardRecord] = {}
+    replaced: dict[str, str] = {}
+    gone: list[ShardRecord] = []
+    for rec in records:
+        kept = delta.get(rec.shard_id) or state.shards.get(rec.shard_id)
+        if kept is not None and kept.attempt == rec.attempt:
             continue
-        merged, replaced, changed = _merge(current, records, replace or {})
-        if not changed:
-            return version
-        doc = {
-            "version": version + 1,
-            "shards": {sid: asdict(rec) for sid, rec in sorted(merged.items())},
-            "created": datetime.now(timezone.utc).isoformat(),
-        }
-        if replaced:
-            doc["replaced"] = replaced
-        # default=: numpy integers (np.int64 starts/ends from callers) become plain ints.
-        data = json.dumps(doc, indent=1, sort_keys=True, default=_builtin).encode()
-        if store.create_only(manifest_path(version + 1), data):
-            return version + 1
-        _backoff(attempt)  # lost the race: another committer wrote version + 1 first
-    if newest > version:
-        raise CorruptIndexError(
-            f"manifest {store.url_of(manifest_path(newest))} is unreadable, so new shards "
-            "cannot be committed on top of it. Fix: inspect or remove that file (older "
-            "manifest versions still hold every shard committed before it), then rerun."
-        )
-    raise CommitConflictError(
-        f"could not commit {len(records)} shard(s) to {redact_url(store.url)} after {max_attempts} "
-        "attempts: other writers kept committing first. Fix: rerun the job (committed shards "
-        "are kept), or use fewer concurrent committers (batch commits in the driver)."
+        if kept is not None and replace.get(rec.shard_id) != kept.attempt:
+            log.info(
+                "shard %s already committed (attempt %s); ignoring duplicate attempt %s",
+                rec.shard_id,
+                kept.attempt,
+                rec.attempt,
+            )
+            continue
+        if rec.file in state.collected:
+            gone.append(rec)
+            continue
+        if kept is not None:
+            log.info("shard %s: attempt %s replaces %s", rec.shard_id, rec.attempt, kept.attempt)
+            replaced[rec.shard_id] = kept.attempt
+        delta[rec.shard_id] = rec
+    return delta, replaced, gone
+
+
+def _collected_message(store: Store, gone: list[ShardRecord]) -> str:
+    files = ", ".join(store.url_of(rec.file) for rec in gone[:5])
+    more = f" and {len(gone) - 5} more" if len(gone) > 5 else ""
+    return (
+        f"shard file(s) {files}{more} were removed by garbage collection (jobs.gc) before they "
+        "were committed, so nothing was committed. Fix: rerun the job (it recomputes every "
+        "uncommitted shard), and run jobs.gc with a gc.grace_s longer than a shard's time "
+        "from write to commit."
     )
+
+
+def _load_base(store: Store) -> tuple[ManifestState, dict[int, bytes]]:
+    """The state to catch up from, and versions above it already read.
+
+    The newest readable checkpoint; without one, the newest cumulative manifest an older
+    grass_dist wrote, or the empty state (then the listing's deltas are already read).
+    """
+    for version in _listed(store, CHECKPOINT_DIR):
+        state = ManifestState()
+        try:
+            state.apply(version, json.loads(store.read_bytes(checkpoint_path(version))))
+            return state, {}
+        except (ValueError, KeyError, TypeError) as exc:
+            where = store.url_of(checkpoint_path(version))
+            log.warning("skipping unreadable checkpoint %s: %s", where, exc)
+    fetched: dict[int, bytes] = {}
+    listed = _listed(store, MANIFEST_DIR)
+    for i in range(0, len(listed), _FETCH_BATCH):
+        chunk = listed[i : i + _FETCH_BATCH]
+        for version, raw in zip(chunk, _fetch(store, chunk, {}), strict=True):
+            if raw is None:
+                continue
+            try:
+                doc = json.loads(raw)
+                if isinstance(doc, dict) and "shards" in doc:
+                    state = ManifestState()
+                    state.apply(version, doc)
+                    return state, fetched
+            except (ValueError, KeyError, TypeError):
+                pass  # catching up reaches it and decides: the newest may be mid-write
+            fetched[version] = raw
+    return ManifestState(), fetched
+
+
+def _listed(store: Store, rel_dir: str) -> list[int]:
+    """Versions named in ``rel_dir``, newest first."""
+    found = (_NAME.match(name) for name in store.list(rel_dir))
+    return sorted((int(m.group(1)) for m in found if m), reverse=True)
+
+
+def _fetch(store: Store, versions: list[int], prefetched: dict[int, bytes]) -> list[bytes | None]:
+    """Raw manifests ``versions`` (None where absent), read concurrently."""
+
+    def one(version: int) -> bytes | None:
+        if version in prefetched:
+            return prefetched.pop(version)
+        try:
+            return store.read_bytes(manifest_path(version))
+        except FileNotFoundError:
+            return None
+
+    if len(versions) == 1:
+        return [one(versions[0])]
+    with ThreadPoolExecutor(min(len(versions), 16)) as pool:
+        return list(pool.map(one, versions))
+
+
+def _entry(shard_id: str, record: dict[str, Any]) -> str:
+    return f"{json.dumps(shard_id)}:{json.dumps(record, sort_keys=True, default=_builtin)}"
+
+
+def _dumps(doc: dict[str, Any], indent: int | None = None) -> bytes:
+    # default=: numpy integers (np.int64 starts/ends from callers) become plain ints.
+    return json.dumps(doc, indent=indent, sort_keys=True, default=_builtin).encode()
 
 
 def _backoff(attempt: int) -> None:

@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Callable
 from contextlib import suppress
+from datetime import datetime
 from typing import IO, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -225,11 +226,15 @@ class Store:
     def read_bytes(self, rel: str) -> bytes:
         """Whole object ``rel``; raises FileNotFoundError if it does not exist."""
         path = self._path(rel)
-        return self._call(
-            f"cannot read {rel!r}",
-            lambda: bytes(self.fs.cat_file(path)),
-            passthrough=(FileNotFoundError,),
-        )
+
+        def get() -> bytes:
+            if self.is_s3:
+                # s3fs sizes a read from its listing cache when that holds the parent folder,
+                # and so calls an object created after the listing missing: drop those entries.
+                self.fs.invalidate_cache(path)
+            return bytes(self.fs.cat_file(path))
+
+        return self._call(f"cannot read {rel!r}", get, passthrough=(FileNotFoundError,))
 
     def read_buffer(self, rel: str) -> bytes | bytearray:
         """Whole object ``rel`` as a bytes-like buffer, for large objects (shards).
@@ -244,6 +249,7 @@ class Store:
         def get() -> bytes | bytearray:
             if not self.is_s3:
                 return self.fs.cat_file(path)
+            self.fs.invalidate_cache(path)  # as in read_bytes: a stale listing hides new objects
             with self.fs.open(path, "rb", block_size=_RANGE_BYTES, cache_type="none") as f:
                 size = int(f.size)
                 if size <= _RANGE_BYTES:
@@ -378,6 +384,27 @@ class Store:
         names = {str(e).replace(os.sep, "/").rstrip("/").rsplit("/", 1)[-1] for e in entries}
         return sorted(n for n in names if n)
 
+    def walk(self, rel_dir: str) -> dict[str, tuple[int, float | None]]:
+        """Every object under ``rel_dir``, recursively: path relative to the root -> (bytes,
+        modification time in seconds since the epoch, by the store's clock; None if the
+        filesystem reports none). {} if ``rel_dir`` does not exist.
+        """
+        path = self._path(rel_dir).replace(os.sep, "/")
+
+        def find() -> dict[str, dict[str, Any]]:
+            self.fs.invalidate_cache()  # other writers may have added objects
+            try:
+                return self.fs.find(path, detail=True)
+            except FileNotFoundError:
+                return {}
+
+        found = self._call(f"cannot list {rel_dir!r}", find)
+        root = self._root.replace(os.sep, "/").rstrip("/") + "/"
+        return {
+            name.replace(os.sep, "/").removeprefix(root): (int(info["size"]), _modified(info))
+            for name, info in found.items()
+        }
+
     def delete(self, rel: str) -> None:
         """Delete the object ``rel``; a missing object is not an error."""
         path = self._path(rel)
@@ -455,3 +482,14 @@ class Store:
                 return False
         finally:
             os.unlink(tmp)
+
+
+def _modified(info: dict[str, Any]) -> float | None:
+    """An fsspec info dict's modification time (local: mtime, S3: LastModified, memory: created)."""
+    for key in ("mtime", "LastModified", "created"):
+        value = info.get(key)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, (int, float)):
+            return float(value)
+    return None

@@ -119,7 +119,7 @@ def test_racing_threads_lose_nothing_and_duplicate_nothing(tmp_path):
     assert len(set(versions)) == len(versions) == 40  # every commit wrote its own version
     assert version == max(versions) == 40
     # "dup" was first committed in version 1; no later manifest replaced it.
-    first = json.loads(store.read_bytes(manifest_path(1)))["shards"]["dup"]["attempt"]
+    first = json.loads(store.read_bytes(manifest_path(1)))["records"]["dup"]["attempt"]
     assert records["dup"].attempt == first
 
 

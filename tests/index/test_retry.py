@@ -119,6 +119,9 @@ class _DenyingS3:
     def cat_file(self, path):
         raise _client_error(403, "SignatureDoesNotMatch", PermissionError)
 
+    def invalidate_cache(self, path=None):
+        """Like every fsspec filesystem's (Store drops s3fs's cached listings before reads)."""
+
 
 def test_denied_is_access_error_naming_bucket_and_endpoint_but_local_eacces_is_not(tmp_path):
     store = Store("s3://bucket/prefix", {"endpoint_url": "http://127.0.0.1:9"})

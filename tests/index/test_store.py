@@ -168,6 +168,9 @@ class _FakeS3:
             raise FileExistsError(path)
         self.objects[path] = data
 
+    def invalidate_cache(self, path=None):
+        """No listing cache to drop: every read sees ``objects``."""
+
     def cat_file(self, path):
         if path not in self.objects:
             raise FileNotFoundError(path)

@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import random
+import time
 from typing import Any
 
 import numpy as np
 
-from grass_dist.index import GradientIndex, Store
+from grass_dist.errors import ShardCollectedError
+from grass_dist.index import GradientIndex, Store, manifest
 from grass_dist.index.manifest import MANIFEST_DIR
 from tests.s3 import lax_fs  # noqa: F401 -- registers ignorecreate:// in this process
 
@@ -21,13 +24,21 @@ def phi_of(shard: int) -> dict[str, np.ndarray]:
 
 
 def commit_shards(
-    url: str, options: dict[str, Any], proc: int, shards: list[int], barrier: Any, lost: Any
+    url: str,
+    options: dict[str, Any],
+    proc: int,
+    shards: list[int],
+    barrier: Any,
+    lost: Any,
+    checkpoint_every: int,
 ) -> None:
     """Commit each of ``shards`` on its own, all processes in lockstep; also race on "dup".
 
     Counts lost manifest races into ``lost`` (a shared integer); the store's create-only
-    probe, refused by design, is not one.
+    probe, refused by design, is not one. Writes a checkpoint every ``checkpoint_every``
+    versions.
     """
+    manifest.CHECKPOINT_EVERY = checkpoint_every  # this process only
     original = Store.create_only
 
     def counting(self: Store, rel: str, data: bytes) -> bool:
@@ -49,17 +60,43 @@ def commit_shards(
         index.commit([record])
 
 
-def race(url: str, options: dict[str, Any], procs: int, per_proc: int) -> tuple[list[int], int]:
+def write_and_commit(url: str, options: dict[str, Any], count: int, stats: Any) -> None:
+    """Write and commit shards w000.. one by one, pausing between write and commit, while gc
+    runs; also abandon an attempt of every third shard (garbage for gc).
+
+    ``stats``: shared [commits refused because gc had collected the file, bytes written].
+    """
+    index = GradientIndex.open(url, options)
+    for i in range(count):
+        rows = np.arange(ROWS * i, ROWS * i + ROWS)
+        while True:
+            for _ in range(2 if i % 3 == 0 else 1):
+                record = index.write_shard(
+                    f"w{i:03d}", rows[0], rows[-1] + 1, rows, ["k"] * ROWS, phi_of(i)
+                )
+                stats[1] += record.nbytes
+            time.sleep(random.uniform(0, 0.05))  # written, not yet committed: gc's window
+            try:
+                index.commit([record])
+                break
+            except ShardCollectedError:
+                stats[0] += 1  # as the driver would: compute the shard again
+
+
+def race(
+    url: str, options: dict[str, Any], procs: int, per_proc: int, checkpoint_every: int = 1000
+) -> tuple[list[int], int]:
     """Run ``procs`` committer processes of ``per_proc`` shards each on the index at ``url``.
 
     Returns (their exit codes, create-only races they lost).
     """
     ctx = mp.get_context("spawn")  # fresh interpreters: never fork a process running Ray
     barrier, lost = ctx.Barrier(procs), ctx.Value("i", 0)
+    shards = [list(range(p, procs * per_proc, procs)) for p in range(procs)]
     workers = [
         ctx.Process(
             target=commit_shards,
-            args=(url, options, p, list(range(p, procs * per_proc, procs)), barrier, lost),
+            args=(url, options, p, shards[p], barrier, lost, checkpoint_every),
         )
         for p in range(procs)
     ]

@@ -4,6 +4,8 @@ racing committers, integrity repair and appends behave the same on each."""
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import torch
 from grass_dist import pipeline, results, run
 from grass_dist.build import build_dataset, build_model
 from grass_dist.errors import CorruptShardError, FingerprintMismatchError
-from grass_dist.index import GradientIndex, ShardRecord, Store
+from grass_dist.index import GradientIndex, ManifestLog, ShardRecord, Store
 from grass_dist.index import store as store_module
 from grass_dist.index.manifest import latest, manifest_path
 from tests.helpers import layer_grad, per_sample_grads
@@ -72,13 +74,44 @@ def test_racing_committer_processes_lose_and_duplicate_nothing(backend):
         {"layers": [{"name": committer.LAYER, "k": committer.K}]},
         backend.storage_options,
     )
-    exitcodes, lost = committer.race(backend.url, backend.storage_options, procs, per_proc)
-    assert exitcodes == [0] * procs
+    ctx = mp.get_context("spawn")  # fresh interpreters: never fork a process running Ray
+    barrier, lost = ctx.Barrier(procs), ctx.Value("i", 0)
+    workers = [
+        ctx.Process(
+            target=committer.commit_shards,
+            args=(
+                backend.url,
+                backend.storage_options,
+                p,
+                list(range(p, procs * per_proc, procs)),
+                barrier,
+                lost,
+                3,  # checkpoint every 3 versions: readers load checkpoints mid-race
+            ),
+        )
+        for p in range(procs)
+    ]
+    for w in workers:
+        w.start()
+    # Each version adds exactly one shard, so a state at version v lists v shards: a reader
+    # racing the committers (fresh, or kept and catching up) must never see anything else.
+    kept, seen = ManifestLog(Store(backend.url, backend.storage_options)), []
+    while any(w.is_alive() for w in workers):
+        seen += [latest(Store(backend.url, backend.storage_options)), kept.snapshot()]
+        time.sleep(0.01)
+    for w in workers:
+        w.join(120)
+        assert w.exitcode == 0
     index = _open(backend)
     version, records = latest(index.store)
+    for v, snapshot in seen:
+        assert len(snapshot) == v
+        assert all(rec == records[sid] for sid, rec in snapshot.items())
+    assert any(0 < v < version for v, _ in seen)  # the readers ran mid-race
+    assert index.store.list("_manifests/checkpoints")
     assert sorted(records) == ["dup", *(f"s{s:03d}" for s in range(procs * per_proc))]
     assert version == procs * per_proc + 1  # one manifest per commit that added a shard
-    assert lost > 0  # lockstep commits did collide: conflicts were detected, not lost
+    assert lost.value > 0  # lockstep commits did collide: conflicts were detected, not lost
     for sid, record in records.items():
         data = index.read(record)
         if sid != "dup":
@@ -167,3 +200,14 @@ def test_large_objects_are_read_in_ranges_into_one_buffer(backend, monkeypatch):
     assert bytes(store.read_buffer("small.bin")) == b"one range"
     with pytest.raises(FileNotFoundError):
         store.read_buffer("absent.bin")
+
+
+def test_an_object_created_after_a_listing_is_read(backend):
+    # s3fs keeps listings; a read must not take the listing's word that an object is missing
+    # (manifest readers read versions newer than their last listing).
+    reader = Store(backend.url, backend.storage_options)
+    reader.write_bytes("d/a", b"a")
+    assert reader.list("d") == ["a"]
+    other = {**backend.storage_options, "skip_instance_cache": True}  # another process's view
+    Store(backend.url, other).write_bytes("d/b", b"b")
+    assert reader.read_bytes("d/b") == b"b" and bytes(reader.read_buffer("d/b")) == b"b"
