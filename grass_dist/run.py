@@ -81,7 +81,7 @@ def _index_bytes(job: pipeline.Job) -> int:
 
 
 def cli(main: Callable[[], Any]) -> None:
-    """Call a `hydra.main` entry point as `python -m jobs.<name>` does.
+    """Call a `hydra.main` entry point as `python -m jobs.<name>` does, with the jobs' logging.
 
     Hydra itself refuses a bad command line (an unknown key or preset, a malformed override)
     with status 1, the status of a crash; such a refusal exits 2 here like every other bad
@@ -89,6 +89,7 @@ def cli(main: Callable[[], Any]) -> None:
     """
     from hydra.errors import CompactHydraException
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         main()
     except SystemExit as e:
@@ -106,9 +107,9 @@ def _refuse(e: GrassError) -> NoReturn:
     sys.exit(2)
 
 
-def _run_plain(body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Run `body` with the jobs' logging, error report and JSON summary."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+def _summarised(body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The one wrapper of every job: run `body`; a GrassError exits 2 with its message,
+    otherwise the summary (with total_seconds) is printed as JSON and returned."""
     t0 = time.perf_counter()
     try:
         summary = body()
@@ -135,24 +136,20 @@ def _run(
     create_index: bool = True,
     query: bool = False,
 ) -> dict[str, Any]:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    t0 = time.perf_counter()
-    try:
+    def staged() -> dict[str, Any]:
         job = pipeline.prepare(cfg, create_index=create_index, query=query)
         try:
             summary = body(job)
         finally:
             pipeline.shutdown(job)
-    except GrassError as e:
-        _refuse(e)
-    summary["compression"] = _compression_summary(job)
-    if job.skipped_records:
-        summary["skipped_records"] = job.skipped_records  # data.train.on_bad_record=skip
-    summary["stage_seconds"] = {k: round(v, 3) for k, v in job.timings.items()}
-    summary["total_seconds"] = round(time.perf_counter() - t0, 3)
-    summary["index_url"] = job.index.store.url_of("")
-    print(json.dumps(summary, indent=2, default=str))
-    return summary
+        summary["compression"] = _compression_summary(job)
+        if job.skipped_records:
+            summary["skipped_records"] = job.skipped_records  # data.train.on_bad_record=skip
+        summary["stage_seconds"] = {k: round(v, 3) for k, v in job.timings.items()}
+        summary["index_url"] = job.index.store.url_of("")
+        return summary
+
+    return _summarised(staged)
 
 
 def _is_ensemble(raw: dict[str, Any]) -> bool:
@@ -186,14 +183,14 @@ def attribute(cfg: DictConfig) -> dict[str, Any]:
     except GrassError as e:
         _refuse(e)
     if _is_ensemble(raw):
-        return _run_plain(lambda: evaluate.attribute_ensemble(raw))
+        return _summarised(lambda: evaluate.attribute_ensemble(raw))
 
     def body(job: pipeline.Job) -> dict[str, Any]:
         out = {"index": pipeline.run_index(job)}
         query = pipeline.query_phi(job)
         pipeline.release_workers(job)
         out["precondition"] = pipeline.run_precondition(job)
-        out.update(evaluate.score_stage(job, query))
+        out.update(pipeline.score_stage(job, query))
         with job.stage("report"):
             out["report"] = make_report(job)
         out["index_bytes"] = _index_bytes(job)
@@ -225,9 +222,24 @@ def score(cfg: DictConfig) -> dict[str, Any]:
         query = pipeline.query_phi(job)
         pipeline.release_workers(job)
         out = {"precondition": pipeline.run_precondition(job)}
-        out.update(evaluate.score_stage(job, query))
+        out.update(pipeline.score_stage(job, query))
         with job.stage("report"):
             out["report"] = make_report(job)
         return out
 
     return _run(cfg, body, create_index=False, query=True)
+
+
+def lds(cfg: DictConfig) -> dict[str, Any]:
+    """LDS of the result sets lds.results (default [run.name]); see grass_dist.evaluate.lds."""
+    return _summarised(lambda: evaluate.lds(cfg))
+
+
+def serve(cfg: DictConfig) -> None:
+    """Check the config against the index, deploy the service and serve until stopped."""
+    from grass_dist.service.app import serve_forever  # Ray Serve only for this door
+
+    try:
+        serve_forever(resolve(cfg))
+    except GrassError as e:
+        _refuse(e)
