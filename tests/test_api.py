@@ -11,7 +11,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 import grass_dist as gd
 from grass_dist import assembly, pipeline, results, run
@@ -22,7 +21,6 @@ from grass_dist.data import digits
 from grass_dist.errors import ConfigError
 from grass_dist.index import GradientIndex
 from grass_dist.models import digits_mlp, state_hash
-from grass_dist.runtime.worker import GradientWorker
 from tests.conftest import ROOT, compose_cfg
 
 # The jobs' command line of the equivalence test, and the same settings for the API.
@@ -42,21 +40,6 @@ def readme_snippet() -> str:
     return re.search(r"^```python\n(.*?)^```", text, flags=re.M | re.S).group(1)
 
 
-def test_content_names_in_memory_objects():
-    a, b = digits("train", n_train=20, n_query=5), digits("train", n_train=20, n_query=5)
-    node = assembly.register(a)
-    assert node == assembly.register(b)  # same rows, same name
-    assert node["sha256"] != assembly.register(digits("train", n_train=21, n_query=5))["sha256"]
-    assert assembly.in_memory(node["sha256"], node["type"]) is b
-    model = torch.nn.Linear(3, 2)
-    before = assembly.register(model)["sha256"]
-    with torch.no_grad():
-        model.weight[0, 0] += 1
-    assert assembly.register(model)["sha256"] != before
-    with pytest.raises(ConfigError, match="name a factory instead"):
-        assembly.in_memory("0" * 64, "torch.nn.Linear")
-
-
 def test_factories_and_config_nodes_become_the_jobs_nodes():
     raw = job_config(
         functools.partial(digits_mlp, hidden=[16]),
@@ -70,13 +53,6 @@ def test_factories_and_config_nodes_become_the_jobs_nodes():
     assert raw["compression"] == {"method": "factgrass", "k": 16}
     with pytest.raises(ConfigError, match="positional"):
         job_config(functools.partial(digits_mlp, [16]), {"_target_": "x"})
-
-
-def test_a_worker_outside_ray_leaves_the_thread_count_alone(tmp_path):
-    job = pipeline.prepare(compose_cfg(tmp_path))  # the index.json workers open; no Ray
-    threads = torch.get_num_threads()
-    GradientWorker(job.raw, job.model_hash, threads=threads + 1)
-    assert torch.get_num_threads() == threads
 
 
 @pytest.mark.integration
