@@ -14,6 +14,7 @@ through the node (data identity) and the model's state hash.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import pickle
 from dataclasses import dataclass
@@ -142,9 +143,13 @@ def content_digest(obj: Any) -> str:
 
 
 def register(obj: Any) -> dict[str, Any]:
-    """Keep `obj` in this process and return the config node that names it by content."""
+    """Keep `obj` in this process and return the config node that names it by content.
+
+    A model is kept as a copy: computing gradients sets its mode and device, and the
+    caller's model stays as the caller left it.
+    """
     digest = content_digest(obj)
-    _OBJECTS[digest] = obj
+    _OBJECTS[digest] = copy.deepcopy(obj) if isinstance(obj, nn.Module) else obj
     kind = type(obj)
     return {"_target_": IN_MEMORY, "sha256": digest, "type": f"{kind.__module__}.{kind.__name__}"}
 

@@ -22,7 +22,9 @@ def test_content_names_in_memory_objects():
     assert node["sha256"] != assembly.register(digits("train", n_train=21, n_query=5))["sha256"]
     assert assembly.in_memory(node["sha256"], node["type"]) is b
     model = torch.nn.Linear(3, 2)
-    before = assembly.register(model)["sha256"]
+    kept = assembly.register(model)
+    before = kept["sha256"]
+    assert assembly.in_memory(before, kept["type"]) is not model  # a copy: the caller's stays
     with torch.no_grad():
         model.weight[0, 0] += 1
     assert assembly.register(model)["sha256"] != before
