@@ -111,7 +111,7 @@ def attribute_method(args, method: str, k: int, gt) -> dict:
         pipeline.release_workers(job)
         pipeline.run_precondition(job)
         t0 = time.perf_counter()
-        member = evaluate.members_of([job], [query])[0]
+        member = pipeline.members_of([job], [query])[0]
         selection = damping.choose([member], job.cfg, job.n_train)
         job.timings["damping_sweep"] = time.perf_counter() - t0
         p = job.cfg.precondition

@@ -23,11 +23,8 @@ from grass_dist.config import JobConfig
 from grass_dist.data_identity import data_identity
 from grass_dist.errors import ConfigError, GrassError
 from grass_dist.index import GradientIndex
-from grass_dist.index.retry import RetryPolicy
+from grass_dist.index.gradient_index import FORMAT_VERSION
 from grass_dist.models import state_hash
-
-FORMAT_VERSION = 1
-
 
 # Keys Hydra reads itself; everything else under a node is an argument of its _target_.
 _HYDRA_KEYS = frozenset({"_target_", "_args_", "_recursive_", "_convert_", "_partial_"})
@@ -233,12 +230,6 @@ def check_compressors(job: JobConfig, model: nn.Module) -> list[str]:
     return compress.whole_layers(job.compression, shapes)
 
 
-def store_retry(job: JobConfig) -> RetryPolicy:
-    """The backoff policy every process of the job uses for the index store."""
-    st = job.store
-    return RetryPolicy(st.retries, st.backoff_s, st.backoff_max_s)
-
-
 def build_layer_compressors(
     job: JobConfig, model: nn.Module, index: GradientIndex | None = None
 ) -> dict[str, Compressor]:
@@ -246,25 +237,6 @@ def build_layer_compressors(
     shapes = resolve_layers(model, job.index.layers)
     need = learned_layers(job.compression, shapes)
     states = compressor_state.load_states(index, need) if need and index is not None else {}
-    return build_compressors(job.compression, shapes, states)
-
-
-def driver_compressors(job: JobConfig, model: nn.Module, task, train) -> dict[str, Compressor]:
-    """The driver's compressors: learned state comes from the existing index, else is fitted.
-
-    Fitting runs only when no index exists yet; `compressor_state.save_states` then stores it.
-    """
-    shapes = resolve_layers(model, job.index.layers)
-    need = learned_layers(job.compression, shapes)
-    if not need:
-        return build_compressors(job.compression, shapes)
-    existing = compressor_state.open_existing(job.index_url, job.store.storage_options)
-    if existing is not None:
-        states = compressor_state.load_states(existing, need)
-    else:
-        states = compressor_state.fit_states(
-            job.compression, model, task, train, shapes, need, job.index.batch_size
-        )
     return build_compressors(job.compression, shapes, states)
 
 

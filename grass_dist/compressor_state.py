@@ -33,7 +33,6 @@ from grass_dist.config import CompressionConfig
 from grass_dist.errors import CorruptIndexError, FingerprintMismatchError
 from grass_dist.gradients import GradientComputer
 from grass_dist.index import GradientIndex, Store
-from grass_dist.index.gradient_index import INDEX_FILE
 from grass_dist.seeding import generator
 
 log = logging.getLogger(__name__)
@@ -166,10 +165,3 @@ def save_states(store: Store, compressors: dict[str, Compressor]) -> None:
                 "Fix: delete that file and rerun, or use a new store.url."
             )
         log.info("stored the learned compressor of %s at %s", name, store.url_of(path))
-
-
-def open_existing(url: str, storage_options: dict[str, Any]) -> GradientIndex | None:
-    """The index at `url`, or None when none exists yet."""
-    if not Store(url, storage_options).exists(INDEX_FILE):
-        return None
-    return GradientIndex.open(url, storage_options)

@@ -40,7 +40,7 @@ from grass_dist.lds import ground_truth as gt_mod
 from grass_dist.lds.metric import lds_from_predictions
 from grass_dist.precondition import Preconditioner
 from grass_dist.running_topk import TopK, tile_scores
-from grass_dist.runtime.cluster import connect
+from grass_dist.runtime.cluster import connect, map_tasks
 from grass_dist.runtime.reducer import preconditioner_path
 from grass_dist.seeding import generator
 
@@ -161,7 +161,7 @@ class Member:
     ) -> SweepPartial:
         """Subset sums (or top proponents) of query `rows` for every delta of `grid`."""
         cols = stacked_queries(self.pre, _subset(self.query.phi, rows), grid, self.cfg.scoring.kind)
-        parallelism = max(2, self.cfg.cluster.num_workers)
+        parallelism = map_tasks(self.cfg.cluster)
         return sweep(self.index, cols, masks, topk, parallelism, self.cfg.index.verify)
 
 

@@ -1,13 +1,10 @@
-"""Fidelity in the jobs: LDS of result sets, damping=auto before scoring, ensembles.
+"""Fidelity in the jobs: LDS of result sets and ensembles.
 
-- `lds(cfg)` (`python -m jobs.lds`): build or load the LDS ground truth of the job's
+- `lds(raw)` (`python -m jobs.lds`): build or load the LDS ground truth of the job's
   recipe, then evaluate every named result set that has dense scores; the evaluation is
   written to `results/<name>/lds.json` next to the scores.
-- `score_stage(job, query)`: the scoring stage of jobs.attribute / jobs.score; with
-  precondition.damping=auto it first chooses delta (grass_dist.damping) and records the
-  choice in the result set's summary (`damping_selection`).
-- `attribute_ensemble(raw)`: every stage for each ensemble member, one damping for all,
-  then the averaged result set (grass_dist.ensemble).
+- `attribute_ensemble(raw)`: every stage for each ensemble member, one damping for all
+  (grass_dist.pipeline.select_damping), then the averaged result set (grass_dist.ensemble).
 """
 
 from __future__ import annotations
@@ -15,67 +12,22 @@ from __future__ import annotations
 import io
 import json
 import logging
-import sys
-import time
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
-from grass_dist import damping, ensemble, pipeline, results
-from grass_dist.build import build_dataset, store_retry
+from grass_dist import assembly, damping, ensemble, pipeline, results
+from grass_dist.build import build_dataset
 from grass_dist.config import JobConfig, resolve
-from grass_dist.errors import GrassError, GroundTruthError, ResultsNotFoundError
+from grass_dist.errors import GroundTruthError, ResultsNotFoundError
 from grass_dist.gradients import PhiBlock
-from grass_dist.index import Store
 from grass_dist.lds import ground_truth
 from grass_dist.lds.metric import lds_from_predictions
 from grass_dist.runtime.cluster import connect
 
 log = logging.getLogger("grass_dist")
-
-
-def record_selection(where: Any, name: str, selection: dict[str, Any]) -> None:
-    """Add the damping choice to the summary of the complete result set `name`."""
-    done = results.manifest(where, name)
-    results.complete(
-        where, name, done["files"], {**done["summary"], "damping_selection": selection}
-    )
-
-
-def members_of(jobs: list[pipeline.Job], queries: list[PhiBlock]) -> list[damping.Member]:
-    return [
-        damping.Member(
-            j.index, damping.load_preconditioner(j.index, j.cfg.precondition.name), q, j.cfg
-        )
-        for j, q in zip(jobs, queries, strict=True)
-    ]
-
-
-def _select(jobs: list[pipeline.Job], queries: list[PhiBlock], cfg: JobConfig) -> dict | None:
-    """With damping=auto: choose delta for all `jobs` and set it on each; else None."""
-    if cfg.precondition.damping != "auto":
-        return None
-    selection = damping.choose(members_of(jobs, queries), cfg, jobs[0].n_train)
-    selection["validation"] = cfg.precondition.validation
-    selection["validation_seed"] = cfg.precondition.validation_seed
-    for job in jobs:
-        job.cfg.precondition.damping = selection["chosen"]
-    return selection
-
-
-def score_stage(job: pipeline.Job, query: PhiBlock) -> dict[str, Any]:
-    """Score `query` (choosing the damping first when it is 'auto'): summary entries."""
-    auto = job.cfg.precondition.damping == "auto"
-    with job.stage("damping") if auto else nullcontext():
-        selection = _select([job], [query], job.cfg)
-    out: dict[str, Any] = {"score": pipeline.run_score(job, query)}
-    if selection is not None:
-        record_selection(job.index, job.cfg.run.name, selection)
-        out["damping"] = selection
-    return out
 
 
 def attribute_ensemble(raw: dict[str, Any]) -> dict[str, Any]:
@@ -93,20 +45,20 @@ def attribute_ensemble(raw: dict[str, Any]) -> dict[str, Any]:
             pipeline.release_workers(job)
             summary["precondition"] = pipeline.run_precondition(job)
             members.append(summary)
-        selection = _select(jobs, queries, cfg)
+        selection = pipeline.select_damping(jobs, queries, cfg)
         for job, query, summary in zip(jobs, queries, members, strict=True):
             summary["score"] = pipeline.run_score(job, query)
     finally:
         for job in jobs:
             pipeline.shutdown(job)
-    root = ensemble.ArtifactDir(Store(cfg.index_url, cfg.store.storage_options, store_retry(cfg)))
+    root = ensemble.ArtifactDir(assembly.open_store(cfg))
     name = cfg.run.name
     out: dict[str, Any] = {"members": members}
     out["ensemble"] = ensemble.average(
         [j.index for j in jobs], name, root, cfg.scoring.topk, build_dataset(cfg, "train")
     )
     if selection is not None:
-        record_selection(root, name, selection)
+        pipeline.record_selection(root, name, selection)
         out["damping"] = selection
     return out
 
@@ -156,32 +108,23 @@ def evaluate_results(
     return out
 
 
-def lds(cfg: DictConfig | dict) -> dict[str, Any]:
+def lds(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     """jobs.lds: ensure the ground truth, then evaluate lds.results (default [run.name])."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    t0 = time.perf_counter()
-    try:
-        raw = resolve(cfg)
-        job = JobConfig.from_cfg(raw)
-        if ground_truth.lookup(job) is None:
-            ground_truth.check_buildable(job)  # a bad recipe is refused before Ray starts
-        connect(job.cluster)
-        gt, built = ground_truth.ensure(job, raw)
-        where = ensemble.ArtifactDir(
-            Store(job.index_url, job.store.storage_options, store_retry(job))
-        )
-        evaluations = {}
-        for name in job.lds.results or [job.run.name]:
-            try:
-                evaluations[name] = evaluate_results(where, name, gt, job.lds.bootstrap)
-            except ResultsNotFoundError as e:
-                log.warning("LDS of %s skipped: %s", name, e)
-                evaluations[name] = {"skipped": str(e)}
-    except GrassError as e:
-        cause = getattr(e, "cause", None)
-        print(f"error: {cause if isinstance(cause, GrassError) else e}", file=sys.stderr)
-        sys.exit(2)
-    summary = {
+    raw = resolve(cfg)
+    job = JobConfig.from_cfg(raw)
+    if ground_truth.lookup(job) is None:
+        ground_truth.check_buildable(job)  # a bad recipe is refused before Ray starts
+    connect(job.cluster)
+    gt, built = ground_truth.ensure(job, raw)
+    where = ensemble.ArtifactDir(assembly.open_store(job))
+    evaluations = {}
+    for name in job.lds.results or [job.run.name]:
+        try:
+            evaluations[name] = evaluate_results(where, name, gt, job.lds.bootstrap)
+        except ResultsNotFoundError as e:
+            log.warning("LDS of %s skipped: %s", name, e)
+            evaluations[name] = {"skipped": str(e)}
+    return {
         "ground_truth": {
             "digest": gt.digest,
             "url": ground_truth.lds_store(job).url_of(gt.digest),
@@ -192,7 +135,4 @@ def lds(cfg: DictConfig | dict) -> dict[str, Any]:
             "train_seconds": gt.spec.get("train_seconds"),
         },
         "results": evaluations,
-        "total_seconds": round(time.perf_counter() - t0, 3),
     }
-    print(json.dumps(summary, indent=2, default=str))
-    return summary

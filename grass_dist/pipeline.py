@@ -9,34 +9,33 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig
 
+from grass_dist import assembly, damping, results
 from grass_dist.build import (
     build_dataset,
     build_model,
     build_task,
     check_compressors,
     check_rows,
-    driver_compressors,
     fingerprint,
-    store_retry,
 )
 from grass_dist.compressor_state import save_states
 from grass_dist.config import JobConfig, resolve
 from grass_dist.data_identity import check_committed_rows
 from grass_dist.gradients import PhiBlock
-from grass_dist.index import GradientIndex, Store
+from grass_dist.index import GradientIndex
 from grass_dist.models import state_hash
 from grass_dist.runtime import repair
-from grass_dist.runtime.cluster import connect, start_worker_pool
+from grass_dist.runtime.cluster import connect, map_tasks, start_worker_pool
 from grass_dist.runtime.pool import ActorPool
 from grass_dist.runtime.progress import JobProgress
-from grass_dist.runtime.reducer import ReducerHandle
+from grass_dist.runtime.reducer import ReducerHandle, ScoreRequest
 from grass_dist.runtime.scheduler import run_items
 from grass_dist.runtime.worker import ShardPlan, ShardResult, plan_shards
 
@@ -108,22 +107,17 @@ def prepare(cfg: DictConfig | dict, *, create_index: bool = True, query: bool = 
             whole,
             job_cfg.compression.k,
         )
-    opts, retry = job_cfg.store.storage_options, store_retry(job_cfg)
     if not create_index:
-        GradientIndex.open(job_cfg.index_url, opts, retry)  # IndexNotFoundError before fitting
-    store = Store(job_cfg.index_url, opts, retry)
+        assembly.open_index(job_cfg)  # IndexNotFoundError before fitting
+    store = assembly.open_store(job_cfg)
     store.check_writable()
-    compressors = driver_compressors(job_cfg, model, task, train)
+    compressors = assembly.driver_compressors(job_cfg, model, task, train)
     fp = fingerprint(job_cfg, model, compressors, task, train)
     if create_index:
         save_states(store, compressors)  # learned masks, before the index that names them
-    index = (
-        GradientIndex.create_or_open(job_cfg.index_url, fp, opts, retry)
-        if create_index
-        else GradientIndex.open(job_cfg.index_url, opts, retry)
-    )
+    index = assembly.checked_index(job_cfg, fp) if create_index else assembly.open_index(job_cfg)
     if not create_index:
-        GradientIndex.create_or_open(job_cfg.index_url, fp, opts, retry)  # refuses a mismatch
+        assembly.checked_index(job_cfg, fp)  # refuses a mismatch
     check_committed_rows(index, train)  # growing data.train is fine, changing it is not
     job = Job(
         job_cfg,
@@ -144,7 +138,8 @@ def _pool(job: Job) -> ActorPool:
     join as they are placed)."""
     if job._pool is None:
         connect(job.cfg.cluster)
-        job._pool = start_worker_pool(job.cfg.cluster, job.raw, job.model_hash)
+        objects = assembly.ship(job.raw)  # in-memory model/task/data, once per pool
+        job._pool = start_worker_pool(job.cfg.cluster, job.raw, job.model_hash, objects)
         job._pool.wait_ready(1)
     return job._pool
 
@@ -211,7 +206,7 @@ def run_repair(job: Job) -> dict[str, Any]:
     """Check every committed shard; recompute and re-commit only the bad ones."""
     with job.stage("repair"):
         connect(job.cfg.cluster)
-        committed, bad = repair.scan(job.index, max(2, job.cfg.cluster.num_workers))
+        committed, bad = repair.scan(job.index, map_tasks(job.cfg.cluster))
         log.info("repair: %d committed shards checked, %d bad", len(committed), len(bad))
         fixed = (
             repair.recompute(job.index, _pool(job), [committed[s] for s in bad], job.cfg.cluster)
@@ -223,9 +218,7 @@ def run_repair(job: Job) -> dict[str, Any]:
 
 def run_precondition(job: Job) -> dict[str, Any]:
     with job.stage("precondition"):
-        return _reducer(job).call(
-            "precondition", "build_preconditioner", job.cfg.precondition.name, job.cfg.index.verify
-        )
+        return _reducer(job).precondition(job.cfg.precondition.name, job.cfg.index.verify)
 
 
 def query_phi(job: Job, which: str = "query") -> PhiBlock:
@@ -257,26 +250,50 @@ def run_score(job: Job, query: PhiBlock | None = None) -> dict[str, Any]:
     if query is None:
         query = query_phi(job)
         release_workers(job)  # the scorer tasks need the workers' CPUs
-    sc = job.cfg.scoring
     with job.stage("score"):
-        return _reducer(job).call(
-            "score",
-            "score",
-            job.cfg.run.name,
-            query,
-            precondition_name=job.cfg.precondition.name,
-            damping=job.cfg.precondition.damping,
-            kind=sc.kind,
-            topk=sc.topk,
-            dense=sc.dense,
-            self_influence=sc.self_influence,
-            tile_rows=sc.tile_rows,
-            verify=job.cfg.index.verify,
-            breakdown=sc.breakdown,
-            parallelism=sc.parallelism,
-            cpus_per_task=sc.cpus_per_task,
-            max_retries=job.cfg.cluster.max_shard_retries,
+        return _reducer(job).score(query, ScoreRequest.of(job.cfg))
+
+
+def members_of(jobs: list[Job], queries: list[PhiBlock]) -> list[damping.Member]:
+    return [
+        damping.Member(
+            j.index, damping.load_preconditioner(j.index, j.cfg.precondition.name), q, j.cfg
         )
+        for j, q in zip(jobs, queries, strict=True)
+    ]
+
+
+def select_damping(jobs: list[Job], queries: list[PhiBlock], cfg: JobConfig) -> dict | None:
+    """With damping=auto: choose delta for all `jobs` and set it on each; else None."""
+    if cfg.precondition.damping != "auto":
+        return None
+    selection = damping.choose(members_of(jobs, queries), cfg, jobs[0].n_train)
+    selection["validation"] = cfg.precondition.validation
+    selection["validation_seed"] = cfg.precondition.validation_seed
+    for job in jobs:
+        job.cfg.precondition.damping = selection["chosen"]
+    return selection
+
+
+def record_selection(where: Any, name: str, selection: dict[str, Any]) -> None:
+    """Add the damping choice to the summary of the complete result set `name`."""
+    done = results.manifest(where, name)
+    results.complete(
+        where, name, done["files"], {**done["summary"], "damping_selection": selection}
+    )
+
+
+def score_stage(job: Job, query: PhiBlock) -> dict[str, Any]:
+    """The scoring stage of every door: with precondition.damping=auto choose delta first
+    (recorded in the result set's summary as `damping_selection`), then score `query`."""
+    auto = job.cfg.precondition.damping == "auto"
+    with job.stage("damping") if auto else nullcontext():
+        selection = select_damping([job], [query], job.cfg)
+    out: dict[str, Any] = {"score": run_score(job, query)}
+    if selection is not None:
+        record_selection(job.index, job.cfg.run.name, selection)
+        out["damping"] = selection
+    return out
 
 
 def shutdown(job: Job) -> None:

@@ -12,21 +12,19 @@ from typing import Any, NoReturn
 
 from omegaconf import DictConfig
 
-from grass_dist import ensemble, evaluate, pipeline, results
+from grass_dist import assembly, ensemble, evaluate, pipeline, results
 from grass_dist.build import (
     build_dataset,
     build_model,
     build_task,
     check_arguments,
     locate_target,
-    store_retry,
 )
 from grass_dist.config import JobConfig, resolve
 from grass_dist.data import items
 from grass_dist.errors import ConfigError, GrassError, IndexNotFoundError
 from grass_dist.index.gc import collect
 from grass_dist.index.gradient_index import INDEX_FILE
-from grass_dist.index.store import Store
 from grass_dist.report import top_proponent_label_agreement, write_report
 
 log = logging.getLogger("grass_dist")
@@ -85,7 +83,7 @@ def _index_bytes(job: pipeline.Job) -> int:
 
 
 def cli(main: Callable[[], Any]) -> None:
-    """Call a `hydra.main` entry point as `python -m jobs.<name>` does.
+    """Call a `hydra.main` entry point as `python -m jobs.<name>` does, with the jobs' logging.
 
     Hydra itself refuses a bad command line (an unknown key or preset, a malformed override)
     with status 1, the status of a crash; such a refusal exits 2 here like every other bad
@@ -93,6 +91,7 @@ def cli(main: Callable[[], Any]) -> None:
     """
     from hydra.errors import CompactHydraException
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         main()
     except SystemExit as e:
@@ -110,9 +109,9 @@ def _refuse(e: GrassError) -> NoReturn:
     sys.exit(2)
 
 
-def _run_plain(body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Run `body` with the jobs' logging, error report and JSON summary."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+def _summarised(body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The one wrapper of every job: run `body`; a GrassError exits 2 with its message,
+    otherwise the summary (with total_seconds) is printed as JSON and returned."""
     t0 = time.perf_counter()
     try:
         summary = body()
@@ -139,24 +138,20 @@ def _run(
     create_index: bool = True,
     query: bool = False,
 ) -> dict[str, Any]:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    t0 = time.perf_counter()
-    try:
+    def staged() -> dict[str, Any]:
         job = pipeline.prepare(cfg, create_index=create_index, query=query)
         try:
             summary = body(job)
         finally:
             pipeline.shutdown(job)
-    except GrassError as e:
-        _refuse(e)
-    summary["compression"] = _compression_summary(job)
-    if job.skipped_records:
-        summary["skipped_records"] = job.skipped_records  # data.train.on_bad_record=skip
-    summary["stage_seconds"] = {k: round(v, 3) for k, v in job.timings.items()}
-    summary["total_seconds"] = round(time.perf_counter() - t0, 3)
-    summary["index_url"] = job.index.store.url_of("")
-    print(json.dumps(summary, indent=2, default=str))
-    return summary
+        summary["compression"] = _compression_summary(job)
+        if job.skipped_records:
+            summary["skipped_records"] = job.skipped_records  # data.train.on_bad_record=skip
+        summary["stage_seconds"] = {k: round(v, 3) for k, v in job.timings.items()}
+        summary["index_url"] = job.index.store.url_of("")
+        return summary
+
+    return _summarised(staged)
 
 
 def _is_ensemble(raw: dict[str, Any]) -> bool:
@@ -190,14 +185,14 @@ def attribute(cfg: DictConfig) -> dict[str, Any]:
     except GrassError as e:
         _refuse(e)
     if _is_ensemble(raw):
-        return _run_plain(lambda: evaluate.attribute_ensemble(raw))
+        return _summarised(lambda: evaluate.attribute_ensemble(raw))
 
     def body(job: pipeline.Job) -> dict[str, Any]:
         out = {"index": pipeline.run_index(job)}
         query = pipeline.query_phi(job)
         pipeline.release_workers(job)
         out["precondition"] = pipeline.run_precondition(job)
-        out.update(evaluate.score_stage(job, query))
+        out.update(pipeline.score_stage(job, query))
         with job.stage("report"):
             out["report"] = make_report(job)
         out["index_bytes"] = _index_bytes(job)
@@ -227,7 +222,7 @@ def gc(cfg: DictConfig) -> dict[str, Any]:
 
     def body() -> dict[str, Any]:
         job = JobConfig.from_cfg(cfg)
-        store = Store(job.index_url, job.store.storage_options, store_retry(job))
+        store = assembly.open_store(job)
         if not store.exists(INDEX_FILE):
             raise IndexNotFoundError(
                 f"no gradient index at {store.url_of('')} ({INDEX_FILE} not found), so there is "
@@ -235,7 +230,7 @@ def gc(cfg: DictConfig) -> dict[str, Any]:
             )
         return {"gc": collect(store, job.gc.grace_s, job.gc.dry_run).to_dict()}
 
-    return _run_plain(body)
+    return _summarised(body)
 
 
 def score(cfg: DictConfig) -> dict[str, Any]:
@@ -245,9 +240,24 @@ def score(cfg: DictConfig) -> dict[str, Any]:
         query = pipeline.query_phi(job)
         pipeline.release_workers(job)
         out = {"precondition": pipeline.run_precondition(job)}
-        out.update(evaluate.score_stage(job, query))
+        out.update(pipeline.score_stage(job, query))
         with job.stage("report"):
             out["report"] = make_report(job)
         return out
 
     return _run(cfg, body, create_index=False, query=True)
+
+
+def lds(cfg: DictConfig) -> dict[str, Any]:
+    """LDS of the result sets lds.results (default [run.name]); see grass_dist.evaluate.lds."""
+    return _summarised(lambda: evaluate.lds(cfg))
+
+
+def serve(cfg: DictConfig) -> None:
+    """Check the config against the index, deploy the service and serve until stopped."""
+    from grass_dist.service.app import serve_forever  # Ray Serve only for this door
+
+    try:
+        serve_forever(resolve(cfg))
+    except GrassError as e:
+        _refuse(e)

@@ -7,13 +7,13 @@ python -m jobs.attribute scoring.dense=true && python -m jobs.lds lds.subsets=50
 import hydra
 from omegaconf import DictConfig
 
-from grass_dist import evaluate, run
+from grass_dist import run
 from grass_dist.config import register_configs
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    evaluate.lds(cfg)
+    run.lds(cfg)
 
 
 if __name__ == "__main__":

@@ -7,24 +7,16 @@ Exits 2, before deploying, when the config does not fit the index or the pre-dep
 fails (see grass_dist.service.app.check).
 """
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
 from grass_dist import run
-from grass_dist.config import register_configs, resolve
-from grass_dist.errors import GrassError
-from grass_dist.service.app import serve_forever
+from grass_dist.config import register_configs
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        serve_forever(resolve(cfg))
-    except GrassError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run.serve(cfg)
 
 
 if __name__ == "__main__":

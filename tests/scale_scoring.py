@@ -19,7 +19,7 @@ import torch
 from grass_dist import results
 from grass_dist.gradients import PhiBlock
 from grass_dist.precondition import Preconditioner
-from grass_dist.runtime.reducer import Reducer
+from grass_dist.runtime.reducer import Reducer, ScoreRequest
 from grass_dist.score import prepare_queries
 from tests.helpers import assert_topk_close
 from tests.synthetic import phi_rows, read_all, write_index
@@ -59,11 +59,11 @@ def main() -> None:
         times["precondition"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         summary = ray.get(
-            reducer.score.remote(
-                "scale", query, precondition_name="fisher", damping=0.1, kind="influence",
+            reducer.score.remote(query, ScoreRequest(
+                "scale", precondition_name="fisher", damping=0.1, kind="influence",
                 topk=args.topk, dense=False, self_influence=True, tile_rows=args.tile_rows,
                 parallelism=args.tasks, cpus_per_task=args.cpus / args.tasks,
-            )
+            ))
         )  # fmt: skip
         times["score"] = time.perf_counter() - t0
     finally:

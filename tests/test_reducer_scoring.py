@@ -10,7 +10,7 @@ from grass_dist import results
 from grass_dist.errors import ResultsNotFoundError
 from grass_dist.gradients import PhiBlock
 from grass_dist.runtime.faults import KillOnce
-from grass_dist.runtime.reducer import Reducer
+from grass_dist.runtime.reducer import Reducer, ScoreRequest
 from tests.synthetic import phi_rows, write_index
 
 pytestmark = pytest.mark.integration
@@ -31,12 +31,12 @@ def reducer(ray_session, tmp_path_factory):
 QUERY = PhiBlock(np.arange(7), [f"q{i}" for i in range(7)], phi_rows(10**6, 10**6 + 7, LAYERS))
 
 
-def _score(actor, name, **kw):
+def _score(actor, name, fault=None, **kw):
     args = dict(
         precondition_name="fisher", damping=0.1, kind="influence", topk=20, dense=True,
         self_influence=True, tile_rows=200, parallelism=3,
     )  # fmt: skip
-    return ray.get(actor.score.remote(name, QUERY, **{**args, **kw}))
+    return ray.get(actor.score.remote(QUERY, ScoreRequest(name, **{**args, **kw}), fault))
 
 
 def test_a_scorer_killed_mid_run_is_retried_without_lost_or_duplicate_pairs(reducer, tmp_path):

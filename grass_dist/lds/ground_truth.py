@@ -30,7 +30,8 @@ import ray
 import torch
 from tqdm import tqdm
 
-from grass_dist.build import build_dataset, build_task, store_retry
+from grass_dist.assembly import open_store
+from grass_dist.build import build_dataset, build_task
 from grass_dist.config import JobConfig
 from grass_dist.errors import ConfigError, GroundTruthError
 from grass_dist.gradients import sample_key
@@ -147,7 +148,7 @@ def _retrain(
 def lds_store(job: JobConfig) -> Store:
     """Where ground truth lives: lds.url, else `<store.url>/lds`."""
     url = job.lds.url or f"{job.store.url.rstrip('/')}/lds"
-    return Store(url, job.store.storage_options, store_retry(job))
+    return open_store(job, url)
 
 
 def check_buildable(job: JobConfig) -> None:

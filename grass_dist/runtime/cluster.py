@@ -59,12 +59,18 @@ def worker_options(cfg: ClusterConfig) -> dict[str, Any]:
     return opts
 
 
-def start_worker_pool(cfg: ClusterConfig, job: dict[str, Any], model_hash: str) -> ActorPool:
-    """Start `cfg.num_workers` GradientWorker actors (growing to `cfg.max_workers`)."""
+def start_worker_pool(
+    cfg: ClusterConfig,
+    job: dict[str, Any],
+    model_hash: str,
+    objects: dict[str, ray.ObjectRef] | None = None,
+) -> ActorPool:
+    """Start `cfg.num_workers` GradientWorker actors (growing to `cfg.max_workers`);
+    `objects` are the job's in-memory objects (grass_dist.assembly.ship)."""
     actor_cls = ray.remote(GradientWorker).options(**worker_options(cfg))
     threads = threads_for(cfg.cpus_per_worker)
     return ActorPool(
-        lambda i: actor_cls.remote(job, model_hash, threads, i),
+        lambda i: actor_cls.remote(job, model_hash, threads, i, objects),
         cfg.num_workers,
         max_size=cfg.max_workers,
         request=worker_request(cfg),
@@ -76,3 +82,9 @@ def start_worker_pool(cfg: ClusterConfig, job: dict[str, Any], model_hash: str) 
 def threads_for(cpus: float) -> int:
     """Torch threads for an actor given `cpus` logical CPUs (never more than the machine)."""
     return max(1, min(int(cpus), os.cpu_count() or 1))
+
+
+def map_tasks(cfg: ClusterConfig) -> int:
+    """Map tasks over committed shards (preconditioner, damping sweep, repair scan): one
+    per worker, at least two so that reading one shard overlaps computing on another."""
+    return max(2, cfg.num_workers)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,13 +18,14 @@ import pyarrow as pa
 import ray
 
 from grass_dist import results
-from grass_dist.build import store_retry
+from grass_dist.assembly import retry_policy
 from grass_dist.config import FaultsConfig, JobConfig
 from grass_dist.errors import PreconditionerNotFoundError, ReducerFailedError
 from grass_dist.gradients import PhiBlock
 from grass_dist.index import GradientIndex, ShardRecord
 from grass_dist.index.retry import RetryPolicy
 from grass_dist.precondition import FisherSum, Preconditioner
+from grass_dist.runtime.cluster import map_tasks
 from grass_dist.runtime.faults import FaultInjector, KillOnce
 from grass_dist.runtime.pool import ACTOR_LOST
 from grass_dist.runtime.scoring import (
@@ -51,6 +54,44 @@ def _fisher_task(index: GradientIndex, records: list[ShardRecord], verify: bool)
         total = total + FisherSum.of(index.read(record, verify=verify).phi)
     release_memory()
     return total
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """Everything one scoring run needs besides the query phi (from the job's config)."""
+
+    result_name: str  # run.name: the result set written under results/
+    precondition_name: str
+    damping: float  # relative delta; 'auto' is resolved to a number before scoring
+    kind: str  # influence | grad_dot | cosine
+    topk: int
+    dense: bool
+    self_influence: bool
+    tile_rows: int
+    verify: bool = True
+    breakdown: bool = False
+    parallelism: int | None = None  # scorer tasks; None = cluster CPUs / cpus_per_task
+    cpus_per_task: float = 1.0
+    max_retries: int = 3
+
+    @classmethod
+    def of(cls, job: JobConfig) -> ScoreRequest:
+        sc = job.scoring
+        return cls(
+            job.run.name,
+            job.precondition.name,
+            job.precondition.damping,
+            sc.kind,
+            sc.topk,
+            sc.dense,
+            sc.self_influence,
+            sc.tile_rows,
+            job.index.verify,
+            sc.breakdown,
+            sc.parallelism,
+            sc.cpus_per_task,
+            job.cluster.max_shard_retries,
+        )
 
 
 def _by_layer(terms: np.ndarray, layers: list[str]) -> dict[str, np.ndarray]:
@@ -111,32 +152,18 @@ class Reducer:
         return self.cached[name]
 
     def score(
-        self,
-        result_name: str,
-        query: PhiBlock,
-        *,
-        precondition_name: str,
-        damping: float,
-        kind: str,
-        topk: int,
-        dense: bool,
-        self_influence: bool,
-        tile_rows: int,
-        verify: bool = True,
-        breakdown: bool = False,
-        parallelism: int | None = None,
-        cpus_per_task: float = 1.0,
-        max_retries: int = 3,
-        fault: KillOnce | None = None,
+        self, query: PhiBlock, req: ScoreRequest, fault: KillOnce | None = None
     ) -> dict[str, Any]:
         """Score every committed train row against `query`; write results; return a summary.
 
-        `parallelism` scorer tasks (default: cluster CPUs / cpus_per_task) each take a group
-        of shards; `fault` injects a crash for recovery tests (see runtime/faults.py).
+        `req.parallelism` scorer tasks (default: cluster CPUs / cpus_per_task) each take a
+        group of shards; `fault` injects a crash for recovery tests (see runtime/faults.py).
         """
+        result_name, kind, topk, damping = req.result_name, req.kind, req.topk, req.damping
+        self_influence, dense, parallelism = req.self_influence, req.dense, req.parallelism
         t0 = time.perf_counter()
         pre = (
-            self.load_preconditioner(precondition_name)
+            self.load_preconditioner(req.precondition_name)
             if kind == "influence" or self_influence
             else None
         )
@@ -146,9 +173,11 @@ class Reducer:
         run_dir = results.new_run_dir(result_name)
         # Large top-k state: let each scorer's process end with its task to return the memory.
         fresh = len(query.row_ids) * topk * 64 > _FRESH_PROCESS_BYTES
-        opts = ScoreOptions(topk, tile_rows, verify, cpus_per_task, max_retries, fresh)
+        opts = ScoreOptions(
+            topk, req.tile_rows, req.verify, req.cpus_per_task, req.max_retries, fresh
+        )
         if parallelism is None:
-            parallelism = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_task))
+            parallelism = max(1, int(ray.cluster_resources().get("CPU", 1) // req.cpus_per_task))
         whiteners = whiteners_for(pre, layers, damping) if self_influence else None
         merged, dense_files = fan_out(
             self.index, records, prepared, opts, parallelism, whiteners,
@@ -163,7 +192,7 @@ class Reducer:
             )
         }
         terms = None
-        if breakdown:
+        if req.breakdown:
             terms = {
                 name: _by_layer(
                     fan_out_breakdown(self.index, records, prepared, rows, opts, parallelism),
@@ -243,20 +272,28 @@ class ReducerHandle:
             .remote(
                 self.cfg.index_url,
                 self.cfg.store.storage_options,
-                max(2, self.cfg.cluster.num_workers),
-                retry=store_retry(self.cfg),
+                map_tasks(self.cfg.cluster),
+                retry=retry_policy(self.cfg.store),
                 faults=self.cfg.faults,
             )
         )
 
-    def call(self, stage: str, method: str, *args: Any, **kwargs: Any) -> Any:
-        """`Reducer.<method>(*args, **kwargs)`, retried on a new reducer if this one dies."""
+    def precondition(self, name: str, verify: bool) -> dict[str, Any]:
+        """`Reducer.build_preconditioner`, on a new reducer if this one dies."""
+        return self._retried("precondition", lambda a: a.build_preconditioner.remote(name, verify))
+
+    def score(self, query: PhiBlock, req: ScoreRequest) -> dict[str, Any]:
+        """`Reducer.score`, on a new reducer if this one dies."""
+        return self._retried("score", lambda a: a.score.remote(query, req))
+
+    def _retried(self, stage: str, call: Callable[[Any], Any]) -> Any:
+        """ray.get(call(actor)), retried on a new reducer if this one dies."""
         attempts = self.cfg.cluster.max_reducer_restarts + 1
         for attempt in range(1, attempts + 1):
             if self.actor is None:
                 self._start(f"stage {stage} needs one")
             try:
-                return ray.get(getattr(self.actor, method).remote(*args, **kwargs))
+                return ray.get(call(self.actor))
             except ACTOR_LOST as e:
                 self.actor = None
                 if attempt == attempts:

@@ -10,17 +10,12 @@ from typing import Any
 import ray
 import torch
 
-from grass_dist.build import (
-    build_dataset,
-    build_layer_compressors,
-    build_model,
-    build_task,
-    store_retry,
-)
+from grass_dist import assembly
+from grass_dist.build import build_dataset
 from grass_dist.config import JobConfig
 from grass_dist.errors import ModelMismatchError
 from grass_dist.gradients import GradientComputer, PhiBlock
-from grass_dist.index import GradientIndex, ShardRecord
+from grass_dist.index import ShardRecord
 from grass_dist.models import state_hash
 from grass_dist.runtime.faults import FaultInjector
 from grass_dist.runtime.overlap import Phases
@@ -80,30 +75,38 @@ def pick_device(gpu_ids: list) -> tuple[torch.device, str | None]:
 class GradientWorker:
     """Holds the model, task, datasets and compressors; computes and writes shards."""
 
-    def __init__(self, job: dict[str, Any], model_hash: str, threads: int, worker_id: int = 0):
-        torch.set_num_threads(threads)
+    def __init__(
+        self,
+        job: dict[str, Any],
+        model_hash: str,
+        threads: int,
+        worker_id: int = 0,
+        objects: dict[str, Any] | None = None,
+    ):
+        in_ray = ray.is_initialized()
+        if in_ray and ray.get_runtime_context().get_actor_id() is not None:
+            # An actor owns its process: use the CPUs it was given. A worker built in the
+            # caller's process leaves the caller's thread count alone.
+            torch.set_num_threads(threads)
         self.job = JobConfig.from_cfg(job)
         self.worker_id = worker_id
-        model = build_model(self.job)
-        found = state_hash(model)
+        assembly.receive(objects)  # in-memory model/task/data from the driver (grass_dist.api)
+        # Learned masks come from the index, so queries use the masks the index was built with.
+        self.index = assembly.open_index(self.job)
+        parts = assembly.replica(self.job, self.index)
+        found = state_hash(parts.model)
         if found != model_hash:
             raise ModelMismatchError(
                 f"worker {worker_id} built a model whose weights differ from the driver's "
                 f"(sha256 {found[:12]} vs {model_hash[:12]}): make model._target_ deterministic "
                 f"(load saved weights) so every replica is the same model"
             )
-        in_ray = ray.is_initialized()
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()] if in_ray else []
         self.node_id = ray.get_runtime_context().get_node_id() if in_ray else "local"
         self.device, self.device_note = pick_device(self.gpu_ids)
         if self.device_note:
             log.warning("worker %d %s", worker_id, self.device_note)  # once, at start
-        self.index = GradientIndex.open(
-            self.job.index_url, self.job.store.storage_options, store_retry(self.job)
-        )
-        # Learned masks come from the index, so queries use the masks the index was built with.
-        compressors = build_layer_compressors(self.job, model, self.index)
-        self.computer = GradientComputer(model, build_task(self.job), compressors, self.device)
+        self.computer = GradientComputer(parts.model, parts.task, parts.compressors, self.device)
         self.faults = FaultInjector(self.job.faults, self.index.store)
         self.phases = Phases()
         self.datasets: dict[str, Any] = {}

@@ -24,15 +24,8 @@ import pyarrow as pa
 import ray
 import torch
 
-from grass_dist import results
-from grass_dist.build import (
-    build_dataset,
-    build_layer_compressors,
-    build_model,
-    build_task,
-    fingerprint,
-)
-from grass_dist.compress import Compressor
+from grass_dist import assembly, results
+from grass_dist.build import build_dataset, fingerprint
 from grass_dist.config import JobConfig
 from grass_dist.errors import (
     BadRequestError,
@@ -47,6 +40,7 @@ from grass_dist.precondition import Preconditioner
 from grass_dist.runtime.reducer import preconditioner_path
 from grass_dist.runtime.scoring import ScoreOptions, fan_out, score_records
 from grass_dist.score import (
+    KINDS,
     Block,
     ScorePartial,
     concat,
@@ -68,16 +62,14 @@ def require_decoder(job: JobConfig, task) -> None:
         )
 
 
-def open_checked(job: JobConfig, model, task, train) -> tuple[GradientIndex, dict[str, Compressor]]:
-    """The job's index and its compressors (learned ones loaded from it), refusing an index
-    built with another model/compressor/data fingerprint."""
-    opts = job.store.storage_options
-    index = GradientIndex.open(job.index_url, opts)  # IndexNotFoundError rather than creating
-    compressors = build_layer_compressors(job, model, index)
-    GradientIndex.create_or_open(
-        job.index_url, fingerprint(job, model, compressors, task, train), opts
-    )
-    return index, compressors
+def open_checked(job: JobConfig, train) -> tuple[GradientIndex, assembly.Replica]:
+    """The job's index and a replica assembled as the workers assemble theirs (learned
+    compressors loaded from the index), refusing an index built with another
+    model/compressor/data fingerprint."""
+    index = assembly.open_index(job)  # IndexNotFoundError rather than creating
+    parts = assembly.replica(job, index)
+    assembly.checked_index(job, fingerprint(job, parts.model, parts.compressors, parts.task, train))
+    return index, parts
 
 
 def served_damping(job: JobConfig, index: GradientIndex) -> float:
@@ -143,13 +135,11 @@ class QueryEngine:
 
     def __init__(self, job: JobConfig, probe: bool = False):
         self.job = job
-        model = build_model(job)
-        task = build_task(job)
-        require_decoder(job, task)
         train = build_dataset(job, "train")
-        self.index, compressors = open_checked(job, model, task, train)
-        self.task = task
-        self.computer = GradientComputer(model, task, compressors)
+        self.index, parts = open_checked(job, train)
+        require_decoder(job, parts.task)
+        self.task = parts.task
+        self.computer = GradientComputer(parts.model, parts.task, parts.compressors)
         self.template = train[0]
         self.layers = [name for name, _ in self.index.layers]
         self.records = sorted(self.index.committed().values(), key=lambda r: r.start)
@@ -176,7 +166,8 @@ class QueryEngine:
             "train_rows": self.n_train,
             "layers": self.layers,
             "cached": self.cache is not None,
-            "kinds": ["grad_dot", "cosine"] + (["influence"] if self.pre is not None else []),
+            "kinds": [k for k in KINDS if k != "influence"]
+            + (["influence"] if self.pre is not None else []),
         }
 
     def decode(self, examples: list) -> list:

@@ -10,7 +10,7 @@ import multiprocessing as mp
 import numpy as np
 import pytest
 
-from grass_dist import compressor_state, pipeline, run
+from grass_dist import assembly, compressor_state, pipeline, run
 from grass_dist.errors import CreateOnlyUnsupportedError, FingerprintMismatchError
 from grass_dist.index import GradientIndex, Store
 from grass_dist.index.manifest import latest
@@ -100,7 +100,7 @@ def test_driver_with_another_fit_cannot_replace_the_stored_state(backend, tmp_pa
     named = _named_states(first.index)
     # A second driver that looked for the index before the first one created it fits its
     # own masks (on other sampled rows: other bytes) and stores them, never over the first's.
-    monkeypatch.setattr(compressor_state, "open_existing", lambda url, options: None)
+    monkeypatch.setattr(assembly, "existing_index", lambda job: None)
     with pytest.raises(FingerprintMismatchError, match="state_sha256"):
         pipeline.prepare(backend.cfg(tmp_path, *SELECTIVE, "compression.selective.seed=1"))
     index = GradientIndex.open(backend.url, backend.storage_options)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from grass_dist import Client, evaluate, pipeline, results
+from grass_dist import Client, pipeline, results
 from grass_dist.build import build_dataset, build_layer_compressors, build_model, build_task
 from grass_dist.config import JobConfig
 from grass_dist.errors import (
@@ -63,7 +63,7 @@ def service(ray_session, tmp_path_factory):
         # The scoring stage of `jobs.attribute precondition.damping=auto run.name=auto` on
         # the same index, queries and reducer: it chooses delta and records the choice.
         auto = JobConfig.from_cfg(OmegaConf.to_container(auto_cfg, resolve=True))
-        chosen = evaluate.score_stage(dataclasses.replace(job, cfg=auto), query)["damping"]
+        chosen = pipeline.score_stage(dataclasses.replace(job, cfg=auto), query)["damping"]
     finally:
         pipeline.shutdown(job)
     cached = app.start(OmegaConf.to_container(cfg, resolve=True))

@@ -1,0 +1,187 @@
+"""The Python API: build a gradient index and attribute queries from Python objects.
+
+    import grass_dist as gd
+    index = gd.Index.build(model, train_ds, store="outputs/api_index", k=1024, workers=4)
+    result = index.attribute(query_ds, damping="auto", topk=10, dense=True)
+    result.topk()   # pandas DataFrame: per query its top proponents and opponents
+    result.dense()  # np.ndarray (n_train, n_query)
+
+The same engine as `python -m jobs.attribute`: the arguments become a job config (every
+field not given keeps the default of grass_dist.config), and the pipeline's stages run on
+it, so the index format, fingerprint checks, resume and results are the jobs'. Model, task
+and datasets may be objects in memory (an nn.Module with its weights, any map-style
+dataset), factories (a function or class, or functools.partial of one) or config nodes
+with `_target_`. Objects are named by their content (grass_dist.assembly.register) and reach
+the workers through Ray's object store. A Ray the caller connected (`ray.init(address=...)`)
+is used; otherwise an embedded one starts on first use.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from grass_dist import assembly, pipeline, results
+from grass_dist.config import JobConfig, resolve
+from grass_dist.errors import ConfigError
+from grass_dist.index import GradientIndex
+
+DEFAULT_TASK = {"_target_": "grass_dist.tasks.classification"}
+
+
+def _path(fn: Any) -> str:
+    """The shortest import path of `fn`: a package that re-exports it wins over the module
+    that defines it (grass_dist.data.digits, whose name the function shadows)."""
+    parts = fn.__module__.split(".")
+    for i in range(1, len(parts) + 1):
+        home = ".".join(parts[:i])
+        try:
+            if getattr(importlib.import_module(home), fn.__qualname__, None) is fn:
+                return f"{home}.{fn.__qualname__}"
+        except ImportError:
+            continue
+    return f"{fn.__module__}.{fn.__qualname__}"
+
+
+def as_node(value: Any, where: str) -> dict[str, Any]:
+    """A config node for `value`: a node with `_target_` as given, a factory (function,
+    class, functools.partial) by import path and keywords, any other object in memory."""
+    if isinstance(value, DictConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, dict):
+        if "_target_" not in value:
+            raise ConfigError(
+                f"{where} is a dict without _target_: give a config node such as "
+                f"{{'_target_': 'my_pkg.build', ...}}, a factory, or the object itself"
+            )
+        return dict(value)
+    if isinstance(value, functools.partial):
+        if value.args:
+            raise ConfigError(
+                f"{where}: functools.partial({_path(value.func)}, ...) has positional "
+                f"arguments; pass them by keyword so the config can name them"
+            )
+        return {"_target_": _path(value.func), **value.keywords}
+    if inspect.isfunction(value) or inspect.isclass(value):
+        return {"_target_": _path(value)}
+    return assembly.register(value)
+
+
+def job_config(
+    model: Any,
+    train: Any,
+    *,
+    task: Any = None,
+    compression: str = "factgrass",
+    k: int | None = None,
+    store: str = "outputs/index",
+    storage_options: dict[str, Any] | None = None,
+    workers: int = 2,
+    overrides: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The job config of `Index.build`'s arguments; `overrides` are dotted `key=value`
+    settings as on a jobs command line (e.g. "index.shard_size=64")."""
+    raw: dict[str, Any] = {
+        "model": as_node(model, "model"),
+        "task": as_node(task, "task") if task is not None else dict(DEFAULT_TASK),
+        "data": {"train": as_node(train, "data.train")},
+        "compression": {"method": compression, **({"k": k} if k is not None else {})},
+        "store": {"url": store, "storage_options": dict(storage_options or {})},
+        "cluster": {"num_workers": workers},
+    }
+    if overrides:
+        merged = OmegaConf.merge(OmegaConf.create(raw), OmegaConf.from_dotlist(list(overrides)))
+        raw = OmegaConf.to_container(merged, resolve=True)
+    return raw
+
+
+@dataclass
+class Attribution:
+    """One scored query set (result set `name` in the index store)."""
+
+    index: GradientIndex
+    name: str
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def topk(self) -> pd.DataFrame:
+        """Per query, its `topk` proponents and opponents: one row per (query, rank, sign)."""
+        return results.load_table(self.index, self.name, "topk").to_pandas()
+
+    def dense(self) -> np.ndarray:
+        """Every score, (n_train, n_query); written when attribute(..., dense=True)."""
+        return results.load_dense(self.index, self.name)
+
+    def self_influence(self) -> pd.DataFrame:
+        """tau(i, i) and the squared gradient norm of every training row."""
+        return results.load_table(self.index, self.name, "self_influence").to_pandas()
+
+
+class Index:
+    """A gradient index and the job config that built it."""
+
+    def __init__(self, raw: dict[str, Any], summary: dict[str, Any] | None = None):
+        self.raw = raw
+        self.summary = summary or {}
+
+    @classmethod
+    def build(cls, model: Any, train: Any, **settings: Any) -> Index:
+        """Index every row of `train`; resumes an index already at `store` with the same
+        fingerprint. `settings` are job_config's: task, compression, k, store,
+        storage_options, workers, overrides."""
+        return cls.from_config(job_config(model, train, **settings))
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig | dict[str, Any]) -> Index:
+        """Build (or resume) the index of a job config, as `python -m jobs.index` does."""
+        raw = copy.deepcopy(resolve(cfg))
+        job = pipeline.prepare(raw)
+        try:
+            summary = pipeline.run_index(job)
+        finally:
+            pipeline.shutdown(job)
+        return cls(raw, summary)
+
+    @property
+    def gradient_index(self) -> GradientIndex:
+        """The index in its store: fingerprint, committed shards, phi."""
+        return assembly.open_index(JobConfig.from_cfg(self.raw))
+
+    def attribute(
+        self,
+        query: Any,
+        *,
+        damping: float | str = 0.1,
+        kind: str = "influence",
+        topk: int = 10,
+        dense: bool = False,
+        name: str = "default",
+        overrides: Sequence[str] = (),
+    ) -> Attribution:
+        """Score every row of `query` against the index: preconditioner, (damping=auto:
+        choose delta on a validation split), scores. Results go to `results/<name>/`."""
+        raw = copy.deepcopy(self.raw)
+        raw["data"]["query"] = as_node(query, "query")
+        raw["precondition"] = {**raw.get("precondition", {}), "damping": damping}
+        raw["scoring"] = {**raw.get("scoring", {}), "kind": kind, "topk": topk, "dense": dense}
+        raw["run"] = {**raw.get("run", {}), "name": name}
+        if overrides:
+            merged = OmegaConf.merge(OmegaConf.create(raw), OmegaConf.from_dotlist(list(overrides)))
+            raw = OmegaConf.to_container(merged, resolve=True)
+        job = pipeline.prepare(raw, create_index=False, query=True)
+        try:
+            phi = pipeline.query_phi(job)
+            pipeline.release_workers(job)  # the scorer tasks need the workers' CPUs
+            summary = {"precondition": pipeline.run_precondition(job)}
+            summary.update(pipeline.score_stage(job, phi))
+        finally:
+            pipeline.shutdown(job)
+        return Attribution(job.index, name, summary)

@@ -1,0 +1,200 @@
+"""One assembly of a job's parts: store, index, model, task, compressors.
+
+The driver (grass_dist.pipeline), every GradientWorker, the reducer and the query service
+obtain their parts here, so every process opens the store with the job's retry policy
+(store.retries, backoff_s, backoff_max_s) and builds the same model, task and compressors.
+
+In-memory objects (grass_dist.api): a model, task or dataset given as an object is named in
+the config by its content, `{_target_: grass_dist.assembly.in_memory, sha256, type}`, and
+kept in this process's registry. `ship` puts every such object into Ray's object store once
+per worker pool and `receive` registers them in a worker, so `build_model` / `build_dataset`
+resolve the same node to the same object everywhere; the sha256 enters the fingerprint
+through the node (data identity) and the model's state hash.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import pickle
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from grass_dist.build import build_layer_compressors, build_model, build_task
+from grass_dist.capture import resolve_layers
+from grass_dist.compress import Compressor, build_compressors, learned_layers
+from grass_dist.compressor_state import fit_states, load_states
+from grass_dist.config import JobConfig, StoreConfig
+from grass_dist.errors import ConfigError
+from grass_dist.index import GradientIndex, Store
+from grass_dist.index.gradient_index import INDEX_FILE
+from grass_dist.index.retry import RetryPolicy
+from grass_dist.models import state_hash
+
+IN_MEMORY = "grass_dist.assembly.in_memory"
+
+# sha256 -> object, filled by `register` (driver) and `receive` (workers).
+_OBJECTS: dict[str, Any] = {}
+
+
+# ---- the store ------------------------------------------------------------------------------
+def retry_policy(store: StoreConfig) -> RetryPolicy:
+    """The backoff policy every process of the job uses for the index store."""
+    return RetryPolicy(store.retries, store.backoff_s, store.backoff_max_s)
+
+
+def open_store(job: JobConfig, url: str | None = None) -> Store:
+    """The store at `url` (default: the job's index URL) with the job's options and retries."""
+    return Store(url or job.index_url, job.store.storage_options, retry_policy(job.store))
+
+
+def open_index(job: JobConfig) -> GradientIndex:
+    """The job's existing index (IndexNotFoundError when there is none)."""
+    return GradientIndex.open(job.index_url, job.store.storage_options, retry_policy(job.store))
+
+
+def existing_index(job: JobConfig) -> GradientIndex | None:
+    """The job's index, or None when none exists yet."""
+    return open_index(job) if open_store(job).exists(INDEX_FILE) else None
+
+
+def checked_index(job: JobConfig, fingerprint: dict[str, Any]) -> GradientIndex:
+    """The job's index, created with `fingerprint` if absent; FingerprintMismatchError if the
+    existing one was built with another."""
+    return GradientIndex.create_or_open(
+        job.index_url, fingerprint, job.store.storage_options, retry_policy(job.store)
+    )
+
+
+# ---- model, task, compressors -----------------------------------------------------------------
+@dataclass
+class Replica:
+    """What computes phi: the model, the task and one compressor per attributed layer."""
+
+    model: nn.Module
+    task: Any
+    compressors: dict[str, Compressor]
+
+
+def replica(job: JobConfig, index: GradientIndex) -> Replica:
+    """A model replica for a worker or the service; learned compressor state comes from
+    `index`, so every replica uses the masks the index was built with."""
+    model = build_model(job)
+    return Replica(model, build_task(job), build_layer_compressors(job, model, index))
+
+
+def driver_compressors(job: JobConfig, model: nn.Module, task, train) -> dict[str, Compressor]:
+    """The driver's compressors: learned state comes from the existing index, else is fitted
+    on `train` (`compressor_state.save_states` then stores it before the index is created)."""
+    shapes = resolve_layers(model, job.index.layers)
+    need = learned_layers(job.compression, shapes)
+    if not need:
+        return build_compressors(job.compression, shapes)
+    existing = existing_index(job)
+    if existing is not None:
+        states = load_states(existing, need)
+    else:
+        states = fit_states(job.compression, model, task, train, shapes, need, job.index.batch_size)
+    return build_compressors(job.compression, shapes, states)
+
+
+# ---- in-memory objects ------------------------------------------------------------------------
+def _feed(h: Any, value: Any) -> None:
+    """Hash `value` by content: tensors and arrays by dtype, shape and bytes."""
+    if torch.is_tensor(value):
+        value = value.detach().cpu().contiguous()
+        h.update(f"T{value.dtype}{tuple(value.shape)}".encode())
+        h.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, np.ndarray):
+        h.update(f"A{value.dtype}{value.shape}".encode())
+        h.update(np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, (tuple, list)):
+        h.update(f"L{len(value)}".encode())
+        for v in value:
+            _feed(h, v)
+    elif isinstance(value, dict):
+        h.update(f"D{len(value)}".encode())
+        for k in sorted(value, key=str):
+            _feed(h, str(k))
+            _feed(h, value[k])
+    elif value is None or isinstance(value, (str, int, float, bool, np.generic)):
+        h.update(f"S{type(value).__name__}:{value!r}".encode())
+    else:
+        h.update(pickle.dumps(value, protocol=5))
+
+
+def content_digest(obj: Any) -> str:
+    """sha256 of what `obj` computes with: a model's state, a dataset's rows (every one, in
+    order), anything else's pickle."""
+    if isinstance(obj, nn.Module):
+        return hashlib.sha256(f"{type(obj).__qualname__}:{state_hash(obj)}".encode()).hexdigest()
+    h = hashlib.sha256()
+    if hasattr(obj, "__getitem__") and hasattr(obj, "__len__"):
+        h.update(f"rows{len(obj)}".encode())
+        for i in range(len(obj)):
+            _feed(h, obj[i])
+    else:
+        _feed(h, obj)
+    return h.hexdigest()
+
+
+def register(obj: Any) -> dict[str, Any]:
+    """Keep `obj` in this process and return the config node that names it by content.
+
+    A model is kept as a copy: computing gradients sets its mode and device, and the
+    caller's model stays as the caller left it.
+    """
+    digest = content_digest(obj)
+    _OBJECTS[digest] = copy.deepcopy(obj) if isinstance(obj, nn.Module) else obj
+    kind = type(obj)
+    return {"_target_": IN_MEMORY, "sha256": digest, "type": f"{kind.__module__}.{kind.__name__}"}
+
+
+def in_memory(sha256: str, type: str) -> Any:  # noqa: A002 -- the node's field name
+    """Hydra target of a registered object: the object itself."""
+    try:
+        return _OBJECTS[sha256]
+    except KeyError:
+        raise ConfigError(
+            f"the in-memory {type} with sha256 {sha256[:12]} is not in this process: objects "
+            f"given to grass_dist.api live only in that Python process and the workers it "
+            f"starts. For jobs or the service, name a factory instead (_target_=my_pkg.build)"
+        ) from None
+
+
+def _in_memory_nodes(node: Any) -> list[dict[str, Any]]:
+    if isinstance(node, dict):
+        if node.get("_target_") == IN_MEMORY:
+            return [node]
+        return [n for v in node.values() for n in _in_memory_nodes(v)]
+    if isinstance(node, list):
+        return [n for v in node for n in _in_memory_nodes(v)]
+    return []
+
+
+def ship(raw: dict[str, Any]) -> dict[str, Any]:
+    """Every in-memory object `raw` names, put into Ray's object store: {sha256: ObjectRef}.
+
+    Refs nested in a dict are not resolved by Ray on the way in, so each worker fetches an
+    object once, in `receive`, rather than every actor argument being inlined.
+    """
+    import ray
+
+    digests = {
+        n["sha256"] for part in ("model", "task", "data") for n in _in_memory_nodes(raw.get(part))
+    }
+    return {d: ray.put(in_memory(d, "object")) for d in sorted(digests)}
+
+
+def receive(objects: dict[str, Any] | None) -> None:
+    """Register the objects `ship` sent (ObjectRefs, or the objects themselves outside Ray)."""
+    if not objects:
+        return
+    import ray
+
+    for digest, ref in objects.items():
+        _OBJECTS[digest] = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref

@@ -1,0 +1,124 @@
+"""The Python API: README's example as written, and the same index and scores as the jobs."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import grass_dist as gd
+from grass_dist import assembly, pipeline, results, run
+from grass_dist.api import job_config
+from grass_dist.build import build_dataset, build_model
+from grass_dist.config import JobConfig, resolve
+from grass_dist.data import digits
+from grass_dist.errors import ConfigError
+from grass_dist.index import GradientIndex
+from grass_dist.models import digits_mlp, state_hash
+from tests.conftest import ROOT, compose_cfg
+
+# The jobs' command line of the equivalence test, and the same settings for the API.
+SIZES = ["data.train.n_train=120", "compression.k=16", "cluster.num_workers=1", "scoring.topk=5"]
+SETTINGS = ["index.shard_size=32", "index.batch_size=16", "cluster.cpus_per_worker=0.5"]
+
+
+def _rows(index: GradientIndex) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    parts = [data for _, data in index.iter_committed()]
+    order = np.argsort(np.concatenate([d.row_ids for d in parts]))
+    phi = {n: np.concatenate([d.phi[n] for d in parts])[order] for n in parts[0].phi}
+    return np.concatenate([d.row_ids for d in parts])[order], phi
+
+
+def readme_snippet() -> str:
+    text = (ROOT / "README.md").read_text().partition("## Python API")[2]
+    return re.search(r"^```python\n(.*?)^```", text, flags=re.M | re.S).group(1)
+
+
+def test_factories_and_config_nodes_become_the_jobs_nodes():
+    raw = job_config(
+        functools.partial(digits_mlp, hidden=[16]),
+        {"_target_": "grass_dist.data.digits", "split": "train"},
+        task=digits,  # any factory: named by import path
+        k=16,
+    )
+    assert raw["model"] == {"_target_": "grass_dist.models.digits_mlp", "hidden": [16]}
+    assert raw["data"]["train"] == {"_target_": "grass_dist.data.digits", "split": "train"}
+    assert raw["task"] == {"_target_": "grass_dist.data.digits"}  # re-exported: importable
+    assert raw["compression"] == {"method": "factgrass", "k": 16}
+    with pytest.raises(ConfigError, match="positional"):
+        job_config(functools.partial(digits_mlp, [16]), {"_target_": "x"})
+
+
+@pytest.mark.integration
+def test_api_index_and_scores_equal_the_jobs(ray_session, tmp_path):
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    cfg = compose_cfg(tmp_path / "jobs", *SIZES, *SETTINGS)
+    summary = run.attribute(cfg)
+    assert (root.handlers, root.level) == (handlers, level)  # the library configures no logging
+    jobs = JobConfig.from_cfg(resolve(cfg))
+    by_jobs = GradientIndex.open(summary["index_url"])
+
+    # The same model and data as objects in memory, as a notebook holds them.
+    model = build_model(jobs)
+    train, query = build_dataset(jobs, "train"), build_dataset(jobs, "query")
+    index = gd.Index.build(
+        model, train, k=16, store=str(tmp_path / "api"), workers=1, overrides=SETTINGS
+    )
+    result = index.attribute(query, damping=0.1, topk=5)
+    by_api = index.gradient_index
+
+    assert index.summary["rows"] == 120
+    rows_jobs, phi_jobs = _rows(by_jobs)
+    rows_api, phi_api = _rows(by_api)
+    np.testing.assert_array_equal(rows_api, rows_jobs)
+    assert phi_api.keys() == phi_jobs.keys()
+    for layer in phi_jobs:
+        np.testing.assert_array_equal(phi_api[layer], phi_jobs[layer])
+    for key in ("format_version", "compression", "layers", "dtype", "task"):
+        assert by_api.fingerprint[key] == by_jobs.fingerprint[key], key
+    assert by_api.fingerprint["model"]["state_sha256"] == state_hash(model)
+    assert by_api.fingerprint["model"] == {
+        **by_jobs.fingerprint["model"],
+        "target": assembly.IN_MEMORY,
+    }
+    ours = result.topk()
+    theirs = results.load_table(by_jobs, "default", "topk").to_pandas()
+    cols = ["query_row", "query_key", "kind", "rank", "train_row", "train_key"]
+    assert ours[cols].equals(theirs[cols])
+    np.testing.assert_allclose(ours["score"], theirs["score"], rtol=1e-6)
+
+    # Factories with the jobs' arguments give the jobs' fingerprint exactly.
+    node = jobs.data["train"]
+    again = job_config(
+        functools.partial(digits_mlp, **{k: v for k, v in jobs.model.items() if k != "_target_"}),
+        functools.partial(digits, **{k: v for k, v in node.items() if k != "_target_"}),
+        k=16,
+        store=summary["index_url"],
+        overrides=SETTINGS,
+    )
+    assert pipeline.prepare(again, create_index=False).fingerprint == by_jobs.fingerprint
+
+
+@pytest.mark.integration
+def test_readme_python_api_runs_as_written(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", readme_snippet()],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "(300, 20)" in out.stdout
+    assert "train_row" in out.stdout
+    assert (tmp_path / "outputs" / "api_index" / "index.json").exists()
+    assert len(readme_snippet().strip().splitlines()) <= 15
