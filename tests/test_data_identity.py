@@ -100,6 +100,8 @@ def test_row_digest_is_canonical_and_sees_every_value():
     digests = {row_digest(v) for v in [item, *others]}
     assert len(digests) == 1 + len(others)
     assert row_digest(torch.ones(2, dtype=torch.bfloat16)) != row_digest(torch.ones(2))
+    assert row_digest(torch.tensor(3)) != row_digest(torch.tensor([3]))
+    assert row_digest(torch.ones(2, requires_grad=True)) == row_digest(np.ones(2, np.float32))
     assert len(row_digest("text")) == 32
     with pytest.raises(ConfigError, match="cannot digest a training item holding a object"):
         row_digest({"x": object()})

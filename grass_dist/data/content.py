@@ -29,14 +29,12 @@ DIGEST_BYTES = 32  # sha256
 def _feed(h: Any, value: Any) -> None:
     # Every value is tagged with its kind, so (1, "1"), [[1], 2] and [1, [2]] stay apart.
     if isinstance(value, torch.Tensor):
-        value = value.detach()
         if value.dtype == torch.bfloat16:  # numpy has no bfloat16: digest the raw bits
-            value = value.view(torch.int16)
-        value = (value if value.device.type == "cpu" else value.cpu()).numpy()
+            value = value.detach().view(torch.int16)
+        value = value.numpy(force=True)  # detached, on the CPU
     if isinstance(value, (np.ndarray, np.generic)) and value.dtype.kind in "biufc":
-        arr = np.ascontiguousarray(value)
-        h.update(f"a{arr.dtype.str}{arr.shape}".encode())
-        h.update(arr.data if arr.ndim else arr.tobytes())
+        h.update(b"a%s%r" % (value.dtype.str.encode(), value.shape))
+        h.update(np.ascontiguousarray(value).data)  # 0-d becomes (1,): same bytes
     elif isinstance(value, dict):
         h.update(f"d{len(value)}".encode())
         for key in sorted(value, key=str):
