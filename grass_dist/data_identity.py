@@ -23,7 +23,10 @@ or the index would silently mix gradients of two datasets. Two checks tell them 
    digests have none to compare; only checks 1 and 2 cover them.
 
 Jobs that only read the index (score, serve) need no training rows for their scores, so
-they skip check 3: their results name rows by the keys stored in the index.
+they skip check 3 and never refuse for it: their results name rows by the keys stored in
+the index, and the service shows nothing else. The report of a score job draws training
+rows from today's data: ``changed_rows`` finds the rows it shows whose content differs from
+what was indexed, and ``MarkChanged`` shows a note in place of their content.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from grass_dist.data.content import row_digests, shard_digest
+from grass_dist.data.content import row_digest, row_digests, shard_digest
+from grass_dist.data.items import describe
 from grass_dist.errors import CorruptShardError, DataMismatchError
 from grass_dist.gradients import sample_key
 from grass_dist.index import GradientIndex, ShardRecord
@@ -153,3 +157,49 @@ def check_committed_content(index: GradientIndex, dataset: Any, limit: int = 5) 
             "Fix: restore the training data as it was, or build a new index for it (a new "
             "store.url)."
         )
+
+
+def changed_rows(index: GradientIndex, dataset: Any, rows: list[int]) -> list[int]:
+    """The ``rows`` whose content in ``dataset`` differs from what the index was built from.
+
+    Reads the row digests of only the shards holding ``rows``. Rows past the end of
+    ``dataset`` count as changed; rows of shards without digests (written before them) or
+    whose file is unreadable cannot be checked and count as unchanged.
+    """
+    wanted, n, out = sorted({int(r) for r in rows}), len(dataset), []
+    for record in index.committed().values():
+        inside = [r for r in wanted if record.start <= r < record.end]
+        if not inside or not record.data_sha256:
+            continue
+        try:
+            stored = index.read(record, layers=[], verify=False).digests
+        except CorruptShardError:
+            continue  # repair's business (index.repair=true)
+        if stored is None:
+            continue
+        for row in inside:
+            if row >= n or row_digest(dataset[row]) != stored[row - record.start].tobytes():
+                out.append(row)
+    return sorted(out)
+
+
+class MarkChanged:
+    """``dataset`` as a report shows it: a row in ``changed`` shows a note in place of its
+    content, since its scores come from the content it had when it was indexed."""
+
+    NOTE = "changed since the index was built: these scores are of its earlier content"
+
+    def __init__(self, dataset: Any, changed: list[int]) -> None:
+        self.dataset, self.changed = dataset, set(changed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, row: int) -> Any:
+        return self.dataset[row]
+
+    def describe(self, row: int) -> dict[str, Any]:
+        """``items.describe`` of the row, or its key, label "?" and the note when changed."""
+        if row in self.changed:
+            return {"key": sample_key(self.dataset, row), "label": "?", "text": self.NOTE}
+        return describe(self.dataset, row)

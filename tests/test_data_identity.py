@@ -7,16 +7,24 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from grass_dist import pipeline
-from grass_dist.data import digits
+from grass_dist.data import digits, items
 from grass_dist.data.content import row_digest, row_digests, shard_digest
-from grass_dist.data_identity import check_committed_content, check_committed_rows, data_identity
+from grass_dist.data_identity import (
+    MarkChanged,
+    changed_rows,
+    check_committed_content,
+    check_committed_rows,
+    data_identity,
+)
 from grass_dist.errors import ConfigError, DataMismatchError
 from grass_dist.gradients import GradientComputer
 from grass_dist.index import GradientIndex, ShardRecord
+from grass_dist.report import write_report
 from grass_dist.tasks_lm import CausalLMTask
 from tests.conftest import ROOT, compose_cfg
 
@@ -191,6 +199,33 @@ def test_shards_without_row_digests_are_named_by_range_or_skipped(tmp_path, capl
     assert all(r.data_sha256 == "" for r in old.committed().values())
     check_committed_content(old, Items(30, {12: torch.ones(4)}))
     assert "3 committed shards were written before content digests" in caplog.text
+
+
+def test_the_report_marks_the_shown_rows_whose_content_changed(tmp_path):
+    index = _signed_index(tmp_path, Items(30), 10)
+    data = Items(28, {12: torch.ones(4), 25: torch.ones(4)})
+    assert changed_rows(index, data, [3, 12, 12, 29, 40]) == [12, 29]  # 29: gone; 40: never indexed
+    view = MarkChanged(data, [12])
+    assert items.describe(view, 12) == {"key": "k12", "label": "?", "text": MarkChanged.NOTE}
+    assert items.describe(view, 3) == items.describe(data, 3)
+    html = write_report(None, _topk([3, 12]), view, Items(1))
+    assert html.count(MarkChanged.NOTE) == 1 and "k3" in html
+
+
+def _topk(train_rows: list[int]) -> pd.DataFrame:
+    """Query 0's proponents, in rank order."""
+    n = len(train_rows)
+    return pd.DataFrame(
+        {
+            "query_row": [0] * n,
+            "query_key": ["q0"] * n,
+            "rank": list(range(n)),
+            "kind": ["proponent"] * n,
+            "train_row": train_rows,
+            "train_key": [f"k{r}" for r in train_rows],
+            "score": [1.0 - 0.1 * r for r in range(n)],
+        }
+    )
 
 
 def test_manifest_entries_written_before_content_digests_still_load():
