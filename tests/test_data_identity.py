@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from grass_dist import pipeline
+from grass_dist import pipeline, run
 from grass_dist.data import digits, items
 from grass_dist.data.content import row_digest, row_digests, shard_digest
 from grass_dist.data_identity import (
@@ -210,6 +210,16 @@ def test_the_report_marks_the_shown_rows_whose_content_changed(tmp_path):
     assert items.describe(view, 3) == items.describe(data, 3)
     html = write_report(None, _topk([3, 12]), view, Items(1))
     assert html.count(MarkChanged.NOTE) == 1 and "k3" in html
+
+
+def test_a_score_job_checks_only_the_training_rows_its_report_shows(tmp_path, caplog):
+    index = _signed_index(tmp_path, Items(30), 10)
+    data = Items(30, {r: torch.ones(4) for r in (2, 5, 20, 21)})
+    self_inf = pd.DataFrame({"train_row": range(30), "self_influence": np.arange(30.0)})
+    # Shown: proponents 2 and 3, and the 8 highest self-influences, rows 22..29.
+    assert run._changed_shown_rows(index, data, _topk([2, 3]), self_inf) == [2]
+    assert "training rows [2] changed since the index" in caplog.text
+    assert run._changed_shown_rows(index, data, _topk([5, 21]), None) == [5, 21]
 
 
 def _topk(train_rows: list[int]) -> pd.DataFrame:
