@@ -12,6 +12,7 @@ from torch import nn
 
 from grass_dist.capture import LinearCapture
 from grass_dist.compress import Compressor, LinearShape
+from grass_dist.data.content import row_digests
 from grass_dist.data.items import sample_key
 from grass_dist.errors import NonFiniteGradientError
 from grass_dist.persample import FlatGradients
@@ -47,11 +48,13 @@ class LoadedRows:
 
     Attributes:
         row_ids: int64 (n,). keys: n sample keys.
+        digests: uint8 (n, 32), each row's content digest (``grass_dist.data.content``).
         batches: (positions in row_ids, collated batch) per batch, in the task's order.
     """
 
     row_ids: np.ndarray
     keys: list[str]
+    digests: np.ndarray
     batches: list[tuple[list[int], Any]]
 
 
@@ -115,12 +118,14 @@ class GradientComputer:
         return self.phi_loaded(self.load_rows(dataset, rows, batch_size))
 
     def load_rows(self, dataset, rows: Sequence[int], batch_size: int) -> LoadedRows:
-        """Read `rows` and collate them into the task's batches (no model work)."""
+        """Read `rows`, digest their content and collate them into the task's batches (no
+        model work)."""
         rows = list(rows)
         items = [dataset[r] for r in rows]
         return LoadedRows(
             row_ids=np.asarray(rows, dtype=np.int64),
             keys=[sample_key(dataset, r) for r in rows],
+            digests=row_digests(items),
             batches=[
                 (group, self.task.collate([items[j] for j in group]))
                 for group in self._batches(items, batch_size)

@@ -27,7 +27,8 @@ from grass_dist.build import (
 )
 from grass_dist.compressor_state import save_states
 from grass_dist.config import JobConfig, resolve
-from grass_dist.data_identity import check_committed_rows
+from grass_dist.data.content import row_digest
+from grass_dist.data_identity import check_committed_content, check_committed_rows
 from grass_dist.gradients import PhiBlock
 from grass_dist.index import GradientIndex
 from grass_dist.models import state_hash
@@ -96,6 +97,7 @@ def prepare(cfg: DictConfig | dict, *, create_index: bool = True, query: bool = 
     task = build_task(job_cfg)
     train = build_dataset(job_cfg, "train")
     check_rows(job_cfg, model, task, train, "train")
+    row_digest(train[0])  # ConfigError now for items without a stable content digest
     if query or job_cfg.data.get("query") is not None:
         # A missing, empty or unfitting query set fails here, not after the index build.
         check_rows(job_cfg, model, task, build_dataset(job_cfg, "query"), "query")
@@ -119,6 +121,8 @@ def prepare(cfg: DictConfig | dict, *, create_index: bool = True, query: bool = 
     if not create_index:
         assembly.checked_index(job_cfg, fp)  # refuses a mismatch
     check_committed_rows(index, train)  # growing data.train is fine, changing it is not
+    if create_index:  # a job that adds shards must add them to the same data
+        check_committed_content(index, train)
     job = Job(
         job_cfg,
         raw,

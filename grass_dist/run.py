@@ -22,10 +22,12 @@ from grass_dist.build import (
 )
 from grass_dist.config import JobConfig, resolve
 from grass_dist.data import items
+from grass_dist.data_identity import MarkChanged, changed_rows
 from grass_dist.errors import ConfigError, GrassError, IndexNotFoundError
+from grass_dist.index import GradientIndex
 from grass_dist.index.gc import collect
 from grass_dist.index.gradient_index import INDEX_FILE
-from grass_dist.report import top_proponent_label_agreement, write_report
+from grass_dist.report import N_SELF_INFLUENCE, top_proponent_label_agreement, write_report
 
 log = logging.getLogger("grass_dist")
 
@@ -55,10 +57,11 @@ def make_report(job: pipeline.Job) -> dict[str, Any]:
     )
     train, query = build_dataset(job.cfg, "train"), build_dataset(job.cfg, "query")
     preds = _predictions(job, query)
+    changed = _changed_shown_rows(job.index, train, topk, self_inf)
     html = write_report(
         None,
         topk,
-        train,
+        MarkChanged(train, changed) if changed else train,
         query,
         self_influence=self_inf,
         stage_times=job.timings,
@@ -75,7 +78,25 @@ def make_report(job: pipeline.Job) -> dict[str, Any]:
         "report": os.path.abspath(local),
         "top_proponent_label_agreement": agreement,
         "query_accuracy": len(correct) / len(query) if preds else None,
+        "changed_train_rows": changed,
     }
+
+
+def _changed_shown_rows(index: GradientIndex, train, topk, self_inf) -> list[int]:
+    """Training rows the report shows whose content changed since they were indexed."""
+    shown = set(topk["train_row"].tolist())
+    if self_inf is not None:
+        shown |= set(self_inf.nlargest(N_SELF_INFLUENCE, "self_influence")["train_row"].tolist())
+    changed = changed_rows(index, train, sorted(shown))
+    if changed:
+        log.warning(
+            "training rows %s changed since the index at %s was built: the report shows a "
+            "note in place of their content, as their scores are of the indexed content. "
+            "Rebuild the index (a new store.url) to attribute the data as it is now",
+            changed[:10],
+            index.store.url_of(""),
+        )
+    return changed
 
 
 def _index_bytes(job: pipeline.Job) -> int:

@@ -52,6 +52,13 @@ def test_index_throughput_benchmark_runs_tiny(tmp_path):
         assert f"| {model} | 64 | " in table and "grass_dist factgrass" in table
 
 
+def test_content_fingerprint_benchmark_runs_tiny(tmp_path):
+    args = "--models mlp --k 64 --reps 1 --check-rows 600"
+    table = _table(tmp_path, "bench_content_fingerprint.py", args)
+    assert "| mlp | 512 | 64 | digests alone | " in table
+    assert "| mlp | 512 | 64 | resume check (600 rows) | " in table
+
+
 def test_lm_throughput_benchmark_runs_tiny(tmp_path):
     table = _table(tmp_path, "lm_throughput.py", "--rows 8 --repeats 1 --k 16")
     assert "FactGraSS k=16 per layer" in table

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from grass_dist.data.content import shard_digest
 from grass_dist.errors import (
     CorruptIndexError,
     CorruptShardError,
@@ -186,6 +187,7 @@ class GradientIndex:
         row_ids: np.ndarray,
         keys: list[str],
         phi: dict[str, np.ndarray],
+        digests: np.ndarray | None = None,
     ) -> ShardRecord:
         """Write one shard attempt to a fresh file; the caller commits the returned record.
 
@@ -193,6 +195,8 @@ class GradientIndex:
             shard_id: stable id of training rows [start, end), e.g. ``"000042"``.
             row_ids: int64, shape (n,). keys: n sample keys.
             phi: layer name -> array (n, k_l); must match ``self.layers`` exactly.
+            digests: uint8 (n, 32), the rows' content digests (``grass_dist.data.content``);
+                stored per row, and over the shard in the record's ``data_sha256``.
         """
         if not _SHARD_ID.match(shard_id):
             raise ValueError(f"shard_id must match {_SHARD_ID.pattern}, got {shard_id!r}")
@@ -207,7 +211,9 @@ class GradientIndex:
         attempt = uuid.uuid4().hex  # unique per attempt: files are never overwritten
         rel = f"shards/{shard_id}/{attempt}.parquet"
         ordered = {name: phi[name] for name, _ in self.layers}
-        nbytes, sha = shards.write_shard(self.store, rel, row_ids, keys, ordered, self.dtype)
+        nbytes, sha = shards.write_shard(
+            self.store, rel, row_ids, keys, ordered, self.dtype, digests
+        )
         return ShardRecord(
             shard_id=shard_id,
             start=int(start),
@@ -217,6 +223,7 @@ class GradientIndex:
             sha256=sha,
             nbytes=nbytes,
             attempt=attempt,
+            data_sha256="" if digests is None else shard_digest(digests),
         )
 
     def commit(self, records: list[ShardRecord], replace: dict[str, str] | None = None) -> int:

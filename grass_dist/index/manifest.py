@@ -59,7 +59,11 @@ _FETCH_BATCH = 32  # versions read concurrently while catching up (S3 round trip
 
 @dataclass(frozen=True)
 class ShardRecord:
-    """One committed shard: training rows [start, end), stored in ``file`` (relative path)."""
+    """One committed shard: training rows [start, end), stored in ``file`` (relative path).
+
+    ``data_sha256`` digests the rows' content (``grass_dist.data.content.shard_digest``);
+    "" for shards written before content digests.
+    """
 
     shard_id: str
     start: int
@@ -69,11 +73,14 @@ class ShardRecord:
     sha256: str
     nbytes: int
     attempt: str
+    data_sha256: str = ""
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> ShardRecord:
-        """Build from a manifest entry (extra keys from newer writers are ignored)."""
-        return cls(**{name: d[name] for name in cls.__dataclass_fields__})  # type: ignore[arg-type]
+        """Build from a manifest entry (extra keys from newer writers are ignored, fields
+        newer than the writer take their defaults)."""
+        fields = cls.__dataclass_fields__
+        return cls(**{name: d[name] for name in fields if name in d})  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest entry (field by field; ``asdict`` is several times slower)."""

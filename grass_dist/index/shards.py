@@ -1,4 +1,7 @@
-"""Parquet shard files: ``row_id``, ``key`` and one ``fixed_size_list`` column per layer.
+"""Parquet shard files: ``row_id``, ``key``, ``row_sha256`` and one column per layer.
+
+``row_sha256`` (fixed_size_binary[32]) holds each row's content digest
+(``grass_dist.data.content``); files written before it lack the column.
 
 Each shard attempt is serialised in memory, hashed (sha256 goes into the manifest) and put
 in one request, so a shard file is either absent or complete.
@@ -19,13 +22,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from grass_dist.data.content import DIGEST_BYTES
 from grass_dist.errors import CorruptShardError
 from grass_dist.index.store import Store
 
 DTYPES = ("float32", "float16", "bfloat16")
 _META_DTYPE = b"grass_dist.dtype"
 _META_LAYERS = b"grass_dist.layers"
-_RESERVED = ("row_id", "key")
+_DIGESTS = "row_sha256"
+_RESERVED = ("row_id", "key", _DIGESTS)
 
 
 @dataclass
@@ -36,11 +41,14 @@ class ShardData:
         row_ids: int64 array, shape (n,): global training row of each example.
         keys: n sample keys.
         phi: layer name -> float32 array of shape (n, k_l), the compressed gradients.
+        digests: uint8 array (n, 32), each row's content digest; None in files written
+            before content digests.
     """
 
     row_ids: np.ndarray
     keys: list[str]
     phi: dict[str, np.ndarray]
+    digests: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.row_ids.shape[0])
@@ -80,6 +88,22 @@ def _decode(col: pa.ChunkedArray, n: int, dtype: str) -> np.ndarray:
     return flat.astype(np.float32, copy=False).reshape(n, k)
 
 
+def _encode_digests(digests: np.ndarray, n: int) -> pa.Array:
+    """(n, 32) uint8 -> FixedSizeBinaryArray[32] (one buffer, no per-row objects)."""
+    digests = np.ascontiguousarray(digests, np.uint8)
+    if digests.shape != (n, DIGEST_BYTES):
+        raise ValueError(f"digests must have shape ({n}, {DIGEST_BYTES}), got {digests.shape}")
+    buf = pa.py_buffer(digests.tobytes())
+    return pa.Array.from_buffers(pa.binary(DIGEST_BYTES), n, [None, buf])
+
+
+def _decode_digests(col: pa.ChunkedArray, n: int) -> np.ndarray:
+    """FixedSizeBinary[32] column -> (n, 32) uint8."""
+    arr = col.combine_chunks()
+    data = np.frombuffer(arr.buffers()[1], np.uint8)
+    return data[arr.offset * DIGEST_BYTES :][: n * DIGEST_BYTES].reshape(n, DIGEST_BYTES)
+
+
 def write_shard(
     store: Store,
     rel_path: str,
@@ -87,6 +111,7 @@ def write_shard(
     keys: list[str],
     phi: dict[str, np.ndarray],
     dtype: str = "float32",
+    digests: np.ndarray | None = None,
 ) -> tuple[int, str]:
     """Serialise one shard and write it to ``store`` at ``rel_path``.
 
@@ -95,6 +120,7 @@ def write_shard(
         keys: n sample keys.
         phi: layer name -> array (n, k_l), any float dtype; columns keep this order.
         dtype: storage dtype, one of float32 / float16 / bfloat16.
+        digests: uint8 (n, 32), each row's content digest; None writes no digest column.
 
     Returns:
         (nbytes, sha256 hex digest) of the written file.
@@ -111,6 +137,8 @@ def write_shard(
         "row_id": pa.array(row_ids.astype(np.int64, copy=False)),
         "key": pa.array([str(k) for k in keys], type=pa.string()),
     }
+    if digests is not None:
+        columns[_DIGESTS] = _encode_digests(digests, n)
     layers: list[list[object]] = []
     for name, x in phi.items():
         x = np.asarray(x)
@@ -173,11 +201,13 @@ def read_shard(
     if missing:
         raise KeyError(f"layers {missing} not in shard {where} (it has {stored})")
     try:
-        table = pf.read(columns=["row_id", "key", *wanted])
+        extra = [_DIGESTS] if _DIGESTS in pf.schema_arrow.names else []
+        table = pf.read(columns=["row_id", "key", *extra, *wanted])
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise CorruptShardError(f"shard file {where} cannot be parsed ({exc}). {fix}") from exc
     n = table.num_rows
     row_ids = table.column("row_id").to_numpy().astype(np.int64, copy=False)
     keys = table.column("key").to_pylist()
     phi = {name: _decode(table.column(name), n, dtype) for name in wanted}
-    return ShardData(row_ids=row_ids, keys=keys, phi=phi)
+    digests = _decode_digests(table.column(_DIGESTS), n) if extra else None
+    return ShardData(row_ids=row_ids, keys=keys, phi=phi, digests=digests)

@@ -146,7 +146,7 @@ class GradientWorker:
             )
         with self.phases.run(sid, "write"):
             record = self.index.write_shard(
-                sid, plan.start, plan.end, block.row_ids, block.keys, block.phi
+                sid, plan.start, plan.end, block.row_ids, block.keys, block.phi, loaded.digests
             )
         return ShardResult(record, self.worker_id, self.node_id, self.phases.seconds(sid))
 
