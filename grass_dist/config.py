@@ -170,7 +170,9 @@ class ClusterConfig:
     max_shard_retries: int = _f(3, "attempts per shard before the job fails")
     max_workers: int | None = _f(None, "elastic ceiling: grow to this many workers as nodes join")
     scale_check_s: float = _f(2.0, "seconds between checks for free resources to grow the pool")
-    worker_resources: dict[str, float] | None = _f(None, "custom resources per worker: {spot: 1}")
+    # Any, not dict | None: Hydra cannot merge `cluster.worker_resources={spot:1}` into a
+    # typed null dict, and a typed empty dict would need `+` for its first key.
+    worker_resources: Any = _f(None, "custom resources per worker: {spot: 1}")
     placement_timeout_s: float = _f(600.0, "fail when no worker can be placed for this long")
     max_reducer_restarts: int = _f(2, "new reducers started for a stage whose reducer died")
     progress_interval_s: float = _f(2.0, "seconds between rewrites of the progress record")
@@ -371,8 +373,13 @@ def _validate_cluster(cl: ClusterConfig) -> None:
         )
     if cl.num_cpus is not None and cl.num_cpus < 1:
         raise ConfigError(f"cluster.num_cpus={cl.num_cpus} must be at least 1, or null (every CPU)")
+    if cl.worker_resources is not None and not isinstance(cl.worker_resources, dict):
+        raise ConfigError(
+            f"cluster.worker_resources={cl.worker_resources!r} must map resource names to "
+            f"amounts per worker, e.g. cluster.worker_resources={{spot:1}}"
+        )
     for key, amount in (cl.worker_resources or {}).items():
-        if amount < 0:
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not amount >= 0:
             raise ConfigError(
                 f"cluster.worker_resources.{key}={amount} must be >= 0 (an amount per worker)"
             )

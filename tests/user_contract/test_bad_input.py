@@ -173,6 +173,16 @@ CASES = {
         r"no gradient index at .*Fix: run `python -m jobs\.index` first",
     ),
     # cluster, scoring, ensemble, faults
+    "worker_resources_negative": (
+        "index",
+        ("cluster.worker_resources={slot:-1}",),
+        r"cluster\.worker_resources\.slot=-1 must be >= 0",
+    ),
+    "worker_resources_not_a_map": (
+        "index",
+        ("cluster.worker_resources=4",),
+        r"cluster\.worker_resources=4 must map resource names to amounts",
+    ),
     "cpus_per_worker_zero": (
         "attribute",
         ("cluster.cpus_per_worker=0",),
