@@ -76,7 +76,7 @@ def time_scorer(q: torch.Tensor, train: torch.Tensor, tile: int, k: int) -> Cloc
     rows = np.arange(train.shape[0], dtype=np.int64)
     with Clock() as clock:
         scorer = TileScorer(query, k, tile, expected_rows=train.shape[0])
-        scorer.add(rows, [], train)
+        scorer.add(rows, train)
         scorer.finish()
     return clock
 

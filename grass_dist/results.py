@@ -4,13 +4,15 @@ Layout under `<index>/results/<name>/`:
 
     _COMPLETE.json                   written last; lists every file of the current run
     <run id>/topk.parquet            one row per (kind, query, rank)
-    <run id>/self_influence.parquet  one row per train row
+    <run id>/self_influence/<shard>.parquet       one row per train row of that shard
     <run id>/dense/<shard>.<tile start>.parquet   train_row + scores[n_query] per tile
 
 Each scoring run writes into a fresh run folder, so the files the current `_COMPLETE.json`
 lists are never touched while it is current; readers go through `_COMPLETE.json`, so a
-half-written run is never visible. Dense part names are deterministic within a run: a
-retried scorer task overwrites its own parts instead of adding duplicates. When a new run
+half-written run is never visible. Dense and self-influence part names are deterministic
+within a run: a retried scorer task overwrites its own parts instead of adding duplicates.
+Scorers write these parts as they go, so no process gathers a row of every train row.
+(Result sets written before parts, and ensembles, list one self_influence file.) When a new run
 completes, the files of the run it replaces are deleted.
 """
 
@@ -33,6 +35,15 @@ from grass_dist.index import GradientIndex
 log = logging.getLogger(__name__)
 
 COMPLETE = "_COMPLETE.json"
+
+SELF_INFLUENCE_SCHEMA = pa.schema(
+    [
+        ("train_row", pa.int64()),
+        ("train_key", pa.string()),
+        ("self_influence", pa.float64()),
+        ("grad_norm_sq", pa.float64()),
+    ]
+)
 
 
 def _from_bytes(data: bytes) -> pa.Table:
@@ -62,6 +73,29 @@ def write_dense_part(
         }
     )
     return write_table(index, run_dir, f"dense/{shard_id}.{start:012d}.parquet", table)
+
+
+def write_self_influence_part(
+    index: GradientIndex,
+    run_dir: str,
+    shard_id: str,
+    rows: np.ndarray,
+    keys: list[str],
+    self_influence: np.ndarray,
+    grad_norm_sq: np.ndarray,
+) -> str:
+    """One shard's diagonals: rows (n,) int64, n keys, self_influence and grad_norm_sq
+    (n,) float64 -> its relative path (same shard, same path)."""
+    table = pa.table(
+        [
+            pa.array(np.asarray(rows, np.int64)),
+            pa.array(keys, pa.string()),
+            pa.array(np.asarray(self_influence, np.float64)),
+            pa.array(np.asarray(grad_norm_sq, np.float64)),
+        ],
+        schema=SELF_INFLUENCE_SCHEMA,
+    )
+    return write_table(index, run_dir, f"self_influence/{shard_id}.parquet", table)
 
 
 def write_table(index: GradientIndex, run_dir: str, file: str, table: pa.Table) -> str:
@@ -119,11 +153,16 @@ def manifest(index: GradientIndex, name: str) -> dict[str, Any]:
 
 
 def load_table(index: GradientIndex, name: str, kind: str) -> pa.Table:
-    """`kind` is 'topk' or 'self_influence'."""
+    """`kind` is 'topk' or 'self_influence' (one row per train row, in train-row order)."""
     files = manifest(index, name)["files"]
     if kind not in files:
         raise ResultsNotFoundError(f"results {name!r} have no {kind} table (files: {list(files)})")
-    return _from_bytes(index.get_artifact(files[kind]))
+    if isinstance(files[kind], str):
+        return _from_bytes(index.get_artifact(files[kind]))
+    tables = [_from_bytes(index.get_artifact(rel)) for rel in files[kind]]
+    if not tables:
+        return SELF_INFLUENCE_SCHEMA.empty_table()
+    return pa.concat_tables(tables).sort_by("train_row")
 
 
 def load_dense(index: GradientIndex, name: str) -> np.ndarray:

@@ -104,29 +104,19 @@ def prepare_queries(
 
 @dataclass
 class ScorePartial:
-    """What scoring a set of train rows yields: top-k keys and per-row diagonals.
-
-    proponents / opponents: (Q, k) int64 keys (see grass_dist.topk). rows, keys: every row
-    scored, in scoring order. self_influence: tau(i, i) under the influence kernel and
-    grad_norm_sq: ||phi_i||^2 over all layers (float64; both empty unless requested).
-    """
+    """What scoring a set of train rows yields: proponents / opponents, (Q, k) int64 keys
+    (see grass_dist.topk). Per-row outputs (self-influence, norms, train keys) are not
+    kept here: they go to a sink block by block, so a scorer's memory does not grow with
+    the number of rows it scores."""
 
     proponents: torch.Tensor
     opponents: torch.Tensor
-    rows: np.ndarray
-    keys: list[str]
-    self_influence: np.ndarray
-    grad_norm_sq: np.ndarray
 
     def merge(self, other: ScorePartial) -> ScorePartial:
         k = self.proponents.shape[1]
         return ScorePartial(
             merge_keys(self.proponents, other.proponents, k),
             merge_keys(self.opponents, other.opponents, k),
-            np.concatenate([self.rows, other.rows]),
-            self.keys + other.keys,
-            np.concatenate([self.self_influence, other.self_influence]),
-            np.concatenate([self.grad_norm_sq, other.grad_norm_sq]),
         )
 
 
@@ -146,15 +136,18 @@ class Block:
 
 
 DenseSink = Callable[[int, np.ndarray, torch.Tensor], None]
+# (block, self_influence (n,) float64, grad_norm_sq (n,) float64) for every block scored
+DiagSink = Callable[[Block, np.ndarray, np.ndarray], None]
 
 
 class TileScorer:
     """Folds blocks of train rows into top-k proponents and opponents for one QuerySide.
 
     whiteners: per layer W_l (k_l, k_l) with W W^T = (H_l + lambda_l I)^-1; when given,
-    the diagonals (self-influence ||phi_i W||^2 and ||phi_i||^2) are computed in the same
-    pass. dense_sink(tile_start, rows,
-    scores (Q, t) float32) receives every tile (tile_start counts rows within a block).
+    `add` also returns the block's diagonals (self-influence ||phi_i W||^2 and
+    ||phi_i||^2), computed in the same pass. dense_sink(tile_start, rows, scores (Q, t)
+    float32) receives every tile (tile_start counts rows within a block). Nothing per row
+    is kept between blocks: memory is the top-k state, one tile and the caller's block.
     expected_rows: how many rows will be added, if known (lets the top-k set a floor).
     """
 
@@ -171,27 +164,27 @@ class TileScorer:
         self.query, self.tile_rows = query, tile_rows
         self.top = TopKPair(query.n_query, topk, expected_rows)
         self.whiteners = whiteners
-        self.rows: list[np.ndarray] = []
-        self.keys: list[str] = []
-        self.self_inf: list[np.ndarray] = []
-        self.norm_sq: list[np.ndarray] = []
         self._buf = torch.empty(query.n_query * tile_rows, dtype=torch.float32)
 
     def add(
         self,
         rows: np.ndarray,
-        keys: list[str],
         phi: torch.Tensor,
         dense_sink: DenseSink | None = None,
         norms: torch.Tensor | None = None,
-    ) -> None:
-        """A block of train rows: rows (n,) int64, keys, phi (n, K) float32 (concatenated),
-        optionally their norms (n,) float64."""
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """A block of train rows: rows (n,) int64, phi (n, K) float32 (concatenated),
+        optionally their norms (n,) float64.
+
+        Returns the block's (self_influence (n,), grad_norm_sq (n,)) float64 when the
+        scorer has whiteners, else None.
+        """
         if len(rows) and (int(rows.min()) < 0 or int(rows.max()) > MAX_ROW):
             raise ValueError(f"train rows must lie in [0, {MAX_ROW}]")
         if norms is None and (self.query.kind == "cosine" or self.whiteners is not None):
             norms = row_norms(phi)
         rows_t = torch.from_numpy(np.array(rows, dtype=np.int64))  # a writable copy
+        self_inf: list[np.ndarray] = []
         for lo in range(0, len(rows), self.tile_rows):
             hi = lo + self.tile_rows
             tile = phi[lo:hi]
@@ -200,11 +193,11 @@ class TileScorer:
             if dense_sink is not None:
                 dense_sink(lo, rows[lo:hi], scores)
             if self.whiteners is not None:
-                self.self_inf.append(self._self_influence(tile))
-        self.rows.append(np.asarray(rows, dtype=np.int64))
-        self.keys.extend(keys)
-        if self.whiteners is not None:
-            self.norm_sq.append((norms**2).numpy())
+                self_inf.append(self._self_influence(tile))
+        if self.whiteners is None:
+            return None
+        total = np.concatenate(self_inf) if self_inf else np.zeros(0, np.float64)
+        return total, (norms**2).numpy()
 
     def _scores(self, tile: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
         """(t, K) train tile -> (Q, t) float32 scores: one GEMM."""
@@ -220,16 +213,7 @@ class TileScorer:
         return total.numpy()
 
     def finish(self) -> ScorePartial:
-        def cat(parts: list[np.ndarray], dtype) -> np.ndarray:
-            return np.concatenate(parts) if parts else np.zeros(0, dtype)
-
-        return ScorePartial(
-            *self.top.finish(),
-            cat(self.rows, np.int64),
-            self.keys,
-            cat(self.self_inf, np.float64),
-            cat(self.norm_sq, np.float64),
-        )
+        return ScorePartial(*self.top.finish())
 
 
 def score_stream(
@@ -241,8 +225,11 @@ def score_stream(
     expected_rows: int | None = None,
     whiteners: dict[str, torch.Tensor] | None = None,
     dense_sink: Callable[[Block, int, np.ndarray, torch.Tensor], None] | None = None,
+    diag_sink: DiagSink | None = None,
 ) -> ScorePartial:
     """Score every block `blocks()` yields; exact top-k even when the floor was too high.
+
+    With `whiteners`, each block's diagonals go to `diag_sink` as soon as it is scored.
 
     Queries reported by TopKPair.shortfall are rescored over a second `blocks()` stream
     without a floor (top-k only), so `blocks` must yield the same rows each call.
@@ -250,7 +237,9 @@ def score_stream(
     scorer = TileScorer(query, topk, tile_rows, whiteners, expected_rows)
     for block in blocks():
         sink = functools.partial(dense_sink, block) if dense_sink is not None else None
-        scorer.add(block.rows, block.keys, block.phi, sink, block.norms)
+        diag = scorer.add(block.rows, block.phi, sink, block.norms)
+        if diag is not None and diag_sink is not None:
+            diag_sink(block, *diag)
     partial = scorer.finish()
     short = scorer.top.shortfall()
     if len(short):

@@ -55,6 +55,7 @@ class TreeMemory:
         self.max_processes = 0
         self.at_peak: list[tuple[str, int, int]] = []  # (process, rss, pss) at the PSS peak
         self._tagged: dict[tuple[int, int], bool] = {}
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -65,6 +66,12 @@ class TreeMemory:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+    def reset(self) -> None:
+        """Start the peaks afresh (from the next sample on): one watcher, several phases."""
+        with self._lock:
+            self.peak_rss = self.peak_pss = 0
+            self.at_peak = []
 
     def _members(self) -> list[int]:
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
@@ -90,14 +97,15 @@ class TreeMemory:
         while not self._stop.is_set():
             members = self._members()
             usage = [_memory_kib(p) for p in members]
-            self.peak_rss = max(self.peak_rss, 1024 * sum(u[0] for u in usage))
-            pss = 1024 * sum(u[1] for u in usage)
-            if pss > self.peak_pss:
-                self.peak_pss = pss
-                self.at_peak = [
-                    (_name(p), 1024 * u[0], 1024 * u[1])
-                    for p, u in zip(members, usage, strict=True)
-                    if u[0]
-                ]
+            with self._lock:
+                self.peak_rss = max(self.peak_rss, 1024 * sum(u[0] for u in usage))
+                pss = 1024 * sum(u[1] for u in usage)
+                if pss > self.peak_pss:
+                    self.peak_pss = pss
+                    self.at_peak = [
+                        (_name(p), 1024 * u[0], 1024 * u[1])
+                        for p, u in zip(members, usage, strict=True)
+                        if u[0]
+                    ]
             self.max_processes = max(self.max_processes, sum(1 for u in usage if u[0]))
             time.sleep(self.interval)

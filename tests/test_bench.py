@@ -94,3 +94,9 @@ def test_lds_benchmark_runs_tiny(tmp_path):
     table = (tmp_path / "lds.md").read_text()
     assert "| factgrass | 64 | " in table and "exact (all" in table
     assert "CNN on digits, end to end" in table
+
+
+def test_scorer_memory_benchmark_runs_tiny(tmp_path):
+    args = "--sizes 2000 6000 --queries 8 --topk 4 --dims 8 --shard-rows 1000 --cpus 1 --check 2"
+    text = _table(tmp_path, "bench_scorer_memory.py", args, "--workdir", str(tmp_path))
+    assert "| 2000 | 2 | " in text and "| 6000 | 6 | " in text and "Peak PSS ratio" in text

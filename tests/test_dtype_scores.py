@@ -52,7 +52,7 @@ def _dense_scores(tmp_path, train, query, dtype: str, kind: str) -> np.ndarray:
     _, parts = score_records(
         index, records, prepared, ScoreOptions(topk=5, tile_rows=64), dense_dir="results/dtype/run"
     )
-    return _assemble(index, parts).astype(np.float64)
+    return _assemble(index, parts["dense"]).astype(np.float64)
 
 
 @pytest.mark.parametrize("kind", ["influence", "grad_dot"])

@@ -67,9 +67,26 @@ def test_a_failed_run_leaves_the_last_complete_results_visible(reducer, tmp_path
     assert results.load_table(index, "kept", "topk").equals(before)
     second = _score(actor, "kept", topk=3, dense=False)
     assert results.load_table(index, "kept", "topk").num_rows == 2 * 7 * 3
-    for path in first["files"].values():  # the replaced run's files are gone
+    for path in _paths(first["files"]):  # the replaced run's files are gone
         assert not index.has_artifact(path)
-    assert all(index.has_artifact(p) for p in second["files"].values())
+    assert all(index.has_artifact(p) for p in _paths(second["files"]))
+
+
+def _paths(files: dict) -> list[str]:
+    return [p for v in files.values() for p in (v if isinstance(v, list) else [v])]
+
+
+def test_per_row_outputs_stream_to_parts_and_read_back_as_one_table(reducer):
+    index, actor = reducer
+    out = _score(actor, "parts", dense=False)
+    assert len(out["files"]["self_influence"]) == 6  # one part per shard
+    diag = results.load_table(index, "parts", "self_influence")
+    assert diag.column_names == ["train_row", "train_key", "self_influence", "grad_norm_sq"]
+    assert diag["train_row"].to_pylist() == list(range(3000))
+    assert diag["train_key"].to_pylist() == [f"row-{r}" for r in range(3000)]
+    assert (diag["grad_norm_sq"].to_numpy() > 0).all()
+    top = results.load_table(index, "parts", "topk")
+    assert top["train_key"].to_pylist() == [f"row-{r}" for r in top["train_row"].to_pylist()]
 
 
 @pytest.mark.parametrize("kind", ["cosine", "influence"])

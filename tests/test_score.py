@@ -60,9 +60,11 @@ def test_every_kind_matches_its_float64_definition(setup, kind, tmp_path):
     records = sorted(index.committed().values(), key=lambda r: r.start)
     opts = ScoreOptions(topk=7, tile_rows=32)
     whiten = whiteners_for(pre, list(LAYERS), damping)
-    partial, parts = score_records(index, records, prepared, opts, whiten, "results/x/run")
+    partial, parts = score_records(
+        index, records, prepared, opts, whiten, "results/x/run", diag_dir="results/x/run"
+    )
     expected, _ = reference(kind, train, query, pre, damping)
-    dense = torch.tensor(_assemble(index, parts), dtype=torch.float64)
+    dense = torch.tensor(_assemble(index, parts["dense"]), dtype=torch.float64)
     assert (dense - expected).abs().max() / expected.abs().max() < 1e-5
     if kind == "cosine":
         assert dense[:, 3].abs().max() <= 1.0 + 1e-6 and dense[:, 3].abs().max() > 0.1
@@ -74,10 +76,16 @@ def test_every_kind_matches_its_float64_definition(setup, kind, tmp_path):
         )
     t = {n: torch.tensor(x, dtype=torch.float64) for n, x in train.items()}
     self_ref = sum(((t[n] @ torch.linalg.inv(_damped(t[n], damping))) * t[n]).sum(1) for n in t)
-    np.testing.assert_allclose(partial.self_influence, self_ref.numpy(), rtol=1e-4)
+    # Self-influence streams to one part per shard, each row with its key.
+    assert len(parts["self_influence"]) == len(records)
+    diag = pa.concat_tables(
+        pq.read_table(pa.BufferReader(index.get_artifact(p))) for p in parts["self_influence"]
+    ).sort_by("train_row")
+    assert diag["train_row"].to_pylist() == list(range(300))
+    assert diag["train_key"].to_pylist() == [f"row-{r}" for r in range(300)]
+    np.testing.assert_allclose(diag["self_influence"].to_numpy(), self_ref.numpy(), rtol=1e-4)
     norm_ref = sum((t[n] ** 2).sum(1) for n in t).numpy()
-    np.testing.assert_allclose(partial.grad_norm_sq, norm_ref, rtol=1e-6)
-    assert partial.rows.tolist() == list(range(300))
+    np.testing.assert_allclose(diag["grad_norm_sq"].to_numpy(), norm_ref, rtol=1e-6)
 
 
 def _damped(x: torch.Tensor, damping: float) -> torch.Tensor:
@@ -100,6 +108,7 @@ def test_dense_part_names_are_deterministic_so_a_retry_overwrites(setup):
     opts = ScoreOptions(topk=3, tile_rows=50)
     _, first = score_records(index, records, prepared, opts, dense_dir="results/y/r")
     _, again = score_records(index, records, prepared, opts, dense_dir="results/y/r")
+    first, again = first["dense"], again["dense"]
     assert first == again and len(set(first)) == len(first) == 9  # 4 shards x 2 tiles + 1
 
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import ray
 
 from grass_dist import results
@@ -32,10 +31,11 @@ from grass_dist.runtime.scoring import (
     ScoreOptions,
     fan_out,
     fan_out_breakdown,
+    fan_out_keys,
     release_memory,
     shard_groups,
 )
-from grass_dist.score import ScorePartial, prepare_queries, whiteners_for
+from grass_dist.score import prepare_queries, whiteners_for
 from grass_dist.topk import decode
 
 log = logging.getLogger(__name__)
@@ -179,9 +179,9 @@ class Reducer:
         if parallelism is None:
             parallelism = max(1, int(ray.cluster_resources().get("CPU", 1) // req.cpus_per_task))
         whiteners = whiteners_for(pre, layers, damping) if self_influence else None
-        merged, dense_files = fan_out(
+        merged, parts = fan_out(
             self.index, records, prepared, opts, parallelism, whiteners,
-            run_dir if dense else None, fault,
+            run_dir if dense else None, fault, run_dir if self_influence else None,
         )  # fmt: skip
         score_seconds = time.perf_counter() - t0
         ranked = {
@@ -200,9 +200,17 @@ class Reducer:
                 )
                 for name, (_, rows) in ranked.items()
             }
-        files = self._write(run_dir, query, merged, ranked, terms, self_influence)
+        # Keys only for the ranked rows (at most 2 k per query), read back from the shards.
+        all_ranked = np.concatenate([rows.reshape(-1) for _, rows in ranked.values()])
+        train_keys = fan_out_keys(self.index, records, all_ranked, opts, parallelism)
+        tables = results.topk_tables(query.row_ids, query.keys, ranked, train_keys, terms)
+        files: dict[str, Any] = {
+            "topk": results.write_tables(self.index, run_dir, "topk.parquet", tables)
+        }
+        if self_influence:
+            files["self_influence"] = sorted(parts["self_influence"])
         if dense:
-            files["dense"] = sorted(dense_files)
+            files["dense"] = sorted(parts["dense"])
         self.faults.reducer("score")  # files written, _COMPLETE.json not yet
         n_train = sum(r.rows for r in records)
         summary = {
@@ -217,37 +225,6 @@ class Reducer:
         }
         results.complete(self.index, result_name, files, summary)
         return {**summary, "files": files}
-
-    def _write(
-        self,
-        run_dir: str,
-        query: PhiBlock,
-        merged: ScorePartial,
-        ranked: dict[str, tuple[np.ndarray, np.ndarray]],
-        terms: dict[str, dict[str, np.ndarray]] | None,
-        self_influence: bool,
-    ) -> dict[str, Any]:
-        """Top-k (and self-influence) tables into the run folder -> {kind: path}."""
-        order = np.argsort(merged.rows, kind="stable")
-        rows = merged.rows[order]
-        keys = pa.array(merged.keys, pa.string()).take(pa.array(order))
-        tables = results.topk_tables(query.row_ids, query.keys, ranked, (rows, keys), terms)
-        files: dict[str, Any] = {
-            "topk": results.write_tables(self.index, run_dir, "topk.parquet", tables)
-        }
-        if self_influence:
-            diag = pa.table(
-                {
-                    "train_row": pa.array(rows),
-                    "train_key": keys,
-                    "self_influence": pa.array(merged.self_influence[order]),
-                    "grad_norm_sq": pa.array(merged.grad_norm_sq[order]),
-                }
-            )
-            files["self_influence"] = results.write_table(
-                self.index, run_dir, "self_influence.parquet", diag
-            )
-        return files
 
 
 class ReducerHandle:

@@ -1,11 +1,14 @@
 """Scorer tasks: all-pairs scoring fanned out over groups of committed shards.
 
-Each Ray task takes one group of shards, streams them tile by tile through a TileScorer
-and returns its partial top-k; the prepared queries go through the object store once and
-every task reads the same copy. Partials are merged in submission order, so the answer
-never depends on which task finished first.
+Each Ray task takes one group of shards, streams them tile by tile through a TileScorer,
+writes each shard's per-row outputs (dense tiles, self-influence) as result parts as it
+goes, and returns only its partial top-k and the part paths: nothing it holds or returns
+grows with the number of train rows beyond one shard. The train keys of the final top-k
+rows are looked up from the shards afterwards (`fan_out_keys`). The prepared queries go
+through the object store once and every task reads the same copy. Partials are merged in
+submission order, so the answer never depends on which task finished first.
 
-A scorer whose process dies is retried by Ray (`max_retries`). Its dense parts have
+A scorer whose process dies is retried by Ray (`max_retries`). Its parts have
 deterministic names, so the retry overwrites what the dead attempt wrote: no pair is lost
 or written twice, and only the successful attempt's file list reaches the results.
 """
@@ -18,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import ray
 import torch
 
@@ -64,10 +68,16 @@ def score_records(
     whiteners: dict[str, torch.Tensor] | None = None,
     dense_dir: str | None = None,
     fault: KillOnce | None = None,
-) -> tuple[ScorePartial, list[str]]:
-    """Score every row of `records` in this process -> (partial, dense part paths)."""
+    diag_dir: str | None = None,
+) -> tuple[ScorePartial, dict[str, list[str]]]:
+    """Score every row of `records` in this process -> (partial, parts).
+
+    parts: {"dense": dense part paths (under dense_dir), "self_influence": one part per
+    shard (under diag_dir, written when whiteners are given)}.
+    """
     layers = [name for name, _, _ in query.layers]
     files: list[str] = []
+    diag_files: list[str] = []
 
     def blocks() -> Iterator[Block]:
         for record in records:
@@ -83,6 +93,13 @@ def score_records(
         if fault is not None:
             fault.reached("after_dense_part")
 
+    def diag_sink(block: Block, self_inf: np.ndarray, norm_sq: np.ndarray) -> None:
+        diag_files.append(
+            results.write_self_influence_part(
+                index, diag_dir, block.name, block.rows, block.keys, self_inf, norm_sq
+            )
+        )
+
     partial = score_stream(
         query,
         blocks,
@@ -91,8 +108,9 @@ def score_records(
         expected_rows=sum(r.rows for r in records),
         whiteners=whiteners,
         dense_sink=sink if dense_dir else None,
+        diag_sink=diag_sink if diag_dir else None,
     )
-    return partial, files
+    return partial, {"dense": files, "self_influence": diag_files}
 
 
 def _task_options(opts: ScoreOptions) -> dict:
@@ -138,24 +156,92 @@ def fan_out(
     whiteners: dict[str, torch.Tensor] | None = None,
     dense_dir: str | None = None,
     fault: KillOnce | None = None,
-) -> tuple[ScorePartial, list[str]]:
-    """Score `records` with up to `parallelism` Ray tasks -> (merged partial, dense parts)."""
+    diag_dir: str | None = None,
+) -> tuple[ScorePartial, dict[str, list[str]]]:
+    """Score `records` with up to `parallelism` Ray tasks -> (merged partial, parts), with
+    parts as in `score_records`, gathered over the tasks."""
+    files: dict[str, list[str]] = {"dense": [], "self_influence": []}
     if not records:
-        return TileScorer(query, opts.topk, opts.tile_rows, whiteners).finish(), []
+        return TileScorer(query, opts.topk, opts.tile_rows, whiteners).finish(), files
     q_ref, w_ref = ray.put(query), ray.put(whiteners)  # shared once, not per task
     refs = [
         _task(opts).remote(
-            score_records, opts.cpus_per_task, index, group, q_ref, opts, w_ref, dense_dir, fault
-        )
+            score_records,
+            opts.cpus_per_task,
+            index,
+            group,
+            q_ref,
+            opts,
+            w_ref,
+            dense_dir,
+            fault,
+            diag_dir,
+        )  # fmt: skip
         for group in shard_groups(records, parallelism)
     ]
-    merged, files = None, []
+    merged = None
     for ref in refs:  # one partial at a time, in submission order
         partial, parts = ray.get(ref)
         merged = partial if merged is None else merged.merge(partial)
-        files.extend(parts)
+        for kind, paths in parts.items():
+            files[kind].extend(paths)
         del partial
     return merged, files
+
+
+def keys_of(
+    index: GradientIndex, records: list[ShardRecord], rows: np.ndarray, verify: bool = True
+) -> tuple[np.ndarray, pa.Array]:
+    """Train keys of `rows` (any shape, int64; -1 entries ignored) found in `records`.
+
+    Returns (sorted unique rows (u,) int64, their keys (u,) string). Reads only the shards
+    that hold one of the rows, one at a time and without their gradients.
+    """
+    wanted = np.unique(rows[rows >= 0])
+    out_rows, out_keys = [], []
+    for record in records:
+        lo, hi = np.searchsorted(wanted, [record.start, record.end])
+        if lo == hi:
+            continue
+        data = index.read(record, layers=[], verify=verify)
+        order = np.argsort(data.row_ids, kind="stable")
+        want = wanted[lo:hi]
+        pos = order[np.searchsorted(data.row_ids[order], want).clip(0, len(order) - 1)]
+        found = data.row_ids[pos] == want
+        out_rows.append(want[found])
+        out_keys.append(pa.array(data.keys, pa.string()).take(pa.array(pos[found])))
+    if not out_rows:
+        return np.zeros(0, np.int64), pa.array([], pa.string())
+    rows_out = np.concatenate(out_rows)
+    order = np.argsort(rows_out, kind="stable")
+    keys = pa.concat_arrays(out_keys).take(pa.array(order))
+    return rows_out[order], keys
+
+
+def fan_out_keys(
+    index: GradientIndex,
+    records: list[ShardRecord],
+    rows: np.ndarray,
+    opts: ScoreOptions,
+    parallelism: int,
+) -> tuple[np.ndarray, pa.Array]:
+    """`keys_of` over up to `parallelism` Ray tasks (each a group of the shards needed)."""
+    wanted = np.unique(rows[rows >= 0])
+    needed = [
+        r for r in records if np.searchsorted(wanted, r.start) < np.searchsorted(wanted, r.end)
+    ]
+    if not needed:
+        return keys_of(index, [], wanted)
+    w_ref = ray.put(wanted)
+    refs = [
+        _task(opts).remote(keys_of, opts.cpus_per_task, index, group, w_ref, opts.verify)
+        for group in shard_groups(needed, parallelism)
+    ]
+    parts = ray.get(refs)
+    rows_out = np.concatenate([r for r, _ in parts])
+    order = np.argsort(rows_out, kind="stable")
+    keys = pa.concat_arrays([k for _, k in parts]).take(pa.array(order))
+    return rows_out[order], keys
 
 
 def breakdown_records(

@@ -38,7 +38,7 @@ from grass_dist.gradients import GradientComputer
 from grass_dist.index import GradientIndex
 from grass_dist.precondition import Preconditioner
 from grass_dist.runtime.reducer import preconditioner_path
-from grass_dist.runtime.scoring import ScoreOptions, fan_out, score_records
+from grass_dist.runtime.scoring import ScoreOptions, fan_out, keys_of, score_records
 from grass_dist.score import (
     KINDS,
     Block,
@@ -217,7 +217,7 @@ class QueryEngine:
             ("opponents", partial.opponents, -1),
         ):
             values, rows = (x.numpy() for x in decode(keys, sign))
-            names = self._keys(rows[rows >= 0], partial)
+            names = self._keys(rows[rows >= 0])
             it = iter(names)
             for q in range(n):
                 keep = rows[q] >= 0
@@ -227,9 +227,9 @@ class QueryEngine:
                 ]
         return out
 
-    def _keys(self, rows: np.ndarray, partial: ScorePartial) -> list[str]:
+    def _keys(self, rows: np.ndarray) -> list[str]:
         if self.cache is not None:
             return self.cache.key_of(rows)
-        order = np.argsort(partial.rows, kind="stable")
-        pos = order[np.searchsorted(partial.rows[order], rows)]
-        return pa.array(partial.keys, pa.string()).take(pa.array(pos)).to_pylist()
+        # Only the answered rows' keys, read from the shards that hold them.
+        key_rows, keys = keys_of(self.index, self.records, rows, self.job.index.verify)
+        return keys.take(pa.array(np.searchsorted(key_rows, rows))).to_pylist()

@@ -313,12 +313,15 @@ def test_killed_reducer_recovers_from_the_store(cluster, clean, caplog):
     # Each scoring run writes its own folder; only the folder the current _COMPLETE.json
     # names is read, so the dead attempt's folder is never referenced.
     now = results.manifest(job.index, job.cfg.run.name)
-    run_dirs = {Path(f).parent.name for f in (now["files"]["topk"], now["files"]["self_influence"])}
+    listed_files = [now["files"]["topk"], *now["files"]["self_influence"]]
+    # topk.parquet lies in the run folder, self-influence parts one level below it
+    run_dirs = {Path(now["files"]["topk"]).parent.name}
+    run_dirs |= {Path(f).parent.parent.name for f in now["files"]["self_influence"]}
     assert len(run_dirs) == 1
     listed = set(Store(str(dst)).list(f"results/{job.cfg.run.name}"))
     assert run_dirs < listed and "_COMPLETE.json" in listed
     assert now["files"] != complete["files"]  # a new run replaced the first
-    for rel in (now["files"]["topk"], now["files"]["self_influence"]):
+    for rel in listed_files:
         assert job.index.has_artifact(rel)
 
 
