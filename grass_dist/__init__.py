@@ -10,7 +10,11 @@ from __future__ import annotations
 __all__ = ["Attribution", "Client", "Index"]
 
 # Lazy, so `import grass_dist.<module>` does not pay for torch, Ray or the client.
-_HOMES = {"Client": "grass_dist.client", "Index": "grass_dist.api", "Attribution": "grass_dist.api"}
+_HOMES = {
+    "Client": "grass_dist.service.client",
+    "Index": "grass_dist.api",
+    "Attribution": "grass_dist.api",
+}
 
 
 def __getattr__(name: str):

@@ -8,7 +8,8 @@ import torch
 
 from grass_dist import models
 from grass_dist.data import DigitsDataset, digits
-from grass_dist.models import accuracy, digits_mlp, state_hash
+from grass_dist.models.digits import accuracy, digits_mlp
+from grass_dist.models.state import state_hash
 
 
 def test_splits_are_disjoint_sized_and_deterministic():
@@ -111,7 +112,12 @@ def test_train_on_replays_the_builders_recipe(tmp_path):
     assert state_hash(half) == state_hash(models.train_on(node, range(0, 60, 2), seed=5))
     assert state_hash(half) != state_hash(built)
     assert state_hash(models.train_on(node, range(0, 60, 2), seed=6)) != state_hash(half)
-    cnn = {"_target_": "grass_dist.models.digits_cnn", "channels": [2], "hidden": 4, "epochs": 1}
+    cnn = {
+        "_target_": "grass_dist.models.digits_cnn",
+        "channels": [2],
+        "hidden": 4,
+        "epochs": 1,
+    }
     small_cnn = models.train_on({**cnn, "n_train": 40}, range(10), seed=0)
     assert small_cnn(torch.zeros(3, 64)).shape == (3, 10)
     with pytest.raises(ValueError, match="no known training recipe"):

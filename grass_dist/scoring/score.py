@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from grass_dist.precondition import Preconditioner
-from grass_dist.topk import MAX_ROW, TopKPair, merge_keys
+from grass_dist.scoring.precondition import Preconditioner
+from grass_dist.scoring.topk import MAX_ROW, TopKPair, merge_keys
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def prepare_queries(
 class ScorePartial:
     """What scoring a set of train rows yields: top-k keys and per-row diagonals.
 
-    proponents / opponents: (Q, k) int64 keys (see grass_dist.topk). rows, keys: every row
+    proponents / opponents: (Q, k) int64 keys (see grass_dist.scoring.topk). rows, keys: every row
     scored, in scoring order. self_influence: tau(i, i) under the influence kernel and
     grad_norm_sq: ||phi_i||^2 over all layers (float64; both empty unless requested).
     """
