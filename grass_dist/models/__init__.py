@@ -7,16 +7,8 @@ paths: they resolve lazily to `grass_dist.models.digits`.
 
 from __future__ import annotations
 
-_HOMES = {
-    "digits_mlp": "grass_dist.models.digits",
-    "digits_cnn": "grass_dist.models.digits",
-    "train_on": "grass_dist.models.digits",
-}
+from grass_dist import lazy_attributes
 
-
-def __getattr__(name: str):
-    if name in _HOMES:
-        import importlib
-
-        return getattr(importlib.import_module(_HOMES[name]), name)
-    raise AttributeError(f"module 'grass_dist.models' has no attribute {name!r}")
+__getattr__ = lazy_attributes(
+    __name__, dict.fromkeys(["digits_mlp", "digits_cnn", "train_on"], "grass_dist.models.digits")
+)

@@ -6,15 +6,12 @@
 
 from __future__ import annotations
 
-_HOMES = {
-    "classification": "grass_dist.tasks.classifier",
-    "causal_lm": "grass_dist.tasks.language_model",
-}
+from grass_dist import lazy_attributes
 
-
-def __getattr__(name: str):
-    if name in _HOMES:
-        import importlib
-
-        return getattr(importlib.import_module(_HOMES[name]), name)
-    raise AttributeError(f"module 'grass_dist.tasks' has no attribute {name!r}")
+__getattr__ = lazy_attributes(
+    __name__,
+    {
+        "classification": "grass_dist.tasks.classifier",
+        "causal_lm": "grass_dist.tasks.language_model",
+    },
+)
