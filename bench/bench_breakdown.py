@@ -36,15 +36,15 @@ sys.path.insert(0, str(ROOT))
 
 from bench.models import CausalLMTask, digits_mlp_shape, gpt, linear_names, token_batch  # noqa: E402
 from bench.timing import machine_note  # noqa: E402
-from grass_dist.capture import resolve_layers  # noqa: E402
 from grass_dist.compress import build_compressors  # noqa: E402
 from grass_dist.compress.linear import _CHUNK_FLOATS, MaskedFactors, gather_columns  # noqa: E402
 from grass_dist.compress.sketch import scatter_signed  # noqa: E402
 from grass_dist.config import CompressionConfig  # noqa: E402
-from grass_dist.gradients import GradientComputer, all_finite  # noqa: E402
+from grass_dist.gradients.capture import resolve_layers  # noqa: E402
+from grass_dist.gradients.computer import GradientComputer, all_finite  # noqa: E402
 from grass_dist.index.shards import write_shard  # noqa: E402
 from grass_dist.index.store import Store  # noqa: E402
-from grass_dist.tasks import ClassificationTask  # noqa: E402
+from grass_dist.tasks.classifier import ClassificationTask  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "breakdown.md"
 PHASES = [

@@ -34,14 +34,14 @@ sys.path.insert(0, str(ROOT))
 
 from bench.models import CausalLMTask, digits_mlp_shape, gpt, linear_names  # noqa: E402
 from bench.timing import interleaved, machine_note  # noqa: E402
-from grass_dist.capture import resolve_layers  # noqa: E402
 from grass_dist.compress import build_compressors  # noqa: E402
 from grass_dist.config import CompressionConfig  # noqa: E402
 from grass_dist.data.content import row_digests  # noqa: E402
-from grass_dist.data_identity import check_committed_content  # noqa: E402
-from grass_dist.gradients import GradientComputer, LoadedRows  # noqa: E402
+from grass_dist.data.identity import check_committed_content  # noqa: E402
+from grass_dist.gradients.capture import resolve_layers  # noqa: E402
+from grass_dist.gradients.computer import GradientComputer, LoadedRows  # noqa: E402
 from grass_dist.index import GradientIndex  # noqa: E402
-from grass_dist.tasks import ClassificationTask  # noqa: E402
+from grass_dist.tasks.classifier import ClassificationTask  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "content_fingerprint.md"
 NOTES = (

@@ -33,10 +33,10 @@ from bench.models import (  # noqa: E402
     llama,
     token_batch,
 )
-from grass_dist.capture import resolve_layers  # noqa: E402
 from grass_dist.compress import build_compressors  # noqa: E402
 from grass_dist.config import CompressionConfig  # noqa: E402
-from grass_dist.gradients import GradientComputer  # noqa: E402
+from grass_dist.gradients.capture import resolve_layers  # noqa: E402
+from grass_dist.gradients.computer import GradientComputer  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "gpu.md"
 FULL = {"dims": LLAMA_1B, "seq": 1024, "batch": 4, "k": 4096, "mask": 128, "proj": 64}

@@ -41,15 +41,15 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from lds_table import RESULTS, write_table  # noqa: E402
 
-from grass_dist import damping, evaluate, pipeline, run  # noqa: E402
+from grass_dist import pipeline, run  # noqa: E402
 from grass_dist.build import build_dataset, build_model, build_task  # noqa: E402
-from grass_dist.capture import resolve_layers  # noqa: E402
 from grass_dist.config import JobConfig, register_configs  # noqa: E402
-from grass_dist.ensemble import ArtifactDir  # noqa: E402
-from grass_dist.exact import ExactInfluence, all_parameter_gradients  # noqa: E402
+from grass_dist.fidelity import damping, evaluate, ground_truth  # noqa: E402
+from grass_dist.fidelity.exact import ExactInfluence, all_parameter_gradients  # noqa: E402
+from grass_dist.fidelity.metric import lds_from_predictions, predictions  # noqa: E402
+from grass_dist.gradients.capture import resolve_layers  # noqa: E402
 from grass_dist.index import Store  # noqa: E402
-from grass_dist.lds import ground_truth  # noqa: E402
-from grass_dist.lds.metric import lds_from_predictions, predictions  # noqa: E402
+from grass_dist.scoring.ensemble import ArtifactDir  # noqa: E402
 
 METHODS = [
     ("FactGraSS", "factgrass"),

@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from lds_table import RESULTS, write_table  # noqa: E402
 
-from grass_dist.lds.metric import lds_from_predictions, predictions  # noqa: E402 -- numpy only
+from grass_dist.fidelity.metric import lds_from_predictions, predictions  # noqa: E402 -- numpy only
 
 
 def mlp(hidden: list[int]) -> nn.Sequential:

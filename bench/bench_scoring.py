@@ -39,7 +39,7 @@ sys.path.insert(0, ROOT)
 
 from grass_dist.index import GradientIndex  # noqa: E402
 from grass_dist.runtime.scoring import ScoreOptions, score_records  # noqa: E402
-from grass_dist.score import QuerySide, TileScorer  # noqa: E402
+from grass_dist.scoring.score import QuerySide, TileScorer  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "bench", "results", "scoring.md")
 
@@ -178,8 +178,8 @@ def _bench_service(args, tmp: str) -> list[str]:
         fingerprint,
     )
     from grass_dist.config import JobConfig, register_configs
-    from grass_dist.precondition import FisherSum, Preconditioner
     from grass_dist.runtime.reducer import preconditioner_path
+    from grass_dist.scoring.precondition import FisherSum, Preconditioner
     from grass_dist.service import app
 
     port = free_port()

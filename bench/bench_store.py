@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 from grass_dist.index import GradientIndex  # noqa: E402
 from grass_dist.runtime.scoring import ScoreOptions, score_records  # noqa: E402
-from grass_dist.score import QuerySide, concat, layer_slices  # noqa: E402
-from grass_dist.topk import decode  # noqa: E402
+from grass_dist.scoring.score import QuerySide, concat, layer_slices  # noqa: E402
+from grass_dist.scoring.topk import decode  # noqa: E402
 from tests.s3.seaweed import SeaweedFS, weed_binary  # noqa: E402
 
 MIB = 2**20

@@ -17,13 +17,13 @@ import time
 
 import torch
 
-from grass_dist.capture import resolve_layers
 from grass_dist.compress import build_compressors
 from grass_dist.config import CompressionConfig
 from grass_dist.data.text import pydoc_topics
-from grass_dist.gradients import GradientComputer
-from grass_dist.hf import hf_causal_lm
-from grass_dist.tasks_lm import CausalLMTask
+from grass_dist.gradients.capture import resolve_layers
+from grass_dist.gradients.computer import GradientComputer
+from grass_dist.models.hf import hf_causal_lm
+from grass_dist.tasks.language_model import CausalLMTask
 
 OUT = os.path.join(os.path.dirname(__file__), "results", "lm.md")
 

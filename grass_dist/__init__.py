@@ -7,15 +7,31 @@ result = index.attribute(query_ds, topk=10)
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 __all__ = ["Attribution", "Client", "Index"]
 
+
+def lazy_attributes(package: str, homes: dict[str, str]) -> Callable[[str], Any]:
+    """A module `__getattr__` that imports `homes[name]` on first use and returns its `name`."""
+
+    def __getattr__(name: str) -> Any:
+        if name in homes:
+            import importlib
+
+            return getattr(importlib.import_module(homes[name]), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__
+
+
 # Lazy, so `import grass_dist.<module>` does not pay for torch, Ray or the client.
-_HOMES = {"Client": "grass_dist.client", "Index": "grass_dist.api", "Attribution": "grass_dist.api"}
-
-
-def __getattr__(name: str):
-    if name in _HOMES:
-        import importlib
-
-        return getattr(importlib.import_module(_HOMES[name]), name)
-    raise AttributeError(f"module 'grass_dist' has no attribute {name!r}")
+__getattr__ = lazy_attributes(
+    __name__,
+    {
+        "Client": "grass_dist.service.client",
+        "Index": "grass_dist.api",
+        "Attribution": "grass_dist.api",
+    },
+)

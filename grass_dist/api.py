@@ -30,17 +30,30 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from grass_dist import assembly, pipeline, results
+from grass_dist import assembly, pipeline
 from grass_dist.config import JobConfig, resolve
 from grass_dist.errors import ConfigError
 from grass_dist.index import GradientIndex
+from grass_dist.scoring import results
 
 DEFAULT_TASK = {"_target_": "grass_dist.tasks.classification"}
 
 
+# Modules kept at their old paths so that configs (and index fingerprints) keep their `_target_`.
+_CONFIG_PATHS = {
+    "grass_dist.models.tiny_lm": "grass_dist.tiny_lm",
+    "grass_dist.models.hf": "grass_dist.hf",
+    "grass_dist.tasks.language_model": "grass_dist.tasks_lm",
+}
+
+
 def _path(fn: Any) -> str:
-    """The shortest import path of `fn`: a package that re-exports it wins over the module
-    that defines it (grass_dist.data.digits, whose name the function shadows)."""
+    """The config path of `fn`: its stable path where it has one (_CONFIG_PATHS), else the
+    shortest import path, where a package that re-exports it wins over the module that
+    defines it (grass_dist.data.digits, whose name the function shadows)."""
+    stable = _CONFIG_PATHS.get(fn.__module__)
+    if stable and getattr(importlib.import_module(stable), fn.__qualname__, None) is fn:
+        return f"{stable}.{fn.__qualname__}"
     parts = fn.__module__.split(".")
     for i in range(1, len(parts) + 1):
         home = ".".join(parts[:i])

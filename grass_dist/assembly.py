@@ -25,15 +25,15 @@ import torch
 from torch import nn
 
 from grass_dist.build import build_layer_compressors, build_model, build_task
-from grass_dist.capture import resolve_layers
 from grass_dist.compress import Compressor, build_compressors, learned_layers
-from grass_dist.compressor_state import fit_states, load_states
 from grass_dist.config import JobConfig, StoreConfig
 from grass_dist.errors import ConfigError
+from grass_dist.gradients.capture import resolve_layers
+from grass_dist.gradients.learned_state import fit_states, load_states
 from grass_dist.index import GradientIndex, Store
 from grass_dist.index.gradient_index import INDEX_FILE
 from grass_dist.index.retry import RetryPolicy
-from grass_dist.models import state_hash
+from grass_dist.models.state import state_hash
 
 IN_MEMORY = "grass_dist.assembly.in_memory"
 
@@ -89,7 +89,7 @@ def replica(job: JobConfig, index: GradientIndex) -> Replica:
 
 def driver_compressors(job: JobConfig, model: nn.Module, task, train) -> dict[str, Compressor]:
     """The driver's compressors: learned state comes from the existing index, else is fitted
-    on `train` (`compressor_state.save_states` then stores it before the index is created)."""
+    on `train` (`learned_state.save_states` then stores it before the index is created)."""
     shapes = resolve_layers(model, job.index.layers)
     need = learned_layers(job.compression, shapes)
     if not need:

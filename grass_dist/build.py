@@ -16,15 +16,16 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from torch import nn
 
-from grass_dist import compress, compressor_state
-from grass_dist.capture import resolve_layers
+from grass_dist import compress
 from grass_dist.compress import Compressor, build_compressors, learned_layers
 from grass_dist.config import JobConfig
-from grass_dist.data_identity import data_identity
+from grass_dist.data.identity import data_identity
 from grass_dist.errors import ConfigError, GrassError
+from grass_dist.gradients import learned_state
+from grass_dist.gradients.capture import resolve_layers
 from grass_dist.index import GradientIndex
 from grass_dist.index.gradient_index import FORMAT_VERSION
-from grass_dist.models import state_hash
+from grass_dist.models.state import state_hash
 
 # Keys Hydra reads itself; everything else under a node is an argument of its _target_.
 _HYDRA_KEYS = frozenset({"_target_", "_args_", "_recursive_", "_convert_", "_partial_"})
@@ -157,7 +158,7 @@ def build_model(job: JobConfig) -> nn.Module:
     return model
 
 
-# What every process calls on a task (grass_dist.gradients); the rest is optional.
+# What every process calls on a task (grass_dist.gradients.computer); the rest is optional.
 TASK_METHODS = ("collate", "to", "per_sample_loss")
 
 
@@ -169,7 +170,7 @@ def build_task(job: JobConfig):
             f"task._target_={job.task['_target_']!r} returned an object of type "
             f"{type(task).__name__} without "
             f"{', '.join(missing)}; a task needs collate(items), to(batch, device) and "
-            f"per_sample_loss(model, batch) (see grass_dist.tasks.ClassificationTask)"
+            f"per_sample_loss(model, batch) (see grass_dist.tasks.classifier.ClassificationTask)"
         )
     return task
 
@@ -236,7 +237,7 @@ def build_layer_compressors(
     """The compressors of the configured layers; learned ones load their state from `index`."""
     shapes = resolve_layers(model, job.index.layers)
     need = learned_layers(job.compression, shapes)
-    states = compressor_state.load_states(index, need) if need and index is not None else {}
+    states = learned_state.load_states(index, need) if need and index is not None else {}
     return build_compressors(job.compression, shapes, states)
 
 
@@ -250,7 +251,7 @@ def fingerprint(
     """What an index's rows depend on; any difference makes the index incompatible.
 
     ``train`` is the built training set: its size arguments are left out of the data
-    identity so that an index can grow (see ``grass_dist.data_identity``). A layer kept
+    identity so that an index can grow (see ``grass_dist.data.identity``). A layer kept
     whole by compression.whole_small_layers is recorded in ``layers`` as method identity,
     so turning the switch off (where it kept a layer whole) makes the index incompatible.
     """

@@ -100,7 +100,7 @@ class PreconditionConfig:
     damping: Any = _f(
         0.1,
         "relative damping delta (lambda_l = delta * trace(H_l) / k_l), or 'auto': pick it "
-        "from `grid` on a validation split of the queries (see grass_dist.damping)",
+        "from `grid` on a validation split of the queries (see grass_dist.fidelity.damping)",
     )
     name: str = _f("fisher", "file name of the preconditioner under preconditioner/")
     grid: list[float] = _f(DAMPING_GRID, "damping=auto: the deltas tried (default 1e-7..1e2)")

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from grass_dist import assembly, damping, results
+from grass_dist import assembly
 from grass_dist.build import (
     build_dataset,
     build_model,
@@ -25,13 +25,14 @@ from grass_dist.build import (
     check_rows,
     fingerprint,
 )
-from grass_dist.compressor_state import save_states
 from grass_dist.config import JobConfig, resolve
 from grass_dist.data.content import row_digest
-from grass_dist.data_identity import check_committed_content, check_committed_rows
-from grass_dist.gradients import PhiBlock
+from grass_dist.data.identity import check_committed_content, check_committed_rows
+from grass_dist.fidelity import damping
+from grass_dist.gradients.computer import PhiBlock
+from grass_dist.gradients.learned_state import save_states
 from grass_dist.index import GradientIndex
-from grass_dist.models import state_hash
+from grass_dist.models.state import state_hash
 from grass_dist.runtime import repair
 from grass_dist.runtime.cluster import connect, map_tasks, start_worker_pool
 from grass_dist.runtime.pool import ActorPool
@@ -39,6 +40,7 @@ from grass_dist.runtime.progress import JobProgress
 from grass_dist.runtime.reducer import ReducerHandle, ScoreRequest
 from grass_dist.runtime.scheduler import run_items
 from grass_dist.runtime.worker import ShardPlan, ShardResult, plan_shards
+from grass_dist.scoring import results
 
 log = logging.getLogger("grass_dist")
 

@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 
 from omegaconf import DictConfig
 
-from grass_dist import assembly, ensemble, evaluate, pipeline, results
+from grass_dist import assembly, pipeline
 from grass_dist.build import (
     build_dataset,
     build_model,
@@ -22,12 +22,14 @@ from grass_dist.build import (
 )
 from grass_dist.config import JobConfig, resolve
 from grass_dist.data import items
-from grass_dist.data_identity import MarkChanged, changed_rows
+from grass_dist.data.identity import MarkChanged, changed_rows
 from grass_dist.errors import ConfigError, GrassError, IndexNotFoundError
+from grass_dist.fidelity import evaluate
 from grass_dist.index import GradientIndex
 from grass_dist.index.gc import collect
 from grass_dist.index.gradient_index import INDEX_FILE
 from grass_dist.report import N_SELF_INFLUENCE, top_proponent_label_agreement, write_report
+from grass_dist.scoring import ensemble, results
 
 log = logging.getLogger("grass_dist")
 
@@ -199,7 +201,7 @@ def attribute(cfg: DictConfig) -> dict[str, Any]:
     """All stages: index, preconditioner, query gradients and scores, report.
 
     With ensemble.size > 1 (or ensemble.models) every member runs these stages and the
-    scores are averaged (see grass_dist.ensemble).
+    scores are averaged (see grass_dist.scoring.ensemble).
     """
     try:
         raw = resolve(cfg)
@@ -270,7 +272,7 @@ def score(cfg: DictConfig) -> dict[str, Any]:
 
 
 def lds(cfg: DictConfig) -> dict[str, Any]:
-    """LDS of the result sets lds.results (default [run.name]); see grass_dist.evaluate.lds."""
+    """LDS of the result sets lds.results (default [run.name]): grass_dist.fidelity.evaluate.lds."""
     return _summarised(lambda: evaluate.lds(cfg))
 
 

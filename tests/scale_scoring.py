@@ -16,11 +16,11 @@ import numpy as np
 import ray
 import torch
 
-from grass_dist import results
-from grass_dist.gradients import PhiBlock
-from grass_dist.precondition import Preconditioner
+from grass_dist.gradients.computer import PhiBlock
 from grass_dist.runtime.reducer import Reducer, ScoreRequest
-from grass_dist.score import prepare_queries
+from grass_dist.scoring import results
+from grass_dist.scoring.precondition import Preconditioner
+from grass_dist.scoring.score import prepare_queries
 from tests.helpers import assert_topk_close
 from tests.synthetic import phi_rows, read_all, write_index
 

@@ -13,14 +13,16 @@ import numpy as np
 import pytest
 
 import grass_dist as gd
-from grass_dist import assembly, pipeline, results, run
+from grass_dist import assembly, pipeline, run
 from grass_dist.api import job_config
 from grass_dist.build import build_dataset, build_model
 from grass_dist.config import JobConfig, resolve
 from grass_dist.data import digits
 from grass_dist.errors import ConfigError
 from grass_dist.index import GradientIndex
-from grass_dist.models import digits_mlp, state_hash
+from grass_dist.models.digits import digits_mlp
+from grass_dist.models.state import state_hash
+from grass_dist.scoring import results
 from tests.conftest import ROOT, compose_cfg
 
 # The jobs' command line of the equivalence test, and the same settings for the API.

@@ -4,13 +4,13 @@ import math
 import pytest
 import torch
 
-from grass_dist.capture import LinearCapture, resolve_layers
 from grass_dist.compress import SJLT, build_compressors, factor_sizes, random_mask
 from grass_dist.config import CompressionConfig
 from grass_dist.errors import ConfigError
-from grass_dist.gradients import GradientComputer
-from grass_dist.seeding import derive_seed, generator
-from grass_dist.tasks import ClassificationTask
+from grass_dist.gradients.capture import LinearCapture, resolve_layers
+from grass_dist.gradients.computer import GradientComputer
+from grass_dist.runtime.seeding import derive_seed, generator
+from grass_dist.tasks.classifier import ClassificationTask
 from tests.helpers import SeqModel, layer_grad, mlp, per_sample_grads
 from tests.test_no_weight_gemm import MatmulLog, weight_gradient_gemms
 

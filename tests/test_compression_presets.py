@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from grass_dist.capture import resolve_layers
 from grass_dist.compress import build_compressors, compressor_class
 from grass_dist.config import JobConfig
+from grass_dist.gradients.capture import resolve_layers
 from tests.conftest import CONF, compose_cfg
 from tests.helpers import ConvNet
 

@@ -9,11 +9,11 @@ import copy
 import pytest
 import torch
 
-from grass_dist.capture import resolve_layers
 from grass_dist.compress import build_compressors
 from grass_dist.config import CompressionConfig
-from grass_dist.gradients import GradientComputer
-from grass_dist.tasks import ClassificationTask
+from grass_dist.gradients.capture import resolve_layers
+from grass_dist.gradients.computer import GradientComputer
+from grass_dist.tasks.classifier import ClassificationTask
 from tests.helpers import SeqModel, mlp
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

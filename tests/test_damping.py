@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from grass_dist import damping
 from grass_dist.errors import DampingSelectionError
-from grass_dist.gradients import GradientComputer
+from grass_dist.fidelity import damping
+from grass_dist.gradients.computer import GradientComputer
 from grass_dist.index import GradientIndex
-from grass_dist.precondition import FisherSum, Preconditioner
+from grass_dist.scoring.precondition import FisherSum, Preconditioner
 
 LAYERS = {"fc1": 6, "out": 4}
 

@@ -14,7 +14,7 @@ import torch
 from grass_dist import pipeline, run
 from grass_dist.data import digits, items
 from grass_dist.data.content import row_digest, row_digests, shard_digest
-from grass_dist.data_identity import (
+from grass_dist.data.identity import (
     MarkChanged,
     changed_rows,
     check_committed_content,
@@ -22,10 +22,10 @@ from grass_dist.data_identity import (
     data_identity,
 )
 from grass_dist.errors import ConfigError, DataMismatchError
-from grass_dist.gradients import GradientComputer
+from grass_dist.gradients.computer import GradientComputer
 from grass_dist.index import GradientIndex, ShardRecord
 from grass_dist.report import write_report
-from grass_dist.tasks_lm import CausalLMTask
+from grass_dist.tasks.language_model import CausalLMTask
 from tests.conftest import ROOT, compose_cfg
 
 NODE = {"_target_": "grass_dist.data.digits", "split": "train", "n_train": 90, "n_query": 12}

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from grass_dist import models
 from grass_dist.data import DigitsDataset, digits
-from grass_dist.models import accuracy, digits_mlp, state_hash
+from grass_dist.models import digits as zoo
+from grass_dist.models.digits import accuracy, digits_mlp
+from grass_dist.models.state import state_hash
 
 
 def test_splits_are_disjoint_sized_and_deterministic():
@@ -70,7 +71,7 @@ def test_digits_mlp_trains_caches_and_reloads(tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("the cached model should have been loaded")
 
-    monkeypatch.setattr(models, "_train", no_training)
+    monkeypatch.setattr(zoo, "_train", no_training)
     again = digits_mlp(cache_dir=str(tmp_path))
     assert state_hash(again) == state_hash(model)
     assert not again.training
@@ -104,15 +105,20 @@ def test_train_on_replays_the_builders_recipe(tmp_path):
         "seed": 5,
         "cache_dir": str(tmp_path),
     }
-    built = models.train_on(node, range(60), seed=5)  # all rows, the model's own seed
+    built = zoo.train_on(node, range(60), seed=5)  # all rows, the model's own seed
     kwargs = {k: v for k, v in node.items() if k != "_target_"}
     assert state_hash(built) == state_hash(digits_mlp(**kwargs))
-    half = models.train_on(node, range(0, 60, 2), seed=5)
-    assert state_hash(half) == state_hash(models.train_on(node, range(0, 60, 2), seed=5))
+    half = zoo.train_on(node, range(0, 60, 2), seed=5)
+    assert state_hash(half) == state_hash(zoo.train_on(node, range(0, 60, 2), seed=5))
     assert state_hash(half) != state_hash(built)
-    assert state_hash(models.train_on(node, range(0, 60, 2), seed=6)) != state_hash(half)
-    cnn = {"_target_": "grass_dist.models.digits_cnn", "channels": [2], "hidden": 4, "epochs": 1}
-    small_cnn = models.train_on({**cnn, "n_train": 40}, range(10), seed=0)
+    assert state_hash(zoo.train_on(node, range(0, 60, 2), seed=6)) != state_hash(half)
+    cnn = {
+        "_target_": "grass_dist.models.digits_cnn",
+        "channels": [2],
+        "hidden": 4,
+        "epochs": 1,
+    }
+    small_cnn = zoo.train_on({**cnn, "n_train": 40}, range(10), seed=0)
     assert small_cnn(torch.zeros(3, 64)).shape == (3, 10)
     with pytest.raises(ValueError, match="no known training recipe"):
-        models.train_on({"_target_": "my.model"}, range(3), seed=0)
+        zoo.train_on({"_target_": "my.model"}, range(3), seed=0)

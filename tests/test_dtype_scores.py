@@ -3,17 +3,17 @@
 import numpy as np
 import pytest
 
-from grass_dist.capture import resolve_layers
 from grass_dist.compress import build_compressors
 from grass_dist.config import CompressionConfig
 from grass_dist.data import digits
-from grass_dist.gradients import GradientComputer
+from grass_dist.gradients.capture import resolve_layers
+from grass_dist.gradients.computer import GradientComputer
 from grass_dist.index import GradientIndex
-from grass_dist.models import digits_mlp
-from grass_dist.precondition import FisherSum, Preconditioner
+from grass_dist.models.digits import digits_mlp
 from grass_dist.runtime.scoring import ScoreOptions, score_records
-from grass_dist.score import prepare_queries
-from grass_dist.tasks import ClassificationTask
+from grass_dist.scoring.precondition import FisherSum, Preconditioner
+from grass_dist.scoring.score import prepare_queries
+from grass_dist.tasks.classifier import ClassificationTask
 from tests.test_score import _assemble
 
 # Unit roundoff: float16 2^-11 = 4.9e-4, bfloat16 2^-8 = 3.9e-3. Scores sum many rounded

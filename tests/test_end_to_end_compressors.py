@@ -9,13 +9,15 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load as st_load
 
-from grass_dist import compressor_state, pipeline, results, run
+from grass_dist import pipeline, run
 from grass_dist.build import build_dataset, build_layer_compressors, build_model
 from grass_dist.compress import SJLT
 from grass_dist.config import JobConfig
 from grass_dist.errors import CorruptIndexError, FingerprintMismatchError
+from grass_dist.gradients import learned_state
 from grass_dist.index import GradientIndex
-from grass_dist.seeding import generator
+from grass_dist.runtime.seeding import generator
+from grass_dist.scoring import results
 from tests.conftest import compose_cfg
 from tests.helpers import layer_grad, module_grad, per_sample_grads
 
@@ -41,7 +43,7 @@ def _direct_phi(job, index, which: str) -> dict[str, np.ndarray]:
     out = {}
     for spec in index.fingerprint["layers"]:
         name = spec["name"]
-        state = st_load(index.get_artifact(compressor_state.state_path(name, spec["state_sha256"])))
+        state = st_load(index.get_artifact(learned_state.state_path(name, spec["state_sha256"])))
         masked = layer_grad(exact, name)[:, state["idx_out"]][:, :, state["idx_in"]]
         k_prime = state["idx_out"].numel() * state["idx_in"].numel()
         sjlt = SJLT(k_prime, spec["k"], generator(spec["seed"], name, "sjlt"), c=spec["sjlt_c"])
@@ -59,7 +61,7 @@ def test_selective_masks_are_stored_and_loaded_by_fresh_workers(ray_session, tmp
         pipeline.shutdown(job)
     index = GradientIndex.open(job.cfg.index_url)
     for spec in index.fingerprint["layers"]:
-        data = index.get_artifact(compressor_state.state_path(spec["name"], spec["state_sha256"]))
+        data = index.get_artifact(learned_state.state_path(spec["name"], spec["state_sha256"]))
         assert spec["method"] == "selective_factgrass"
         assert spec["state_sha256"] == hashlib.sha256(data).hexdigest()
         assert spec["selective"]["samples"] == 40
@@ -75,13 +77,13 @@ def test_selective_masks_are_stored_and_loaded_by_fresh_workers(ray_session, tmp
     def no_fit(*args, **kwargs):
         raise AssertionError("masks were fitted again")
 
-    monkeypatch.setattr(compressor_state, "fit_states", no_fit)
+    monkeypatch.setattr(learned_state, "fit_states", no_fit)
     again = pipeline.prepare(cfg)
     assert again.fingerprint == index.fingerprint
     with pytest.raises(FingerprintMismatchError, match=r"layers\[0\].selective.epochs"):
         pipeline.prepare(compose_cfg(tmp_path, *SELECTIVE, "compression.selective.epochs=31"))
     out_sha = next(d["state_sha256"] for d in index.fingerprint["layers"] if d["name"] == "out")
-    out_state = compressor_state.state_path("out", out_sha)
+    out_state = learned_state.state_path("out", out_sha)
     index.store.delete(out_state)
     with pytest.raises(CorruptIndexError, match=out_state):
         pipeline.prepare(cfg)

@@ -5,10 +5,10 @@ import pyarrow as pa
 import pytest
 from omegaconf import OmegaConf
 
-from grass_dist import ensemble, results
 from grass_dist.config import JobConfig
 from grass_dist.errors import ConfigError
 from grass_dist.index import Store
+from grass_dist.scoring import ensemble, results
 from tests.conftest import compose_cfg
 
 

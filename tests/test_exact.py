@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from grass_dist.exact import ExactInfluence, all_parameter_gradients
-from grass_dist.tasks import ClassificationTask
+from grass_dist.fidelity.exact import ExactInfluence, all_parameter_gradients
+from grass_dist.tasks.classifier import ClassificationTask
 from tests.helpers import mlp, per_sample_grads
 
 

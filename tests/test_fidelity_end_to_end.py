@@ -5,14 +5,15 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from grass_dist import evaluate, pipeline, results, run
+from grass_dist import pipeline, run
 from grass_dist.build import build_dataset, build_task
 from grass_dist.config import JobConfig
-from grass_dist.ensemble import ArtifactDir
+from grass_dist.fidelity import evaluate, ground_truth
+from grass_dist.fidelity.metric import lds
 from grass_dist.index import GradientIndex, Store
-from grass_dist.lds import ground_truth
-from grass_dist.lds.metric import lds
-from grass_dist.models import train_on
+from grass_dist.models.digits import train_on
+from grass_dist.scoring import results
+from grass_dist.scoring.ensemble import ArtifactDir
 from tests.conftest import compose_cfg
 
 pytestmark = pytest.mark.integration

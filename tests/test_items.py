@@ -9,7 +9,7 @@ from torch.utils.data import TensorDataset
 
 from grass_dist.data import digits, items
 from grass_dist.errors import BadRequestError
-from grass_dist.tasks import ClassificationTask
+from grass_dist.tasks.classifier import ClassificationTask
 
 
 @pytest.fixture(scope="module")

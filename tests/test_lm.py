@@ -6,15 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from grass_dist.capture import resolve_layers
 from grass_dist.compress import build_compressors
 from grass_dist.config import CompressionConfig
 from grass_dist.data.prompts import IGNORE, PromptDataset
 from grass_dist.errors import ConfigError
-from grass_dist.gradients import GradientComputer
-from grass_dist.hf import hf_causal_lm
-from grass_dist.models import state_hash
-from grass_dist.tasks_lm import CausalLMTask
+from grass_dist.gradients.capture import resolve_layers
+from grass_dist.gradients.computer import GradientComputer
+from grass_dist.models.hf import hf_causal_lm
+from grass_dist.models.state import state_hash
+from grass_dist.tasks.language_model import CausalLMTask
 
 VOCAB = 40
 ARCHS = ("gpt2", "llama")
@@ -260,7 +260,7 @@ def test_token_ids_outside_the_vocabulary_are_refused():
 
 
 def test_tiny_gpt2_trains_deterministically_caches_and_reloads(tmp_path, monkeypatch):
-    from grass_dist import tiny_lm
+    from grass_dist.models import tiny_lm
 
     small = {"n_layer": 1, "n_head": 2, "n_embd": 16, "steps": 3, "n_docs": 12, "max_length": 32}
     model = tiny_lm.tiny_gpt2(**small, cache_dir=str(tmp_path / "a"))

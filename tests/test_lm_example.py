@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from grass_dist import pipeline, results, run
+from grass_dist import pipeline, run
 from grass_dist.build import build_dataset
+from grass_dist.scoring import results
 from tests.conftest import compose_cfg
 
 pytestmark = pytest.mark.integration

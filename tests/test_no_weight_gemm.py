@@ -16,11 +16,11 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from grass_dist.capture import resolve_layers
 from grass_dist.compress import build_compressors
 from grass_dist.config import CompressionConfig
-from grass_dist.gradients import GradientComputer
-from grass_dist.tasks import ClassificationTask
+from grass_dist.gradients.capture import resolve_layers
+from grass_dist.gradients.computer import GradientComputer
+from grass_dist.tasks.classifier import ClassificationTask
 from tests.helpers import SeqModel, mlp
 
 aten = torch.ops.aten

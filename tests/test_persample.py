@@ -7,12 +7,12 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from grass_dist.capture import resolve_layers
 from grass_dist.compress import FlatShape, LinearShape, build_compressors, method_for
 from grass_dist.config import CompressionConfig, JobConfig
 from grass_dist.errors import ConfigError
-from grass_dist.gradients import GradientComputer
-from grass_dist.tasks import ClassificationTask
+from grass_dist.gradients.capture import resolve_layers
+from grass_dist.gradients.computer import GradientComputer
+from grass_dist.tasks.classifier import ClassificationTask
 from tests.conftest import compose_cfg
 from tests.helpers import ConvNet, EmbedNet, layer_grad, module_grad, per_sample_grads
 from tests.test_no_weight_gemm import MatmulLog, weight_gradient_gemms

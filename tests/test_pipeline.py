@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from grass_dist import pipeline, results
+from grass_dist import pipeline
 from grass_dist.build import build_dataset, build_model
 from grass_dist.index import GradientIndex
+from grass_dist.scoring import results
 from tests.conftest import compose_cfg
 from tests.helpers import layer_grad, per_sample_grads
 

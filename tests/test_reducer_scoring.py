@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import ray
 
-from grass_dist import results
 from grass_dist.errors import ResultsNotFoundError
-from grass_dist.gradients import PhiBlock
+from grass_dist.gradients.computer import PhiBlock
 from grass_dist.runtime.faults import KillOnce
 from grass_dist.runtime.reducer import Reducer, ScoreRequest
+from grass_dist.scoring import results
 from tests.synthetic import phi_rows, write_index
 
 pytestmark = pytest.mark.integration

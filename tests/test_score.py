@@ -6,11 +6,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from grass_dist import results
-from grass_dist.precondition import FisherSum, Preconditioner
 from grass_dist.runtime.scoring import ScoreOptions, breakdown_records, score_records
-from grass_dist.score import prepare_queries, whiteners_for
-from grass_dist.topk import decode
+from grass_dist.scoring import results
+from grass_dist.scoring.precondition import FisherSum, Preconditioner
+from grass_dist.scoring.score import prepare_queries, whiteners_for
+from grass_dist.scoring.topk import decode
 from tests.synthetic import phi_rows, read_all, write_index
 
 LAYERS = {"a": 6, "b": 4}

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from grass_dist.score import Block, QuerySide, score_stream
-from grass_dist.topk import EMPTY, TopKPair, decode, encode, merge_keys
+from grass_dist.scoring.score import Block, QuerySide, score_stream
+from grass_dist.scoring.topk import EMPTY, TopKPair, decode, encode, merge_keys
 
 
 def brute(scores: torch.Tensor, k: int, sign: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,6 @@ import ray
 import torch
 
 from grass_dist import pipeline
-from grass_dist.capture import resolve_layers
 from grass_dist.compress import (
     IdentityCompressor,
     build_compressors,
@@ -21,9 +20,10 @@ from grass_dist.compress import (
 )
 from grass_dist.config import CompressionConfig
 from grass_dist.errors import ConfigError
-from grass_dist.gradients import GradientComputer
+from grass_dist.gradients.capture import resolve_layers
+from grass_dist.gradients.computer import GradientComputer
 from grass_dist.run import _compression_summary
-from grass_dist.tasks import ClassificationTask
+from grass_dist.tasks.classifier import ClassificationTask
 from tests.conftest import compose_cfg
 from tests.helpers import ConvNet, layer_grad, mlp, module_grad, per_sample_grads
 

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 
 from grass_dist.compress.base import Compressor, LayerShape, check_k
-from grass_dist.seeding import generator
+from grass_dist.runtime.seeding import generator
 
 BLOCK_ROWS = 1024
 

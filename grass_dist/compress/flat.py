@@ -19,7 +19,7 @@ from grass_dist.compress.base import (
     linear_gradient,
 )
 from grass_dist.compress.sketch import SJLT, random_mask
-from grass_dist.seeding import generator
+from grass_dist.runtime.seeding import generator
 
 
 class MaskSketch(Compressor):

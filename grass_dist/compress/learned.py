@@ -2,7 +2,7 @@
 
 `fit` turns a `GradSample` into the state bytes (safetensors of the sorted indices);
 `from_state` rebuilds the compressor from those bytes. The bytes are stored in the index
-(see `grass_dist.compressor_state`) and their sha256 is part of the compressor spec, so every
+(see `grass_dist.gradients.learned_state`) and their sha256 is part of the compressor spec, so every
 worker and every query uses the very mask the index was built with.
 """
 
@@ -30,7 +30,7 @@ from grass_dist.compress.flat import MaskSketch
 from grass_dist.compress.linear import MaskedFactors, check_masked_size, mask_budget
 from grass_dist.compress.selective import factor_inner, fit_masks, flat_inner
 from grass_dist.errors import ConfigError, FingerprintMismatchError
-from grass_dist.seeding import generator
+from grass_dist.runtime.seeding import generator
 
 log = logging.getLogger(__name__)
 

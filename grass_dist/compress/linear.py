@@ -24,7 +24,7 @@ from grass_dist.compress.base import (
 )
 from grass_dist.compress.sketch import SJLT, random_mask, scatter_signed
 from grass_dist.errors import ConfigError
-from grass_dist.seeding import generator
+from grass_dist.runtime.seeding import generator
 
 _CHUNK_FLOATS = 1 << 18
 

@@ -38,7 +38,7 @@ class DigitsDataset(Dataset):
         labels: int64 array of shape (N,).
         keys: N stable ids `"digits/<index in load_digits()>"`, independent of the split seed.
         size_arguments: arguments of `digits` that only add rows at the end of this split
-            (see `grass_dist.data_identity`): n_train and n_query for "train", none for
+            (see `grass_dist.data.identity`): n_train and n_query for "train", none for
             "query" (its rows start after the first n_train).
     """
 

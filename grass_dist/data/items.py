@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from grass_dist.tasks import INPUT_FIELDS, LABEL_FIELDS
+from grass_dist.tasks.classifier import INPUT_FIELDS, LABEL_FIELDS
 
 MIN_IMAGE_SIDE = 4  # smaller "images" are more likely feature vectors than pictures
 VECTOR_PREVIEW = 8  # values shown for an input that is neither image nor text

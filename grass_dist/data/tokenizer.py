@@ -47,7 +47,7 @@ class HFTokenizer:
     """A transformers tokenizer saved in a local directory (`save_pretrained`)."""
 
     def __init__(self, path: str):
-        from grass_dist.hf import transformers_module
+        from grass_dist.models.hf import transformers_module
 
         self.path = path
         self._tok = transformers_module().AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -16,14 +16,12 @@ from typing import Any
 import numpy as np
 import ray
 
-from grass_dist import results
 from grass_dist.assembly import retry_policy
 from grass_dist.config import FaultsConfig, JobConfig
 from grass_dist.errors import PreconditionerNotFoundError, ReducerFailedError
-from grass_dist.gradients import PhiBlock
+from grass_dist.gradients.computer import PhiBlock
 from grass_dist.index import GradientIndex, ShardRecord
 from grass_dist.index.retry import RetryPolicy
-from grass_dist.precondition import FisherSum, Preconditioner
 from grass_dist.runtime.cluster import map_tasks
 from grass_dist.runtime.faults import FaultInjector, KillOnce
 from grass_dist.runtime.pool import ACTOR_LOST
@@ -35,8 +33,10 @@ from grass_dist.runtime.scoring import (
     release_memory,
     shard_groups,
 )
-from grass_dist.score import prepare_queries, whiteners_for
-from grass_dist.topk import decode
+from grass_dist.scoring import results
+from grass_dist.scoring.precondition import FisherSum, Preconditioner
+from grass_dist.scoring.score import prepare_queries, whiteners_for
+from grass_dist.scoring.topk import decode
 
 log = logging.getLogger(__name__)
 

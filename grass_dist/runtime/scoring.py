@@ -25,11 +25,11 @@ import pyarrow as pa
 import ray
 import torch
 
-from grass_dist import results
 from grass_dist.index import GradientIndex, ShardRecord
 from grass_dist.runtime.cluster import threads_for
 from grass_dist.runtime.faults import KillOnce
-from grass_dist.score import (
+from grass_dist.scoring import results
+from grass_dist.scoring.score import (
     Block,
     QuerySide,
     ScorePartial,

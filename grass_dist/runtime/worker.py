@@ -14,9 +14,9 @@ from grass_dist import assembly
 from grass_dist.build import build_dataset
 from grass_dist.config import JobConfig
 from grass_dist.errors import ModelMismatchError
-from grass_dist.gradients import GradientComputer, PhiBlock
+from grass_dist.gradients.computer import GradientComputer, PhiBlock
 from grass_dist.index import ShardRecord
-from grass_dist.models import state_hash
+from grass_dist.models.state import state_hash
 from grass_dist.runtime.faults import FaultInjector
 from grass_dist.runtime.overlap import Phases
 

@@ -23,10 +23,10 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from grass_dist.client import encode
 from grass_dist.config import JobConfig
 from grass_dist.errors import BadRequestError, GrassError, ServiceCheckError
 from grass_dist.runtime.cluster import connect, threads_for
+from grass_dist.service.client import encode
 from grass_dist.service.engine import QueryEngine
 from grass_dist.service.protocol import QueryRequest, parse_query
 

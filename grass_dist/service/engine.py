@@ -8,7 +8,7 @@ streams the shards (through Ray scorer tasks when Ray is up).
 
 With precondition.damping=auto the service serves the delta that the batch job chose and
 recorded in the summary of result set run.name (`damping_selection`, see
-grass_dist.evaluate), so its influence scores are the batch job's; without a recorded
+grass_dist.fidelity.evaluate), so its influence scores are the batch job's; without a recorded
 choice it refuses to start.
 """
 
@@ -24,7 +24,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from grass_dist import assembly, results
+from grass_dist import assembly
 from grass_dist.build import build_dataset, fingerprint
 from grass_dist.config import JobConfig
 from grass_dist.errors import (
@@ -34,12 +34,13 @@ from grass_dist.errors import (
     NonFiniteGradientError,
     ResultsNotFoundError,
 )
-from grass_dist.gradients import GradientComputer
+from grass_dist.gradients.computer import GradientComputer
 from grass_dist.index import GradientIndex
-from grass_dist.precondition import Preconditioner
 from grass_dist.runtime.reducer import preconditioner_path
 from grass_dist.runtime.scoring import ScoreOptions, fan_out, keys_of, score_records
-from grass_dist.score import (
+from grass_dist.scoring import results
+from grass_dist.scoring.precondition import Preconditioner
+from grass_dist.scoring.score import (
     KINDS,
     Block,
     ScorePartial,
@@ -48,7 +49,7 @@ from grass_dist.score import (
     row_norms,
     score_stream,
 )
-from grass_dist.topk import decode
+from grass_dist.scoring.topk import decode
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from grass_dist.config import ServeConfig
 from grass_dist.errors import BadRequestError
-from grass_dist.score import KINDS
+from grass_dist.scoring.score import KINDS
 
 FIELDS = ("examples", "topk", "kind")
 

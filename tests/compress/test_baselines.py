@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from grass_dist.capture import resolve_layers
 from grass_dist.compress import (
     FlatShape,
     GaussianJL,
@@ -15,8 +14,9 @@ from grass_dist.compress import (
     methods,
 )
 from grass_dist.config import CompressionConfig
-from grass_dist.gradients import GradientComputer
-from grass_dist.tasks import ClassificationTask
+from grass_dist.gradients.capture import resolve_layers
+from grass_dist.gradients.computer import GradientComputer
+from grass_dist.tasks.classifier import ClassificationTask
 from tests.helpers import SeqModel, layer_grad, mlp, per_sample_grads
 
 

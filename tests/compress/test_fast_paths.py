@@ -5,7 +5,6 @@ sequences, several SJLT copies."""
 import pytest
 import torch
 
-from grass_dist.capture import resolve_layers
 from grass_dist.compress import (
     FactGraSSCompressor,
     LinearShape,
@@ -16,9 +15,10 @@ from grass_dist.compress import (
 from grass_dist.compress.sketch import SJLT, scatter_signed
 from grass_dist.config import CompressionConfig
 from grass_dist.errors import NonFiniteGradientError
-from grass_dist.gradients import GradientComputer, all_finite
-from grass_dist.seeding import generator
-from grass_dist.tasks import ClassificationTask
+from grass_dist.gradients.capture import resolve_layers
+from grass_dist.gradients.computer import GradientComputer, all_finite
+from grass_dist.runtime.seeding import generator
+from grass_dist.tasks.classifier import ClassificationTask
 from tests.helpers import mlp
 
 

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from grass_dist.capture import resolve_layers
 from grass_dist.compress import (
     GradSample,
     IdentityCompressor,
@@ -17,14 +16,15 @@ from grass_dist.compress.learned import (
     SelectiveMaskCompressor,
 )
 from grass_dist.compress.selective import factor_inner, flat_inner, spearman_rows
-from grass_dist.compressor_state import gradient_sample, sample_rows
 from grass_dist.config import CompressionConfig, SelectiveConfig
 from grass_dist.data import digits
 from grass_dist.errors import ConfigError, FingerprintMismatchError
-from grass_dist.gradients import GradientComputer
-from grass_dist.models import digits_mlp
-from grass_dist.seeding import generator
-from grass_dist.tasks import ClassificationTask
+from grass_dist.gradients.capture import resolve_layers
+from grass_dist.gradients.computer import GradientComputer
+from grass_dist.gradients.learned_state import gradient_sample, sample_rows
+from grass_dist.models.digits import digits_mlp
+from grass_dist.runtime.seeding import generator
+from grass_dist.tasks.classifier import ClassificationTask
 from tests.helpers import SeqModel
 
 FIT = SelectiveConfig(epochs=150, check_every=25)

@@ -6,8 +6,8 @@ import hashlib
 
 import pytest
 
-from grass_dist import compressor_state
 from grass_dist.errors import CorruptIndexError
+from grass_dist.gradients import learned_state
 from grass_dist.index import GradientIndex
 
 
@@ -21,11 +21,11 @@ def _index(tmp_path, state: bytes) -> GradientIndex:
 def test_a_state_under_its_old_name_loads_when_its_sha256_matches(tmp_path):
     index = _index(tmp_path, b"mask bytes")
     index.put_artifact("compressors/fc1.safetensors", b"mask bytes")
-    assert compressor_state.load_states(index, ["fc1"]) == {"fc1": b"mask bytes"}
+    assert learned_state.load_states(index, ["fc1"]) == {"fc1": b"mask bytes"}
 
 
 def test_a_state_under_its_old_name_is_still_held_to_the_fingerprint(tmp_path):
     index = _index(tmp_path, b"mask bytes")
     index.put_artifact("compressors/fc1.safetensors", b"other bytes")
     with pytest.raises(CorruptIndexError, match="does not match the sha256"):
-        compressor_state.load_states(index, ["fc1"])
+        learned_state.load_states(index, ["fc1"])

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from grass_dist.lds.metric import (
+from grass_dist.fidelity.metric import (
     bootstrap_ci,
     lds,
     predictions,

@@ -11,7 +11,7 @@ from torch.utils.data import Subset, TensorDataset
 
 from grass_dist.config import JobConfig
 from grass_dist.errors import ConfigError
-from grass_dist.lds import ground_truth, retrain
+from grass_dist.fidelity import ground_truth, retrain
 from tests.conftest import compose_cfg
 
 HERE = "tests.lds.test_retrain"

@@ -25,12 +25,13 @@ import ray
 import torch
 from ray.cluster_utils import Cluster
 
-from grass_dist import pipeline, results
+from grass_dist import pipeline
 from grass_dist.errors import ConfigError, PlacementTimeoutError, WorkerStartError
 from grass_dist.index import GradientIndex, Store
 from grass_dist.runtime.pool import ActorPool
 from grass_dist.runtime.progress import read_progress
 from grass_dist.runtime.scheduler import run_items
+from grass_dist.scoring import results
 from tests.conftest import SMALL, compose_cfg
 from tests.ray_procs import ROOT, isolated_ray_env
 

@@ -8,11 +8,12 @@ import secrets
 import numpy as np
 import pytest
 
-from grass_dist import pipeline, results
+from grass_dist import pipeline
 from grass_dist.build import build_dataset, build_layer_compressors, build_model, build_task
-from grass_dist.gradients import GradientComputer
+from grass_dist.gradients.computer import GradientComputer
 from grass_dist.index import GradientIndex, Store
 from grass_dist.runtime.progress import read_progress
+from grass_dist.scoring import results
 from tests.conftest import SMALL, compose_cfg
 from tests.ray_procs import LocalRayCluster, running_in_groups
 

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from grass_dist import pipeline
 from grass_dist.build import build_dataset, build_layer_compressors, build_model, build_task
-from grass_dist.gradients import GradientComputer, PhiBlock
+from grass_dist.gradients.computer import GradientComputer, PhiBlock
 from grass_dist.runtime.worker import plan_shards
 from tests.conftest import compose_cfg
 from tests.s3.seaweed import SeaweedFS, weed_binary

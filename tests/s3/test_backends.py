@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from grass_dist import pipeline, results, run
+from grass_dist import pipeline, run
 from grass_dist.build import build_dataset, build_model
 from grass_dist.errors import CorruptShardError, FingerprintMismatchError
 from grass_dist.index import GradientIndex, ManifestLog, ShardRecord, Store
 from grass_dist.index import store as store_module
 from grass_dist.index.manifest import latest, manifest_path
+from grass_dist.scoring import results
 from tests.helpers import layer_grad, per_sample_grads
 from tests.s3 import committer
 from tests.s3.conftest import index_in_process, phi_of_rows

@@ -10,8 +10,9 @@ import multiprocessing as mp
 import numpy as np
 import pytest
 
-from grass_dist import assembly, compressor_state, pipeline, run
+from grass_dist import assembly, pipeline, run
 from grass_dist.errors import CreateOnlyUnsupportedError, FingerprintMismatchError
+from grass_dist.gradients import learned_state
 from grass_dist.index import GradientIndex, Store
 from grass_dist.index.manifest import latest
 from tests.s3 import committer, driver, lax_fs
@@ -57,10 +58,10 @@ def test_store_that_ignores_create_only_is_refused_before_a_shard_is_lost(backen
 def _named_states(index: GradientIndex) -> dict[str, str]:
     """Learned layer -> the state file index.json names (its sha256 checked on load)."""
     learned = [d["name"] for d in index.fingerprint["layers"] if "state_sha256" in d]
-    states = compressor_state.load_states(index, learned)
+    states = learned_state.load_states(index, learned)
     assert learned and set(states) == set(learned)
     return {
-        n: compressor_state.state_path(n, hashlib.sha256(s).hexdigest()) for n, s in states.items()
+        n: learned_state.state_path(n, hashlib.sha256(s).hexdigest()) for n, s in states.items()
     }
 
 
@@ -91,7 +92,7 @@ def test_two_driver_processes_build_one_index_at_once(backend, tmp_path):
     assert rows.tolist() == list(range(90))  # every row exactly once
     named = _named_states(index)
     assert sorted(
-        f"{compressor_state.STATE_DIR}/{n}" for n in index.store.list("compressors")
+        f"{learned_state.STATE_DIR}/{n}" for n in index.store.list("compressors")
     ) == sorted(named.values())
 
 
@@ -105,4 +106,4 @@ def test_driver_with_another_fit_cannot_replace_the_stored_state(backend, tmp_pa
         pipeline.prepare(backend.cfg(tmp_path, *SELECTIVE, "compression.selective.seed=1"))
     index = GradientIndex.open(backend.url, backend.storage_options)
     assert _named_states(index) == named
-    assert len(index.store.list(compressor_state.STATE_DIR)) > len(named)  # both fits stored
+    assert len(index.store.list(learned_state.STATE_DIR)) > len(named)  # both fits stored

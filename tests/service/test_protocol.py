@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from grass_dist.client import encode
-from grass_dist.codec import decode_array
 from grass_dist.config import ServeConfig
 from grass_dist.errors import BadRequestError
+from grass_dist.service.client import encode
+from grass_dist.service.codec import decode_array
 from grass_dist.service.protocol import parse_query
-from grass_dist.tasks import ClassificationTask
+from grass_dist.tasks.classifier import ClassificationTask
 
 LIKE = torch.zeros(2, 3)
 TEMPLATE = (torch.zeros(4), torch.tensor(0))

@@ -19,7 +19,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from grass_dist import Client, pipeline, results
+from grass_dist import Client, pipeline
 from grass_dist.build import build_dataset, build_layer_compressors, build_model, build_task
 from grass_dist.config import JobConfig
 from grass_dist.errors import (
@@ -28,7 +28,8 @@ from grass_dist.errors import (
     ServiceCheckError,
     ServiceError,
 )
-from grass_dist.gradients import GradientComputer
+from grass_dist.gradients.computer import GradientComputer
+from grass_dist.scoring import results
 from grass_dist.service import app, engine
 from tests.conftest import compose_cfg
 from tests.helpers import assert_topk_close

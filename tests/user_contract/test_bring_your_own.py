@@ -19,7 +19,7 @@ from grass_dist.build import build_dataset, build_model
 from grass_dist.config import JobConfig
 from grass_dist.errors import ConfigError
 from grass_dist.index import GradientIndex
-from grass_dist.results import load_dense, load_table
+from grass_dist.scoring.results import load_dense, load_table
 from tests.conftest import compose_cfg
 from tests.user_contract.conftest import ROOT, run_job
 

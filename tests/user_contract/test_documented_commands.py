@@ -27,11 +27,11 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
-from grass_dist import results
-from grass_dist.capture import resolve_layers
 from grass_dist.compress import check_compressors
 from grass_dist.config import JobConfig
+from grass_dist.gradients.capture import resolve_layers
 from grass_dist.index import GradientIndex
+from grass_dist.scoring import results
 from tests.conftest import CONF, ROOT, compose_cfg
 
 JOB_NAMES = {p.stem for p in (ROOT / "jobs").glob("*.py") if p.stem != "__init__"}

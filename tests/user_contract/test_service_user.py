@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from grass_dist import results
 from grass_dist.index import GradientIndex
+from grass_dist.scoring import results
 from tests.user_contract.conftest import UserPackage, run_job
 
 pytestmark = pytest.mark.integration

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import default_collate
 
-from grass_dist.codec import decode_array
 from grass_dist.errors import BadRequestError
+from grass_dist.service.codec import decode_array
 
 # Field names of dict items, in order of preference (grass_dist.data.items reads them too).
 INPUT_FIELDS = ("input", "inputs", "x", "image", "pixel_values")

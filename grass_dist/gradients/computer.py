@@ -10,12 +10,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from grass_dist.capture import LinearCapture
 from grass_dist.compress import Compressor, LinearShape
 from grass_dist.data.content import row_digests
 from grass_dist.data.items import sample_key
 from grass_dist.errors import NonFiniteGradientError
-from grass_dist.persample import FlatGradients
+from grass_dist.gradients.capture import LinearCapture
+from grass_dist.gradients.persample import FlatGradients
 
 
 @dataclass

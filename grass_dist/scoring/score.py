@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from grass_dist.precondition import Preconditioner
-from grass_dist.topk import MAX_ROW, TopKPair, merge_keys
+from grass_dist.scoring.precondition import Preconditioner
+from grass_dist.scoring.topk import MAX_ROW, TopKPair, merge_keys
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,8 @@ def prepare_queries(
 @dataclass
 class ScorePartial:
     """What scoring a set of train rows yields: proponents / opponents, (Q, k) int64 keys
-    (see grass_dist.topk). Per-row outputs (self-influence, norms, train keys) are not
-    kept here: they go to a sink block by block, so a scorer's memory does not grow with
+    (see grass_dist.scoring.topk). Per-row outputs (self-influence, norms, train keys) are
+    not kept here: they go to a sink block by block, so a scorer's memory does not grow with
     the number of rows it scores."""
 
     proponents: torch.Tensor

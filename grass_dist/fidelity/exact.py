@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from grass_dist.persample import FlatGradients
+from grass_dist.gradients.persample import FlatGradients
 
 
 def all_parameter_gradients(model: nn.Module, task, dataset, batch_size: int = 64) -> np.ndarray:

@@ -20,12 +20,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from grass_dist import results
 from grass_dist.config import JobConfig
 from grass_dist.errors import ConfigError, ResultsNotFoundError
-from grass_dist.gradients import sample_key
+from grass_dist.gradients.computer import sample_key
 from grass_dist.index import Store
-from grass_dist.running_topk import TopK
+from grass_dist.scoring import results
+from grass_dist.scoring.tiles import TopK
 
 MEMBER_DIR = "ckpt_{}"
 

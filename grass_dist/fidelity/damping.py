@@ -34,15 +34,15 @@ from grass_dist.build import build_dataset
 from grass_dist.config import JobConfig
 from grass_dist.data import items
 from grass_dist.errors import DampingSelectionError, GroundTruthError
-from grass_dist.gradients import PhiBlock
+from grass_dist.fidelity import ground_truth as gt_mod
+from grass_dist.fidelity.metric import lds_from_predictions
+from grass_dist.gradients.computer import PhiBlock
 from grass_dist.index import GradientIndex, ShardRecord
-from grass_dist.lds import ground_truth as gt_mod
-from grass_dist.lds.metric import lds_from_predictions
-from grass_dist.precondition import Preconditioner
-from grass_dist.running_topk import TopK, tile_scores
 from grass_dist.runtime.cluster import connect, map_tasks
 from grass_dist.runtime.reducer import preconditioner_path
-from grass_dist.seeding import generator
+from grass_dist.runtime.seeding import generator
+from grass_dist.scoring.precondition import Preconditioner
+from grass_dist.scoring.tiles import TopK, tile_scores
 
 log = logging.getLogger(__name__)
 

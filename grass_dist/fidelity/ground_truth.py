@@ -2,7 +2,7 @@
 
 For m subsets S_j (each a seeded random `fraction` of the training rows) and s seeds, a
 Ray task per (j, seed) retrains the model on S_j only, with the user's `lds.train` recipe
-or the builder's own (`grass_dist.lds.retrain`), and measures f(z_t) for every query t:
+or the builder's own (`grass_dist.fidelity.retrain`), and measures f(z_t) for every query t:
 the log-probability of the true label ("logprob") or log(p / (1 - p)) ("margin"). y_j(t)
 is the mean over the seeds. The result is cached under `<lds url>/<digest>/`, where the
 digest covers everything the outputs depend on (model, retraining recipe, data, task,
@@ -34,11 +34,11 @@ from grass_dist.assembly import open_store
 from grass_dist.build import build_dataset, build_task
 from grass_dist.config import JobConfig
 from grass_dist.errors import ConfigError, GroundTruthError
-from grass_dist.gradients import sample_key
+from grass_dist.fidelity import retrain
+from grass_dist.gradients.computer import sample_key
 from grass_dist.index import Store
-from grass_dist.lds import retrain
-from grass_dist.seeding import derive_seed, generator
-from grass_dist.tasks import ClassificationTask
+from grass_dist.runtime.seeding import derive_seed, generator
+from grass_dist.tasks.classifier import ClassificationTask
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Tensors in JSON: nested lists, or base64 of the raw bytes with dtype and shape.
 
-The client side is grass_dist.client.encode.
+The client side is grass_dist.service.client.encode.
 
 `{"b64": "<base64 of C-order little-endian bytes>", "dtype": "float32", "shape": [64]}` is
 exact and compact for images; nested lists are convenient for small inputs. Decoding is

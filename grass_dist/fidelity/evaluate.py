@@ -4,7 +4,7 @@
   recipe, then evaluate every named result set that has dense scores; the evaluation is
   written to `results/<name>/lds.json` next to the scores.
 - `attribute_ensemble(raw)`: every stage for each ensemble member, one damping for all
-  (grass_dist.pipeline.select_damping), then the averaged result set (grass_dist.ensemble).
+  (grass_dist.pipeline.select_damping), then the averaged result set (grass_dist.scoring.ensemble).
 """
 
 from __future__ import annotations
@@ -18,14 +18,15 @@ import numpy as np
 import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
-from grass_dist import assembly, damping, ensemble, pipeline, results
+from grass_dist import assembly, pipeline
 from grass_dist.build import build_dataset
 from grass_dist.config import JobConfig, resolve
 from grass_dist.errors import GroundTruthError, ResultsNotFoundError
-from grass_dist.gradients import PhiBlock
-from grass_dist.lds import ground_truth
-from grass_dist.lds.metric import lds_from_predictions
+from grass_dist.fidelity import damping, ground_truth
+from grass_dist.fidelity.metric import lds_from_predictions
+from grass_dist.gradients.computer import PhiBlock
 from grass_dist.runtime.cluster import connect
+from grass_dist.scoring import ensemble, results
 
 log = logging.getLogger("grass_dist")
 

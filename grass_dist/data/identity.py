@@ -40,7 +40,7 @@ import numpy as np
 from grass_dist.data.content import row_digest, row_digests, shard_digest
 from grass_dist.data.items import describe
 from grass_dist.errors import CorruptShardError, DataMismatchError
-from grass_dist.gradients import sample_key
+from grass_dist.gradients.computer import sample_key
 from grass_dist.index import GradientIndex, ShardRecord
 
 log = logging.getLogger(__name__)

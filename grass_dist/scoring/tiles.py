@@ -1,6 +1,6 @@
 """A dense running top-k over explicit score tiles (the damping sweep and ensembles).
 
-The all-pairs scorer has its own key-packed top-k (grass_dist/topk.py); this simpler form
+The all-pairs scorer has its own key-packed top-k (grass_dist/scoring/topk.py); this simpler form
 folds small dense (n, Q) tiles, where exact float64 values per slot are wanted.
 """
 

@@ -5,7 +5,7 @@ model builder's own.
 `torch.utils.data.Subset` of the built `data.train` (the subset's rows, in their order),
 `seed` an int the recipe must seed its initialisation and shuffles from, and `args` the
 other keys under `lds.train`. With `lds.train=null` the built-in digits builders
-(`grass_dist.models.train_on`) replay their own recipe; any other model needs `lds.train`.
+(`grass_dist.models.digits.train_on`) replay their own recipe; any other model needs `lds.train`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch.utils.data import Subset
 from grass_dist.build import build_dataset, check_arguments, locate_target
 from grass_dist.config import JobConfig
 from grass_dist.errors import ConfigError
-from grass_dist.models import retrainable, train_on
+from grass_dist.models.digits import retrainable, train_on
 
 Retrain = Callable[[Sequence[int], int], nn.Module]
 

@@ -31,9 +31,9 @@ from grass_dist.compress import (
 )
 from grass_dist.config import CompressionConfig
 from grass_dist.errors import CorruptIndexError, FingerprintMismatchError
-from grass_dist.gradients import GradientComputer
+from grass_dist.gradients.computer import GradientComputer
 from grass_dist.index import GradientIndex, Store
-from grass_dist.seeding import generator
+from grass_dist.runtime.seeding import generator
 
 log = logging.getLogger(__name__)
 

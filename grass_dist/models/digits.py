@@ -244,9 +244,11 @@ def digits_cnn(
 
 
 # Model builders whose training recipe `train_on` can replay on a subset of the rows.
+# Keyed by the stable config paths (conf/model/*.yaml) and the defining module's paths.
 _RETRAINABLE = {
-    "grass_dist.models.digits_mlp": (digits_mlp, _mlp_recipe),
-    "grass_dist.models.digits_cnn": (digits_cnn, _cnn_recipe),
+    f"grass_dist.models{home}.{fn.__name__}": (fn, recipe)
+    for fn, recipe in ((digits_mlp, _mlp_recipe), (digits_cnn, _cnn_recipe))
+    for home in ("", ".digits")
 }
 
 
@@ -261,7 +263,7 @@ def train_on(model: dict[str, Any], rows: Sequence[int], seed: int) -> nn.Module
     Same architecture and recipe (epochs, lr, batch size, data split) as the builder named
     by `_target_`, with `seed` in place of model.seed (initialisation and shuffles); nothing
     is cached. This is what linear-datamodeling ground truth retrains on each subset when
-    no `lds.train` recipe is given (`grass_dist.lds.retrain`).
+    no `lds.train` recipe is given (`grass_dist.fidelity.retrain`).
 
     Args:
         model: the Hydra node, e.g. {"_target_": "grass_dist.models.digits_mlp", ...}.
@@ -285,19 +287,6 @@ def train_on(model: dict[str, Any], rows: Sequence[int], seed: int) -> nn.Module
     kwargs["seed"] = int(seed)
     args, build = recipe(**kwargs)
     return _fit(args, build, list(rows))
-
-
-def state_hash(model: nn.Module) -> str:
-    """sha256 hex of the state_dict: names, dtypes, shapes and raw bytes, in name order."""
-    h = hashlib.sha256()
-    state = model.state_dict()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-        # The header carries the byte count so that no two states hash the same stream.
-        h.update(f"{name}\x1f{t.dtype}\x1f{tuple(t.shape)}\x1f{len(raw)}\n".encode())
-        h.update(raw)
-    return h.hexdigest()
 
 
 @torch.no_grad()
