@@ -75,7 +75,16 @@ def make_report(job: pipeline.Job) -> dict[str, Any]:
     with open(local, "w", encoding="utf-8") as f:
         f.write(html)
     correct = [q for q, p in preds.items() if items.label_of(query, q) == p]
-    agreement = top_proponent_label_agreement(topk, train, query, rows=correct) if correct else None
+    # With predictions, judge the queries the model gets right; a task without `predict`
+    # (a user's own loss) is judged on every query, as the report's summary is.
+    judged = correct if preds else None
+    agreement = (
+        top_proponent_label_agreement(topk, train, query, rows=judged)
+        if judged is None or judged
+        else None
+    )
+    if agreement is not None and agreement != agreement:  # NaN: no query carries a label
+        agreement = None
     return {
         "report": os.path.abspath(local),
         "top_proponent_label_agreement": agreement,
