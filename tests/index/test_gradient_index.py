@@ -8,9 +8,7 @@ import pickle
 import subprocess
 import sys
 import threading
-import uuid
 
-import fsspec
 import numpy as np
 import pytest
 
@@ -32,18 +30,6 @@ FP = {
     "dtype": "float32",
     "data": {"name": "digits", "n": 100},
 }
-
-
-@pytest.fixture(params=["local", "memory"])
-def url(request, tmp_path):
-    if request.param == "local":
-        yield str(tmp_path / "idx")
-        return
-    prefix = f"grass-test-{uuid.uuid4().hex}"
-    yield f"memory://{prefix}"
-    mem = fsspec.filesystem("memory")
-    if mem.exists(f"/{prefix}"):
-        mem.rm(f"/{prefix}", recursive=True)
 
 
 def _rec(shard_id: str, attempt: str = "a", start: int = 0, rows: int = 1) -> ShardRecord:

@@ -6,26 +6,12 @@ from __future__ import annotations
 import json
 import threading
 import time
-import uuid
 
-import fsspec
 import pytest
 
 from grass_dist.errors import CorruptIndexError, StoreUnavailableError
 from grass_dist.index import GradientIndex, ManifestLog, ShardRecord, Store, commit, latest
 from grass_dist.index.manifest import checkpoint_path, manifest_path
-
-
-@pytest.fixture(params=["local", "memory"])
-def url(request, tmp_path):
-    if request.param == "local":
-        yield str(tmp_path / "idx")
-        return
-    prefix = f"grass-test-{uuid.uuid4().hex}"
-    yield f"memory://{prefix}"
-    mem = fsspec.filesystem("memory")
-    if mem.exists(f"/{prefix}"):
-        mem.rm(f"/{prefix}", recursive=True)
 
 
 def _rec(i: int, attempt: str = "a") -> ShardRecord:

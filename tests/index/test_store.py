@@ -7,7 +7,6 @@ import os
 import pickle
 import uuid
 
-import fsspec
 import numpy as np
 import pytest
 
@@ -20,20 +19,8 @@ from grass_dist.index.store import Store, redact_url
 SECRETS = {"key": "AKIAFAKE", "secret": "s3cr3t-value"}
 
 
-@pytest.fixture(params=["local", "memory"])
-def store_url(request, tmp_path):
-    if request.param == "local":
-        yield str(tmp_path / "idx")
-        return
-    prefix = f"grass-test-{uuid.uuid4().hex}"
-    yield f"memory://{prefix}"
-    mem = fsspec.filesystem("memory")
-    if mem.exists(f"/{prefix}"):
-        mem.rm(f"/{prefix}", recursive=True)
-
-
-def test_write_read_exists_list_delete(store_url):
-    store = Store(store_url)
+def test_write_read_exists_list_delete(url):
+    store = Store(url)
     assert not store.exists("a/b.bin")
     assert store.list("a") == []
     store.write_bytes("a/b.bin", b"one")
@@ -52,8 +39,8 @@ def test_write_read_exists_list_delete(store_url):
         assert f.read() == b"opened"
 
 
-def test_create_only_semantics(store_url):
-    store = Store(store_url)
+def test_create_only_semantics(url):
+    store = Store(url)
     assert store.create_only("m/0000000001.json", b"first")
     assert not store.create_only("m/0000000001.json", b"second")
     assert store.read_bytes("m/0000000001.json") == b"first"
@@ -68,8 +55,8 @@ def test_local_path_made_absolute(tmp_path, monkeypatch):
     assert (tmp_path / "rel" / "idx" / "x").read_bytes() == b"1"
 
 
-def test_check_writable_and_pickle(store_url):
-    store = Store(store_url, storage_options={})
+def test_check_writable_and_pickle(url):
+    store = Store(url, storage_options={})
     store.check_writable()
     assert store.list("_probe") == []
     store.write_bytes("k", b"v")
@@ -221,8 +208,8 @@ def test_create_only_that_replaced_an_object_is_refused():
     assert not store.fs.objects.keys() - {"bucket/pre/m.json"}  # the probe is removed
 
 
-def test_create_only_probe_passes_once_per_store(store_url, monkeypatch):
-    store = Store(store_url)
+def test_create_only_probe_passes_once_per_store(url, monkeypatch):
+    store = Store(url)
     store.check_create_only()
     assert store.list("_probe") == []
     monkeypatch.setattr(Store, "create_only", lambda self, rel, data: pytest.fail("probed twice"))
@@ -244,8 +231,8 @@ def _phi(n: int, seed: int = 0) -> dict[str, np.ndarray]:
     ("dtype", "rtol", "atol"),
     [("float32", 0.0, 0.0), ("float16", 2**-11, 2**-25), ("bfloat16", 2**-8, 0.0)],
 )
-def test_shard_round_trip(store_url, dtype, rtol, atol):
-    store = Store(store_url)
+def test_shard_round_trip(url, dtype, rtol, atol):
+    store = Store(url)
     n = 50
     phi, row_ids, keys = _phi(n), np.arange(100, 100 + n), [f"ex-{i}" for i in range(n)]
     nbytes, sha = write_shard(store, "shards/s0/a.parquet", row_ids, keys, phi, dtype)
@@ -260,8 +247,8 @@ def test_shard_round_trip(store_url, dtype, rtol, atol):
     assert list(only.phi) == ["model.fc2"] and len(only) == n
 
 
-def test_bfloat16_rounding_edge_cases(store_url):
-    store = Store(store_url)
+def test_bfloat16_rounding_edge_cases(url):
+    store = Store(url)
     x = np.array([[1.0, -2.5, np.inf, -np.inf, np.nan, 0.0, 1 + 2**-8, 3.0e38]], np.float32)
     write_shard(store, "s.parquet", np.arange(1), ["k"], {"l": x}, "bfloat16")
     got = read_shard(store, "s.parquet").phi["l"][0]
@@ -270,16 +257,16 @@ def test_bfloat16_rounding_edge_cases(store_url):
     assert np.isfinite(got[7])
 
 
-def test_empty_shard(store_url):
-    store = Store(store_url)
+def test_empty_shard(url):
+    store = Store(url)
     phi = {"l": np.zeros((0, 3), np.float32)}
     _, sha = write_shard(store, "e.parquet", np.zeros(0, np.int64), [], phi, "float16")
     data = read_shard(store, "e.parquet", expected_sha256=sha)
     assert len(data) == 0 and data.phi["l"].shape == (0, 3)
 
 
-def test_sha_mismatch_and_truncation_name_the_file(store_url):
-    store = Store(store_url)
+def test_sha_mismatch_and_truncation_name_the_file(url):
+    store = Store(url)
     _, sha = write_shard(store, "shards/s1/x.parquet", np.arange(5), list("abcde"), _phi(5))
     with pytest.raises(CorruptShardError, match=r"shards/s1/x\.parquet.*index\.repair=true"):
         read_shard(store, "shards/s1/x.parquet", expected_sha256="0" * 64)
@@ -293,8 +280,8 @@ def test_sha_mismatch_and_truncation_name_the_file(store_url):
         read_shard(store, "shards/s1/gone.parquet")
 
 
-def test_write_shard_validates_shapes(store_url):
-    store = Store(store_url)
+def test_write_shard_validates_shapes(url):
+    store = Store(url)
     with pytest.raises(ValueError, match="shape"):
         write_shard(store, "v.parquet", np.arange(3), list("abc"), {"l": np.zeros((2, 4))})
     with pytest.raises(ValueError, match="keys"):
@@ -304,11 +291,11 @@ def test_write_shard_validates_shapes(store_url):
     assert not os.path.exists(os.path.join(store.url, "v.parquet"))
 
 
-def test_gradient_columns_use_byte_stream_split(store_url):
+def test_gradient_columns_use_byte_stream_split(url):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    store = Store(store_url)
+    store = Store(url)
     write_shard(store, "b.parquet", np.arange(8), list("abcdefgh"), _phi(8), "bfloat16")
     meta = pq.ParquetFile(pa.BufferReader(store.read_bytes("b.parquet"))).metadata
     encodings = {
