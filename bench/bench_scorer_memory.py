@@ -88,7 +88,7 @@ def child(args) -> None:
     """
     import ray
 
-    from grass_dist.gradients import PhiBlock
+    from grass_dist.gradients.computer import PhiBlock
     from grass_dist.runtime.reducer import Reducer, ScoreRequest
 
     query = PhiBlock(*_queries(args.queries, args.dims))
