@@ -224,7 +224,8 @@ def run_repair(job: Job) -> dict[str, Any]:
 
 def run_precondition(job: Job) -> dict[str, Any]:
     with job.stage("precondition"):
-        return _reducer(job).precondition(job.cfg.precondition.name, job.cfg.index.verify)
+        p = job.cfg.precondition
+        return _reducer(job).precondition(p.name, job.cfg.index.verify, p.damping)
 
 
 def query_phi(job: Job, which: str = "query") -> PhiBlock:

@@ -1,4 +1,4 @@
-"""damping=auto reuses the saved eigendecomposition: sweeps read phi, never recompute it."""
+"""damping=auto eigendecomposes H once: sweeps read phi, never recompute or refactorise."""
 
 import numpy as np
 import pytest
@@ -38,9 +38,10 @@ def _direct(phi, query, delta):
     return total  # (n, Q)
 
 
-def test_sweep_scores_every_delta_from_the_saved_eigendecomposition(tmp_path, monkeypatch):
+def test_sweep_scores_every_delta_from_one_eigendecomposition(tmp_path, monkeypatch):
     index, phi = _index(tmp_path)
-    pre = Preconditioner.from_bytes(Preconditioner.from_fisher(FisherSum.of(phi)).to_bytes())
+    saved = Preconditioner.from_fisher(FisherSum.of(phi)).factorise(0.1).to_bytes()
+    pre = Preconditioner.from_bytes(saved).eigendecompose()
     rng = np.random.default_rng(1)
     query = {name: rng.standard_normal((5, k)).astype(np.float32) for name, k in LAYERS.items()}
     masks = rng.random((7, 30)) < 0.5

@@ -5,13 +5,16 @@ complete results in place), and per-layer breakdowns add up to the scores."""
 import numpy as np
 import pytest
 import ray
+import torch
 
 from grass_dist.errors import ResultsNotFoundError
 from grass_dist.gradients.computer import PhiBlock
 from grass_dist.runtime.faults import KillOnce
-from grass_dist.runtime.reducer import Reducer, ScoreRequest
+from grass_dist.runtime.reducer import Reducer, ScoreRequest, preconditioner_path
 from grass_dist.scoring import results
-from tests.synthetic import phi_rows, write_index
+from grass_dist.scoring.precondition import Preconditioner
+from tests.synthetic import phi_rows, read_all, write_index
+from tests.test_precondition import exact_fisher, format1_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -103,3 +106,28 @@ def test_layer_breakdown_columns_sum_to_the_score_through_the_reducer(reducer, k
     best = table[(table["kind"] == "proponent") & (table["rank"] == 0)]
     worst = table[(table["kind"] == "opponent") & (table["rank"] == 0)]
     assert (best["score"].to_numpy() > worst["score"].to_numpy()).all()
+
+
+def test_stored_cholesky_and_format_1_preconditioners_score_as_the_dense_inverse(reducer):
+    """Factors built at damping 0.1 (layers in parallel tasks) and stored next to H, and a
+    format-1 file (eigenbasis only, as written before): both give the float64 scores and
+    self-influence of explicit (H + lambda I)^-1."""
+    index, actor = reducer
+    ray.get(actor.build_preconditioner.remote("chol", True, 0.1))
+    stored = Preconditioner.from_bytes(index.get_artifact(preconditioner_path("chol")))
+    assert stored.delta == 0.1 and all(0.1 in f.cholesky for f in stored.layers.values())
+    _, train = read_all(index)
+    index.put_artifact(preconditioner_path("old"), format1_bytes(exact_fisher(train)))
+    want_dense, want_self = 0.0, 0.0
+    for name, x in train.items():
+        t = torch.tensor(x, dtype=torch.float64)
+        h = t.T @ t / len(t)
+        inv = torch.linalg.inv(h + 0.1 * torch.trace(h) / h.shape[0] * torch.eye(h.shape[0]))
+        want_dense = want_dense + t @ inv @ torch.tensor(QUERY.phi[name], dtype=torch.float64).T
+        want_self = want_self + ((t @ inv) * t).sum(1)
+    for name in ("chol", "old"):
+        _score(actor, f"via-{name}", precondition_name=name)
+        dense = torch.tensor(results.load_dense(index, f"via-{name}"), dtype=torch.float64)
+        assert (dense - want_dense).abs().max() / want_dense.abs().max() < 1e-5
+        diag = results.load_table(index, f"via-{name}", "self_influence")
+        np.testing.assert_allclose(diag["self_influence"].to_numpy(), want_self, rtol=1e-5)

@@ -1,7 +1,8 @@
 """precondition.damping=auto: choose delta from a grid without recomputing anything.
 
-The preconditioner keeps H_l = U diag(e) U^T, so (H_l + lambda I)^-1 for any delta is
-U diag(1 / (e + lambda)) U^T: no second gradient pass and no refactorisation. A seeded
+The preconditioner keeps H_l; eigendecomposed once (H_l = U diag(e) U^T, layers in parallel
+Ray tasks), (H_l + lambda I)^-1 for any delta is U diag(1 / (e + lambda)) U^T: no second
+gradient pass and no refactorisation per delta. A seeded
 validation split of the queries (precondition.validation, 10 % by default) is
 preconditioned once per delta of precondition.grid; one streaming pass over the index
 scores it against every training row for all deltas at once, and the best delta is
@@ -39,7 +40,7 @@ from grass_dist.fidelity.metric import lds_from_predictions
 from grass_dist.gradients.computer import PhiBlock
 from grass_dist.index import GradientIndex, ShardRecord
 from grass_dist.runtime.cluster import connect, map_tasks
-from grass_dist.runtime.reducer import preconditioner_path
+from grass_dist.runtime.reducer import layer_map, preconditioner_path
 from grass_dist.runtime.seeding import generator
 from grass_dist.scoring.precondition import Preconditioner
 from grass_dist.scoring.tiles import TopK, tile_scores
@@ -133,7 +134,7 @@ def sweep(
 
 
 def load_preconditioner(index: GradientIndex, name: str) -> Preconditioner:
-    """The saved preconditioner (eigenvalues and eigenvectors) of the index."""
+    """The saved preconditioner of the index (H per layer, or a format-1 eigenbasis)."""
     return Preconditioner.from_bytes(index.get_artifact(preconditioner_path(name)))
 
 
@@ -254,6 +255,8 @@ def choose(members: list[Member], cfg: JobConfig, n_train: int) -> dict[str, Any
     p = cfg.precondition
     connect(cfg.cluster)
     val, test = validation_split(len(members[0].query.keys), p.validation, p.validation_seed)
+    for member in members:  # one eigendecomposition serves every delta of the grid
+        member.pre.eigendecompose(layer_map(map_tasks(cfg.cluster)))
     gt = gt_mod.lookup(cfg)
     grid = [float(d) for d in p.grid]
     if gt is not None:

@@ -1,7 +1,9 @@
 """The reducer: builds the preconditioner and serves all-pairs scoring from the index.
 
-Both are map-reduces over committed shards run as Ray tasks. Everything it produces is
-written to the index store; the actor itself is only a cache of the loaded artifacts.
+Both are map-reduces over committed shards run as Ray tasks; the per-layer factorisations
+of the preconditioner are independent and run as Ray tasks too (`layer_map`). Everything
+it produces is written to the index store; the actor itself is only a cache of the loaded
+artifacts.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import ray
+import torch
 
 from grass_dist.assembly import retry_policy
 from grass_dist.config import FaultsConfig, JobConfig
@@ -22,7 +25,7 @@ from grass_dist.errors import PreconditionerNotFoundError, ReducerFailedError
 from grass_dist.gradients.computer import PhiBlock
 from grass_dist.index import GradientIndex, ShardRecord
 from grass_dist.index.retry import RetryPolicy
-from grass_dist.runtime.cluster import map_tasks
+from grass_dist.runtime.cluster import map_tasks, threads_for
 from grass_dist.runtime.faults import FaultInjector, KillOnce
 from grass_dist.runtime.pool import ACTOR_LOST
 from grass_dist.runtime.scoring import (
@@ -34,7 +37,7 @@ from grass_dist.runtime.scoring import (
     shard_groups,
 )
 from grass_dist.scoring import results
-from grass_dist.scoring.precondition import FisherSum, Preconditioner
+from grass_dist.scoring.precondition import FisherSum, LayerMap, Preconditioner
 from grass_dist.scoring.score import prepare_queries, whiteners_for
 from grass_dist.scoring.topk import decode
 
@@ -54,6 +57,52 @@ def _fisher_task(index: GradientIndex, records: list[ShardRecord], verify: bool)
         total = total + FisherSum.of(index.read(record, verify=verify).phi)
     release_memory()
     return total
+
+
+@ray.remote
+def _layers_task(fn: Callable, tensors: dict[str, torch.Tensor], threads: int, device: str):
+    """{name: fn(tensor)} for one group of layers, computed on `device`, returned on the CPU."""
+    torch.set_num_threads(threads)
+    out = {}
+    for name, t in tensors.items():
+        result = fn(t.to(device))
+        out[name] = tuple(r.cpu() for r in result) if isinstance(result, tuple) else result.cpu()
+    return out
+
+
+def balanced_groups(sizes: dict[str, int], n_groups: int) -> list[list[str]]:
+    """Layer names in at most `n_groups` groups of about equal sum k^3 (the factorisation
+    cost): largest layer first, each to the group with the least work so far."""
+    groups: list[list[str]] = [[] for _ in range(min(n_groups, len(sizes)))]
+    work = [0] * len(groups)
+    for name in sorted(sizes, key=lambda n: -sizes[n]):
+        lightest = work.index(min(work))
+        groups[lightest].append(name)
+        work[lightest] += sizes[name] ** 3
+    return groups
+
+
+def layer_map(parallelism: int) -> LayerMap:
+    """A LayerMap that runs the layers as at most `parallelism` Ray tasks, on a GPU each
+    when the cluster has GPUs, else on the CPUs shared out among the tasks."""
+
+    def run(fn: Callable, tensors: dict[str, torch.Tensor]) -> dict:
+        if not tensors:
+            return {}
+        groups = balanced_groups({n: t.shape[0] for n, t in tensors.items()}, parallelism)
+        resources = ray.cluster_resources()
+        gpu = resources.get("GPU", 0) >= 1
+        task = _layers_task.options(num_gpus=1) if gpu else _layers_task
+        threads = threads_for(resources.get("CPU", 1) / len(groups))
+        device = "cuda" if gpu else "cpu"
+        fn_ref = ray.put(fn)
+        refs = [task.remote(fn_ref, {n: tensors[n] for n in g}, threads, device) for g in groups]
+        done: dict = {}
+        for part in ray.get(refs):
+            done.update(part)
+        return {n: done[n] for n in tensors}
+
+    return run
 
 
 @dataclass(frozen=True)
@@ -119,8 +168,11 @@ class Reducer:
         self.cached: dict[str, Preconditioner] = {}
         self.faults = FaultInjector(faults or FaultsConfig(), self.index.store)
 
-    def build_preconditioner(self, name: str, verify: bool = True) -> dict[str, Any]:
-        """Sum phi^T phi over every committed shard, eigendecompose, save to the store."""
+    def build_preconditioner(
+        self, name: str, verify: bool = True, damping: float | str | None = None
+    ) -> dict[str, Any]:
+        """Sum phi^T phi over every committed shard; with a numeric `damping` factorise every
+        layer's H + lambda I (Cholesky, layers in parallel tasks); save to the store."""
         t0 = time.perf_counter()
         records = sorted(self.index.committed().values(), key=lambda r: r.start)
         refs = [
@@ -131,6 +183,8 @@ class Reducer:
         for part in ray.get(refs):  # summed in submission order: same answer every run
             total = total + part
         pre = Preconditioner.from_fisher(total)
+        if isinstance(damping, int | float):
+            pre.factorise(float(damping), layer_map(self.parallelism))
         self.faults.reducer("precondition")
         self.index.put_artifact(preconditioner_path(name), pre.to_bytes())
         self.cached[name] = pre
@@ -151,6 +205,11 @@ class Reducer:
             self.cached[name] = Preconditioner.from_bytes(self.index.get_artifact(path))
         return self.cached[name]
 
+    def factorised(self, name: str, damping: float) -> Preconditioner:
+        """The preconditioner `name` with its factors at `damping` (layers in parallel tasks
+        unless the store already holds them)."""
+        return self.load_preconditioner(name).factorise(damping, layer_map(self.parallelism))
+
     def score(
         self, query: PhiBlock, req: ScoreRequest, fault: KillOnce | None = None
     ) -> dict[str, Any]:
@@ -163,7 +222,7 @@ class Reducer:
         self_influence, dense, parallelism = req.self_influence, req.dense, req.parallelism
         t0 = time.perf_counter()
         pre = (
-            self.load_preconditioner(req.precondition_name)
+            self.factorised(req.precondition_name, damping)
             if kind == "influence" or self_influence
             else None
         )
@@ -255,9 +314,13 @@ class ReducerHandle:
             )
         )
 
-    def precondition(self, name: str, verify: bool) -> dict[str, Any]:
+    def precondition(
+        self, name: str, verify: bool, damping: float | str | None = None
+    ) -> dict[str, Any]:
         """`Reducer.build_preconditioner`, on a new reducer if this one dies."""
-        return self._retried("precondition", lambda a: a.build_preconditioner.remote(name, verify))
+        return self._retried(
+            "precondition", lambda a: a.build_preconditioner.remote(name, verify, damping)
+        )
 
     def score(self, query: PhiBlock, req: ScoreRequest) -> dict[str, Any]:
         """`Reducer.score`, on a new reducer if this one dies."""

@@ -1,18 +1,86 @@
-"""Per-layer empirical Fisher of the compressed gradients, its eigendecomposition, damping.
+"""Per-layer empirical Fisher of the compressed gradients, its factorisations, damping.
 
-H_l = (1/n) sum_i phi_il phi_il^T is a sum over rows, so it map-reduces over shards
-exactly (accumulated in float64). Keeping U and e of H = U diag(e) U^T lets any relative
-damping lambda_l = delta * trace(H_l) / k_l be applied later without refactorising.
+H_l = (1/n) sum_i phi_il phi_il^T is a sum over rows, so it map-reduces over shards: each
+block of rows is one float32 GEMM, summed across blocks and shards in float64 (half the
+cost of float64 GEMMs; the rounding it adds is far below that of float32 scores).
+
+(H_l + lambda_l I)^-1, lambda_l = delta * trace(H_l) / k_l, is applied through the Cholesky
+factor L of H_l + lambda_l I (two triangular solves); W = L^-T whitens for self-influence,
+W W^T = (H_l + lambda_l I)^-1. The eigendecomposition H_l = U diag(e) U^T applies any delta
+without refactorising, which the damping=auto sweep needs; it costs ~10-50x a Cholesky, so
+it is computed only when asked for (`Preconditioner.eigendecompose`).
+
+Store format (safetensors) 2, metadata {"format": "2", "layers": "a,b", "delta": "0.001"}:
+    n              (1,) int64       rows summed
+    NAME.fisher    (k, k) float64   H_l
+    NAME.cholesky  (k, k) float64   L_l for metadata delta (absent when delta is "")
+Format 1, written before (no "format" key): NAME.eigvals (k,) and NAME.eigvecs (k, k); it
+loads as an eigenbasis and is applied through it, giving the same answers as before.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
+FORMAT = "2"
+_GRAM_ROWS = 1024  # rows per float32 GEMM of the Fisher sum (bounds its rounding error)
+_SINGULAR = (
+    "the preconditioner is singular at this damping (H has zero eigenvalues and lambda = 0); "
+    "set precondition.damping > 0"
+)
+
+LayerMap = Callable[[Callable[[torch.Tensor], Any], dict[str, torch.Tensor]], dict[str, Any]]
+
+
+def serial_map(fn: Callable[[torch.Tensor], Any], tensors: dict[str, torch.Tensor]) -> dict:
+    """{name: fn(tensor)} one layer after another (runtime.reducer.layer_map runs in parallel)."""
+    return {name: fn(t) for name, t in tensors.items()}
+
+
+def gram(x: np.ndarray) -> np.ndarray:
+    """x^T x (k, k) float64 of x (n, k): float32 GEMMs over blocks of rows, summed in float64."""
+    total = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+    for lo in range(0, x.shape[0], _GRAM_ROWS):
+        block = torch.tensor(x[lo : lo + _GRAM_ROWS], dtype=torch.float32)  # a small copy
+        total += block.T @ block
+    return total.numpy()
+
+
+def relative_damping(h: torch.Tensor, delta: float) -> float:
+    """Absolute damping lambda = delta * trace(H) / k."""
+    return delta * float(torch.trace(h)) / h.shape[0]
+
+
+def cholesky_factor(h: torch.Tensor, delta: float) -> torch.Tensor:
+    """Lower L (k, k) with L L^T = H + lambda I; a clear error when that is singular.
+
+    At lambda = 0 a rank-deficient H may factorise with pivots at rounding level instead of
+    failing, so pivots below k * eps * max diag(H) count as singular too.
+    """
+    lam = relative_damping(h, delta)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    factor, info = torch.linalg.cholesky_ex(h + lam * eye)
+    if int(info) != 0:
+        raise ValueError(_SINGULAR)
+    floor = h.shape[0] * torch.finfo(h.dtype).eps * float(h.diagonal().abs().max())
+    if lam == 0 and float(factor.diagonal().min()) ** 2 <= floor:
+        raise ValueError(_SINGULAR)
+    return factor
+
+
+def eigen_factor(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e ascending, clipped at 0; U columns) with H = U diag(e) U^T."""
+    e, u = torch.linalg.eigh(h)
+    return e.clamp_min(0.0), u
 
 
 @dataclass
@@ -24,12 +92,8 @@ class FisherSum:
 
     @classmethod
     def of(cls, phi: dict[str, np.ndarray]) -> FisherSum:
-        sums = {}
-        n = 0
-        for name, x in phi.items():
-            x64 = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64))
-            sums[name] = (x64.T @ x64).numpy()
-            n = x.shape[0]
+        sums = {name: gram(x) for name, x in phi.items()}
+        n = next(iter(phi.values())).shape[0] if phi else 0
         return cls(sums, n)
 
     def __add__(self, other: FisherSum) -> FisherSum:
@@ -42,54 +106,88 @@ class FisherSum:
 
 @dataclass
 class LayerFactor:
-    eigvals: torch.Tensor  # (k,) float64, ascending, clipped at 0
-    eigvecs: torch.Tensor  # (k, k) float64, columns are eigenvectors
+    """One layer's H and what has been factorised of it.
+
+    `fisher` is None only for format-1 files, which hold the eigendecomposition alone.
+    With an eigendecomposition present every delta is applied through it; otherwise through
+    the Cholesky factor of that delta (computed on first use, kept per delta).
+    """
+
+    fisher: torch.Tensor | None  # (k, k) float64
+    eigen: tuple[torch.Tensor, torch.Tensor] | None = None  # (e, U), see eigen_factor
+    cholesky: dict[float, torch.Tensor] = field(default_factory=dict)  # delta -> L
 
     @property
     def k(self) -> int:
-        return int(self.eigvals.numel())
+        return int(self.fisher.shape[0] if self.fisher is not None else self.eigen[0].numel())
 
     @property
     def trace(self) -> float:
-        return float(self.eigvals.sum())
+        return float(torch.trace(self.fisher) if self.fisher is not None else self.eigen[0].sum())
 
     def damping(self, delta: float) -> float:
         """Absolute damping lambda = delta * trace(H) / k."""
         return delta * self.trace / self.k
 
+    def factor(self, delta: float) -> torch.Tensor:
+        """L with L L^T = H + lambda I for `delta` (factorised once per delta)."""
+        if delta not in self.cholesky:
+            self.cholesky[delta] = cholesky_factor(self.fisher, delta)
+        return self.cholesky[delta]
+
     def inverse_apply(self, q: torch.Tensor, delta: float) -> torch.Tensor:
         """(Q, k) -> q (H + lambda I)^-1, float64."""
-        lam = self.damping(delta)
-        inv = 1.0 / (self.eigvals + lam)
+        if self.eigen is None:
+            return torch.cholesky_solve(q.double().T, self.factor(delta)).T
+        e, u = self.eigen
+        inv = 1.0 / (e + self.damping(delta))
         if not torch.isfinite(inv).all():
-            raise ValueError(
-                "the preconditioner is singular at this damping (H has zero eigenvalues and "
-                "lambda = 0); set precondition.damping > 0"
-            )
-        u = self.eigvecs
+            raise ValueError(_SINGULAR)
         return ((q.double() @ u) * inv) @ u.T
 
     def whitener(self, delta: float) -> torch.Tensor:
         """W (k, k) with W W^T = (H + lambda I)^-1, so tau(i, i) = ||phi_i W||^2."""
-        lam = self.damping(delta)
-        return self.eigvecs * (1.0 / (self.eigvals + lam)).sqrt()
+        if self.eigen is None:
+            factor = self.factor(delta)
+            eye = torch.eye(self.k, dtype=factor.dtype)
+            return torch.linalg.solve_triangular(factor, eye, upper=False).T  # L^-T
+        e, u = self.eigen
+        return u * (1.0 / (e + self.damping(delta))).sqrt()
 
 
 @dataclass
 class Preconditioner:
     layers: dict[str, LayerFactor]
     n: int
+    delta: float | None = None  # the damping whose Cholesky factors `to_bytes` stores
 
     @classmethod
     def from_fisher(cls, fisher: FisherSum) -> Preconditioner:
+        """H_l = sums / n per layer, nothing factorised yet (see `factorise`)."""
         if fisher.n == 0:
             raise ValueError("cannot build a preconditioner from an empty index")
-        layers = {}
-        for name, s in fisher.sums.items():
-            h = torch.from_numpy(s / fisher.n)
-            e, u = torch.linalg.eigh(h)
-            layers[name] = LayerFactor(e.clamp_min(0.0), u)
+        layers = {n: LayerFactor(torch.from_numpy(s / fisher.n)) for n, s in fisher.sums.items()}
         return cls(layers, fisher.n)
+
+    def _fishers(self, missing: Callable[[LayerFactor], bool]) -> dict[str, torch.Tensor]:
+        return {n: f.fisher for n, f in self.layers.items() if f.fisher is not None and missing(f)}
+
+    def factorise(self, delta: float, layer_map: LayerMap = serial_map) -> Preconditioner:
+        """Cholesky factors at `delta` for every layer lacking one (layers via `layer_map`);
+        they are what `to_bytes` stores next to H."""
+        todo = self._fishers(lambda f: f.eigen is None and delta not in f.cholesky)
+        for name, factor in layer_map(partial(cholesky_factor, delta=delta), todo).items():
+            self.layers[name].cholesky[delta] = factor
+        self.delta = delta
+        return self
+
+    def eigendecompose(self, layer_map: LayerMap = serial_map) -> Preconditioner:
+        """Eigendecompose every layer's H (for sweeping many deltas); later applications of
+        any delta go through the eigenbasis."""
+        todo = self._fishers(lambda f: f.eigen is None)
+        for name, eigen in layer_map(eigen_factor, todo).items():
+            self.layers[name].eigen = eigen
+        return self
 
     def precondition_queries(
         self, phi: dict[str, np.ndarray], delta: float, kind: str = "influence"
@@ -103,16 +201,46 @@ class Preconditioner:
         }
 
     def to_bytes(self) -> bytes:
-        tensors = {}
+        """Format 2 (see the module docstring): H per layer, and L at `delta` when factorised."""
+        tensors = {"n": torch.tensor([self.n], dtype=torch.int64)}
         for name, f in self.layers.items():
-            tensors[f"{name}.eigvals"] = f.eigvals.contiguous()
-            tensors[f"{name}.eigvecs"] = f.eigvecs.contiguous()
-        tensors["n"] = torch.tensor([self.n], dtype=torch.int64)
-        return st_save(tensors, metadata={"layers": ",".join(self.layers)})
+            if f.fisher is None:
+                raise ValueError(
+                    "a format-1 preconditioner (eigendecomposition only) cannot be saved "
+                    "again; rebuild it with the precondition stage"
+                )
+            tensors[f"{name}.fisher"] = f.fisher.contiguous()
+            if self.delta is not None and self.delta in f.cholesky:
+                tensors[f"{name}.cholesky"] = f.cholesky[self.delta].contiguous()
+        delta = "" if self.delta is None else repr(self.delta)
+        meta = {"format": FORMAT, "layers": ",".join(self.layers), "delta": delta}
+        return st_save(tensors, metadata=meta)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Preconditioner:
         tensors = st_load(data)
-        names = [k.removesuffix(".eigvals") for k in tensors if k.endswith(".eigvals")]
-        layers = {n: LayerFactor(tensors[f"{n}.eigvals"], tensors[f"{n}.eigvecs"]) for n in names}
-        return cls(layers, int(tensors["n"][0]))
+        meta = _metadata(data)
+        n = int(tensors["n"][0])
+        if "format" not in meta:  # format 1: the eigendecomposition only
+            names = [k.removesuffix(".eigvals") for k in tensors if k.endswith(".eigvals")]
+            eigen = {m: (tensors[f"{m}.eigvals"], tensors[f"{m}.eigvecs"]) for m in names}
+            return cls({m: LayerFactor(None, e) for m, e in eigen.items()}, n)
+        if meta["format"] != FORMAT:
+            raise ValueError(
+                f"preconditioner store format {meta['format']!r} is newer than this version "
+                f"reads ({FORMAT!r}); upgrade grass_dist or rebuild the preconditioner"
+            )
+        delta = float(meta["delta"]) if meta["delta"] else None
+        layers = {}
+        for name in meta["layers"].split(","):
+            chol = tensors.get(f"{name}.cholesky")
+            layers[name] = LayerFactor(
+                tensors[f"{name}.fisher"], None, {} if chol is None else {delta: chol}
+            )
+        return cls(layers, n, delta)
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    """The __metadata__ of safetensors bytes (8-byte header length, then a JSON header)."""
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + size]).get("__metadata__") or {}

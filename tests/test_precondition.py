@@ -1,0 +1,183 @@
+"""The preconditioner against dense float64 (H + lambda I)^-1: Cholesky and eigenbasis paths,
+the store formats (including files written before format 2), the float32 Fisher sum and
+the parallel per-layer factorisation."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save as st_save
+
+from grass_dist.runtime.reducer import balanced_groups, layer_map
+from grass_dist.scoring.precondition import (
+    FisherSum,
+    Preconditioner,
+    cholesky_factor,
+    eigen_factor,
+    serial_map,
+)
+
+LAYERS = {"a": 12, "b": 7}
+DELTAS = (0.0, 1e-3, 0.3)
+
+
+def realistic_phi(n: int, k: int, seed: int = 0) -> np.ndarray:
+    """Rows with a power-law spectrum (as compressed gradients have) and a shared mean."""
+    gen = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(k, k, generator=gen, dtype=torch.float64))
+    scale = torch.arange(1, k + 1, dtype=torch.float64) ** -0.5
+    x = (torch.randn(n, k, generator=gen, dtype=torch.float64) * scale) @ basis.T
+    return (x + 0.05 * torch.randn(k, generator=gen, dtype=torch.float64)).float().numpy()
+
+
+@pytest.fixture(scope="module")
+def train():
+    return {name: realistic_phi(200, k, seed) for seed, (name, k) in enumerate(LAYERS.items())}
+
+
+def dense_inverse(x: np.ndarray, delta: float) -> torch.Tensor:
+    """(H + lambda I)^-1 from explicit float64 matrices."""
+    x64 = torch.tensor(x, dtype=torch.float64)
+    h = x64.T @ x64 / x64.shape[0]
+    lam = delta * torch.trace(h) / h.shape[0]
+    return torch.linalg.inv(h + lam * torch.eye(h.shape[0], dtype=torch.float64))
+
+
+def exact_fisher(phi: dict[str, np.ndarray]) -> FisherSum:
+    """phi^T phi in float64 GEMMs: tests of the factorisations leave the float32 sum out."""
+    sums = {name: x.astype(np.float64).T @ x.astype(np.float64) for name, x in phi.items()}
+    return FisherSum(sums, next(iter(phi.values())).shape[0])
+
+
+def format1_bytes(fisher: FisherSum) -> bytes:
+    """A preconditioner file as written before format 2: eigvals / eigvecs per layer."""
+    tensors = {"n": torch.tensor([fisher.n], dtype=torch.int64)}
+    for name, s in fisher.sums.items():
+        e, u = torch.linalg.eigh(torch.from_numpy(s / fisher.n))
+        tensors[f"{name}.eigvals"] = e.clamp_min(0.0).contiguous()
+        tensors[f"{name}.eigvecs"] = u.contiguous()
+    return st_save(tensors, metadata={"layers": ",".join(fisher.sums)})
+
+
+def _check_against_dense(pre: Preconditioner, train, query) -> None:
+    for delta in DELTAS:
+        got = pre.precondition_queries(query, delta)
+        for name, x in train.items():
+            inv = dense_inverse(x, delta)
+            want = torch.tensor(query[name], dtype=torch.float64) @ inv
+            np.testing.assert_allclose(got[name], want.float().numpy(), rtol=1e-5, atol=1e-5)
+            w = pre.layers[name].whitener(delta)
+            torch.testing.assert_close(w @ w.T, inv, rtol=1e-9, atol=1e-9 * float(inv.abs().max()))
+
+
+@pytest.mark.parametrize("path", ["cholesky", "eigen", "format 1"])
+def test_every_path_applies_the_dense_inverse(train, path):
+    fisher = exact_fisher(train)
+    pre = Preconditioner.from_fisher(fisher)
+    if path == "eigen":
+        pre.eigendecompose()
+    if path == "format 1":
+        pre = Preconditioner.from_bytes(format1_bytes(fisher))
+    query = {name: realistic_phi(9, k, 7) for name, k in LAYERS.items()}
+    _check_against_dense(pre, train, query)
+    assert all((f.eigen is None) == (path == "cholesky") for f in pre.layers.values())
+
+
+def test_cholesky_and_eigen_paths_agree(train):
+    query = {name: realistic_phi(9, k, 8) for name, k in LAYERS.items()}
+    chol = Preconditioner.from_fisher(exact_fisher(train))
+    eig = Preconditioner.from_fisher(exact_fisher(train)).eigendecompose()
+    for delta in DELTAS:
+        a, b = chol.precondition_queries(query, delta), eig.precondition_queries(query, delta)
+        for name in LAYERS:
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6)
+            wa, wb = chol.layers[name].whitener(delta), eig.layers[name].whitener(delta)
+            torch.testing.assert_close(wa @ wa.T, wb @ wb.T, rtol=1e-8, atol=1e-10)
+
+
+def test_format_2_round_trip_keeps_h_and_the_factor_at_its_damping(train):
+    pre = Preconditioner.from_fisher(exact_fisher(train)).factorise(1e-3)
+    back = Preconditioner.from_bytes(pre.to_bytes())
+    assert back.n == 200 and back.delta == 1e-3 and list(back.layers) == list(LAYERS)
+    for name, f in pre.layers.items():
+        assert torch.equal(back.layers[name].fisher, f.fisher)
+        assert torch.equal(back.layers[name].cholesky[1e-3], f.cholesky[1e-3])
+    unfactorised = Preconditioner.from_bytes(
+        Preconditioner.from_fisher(exact_fisher(train)).to_bytes()
+    )
+    assert unfactorised.delta is None
+    assert all(not f.cholesky for f in unfactorised.layers.values())
+
+
+def test_format_1_files_give_the_answers_they_gave(train):
+    """The old formula U diag(1 / (e + lambda)) U^T, on the stored eigenbasis, exactly."""
+    fisher = exact_fisher(train)
+    pre = Preconditioner.from_bytes(format1_bytes(fisher))
+    query = {name: realistic_phi(4, k, 3) for name, k in LAYERS.items()}
+    got = pre.precondition_queries(query, 0.3)
+    for name, f in pre.layers.items():
+        e, u = f.eigen
+        lam = 0.3 * float(e.sum()) / f.k
+        want = ((torch.tensor(query[name]).double() @ u) * (1.0 / (e + lam))) @ u.T
+        np.testing.assert_array_equal(got[name], want.float().numpy())
+    with pytest.raises(ValueError, match="cannot be saved again"):
+        pre.to_bytes()
+
+
+def test_a_newer_store_format_is_refused_with_the_fix():
+    data = st_save({"n": torch.tensor([1])}, metadata={"format": "9", "layers": "a"})
+    with pytest.raises(ValueError, match="upgrade grass_dist or rebuild"):
+        Preconditioner.from_bytes(data)
+
+
+@pytest.mark.parametrize("path", ["cholesky", "eigen", "format 1"])
+def test_a_singular_h_at_zero_damping_is_a_clear_error(path):
+    phi = {"a": realistic_phi(5, 12)}  # 5 rows: H has rank 5 of 12
+    fisher = exact_fisher(phi)
+    pre = Preconditioner.from_fisher(fisher)
+    if path == "eigen":
+        pre.eigendecompose()
+    if path == "format 1":
+        pre = Preconditioner.from_bytes(format1_bytes(fisher))
+    with pytest.raises(ValueError, match="singular.*set precondition.damping > 0"):
+        pre.precondition_queries(phi, 0.0)
+    assert np.isfinite(pre.precondition_queries(phi, 1e-3)["a"]).all()
+
+
+def test_float32_fisher_sum_matches_float64_on_realistic_data():
+    x = realistic_phi(5000, 64, seed=3)  # several 1024-row blocks
+    parts = [FisherSum.of({"a": x[lo : lo + 1500]}) for lo in range(0, 5000, 1500)]
+    total = parts[0] + parts[1] + parts[2] + parts[3]
+    x64 = x.astype(np.float64)
+    want = x64.T @ x64
+    assert total.n == 5000
+    assert np.abs(total.sums["a"] - want).max() / np.abs(want).max() < 1e-6
+    query = {"a": realistic_phi(6, 64, seed=4)}
+    got = Preconditioner.from_fisher(total).precondition_queries(query, 1e-3)["a"]
+    exact = (torch.tensor(query["a"], dtype=torch.float64) @ dense_inverse(x, 1e-3)).numpy()
+    assert np.abs(x64 @ (got - exact).T).max() / np.abs(x64 @ exact.T).max() < 1e-5
+
+
+def test_layers_split_into_groups_of_balanced_work():
+    sizes = {"big": 40, "m1": 30, "m2": 30, "s1": 10, "s2": 10, "s3": 10}
+    groups = balanced_groups(sizes, 3)
+    assert sorted(n for g in groups for n in g) == sorted(sizes)
+    assert groups[0] == ["big"] and len(groups) == 3
+    assert balanced_groups(sizes, 10) == [[n] for n in sizes]  # never an empty group
+
+
+@pytest.mark.integration
+def test_parallel_layer_factorisations_equal_the_serial_ones(ray_session):
+    fishers = {
+        f"l{i}": FisherSum.of({"x": realistic_phi(60, 5 + i, i)}).sums["x"] for i in range(7)
+    }
+    tensors = {n: torch.from_numpy(s / 60) for n, s in fishers.items()}
+    run = layer_map(3)
+    chol = run(lambda h: cholesky_factor(h, 1e-3), tensors)
+    assert list(chol) == list(tensors)
+    for name, factor in serial_map(lambda h: cholesky_factor(h, 1e-3), tensors).items():
+        assert torch.equal(chol[name], factor)
+    eig = run(eigen_factor, tensors)
+    for name, (e, u) in serial_map(eigen_factor, tensors).items():
+        assert torch.equal(eig[name][0], e) and torch.equal(eig[name][1], u)
+    with pytest.raises(ValueError, match="singular"):
+        run(lambda h: cholesky_factor(h, 0.0), {"low": torch.zeros(4, 4, dtype=torch.float64)})
