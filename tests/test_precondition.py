@@ -144,14 +144,15 @@ def test_a_singular_h_at_zero_damping_is_a_clear_error(path):
 
 
 def test_float32_fisher_sum_matches_float64_on_realistic_data():
-    x = realistic_phi(5000, 64, seed=3)  # several 1024-row blocks
+    x = realistic_phi(5000, 1100, seed=3)  # several 1024-row blocks and 512-column strips
     parts = [FisherSum.of({"a": x[lo : lo + 1500]}) for lo in range(0, 5000, 1500)]
     total = parts[0] + parts[1] + parts[2] + parts[3]
     x64 = x.astype(np.float64)
     want = x64.T @ x64
     assert total.n == 5000
-    assert np.abs(total.sums["a"] - want).max() / np.abs(want).max() < 1e-6
-    query = {"a": realistic_phi(6, 64, seed=4)}
+    got = total.matrix("a")
+    assert np.array_equal(got, got.T) and np.abs(got - want).max() / np.abs(want).max() < 1e-6
+    query = {"a": realistic_phi(6, 1100, seed=4)}
     got = Preconditioner.from_fisher(total).precondition_queries(query, 1e-3)["a"]
     exact = (torch.tensor(query["a"], dtype=torch.float64) @ dense_inverse(x, 1e-3)).numpy()
     assert np.abs(x64 @ (got - exact).T).max() / np.abs(x64 @ exact.T).max() < 1e-5
@@ -168,7 +169,7 @@ def test_layers_split_into_groups_of_balanced_work():
 @pytest.mark.integration
 def test_parallel_layer_factorisations_equal_the_serial_ones(ray_session):
     fishers = {
-        f"l{i}": FisherSum.of({"x": realistic_phi(60, 5 + i, i)}).sums["x"] for i in range(7)
+        f"l{i}": FisherSum.of({"x": realistic_phi(60, 5 + i, i)}).matrix("x") for i in range(7)
     }
     tensors = {n: torch.from_numpy(s / 60) for n, s in fishers.items()}
     run = layer_map(3)
