@@ -155,6 +155,10 @@ class QueryEngine:
         )
         # Only influence uses the damping, and only an index with a preconditioner offers it.
         self.damping = served_damping(job, self.index) if self.pre is not None else None
+        if self.pre is not None:
+            # Factorise at the served damping now (a no-op when the stored factor is at that
+            # delta), so the first influence query does not pay for it.
+            self.pre.factorise(self.damping)
         width = sum(k for _, k in self.index.layers)
         self.cache = None
         if not probe and self.n_train * width * 4 <= job.serve.cache_bytes:
