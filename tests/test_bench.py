@@ -100,3 +100,11 @@ def test_scorer_memory_benchmark_runs_tiny(tmp_path):
     args = "--sizes 2000 6000 --queries 8 --topk 4 --dims 8 --shard-rows 1000 --cpus 1 --check 2"
     text = _table(tmp_path, "bench_scorer_memory.py", args, "--workdir", str(tmp_path))
     assert "| 2000 | 2 | " in text and "| 6000 | 6 | " in text and "Peak PSS ratio" in text
+
+
+def test_job_vs_dattri_benchmark_runs_tiny(tmp_path):
+    # dattri off: its environment is optional (bench/dattri_env.sh) and slow to start.
+    table = _table(tmp_path, "bench_job_vs_dattri.py", "--tiny --dattri off")
+    assert "| grass_dist | " in table
+    for stage in ("index", "precondition", "score"):
+        assert f"| {stage} | " in table
