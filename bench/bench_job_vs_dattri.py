@@ -338,8 +338,9 @@ def table(args, result: dict, note: str) -> list[str]:
         else "grass_dist's job skips self-influence (`scoring.self_influence=false`), as "
         "dattri computes none.",
         "",
-        "CPU s: user + system time of the processes the job reaped (for grass_dist this "
-        "includes Ray's workers only as far as they were reaped).",
+        "CPU s: user + system time of the processes the side's process reaped: all of dattri's "
+        "work, but for grass_dist only a lower bound (Ray's worker and reducer processes are "
+        "mostly not counted); compare wall times.",
         "",
         "| side | wall s (best) | wall s (all runs) | CPU s (best run) |",
         "|---|---|---|---|",
