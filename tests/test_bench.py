@@ -105,3 +105,11 @@ def test_scorer_memory_benchmark_runs_tiny(tmp_path):
 def test_precondition_benchmark_runs_tiny(tmp_path):
     text = _table(tmp_path, "bench_precondition.py", "--tiny")
     assert "| 64 | 4 | " in text and "eigh / Cholesky" in text
+
+
+def test_job_vs_dattri_benchmark_runs_tiny(tmp_path):
+    # dattri off: its environment is optional (bench/dattri_env.sh) and slow to start.
+    table = _table(tmp_path, "bench_job_vs_dattri.py", "--tiny --dattri off")
+    assert "| grass_dist | " in table
+    for stage in ("index", "precondition", "score"):
+        assert f"| {stage} | " in table

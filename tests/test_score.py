@@ -112,6 +112,35 @@ def test_dense_part_names_are_deterministic_so_a_retry_overwrites(setup):
     assert first == again and len(set(first)) == len(first) == 9  # 4 shards x 2 tiles + 1
 
 
+def test_small_shards_scored_as_one_block_give_each_shard_its_own_parts(setup):
+    index, rows, train, query, pre = setup
+    damping = 0.3
+    prepared = prepare_queries(query, "influence", pre, damping)
+    records = sorted(index.committed().values(), key=lambda r: r.start)
+    whiten = whiteners_for(pre, list(LAYERS), damping)
+    # tile_rows 150 > 2 shards of 70 rows: blocks [0, 140), [140, 280), [280, 300).
+    partial, parts = score_records(
+        index, records, prepared, ScoreOptions(topk=7, tile_rows=150), whiten, "r/b", None, "r/b"
+    )
+    expected, _ = reference("influence", train, query, pre, damping)
+    dense = torch.tensor(_assemble(index, parts["dense"]), dtype=torch.float64)
+    assert (dense - expected).abs().max() / expected.abs().max() < 1e-5
+    names = [f"r/b/dense/{r.shard_id}.{0:012d}.parquet" for r in records]
+    assert sorted(parts["dense"]) == sorted(names)  # one part per shard, as when alone
+    assert sorted(parts["self_influence"]) == sorted(
+        f"r/b/self_influence/{r.shard_id}.parquet" for r in records
+    )
+    diag = pa.concat_tables(
+        pq.read_table(pa.BufferReader(index.get_artifact(p))) for p in parts["self_influence"]
+    ).sort_by("train_row")
+    assert diag["train_key"].to_pylist() == [f"row-{r}" for r in range(300)]
+    t = {n: torch.tensor(x, dtype=torch.float64) for n, x in train.items()}
+    self_ref = sum(((t[n] @ torch.linalg.inv(_damped(t[n], damping))) * t[n]).sum(1) for n in t)
+    np.testing.assert_allclose(diag["self_influence"].to_numpy(), self_ref.numpy(), rtol=1e-4)
+    _, top_rows = decode(partial.proponents, 1)
+    assert torch.equal(top_rows, brute_topk(expected, 7, True))
+
+
 @pytest.mark.parametrize("kind", ["influence", "cosine"])
 def test_layer_breakdown_sums_to_the_score_and_matches_each_layer_term(setup, kind):
     index, rows, train, query, pre = setup

@@ -8,6 +8,11 @@ rows are looked up from the shards afterwards (`fan_out_keys`). The prepared que
 through the object store once and every task reads the same copy. Partials are merged in
 submission order, so the answer never depends on which task finished first.
 
+A task scores consecutive small shards of its group together, as one block of up to
+`_BLOCK_ROWS` rows (at most one tile): the self-influence GEMM streams each layer's k x k
+whitener once per block, and on 128-row shards that GEMM runs about 15% slower than on
+1024-row blocks. Outputs are still written per shard, under the same names.
+
 A scorer whose process dies is retried by Ray (`max_retries`). Its parts have
 deterministic names, so the retry overwrites what the dead attempt wrote: no pair is lost
 or written twice, and only the successful attempt's file list reaches the results.
@@ -40,6 +45,7 @@ from grass_dist.scoring.score import (
 )
 
 _PAIR_CHUNK = 1 << 16  # pairs gathered at once for the per-layer breakdown
+_BLOCK_ROWS = 1024  # rows of consecutive shards scored as one block (see the module doc)
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,52 @@ def shard_groups(records: list[ShardRecord], n_groups: int) -> list[list[ShardRe
     return [records[i::n_groups] for i in range(n_groups)]
 
 
+def block_batches(records: list[ShardRecord], max_rows: int) -> list[list[ShardRecord]]:
+    """Consecutive records in batches of at most `max_rows` rows; a record with more rows
+    than that is a batch of its own."""
+    batches: list[list[ShardRecord]] = []
+    rows = max_rows  # the first record opens a batch
+    for record in records:
+        if rows + record.rows > max_rows:
+            batches.append([])
+            rows = 0
+        batches[-1].append(record)
+        rows += record.rows
+    return batches
+
+
+@dataclass(frozen=True)
+class ShardSpan:
+    """Where one shard's rows lie in a block: rows [lo, hi) of the block."""
+
+    shard_id: str
+    lo: int
+    hi: int
+
+
+def read_block(
+    index: GradientIndex, batch: list[ShardRecord], layers: list[str], verify: bool
+) -> tuple[Block, list[ShardSpan]]:
+    """The shards of `batch` as one block (phi copied once into one (n, K) float32 matrix,
+    layers concatenated in `layers` order) and the span of each shard in it."""
+    data = [index.read(record, layers=layers, verify=verify) for record in batch]
+    widths = [data[0].phi[name].shape[1] for name in layers]
+    n = sum(len(d.row_ids) for d in data)
+    phi = np.empty((n, sum(widths)), np.float32)
+    spans, lo = [], 0
+    for record, d in zip(batch, data, strict=True):
+        hi = lo + len(d.row_ids)
+        col = 0
+        for name, width in zip(layers, widths, strict=True):
+            phi[lo:hi, col : col + width] = d.phi[name]
+            col += width
+        spans.append(ShardSpan(record.shard_id, lo, hi))
+        lo = hi
+    rows = np.concatenate([d.row_ids for d in data])
+    keys = [key for d in data for key in d.keys]
+    return Block(rows, keys, torch.from_numpy(phi), spans[0].shard_id), spans
+
+
 def score_records(
     index: GradientIndex,
     records: list[ShardRecord],
@@ -73,32 +125,56 @@ def score_records(
     """Score every row of `records` in this process -> (partial, parts).
 
     parts: {"dense": dense part paths (under dense_dir), "self_influence": one part per
-    shard (under diag_dir, written when whiteners are given)}.
+    shard (under diag_dir, written when whiteners are given)}. A dense part holds one
+    shard's rows of one tile, named by the shard and the part's first row in it.
     """
     layers = [name for name, _, _ in query.layers]
     files: list[str] = []
     diag_files: list[str] = []
+    spans: list[ShardSpan] = []  # the shards of the block being scored
 
     def blocks() -> Iterator[Block]:
-        for record in records:
-            data = index.read(record, layers=layers, verify=opts.verify)
-            yield Block(data.row_ids, data.keys, concat(data.phi), record.shard_id)
+        for batch in block_batches(records, min(opts.tile_rows, _BLOCK_ROWS)):
+            block, block_spans = read_block(index, batch, layers, opts.verify)
+            spans[:] = block_spans
+            yield block
             if fault is not None:
                 fault.reached("after_shard")
 
     def sink(block: Block, start: int, rows: np.ndarray, scores: torch.Tensor) -> None:
-        files.append(
-            results.write_dense_part(index, dense_dir, block.name, start, rows, scores.numpy())
-        )
-        if fault is not None:
-            fault.reached("after_dense_part")
+        end = start + len(rows)
+        for span in spans:
+            lo, hi = max(span.lo, start), min(span.hi, end)
+            if lo >= hi:
+                continue
+            part = scores[:, lo - start : hi - start].numpy()
+            files.append(
+                results.write_dense_part(
+                    index,
+                    dense_dir,
+                    span.shard_id,
+                    lo - span.lo,
+                    rows[lo - start : hi - start],
+                    part,
+                )
+            )
+            if fault is not None:
+                fault.reached("after_dense_part")
 
     def diag_sink(block: Block, self_inf: np.ndarray, norm_sq: np.ndarray) -> None:
-        diag_files.append(
-            results.write_self_influence_part(
-                index, diag_dir, block.name, block.rows, block.keys, self_inf, norm_sq
+        for span in spans:
+            part = slice(span.lo, span.hi)
+            diag_files.append(
+                results.write_self_influence_part(
+                    index,
+                    diag_dir,
+                    span.shard_id,
+                    block.rows[part],
+                    block.keys[part],
+                    self_inf[part],
+                    norm_sq[part],
+                )
             )
-        )
 
     partial = score_stream(
         query,
