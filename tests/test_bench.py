@@ -100,3 +100,13 @@ def test_scorer_memory_benchmark_runs_tiny(tmp_path):
     args = "--sizes 2000 6000 --queries 8 --topk 4 --dims 8 --shard-rows 1000 --cpus 1 --check 2"
     text = _table(tmp_path, "bench_scorer_memory.py", args, "--workdir", str(tmp_path))
     assert "| 2000 | 2 | " in text and "| 6000 | 6 | " in text and "Peak PSS ratio" in text
+
+
+def test_vs_bergson_benchmark_runs_tiny(tmp_path):
+    # Whole processes on a 2-block GPT-2 and 8 documents; bergson only where its venv exists.
+    text = _table(tmp_path, "bench_vs_bergson.py", "--tiny --repeats 1 --layouts 1x2")
+    assert "| 1x2 | grass_dist | " in text and "identical token ids on both sides" in text
+    if (ROOT / ".venv-bergson" / "bin" / "python").exists():
+        assert "| 1x2 | bergson | " in text
+    else:
+        assert "bash bench/bergson_env.sh" in text
