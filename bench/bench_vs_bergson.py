@@ -32,6 +32,7 @@ grass_dist runs and the table says how to install bergson.
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.metadata
 import json
 import os
@@ -43,6 +44,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -238,16 +240,17 @@ def check_same_tokens(model_dir: Path, corpus: Path, size: Size, env: dict) -> N
 # ---------------------------------------------------------------- the two commands
 
 
-def module_names(size: Size, prefix: str) -> list[str]:
-    """The 4 projections of every block, as named under `prefix`."""
-    return [f"{prefix}h.{b}.{m}" for b in range(size.blocks) for m in BLOCK_MODULES]
+def module_names(size: Size) -> list[str]:
+    """The 4 projections of every block, as named in GPT2LMHeadModel (bergson hooks the same
+    modules of its `base_model`, `transformer`, so its names lack the prefix)."""
+    return [f"transformer.h.{b}.{m}" for b in range(size.blocks) for m in BLOCK_MODULES]
 
 
 def grass_dist_command(
     size: Size, layout: Layout, batch_tokens: int, model_dir: Path, corpus: Path, run: Path
 ) -> list[str]:
     """`python -m jobs.index` with the documented text_files path, FactGraSS k=256."""
-    layers = ",".join(module_names(size, "transformer."))
+    layers = ",".join(module_names(size))
     return [
         sys.executable,
         "-m",
@@ -436,10 +439,18 @@ def check_grass_dist(summary: dict, size: Size) -> None:
         raise SystemExit(f"grass_dist indexed {rows} rows, expected {size.docs}")
 
 
+TRACKED = re.compile(r"Tracking \d+ modules: (\[[^\]]*\])")
+
+
 def check_bergson(run: Path, size: Size) -> None:
-    """bergson's own counts: `num_items` rows and `total_processed` gradient-carrying
-    positions (every token but each document's last)."""
+    """bergson's own counts: the modules it tracked, `num_items` rows and `total_processed`
+    gradient-carrying positions (every token but each document's last)."""
     index = run / "index"
+    tracked = TRACKED.search((run / "log.txt").read_text())
+    expected_modules = [name.removeprefix("transformer.") for name in module_names(size)]
+    if tracked is None or sorted(ast.literal_eval(tracked[1])) != sorted(expected_modules):
+        found = tracked[1] if tracked else "no 'Tracking ... modules' line"
+        raise SystemExit(f"bergson tracked {found}; expected {expected_modules}")
     items = json.loads((index / "info.json").read_text())["num_items"]
     positions = int(torch.load(index / "total_processed.pt"))
     expected = size.docs * (size.tokens - 1)
@@ -475,8 +486,11 @@ def record(result: Result, wall: float, cpu: float, stages: dict[str, float]) ->
     )
 
 
-def measure(args, size: Size, model_dir: Path, corpus: Path, with_bergson: bool) -> list[Result]:
-    """Interleaved runs of each tool per layout; fresh output directories every time."""
+def measure(
+    args, size: Size, model_dir: Path, corpus: Path, with_bergson: bool, done: Callable
+) -> None:
+    """Interleaved runs of each tool per layout; fresh output directories every time.
+    `done(results so far)` runs after each layout (a long benchmark keeps what it measured)."""
     results = []
     for layout in args.layouts:
         ours = Result("grass_dist", layout)
@@ -499,7 +513,7 @@ def measure(args, size: Size, model_dir: Path, corpus: Path, with_bergson: bool)
         results.append(ours)
         if with_bergson:
             results.append(theirs)
-    return results
+        done(results)
 
 
 def versions(with_bergson: bool) -> str:
@@ -628,14 +642,13 @@ def main() -> None:
             check_same_tokens(model_dir, corpus, size, run_env(Layout(1, 1), args.workdir))
         else:
             grass_dist_token_ids(model_dir, corpus, size)
-        results = measure(args, size, model_dir, corpus, with_bergson)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        write = lambda results: args.out.write_text(table(args, size, results, with_bergson, load))
+        measure(args, size, model_dir, corpus, with_bergson, write)
     finally:
         if own_workdir:
             shutil.rmtree(args.workdir, ignore_errors=True)
-    text = table(args, size, results, with_bergson, load)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
+    print(args.out.read_text())
 
 
 if __name__ == "__main__":
