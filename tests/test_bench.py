@@ -113,3 +113,13 @@ def test_job_vs_dattri_benchmark_runs_tiny(tmp_path):
     assert "| grass_dist | " in table
     for stage in ("index", "precondition", "score"):
         assert f"| {stage} | " in table
+
+
+def test_vs_bergson_benchmark_runs_tiny(tmp_path):
+    # Whole processes on a 2-block GPT-2 and 8 documents; bergson only where its venv exists.
+    text = _table(tmp_path, "bench_vs_bergson.py", "--tiny --repeats 1 --layouts 1x2")
+    assert "| 1x2 | grass_dist | " in text and "identical token ids on both sides" in text
+    if (ROOT / ".venv-bergson" / "bin" / "python").exists():
+        assert "| 1x2 | bergson | " in text
+    else:
+        assert "bash bench/bergson_env.sh" in text
