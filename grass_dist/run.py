@@ -28,7 +28,6 @@ from grass_dist.fidelity import evaluate
 from grass_dist.index import GradientIndex
 from grass_dist.index.gc import collect
 from grass_dist.index.gradient_index import INDEX_FILE
-from grass_dist.report import N_SELF_INFLUENCE, top_proponent_label_agreement, write_report
 from grass_dist.scoring import ensemble, results
 
 log = logging.getLogger("grass_dist")
@@ -68,6 +67,8 @@ def _predictions(job: pipeline.Job, dataset) -> dict[int, int]:
 
 def make_report(job: pipeline.Job) -> dict[str, Any]:
     """Write the HTML report next to the results (and locally when the store is remote)."""
+    from grass_dist import report  # pandas: imported here, off the jobs' start-up path
+
     name = job.cfg.run.name
     topk = results.load_table(job.index, name, "topk").to_pandas()
     files = results.manifest(job.index, name)["files"]
@@ -79,7 +80,7 @@ def make_report(job: pipeline.Job) -> dict[str, Any]:
     train, query = build_dataset(job.cfg, "train"), build_dataset(job.cfg, "query")
     preds = _predictions(job, query)
     changed = _changed_shown_rows(job.index, train, topk, self_inf)
-    html = write_report(
+    html = report.write_report(
         None,
         topk,
         MarkChanged(train, changed) if changed else train,
@@ -98,7 +99,7 @@ def make_report(job: pipeline.Job) -> dict[str, Any]:
     # (a user's own loss) is judged on every query, as the report's summary is.
     judged = correct if preds else None
     agreement = (
-        top_proponent_label_agreement(topk, train, query, rows=judged)
+        report.top_proponent_label_agreement(topk, train, query, rows=judged)
         if judged is None or judged
         else None
     )
@@ -114,9 +115,12 @@ def make_report(job: pipeline.Job) -> dict[str, Any]:
 
 def _changed_shown_rows(index: GradientIndex, train, topk, self_inf) -> list[int]:
     """Training rows the report shows whose content changed since they were indexed."""
+    from grass_dist import report  # pandas, as in make_report
+
     shown = set(topk["train_row"].tolist())
     if self_inf is not None:
-        shown |= set(self_inf.nlargest(N_SELF_INFLUENCE, "self_influence")["train_row"].tolist())
+        most = self_inf.nlargest(report.N_SELF_INFLUENCE, "self_influence")
+        shown |= set(most["train_row"].tolist())
     changed = changed_rows(index, train, sorted(shown))
     if changed:
         log.warning(
