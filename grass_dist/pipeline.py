@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,7 +198,8 @@ def _stop_early(spares: list[Any], ours: bool) -> None:
         ray.shutdown()  # stops every actor with it
         return
     for actor in spares:
-        ray.kill(actor, no_restart=True)
+        with suppress(Exception):  # one that already died
+            ray.kill(actor, no_restart=True)
 
 
 def _pool(job: Job) -> ActorPool:
