@@ -171,7 +171,11 @@ def prepare_started(
     with ThreadPoolExecutor(1, thread_name_prefix="prepare") as executor:
         preparing = executor.submit(prepare, raw, create_index=create_index, query=query)
         try:
-            spares = _early_workers(job_cfg, raw, preparing)
+            try:
+                spares = _early_workers(job_cfg, raw, preparing)
+            except BaseException:
+                preparing.result()  # a refused job fails with its refusal, not Ray's error
+                raise
             job = preparing.result()
         except BaseException:
             _stop_early(spares, ours)

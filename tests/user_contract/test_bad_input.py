@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import importlib
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -453,11 +455,15 @@ def _processes_naming(path: Path) -> list[str]:
 def test_cli_refuses_and_leaves_no_ray_running(tmp_path, user_pkg, job, overrides, match):
     # A job starts Ray while it checks the model, data and store (a malformed config never
     # starts it): a refused job stops that Ray before it exits, and writes nothing.
-    ray_tmp = tmp_path / "ray"  # Ray puts every session it starts under RAY_TMPDIR
-    ray_tmp.mkdir()
+    # Ray puts every session it starts under RAY_TMPDIR: a short one, as its socket paths
+    # must fit in 107 bytes.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="gd-ray-"))
     given = _overrides(user_pkg, tmp_path, *overrides)
     env = user_pkg.env(RAY_TMPDIR=str(ray_tmp))
-    proc = run_job(job, *given, user=user_pkg, cwd=tmp_path, env=env, timeout=300)
+    try:
+        proc = run_job(job, *given, user=user_pkg, cwd=tmp_path, env=env, timeout=300)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert re.search(match, _message(proc.stderr), re.S)
     assert _processes_naming(ray_tmp) == []
