@@ -153,7 +153,8 @@ def prepare_started(
     query: bool = False,
     started: float | None = None,
 ) -> Job:
-    """`prepare`, while Ray and the job's worker actors start: what the `jobs/` doors run.
+    """`prepare`, while an embedded Ray and the job's worker actors start: what the `jobs/`
+    doors run (with `cluster.address` set, `prepare` alone).
 
     The config is checked first, so a malformed one never starts Ray. Then `prepare` (model,
     data, store) runs on another thread while this one starts Ray and creates the worker
@@ -166,6 +167,12 @@ def prepare_started(
     started = time.time() if started is None else started
     raw = resolve(cfg)
     job_cfg = JobConfig.from_cfg(raw)
+    if job_cfg.cluster.address is not None:
+        # Joining a running cluster is quick, and a job submitted to one runs in a working
+        # directory Ray manages for it: prepare first and connect later, as `prepare` does.
+        job = prepare(raw, create_index=create_index, query=query)
+        job.started = started
+        return job
     ours = not ray.is_initialized()
     spares: list[Any] = []
     with ThreadPoolExecutor(1, thread_name_prefix="prepare") as executor:
