@@ -184,10 +184,14 @@ def ship(raw: dict[str, Any]) -> dict[str, Any]:
     """
     import ray
 
-    digests = {
+    return {d: ray.put(in_memory(d, "object")) for d in sorted(in_memory_digests(raw))}
+
+
+def in_memory_digests(raw: dict[str, Any]) -> set[str]:
+    """The sha256 of every in-memory object the job `raw` names (model, task, data)."""
+    return {
         n["sha256"] for part in ("model", "task", "data") for n in _in_memory_nodes(raw.get(part))
     }
-    return {d: ray.put(in_memory(d, "object")) for d in sorted(digests)}
 
 
 def receive(objects: dict[str, Any] | None) -> None:

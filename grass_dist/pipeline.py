@@ -1,7 +1,9 @@
 """The driver: validate, plan shards, run the stages on Ray, report.
 
-Every check that can fail (config, store, fingerprint) runs in `prepare`, before Ray
-starts or any gradient is computed.
+Every check that can fail (config, store, fingerprint) runs in `prepare`, before anything
+is written to the store or any gradient is computed. The `jobs/` doors use `prepare_started`,
+which starts Ray and the worker actors while `prepare` runs (and stops them when it
+refuses the job); `prepare` alone never starts Ray.
 """
 
 from __future__ import annotations
@@ -9,11 +11,13 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from contextlib import contextmanager, nullcontext
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import ray
 from omegaconf import DictConfig
 
 from grass_dist import assembly
@@ -34,7 +38,7 @@ from grass_dist.gradients.learned_state import save_states
 from grass_dist.index import GradientIndex
 from grass_dist.models.state import state_hash
 from grass_dist.runtime import repair
-from grass_dist.runtime.cluster import connect, map_tasks, start_worker_pool
+from grass_dist.runtime.cluster import connect, map_tasks, start_worker_pool, worker_factory
 from grass_dist.runtime.pool import ActorPool
 from grass_dist.runtime.progress import JobProgress
 from grass_dist.runtime.reducer import ReducerHandle, ScoreRequest
@@ -65,6 +69,9 @@ class Job:
     index: GradientIndex | None = None
     job_id: str = field(default_factory=new_job_id)
     progress: JobProgress | None = None
+    started: float = field(default_factory=time.time)  # time.time() the job started
+    first_shard_s: float | None = None  # seconds from `started` to the first shard commit
+    _spares: list[Any] = field(default_factory=list)  # unstarted worker actors (prepare_started)
     _pool: ActorPool | None = None
     _reducer: ReducerHandle | None = None
 
@@ -139,19 +146,90 @@ def prepare(cfg: DictConfig | dict, *, create_index: bool = True, query: bool = 
     return job
 
 
+def prepare_started(
+    cfg: DictConfig | dict,
+    *,
+    create_index: bool = True,
+    query: bool = False,
+    started: float | None = None,
+) -> Job:
+    """`prepare`, while an embedded Ray and the job's worker actors start: what the `jobs/`
+    doors run (with `cluster.address` set, `prepare` alone).
+
+    The config is checked first, so a malformed one never starts Ray. Then `prepare` (model,
+    data, store) runs on another thread while this one starts Ray and creates the worker
+    actors unstarted: their processes start and import while the driver checks the job
+    (Ray's processes die with the thread that started them, so Ray gets the caller's). The
+    store is written only once every check passed, as by `prepare`; a refused job stops the
+    actors, and a Ray started here, before its error is raised. `started` (time.time(),
+    default now) is when the job started, for `Job.first_shard_s`.
+    """
+    started = time.time() if started is None else started
+    raw = resolve(cfg)
+    job_cfg = JobConfig.from_cfg(raw)
+    if job_cfg.cluster.address is not None:
+        # Joining a running cluster is quick, and a job submitted to one runs in a working
+        # directory Ray manages for it: prepare first and connect later, as `prepare` does.
+        job = prepare(raw, create_index=create_index, query=query)
+        job.started = started
+        return job
+    ours = not ray.is_initialized()
+    spares: list[Any] = []
+    with ThreadPoolExecutor(1, thread_name_prefix="prepare") as executor:
+        preparing = executor.submit(prepare, raw, create_index=create_index, query=query)
+        try:
+            try:
+                spares = _early_workers(job_cfg, raw, preparing)
+            except BaseException:
+                preparing.result()  # a refused job fails with its refusal, not Ray's error
+                raise
+            job = preparing.result()
+        except BaseException:
+            _stop_early(spares, ours)
+            raise
+    job.started, job._spares = started, spares
+    return job
+
+
+def _early_workers(job_cfg: JobConfig, raw: dict[str, Any], preparing: Future) -> list[Any]:
+    """Connect to Ray and create `cluster.num_workers` unstarted worker actors; none when the
+    job names in-memory objects (shipped with the pool) or `preparing` already failed."""
+    connect(job_cfg.cluster)
+    if assembly.in_memory_digests(raw) or (preparing.done() and preparing.exception()):
+        return []
+    factory = worker_factory(job_cfg.cluster, raw)
+    spares = [factory(i) for i in range(job_cfg.cluster.num_workers)]
+    log.info("created %d worker actors while the job is checked", len(spares))
+    return spares
+
+
+def _stop_early(spares: list[Any], ours: bool) -> None:
+    """Undo `prepare_started`'s start-up: the actors, and Ray when it started it."""
+    if ours and ray.is_initialized():
+        ray.shutdown()  # stops every actor with it
+        return
+    for actor in spares:
+        with suppress(Exception):  # one that already died
+            ray.kill(actor, no_restart=True)
+
+
 def _pool(job: Job) -> ActorPool:
-    """The worker pool, started on first use; waits until one worker is ready (the others
-    join as they are placed)."""
+    """The worker pool, started on first use (from the job's early actors when it has
+    them); waits until one worker is ready (the others join as they are placed)."""
     if job._pool is None:
         connect(job.cfg.cluster)
         objects = assembly.ship(job.raw)  # in-memory model/task/data, once per pool
-        job._pool = start_worker_pool(job.cfg.cluster, job.raw, job.model_hash, objects)
+        spares, job._spares = job._spares, []
+        job._pool = start_worker_pool(job.cfg.cluster, job.raw, job.model_hash, objects, spares)
         job._pool.wait_ready(1)
     return job._pool
 
 
 def release_workers(job: Job) -> None:
-    """Stop the worker pool so its CPUs/GPUs go to the reducer's map tasks."""
+    """Stop the worker pool (and unused early actors) so their CPUs/GPUs go to the
+    reducer's map tasks."""
+    _stop_early(job._spares, ours=False)
+    job._spares = []
     if job._pool is not None:
         job._pool.shutdown()
         job._pool = None
@@ -189,6 +267,8 @@ def run_index(job: Job, max_shards: int | None = None) -> dict[str, Any]:
 
         def commit(batch: list[tuple[ShardPlan, ShardResult]]) -> None:
             version = job.index.commit([res.record for _, res in batch])
+            if job.first_shard_s is None:
+                first_shard_committed(job)
             done = ", ".join(f"{p.shard_id} (worker {r.worker_id})" for p, r in batch)
             log.debug("committed %s in manifest version %d", done, version)
             job.progress.shards_done(
@@ -206,6 +286,14 @@ def run_index(job: Job, max_shards: int | None = None) -> dict[str, Any]:
             on_tick=job.progress.tick,
         )
     return {"computed_shards": len(plans), "skipped_shards": skipped, "rows": rows}
+
+
+def first_shard_committed(job: Job) -> None:
+    """Record (summary, progress record, log) how long the job took to commit its first
+    shard: the start-up cost a user waits for."""
+    job.first_shard_s = time.time() - job.started
+    job.progress.first_shard(job.first_shard_s)
+    log.info("first shard committed %.2f s after the job started", job.first_shard_s)
 
 
 def run_repair(job: Job) -> dict[str, Any]:

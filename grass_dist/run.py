@@ -28,10 +28,28 @@ from grass_dist.fidelity import evaluate
 from grass_dist.index import GradientIndex
 from grass_dist.index.gc import collect
 from grass_dist.index.gradient_index import INDEX_FILE
-from grass_dist.report import N_SELF_INFLUENCE, top_proponent_label_agreement, write_report
 from grass_dist.scoring import ensemble, results
 
 log = logging.getLogger("grass_dist")
+
+# When this process started, set by `cli`: a `jobs/` entry point's times count from it.
+_PROCESS_STARTED: float | None = None
+
+
+def process_start() -> float:
+    """time.time() when this process started (from /proc on Linux; elsewhere: now)."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.time()
+    return time.time() - age
+
+
+def job_start() -> float:
+    """When the job started: its process's start for a `jobs/` entry point, else now."""
+    return _PROCESS_STARTED if _PROCESS_STARTED is not None else time.time()
 
 
 def _predictions(job: pipeline.Job, dataset) -> dict[int, int]:
@@ -49,6 +67,8 @@ def _predictions(job: pipeline.Job, dataset) -> dict[int, int]:
 
 def make_report(job: pipeline.Job) -> dict[str, Any]:
     """Write the HTML report next to the results (and locally when the store is remote)."""
+    from grass_dist import report  # pandas: imported here, off the jobs' start-up path
+
     name = job.cfg.run.name
     topk = results.load_table(job.index, name, "topk").to_pandas()
     files = results.manifest(job.index, name)["files"]
@@ -60,7 +80,7 @@ def make_report(job: pipeline.Job) -> dict[str, Any]:
     train, query = build_dataset(job.cfg, "train"), build_dataset(job.cfg, "query")
     preds = _predictions(job, query)
     changed = _changed_shown_rows(job.index, train, topk, self_inf)
-    html = write_report(
+    html = report.write_report(
         None,
         topk,
         MarkChanged(train, changed) if changed else train,
@@ -79,7 +99,7 @@ def make_report(job: pipeline.Job) -> dict[str, Any]:
     # (a user's own loss) is judged on every query, as the report's summary is.
     judged = correct if preds else None
     agreement = (
-        top_proponent_label_agreement(topk, train, query, rows=judged)
+        report.top_proponent_label_agreement(topk, train, query, rows=judged)
         if judged is None or judged
         else None
     )
@@ -95,9 +115,12 @@ def make_report(job: pipeline.Job) -> dict[str, Any]:
 
 def _changed_shown_rows(index: GradientIndex, train, topk, self_inf) -> list[int]:
     """Training rows the report shows whose content changed since they were indexed."""
+    from grass_dist import report  # pandas, as in make_report
+
     shown = set(topk["train_row"].tolist())
     if self_inf is not None:
-        shown |= set(self_inf.nlargest(N_SELF_INFLUENCE, "self_influence")["train_row"].tolist())
+        most = self_inf.nlargest(report.N_SELF_INFLUENCE, "self_influence")
+        shown |= set(most["train_row"].tolist())
     changed = changed_rows(index, train, sorted(shown))
     if changed:
         log.warning(
@@ -123,6 +146,8 @@ def cli(main: Callable[[], Any]) -> None:
     """
     from hydra.errors import CompactHydraException
 
+    global _PROCESS_STARTED
+    _PROCESS_STARTED = process_start()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         main()
@@ -143,13 +168,14 @@ def _refuse(e: GrassError) -> NoReturn:
 
 def _summarised(body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """The one wrapper of every job: run `body`; a GrassError exits 2 with its message,
-    otherwise the summary (with total_seconds) is printed as JSON and returned."""
-    t0 = time.perf_counter()
+    otherwise the summary (with total_seconds, counted from `job_start()`) is printed as
+    JSON and returned."""
+    t0 = job_start()
     try:
         summary = body()
     except GrassError as e:
         _refuse(e)
-    summary["total_seconds"] = round(time.perf_counter() - t0, 3)
+    summary["total_seconds"] = round(time.time() - t0, 3)
     print(json.dumps(summary, indent=2, default=str))
     return summary
 
@@ -171,11 +197,15 @@ def _run(
     query: bool = False,
 ) -> dict[str, Any]:
     def staged() -> dict[str, Any]:
-        job = pipeline.prepare(cfg, create_index=create_index, query=query)
+        job = pipeline.prepare_started(
+            cfg, create_index=create_index, query=query, started=job_start()
+        )
         try:
             summary = body(job)
         finally:
             pipeline.shutdown(job)
+        if job.first_shard_s is not None:  # the wait for the first result on disk
+            summary["first_shard_seconds"] = round(job.first_shard_s, 3)
         summary["compression"] = _compression_summary(job)
         if job.skipped_records:
             summary["skipped_records"] = job.skipped_records  # data.train.on_bad_record=skip

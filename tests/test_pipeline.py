@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from grass_dist import pipeline
+from grass_dist import pipeline, run
 from grass_dist.build import build_dataset, build_model
-from grass_dist.index import GradientIndex
+from grass_dist.errors import WorkerStartError
+from grass_dist.index import GradientIndex, Store
+from grass_dist.runtime.progress import read_progress
 from grass_dist.scoring import results
 from tests.conftest import compose_cfg
 from tests.helpers import layer_grad, per_sample_grads
@@ -128,3 +130,22 @@ def test_identity_influence_equals_direct_damped_fisher_influence(ray_session, t
     worst = topk[(topk["kind"] == "opponent") & (topk["rank"] == 0)].sort_values("query_row")
     assert worst["train_row"].tolist() == expected.argmin(0).tolist()
     assert set(topk["train_key"]) <= set(train.keys)
+
+
+def test_job_summary_times_its_first_committed_shard(ray_session, tmp_path, capsys):
+    cfg = compose_cfg(tmp_path)
+    summary = run.index(cfg)  # as `python -m jobs.index` runs it: early actors, then the pool
+    first = summary["first_shard_seconds"]
+    assert summary["stage_seconds"]["start_workers"] < first <= summary["total_seconds"]
+    assert read_progress(Store(summary["index_url"]))["first_shard_s"] == first
+    assert "first_shard_seconds" not in run.index(cfg)  # resumed: nothing to commit
+
+
+def test_a_worker_whose_model_differs_from_the_drivers_is_refused(ray_session, tmp_path):
+    job = pipeline.prepare(compose_cfg(tmp_path))
+    job.model_hash = "0" * 64  # as if the driver had built another model
+    try:
+        with pytest.raises(WorkerStartError, match="differ from the driver's .*sha256"):
+            pipeline._pool(job)
+    finally:
+        pipeline.shutdown(job)

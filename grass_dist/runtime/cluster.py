@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -59,19 +60,32 @@ def worker_options(cfg: ClusterConfig) -> dict[str, Any]:
     return opts
 
 
+def worker_factory(
+    cfg: ClusterConfig, job: dict[str, Any], objects: dict[str, ray.ObjectRef] | None = None
+) -> Callable[[int], Any]:
+    """`factory(worker_id)`: a GradientWorker actor for `job`, created but not yet started
+    (its `start(model_hash)` builds the replica); `objects` are the job's in-memory objects
+    (grass_dist.assembly.ship)."""
+    actor_cls = ray.remote(GradientWorker).options(**worker_options(cfg))
+    threads = threads_for(cfg.cpus_per_worker)
+    return lambda i: actor_cls.remote(job, None, threads, i, objects)
+
+
 def start_worker_pool(
     cfg: ClusterConfig,
     job: dict[str, Any],
     model_hash: str,
     objects: dict[str, ray.ObjectRef] | None = None,
+    spares: list[Any] | None = None,
 ) -> ActorPool:
-    """Start `cfg.num_workers` GradientWorker actors (growing to `cfg.max_workers`);
-    `objects` are the job's in-memory objects (grass_dist.assembly.ship)."""
-    actor_cls = ray.remote(GradientWorker).options(**worker_options(cfg))
-    threads = threads_for(cfg.cpus_per_worker)
+    """Start `cfg.num_workers` GradientWorker actors (growing to `cfg.max_workers`), using
+    `spares` (made by `worker_factory` for the same job, e.g. while the driver prepared it)
+    first."""
     return ActorPool(
-        lambda i: actor_cls.remote(job, model_hash, threads, i, objects),
+        worker_factory(cfg, job, objects),
         cfg.num_workers,
+        start=lambda actor: actor.start.remote(model_hash),
+        spares=spares,
         max_size=cfg.max_workers,
         request=worker_request(cfg),
         scale_check_s=cfg.scale_check_s,

@@ -1,9 +1,9 @@
 """The worker pool: actors are placed, replaced when they die, grown when resources appear.
 
-A new actor is `starting` until its `describe()` answers (placed, model built); only then
-does it get work, so a worker waiting for resources (a lost node's replacement, more
-workers than the cluster holds) never holds shards hostage. Every decision is logged with
-its reason.
+A new actor is `starting` until its start call answers (placed, model built: `describe()`
+by default); only then does it get work, so a worker waiting for resources (a lost node's
+replacement, more workers than the cluster holds) never holds shards hostage. Every
+decision is logged with its reason.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
 from grass_dist.errors import PlacementTimeoutError, WorkerStartError
 from grass_dist.runtime import scaling
@@ -41,10 +41,14 @@ class Member:
 
 
 class ActorPool:
-    """Actors made by `factory(worker_id)`; each must have a `describe()` method.
+    """Actors made by `factory(worker_id)`, each ready once `start(actor)` answers.
 
     Args:
         size: workers started at once (`cluster.num_workers`).
+        start: the call that makes an actor ready and returns its description (a dict with
+            node_id and device); default `actor.describe.remote()`.
+        spares: actors `factory` made earlier (worker ids 0, 1, ...), used before new ones:
+            they were started while the driver prepared the job.
         max_size: elastic ceiling (`cluster.max_workers`); None = `size`.
         request: resources one worker asks for, to judge whether another one fits.
         scale_check_s: seconds between growth checks.
@@ -56,12 +60,16 @@ class ActorPool:
         factory: Callable[[int], Any],
         size: int,
         *,
+        start: Callable[[Any], ray.ObjectRef] | None = None,
+        spares: list[Any] | None = None,
         max_size: int | None = None,
         request: dict[str, float] | None = None,
         scale_check_s: float = 2.0,
         placement_timeout_s: float = 600.0,
     ):
         self.factory = factory
+        self.start = start or (lambda actor: actor.describe.remote())
+        self.spares = list(spares or [])
         self.max_size = max(size, max_size or size)
         self.request = dict(request or {})
         self.scale_check_s = scale_check_s
@@ -76,6 +84,10 @@ class ActorPool:
         self._idle_since = time.monotonic()
         for _ in range(size):
             self._spawn(f"initial pool of {size} (cluster.num_workers)")
+        for actor in self.spares:  # more spares than workers: not needed
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
+        self.spares.clear()
 
     # ---- membership ------------------------------------------------------------------
     @property
@@ -97,9 +109,10 @@ class ActorPool:
         return list(self.starting)
 
     def _spawn(self, reason: str) -> None:
-        member = Member(self.factory(self.created), self.created, time.monotonic())
+        actor = self.spares.pop(0) if self.spares else self.factory(self.created)
+        member = Member(actor, self.created, time.monotonic())
         self.created += 1
-        self.starting[member.actor.describe.remote()] = member
+        self.starting[self.start(actor)] = member
         log.info("starting worker %d: %s", member.worker_id, reason)
 
     def lost(self, actor: Any, error: BaseException) -> None:
@@ -165,6 +178,10 @@ class ActorPool:
                     ) from None
                 self._spawn(f"replaces worker {member.worker_id}, lost while starting")
                 continue
+            except RayTaskError as e:  # the start call raised
+                raise WorkerStartError(
+                    f"worker {member.worker_id} failed while starting: {e.cause or e}"
+                ) from None
             self.ready.append(member)
             info = member.info
             log.info(

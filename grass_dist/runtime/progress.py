@@ -92,6 +92,11 @@ class JobProgress:
         self.write()
 
     # ---- shards ------------------------------------------------------------------------
+    def first_shard(self, seconds: float) -> None:
+        """The job's first shard was committed `seconds` after the job started."""
+        self.doc["first_shard_s"] = round(seconds, 3)
+        self.write()
+
     def index_plan(self, shards_total: int, skipped: int, rows_total: int, rows_todo: int) -> None:
         """Start counting: `skipped` of `shards_total` shards were committed before this run."""
         self._t0 = time.monotonic()

@@ -78,11 +78,15 @@ class GradientWorker:
     def __init__(
         self,
         job: dict[str, Any],
-        model_hash: str,
+        model_hash: str | None,
         threads: int,
         worker_id: int = 0,
         objects: dict[str, Any] | None = None,
     ):
+        """With `model_hash` None only the cheap part runs (threads, config, device) and
+        `start(model_hash)` builds the replica later: a pool starts such actors while the
+        driver still checks the job, so their process start and imports overlap its checks.
+        """
         in_ray = ray.is_initialized()
         if in_ray and ray.get_runtime_context().get_actor_id() is not None:
             # An actor owns its process: use the CPUs it was given. A worker built in the
@@ -90,27 +94,35 @@ class GradientWorker:
             torch.set_num_threads(threads)
         self.job = JobConfig.from_cfg(job)
         self.worker_id = worker_id
-        assembly.receive(objects)  # in-memory model/task/data from the driver (grass_dist.api)
+        self.objects = objects
+        self.gpu_ids = [str(g) for g in ray.get_gpu_ids()] if in_ray else []
+        self.node_id = ray.get_runtime_context().get_node_id() if in_ray else "local"
+        self.device, self.device_note = pick_device(self.gpu_ids)
+        self.phases = Phases()
+        self.datasets: dict[str, Any] = {}
+        self._datasets_lock = threading.Lock()  # shard calls run on several threads
+        if model_hash is not None:
+            self.start(model_hash)
+
+    def start(self, model_hash: str) -> dict[str, Any]:
+        """Build the replica (the index must exist), check it is the driver's model, and
+        return `describe()`."""
+        assembly.receive(self.objects)  # in-memory model/task/data from the driver (api)
         # Learned masks come from the index, so queries use the masks the index was built with.
         self.index = assembly.open_index(self.job)
         parts = assembly.replica(self.job, self.index)
         found = state_hash(parts.model)
         if found != model_hash:
             raise ModelMismatchError(
-                f"worker {worker_id} built a model whose weights differ from the driver's "
-                f"(sha256 {found[:12]} vs {model_hash[:12]}): make model._target_ deterministic "
-                f"(load saved weights) so every replica is the same model"
+                f"worker {self.worker_id} built a model whose weights differ from the "
+                f"driver's (sha256 {found[:12]} vs {model_hash[:12]}): make model._target_ "
+                f"deterministic (load saved weights) so every replica is the same model"
             )
-        self.gpu_ids = [str(g) for g in ray.get_gpu_ids()] if in_ray else []
-        self.node_id = ray.get_runtime_context().get_node_id() if in_ray else "local"
-        self.device, self.device_note = pick_device(self.gpu_ids)
         if self.device_note:
-            log.warning("worker %d %s", worker_id, self.device_note)  # once, at start
+            log.warning("worker %d %s", self.worker_id, self.device_note)  # once, at start
         self.computer = GradientComputer(parts.model, parts.task, parts.compressors, self.device)
         self.faults = FaultInjector(self.job.faults, self.index.store)
-        self.phases = Phases()
-        self.datasets: dict[str, Any] = {}
-        self._datasets_lock = threading.Lock()  # shard calls run on several threads
+        return self.describe()
 
     def _dataset(self, which: str):
         with self._datasets_lock:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import importlib
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -436,16 +438,35 @@ CLI_CASES = {
 }
 
 
+def _processes_naming(path: Path) -> list[str]:
+    """Command lines of live processes that name `path` (Ray's name their session folder)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # not a process, or it just exited
+        if str(path) in cmd:
+            found.append(cmd)
+    return found
+
+
 @pytest.mark.parametrize(("job", "overrides", "match"), CLI_CASES.values(), ids=CLI_CASES.keys())
-def test_cli_refuses_before_ray_starts(tmp_path, user_pkg, job, overrides, match):
-    ray_tmp = tmp_path / "ray"  # Ray puts every session it starts under RAY_TMPDIR
-    ray_tmp.mkdir()
+def test_cli_refuses_and_leaves_no_ray_running(tmp_path, user_pkg, job, overrides, match):
+    # A job starts Ray while it checks the model, data and store (a malformed config never
+    # starts it): a refused job stops that Ray before it exits, and writes nothing.
+    # Ray puts every session it starts under RAY_TMPDIR: a short one, as its socket paths
+    # must fit in 107 bytes.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="gd-ray-"))
     given = _overrides(user_pkg, tmp_path, *overrides)
     env = user_pkg.env(RAY_TMPDIR=str(ray_tmp))
-    proc = run_job(job, *given, user=user_pkg, cwd=tmp_path, env=env, timeout=300)
+    try:
+        proc = run_job(job, *given, user=user_pkg, cwd=tmp_path, env=env, timeout=300)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert re.search(match, _message(proc.stderr), re.S)
-    assert list(ray_tmp.iterdir()) == []
+    assert _processes_naming(ray_tmp) == []
     assert not (tmp_path / "index").exists()
 
 
