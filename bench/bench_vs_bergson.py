@@ -174,16 +174,13 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def build_workload(size: Size, workdir: Path) -> tuple[Path, Path]:
-    """(model directory, corpus JSONL) in `workdir`, and queries.jsonl beside the corpus:
-    grass_dist's config requires a query file even for jobs.index, which reads only its
-    fields (one short prompt)."""
+    """(model directory, corpus JSONL) in `workdir`."""
     model_dir, corpus = workdir / "model", workdir / "corpus.jsonl"
     tokenizer = train_tokenizer(size.vocab)
     save_model(size, tokenizer, model_dir)
     words = single_token_words(tokenizer)
     texts = documents(size, words)
     write_jsonl(corpus, [{"id": f"doc{i}", "text": t} for i, t in enumerate(texts)])
-    write_jsonl(workdir / "queries.jsonl", [{"prompt": words[0], "completion": words[1]}])
     return model_dir, corpus
 
 
@@ -263,7 +260,6 @@ def grass_dist_command(
         f"data.train.tokenizer={model_dir}",
         f"data.train.max_length={size.tokens}",
         "data.train.key_field=id",
-        f"data.query.path={corpus.parent / 'queries.jsonl'}",
         "task=causal_lm",
         f"task.batch_tokens={batch_tokens}",
         "compression=factgrass",

@@ -88,6 +88,13 @@ def locate_target(node: dict[str, Any], where: str) -> Callable[..., Any]:
         ) from None
 
 
+def unset_fields(node) -> list[str]:
+    """Keys of a `_target_` node that its preset leaves `???` (mandatory, not yet given)."""
+    return [
+        k for k in node if k not in _HYDRA_KEYS and isinstance(node[k], str) and node[k] == _UNSET
+    ]
+
+
 def check_arguments(
     fn: Callable[..., Any], node: dict[str, Any], where: str, supplied: int = 0
 ) -> None:
@@ -115,7 +122,7 @@ def check_arguments(
                 f"{', '.join(sorted(takes)) or 'none'}). {_leftover_fix(where, given, extra)}"
             )
     # A preset's `???` (e.g. data=text_files' paths) would otherwise reach the callable as text.
-    unset = [k for k in given if isinstance(node[k], str) and node[k] == _UNSET]
+    unset = unset_fields(node)
     if unset:
         adds = " ".join(f"{where}.{k}=<value>" for k in unset)
         raise ConfigError(

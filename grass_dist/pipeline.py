@@ -28,6 +28,7 @@ from grass_dist.build import (
     check_compressors,
     check_rows,
     fingerprint,
+    unset_fields,
 )
 from grass_dist.config import JobConfig, resolve
 from grass_dist.data.content import row_digest
@@ -107,7 +108,12 @@ def prepare(cfg: DictConfig | dict, *, create_index: bool = True, query: bool = 
     train = build_dataset(job_cfg, "train")
     check_rows(job_cfg, model, task, train, "train")
     row_digest(train[0])  # ConfigError now for items without a stable content digest
-    if query or job_cfg.data.get("query") is not None:
+    query_node = job_cfg.data.get("query")
+    if not query and query_node is not None and unset_fields(query_node):
+        # An index-only job reads no queries: a query preset still waiting for its
+        # path (data=text_files) is no reason to refuse it.
+        log.info("data.query leaves %s unset: not checked", ", ".join(unset_fields(query_node)))
+    elif query or query_node is not None:
         # A missing, empty or unfitting query set fails here, not after the index build.
         check_rows(job_cfg, model, task, build_dataset(job_cfg, "query"), "query")
     whole = check_compressors(job_cfg, model)

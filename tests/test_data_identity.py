@@ -258,6 +258,18 @@ def _write_jsonl(path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+def test_an_index_only_job_needs_no_query_file(tmp_path):
+    # data=text_files leaves data.query.path unset: jobs.index reads no queries, so it runs;
+    # a job that scores them is refused with the override to add.
+    pytest.importorskip("transformers")
+    corpus = tmp_path / "corpus.jsonl"
+    _write_jsonl(corpus, [{"text": f"document {i}"} for i in range(4)])
+    cfg = compose_cfg(tmp_path / "out", *LM_JOB, f"data.train.paths=[{corpus}]", small=False)
+    assert pipeline.prepare(cfg).n_train == 4
+    with pytest.raises(ConfigError, match=r"add data\.query\.path=<value>"):
+        pipeline.prepare(cfg, query=True)
+
+
 def test_jobs_index_refuses_to_append_after_a_row_was_edited_in_place(ray_session, tmp_path):
     pytest.importorskip("transformers")
     docs = [{"text": f"document {i}: the {'quick' if i % 2 else 'lazy'} fox"} for i in range(12)]
