@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 EMPTY = torch.iinfo(torch.int64).min  # an unfilled slot; sorts below every real key
 _LOW = 0xFFFFFFFF
 MAX_ROW = _LOW - 1  # row 2**32 - 1 would make a key collide with EMPTY's low bits
 _CHUNK = 1 << 21  # elements of int64 keys built at once on the dense path (16 MiB)
+GROUP = 8  # columns summarised by one maximum and one minimum in a tile's first pass
+_CACHE_FLOATS = 1 << 17  # scores reduced at once (512 KiB): the second reduction hits cache
 
 
 def _ordered_bits(values: torch.Tensor) -> torch.Tensor:
@@ -118,9 +121,15 @@ class RunningTopK:
         self.fill += counts
 
     def finish(self) -> torch.Tensor:
-        """Keys (Q, k), best first, after merging every waiting candidate (one sorted topk)."""
+        """Keys (Q, k), best first, after merging every waiting candidate (an unordered
+        `topk`, then numpy's sort, several times faster than torch's on int64 rows)."""
         width = int(self.fill.max())
-        out = torch.topk(self._buf[:, : self.k + width], self.k, dim=1, sorted=True).values
+        keys = self.keys
+        if width > 0:
+            keys = torch.topk(self._buf[:, : self.k + width], self.k, dim=1, sorted=False).values
+        flipped = np.invert(keys.numpy())  # ~key reverses the order exactly (no overflow)
+        flipped.sort(axis=1)
+        out = torch.from_numpy(np.invert(flipped, out=flipped))
         self._buf[:, : self.k] = out
         self._buf[:, self.k : self.k + width] = EMPTY
         self.fill.zero_()
@@ -141,12 +150,19 @@ class RunningTopK:
 class TopKPair:
     """Proponents (highest scores) and opponents (lowest) of a stream of (Q, T) tiles.
 
-    One pass over each tile marks the scores that can enter either list. With
-    `expected_rows` (the stream's length) the first tile also sets a floor per query: the
-    score that about 1.5-2 k of all rows are expected to reach, read off the tile's top
-    ranks. Scores below the floor are dropped from the start, which skips the warm-up in
-    which most scores would qualify. A query that ends with fewer than k scores at or above
-    its floor is reported by `shortfall()` and must be rescored without one.
+    A tile is filtered in two steps. First its columns are split into `GROUP` interleaved
+    groups and each query's maximum and minimum over every group are taken (vectorised
+    reductions, a few queries at a time so the second reads from cache). Only groups whose
+    extremum reaches the side's threshold are opened, and their scores compared one by one.
+    Reductions cost far less per score than a compare that writes a mask, and at the
+    thresholds a top-k reaches, most groups stay closed.
+
+    With `expected_rows` (the stream's length) the first tile also sets a floor per query:
+    the score that about 1.5-2 k of all rows are expected to reach, read off the top ranks
+    of the tile's group extrema (the r-th best group extremum is at most the r-th best
+    score, so the floor errs low). Scores below the floor are dropped from the start, which
+    skips the warm-up in which most scores would qualify. A query whose k-th best ends
+    below its floor is reported by `shortfall()` and must be rescored without one.
     """
 
     def __init__(self, n_query: int, k: int, expected_rows: int | None = None):
@@ -156,50 +172,52 @@ class TopKPair:
         self.expected_rows = expected_rows
         self.floor: tuple[torch.Tensor, torch.Tensor] | None = None
         self._started = False
-        self._mask: torch.Tensor | None = None
 
-    def add(self, scores: torch.Tensor, rows: torch.Tensor) -> None:
-        """Fold a tile: scores (Q, T) float32 (contiguous), rows (T,) int64."""
+    def add(
+        self,
+        scores: torch.Tensor,
+        rows: torch.Tensor,
+        extrema: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        """Fold a tile: scores (Q, T) float32 (contiguous), rows (T,) int64.
+
+        `extrema`: the tile's (max, min) over column groups (see `group_extrema`) when the
+        caller already took them, e.g. block by block while each was in cache.
+        """
+        n_cols = scores.shape[1]
+        width = n_cols // GROUP
+        high, low = tile_extrema(scores) if extrema is None else extrema
         if not self._started:
             self._started = True
-            self.floor = self._estimate_floor(scores)
+            self.floor = self._estimate_floor(n_cols, high, low)
         hi, lo = self.props.threshold(), -self.opps.threshold()
         if self.floor is not None:
             hi, lo = torch.maximum(hi, self.floor[0]), torch.minimum(lo, self.floor[1])
-        n_query, n_cols = scores.shape
-        n = n_query * n_cols
-        mask = self._mask_buffer(n)
-        for side, bound in ((self.props, hi), (self.opps, lo)):
-            compare = torch.ge if side is self.props else torch.le
-            compare(scores, bound, out=mask[:n].view(n_query, n_cols))
-            idx = _flat_nonzero(mask)
-            if idx is None:  # warm-up: most scores qualify, select from the whole tile
+        flat_scores = scores.numpy().reshape(-1)
+        for side, bound, ext in ((self.props, hi, high), (self.opps, lo, low)):
+            compare = np.greater_equal if side is self.props else np.less_equal
+            flats = _grouped(compare, n_cols, flat_scores, bound.numpy(), ext.numpy())
+            if flats is None:  # warm-up: most groups qualify, select from the whole tile
                 side.add_dense(scores, rows)
                 continue
-            qi = torch.div(idx, n_cols, rounding_mode="floor")
-            values = scores.view(-1).index_select(0, idx)
-            cand_rows = rows.index_select(0, idx - qi * n_cols)
-            side.add_candidates(qi, encode(values * side.sign, cand_rows))
+            if n_cols > GROUP * width:  # columns past the last whole group
+                flats.append(_ungrouped(compare, scores.numpy(), bound.numpy(), GROUP * width))
+            for flat in flats:
+                _add_flat(side, n_cols, flat_scores, rows, flat)
 
-    def _mask_buffer(self, n: int) -> torch.Tensor:
-        """A bool buffer of n entries rounded up to whole int64 words, padding False."""
-        words = -(-n // 8)
-        if self._mask is None or self._mask.numel() < 8 * words:
-            self._mask = torch.empty(8 * words, dtype=torch.bool)
-        self._mask[n : 8 * words] = False
-        return self._mask[: 8 * words]
-
-    def _estimate_floor(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Per-query (high, low) floors from the first tile, or None when not worth it."""
+    def _estimate_floor(
+        self, n_tile: int, high: torch.Tensor, low: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-query (high, low) floors from the first tile's group extrema, or None when
+        not worth it."""
         if self.expected_rows is None:
             return None
-        n_tile = scores.shape[1]
         expected = self.k * n_tile / self.expected_rows  # rank of the final k-th in this tile
         rank = math.ceil(expected + 4.0 * math.sqrt(expected) + 8.0)
-        if rank > n_tile // 4:
+        if rank > high.shape[1] // 4:
             return None
-        hi = torch.topk(scores, rank, dim=1, sorted=False).values.amin(1, keepdim=True)
-        lo = torch.topk(scores, rank, dim=1, largest=False, sorted=False).values.amax(1, True)
+        hi = torch.topk(high, rank, dim=1, sorted=False).values.amin(1, keepdim=True)
+        lo = torch.topk(low, rank, dim=1, largest=False, sorted=False).values.amax(1, True)
         return hi, lo
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,26 +225,86 @@ class TopKPair:
         return self.props.finish(), self.opps.finish()
 
     def shortfall(self) -> torch.Tensor:
-        """Indices of queries whose floor dropped rows they needed (call after finish)."""
+        """Indices of queries whose floor dropped rows they needed (call after finish): their
+        k-th best is below the floor (or missing), so a row under the floor may belong."""
         if self.floor is None:
             return torch.zeros(0, dtype=torch.int64)
-        short = (self.props.keys == EMPTY).any(1) | (self.opps.keys == EMPTY).any(1)
-        return short.nonzero().flatten()
+        hi, lo = self.floor
+        short = (decode(self.props.kth[:, None])[0] < hi) | (
+            decode(self.opps.kth[:, None])[0] < -lo
+        )
+        return short.flatten().nonzero().flatten()
 
 
-def _flat_nonzero(mask: torch.Tensor) -> torch.Tensor | None:
-    """Indices of the True entries of a flat bool mask (length a multiple of 8), ascending;
-    None when most of its 8-entry words hold one (the caller then takes everything).
+def _grouped(compare, n_cols: int, flat_scores, bound, extrema) -> list[np.ndarray] | None:
+    """Flat indices into the (Q, n_cols) scores of the grouped columns whose score passes
+    `compare(score, bound)`: one ascending array per member of a group; None when most
+    groups are open.
 
-    Scanning int64 words first reads the mask once at 1/8 of the entries; only the words
-    that hold a True are unpacked to bytes.
+    Arrays are numpy views of the tile: numpy's comparisons and `flatnonzero` run several
+    times faster than torch's bool-producing kernels on CPU, and every step is a flat,
+    long array operation.
     """
-    words = mask.view(torch.int64)
-    hit = words.nonzero().flatten()
-    if hit.numel() > words.numel() // 2:
+    width = extrema.shape[1]
+    hit = np.flatnonzero(compare(extrema, bound))
+    if hit.size > extrema.size // 2:
         return None
-    word, byte = words.index_select(0, hit).view(torch.uint8).view(-1, 8).nonzero(as_tuple=True)
-    return hit.index_select(0, word) * 8 + byte
+    qi = hit // width
+    first = hit + qi * (n_cols - width)  # the group's first column, as a flat index
+    limit = bound.reshape(-1)[qi]
+    out = []
+    for member in range(GROUP):
+        flat = first + member * width
+        out.append(flat[compare(flat_scores[flat], limit)])
+    return out
+
+
+def _ungrouped(compare, scores: np.ndarray, bound: np.ndarray, start: int) -> np.ndarray:
+    """Flat indices into `scores` (Q, T) of columns start.. that pass, by plain comparison."""
+    qi, col = np.nonzero(compare(scores[:, start:], bound))
+    return qi * scores.shape[1] + start + col
+
+
+def _add_flat(side: RunningTopK, n_cols: int, flat_scores, rows, flat: np.ndarray) -> None:
+    """Candidates given as flat indices (grouped by query) into the (Q, n_cols) scores into
+    `side`'s pool."""
+    flat = torch.from_numpy(flat)
+    qi = torch.div(flat, n_cols, rounding_mode="floor")
+    values = torch.from_numpy(flat_scores).index_select(0, flat)
+    cand_rows = rows.index_select(0, flat - qi * n_cols)
+    side.add_candidates(qi, encode(values * side.sign, cand_rows))
+
+
+def query_block(n_cols: int) -> int:
+    """Queries per block of a (Q, n_cols) float32 tile such that a block stays in cache."""
+    return max(1, _CACHE_FLOATS // max(1, n_cols))
+
+
+def extrema_buffers(n_query: int, n_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty (max, min) buffers (Q, n_cols // GROUP) for a tile's group extrema."""
+    width = n_cols // GROUP
+    return torch.empty(n_query, width), torch.empty(n_query, width)
+
+
+def group_extrema(block: torch.Tensor, high: torch.Tensor, low: torch.Tensor) -> None:
+    """Per query of a block (q, T), the max and min over each group of columns
+    {w, w + W, ..., w + (GROUP - 1) W}, W = T // GROUP, into high and low (q, W)."""
+    width = high.shape[1]
+    if width:
+        part = block[:, : GROUP * width].view(-1, GROUP, width)
+        torch.amax(part, 1, out=high)
+        torch.amin(part, 1, out=low)
+
+
+def tile_extrema(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole tile's group extrema, a cache-sized block of queries at a time (so the second
+    reduction reads its block from cache)."""
+    high, low = extrema_buffers(*scores.shape)
+    step = query_block(scores.shape[1])
+    for lo in range(0, scores.shape[0], step):
+        hi = lo + step
+        group_extrema(scores[lo:hi], high[lo:hi], low[lo:hi])
+    return high, low
 
 
 def _padded(qi: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
