@@ -25,14 +25,7 @@ import numpy as np
 import torch
 
 from grass_dist.scoring.precondition import Preconditioner
-from grass_dist.scoring.topk import (
-    MAX_ROW,
-    TopKPair,
-    extrema_buffers,
-    group_extrema,
-    merge_keys,
-    query_block,
-)
+from grass_dist.scoring.topk import MAX_ROW, TopKPair, merge_keys, query_block
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +188,8 @@ class TileScorer:
         for lo in range(0, len(rows), self.tile_rows):
             hi = lo + self.tile_rows
             tile = phi[lo:hi]
-            scores, extrema = self._scores(tile, None if norms is None else norms[lo:hi])
-            self.top.add(scores, rows_t[lo:hi], extrema)
+            scores = self._scores(tile, None if norms is None else norms[lo:hi])
+            self.top.add(scores, rows_t[lo:hi])
             if dense_sink is not None:
                 dense_sink(lo, rows[lo:hi], scores)
             if self.whiteners is not None:
@@ -206,26 +199,23 @@ class TileScorer:
         total = np.concatenate(self_inf) if self_inf else np.zeros(0, np.float64)
         return total, (norms**2).numpy()
 
-    def _scores(
-        self, tile: torch.Tensor, norms: torch.Tensor | None
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """(t, K) train tile -> (Q, t) float32 scores and their group extrema for the top-k.
+    def _scores(self, tile: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
+        """(t, K) train tile -> (Q, t) float32 scores.
 
-        The GEMM runs a cache-sized block of queries at a time and each block's extrema are
-        taken while it is still in cache: cheaper than one GEMM and a second pass over the
-        whole tile, and the smaller GEMM output runs no slower.
+        The GEMM runs a cache-sized block of queries at a time and each block goes to the
+        top-k's scan while still in cache: cheaper than one GEMM and then passes over the
+        whole tile from memory, and the smaller GEMM outputs run no slower.
         """
         if self.query.kind == "cosine":
             tile = unit_rows(tile, norms)
         n_query, n_cols = self.query.n_query, tile.shape[0]
         out = self._buf[: n_query * n_cols].view(n_query, n_cols)
-        high, low = extrema_buffers(n_query, n_cols)
         step = query_block(n_cols)
         for lo in range(0, n_query, step):
-            hi = lo + step
-            torch.matmul(self.query.matrix[lo:hi], tile.T, out=out[lo:hi])
-            group_extrema(out[lo:hi], high[lo:hi], low[lo:hi])
-        return out, (high, low)
+            block = out[lo : lo + step]
+            torch.matmul(self.query.matrix[lo : lo + step], tile.T, out=block)
+            self.top.scan(block, lo)
+        return out
 
     def _self_influence(self, tile: torch.Tensor) -> np.ndarray:
         total = torch.zeros(tile.shape[0], dtype=torch.float64)

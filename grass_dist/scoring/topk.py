@@ -27,7 +27,7 @@ _LOW = 0xFFFFFFFF
 MAX_ROW = _LOW - 1  # row 2**32 - 1 would make a key collide with EMPTY's low bits
 _CHUNK = 1 << 21  # elements of int64 keys built at once on the dense path (16 MiB)
 GROUP = 8  # columns summarised by one maximum and one minimum in a tile's first pass
-_CACHE_FLOATS = 1 << 17  # scores reduced at once (512 KiB): the second reduction hits cache
+_CACHE_FLOATS = 1 << 17  # scores per block of queries (512 KiB), scanned while in cache
 
 
 def _ordered_bits(values: torch.Tensor) -> torch.Tensor:
@@ -150,12 +150,13 @@ class RunningTopK:
 class TopKPair:
     """Proponents (highest scores) and opponents (lowest) of a stream of (Q, T) tiles.
 
-    A tile is filtered in two steps. First its columns are split into `GROUP` interleaved
-    groups and each query's maximum and minimum over every group are taken (vectorised
-    reductions, a few queries at a time so the second reads from cache). Only groups whose
-    extremum reaches the side's threshold are opened, and their scores compared one by one.
-    Reductions cost far less per score than a compare that writes a mask, and at the
-    thresholds a top-k reaches, most groups stay closed.
+    A tile is filtered block by block of queries, each block while it is still in cache
+    (`scan`, called by the scorer right after a block of the GEMM): the block's columns are
+    split into `GROUP` interleaved groups {w, w + W, ...} and each query's maximum and
+    minimum over every group taken (vectorised reductions, far cheaper per score than a
+    compare that writes a mask). Only groups whose extremum reaches a side's threshold are
+    opened and their scores compared one by one; at the thresholds a top-k reaches, most
+    groups stay closed. `add` then moves the tile's candidates into the running lists.
 
     With `expected_rows` (the stream's length) the first tile also sets a floor per query:
     the score that about 1.5-2 k of all rows are expected to reach, read off the top ranks
@@ -167,43 +168,74 @@ class TopKPair:
 
     def __init__(self, n_query: int, k: int, expected_rows: int | None = None):
         self.k = k
+        self.n_query = n_query
         self.props = RunningTopK(n_query, k, 1)
         self.opps = RunningTopK(n_query, k, -1)
         self.expected_rows = expected_rows
         self.floor: tuple[torch.Tensor, torch.Tensor] | None = None
         self._started = False
+        self._scan: _TileScan | None = None
 
-    def add(
-        self,
-        scores: torch.Tensor,
-        rows: torch.Tensor,
-        extrema: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> None:
-        """Fold a tile: scores (Q, T) float32 (contiguous), rows (T,) int64.
+    def scan(self, block: torch.Tensor, start: int) -> None:
+        """Queries start.. (q of them) of the tile being scored: block (q, T) float32,
+        contiguous. Call for every block in order of `start`, then `add` the whole tile."""
+        if start == 0:
+            self._scan = _TileScan(self.n_query, block.shape[1], self._bounds())
+        scan = self._scan
+        if scan is None or start != scan.covered:
+            raise ValueError(
+                f"scan blocks must cover the tile's queries in order from 0, got {start}"
+            )
+        high, low = extrema_buffers(block.shape[0], block.shape[1])
+        group_extrema(block, high, low)
+        scan.covered += block.shape[0]
+        if not self._started:  # the floor needs the whole first tile's extrema first
+            scan.extrema.append((high, low))
+            return
+        flat_block = block.numpy().reshape(-1)
+        for side, extrema in enumerate((high, low)):
+            scan.collect(side, flat_block, extrema.numpy(), start)
 
-        `extrema`: the tile's (max, min) over column groups (see `group_extrema`) when the
-        caller already took them, e.g. block by block while each was in cache.
-        """
-        n_cols = scores.shape[1]
-        width = n_cols // GROUP
-        high, low = tile_extrema(scores) if extrema is None else extrema
+    def add(self, scores: torch.Tensor, rows: torch.Tensor) -> None:
+        """Fold a tile: scores (Q, T) float32 (contiguous), rows (T,) int64; its blocks were
+        passed to `scan` before (if not, the tile is scanned here)."""
+        if scores.shape[0] == 0:
+            return
+        scan = self._scan
+        if scan is None or scan.covered != scores.shape[0] or scan.n_cols != scores.shape[1]:
+            self._scan_tile(scores)
+            scan = self._scan
         if not self._started:
             self._started = True
-            self.floor = self._estimate_floor(n_cols, high, low)
+            high = torch.cat([h for h, _ in scan.extrema])
+            low = torch.cat([lo for _, lo in scan.extrema])
+            self.floor = self._estimate_floor(scores.shape[1], high, low)
+            self._scan_tile(scores)
+            scan = self._scan
+        self._scan = None
+        width = scores.shape[1] // GROUP
+        flat_scores = scores.numpy().reshape(-1)
+        for side, top in enumerate((self.props, self.opps)):
+            if scan.dense[side]:  # warm-up: most groups qualify, select from the whole tile
+                top.add_dense(scores, rows)
+                continue
+            flats = scan.runs(side)
+            if scores.shape[1] > GROUP * width:  # columns past the last whole group
+                flats.append(scan.ungrouped(side, scores.numpy(), GROUP * width))
+            for flat in flats:
+                _add_flat(top, scores.shape[1], flat_scores, rows, flat)
+
+    def _scan_tile(self, scores: torch.Tensor) -> None:
+        step = query_block(scores.shape[1])
+        for lo in range(0, scores.shape[0], step):
+            self.scan(scores[lo : lo + step], lo)
+
+    def _bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, 1) float32 thresholds: a proponent must reach hi, an opponent lo."""
         hi, lo = self.props.threshold(), -self.opps.threshold()
         if self.floor is not None:
             hi, lo = torch.maximum(hi, self.floor[0]), torch.minimum(lo, self.floor[1])
-        flat_scores = scores.numpy().reshape(-1)
-        for side, bound, ext in ((self.props, hi, high), (self.opps, lo, low)):
-            compare = np.greater_equal if side is self.props else np.less_equal
-            flats = _grouped(compare, n_cols, flat_scores, bound.numpy(), ext.numpy())
-            if flats is None:  # warm-up: most groups qualify, select from the whole tile
-                side.add_dense(scores, rows)
-                continue
-            if n_cols > GROUP * width:  # columns past the last whole group
-                flats.append(_ungrouped(compare, scores.numpy(), bound.numpy(), GROUP * width))
-            for flat in flats:
-                _add_flat(side, n_cols, flat_scores, rows, flat)
+        return hi.numpy(), lo.numpy()
 
     def _estimate_floor(
         self, n_tile: int, high: torch.Tensor, low: torch.Tensor
@@ -236,33 +268,48 @@ class TopKPair:
         return short.flatten().nonzero().flatten()
 
 
-def _grouped(compare, n_cols: int, flat_scores, bound, extrema) -> list[np.ndarray] | None:
-    """Flat indices into the (Q, n_cols) scores of the grouped columns whose score passes
-    `compare(score, bound)`: one ascending array per member of a group; None when most
-    groups are open.
+class _TileScan:
+    """What `TopKPair.scan` gathered of one tile: per side (0 proponents, 1 opponents) and
+    block, the flat indices of its candidates as `GROUP` ascending runs (one per group
+    member) with their lengths, or `dense` when most groups were open."""
 
-    Arrays are numpy views of the tile: numpy's comparisons and `flatnonzero` run several
-    times faster than torch's bool-producing kernels on CPU, and every step is a flat,
-    long array operation.
-    """
-    width = extrema.shape[1]
-    hit = np.flatnonzero(compare(extrema, bound))
-    if hit.size > extrema.size // 2:
-        return None
-    qi = hit // width
-    first = hit + qi * (n_cols - width)  # the group's first column, as a flat index
-    limit = bound.reshape(-1)[qi]
-    out = []
-    for member in range(GROUP):
-        flat = first + member * width
-        out.append(flat[compare(flat_scores[flat], limit)])
-    return out
+    def __init__(self, n_query: int, n_cols: int, bounds: tuple[np.ndarray, np.ndarray]):
+        self.n_cols, self.bounds = n_cols, bounds
+        self.covered = 0
+        self.extrema: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.dense = [False, False]
+        self.parts: tuple[list, list] = ([], [])
+
+    def collect(self, side: int, flat_block: np.ndarray, extrema: np.ndarray, start: int) -> None:
+        """Candidates of one block (queries start..) whose group extrema are `extrema`."""
+        if self.dense[side]:
+            return
+        compare = _COMPARE[side]
+        n_block, width = extrema.shape
+        bound = self.bounds[side][start : start + n_block]
+        hit = np.flatnonzero(compare(extrema, bound))
+        if hit.size > extrema.size // 2:
+            self.dense[side] = True
+            return
+        offset = start * self.n_cols
+        qi = hit // width
+        first = hit + qi * (self.n_cols - width)  # the group's first column, flat in the block
+        flat = first + np.arange(GROUP)[:, None] * width  # (GROUP, hits)
+        keep = compare(flat_block[flat], bound.reshape(-1)[qi])
+        self.parts[side].append((flat[keep] + offset, keep.sum(1)))
+
+    def runs(self, side: int) -> list[np.ndarray]:
+        """The side's candidates as `GROUP` arrays of flat indices, each ascending."""
+        pieces = [np.split(flat, np.cumsum(counts)[:-1]) for flat, counts in self.parts[side]]
+        return [np.concatenate([p[m] for p in pieces]) for m in range(GROUP)] if pieces else []
+
+    def ungrouped(self, side: int, scores: np.ndarray, start: int) -> np.ndarray:
+        """Flat indices into `scores` (Q, T) of columns start.. that pass, compared plainly."""
+        qi, col = np.nonzero(_COMPARE[side](scores[:, start:], self.bounds[side]))
+        return qi * scores.shape[1] + start + col
 
 
-def _ungrouped(compare, scores: np.ndarray, bound: np.ndarray, start: int) -> np.ndarray:
-    """Flat indices into `scores` (Q, T) of columns start.. that pass, by plain comparison."""
-    qi, col = np.nonzero(compare(scores[:, start:], bound))
-    return qi * scores.shape[1] + start + col
+_COMPARE = (np.greater_equal, np.less_equal)  # a candidate's test against its side's bound
 
 
 def _add_flat(side: RunningTopK, n_cols: int, flat_scores, rows, flat: np.ndarray) -> None:
@@ -294,17 +341,6 @@ def group_extrema(block: torch.Tensor, high: torch.Tensor, low: torch.Tensor) ->
         part = block[:, : GROUP * width].view(-1, GROUP, width)
         torch.amax(part, 1, out=high)
         torch.amin(part, 1, out=low)
-
-
-def tile_extrema(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole tile's group extrema, a cache-sized block of queries at a time (so the second
-    reduction reads its block from cache)."""
-    high, low = extrema_buffers(*scores.shape)
-    step = query_block(scores.shape[1])
-    for lo in range(0, scores.shape[0], step):
-        hi = lo + step
-        group_extrema(scores[lo:hi], high[lo:hi], low[lo:hi])
-    return high, low
 
 
 def _padded(qi: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
