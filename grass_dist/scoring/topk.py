@@ -10,9 +10,11 @@ same order; the low 32 bits are `2**32 - 1 - row`. Opponents (lowest scores) are
 proponents of the negated scores (negation is exact).
 
 Per tile, the current k-th best score per query is a threshold: only scores at or above it
-can enter, and after the first few tiles they are a small fraction. Those candidates wait in
-a pool and are merged (one `topk` over k + pool columns) only when the pool fills, so the
-merge cost is paid a few times per stream rather than once per tile.
+can enter, and after the first few tiles they are a small fraction. They are found through
+column-group maxima and minima, block by block of queries while the GEMM's output is in
+cache (see TopKPair). Those candidates wait in a pool and are merged (one `topk` over
+k + pool columns) only when the pool fills, so the merge cost is paid a few times per
+stream rather than once per tile.
 """
 
 from __future__ import annotations
@@ -180,14 +182,13 @@ class TopKPair:
         """Queries start.. (q of them) of the tile being scored: block (q, T) float32,
         contiguous. Call for every block in order of `start`, then `add` the whole tile."""
         if start == 0:
-            self._scan = _TileScan(self.n_query, block.shape[1], self._bounds())
+            self._scan = _TileScan(block.shape[1], self._bounds())
         scan = self._scan
         if scan is None or start != scan.covered:
             raise ValueError(
                 f"scan blocks must cover the tile's queries in order from 0, got {start}"
             )
-        high, low = extrema_buffers(block.shape[0], block.shape[1])
-        group_extrema(block, high, low)
+        high, low = _group_extrema(block)
         scan.covered += block.shape[0]
         if not self._started:  # the floor needs the whole first tile's extrema first
             scan.extrema.append((high, low))
@@ -273,7 +274,7 @@ class _TileScan:
     block, the flat indices of its candidates as `GROUP` ascending runs (one per group
     member) with their lengths, or `dense` when most groups were open."""
 
-    def __init__(self, n_query: int, n_cols: int, bounds: tuple[np.ndarray, np.ndarray]):
+    def __init__(self, n_cols: int, bounds: tuple[np.ndarray, np.ndarray]):
         self.n_cols, self.bounds = n_cols, bounds
         self.covered = 0
         self.extrema: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -327,20 +328,15 @@ def query_block(n_cols: int) -> int:
     return max(1, _CACHE_FLOATS // max(1, n_cols))
 
 
-def extrema_buffers(n_query: int, n_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Empty (max, min) buffers (Q, n_cols // GROUP) for a tile's group extrema."""
-    width = n_cols // GROUP
-    return torch.empty(n_query, width), torch.empty(n_query, width)
-
-
-def group_extrema(block: torch.Tensor, high: torch.Tensor, low: torch.Tensor) -> None:
-    """Per query of a block (q, T), the max and min over each group of columns
-    {w, w + W, ..., w + (GROUP - 1) W}, W = T // GROUP, into high and low (q, W)."""
-    width = high.shape[1]
-    if width:
-        part = block[:, : GROUP * width].view(-1, GROUP, width)
-        torch.amax(part, 1, out=high)
-        torch.amin(part, 1, out=low)
+def _group_extrema(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query of a block (q, T), the max and min (q, W) over each group of columns
+    {w, w + W, ..., w + (GROUP - 1) W}, W = T // GROUP: reductions over a middle axis,
+    which torch vectorises along the contiguous one."""
+    width = block.shape[1] // GROUP
+    if width == 0:
+        return torch.empty(block.shape[0], 0), torch.empty(block.shape[0], 0)
+    part = block[:, : GROUP * width].view(-1, GROUP, width)
+    return part.amax(1), part.amin(1)
 
 
 def _padded(qi: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
