@@ -30,6 +30,7 @@ from grass_dist.scoring.topk import MAX_ROW, TopKPair, merge_keys, query_block
 log = logging.getLogger(__name__)
 
 KINDS = ("influence", "grad_dot", "cosine")
+_BLOCKED_GEMM_FLOATS = 1 << 19  # largest train tile (2 MiB) whose GEMM runs in query blocks
 
 
 @dataclass
@@ -202,14 +203,17 @@ class TileScorer:
     def _scores(self, tile: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
         """(t, K) train tile -> (Q, t) float32 scores.
 
-        The GEMM runs a cache-sized block of queries at a time and each block goes to the
-        top-k's scan while still in cache: cheaper than one GEMM and then passes over the
-        whole tile from memory, and the smaller GEMM outputs run no slower.
+        At small K the GEMM runs a cache-sized block of queries at a time and each block
+        goes to the top-k's scan while still in cache: cheaper than one GEMM and then passes
+        over the whole tile from memory. A large train tile (large K) would be re-read from
+        memory by every block, so it gets one GEMM and the top-k scans the result itself.
         """
         if self.query.kind == "cosine":
             tile = unit_rows(tile, norms)
         n_query, n_cols = self.query.n_query, tile.shape[0]
         out = self._buf[: n_query * n_cols].view(n_query, n_cols)
+        if tile.numel() > _BLOCKED_GEMM_FLOATS:
+            return torch.matmul(self.query.matrix, tile.T, out=out)
         step = query_block(n_cols)
         for lo in range(0, n_query, step):
             block = out[lo : lo + step]
