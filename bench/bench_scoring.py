@@ -10,7 +10,9 @@ of `--repeats` interleaved runs:
 - matmul: `torch.matmul(queries (Q, K), tile.T)` for every tile of train rows, output
   discarded: the GEMM alone, the baseline;
 - scorer: grass_dist's TileScorer on the same tiles (GEMM + exact running top-k
-  proponents and opponents + squared norms), finished into sorted (Q, k) lists;
+  proponents and opponents + squared norms), finished into sorted (Q, k) lists; at small
+  K it runs the GEMM a cache-sized block of queries at a time and filters each block while
+  in cache, which also makes its GEMM faster than the baseline's whole-tile one;
 - index: the same scoring streamed from a float16 gradient index on local disk
   (read + decode + score) via runtime.scoring.score_records.
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from grass_dist.scoring.score import Block, QuerySide, score_stream
+from grass_dist.scoring.score import Block, QuerySide, TileScorer, score_stream
 from grass_dist.scoring.topk import EMPTY, TopKPair, decode, encode, merge_keys
 
 
@@ -110,3 +110,26 @@ def test_a_misleading_first_tile_is_caught_and_rescored_exactly():
         top.add(scores[:, lo : lo + 2000].contiguous(), torch.arange(lo, lo + 2000))
     top.finish()
     assert set(top.shortfall().tolist()) == {0, 1, 2}
+
+
+@pytest.mark.parametrize(("k", "n_rows"), [(10, 100_000), (1024, 100_000), (1024, 600)])
+def test_scorer_at_small_k_equals_a_full_sort_over_tiles_blocks_and_shards(k, n_rows):
+    # Small integer entries make every float32 score exact (whatever the GEMM's blocking)
+    # and tie often, so the reference is a plain sort of the float64 products.
+    gen = torch.Generator().manual_seed(k + n_rows)
+    matrix = torch.randint(-3, 4, (70, 8), generator=gen).float()
+    phi = torch.randint(-3, 4, (n_rows, 8), generator=gen).float()
+    scores = (matrix.double() @ phi.double().T).float()
+    query = QuerySide(matrix, [("a", 0, 3), ("b", 3, 8)], "grad_dot")
+    scorer = TileScorer(query, k, tile_rows=4096, expected_rows=n_rows)
+    for lo in range(0, n_rows, 30_000):  # shards; tiles of 4096 rows, 3 blocks of queries
+        scorer.add(np.arange(lo, min(lo + 30_000, n_rows)), phi[lo : lo + 30_000])
+    partial = scorer.finish()
+    assert (scorer.top.floor is not None) == (n_rows > k * 20)
+    assert len(scorer.top.shortfall()) == 0
+    for keys, sign in ((partial.proponents, 1), (partial.opponents, -1)):
+        got_v, got_r = decode(keys, sign)
+        want_v, want_r = brute(scores, k, sign)
+        n = min(k, n_rows)
+        assert torch.equal(got_r[:, :n], want_r) and torch.equal(got_v[:, :n], want_v)
+        assert (got_r[:, n:] == -1).all()

@@ -25,11 +25,12 @@ import numpy as np
 import torch
 
 from grass_dist.scoring.precondition import Preconditioner
-from grass_dist.scoring.topk import MAX_ROW, TopKPair, merge_keys
+from grass_dist.scoring.topk import MAX_ROW, TopKPair, merge_keys, query_block
 
 log = logging.getLogger(__name__)
 
 KINDS = ("influence", "grad_dot", "cosine")
+_BLOCKED_GEMM_FLOATS = 1 << 19  # largest train tile (2 MiB) whose GEMM runs in query blocks
 
 
 @dataclass
@@ -200,11 +201,25 @@ class TileScorer:
         return total, (norms**2).numpy()
 
     def _scores(self, tile: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
-        """(t, K) train tile -> (Q, t) float32 scores: one GEMM."""
+        """(t, K) train tile -> (Q, t) float32 scores.
+
+        At small K the GEMM runs a cache-sized block of queries at a time and each block
+        goes to the top-k's scan while still in cache: cheaper than one GEMM and then passes
+        over the whole tile from memory. A large train tile (large K) would be re-read from
+        memory by every block, so it gets one GEMM and the top-k scans the result itself.
+        """
         if self.query.kind == "cosine":
             tile = unit_rows(tile, norms)
-        out = self._buf[: self.query.n_query * tile.shape[0]].view(-1, tile.shape[0])
-        return torch.matmul(self.query.matrix, tile.T, out=out)
+        n_query, n_cols = self.query.n_query, tile.shape[0]
+        out = self._buf[: n_query * n_cols].view(n_query, n_cols)
+        if tile.numel() > _BLOCKED_GEMM_FLOATS:
+            return torch.matmul(self.query.matrix, tile.T, out=out)
+        step = query_block(n_cols)
+        for lo in range(0, n_query, step):
+            block = out[lo : lo + step]
+            torch.matmul(self.query.matrix[lo : lo + step], tile.T, out=block)
+            self.top.scan(block, lo)
+        return out
 
     def _self_influence(self, tile: torch.Tensor) -> np.ndarray:
         total = torch.zeros(tile.shape[0], dtype=torch.float64)

@@ -10,21 +10,26 @@ same order; the low 32 bits are `2**32 - 1 - row`. Opponents (lowest scores) are
 proponents of the negated scores (negation is exact).
 
 Per tile, the current k-th best score per query is a threshold: only scores at or above it
-can enter, and after the first few tiles they are a small fraction. Those candidates wait in
-a pool and are merged (one `topk` over k + pool columns) only when the pool fills, so the
-merge cost is paid a few times per stream rather than once per tile.
+can enter, and after the first few tiles they are a small fraction. They are found through
+column-group maxima and minima, block by block of queries while the GEMM's output is in
+cache (see TopKPair). Those candidates wait in a pool and are merged (one `topk` over
+k + pool columns) only when the pool fills, so the merge cost is paid a few times per
+stream rather than once per tile.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 EMPTY = torch.iinfo(torch.int64).min  # an unfilled slot; sorts below every real key
 _LOW = 0xFFFFFFFF
 MAX_ROW = _LOW - 1  # row 2**32 - 1 would make a key collide with EMPTY's low bits
 _CHUNK = 1 << 21  # elements of int64 keys built at once on the dense path (16 MiB)
+GROUP = 8  # columns summarised by one maximum and one minimum in a tile's first pass
+_CACHE_FLOATS = 1 << 17  # scores per block of queries (512 KiB), scanned while in cache
 
 
 def _ordered_bits(values: torch.Tensor) -> torch.Tensor:
@@ -118,9 +123,15 @@ class RunningTopK:
         self.fill += counts
 
     def finish(self) -> torch.Tensor:
-        """Keys (Q, k), best first, after merging every waiting candidate (one sorted topk)."""
+        """Keys (Q, k), best first, after merging every waiting candidate (an unordered
+        `topk`, then numpy's sort, several times faster than torch's on int64 rows)."""
         width = int(self.fill.max())
-        out = torch.topk(self._buf[:, : self.k + width], self.k, dim=1, sorted=True).values
+        keys = self.keys
+        if width > 0:
+            keys = torch.topk(self._buf[:, : self.k + width], self.k, dim=1, sorted=False).values
+        flipped = np.invert(keys.numpy())  # ~key reverses the order exactly (no overflow)
+        flipped.sort(axis=1)
+        out = torch.from_numpy(np.invert(flipped, out=flipped))
         self._buf[:, : self.k] = out
         self._buf[:, self.k : self.k + width] = EMPTY
         self.fill.zero_()
@@ -141,65 +152,105 @@ class RunningTopK:
 class TopKPair:
     """Proponents (highest scores) and opponents (lowest) of a stream of (Q, T) tiles.
 
-    One pass over each tile marks the scores that can enter either list. With
-    `expected_rows` (the stream's length) the first tile also sets a floor per query: the
-    score that about 1.5-2 k of all rows are expected to reach, read off the tile's top
-    ranks. Scores below the floor are dropped from the start, which skips the warm-up in
-    which most scores would qualify. A query that ends with fewer than k scores at or above
-    its floor is reported by `shortfall()` and must be rescored without one.
+    A tile is filtered block by block of queries, each block while it is still in cache
+    (`scan`, called by the scorer right after a block of the GEMM): the block's columns are
+    split into `GROUP` interleaved groups {w, w + W, ...} and each query's maximum and
+    minimum over every group taken (vectorised reductions, far cheaper per score than a
+    compare that writes a mask). Only groups whose extremum reaches a side's threshold are
+    opened and their scores compared one by one; at the thresholds a top-k reaches, most
+    groups stay closed. `add` then moves the tile's candidates into the running lists.
+
+    With `expected_rows` (the stream's length) the first tile also sets a floor per query:
+    the score that about 1.5-2 k of all rows are expected to reach, read off the top ranks
+    of the tile's group extrema (the r-th best group extremum is at most the r-th best
+    score, so the floor errs low). Scores below the floor are dropped from the start, which
+    skips the warm-up in which most scores would qualify. A query whose k-th best ends
+    below its floor is reported by `shortfall()` and must be rescored without one.
     """
 
     def __init__(self, n_query: int, k: int, expected_rows: int | None = None):
         self.k = k
+        self.n_query = n_query
         self.props = RunningTopK(n_query, k, 1)
         self.opps = RunningTopK(n_query, k, -1)
         self.expected_rows = expected_rows
         self.floor: tuple[torch.Tensor, torch.Tensor] | None = None
         self._started = False
-        self._mask: torch.Tensor | None = None
+        self._scan: _TileScan | None = None
+
+    def scan(self, block: torch.Tensor, start: int) -> None:
+        """Queries start.. (q of them) of the tile being scored: block (q, T) float32,
+        contiguous. Call for every block in order of `start`, then `add` the whole tile."""
+        if start == 0:
+            self._scan = _TileScan(block.shape[1], self._bounds())
+        scan = self._scan
+        if scan is None or start != scan.covered:
+            raise ValueError(
+                f"scan blocks must cover the tile's queries in order from 0, got {start}"
+            )
+        high, low = _group_extrema(block)
+        scan.covered += block.shape[0]
+        if not self._started:  # the floor needs the whole first tile's extrema first
+            scan.extrema.append((high, low))
+            return
+        flat_block = block.numpy().reshape(-1)
+        for side, extrema in enumerate((high, low)):
+            scan.collect(side, flat_block, extrema.numpy(), start)
 
     def add(self, scores: torch.Tensor, rows: torch.Tensor) -> None:
-        """Fold a tile: scores (Q, T) float32 (contiguous), rows (T,) int64."""
+        """Fold a tile: scores (Q, T) float32 (contiguous), rows (T,) int64; its blocks were
+        passed to `scan` before (if not, the tile is scanned here)."""
+        if scores.shape[0] == 0:
+            return
+        scan = self._scan
+        if scan is None or scan.covered != scores.shape[0] or scan.n_cols != scores.shape[1]:
+            self._scan_tile(scores)
+            scan = self._scan
         if not self._started:
             self._started = True
-            self.floor = self._estimate_floor(scores)
+            high = torch.cat([h for h, _ in scan.extrema])
+            low = torch.cat([lo for _, lo in scan.extrema])
+            self.floor = self._estimate_floor(scores.shape[1], high, low)
+            self._scan_tile(scores)
+            scan = self._scan
+        self._scan = None
+        width = scores.shape[1] // GROUP
+        flat_scores = scores.numpy().reshape(-1)
+        for side, top in enumerate((self.props, self.opps)):
+            if scan.dense[side]:  # warm-up: most groups qualify, select from the whole tile
+                top.add_dense(scores, rows)
+                continue
+            flats = scan.runs(side)
+            if scores.shape[1] > GROUP * width:  # columns past the last whole group
+                flats.append(scan.ungrouped(side, scores.numpy(), GROUP * width))
+            for flat in flats:
+                _add_flat(top, scores.shape[1], flat_scores, rows, flat)
+
+    def _scan_tile(self, scores: torch.Tensor) -> None:
+        step = query_block(scores.shape[1])
+        for lo in range(0, scores.shape[0], step):
+            self.scan(scores[lo : lo + step], lo)
+
+    def _bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, 1) float32 thresholds: a proponent must reach hi, an opponent lo."""
         hi, lo = self.props.threshold(), -self.opps.threshold()
         if self.floor is not None:
             hi, lo = torch.maximum(hi, self.floor[0]), torch.minimum(lo, self.floor[1])
-        n_query, n_cols = scores.shape
-        n = n_query * n_cols
-        mask = self._mask_buffer(n)
-        for side, bound in ((self.props, hi), (self.opps, lo)):
-            compare = torch.ge if side is self.props else torch.le
-            compare(scores, bound, out=mask[:n].view(n_query, n_cols))
-            idx = _flat_nonzero(mask)
-            if idx is None:  # warm-up: most scores qualify, select from the whole tile
-                side.add_dense(scores, rows)
-                continue
-            qi = torch.div(idx, n_cols, rounding_mode="floor")
-            values = scores.view(-1).index_select(0, idx)
-            cand_rows = rows.index_select(0, idx - qi * n_cols)
-            side.add_candidates(qi, encode(values * side.sign, cand_rows))
+        return hi.numpy(), lo.numpy()
 
-    def _mask_buffer(self, n: int) -> torch.Tensor:
-        """A bool buffer of n entries rounded up to whole int64 words, padding False."""
-        words = -(-n // 8)
-        if self._mask is None or self._mask.numel() < 8 * words:
-            self._mask = torch.empty(8 * words, dtype=torch.bool)
-        self._mask[n : 8 * words] = False
-        return self._mask[: 8 * words]
-
-    def _estimate_floor(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Per-query (high, low) floors from the first tile, or None when not worth it."""
+    def _estimate_floor(
+        self, n_tile: int, high: torch.Tensor, low: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-query (high, low) floors from the first tile's group extrema, or None when
+        not worth it."""
         if self.expected_rows is None:
             return None
-        n_tile = scores.shape[1]
         expected = self.k * n_tile / self.expected_rows  # rank of the final k-th in this tile
         rank = math.ceil(expected + 4.0 * math.sqrt(expected) + 8.0)
-        if rank > n_tile // 4:
+        if rank > high.shape[1] // 4:
             return None
-        hi = torch.topk(scores, rank, dim=1, sorted=False).values.amin(1, keepdim=True)
-        lo = torch.topk(scores, rank, dim=1, largest=False, sorted=False).values.amax(1, True)
+        hi = torch.topk(high, rank, dim=1, sorted=False).values.amin(1, keepdim=True)
+        lo = torch.topk(low, rank, dim=1, largest=False, sorted=False).values.amax(1, True)
         return hi, lo
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,26 +258,85 @@ class TopKPair:
         return self.props.finish(), self.opps.finish()
 
     def shortfall(self) -> torch.Tensor:
-        """Indices of queries whose floor dropped rows they needed (call after finish)."""
+        """Indices of queries whose floor dropped rows they needed (call after finish): their
+        k-th best is below the floor (or missing), so a row under the floor may belong."""
         if self.floor is None:
             return torch.zeros(0, dtype=torch.int64)
-        short = (self.props.keys == EMPTY).any(1) | (self.opps.keys == EMPTY).any(1)
-        return short.nonzero().flatten()
+        hi, lo = self.floor
+        short = (decode(self.props.kth[:, None])[0] < hi) | (
+            decode(self.opps.kth[:, None])[0] < -lo
+        )
+        return short.flatten().nonzero().flatten()
 
 
-def _flat_nonzero(mask: torch.Tensor) -> torch.Tensor | None:
-    """Indices of the True entries of a flat bool mask (length a multiple of 8), ascending;
-    None when most of its 8-entry words hold one (the caller then takes everything).
+class _TileScan:
+    """What `TopKPair.scan` gathered of one tile: per side (0 proponents, 1 opponents) and
+    block, the flat indices of its candidates as `GROUP` ascending runs (one per group
+    member) with their lengths, or `dense` when most groups were open."""
 
-    Scanning int64 words first reads the mask once at 1/8 of the entries; only the words
-    that hold a True are unpacked to bytes.
-    """
-    words = mask.view(torch.int64)
-    hit = words.nonzero().flatten()
-    if hit.numel() > words.numel() // 2:
-        return None
-    word, byte = words.index_select(0, hit).view(torch.uint8).view(-1, 8).nonzero(as_tuple=True)
-    return hit.index_select(0, word) * 8 + byte
+    def __init__(self, n_cols: int, bounds: tuple[np.ndarray, np.ndarray]):
+        self.n_cols, self.bounds = n_cols, bounds
+        self.covered = 0
+        self.extrema: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.dense = [False, False]
+        self.parts: tuple[list, list] = ([], [])
+
+    def collect(self, side: int, flat_block: np.ndarray, extrema: np.ndarray, start: int) -> None:
+        """Candidates of one block (queries start..) whose group extrema are `extrema`."""
+        if self.dense[side]:
+            return
+        compare = _COMPARE[side]
+        n_block, width = extrema.shape
+        bound = self.bounds[side][start : start + n_block]
+        hit = np.flatnonzero(compare(extrema, bound))
+        if hit.size > extrema.size // 2:
+            self.dense[side] = True
+            return
+        offset = start * self.n_cols
+        qi = hit // width
+        first = hit + qi * (self.n_cols - width)  # the group's first column, flat in the block
+        flat = first + np.arange(GROUP)[:, None] * width  # (GROUP, hits)
+        keep = compare(flat_block[flat], bound.reshape(-1)[qi])
+        self.parts[side].append((flat[keep] + offset, keep.sum(1)))
+
+    def runs(self, side: int) -> list[np.ndarray]:
+        """The side's candidates as `GROUP` arrays of flat indices, each ascending."""
+        pieces = [np.split(flat, np.cumsum(counts)[:-1]) for flat, counts in self.parts[side]]
+        return [np.concatenate([p[m] for p in pieces]) for m in range(GROUP)] if pieces else []
+
+    def ungrouped(self, side: int, scores: np.ndarray, start: int) -> np.ndarray:
+        """Flat indices into `scores` (Q, T) of columns start.. that pass, compared plainly."""
+        qi, col = np.nonzero(_COMPARE[side](scores[:, start:], self.bounds[side]))
+        return qi * scores.shape[1] + start + col
+
+
+_COMPARE = (np.greater_equal, np.less_equal)  # a candidate's test against its side's bound
+
+
+def _add_flat(side: RunningTopK, n_cols: int, flat_scores, rows, flat: np.ndarray) -> None:
+    """Candidates given as flat indices (grouped by query) into the (Q, n_cols) scores into
+    `side`'s pool."""
+    flat = torch.from_numpy(flat)
+    qi = torch.div(flat, n_cols, rounding_mode="floor")
+    values = torch.from_numpy(flat_scores).index_select(0, flat)
+    cand_rows = rows.index_select(0, flat - qi * n_cols)
+    side.add_candidates(qi, encode(values * side.sign, cand_rows))
+
+
+def query_block(n_cols: int) -> int:
+    """Queries per block of a (Q, n_cols) float32 tile such that a block stays in cache."""
+    return max(1, _CACHE_FLOATS // max(1, n_cols))
+
+
+def _group_extrema(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query of a block (q, T), the max and min (q, W) over each group of columns
+    {w, w + W, ..., w + (GROUP - 1) W}, W = T // GROUP: reductions over a middle axis,
+    which torch vectorises along the contiguous one."""
+    width = block.shape[1] // GROUP
+    if width == 0:
+        return torch.empty(block.shape[0], 0), torch.empty(block.shape[0], 0)
+    part = block[:, : GROUP * width].view(-1, GROUP, width)
+    return part.amax(1), part.amin(1)
 
 
 def _padded(qi: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
