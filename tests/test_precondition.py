@@ -182,3 +182,19 @@ def test_parallel_layer_factorisations_equal_the_serial_ones(ray_session):
         assert torch.equal(eig[name][0], e) and torch.equal(eig[name][1], u)
     with pytest.raises(ValueError, match="singular"):
         run(lambda h: cholesky_factor(h, 0.0), {"low": torch.zeros(4, 4, dtype=torch.float64)})
+
+
+def test_accumulated_fisher_equals_the_sum_of_its_blocks():
+    # In-place accumulation over shards: bit for bit the old per-shard sums (blocks of at most
+    # 1024 rows), and the float64 reference within float32 GEMM rounding.
+    rng = np.random.default_rng(3)
+    blocks = [{"a": rng.standard_normal((r, 24), dtype=np.float32)} for r in (7, 130, 1)]
+    summed = FisherSum({}, 0)
+    for block in blocks:
+        summed = summed + FisherSum.of(block)
+    acc = FisherSum.accumulate(blocks)
+    assert acc.n == summed.n == 138
+    assert np.array_equal(acc.sums["a"], summed.sums["a"])
+    x = np.concatenate([b["a"] for b in blocks]).astype(np.float64)
+    np.testing.assert_allclose(acc.matrix("a"), x.T @ x, rtol=1e-5, atol=1e-4)
+    assert FisherSum.accumulate([]).n == 0

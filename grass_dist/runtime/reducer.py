@@ -52,9 +52,7 @@ def preconditioner_path(name: str) -> str:
 
 @ray.remote
 def _fisher_task(index: GradientIndex, records: list[ShardRecord], verify: bool) -> FisherSum:
-    total = FisherSum({}, 0)
-    for record in records:
-        total = total + FisherSum.of(index.read(record, verify=verify).phi)
+    total = FisherSum.accumulate(index.read(record, verify=verify).phi for record in records)
     release_memory()
     return total
 
