@@ -2,6 +2,8 @@
 the store formats (including files written before format 2), the float32 Fisher sum and
 the parallel per-layer factorisation."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -198,3 +200,14 @@ def test_accumulated_fisher_equals_the_sum_of_its_blocks():
     x = np.concatenate([b["a"] for b in blocks]).astype(np.float64)
     np.testing.assert_allclose(acc.matrix("a"), x.T @ x, rtol=1e-5, atol=1e-4)
     assert FisherSum.accumulate([]).n == 0
+
+
+def test_saved_preconditioner_has_one_metadata_entry():
+    # safetensors orders several metadata entries differently from process to process; one
+    # entry keeps the same preconditioner the same bytes wherever it is built.
+    rng = np.random.default_rng(4)
+    fisher = FisherSum.of({"a": rng.standard_normal((40, 6), dtype=np.float32)})
+    data = Preconditioner.from_fisher(fisher).factorise(0.1).to_bytes()
+    size = int.from_bytes(data[:8], "little")
+    assert list(json.loads(data[8 : 8 + size])["__metadata__"]) == ["grass_dist"]
+    assert Preconditioner.from_bytes(data).delta == 0.1

@@ -11,7 +11,8 @@ W W^T = (H_l + lambda_l I)^-1. The eigendecomposition H_l = U diag(e) U^T applie
 without refactorising, which the damping=auto sweep needs; it costs ~10-50x a Cholesky, so
 it is computed only when asked for (`Preconditioner.eigendecompose`).
 
-Store format (safetensors) 2, metadata {"format": "2", "layers": "a,b", "delta": "0.001"}:
+Store format (safetensors) 2, metadata {"grass_dist": the JSON of {"delta": "0.001",
+"format": "2", "layers": "a,b"} with sorted keys}:
     n              (1,) int64       rows summed
     NAME.fisher    (k, k) float64   H_l
     NAME.cholesky  (k, k) float64   L_l for metadata delta (absent when delta is "")
@@ -33,6 +34,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 FORMAT = "2"
+_META = "grass_dist"  # the one safetensors metadata key: the JSON of the fields below
 _GRAM_ROWS = 1024  # rows per float32 GEMM of the Fisher sum (bounds its rounding error)
 _GRAM_COLS = 512  # columns per strip of the Fisher sum's upper triangle
 _SINGULAR = (
@@ -256,7 +258,9 @@ class Preconditioner:
                 tensors[f"{name}.cholesky"] = f.cholesky[self.delta].contiguous()
         delta = "" if self.delta is None else repr(self.delta)
         meta = {"format": FORMAT, "layers": ",".join(self.layers), "delta": delta}
-        return st_save(tensors, metadata=meta)
+        # One metadata entry: safetensors writes several in an order that varies between
+        # processes, and the same preconditioner must be the same bytes wherever it is built.
+        return st_save(tensors, metadata={_META: json.dumps(meta, sort_keys=True)})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Preconditioner:
@@ -285,4 +289,5 @@ class Preconditioner:
 def _metadata(data: bytes) -> dict[str, str]:
     """The __metadata__ of safetensors bytes (8-byte header length, then a JSON header)."""
     size = int.from_bytes(data[:8], "little")
-    return json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+    meta = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+    return json.loads(meta[_META]) if _META in meta else meta
