@@ -71,14 +71,19 @@ def _check_against_dense(pre: Preconditioner, train, query) -> None:
             torch.testing.assert_close(w @ w.T, inv, rtol=1e-9, atol=1e-9 * float(inv.abs().max()))
 
 
+def by_path(fisher: FisherSum, path: str) -> Preconditioner:
+    """The preconditioner of `fisher` applied through `path`: cholesky (the default), its
+    eigendecomposition, or a format-1 file (eigendecomposition only)."""
+    if path == "format 1":
+        return Preconditioner.from_bytes(format1_bytes(fisher))
+    pre = Preconditioner.from_fisher(fisher)
+    return pre.eigendecompose() if path == "eigen" else pre
+
+
 @pytest.mark.parametrize("path", ["cholesky", "eigen", "format 1"])
 def test_every_path_applies_the_dense_inverse(train, path):
     fisher = exact_fisher(train)
-    pre = Preconditioner.from_fisher(fisher)
-    if path == "eigen":
-        pre.eigendecompose()
-    if path == "format 1":
-        pre = Preconditioner.from_bytes(format1_bytes(fisher))
+    pre = by_path(fisher, path)
     query = {name: realistic_phi(9, k, 7) for name, k in LAYERS.items()}
     _check_against_dense(pre, train, query)
     assert all((f.eigen is None) == (path == "cholesky") for f in pre.layers.values())
@@ -135,11 +140,7 @@ def test_a_newer_store_format_is_refused_with_the_fix():
 def test_a_singular_h_at_zero_damping_is_a_clear_error(path):
     phi = {"a": realistic_phi(5, 12)}  # 5 rows: H has rank 5 of 12
     fisher = exact_fisher(phi)
-    pre = Preconditioner.from_fisher(fisher)
-    if path == "eigen":
-        pre.eigendecompose()
-    if path == "format 1":
-        pre = Preconditioner.from_bytes(format1_bytes(fisher))
+    pre = by_path(fisher, path)
     with pytest.raises(ValueError, match="singular.*set precondition.damping > 0"):
         pre.precondition_queries(phi, 0.0)
     assert np.isfinite(pre.precondition_queries(phi, 1e-3)["a"]).all()
