@@ -15,6 +15,7 @@ from grass_dist.scoring.precondition import (
     Preconditioner,
     cholesky_factor,
     eigen_factor,
+    gram,
     serial_map,
 )
 
@@ -187,19 +188,19 @@ def test_parallel_layer_factorisations_equal_the_serial_ones(ray_session):
         run(lambda h: cholesky_factor(h, 0.0), {"low": torch.zeros(4, 4, dtype=torch.float64)})
 
 
-def test_accumulated_fisher_equals_the_sum_of_its_blocks():
-    # In-place accumulation over shards: bit for bit the old per-shard sums (blocks of at most
-    # 1024 rows), and the float64 reference within float32 GEMM rounding.
+def test_accumulated_fisher_is_the_gram_of_all_rows_however_split():
+    # Rows arriving shard by shard (pieces of any size, crossing the 1024-row GEMM blocks)
+    # give bit for bit the sums of one gram over all of them, and the float64 reference
+    # within float32 GEMM rounding.
     rng = np.random.default_rng(3)
-    blocks = [{"a": rng.standard_normal((r, 24), dtype=np.float32)} for r in (7, 130, 1)]
-    summed = FisherSum({}, 0)
-    for block in blocks:
-        summed = summed + FisherSum.of(block)
+    sizes = (7, 130, 1, 1000, 900, 128)
+    blocks = [{"a": rng.standard_normal((r, 24), dtype=np.float32)} for r in sizes]
+    x = np.concatenate([b["a"] for b in blocks])
     acc = FisherSum.accumulate(blocks)
-    assert acc.n == summed.n == 138
-    assert np.array_equal(acc.sums["a"], summed.sums["a"])
-    x = np.concatenate([b["a"] for b in blocks]).astype(np.float64)
-    np.testing.assert_allclose(acc.matrix("a"), x.T @ x, rtol=1e-5, atol=1e-4)
+    assert acc.n == len(x) == sum(sizes)
+    assert np.array_equal(acc.sums["a"], gram(x))
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(acc.matrix("a"), x64.T @ x64, rtol=1e-5, atol=1e-3)
     assert FisherSum.accumulate([]).n == 0
 
 

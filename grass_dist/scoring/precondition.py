@@ -54,27 +54,55 @@ def gram(x: np.ndarray) -> np.ndarray:
     """x^T x (k, k) float64 of x (n, k), exact on and above the diagonal only (the lower
     triangle is partial: read it through `mirror_upper`).
 
-    float32 GEMMs over blocks of rows, summed in float64; each multiplies a strip of
-    _GRAM_COLS columns by the columns from that strip on, so about (1 + _GRAM_COLS / k) / 2
+    float32 GEMMs over blocks of _GRAM_ROWS rows, summed in float64; each multiplies a strip
+    of _GRAM_COLS columns by the columns from that strip on, so about (1 + _GRAM_COLS / k) / 2
     of the flops of the full product.
     """
-    k = x.shape[1]
-    total = torch.zeros(k, k, dtype=torch.float64)
-    gram_into(total, x)
-    return total.numpy()
+    g = RunningGram(x.shape[1])
+    g.add(x)
+    return g.result()
 
 
-def gram_into(total: torch.Tensor, x: np.ndarray) -> None:
-    """Add `gram(x)` to `total` (k, k) float64 in place."""
-    for lo in range(0, x.shape[0], _GRAM_ROWS):
-        block = torch.tensor(x[lo : lo + _GRAM_ROWS], dtype=torch.float32)  # a small copy
-        for a in range(0, x.shape[1], _GRAM_COLS):
-            total[a : a + _GRAM_COLS, a:] += block[:, a : a + _GRAM_COLS].T @ block[:, a:]
+class RunningGram:
+    """`gram` of rows that arrive in pieces of any size (e.g. one shard at a time).
+
+    Rows wait in one float32 buffer of _GRAM_ROWS rows and go through the GEMMs a full buffer
+    at a time, so the sums are those of `gram` of all the rows concatenated, bit for bit,
+    however they were split; and small pieces (128-row shards) still make large GEMMs, with
+    one float64 addition per _GRAM_ROWS rows instead of one per piece.
+    """
+
+    def __init__(self, k: int):
+        self.total = torch.zeros(k, k, dtype=torch.float64)
+        self._rows = torch.empty(_GRAM_ROWS, k, dtype=torch.float32)
+        self._fill = 0
+
+    def add(self, x: np.ndarray) -> None:
+        rows = self._rows.numpy()  # a view: copying into it converts to float32 on the way
+        lo = 0
+        while lo < x.shape[0]:
+            take = min(_GRAM_ROWS - self._fill, x.shape[0] - lo)
+            rows[self._fill : self._fill + take] = x[lo : lo + take]
+            self._fill, lo = self._fill + take, lo + take
+            if self._fill == _GRAM_ROWS:
+                self._flush()
+
+    def result(self) -> np.ndarray:
+        """The (k, k) float64 sums of every row added (upper triangle exact)."""
+        self._flush()
+        return self.total.numpy()
+
+    def _flush(self) -> None:
+        block = self._rows[: self._fill]
+        for a in range(0, block.shape[1], _GRAM_COLS):
+            self.total[a : a + _GRAM_COLS, a:] += block[:, a : a + _GRAM_COLS].T @ block[:, a:]
+        self._fill = 0
 
 
 def mirror_upper(s: np.ndarray) -> np.ndarray:
     """The symmetric matrix whose entries on and above the diagonal are those of `s`."""
-    return np.where(np.triu(np.ones(s.shape, dtype=bool)), s, s.T)
+    upper = torch.from_numpy(s)
+    return (upper.triu() + upper.triu(1).mT).numpy()
 
 
 def relative_damping(h: torch.Tensor, delta: float) -> float:
@@ -119,20 +147,20 @@ class FisherSum:
 
     @classmethod
     def accumulate(cls, blocks: Iterable[dict[str, np.ndarray]]) -> FisherSum:
-        """The sum over blocks of rows (e.g. the shards of one map task), accumulated in one
-        (k, k) float64 buffer per layer: the same sums as adding `of` of each block (bit for
-        bit for blocks of at most _GRAM_ROWS rows) without a new (k, k) array per block, whose
-        allocation and additions dominated at large k (134 MB per layer and shard at 4096).
+        """The sum over blocks of rows (e.g. the shards of one map task): per layer one
+        `RunningGram`, so the same sums as `of` the blocks concatenated, bit for bit, with
+        one (k, k) float64 buffer per layer (134 MB at k=4096) and large GEMMs however
+        small the blocks.
         """
-        totals: dict[str, torch.Tensor] = {}
+        grams: dict[str, RunningGram] = {}
         n = 0
         for phi in blocks:
             for name, x in phi.items():
-                if name not in totals:
-                    totals[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
-                gram_into(totals[name], x)
+                if name not in grams:
+                    grams[name] = RunningGram(x.shape[1])
+                grams[name].add(x)
             n += next(iter(phi.values())).shape[0] if phi else 0
-        return cls({name: t.numpy() for name, t in totals.items()}, n)
+        return cls({name: g.result() for name, g in grams.items()}, n)
 
     def matrix(self, name: str) -> np.ndarray:
         """Layer `name`'s symmetric (k, k) sum."""
@@ -209,7 +237,7 @@ class Preconditioner:
         if fisher.n == 0:
             raise ValueError("cannot build a preconditioner from an empty index")
         layers = {
-            n: LayerFactor(torch.from_numpy(fisher.matrix(n) / fisher.n)) for n in fisher.sums
+            n: LayerFactor(torch.from_numpy(fisher.matrix(n)).div_(fisher.n)) for n in fisher.sums
         }
         return cls(layers, fisher.n)
 
