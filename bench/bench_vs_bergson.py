@@ -17,8 +17,8 @@ Both tools run as subprocesses, timed from launch to exit, on the same work:
   workers call torch.set_num_threads(cpus_per_worker), bergson's launcher keeps torch's
   default when OMP_NUM_THREADS is set.
 
-Runs alternate (grass_dist, bergson, grass_dist, ...) and the table reports the best of
-`--repeats`. Each run writes a fresh index (grass_dist store, bergson run dir) and uses a
+Runs alternate (grass_dist, bergson, the bare model's floor of bench/lm_floor.py,
+grass_dist, ...) and the table reports the best of `--repeats`. Each run writes a fresh index (grass_dist store, bergson run dir) and uses a
 fresh datasets cache, so no run reuses another's work.
 
     python bench/bench_vs_bergson.py                          # 2000 x 256 tokens, 1x2 and 2x1
@@ -184,18 +184,27 @@ def build_workload(size: Size, workdir: Path) -> tuple[Path, Path]:
     return model_dir, corpus
 
 
-def grass_dist_token_ids(model_dir: Path, corpus: Path, size: Size) -> list[list[int]]:
-    """The rows grass_dist's own data path (data=text_files) makes of the corpus."""
+def grass_dist_token_ids(model_dir: Path, corpus: Path, tokens: int) -> list[list[int]]:
+    """The rows grass_dist's own data path (data=text_files) makes of the corpus, each
+    checked to be `tokens` long."""
     from grass_dist.data.text import text_files
 
-    data = text_files([str(corpus)], tokenizer=str(model_dir), max_length=size.tokens)
+    data = text_files([str(corpus)], tokenizer=str(model_dir), max_length=tokens)
     ids = [data[i]["input_ids"].tolist() for i in range(len(data))]
     lengths = {len(row) for row in ids}
-    if len(ids) != size.docs or lengths != {size.tokens}:
+    if lengths != {tokens}:
         raise SystemExit(
-            f"grass_dist made {len(ids)} rows of lengths {sorted(lengths)} from the corpus; "
-            f"expected {size.docs} rows of {size.tokens} tokens"
+            f"grass_dist made rows of lengths {sorted(lengths)} from the corpus; expected "
+            f"every row {tokens} tokens"
         )
+    return ids
+
+
+def checked_token_ids(model_dir: Path, corpus: Path, size: Size) -> list[list[int]]:
+    """`grass_dist_token_ids`, checked to be one row per document."""
+    ids = grass_dist_token_ids(model_dir, corpus, size.tokens)
+    if len(ids) != size.docs:
+        raise SystemExit(f"grass_dist made {len(ids)} rows of {size.docs} documents")
     return ids
 
 
@@ -215,7 +224,7 @@ print(json.dumps(out["input_ids"]))
 
 def check_same_tokens(model_dir: Path, corpus: Path, size: Size, env: dict) -> None:
     """bergson's own tokenize() of the corpus must equal grass_dist's rows, token by token."""
-    ours = grass_dist_token_ids(model_dir, corpus, size)
+    ours = checked_token_ids(model_dir, corpus, size)
     done = subprocess.run(
         [str(BERGSON_PY), "-c", BERGSON_TOKENIZE, str(corpus), str(model_dir)],
         capture_output=True,
@@ -297,6 +306,28 @@ def bergson_command(
         "--nproc_per_node",
         str(layout.processes),
     ]
+
+
+def floor_command(
+    size: Size, layout: Layout, batch_tokens: int, model_dir: Path, corpus: Path
+) -> list[str]:
+    """bench/lm_floor.py: the bare forward + backward of the same batches, same layout."""
+    return [
+        sys.executable,
+        str(ROOT / "bench" / "lm_floor.py"),
+        f"--model={model_dir}",
+        f"--corpus={corpus}",
+        f"--tokens={size.tokens}",
+        f"--batch-tokens={batch_tokens}",
+        f"--threads={layout.threads}",
+        f"--processes={layout.processes}",
+    ]
+
+
+def floor_stages(log: Path, wall: float) -> dict[str, float]:
+    """Where a floor run's time went: its slowest process's loop, and the rest."""
+    loop = json.loads(log.read_text().strip().splitlines()[-1])["loop_seconds"]
+    return {"forward+backward loop": loop, "rest": wall - loop}
 
 
 def run_env(layout: Layout, run: Path) -> dict:
@@ -491,6 +522,7 @@ def measure(
     for layout in args.layouts:
         ours = Result("grass_dist", layout)
         theirs = Result("bergson", layout)
+        floor = Result("floor", layout)
         for rep in range(args.repeats):
             run = args.workdir / f"runs/{layout}/grass_dist-{rep}"
             shutil.rmtree(run, ignore_errors=True)
@@ -506,9 +538,11 @@ def measure(
                 wall, cpu = timed(command, run_env(layout, run), run / "log.txt")
                 check_bergson(run, size)
                 record(theirs, wall, cpu, bergson_stages(run / "log.txt", wall))
-        results.append(ours)
-        if with_bergson:
-            results.append(theirs)
+            log = args.workdir / f"runs/{layout}/floor-{rep}.txt"
+            command = floor_command(size, layout, args.batch_tokens, model_dir, corpus)
+            wall, cpu = timed(command, run_env(layout, args.workdir), log)
+            record(floor, wall, cpu, floor_stages(log, wall))
+        results += [ours, theirs, floor] if with_bergson else [ours, floor]
         done(results)
 
 
@@ -558,12 +592,16 @@ def table(args, size: Size, results: list[Result], with_bergson: bool, load: flo
         "process tree (Ray's daemons and workers, bergson's ranks; sampled from /proc every "
         "0.5 s), which a loaded machine inflates less than wall time.",
         "",
-        "`x` = bergson seconds / grass_dist seconds (above 1: grass_dist faster), of the best "
+        "`x` = the row's seconds / grass_dist's (above 1: grass_dist faster), of the best "
         "wall and of the least CPU time. Where the "
         "best run's time went: for grass_dist the `stage_seconds` of its job summary, the rest "
         "of its `total_seconds` (job setup+shutdown) and the wall time outside the job "
         "(interpreter, imports, Hydra, exit); for bergson its gradient loop's progress-bar time "
-        "(whole seconds, slowest rank) and the rest.",
+        "(whole seconds, slowest rank) and the rest. `floor`: bench/lm_floor.py, the bare "
+        "model's forward (with its loss) and backward to the embeddings on the same batches, "
+        "every weight frozen, in the same layout: the work any such tool does per batch "
+        "before hooks, projections and writes; its loop is what a tool's gradient loop "
+        "(grass_dist's `index`, bergson's tqdm time) compares with.",
         "",
         "| layout (procs x threads) | tool | wall s (best) | wall s (runs) | tokens/s (wall) | "
         "x (wall) | CPU s (least) | x (CPU) | where the best wall run went (s) |",
@@ -637,7 +675,7 @@ def main() -> None:
         if with_bergson:
             check_same_tokens(model_dir, corpus, size, run_env(Layout(1, 1), args.workdir))
         else:
-            grass_dist_token_ids(model_dir, corpus, size)
+            checked_token_ids(model_dir, corpus, size)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         write = lambda results: args.out.write_text(table(args, size, results, with_bergson, load))
         measure(args, size, model_dir, corpus, with_bergson, write)
