@@ -18,8 +18,9 @@ Both tools run as subprocesses, timed from launch to exit, on the same work:
   default when OMP_NUM_THREADS is set.
 
 Runs alternate (grass_dist, bergson, the bare model's floor of bench/lm_floor.py,
-grass_dist, ...) and the table reports the best of `--repeats`. Each run writes a fresh index (grass_dist store, bergson run dir) and uses a
-fresh datasets cache, so no run reuses another's work.
+grass_dist, ...) and the table reports the best of `--repeats`. Each run writes a fresh
+index (grass_dist store, bergson run dir) and uses a fresh datasets cache, so no run reuses
+another's work.
 
     python bench/bench_vs_bergson.py                          # 2000 x 256 tokens, 1x2 and 2x1
     python bench/bench_vs_bergson.py --docs 200 --layouts 1x2 --repeats 1
