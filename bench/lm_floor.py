@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 
 def batches(ids: list[list[int]], batch_tokens: int) -> list[torch.Tensor]:
     """Equal-length rows, batch_tokens // length rows per batch (no padding needed)."""
@@ -41,7 +43,7 @@ def one_part(args) -> dict:
     """The loop over this process's documents -> {"loop_seconds", "batches"}."""
     from transformers import GPT2LMHeadModel
 
-    from bench.bench_vs_bergson import grass_dist_token_ids
+    from bench.lm_workload import grass_dist_token_ids
 
     torch.set_num_threads(args.threads)
     ids = grass_dist_token_ids(Path(args.model), Path(args.corpus), args.tokens)
