@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.models import CausalLMTask, digits_mlp_shape, gpt, linear_names, token_batch  # noqa: E402
-from bench.timing import machine_note  # noqa: E402
+from bench.timing import machine_note, write_result  # noqa: E402
 from grass_dist.compress import build_compressors  # noqa: E402
 from grass_dist.compress.linear import _CHUNK_FLOATS, MaskedFactors, gather_columns  # noqa: E402
 from grass_dist.compress.sketch import scatter_signed  # noqa: E402
@@ -229,9 +229,7 @@ def main() -> None:
         *table(args, spent, rows),
     ]
     print("\n".join(lines))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.models import CausalLMTask, digits_mlp_shape, gpt, linear_names  # noqa: E402
-from bench.timing import interleaved, machine_note  # noqa: E402
+from bench.timing import interleaved, machine_note, write_result  # noqa: E402
 from grass_dist.compress import build_compressors  # noqa: E402
 from grass_dist.config import CompressionConfig  # noqa: E402
 from grass_dist.data.content import row_digests  # noqa: E402
@@ -199,9 +199,7 @@ def main() -> int:
             )
             print("\n".join(out), flush=True)
             lines += out
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, lines)
     return 0
 
 

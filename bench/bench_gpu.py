@@ -33,6 +33,7 @@ from bench.models import (  # noqa: E402
     llama,
     token_batch,
 )
+from bench.timing import write_result  # noqa: E402
 from grass_dist.compress import build_compressors  # noqa: E402
 from grass_dist.config import CompressionConfig  # noqa: E402
 from grass_dist.gradients.capture import resolve_layers  # noqa: E402
@@ -150,9 +151,7 @@ def main() -> None:
     print("\n".join(lines))
     out = args.out or (None if args.tiny else str(RESULTS))
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text("\n".join(lines) + "\n")
-        print(f"wrote {out}")
+        write_result(out, lines)
 
 
 if __name__ == "__main__":

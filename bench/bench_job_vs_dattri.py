@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.models import digits_mlp_shape  # noqa: E402 -- torch only: loads in .venv-dattri
+from bench.timing import write_result  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "job_vs_dattri.md"
 DATTRI_PY = ROOT / ".venv-dattri" / "bin" / "python"
@@ -410,9 +411,7 @@ def main() -> int:
         result = run_both(args, Path(work), use_dattri)
     lines = table(args, result, note)
     print("\n".join(lines))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, lines)
     return 0
 
 

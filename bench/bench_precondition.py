@@ -6,9 +6,9 @@
 - before: the build as grass_dist made it until Cholesky (`before_build`, reproduced here):
   phi^T phi per shard in float64 GEMMs, then torch.linalg.eigh of each layer's H, one layer
   after another;
-- now: `FisherSum.of` per shard (float32 GEMMs of the upper triangle over 1024-row
-  blocks, summed in float64),
-  then `Preconditioner.factorise` (Cholesky of H + lambda I) with the layers as parallel Ray
+- now: `FisherSum.accumulate` over the shards, as a map task does (float32 GEMMs of the
+  upper triangle over 1024-row blocks gathered across shards, summed in float64), then
+  `Preconditioner.factorise` (Cholesky of H + lambda I) with the layers as parallel Ray
   tasks (`runtime.reducer.layer_map`, --cpus tasks).
 
 One synthetic phi (rows x k, power-law spectrum) stands for every layer: the cost does not
@@ -41,7 +41,6 @@ from grass_dist.scoring.precondition import (  # noqa: E402
     Preconditioner,
     cholesky_factor,
     eigen_factor,
-    gram,
 )
 
 DELTA = 1e-3
@@ -77,9 +76,7 @@ def before_build(shards: list[np.ndarray], layers: list[str]) -> dict:
 
 def now_build(shards: list[np.ndarray], layers: list[str], cpus: int) -> Preconditioner:
     """The build now: float32 Fisher sums, Cholesky with the layers as parallel Ray tasks."""
-    total = FisherSum({}, 0)
-    for s in shards:
-        total = total + FisherSum.of(dict.fromkeys(layers, s))
+    total = FisherSum.accumulate(dict.fromkeys(layers, s) for s in shards)
     return Preconditioner.from_fisher(total).factorise(DELTA, layer_map(cpus))
 
 
@@ -89,7 +86,7 @@ def per_layer(x: np.ndarray, shard_rows: int, reps: int) -> dict[str, float]:
     h = torch.from_numpy(sum(gram64(s) for s in shards) / len(x))
     steps = {
         "fisher64": lambda: [gram64(s) for s in shards],
-        "fisher32": lambda: [gram(s) for s in shards],
+        "fisher32": lambda: FisherSum.accumulate({"x": s} for s in shards),
         "eigh": lambda: eigen_factor(h),
         "cholesky": lambda: cholesky_factor(h, DELTA),
     }
@@ -163,7 +160,9 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 16, 64])
     parser.add_argument("--rows", type=int, default=4000)
-    parser.add_argument("--shard-rows", type=int, default=1000)
+    parser.add_argument(
+        "--shard-rows", type=int, default=128, help="rows per shard (index.shard_size)"
+    )
     parser.add_argument("--reps", type=int, default=3, help="repetitions of part 1")
     parser.add_argument("--build-reps", type=int, default=1, help="repetitions of part 2")
     parser.add_argument("--max-work", type=float, default=128, help="L (k/1024)^3 measured")

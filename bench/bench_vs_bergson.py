@@ -17,9 +17,10 @@ Both tools run as subprocesses, timed from launch to exit, on the same work:
   workers call torch.set_num_threads(cpus_per_worker), bergson's launcher keeps torch's
   default when OMP_NUM_THREADS is set.
 
-Runs alternate (grass_dist, bergson, grass_dist, ...) and the table reports the best of
-`--repeats`. Each run writes a fresh index (grass_dist store, bergson run dir) and uses a
-fresh datasets cache, so no run reuses another's work.
+Runs alternate (grass_dist, bergson, the bare model's floor of bench/lm_floor.py,
+grass_dist, ...) and the table reports the best of `--repeats`. Each run writes a fresh
+index (grass_dist store, bergson run dir) and uses a fresh datasets cache, so no run reuses
+another's work.
 
     python bench/bench_vs_bergson.py                          # 2000 x 256 tokens, 1x2 and 2x1
     python bench/bench_vs_bergson.py --docs 200 --layouts 1x2 --repeats 1
@@ -37,7 +38,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import random
 import re
 import shutil
 import subprocess
@@ -51,25 +51,14 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.lm_workload import N_POSITIONS, Size, build_workload, checked_token_ids  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results" / "vs_bergson.md"
 BERGSON_PY = ROOT / ".venv-bergson" / "bin" / "python"
 BLOCK_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-END_OF_TEXT = "<|endoftext|>"
 PER_MODULE = 256  # bergson projection_dim 16 -> 16 x 16; grass_dist compression.k
-N_POSITIONS = 1024  # bergson refuses a token batch longer than the model's context
-
-
-@dataclass(frozen=True)
-class Size:
-    """The model and corpus of one benchmark."""
-
-    docs: int
-    tokens: int
-    blocks: int
-    width: int
-    heads: int
-    vocab: int
-    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -95,110 +84,6 @@ class Layout:
         return f"{self.processes}x{self.threads}"
 
 
-# ---------------------------------------------------------------- the shared workload
-
-
-def train_tokenizer(vocab: int):
-    """A byte-level BPE of `vocab` tokens trained on `pydoc_data.topics` (no download),
-    as a PreTrainedTokenizerFast whose encode opens every document with <|endoftext|>
-    (GPT-2's convention; grass_dist prepends the same start token itself)."""
-    import pydoc_data.topics
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab,
-        special_tokens=[END_OF_TEXT],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(list(pydoc_data.topics.topics.values()), trainer)
-    bos = tok.token_to_id(END_OF_TEXT)
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{END_OF_TEXT} $A", special_tokens=[(END_OF_TEXT, bos)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=END_OF_TEXT,
-        eos_token=END_OF_TEXT,
-        model_max_length=N_POSITIONS,
-    )
-
-
-def single_token_words(tokenizer) -> list[str]:
-    """' word' strings (letters only) that the tokenizer encodes as exactly one token, so a
-    run of them tokenizes to one token per word whatever the neighbours."""
-    words = []
-    for piece, i in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
-        text = tokenizer.convert_tokens_to_string([piece])
-        word = text.startswith(" ") and text[1:].isascii() and text[1:].isalpha()
-        if word and tokenizer(text, add_special_tokens=False)["input_ids"] == [i]:
-            words.append(text)
-    if len(words) < 100:
-        raise SystemExit(f"the tokenizer has only {len(words)} single-token words; raise --vocab")
-    return words
-
-
-def documents(size: Size, words: list[str]) -> list[str]:
-    """`size.docs` seeded documents of `size.tokens - 1` words (plus the start token)."""
-    rng = random.Random(size.seed)
-    return ["".join(rng.choices(words, k=size.tokens - 1)) for _ in range(size.docs)]
-
-
-def save_model(size: Size, tokenizer, out: Path) -> None:
-    """A seeded GPT-2 of `size` saved with its tokenizer in `out`."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=N_POSITIONS,
-        n_embd=size.width,
-        n_layer=size.blocks,
-        n_head=size.heads,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(size.seed)
-    GPT2LMHeadModel(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-
-
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    with path.open("w") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-
-
-def build_workload(size: Size, workdir: Path) -> tuple[Path, Path]:
-    """(model directory, corpus JSONL) in `workdir`."""
-    model_dir, corpus = workdir / "model", workdir / "corpus.jsonl"
-    tokenizer = train_tokenizer(size.vocab)
-    save_model(size, tokenizer, model_dir)
-    words = single_token_words(tokenizer)
-    texts = documents(size, words)
-    write_jsonl(corpus, [{"id": f"doc{i}", "text": t} for i, t in enumerate(texts)])
-    return model_dir, corpus
-
-
-def grass_dist_token_ids(model_dir: Path, corpus: Path, size: Size) -> list[list[int]]:
-    """The rows grass_dist's own data path (data=text_files) makes of the corpus."""
-    from grass_dist.data.text import text_files
-
-    data = text_files([str(corpus)], tokenizer=str(model_dir), max_length=size.tokens)
-    ids = [data[i]["input_ids"].tolist() for i in range(len(data))]
-    lengths = {len(row) for row in ids}
-    if len(ids) != size.docs or lengths != {size.tokens}:
-        raise SystemExit(
-            f"grass_dist made {len(ids)} rows of lengths {sorted(lengths)} from the corpus; "
-            f"expected {size.docs} rows of {size.tokens} tokens"
-        )
-    return ids
-
-
 BERGSON_TOKENIZE = """
 import json, sys
 from datasets import load_dataset
@@ -215,7 +100,7 @@ print(json.dumps(out["input_ids"]))
 
 def check_same_tokens(model_dir: Path, corpus: Path, size: Size, env: dict) -> None:
     """bergson's own tokenize() of the corpus must equal grass_dist's rows, token by token."""
-    ours = grass_dist_token_ids(model_dir, corpus, size)
+    ours = checked_token_ids(model_dir, corpus, size)
     done = subprocess.run(
         [str(BERGSON_PY), "-c", BERGSON_TOKENIZE, str(corpus), str(model_dir)],
         capture_output=True,
@@ -297,6 +182,28 @@ def bergson_command(
         "--nproc_per_node",
         str(layout.processes),
     ]
+
+
+def floor_command(
+    size: Size, layout: Layout, batch_tokens: int, model_dir: Path, corpus: Path
+) -> list[str]:
+    """bench/lm_floor.py: the bare forward + backward of the same batches, same layout."""
+    return [
+        sys.executable,
+        str(ROOT / "bench" / "lm_floor.py"),
+        f"--model={model_dir}",
+        f"--corpus={corpus}",
+        f"--tokens={size.tokens}",
+        f"--batch-tokens={batch_tokens}",
+        f"--threads={layout.threads}",
+        f"--processes={layout.processes}",
+    ]
+
+
+def floor_stages(log: Path, wall: float) -> dict[str, float]:
+    """Where a floor run's time went: its slowest process's loop, and the rest."""
+    loop = json.loads(log.read_text().strip().splitlines()[-1])["loop_seconds"]
+    return {"forward+backward loop": loop, "rest": wall - loop}
 
 
 def run_env(layout: Layout, run: Path) -> dict:
@@ -491,6 +398,7 @@ def measure(
     for layout in args.layouts:
         ours = Result("grass_dist", layout)
         theirs = Result("bergson", layout)
+        floor = Result("floor", layout)
         for rep in range(args.repeats):
             run = args.workdir / f"runs/{layout}/grass_dist-{rep}"
             shutil.rmtree(run, ignore_errors=True)
@@ -506,9 +414,11 @@ def measure(
                 wall, cpu = timed(command, run_env(layout, run), run / "log.txt")
                 check_bergson(run, size)
                 record(theirs, wall, cpu, bergson_stages(run / "log.txt", wall))
-        results.append(ours)
-        if with_bergson:
-            results.append(theirs)
+            log = args.workdir / f"runs/{layout}/floor-{rep}.txt"
+            command = floor_command(size, layout, args.batch_tokens, model_dir, corpus)
+            wall, cpu = timed(command, run_env(layout, args.workdir), log)
+            record(floor, wall, cpu, floor_stages(log, wall))
+        results += [ours, theirs, floor] if with_bergson else [ours, floor]
         done(results)
 
 
@@ -558,12 +468,16 @@ def table(args, size: Size, results: list[Result], with_bergson: bool, load: flo
         "process tree (Ray's daemons and workers, bergson's ranks; sampled from /proc every "
         "0.5 s), which a loaded machine inflates less than wall time.",
         "",
-        "`x` = bergson seconds / grass_dist seconds (above 1: grass_dist faster), of the best "
+        "`x` = the row's seconds / grass_dist's (above 1: grass_dist faster), of the best "
         "wall and of the least CPU time. Where the "
         "best run's time went: for grass_dist the `stage_seconds` of its job summary, the rest "
         "of its `total_seconds` (job setup+shutdown) and the wall time outside the job "
         "(interpreter, imports, Hydra, exit); for bergson its gradient loop's progress-bar time "
-        "(whole seconds, slowest rank) and the rest.",
+        "(whole seconds, slowest rank) and the rest. `floor`: bench/lm_floor.py, the bare "
+        "model's forward (with its loss) and backward to the embeddings on the same batches, "
+        "every weight frozen, in the same layout: the work any such tool does per batch "
+        "before hooks, projections and writes; its loop is what a tool's gradient loop "
+        "(grass_dist's `index`, bergson's tqdm time) compares with.",
         "",
         "| layout (procs x threads) | tool | wall s (best) | wall s (runs) | tokens/s (wall) | "
         "x (wall) | CPU s (least) | x (CPU) | where the best wall run went (s) |",
@@ -637,7 +551,7 @@ def main() -> None:
         if with_bergson:
             check_same_tokens(model_dir, corpus, size, run_env(Layout(1, 1), args.workdir))
         else:
-            grass_dist_token_ids(model_dir, corpus, size)
+            checked_token_ids(model_dir, corpus, size)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         write = lambda results: args.out.write_text(table(args, size, results, with_bergson, load))
         measure(args, size, model_dir, corpus, with_bergson, write)

@@ -13,6 +13,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -61,3 +62,10 @@ def machine_note(threads: int) -> str:
         f"{os.getloadavg()[0]:.1f} (a shared machine: ratios are measured within one run, "
         f"competitors interleaved, medians of repetitions)"
     )
+
+
+def write_result(out: str | Path, lines: list[str]) -> None:
+    """Write a benchmark's markdown lines to `out` (making its folder) and say where."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")

@@ -119,6 +119,7 @@ def test_vs_bergson_benchmark_runs_tiny(tmp_path):
     # Whole processes on a 2-block GPT-2 and 8 documents; bergson only where its venv exists.
     text = _table(tmp_path, "bench_vs_bergson.py", "--tiny --repeats 1 --layouts 1x2")
     assert "| 1x2 | grass_dist | " in text and "identical token ids on both sides" in text
+    assert "| 1x2 | floor | " in text and "forward+backward loop" in text
     if (ROOT / ".venv-bergson" / "bin" / "python").exists():
         assert "| 1x2 | bergson | " in text
     else:

@@ -15,7 +15,10 @@ from grass_dist.scoring.precondition import (
     Preconditioner,
     cholesky_factor,
     eigen_factor,
+    gram,
+    pack_triangle,
     serial_map,
+    unpack_triangle,
 )
 
 LAYERS = {"a": 12, "b": 7}
@@ -101,9 +104,21 @@ def test_cholesky_and_eigen_paths_agree(train):
             torch.testing.assert_close(wa @ wa.T, wb @ wb.T, rtol=1e-8, atol=1e-10)
 
 
-def test_format_2_round_trip_keeps_h_and_the_factor_at_its_damping(train):
+def format2_bytes(pre: Preconditioner) -> bytes:
+    """A preconditioner file as written in format 2: H and L as full (k, k) matrices."""
+    tensors = {"n": torch.tensor([pre.n], dtype=torch.int64)}
+    for name, f in pre.layers.items():
+        tensors[f"{name}.fisher"] = f.fisher.contiguous()
+        tensors[f"{name}.cholesky"] = f.cholesky[pre.delta].contiguous()
+    meta = {"format": "2", "layers": ",".join(pre.layers), "delta": repr(pre.delta)}
+    return st_save(tensors, metadata={"grass_dist": json.dumps(meta, sort_keys=True)})
+
+
+@pytest.mark.parametrize("written", ["format 3", "format 2"])
+def test_round_trip_keeps_h_and_the_factor_at_its_damping(train, written):
     pre = Preconditioner.from_fisher(exact_fisher(train)).factorise(1e-3)
-    back = Preconditioner.from_bytes(pre.to_bytes())
+    data = pre.to_bytes() if written == "format 3" else format2_bytes(pre)
+    back = Preconditioner.from_bytes(data)
     assert back.n == 200 and back.delta == 1e-3 and list(back.layers) == list(LAYERS)
     for name, f in pre.layers.items():
         assert torch.equal(back.layers[name].fisher, f.fisher)
@@ -187,20 +202,31 @@ def test_parallel_layer_factorisations_equal_the_serial_ones(ray_session):
         run(lambda h: cholesky_factor(h, 0.0), {"low": torch.zeros(4, 4, dtype=torch.float64)})
 
 
-def test_accumulated_fisher_equals_the_sum_of_its_blocks():
-    # In-place accumulation over shards: bit for bit the old per-shard sums (blocks of at most
-    # 1024 rows), and the float64 reference within float32 GEMM rounding.
+def test_accumulated_fisher_is_the_gram_of_all_rows_however_split():
+    # Rows arriving shard by shard (pieces of any size, crossing the 1024-row GEMM blocks)
+    # give bit for bit the sums of one gram over all of them, and the float64 reference
+    # within float32 GEMM rounding.
     rng = np.random.default_rng(3)
-    blocks = [{"a": rng.standard_normal((r, 24), dtype=np.float32)} for r in (7, 130, 1)]
-    summed = FisherSum({}, 0)
-    for block in blocks:
-        summed = summed + FisherSum.of(block)
+    sizes = (7, 130, 1, 1000, 900, 128)
+    blocks = [{"a": rng.standard_normal((r, 24), dtype=np.float32)} for r in sizes]
+    x = np.concatenate([b["a"] for b in blocks])
     acc = FisherSum.accumulate(blocks)
-    assert acc.n == summed.n == 138
-    assert np.array_equal(acc.sums["a"], summed.sums["a"])
-    x = np.concatenate([b["a"] for b in blocks]).astype(np.float64)
-    np.testing.assert_allclose(acc.matrix("a"), x.T @ x, rtol=1e-5, atol=1e-4)
+    assert acc.n == len(x) == sum(sizes)
+    assert np.array_equal(acc.sums["a"], gram(x))
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(acc.matrix("a"), x64.T @ x64, rtol=1e-5, atol=1e-3)
     assert FisherSum.accumulate([]).n == 0
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 8])
+def test_packed_triangles_round_trip_at_half_the_size(k):
+    m = torch.arange(k * k, dtype=torch.float64).reshape(k, k)
+    for lower, triangle in ((False, m.triu()), (True, m.tril())):
+        packed = pack_triangle(m, lower)
+        assert packed.shape == (k * (k + 1) // 2,)
+        assert torch.equal(unpack_triangle(packed, lower), triangle)
+    with pytest.raises(ValueError, match="damaged"):
+        unpack_triangle(torch.zeros(k * (k + 1) // 2 + 1, dtype=torch.float64))
 
 
 def test_saved_preconditioner_has_one_metadata_entry():

@@ -52,6 +52,7 @@ def preconditioner_path(name: str) -> str:
 
 @ray.remote
 def _fisher_task(index: GradientIndex, records: list[ShardRecord], verify: bool) -> FisherSum:
+    torch.set_num_threads(1)  # its one CPU (a user's OMP_NUM_THREADS would oversubscribe)
     total = FisherSum.accumulate(index.read(record, verify=verify).phi for record in records)
     release_memory()
     return total
