@@ -73,6 +73,13 @@ def test_fewer_rows_than_k_leaves_marked_empty_slots():
     assert values[0, :3].tolist() == [-1.0, 0.5, 2.0] and values[0, 3] == float("inf")
 
 
+def test_an_empty_tile_changes_nothing():
+    scores = torch.randn(3, 40, generator=torch.Generator().manual_seed(11))
+    top = TopKPair(3, 5)
+    top.add(torch.zeros(3, 0), torch.zeros(0, dtype=torch.int64))
+    assert_both_sides_exact(*fold(top, scores, 16).finish(), scores, 5)
+
+
 def test_partials_from_any_split_of_the_rows_merge_to_the_same_answer():
     gen = torch.Generator().manual_seed(3)
     scores = torch.randn(9, 4000, generator=gen).round(decimals=2)

@@ -251,7 +251,7 @@ class TopKPair:
             for flat, values in scan.runs(side, scores.numpy()):
                 _add_flat(top, scores.shape[1], flat, values, low_words)
                 found += flat.size
-            self._pass_rate[side] = found / scores.numel()
+            self._pass_rate[side] = found / max(1, scores.numel())
         self._seen += scores.shape[1]
         if self.floor is not None and 2 * self._floor_seen <= self._seen <= self._raise_until:
             self._raise_floor()
