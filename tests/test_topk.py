@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from grass_dist.scoring import topk
 from grass_dist.scoring.score import Block, QuerySide, TileScorer, score_stream
-from grass_dist.scoring.topk import EMPTY, TopKPair, decode, encode, merge_keys
+from grass_dist.scoring.topk import EMPTY, RunningTopK, TopKPair, decode, encode, merge_keys
 
 
 def brute(scores: torch.Tensor, k: int, sign: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -14,12 +15,23 @@ def brute(scores: torch.Tensor, k: int, sign: int) -> tuple[torch.Tensor, torch.
     return scores.gather(1, idx), idx
 
 
-def run(scores: torch.Tensor, k: int, sign: int, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
-    top = TopKPair(scores.shape[0], k)
+def fold(top: TopKPair, scores: torch.Tensor, tile: int) -> TopKPair:
+    """Add (Q, N) scores to `top` tile by tile; rows are the column numbers."""
     for lo in range(0, scores.shape[1], tile):
         part = scores[:, lo : lo + tile].contiguous()
         top.add(part, torch.arange(lo, lo + part.shape[1]))
+    return top
+
+
+def run(scores: torch.Tensor, k: int, sign: int, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    top = fold(TopKPair(scores.shape[0], k), scores, tile)
     return decode(top.finish()[0 if sign > 0 else 1], sign)
+
+
+def assert_both_sides_exact(props: torch.Tensor, opps: torch.Tensor, scores, k: int) -> None:
+    for keys, sign in ((props, 1), (opps, -1)):
+        got, want = decode(keys, sign), brute(scores, k, sign)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
 
 
 def test_keys_order_like_scores_then_lower_rows_and_round_trip():
@@ -59,6 +71,13 @@ def test_fewer_rows_than_k_leaves_marked_empty_slots():
     values, rows = run(torch.tensor([[0.5, -1.0, 2.0]]), 5, -1, 2)
     assert rows.tolist() == [[1, 0, 2, -1, -1]]
     assert values[0, :3].tolist() == [-1.0, 0.5, 2.0] and values[0, 3] == float("inf")
+
+
+def test_an_empty_tile_changes_nothing():
+    scores = torch.randn(3, 40, generator=torch.Generator().manual_seed(11))
+    top = TopKPair(3, 5)
+    top.add(torch.zeros(3, 0), torch.zeros(0, dtype=torch.int64))
+    assert_both_sides_exact(*fold(top, scores, 16).finish(), scores, 5)
 
 
 def test_partials_from_any_split_of_the_rows_merge_to_the_same_answer():
@@ -133,3 +152,51 @@ def test_scorer_at_small_k_equals_a_full_sort_over_tiles_blocks_and_shards(k, n_
         n = min(k, n_rows)
         assert torch.equal(got_r[:, :n], want_r) and torch.equal(got_v[:, :n], want_v)
         assert (got_r[:, n:] == -1).all()
+
+
+@pytest.mark.parametrize(("k", "rises"), [(10, False), (300, True)])  # k=10: kth rises first
+@pytest.mark.parametrize("filter_rate", [0.0, 2.0])  # 0: always compare each score; 2: groups
+def test_either_filter_with_a_rising_floor_equals_a_full_sort(monkeypatch, k, rises, filter_rate):
+    monkeypatch.setattr(topk, "MASK_PASS_RATE", filter_rate)
+    gen = torch.Generator().manual_seed(k)
+    scores = torch.randn(9, 30_000, generator=gen).round(decimals=2)  # ties across tiles
+    top = TopKPair(9, k, expected_rows=30_000)
+    fold(top, scores, 2999)  # 2999: a tile's last columns fall outside the whole groups
+    first_floor = fold(TopKPair(9, k, expected_rows=30_000), scores[:, :2999], 2999).floor
+    assert bool((top.floor[0] > first_floor[0]).all()) == rises
+    assert bool((top.floor[1] < first_floor[1]).all()) == rises
+    props, opps = top.finish()
+    assert len(top.shortfall()) == 0
+    assert_both_sides_exact(props, opps, scores, k)
+
+
+def test_rows_that_fill_are_merged_and_stay_exact(monkeypatch):
+    merges = []
+    merge = RunningTopK._merge
+    monkeypatch.setattr(RunningTopK, "_merge", lambda self, w: merges.append(w) or merge(self, w))
+    gen = torch.Generator().manual_seed(8)
+    scores = torch.randn(4, 20_000, generator=gen)
+    top = fold(TopKPair(4, 50), scores, 500)  # ~10% of each tile passes: rows of 178 fill
+    assert len(merges) > 3
+    assert_both_sides_exact(*top.finish(), scores, 50)
+
+
+def test_a_tile_with_more_candidates_than_free_slots_stays_exact():
+    gen = torch.Generator().manual_seed(9)
+    first = torch.rand(3, 1000, generator=gen)
+    second = torch.cat([torch.rand(3, 300) + 2, torch.rand(3, 700) - 1], dim=1)
+    second = second[:, torch.randperm(1000, generator=gen)]  # 300 new best among 133 slots
+    scores = torch.cat([first, second], dim=1)
+    top = fold(TopKPair(3, 5), scores, 1000)
+    assert_both_sides_exact(*top.finish(), scores, 5)
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_rank_score_is_the_rank_th_best_held(sign):
+    gen = torch.Generator().manual_seed(10)
+    scores = torch.randn(3, 400, generator=gen)
+    side = RunningTopK(3, 50, sign)
+    side.add_dense(scores, torch.arange(400))
+    want = brute(scores, 20, sign)[0][:, 19:] * sign
+    assert torch.equal(side.rank_score(20), want)
+    assert (side.rank_score(60) == -float("inf")).all()  # only 50 held

@@ -9,12 +9,13 @@ Key layout: the high 32 bits are the float32 score's bits mapped to a signed int
 same order; the low 32 bits are `2**32 - 1 - row`. Opponents (lowest scores) are the
 proponents of the negated scores (negation is exact).
 
-Per tile, the current k-th best score per query is a threshold: only scores at or above it
-can enter, and after the first few tiles they are a small fraction. They are found through
-column-group maxima and minima, block by block of queries while the GEMM's output is in
-cache (see TopKPair). Those candidates wait in a pool and are merged (one `topk` over
-k + pool columns) only when the pool fills, so the merge cost is paid a few times per
-stream rather than once per tile.
+Per tile, the current k-th best score per query (or a floor estimated from the rows seen)
+is a threshold: only scores at or above it can enter, and after the first few tiles they
+are a small fraction. They are found block by block of queries while the GEMM's output is
+in cache, through column-group maxima and minima when very few qualify and through one
+compare per score otherwise (see TopKPair). Each query's candidates are appended to its
+row of one buffer, merged down to k (one `topk`) only when the row fills, so a stream pays
+for about one selection per query rather than one per tile.
 """
 
 from __future__ import annotations
@@ -28,19 +29,22 @@ EMPTY = torch.iinfo(torch.int64).min  # an unfilled slot; sorts below every real
 _LOW = 0xFFFFFFFF
 MAX_ROW = _LOW - 1  # row 2**32 - 1 would make a key collide with EMPTY's low bits
 _CHUNK = 1 << 21  # elements of int64 keys built at once on the dense path (16 MiB)
-GROUP = 8  # columns summarised by one maximum and one minimum in a tile's first pass
+GROUP = 8  # columns summarised by one maximum and one minimum (the group filter)
 _CACHE_FLOATS = 1 << 17  # scores per block of queries (512 KiB), scanned while in cache
+MASK_PASS_RATE = 0.005  # share of candidates above which a plain compare beats the groups
 
 
-def _ordered_bits(values: torch.Tensor) -> torch.Tensor:
-    """float32 -> int32 with the same order (-0.0 folded into +0.0 so equal scores tie)."""
-    bits = (values.to(torch.float32) + 0.0).view(torch.int32)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+def _pack(scores: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """Keys from float32 scores (with -0.0 already folded into +0.0, so equal scores tie)
+    and their low words `_LOW - row`: the float's bits mapped to an int32 of the same order
+    go to the high word."""
+    bits = scores.view(torch.int32)
+    return ((bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64) << 32) | low
 
 
 def encode(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Scores (...) float32 and train rows (...) int64 (broadcastable) -> keys int64."""
-    return (_ordered_bits(values).to(torch.int64) << 32) | (_LOW - rows)
+    return _pack(values.to(torch.float32) + 0.0, _LOW - rows)
 
 
 def decode(keys: torch.Tensor, sign: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,9 +69,11 @@ def merge_keys(a: torch.Tensor, b: torch.Tensor, k: int, ordered: bool = True) -
 class RunningTopK:
     """Best `k` (score, row) pairs per query of everything added; `sign` -1 keeps the lowest.
 
-    Scores arrive already filtered by `threshold()` (see TopKPair); the kept keys are an
-    unordered set until `finish()`. Keys and the candidate pool share one int64 buffer
-    (Q, k + max(k, 128)), so merging the pool is a `topk` in place of any concatenation.
+    Scores arrive already filtered by `threshold()` (see TopKPair). Each query owns a row of
+    one int64 buffer (Q, k + max(k, 128)) that new keys are appended to, unordered; only
+    when a query's row would overflow is it merged down to its best k (a `topk` over the
+    row, which also raises its threshold), and only the rows that overflow, so a stream
+    whose candidates fit pays for one selection per query, in `finish()`.
     """
 
     def __init__(self, n_query: int, k: int, sign: int = 1):
@@ -75,97 +81,115 @@ class RunningTopK:
             raise ValueError(f"sign must be 1 (proponents) or -1 (opponents), got {sign}")
         self.k, self.sign = k, sign
         self._buf = torch.full((n_query, k + max(k, 128)), EMPTY, dtype=torch.int64)
-        self.fill = torch.zeros(n_query, dtype=torch.int64)
+        self.fill = torch.zeros(n_query, dtype=torch.int64)  # slots used in each row
         self.kth = torch.full((n_query,), EMPTY, dtype=torch.int64)
-
-    @property
-    def keys(self) -> torch.Tensor:
-        """(Q, k) kept keys (a view; unordered until finish)."""
-        return self._buf[:, : self.k]
-
-    @property
-    def pool(self) -> torch.Tensor:
-        return self._buf[:, self.k :]
 
     def threshold(self) -> torch.Tensor:
         """(Q, 1) float32: the k-th best score merged so far in sign-adjusted units (-inf while
-        unfilled); any score that can still enter is at or above it."""
+        unknown); any score that can still enter is at or above it."""
         return decode(self.kth[:, None], 1)[0]
 
     def add_dense(self, scores: torch.Tensor, rows: torch.Tensor, start: int = 0) -> None:
         """Every score of queries start.. (scores (q, T), rows (T,)), in chunks of queries."""
-        self._flush()
         step = max(1, _CHUNK // max(1, scores.shape[1]))
         for lo in range(0, scores.shape[0], step):
             part = encode(scores[lo : lo + step] * self.sign, rows)
             a, b = start + lo, start + lo + part.shape[0]
-            self._buf[a:b, : self.k] = merge_keys(self.keys[a:b], part, self.k, False)
-            self.kth[a:b] = self.keys[a:b].amin(dim=1)
+            used = self._buf[a:b, : max(1, int(self.fill[a:b].max()))]
+            self._store(slice(a, b), merge_keys(used, part, self.k, False))
 
     def add_candidates(self, qi: torch.Tensor, keys: torch.Tensor) -> None:
-        """Candidates as (query index (n,) ascending, key (n,)) into the pool."""
-        n_query, cap = self.pool.shape
+        """Candidates as (query index (n,) grouped by query, key (n,)) appended to their rows;
+        a row that would overflow is merged first (and the candidates filtered again)."""
+        n_query, width = self._buf.shape
         counts = torch.bincount(qi, minlength=n_query)
-        if int((self.fill + counts).max()) > cap:
-            self._flush()
-            keep = keys > self.kth[qi]  # keys are unique, so strictly better only
+        over = (self.fill + counts > width).nonzero().flatten()
+        if len(over):
+            self._merge(over)
+            keep = keys > self.kth.index_select(0, qi)  # keys are unique: strictly better
             qi, keys = qi[keep], keys[keep]
             counts = torch.bincount(qi, minlength=n_query)
-            if int(counts.max()) > cap:
-                merged = merge_keys(self.keys, _padded(qi, keys, counts), self.k, False)
-                self._buf[:, : self.k] = merged
-                self.kth = merged.amin(dim=1)
-                return
-        starts = torch.cumsum(counts, 0) - counts
-        pos = (self.fill - starts).index_select(0, qi) + torch.arange(qi.numel())
-        width = self._buf.shape[1]
-        self._buf.view(-1).index_copy_(0, qi * width + self.k + pos, keys)
+            over = (self.fill + counts > width).nonzero().flatten()
+            if len(over):  # more new candidates than free slots: select among them all
+                sub = _padded(qi, keys, counts)[over]
+                self._store(over, merge_keys(self._buf[over, : self.k], sub, self.k, False))
+                drop = torch.zeros(n_query, dtype=torch.bool).index_fill_(0, over, True)
+                keep = ~drop.index_select(0, qi)
+                qi, keys = qi[keep], keys[keep]
+                counts = counts.index_fill_(0, over, 0)
+        # slot of candidate j: its row's first free slot + its rank within its query's run
+        offset = self.fill + torch.arange(n_query) * width - (torch.cumsum(counts, 0) - counts)
+        slot = offset.index_select(0, qi) + torch.arange(qi.numel())
+        self._buf.view(-1).index_copy_(0, slot, keys)
         self.fill += counts
 
     def finish(self) -> torch.Tensor:
-        """Keys (Q, k), best first, after merging every waiting candidate (an unordered
-        `topk`, then numpy's sort, several times faster than torch's on int64 rows)."""
-        width = int(self.fill.max())
-        keys = self.keys
-        if width > 0:
-            keys = torch.topk(self._buf[:, : self.k + width], self.k, dim=1, sorted=False).values
-        flipped = np.invert(keys.numpy())  # ~key reverses the order exactly (no overflow)
-        flipped.sort(axis=1)
-        out = torch.from_numpy(np.invert(flipped, out=flipped))
-        self._buf[:, : self.k] = out
-        self._buf[:, self.k : self.k + width] = EMPTY
-        self.fill.zero_()
-        self.kth = out[:, -1].clone()
-        return out
+        """Keys (Q, k), best first, after merging every row: an unordered `topk`, then numpy's
+        sort (several times faster than torch's on int64 rows), a cache-sized block of rows
+        at a time."""
+        used = self._buf[:, : max(self.k, int(self.fill.max()))]
+        out = np.empty((used.shape[0], self.k), dtype=np.int64)
+        step = max(1, _CACHE_FLOATS // used.shape[1])
+        for lo in range(0, used.shape[0], step):
+            best = torch.topk(used[lo : lo + step], self.k, dim=1, sorted=False).values
+            flipped = np.invert(best.numpy(), out=out[lo : lo + step])  # reverses the order
+            flipped.sort(axis=1)
+            np.invert(flipped, out=flipped)
+        self._store(slice(None), torch.from_numpy(out))
+        return torch.from_numpy(out)
 
-    def _flush(self) -> None:
-        width = int(self.fill.max())
-        if width > 0:
-            merged = torch.topk(self._buf[:, : self.k + width], self.k, dim=1, sorted=False)
-            self._buf[:, : self.k] = merged.values
-            self.kth = merged.values.amin(dim=1)
-            del merged
-            self._buf[:, self.k : self.k + width] = EMPTY
-            self.fill.zero_()
+    def rank_score(self, rank: int) -> torch.Tensor:
+        """(Q, 1) float32: per query the rank-th best score held (sign-adjusted), -inf where
+        fewer are held. What is held is a subset of what was added, so this is at most the
+        rank-th best of everything added. Selected among the keys' high words (the scores),
+        twice as fast as among the keys."""
+        high = (self._buf[:, : max(rank, int(self.fill.max()))] >> 32).to(torch.int32)
+        at = high.shape[1] - rank
+        kth = torch.from_numpy(np.partition(high.numpy(), at, axis=1)[:, at : at + 1])
+        return decode(kth.to(torch.int64) << 32)[0]  # an empty slot's high word gives EMPTY
+
+    def _merge(self, which: torch.Tensor) -> None:
+        """Rows `which` down to their best k keys."""
+        used = self._buf[which, : int(self.fill[which].max())]
+        if used.shape[1] > self.k:
+            self._store(which, torch.topk(used, self.k, dim=1, sorted=False).values)
+
+    def _store(self, which: torch.Tensor | slice, keys: torch.Tensor) -> None:
+        """Rows `which` (indices, or a slice: cheaper) now hold exactly `keys` (rows, k):
+        later slots emptied."""
+        used = int(self.fill[which].max()) if len(keys) else 0
+        if used > self.k:
+            self._buf[which, self.k : used] = EMPTY
+        self._buf[which, : self.k] = keys
+        self.fill[which] = self.k
+        self.kth[which] = keys.amin(dim=1)
 
 
 class TopKPair:
     """Proponents (highest scores) and opponents (lowest) of a stream of (Q, T) tiles.
 
     A tile is filtered block by block of queries, each block while it is still in cache
-    (`scan`, called by the scorer right after a block of the GEMM): the block's columns are
-    split into `GROUP` interleaved groups {w, w + W, ...} and each query's maximum and
-    minimum over every group taken (vectorised reductions, far cheaper per score than a
-    compare that writes a mask). Only groups whose extremum reaches a side's threshold are
-    opened and their scores compared one by one; at the thresholds a top-k reaches, most
-    groups stay closed. `add` then moves the tile's candidates into the running lists.
+    (`scan`, called by the scorer right after a block of the GEMM), by one of two filters
+    per side, whichever the previous tile's pass rate makes cheaper:
+
+    - group: the block's columns are split into `GROUP` interleaved groups {w, w + W, ...}
+      and each query's maximum (minimum) over every group taken (vectorised reductions, far
+      cheaper per score than a compare that writes a mask); only groups whose extremum
+      reaches the side's threshold are opened and their scores compared one by one. When
+      few scores qualify (a small top-k), most groups stay closed;
+    - mask: every score is compared with the threshold into a reused mask whose nonzero
+      positions are the candidates. When a few percent of the scores qualify (a large
+      top-k), so many groups open that this plain pass is cheaper.
+
+    `add` then moves the tile's candidates into the running lists.
 
     With `expected_rows` (the stream's length) the first tile also sets a floor per query:
     the score that about 1.5-2 k of all rows are expected to reach, read off the top ranks
     of the tile's group extrema (the r-th best group extremum is at most the r-th best
     score, so the floor errs low). Scores below the floor are dropped from the start, which
-    skips the warm-up in which most scores would qualify. A query whose k-th best ends
-    below its floor is reported by `shortfall()` and must be rescored without one.
+    skips the warm-up in which most scores would qualify; as more rows are seen the floor
+    rises (`_raise_floor`). A query whose k-th best ends below its floor is reported by
+    `shortfall()` and must be rescored without one.
     """
 
     def __init__(self, n_query: int, k: int, expected_rows: int | None = None):
@@ -176,26 +200,29 @@ class TopKPair:
         self.expected_rows = expected_rows
         self.floor: tuple[torch.Tensor, torch.Tensor] | None = None
         self._started = False
+        self._seen = 0  # rows added so far
+        self._floor_seen = 0  # rows the floor was last estimated from
+        # later in the stream a higher floor saves fewer candidates than its selection costs
+        self._raise_until = (expected_rows or 0) // 2
+        self._pass_rate = [1.0, 1.0]  # per side, the last tile's share of candidates
         self._scan: _TileScan | None = None
 
     def scan(self, block: torch.Tensor, start: int) -> None:
         """Queries start.. (q of them) of the tile being scored: block (q, T) float32,
         contiguous. Call for every block in order of `start`, then `add` the whole tile."""
         if start == 0:
-            self._scan = _TileScan(block.shape[1], self._bounds())
+            masked = [rate >= MASK_PASS_RATE for rate in self._pass_rate]
+            self._scan = _TileScan(block.shape[1], self._bounds(), masked)
         scan = self._scan
         if scan is None or start != scan.covered:
             raise ValueError(
                 f"scan blocks must cover the tile's queries in order from 0, got {start}"
             )
-        high, low = _group_extrema(block)
         scan.covered += block.shape[0]
         if not self._started:  # the floor needs the whole first tile's extrema first
-            scan.extrema.append((high, low))
+            scan.extrema.append(_group_extrema(block))
             return
-        flat_block = block.numpy().reshape(-1)
-        for side, extrema in enumerate((high, low)):
-            scan.collect(side, flat_block, extrema.numpy(), start)
+        scan.collect(block.numpy())
 
     def add(self, scores: torch.Tensor, rows: torch.Tensor) -> None:
         """Fold a tile: scores (Q, T) float32 (contiguous), rows (T,) int64; its blocks were
@@ -214,17 +241,20 @@ class TopKPair:
             self._scan_tile(scores)
             scan = self._scan
         self._scan = None
-        width = scores.shape[1] // GROUP
-        flat_scores = scores.numpy().reshape(-1)
+        low_words = _LOW - rows
         for side, top in enumerate((self.props, self.opps)):
-            if scan.dense[side]:  # warm-up: most groups qualify, select from the whole tile
+            if scan.dense[side]:  # warm-up: most scores qualify, select from the whole tile
                 top.add_dense(scores, rows)
+                self._pass_rate[side] = 1.0
                 continue
-            flats = scan.runs(side)
-            if scores.shape[1] > GROUP * width:  # columns past the last whole group
-                flats.append(scan.ungrouped(side, scores.numpy(), GROUP * width))
-            for flat in flats:
-                _add_flat(top, scores.shape[1], flat_scores, rows, flat)
+            found = 0
+            for flat, values in scan.runs(side, scores.numpy()):
+                _add_flat(top, scores.shape[1], flat, values, low_words)
+                found += flat.size
+            self._pass_rate[side] = found / max(1, scores.numel())
+        self._seen += scores.shape[1]
+        if self.floor is not None and 2 * self._floor_seen <= self._seen <= self._raise_until:
+            self._raise_floor()
 
     def _scan_tile(self, scores: torch.Tensor) -> None:
         step = query_block(scores.shape[1])
@@ -238,6 +268,12 @@ class TopKPair:
             hi, lo = torch.maximum(hi, self.floor[0]), torch.minimum(lo, self.floor[1])
         return hi.numpy(), lo.numpy()
 
+    def _floor_rank(self, seen: int) -> int:
+        """The rank among `seen` rows that the final k-th best score is all but certain to
+        reach: its expected rank there plus four standard deviations and a margin."""
+        expected = self.k * seen / self.expected_rows
+        return math.ceil(expected + 4.0 * math.sqrt(expected) + 8.0)
+
     def _estimate_floor(
         self, n_tile: int, high: torch.Tensor, low: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -245,13 +281,28 @@ class TopKPair:
         not worth it."""
         if self.expected_rows is None:
             return None
-        expected = self.k * n_tile / self.expected_rows  # rank of the final k-th in this tile
-        rank = math.ceil(expected + 4.0 * math.sqrt(expected) + 8.0)
+        rank = self._floor_rank(n_tile)
         if rank > high.shape[1] // 4:
             return None
-        hi = torch.topk(high, rank, dim=1, sorted=False).values.amin(1, keepdim=True)
-        lo = torch.topk(low, rank, dim=1, largest=False, sorted=False).values.amax(1, True)
-        return hi, lo
+        self._floor_seen = n_tile
+        at = high.shape[1] - rank
+        hi = np.partition(high.numpy(), at, axis=1)[:, at : at + 1]
+        lo = np.partition(low.numpy(), rank - 1, axis=1)[:, rank - 1 : rank]
+        return torch.from_numpy(hi), torch.from_numpy(lo)
+
+    def _raise_floor(self) -> None:
+        """Each time the rows seen double (in the stream's first half), the floor rises to
+        the score of the same safe rank among them (read off the held scores, a subset of
+        the seen ones, so it errs low): with more rows seen the rank's relative margin
+        shrinks, and so do the candidates that the floor lets through."""
+        rank = self._floor_rank(self._seen)
+        self._floor_seen = self._seen
+        if rank > self.k:
+            return
+        hi, lo = self.floor
+        hi = torch.maximum(hi, self.props.rank_score(rank))
+        lo = torch.minimum(lo, -self.opps.rank_score(rank))
+        self.floor = hi, lo
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(proponent keys, opponent keys), each (Q, k) best first."""
@@ -271,56 +322,94 @@ class TopKPair:
 
 class _TileScan:
     """What `TopKPair.scan` gathered of one tile: per side (0 proponents, 1 opponents) and
-    block, the flat indices of its candidates as `GROUP` ascending runs (one per group
-    member) with their lengths, or `dense` when most groups were open."""
+    block, its candidates as (flat indices into the tile, scores), grouped by query, or
+    `dense` when most scores qualified. `masked[side]` picks the side's filter."""
 
-    def __init__(self, n_cols: int, bounds: tuple[np.ndarray, np.ndarray]):
-        self.n_cols, self.bounds = n_cols, bounds
+    def __init__(self, n_cols: int, bounds: tuple[np.ndarray, np.ndarray], masked: list[bool]):
+        self.n_cols, self.bounds, self.masked = n_cols, bounds, masked
         self.covered = 0
         self.extrema: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.dense = [False, False]
         self.parts: tuple[list, list] = ([], [])
+        self._mask = np.empty(0, dtype=bool)
 
-    def collect(self, side: int, flat_block: np.ndarray, extrema: np.ndarray, start: int) -> None:
-        """Candidates of one block (queries start..) whose group extrema are `extrema`."""
-        if self.dense[side]:
-            return
-        compare = _COMPARE[side]
-        n_block, width = extrema.shape
-        bound = self.bounds[side][start : start + n_block]
-        hit = np.flatnonzero(compare(extrema, bound))
-        if hit.size > extrema.size // 2:
-            self.dense[side] = True
-            return
-        offset = start * self.n_cols
-        qi = hit // width
-        first = hit + qi * (self.n_cols - width)  # the group's first column, flat in the block
-        flat = first + np.arange(GROUP)[:, None] * width  # (GROUP, hits)
-        keep = compare(flat_block[flat], bound.reshape(-1)[qi])
-        self.parts[side].append((flat[keep] + offset, keep.sum(1)))
+    def collect(self, block: np.ndarray) -> None:
+        """Candidates of the block (q, T) of queries that `covered` ends with."""
+        start = self.covered - block.shape[0]
+        if self.masked[0] and self.masked[1]:
+            extrema = (None, None)
+        else:
+            extrema = tuple(e.numpy() for e in _group_extrema(torch.from_numpy(block)))
+        for side in (0, 1):
+            if self.dense[side]:
+                continue
+            bound = self.bounds[side][start : self.covered]
+            if self.masked[side]:
+                found = self._compare_all(side, block, bound)
+            else:
+                found = _open_groups(side, block, extrema[side], bound)
+            if found is None:
+                self.dense[side] = True
+            else:
+                self.parts[side].append((found[0] + start * self.n_cols, found[1]))
 
-    def runs(self, side: int) -> list[np.ndarray]:
-        """The side's candidates as `GROUP` arrays of flat indices, each ascending."""
-        pieces = [np.split(flat, np.cumsum(counts)[:-1]) for flat, counts in self.parts[side]]
-        return [np.concatenate([p[m] for p in pieces]) for m in range(GROUP)] if pieces else []
+    def _compare_all(self, side: int, block: np.ndarray, bound: np.ndarray):
+        """(flat indices, scores) of the block's scores that reach `bound`, None if most do."""
+        if self._mask.size < block.size:
+            self._mask = np.empty(block.size, dtype=bool)
+        mask = self._mask[: block.size].reshape(block.shape)
+        flat = np.flatnonzero(_COMPARE[side](block, bound, out=mask))
+        if flat.size > block.size // 2:
+            return None
+        return flat, block.reshape(-1)[flat]
 
-    def ungrouped(self, side: int, scores: np.ndarray, start: int) -> np.ndarray:
-        """Flat indices into `scores` (Q, T) of columns start.. that pass, compared plainly."""
-        qi, col = np.nonzero(_COMPARE[side](scores[:, start:], self.bounds[side]))
-        return qi * scores.shape[1] + start + col
+    def runs(self, side: int, scores: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The side's candidates as (flat indices into `scores` (Q, T), scores) runs, each
+        grouped by query: the blocks' candidates, then (group filter) any columns past the
+        last whole group, compared plainly."""
+        parts = self.parts[side]
+        out = []
+        if parts:
+            out.append(
+                (np.concatenate([f for f, _ in parts]), np.concatenate([v for _, v in parts]))
+            )
+        edge = GROUP * (self.n_cols // GROUP)
+        if not self.masked[side] and edge < self.n_cols:
+            qi, col = np.nonzero(_COMPARE[side](scores[:, edge:], self.bounds[side]))
+            flat = qi * self.n_cols + edge + col
+            out.append((flat, scores.reshape(-1)[flat]))
+        return out
 
 
 _COMPARE = (np.greater_equal, np.less_equal)  # a candidate's test against its side's bound
 
 
-def _add_flat(side: RunningTopK, n_cols: int, flat_scores, rows, flat: np.ndarray) -> None:
-    """Candidates given as flat indices (grouped by query) into the (Q, n_cols) scores into
-    `side`'s pool."""
+def _open_groups(side: int, block: np.ndarray, extrema: np.ndarray, bound: np.ndarray):
+    """(flat indices, scores) of the block's (q, T) whole-group scores that reach `bound`
+    (q, 1), found through the groups' extrema (q, W); None if most groups qualify."""
+    compare = _COMPARE[side]
+    n_block, width = extrema.shape
+    hit = np.flatnonzero(compare(extrema, bound))
+    if hit.size > extrema.size // 2:
+        return None
+    qi = hit // width
+    first = hit + qi * (block.shape[1] - width)  # the group's first column, flat in the block
+    flat = first[:, None] + np.arange(GROUP) * width  # (hits, GROUP): grouped by query
+    values = block.reshape(-1)[flat]
+    keep = compare(values, bound.reshape(-1)[qi][:, None])
+    return flat[keep], values[keep]
+
+
+def _add_flat(
+    side: RunningTopK, n_cols: int, flat: np.ndarray, values: np.ndarray, low: torch.Tensor
+) -> None:
+    """Candidates of a (Q, n_cols) tile, as flat indices (grouped by query) and their scores,
+    into `side`'s rows; low (n_cols,): the tile's `_LOW - row`."""
     flat = torch.from_numpy(flat)
     qi = torch.div(flat, n_cols, rounding_mode="floor")
-    values = torch.from_numpy(flat_scores).index_select(0, flat)
-    cand_rows = rows.index_select(0, flat - qi * n_cols)
-    side.add_candidates(qi, encode(values * side.sign, cand_rows))
+    values = torch.from_numpy(values)
+    adjusted = values + 0.0 if side.sign > 0 else 0.0 - values  # also folds -0.0 into +0.0
+    side.add_candidates(qi, _pack(adjusted, low.index_select(0, flat - qi * n_cols)))
 
 
 def query_block(n_cols: int) -> int:
