@@ -185,7 +185,8 @@ def prepare_started(
         preparing = executor.submit(prepare, raw, create_index=create_index, query=query)
         try:
             try:
-                datasets = ("train",) * create_index + ("query",) * query
+                # What the first call of a worker reads: the first shard's, else the queries'.
+                datasets = ("train",) if create_index else ("query",) * query
                 spares = _early_workers(job_cfg, raw, preparing, datasets)
             except BaseException:
                 preparing.result()  # a refused job fails with its refusal, not Ray's error
