@@ -127,17 +127,43 @@ def _validate_faults(f: FaultsConfig) -> None:
         raise ConfigError("faults.shard_delay_s must be >= 0")
 
 
-def _validate_compression(c: CompressionConfig) -> None:
-    from grass_dist.compress.registry import compressor_class  # that package imports this one
+# Every compression method, and whether it is factorised (Linear layers only). The classes
+# (grass_dist.compress.registry.REGISTRY) import torch, and a job checks its config before it
+# starts Ray and while torch is still loading, so the check reads this table; tests/test_config
+# checks that it holds the registry's methods with their classes' `factorised`.
+COMPRESSION_METHODS: dict[str, bool] = {
+    "factgrass": True,
+    "gaussian": False,
+    "grass": False,
+    "identity": False,
+    "logra": True,
+    "rademacher": False,
+    "random_mask": False,
+    "selective_factgrass": True,
+    "selective_grass": False,
+    "selective_mask": False,
+    "sjlt": False,
+}
 
-    compressor_class(c.method, "compression.method")
-    if compressor_class(c.other, "compression.other").factorised:
+
+def _factorised(method: str, where: str) -> bool:
+    """Whether `method` is factorised; ConfigError naming `where` if it is unknown."""
+    if method not in COMPRESSION_METHODS:
+        raise ConfigError(
+            f"{where}={method!r} is unknown; choose one of {sorted(COMPRESSION_METHODS)}"
+        )
+    return COMPRESSION_METHODS[method]
+
+
+def _validate_compression(c: CompressionConfig) -> None:
+    _factorised(c.method, "compression.method")
+    if _factorised(c.other, "compression.other"):
         raise ConfigError(
             f"compression.other={c.other!r} is factorised (Linear layers only); choose a flat "
             f"method for non-Linear layers, e.g. compression.other=grass"
         )
     for key, method in c.overrides.items():
-        compressor_class(method, f"compression.overrides.{key}")
+        _factorised(method, f"compression.overrides.{key}")
     if c.k <= 0:
         raise ConfigError(f"compression.k={c.k} must be a positive integer, e.g. 1024")
     for name in ("mask_out", "mask_in", "proj_out", "proj_in"):

@@ -185,7 +185,9 @@ def prepare_started(
         preparing = executor.submit(prepare, raw, create_index=create_index, query=query)
         try:
             try:
-                spares = _early_workers(job_cfg, raw, preparing)
+                # What the first call of a worker reads: the first shard's, else the queries'.
+                datasets = ("train",) if create_index else ("query",) * query
+                spares = _early_workers(job_cfg, raw, preparing, datasets)
             except BaseException:
                 preparing.result()  # a refused job fails with its refusal, not Ray's error
                 raise
@@ -197,13 +199,16 @@ def prepare_started(
     return job
 
 
-def _early_workers(job_cfg: JobConfig, raw: dict[str, Any], preparing: Future) -> list[Any]:
-    """Connect to Ray and create `cluster.num_workers` unstarted worker actors; none when the
-    job names in-memory objects (shipped with the pool) or `preparing` already failed."""
+def _early_workers(
+    job_cfg: JobConfig, raw: dict[str, Any], preparing: Future, datasets: tuple[str, ...]
+) -> list[Any]:
+    """Connect to Ray and create `cluster.num_workers` unstarted worker actors, which build
+    `datasets` meanwhile; none when the job names in-memory objects (shipped with the pool)
+    or `preparing` already failed."""
     connect(job_cfg.cluster)
     if assembly.in_memory_digests(raw) or (preparing.done() and preparing.exception()):
         return []
-    factory = worker_factory(job_cfg.cluster, raw)
+    factory = worker_factory(job_cfg.cluster, raw, datasets=datasets)
     spares = [factory(i) for i in range(job_cfg.cluster.num_workers)]
     log.info("created %d worker actors while the job is checked", len(spares))
     return spares

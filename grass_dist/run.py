@@ -28,28 +28,10 @@ from grass_dist.fidelity import evaluate
 from grass_dist.index import GradientIndex
 from grass_dist.index.gc import collect
 from grass_dist.index.gradient_index import INDEX_FILE
+from grass_dist.launch import job_start
 from grass_dist.scoring import ensemble, results
 
 log = logging.getLogger("grass_dist")
-
-# When this process started, set by `cli`: a `jobs/` entry point's times count from it.
-_PROCESS_STARTED: float | None = None
-
-
-def process_start() -> float:
-    """time.time() when this process started (from /proc on Linux; elsewhere: now)."""
-    try:
-        with open("/proc/self/stat", encoding="ascii") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
-        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, AttributeError):
-        return time.time()
-    return time.time() - age
-
-
-def job_start() -> float:
-    """When the job started: its process's start for a `jobs/` entry point, else now."""
-    return _PROCESS_STARTED if _PROCESS_STARTED is not None else time.time()
 
 
 def _predictions(job: pipeline.Job, dataset) -> dict[int, int]:
@@ -135,26 +117,6 @@ def _changed_shown_rows(index: GradientIndex, train, topk, self_inf) -> list[int
 
 def _index_bytes(job: pipeline.Job) -> int:
     return sum(r.nbytes for r in job.index.committed().values())
-
-
-def cli(main: Callable[[], Any]) -> None:
-    """Call a `hydra.main` entry point as `python -m jobs.<name>` does, with the jobs' logging.
-
-    Hydra itself refuses a bad command line (an unknown key or preset, a malformed override)
-    with status 1, the status of a crash; such a refusal exits 2 here like every other bad
-    input. Hydra exits from inside its handler, so the refusal is the exit's context.
-    """
-    from hydra.errors import CompactHydraException
-
-    global _PROCESS_STARTED
-    _PROCESS_STARTED = process_start()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        main()
-    except SystemExit as e:
-        if e.code == 1 and isinstance(e.__context__, CompactHydraException):
-            sys.exit(2)
-        raise
 
 
 def _refuse(e: GrassError) -> NoReturn:

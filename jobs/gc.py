@@ -9,7 +9,7 @@ Prints a JSON summary: files listed, kept (committed, young) and removed, bytes 
 import hydra
 from omegaconf import DictConfig
 
-from grass_dist import run
+from grass_dist import launch, run
 from grass_dist.config import register_configs
 
 
@@ -20,4 +20,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     register_configs()
-    run.cli(main)
+    launch.cli(main)

@@ -7,7 +7,7 @@ python -m jobs.attribute scoring.dense=true && python -m jobs.lds lds.subsets=50
 import hydra
 from omegaconf import DictConfig
 
-from grass_dist import run
+from grass_dist import launch, run
 from grass_dist.config import register_configs
 
 
@@ -18,4 +18,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     register_configs()
-    run.cli(main)
+    launch.cli(main)

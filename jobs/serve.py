@@ -10,7 +10,7 @@ fails (see grass_dist.service.app.check).
 import hydra
 from omegaconf import DictConfig
 
-from grass_dist import run
+from grass_dist import launch, run
 from grass_dist.config import register_configs
 
 
@@ -21,4 +21,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     register_configs()
-    run.cli(main)
+    launch.cli(main)

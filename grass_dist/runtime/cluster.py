@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -11,15 +12,29 @@ import ray
 
 from grass_dist.config import ClusterConfig
 from grass_dist.runtime.pool import ActorPool
-from grass_dist.runtime.worker import GradientWorker
 
 log = logging.getLogger(__name__)
 
+# Held while a thread starts Ray (`connect`, or a caller that starts other threads first and
+# then connects, as grass_dist.launch.door): another thread's `connect` meanwhile waits for it.
+CONNECTING = threading.RLock()
 
-def connect(cfg: ClusterConfig) -> None:
-    """Start an embedded Ray (address null) or join `cfg.address` ('auto', ray://...)."""
-    if ray.is_initialized():
-        return
+
+def connect(cfg: ClusterConfig) -> bool:
+    """Start an embedded Ray (address null) or join `cfg.address` ('auto', ray://...);
+    True when this call started or joined it (False: Ray was already initialized).
+
+    This module imports no torch, so a job door can start Ray before it imports the rest
+    (grass_dist.launch), while another thread prepares the job and connects here too.
+    """
+    with CONNECTING:
+        if ray.is_initialized():
+            return False
+        _start(cfg)
+    return True
+
+
+def _start(cfg: ClusterConfig) -> None:
     if cfg.address is None:
         # address="local" always starts a fresh Ray here, even if a cluster runs nearby.
         ray.init(
@@ -33,6 +48,22 @@ def connect(cfg: ClusterConfig) -> None:
     else:
         ray.init(address=cfg.address, logging_level=logging.WARNING)
         log.info("joined the Ray cluster at %s", cfg.address)
+
+
+def shutdown() -> None:
+    """Stop the embedded Ray (or leave the joined cluster) now, as a job process ends.
+
+    Ray's own exit hook does the same but first sleeps 0.5 s for late worker messages; a
+    job that returned has none left to print. Ray stops its processes one after another,
+    each given 1 s to exit on SIGTERM, and its autoscaler monitor always takes that whole
+    second: an embedded Ray is one node with nothing to scale, so its monitor is killed first.
+    """
+    if not ray.is_initialized():
+        return
+    node = ray._private.worker._global_node  # set when this process started the Ray
+    if node is not None and node.is_head():
+        node.kill_monitor(check_alive=False)
+    ray.shutdown()
 
 
 def worker_request(cfg: ClusterConfig) -> dict[str, float]:
@@ -61,14 +92,21 @@ def worker_options(cfg: ClusterConfig) -> dict[str, Any]:
 
 
 def worker_factory(
-    cfg: ClusterConfig, job: dict[str, Any], objects: dict[str, ray.ObjectRef] | None = None
+    cfg: ClusterConfig,
+    job: dict[str, Any],
+    objects: dict[str, ray.ObjectRef] | None = None,
+    datasets: tuple[str, ...] = (),
 ) -> Callable[[int], Any]:
     """`factory(worker_id)`: a GradientWorker actor for `job`, created but not yet started
     (its `start(model_hash)` builds the replica); `objects` are the job's in-memory objects
-    (grass_dist.assembly.ship)."""
+    (grass_dist.assembly.ship); `datasets` ('train', 'query') are built as the actor is
+    created, before its first shard asks for them."""
+    # torch, and the model code, load here and not when this module is imported: see `connect`.
+    from grass_dist.runtime.worker import GradientWorker
+
     actor_cls = ray.remote(GradientWorker).options(**worker_options(cfg))
     threads = threads_for(cfg.cpus_per_worker)
-    return lambda i: actor_cls.remote(job, None, threads, i, objects)
+    return lambda i: actor_cls.remote(job, None, threads, i, objects, datasets)
 
 
 def start_worker_pool(

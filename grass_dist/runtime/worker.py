@@ -82,10 +82,12 @@ class GradientWorker:
         threads: int,
         worker_id: int = 0,
         objects: dict[str, Any] | None = None,
+        datasets: tuple[str, ...] = (),
     ):
-        """With `model_hash` None only the cheap part runs (threads, config, device) and
-        `start(model_hash)` builds the replica later: a pool starts such actors while the
-        driver still checks the job, so their process start and imports overlap its checks.
+        """With `model_hash` None only the cheap part runs (threads, config, device, and the
+        `datasets` named, e.g. ('train',)) and `start(model_hash)` builds the replica later: a
+        pool starts such actors while the driver still checks the job, so their process start,
+        imports and data loading overlap its checks instead of delaying the first shard.
         """
         in_ray = ray.is_initialized()
         if in_ray and ray.get_runtime_context().get_actor_id() is not None:
@@ -101,6 +103,10 @@ class GradientWorker:
         self.phases = Phases()
         self.datasets: dict[str, Any] = {}
         self._datasets_lock = threading.Lock()  # shard calls run on several threads
+        if datasets:
+            assembly.receive(objects)  # a dataset may be an in-memory object (api)
+        for which in datasets:
+            self._dataset(which)
         if model_hash is not None:
             self.start(model_hash)
 

@@ -1,0 +1,140 @@
+"""A `jobs/` process from its start to its exit: Ray first, the job meanwhile, a quick exit.
+
+`python -m jobs.<name>` composes the config with Hydra and then needs two slow things: the
+job's modules (torch, the model code: seconds) with the checks of its model, data and store,
+and, for the jobs that compute, an embedded Ray (its processes: seconds more). `door` checks
+the config, then starts Ray on this thread while the job imports and prepares on another, so
+neither waits for the other; a malformed config never starts Ray. `cli` stops Ray as the job
+returns and skips the interpreter's final walk over every object (seconds, after the summary
+is printed).
+
+This module imports no torch: only Hydra, OmegaConf, Ray and the config.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from omegaconf import DictConfig
+
+from grass_dist.config import ClusterConfig, JobConfig, resolve
+from grass_dist.errors import GrassError
+from grass_dist.runtime import cluster
+
+# When this process started, set by `cli`: a `jobs/` entry point's times count from it.
+_PROCESS_STARTED: float | None = None
+
+# What a door runs: `grass_dist.run.<door>(cfg)`.
+_JOBS_MODULE = "grass_dist.run"
+
+
+def process_start() -> float:
+    """time.time() when this process started (from /proc on Linux; elsewhere: now)."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.time()
+    return time.time() - age
+
+
+def job_start() -> float:
+    """When the job started: its process's start for a `jobs/` entry point, else now."""
+    return _PROCESS_STARTED if _PROCESS_STARTED is not None else time.time()
+
+
+def cli(main: Callable[[], Any]) -> None:
+    """Call a `hydra.main` entry point as `python -m jobs.<name>` does, with the jobs' logging.
+
+    Hydra itself refuses a bad command line (an unknown key or preset, a malformed override)
+    with status 1, the status of a crash; such a refusal exits 2 here like every other bad
+    input. Hydra exits from inside its handler, so the refusal is the exit's context.
+    However the job ends, Ray stops now rather than in its exit hook, and the objects left
+    are frozen: the process is about to end, so nothing needs collecting, and the
+    interpreter's final collection over torch's and the job's objects took 1-2 s.
+    """
+    from hydra.errors import CompactHydraException
+
+    global _PROCESS_STARTED
+    _PROCESS_STARTED = process_start()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        main()
+    except SystemExit as e:
+        if e.code == 1 and isinstance(e.__context__, CompactHydraException):
+            sys.exit(2)
+        raise
+    finally:
+        cluster.shutdown()
+        gc.freeze()
+
+
+def door(name: str, cfg: DictConfig) -> dict[str, Any]:
+    """`grass_dist.run.<name>(cfg)` (attribute, index, score), with an embedded Ray started
+    on this thread while the job's modules import and the job is prepared on another.
+
+    Ray starts only for a config that passes its checks and names no cluster (a job joining
+    one connects later, as `pipeline.prepare_started` explains); a config that fails them
+    reaches `run.<name>`, which refuses it. The job runs on a daemon thread (Ray's processes
+    die with the thread that started them, so this one starts Ray and waits there); its
+    `connect` waits for this Ray. A Ray started here is stopped when the job raises or exits
+    (a refusal exits 2), as `pipeline.prepare_started` stops one it started.
+    """
+    embedded = _embedded_cluster(cfg)
+    if embedded is None:
+        return _job(name, cfg)
+    with cluster.CONNECTING:  # the job's own `connect` waits for this thread's Ray
+        job = _Background(_job, name, cfg)
+        started = cluster.connect(embedded)
+    try:
+        return job.result()
+    except BaseException:
+        if started:
+            cluster.shutdown()
+        raise
+
+
+def _job(name: str, cfg: DictConfig) -> dict[str, Any]:
+    return getattr(importlib.import_module(_JOBS_MODULE), name)(cfg)
+
+
+def _embedded_cluster(cfg: DictConfig) -> ClusterConfig | None:
+    """`cfg`'s cluster settings when it passes the config checks and asks for an embedded
+    Ray (cluster.address null), else None."""
+    try:
+        settings = JobConfig.from_cfg(resolve(cfg)).cluster
+    except GrassError:
+        return None  # refused by run.<name>, with its message, before Ray
+    return settings if settings.address is None else None
+
+
+class _Background:
+    """`fn(*args)` on a daemon thread; `result()` waits for it and returns or raises what it
+    did (SystemExit included: a refusal exits 2 from the job's thread through this one)."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any):
+        self._outcome: tuple[bool, Any] | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, *args), name="job", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            self._outcome = (True, fn(*args))
+        except BaseException as e:  # noqa: BLE001 -- handed to the waiting thread
+            self._outcome = (False, e)
+
+    def result(self) -> Any:
+        self._thread.join()
+        ok, value = self._outcome
+        if not ok:
+            raise value
+        return value

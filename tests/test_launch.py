@@ -1,0 +1,83 @@
+"""A job's start-up: the config is checked without torch, so Ray can start first; the job's
+thread hands back what it raised; workers build their data while the driver prepares."""
+
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from grass_dist import launch
+from grass_dist.compress.registry import REGISTRY
+from grass_dist.config import JobConfig, resolve
+from grass_dist.config_checks import COMPRESSION_METHODS
+from grass_dist.errors import ConfigError
+from grass_dist.runtime import cluster
+from grass_dist.runtime.worker import GradientWorker
+from tests.conftest import ROOT, compose_cfg
+
+
+def test_the_config_check_knows_every_compression_method_and_whether_it_is_factorised():
+    assert {m: cls.factorised for m, cls in REGISTRY.items()} == COMPRESSION_METHODS
+
+
+def test_a_door_checks_its_config_and_reaches_ray_without_importing_torch():
+    # What `door` runs before it starts Ray: nothing there may wait for torch to import.
+    code = (
+        "import sys, jobs.attribute\n"
+        "from hydra import compose, initialize_config_dir\n"
+        "from grass_dist import launch\n"
+        "from grass_dist.config import register_configs\n"
+        "register_configs()\n"
+        f"with initialize_config_dir(config_dir={str(ROOT / 'conf')!r}, version_base='1.3'):\n"
+        "    cfg = compose('config', overrides=['compression.method=logra'])\n"
+        "assert launch._embedded_cluster(cfg) is not None\n"
+        "print(sorted(m for m in ('torch', 'grass_dist.compress') if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+
+
+def test_a_bad_compression_method_is_refused_with_the_methods_there_are(tmp_path):
+    cfg = compose_cfg(tmp_path, "compression.method=nope", small=False)
+    assert launch._embedded_cluster(cfg) is None  # no Ray: run.<door> refuses it
+    with pytest.raises(ConfigError, match=r"compression.method='nope' is unknown.*factgrass"):
+        JobConfig.from_cfg(resolve(cfg))
+
+
+def test_a_job_thread_hands_back_its_result_its_error_and_its_exit():
+    assert launch._Background(lambda a, b: a + b, 2, 3).result() == 5
+    with pytest.raises(ValueError, match="bad"):
+        launch._Background(lambda: (_ for _ in ()).throw(ValueError("bad"))).result()
+    with pytest.raises(SystemExit) as exited:
+        launch._Background(sys.exit, 2).result()
+    assert exited.value.code == 2
+
+
+def test_connect_waits_for_the_thread_that_holds_rays_start(monkeypatch):
+    # The door holds CONNECTING while it starts the job's thread and then Ray: the job's own
+    # connect must wait for that Ray, not start one on its thread (whose end would kill it).
+    started = []
+    monkeypatch.setattr(cluster, "_start", lambda cfg: started.append(threading.current_thread()))
+    monkeypatch.setattr(cluster.ray, "is_initialized", lambda: bool(started))
+    answers = []
+    job = threading.Thread(target=lambda: answers.append(cluster.connect(None)))
+    with cluster.CONNECTING:
+        job.start()
+        job.join(0.3)
+        assert job.is_alive()  # waiting for this thread's start
+        assert cluster.connect(None) is True
+    job.join(5)
+    assert started == [threading.current_thread()]
+    assert answers == [False]
+
+
+def test_a_worker_builds_the_datasets_it_is_given_as_it_is_created(tmp_path):
+    raw = resolve(compose_cfg(tmp_path))
+    worker = GradientWorker(raw, None, threads=1, datasets=("train", "query"))
+    assert sorted(worker.datasets) == ["query", "train"]
+    assert len(worker.datasets["train"]) == raw["data"]["train"]["n_train"]
+    assert GradientWorker(raw, None, threads=1).datasets == {}
