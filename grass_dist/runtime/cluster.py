@@ -60,8 +60,11 @@ def shutdown() -> None:
     """
     if not ray.is_initialized():
         return
-    node = ray._private.worker._global_node  # set when this process started the Ray
-    if node is not None and node.is_head():
+    # Ray's private node handle, set when this process started the Ray; read defensively so
+    # that a Ray without it only loses the shortcut.
+    node = getattr(getattr(ray, "_private", None), "worker", None)
+    node = getattr(node, "_global_node", None)
+    if node is not None and node.is_head() and hasattr(node, "kill_monitor"):
         node.kill_monitor(check_alive=False)
     ray.shutdown()
 
