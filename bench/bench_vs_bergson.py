@@ -42,7 +42,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,6 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.lm_workload import N_POSITIONS, Size, build_workload, checked_token_ids  # noqa: E402
+from bench.timing import TreeCPU  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "vs_bergson.md"
 BERGSON_PY = ROOT / ".venv-bergson" / "bin" / "python"
@@ -224,59 +224,6 @@ def run_env(layout: Layout, run: Path) -> dict:
         CUDA_VISIBLE_DEVICES="",
     )
     return env
-
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def process_table() -> dict[int, tuple[int, float]]:
-    """pid -> (parent pid, own user+system CPU seconds) of every process, from /proc."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:  # exited while we looked
-            continue
-        table[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
-    return table
-
-
-class TreeCPU:
-    """CPU seconds of a process and all its descendants (Ray's daemons and workers,
-    bergson's launched ranks), sampled from /proc every `interval` seconds while it runs;
-    each process counts with its last sample (own time only, so nothing is counted twice)."""
-
-    def __init__(self, root: int, interval: float = 0.5):
-        self.root, self.interval = root, interval
-        self.last: dict[int, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        table = process_table()
-        children: dict[int, list[int]] = {}
-        for pid, (ppid, _) in table.items():
-            children.setdefault(ppid, []).append(pid)
-        todo = [self.root]
-        while todo:
-            pid = todo.pop()
-            if pid in table:
-                self.last[pid] = table[pid][1]
-            todo.extend(children.get(pid, []))
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
-
-    def stop(self) -> float:
-        """Stop sampling; the tree's CPU seconds."""
-        self._stop.set()
-        self._thread.join()
-        return sum(self.last.values())
 
 
 def timed(command: list[str], env: dict, log: Path) -> tuple[float, float]:

@@ -3,13 +3,16 @@
 Every competitor runs once per repetition, in turn (A, B, C, A, B, C, ...), so load changes
 hit all of them alike; each is reported as the median over repetitions of both wall time
 and process CPU time. With one torch thread, CPU time is the work done, whatever else the
-machine runs; wall time is what a user waits.
+machine runs; wall time is what a user waits. A whole subprocess (a job with its Ray
+processes, a peer tool with its ranks) is measured by `TreeCPU`: the CPU time of its whole
+process tree.
 """
 
 from __future__ import annotations
 
 import os
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -69,3 +72,56 @@ def write_result(out: str | Path, lines: list[str]) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_table() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, own user+system CPU seconds) of every process, from /proc."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # exited while we looked
+            continue
+        table[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
+    return table
+
+
+class TreeCPU:
+    """CPU seconds of a process and all its descendants (Ray's daemons and workers,
+    bergson's launched ranks), sampled from /proc every `interval` seconds while it runs;
+    each process counts with its last sample (own time only, so nothing is counted twice)."""
+
+    def __init__(self, root: int, interval: float = 0.5):
+        self.root, self.interval = root, interval
+        self.last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        table = process_table()
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _) in table.items():
+            children.setdefault(ppid, []).append(pid)
+        todo = [self.root]
+        while todo:
+            pid = todo.pop()
+            if pid in table:
+                self.last[pid] = table[pid][1]
+            todo.extend(children.get(pid, []))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def stop(self) -> float:
+        """Stop sampling; the tree's CPU seconds."""
+        self._stop.set()
+        self._thread.join()
+        return sum(self.last.values())
