@@ -117,7 +117,8 @@ def _triangle_rows(k: int, lower: bool):
 def pack_triangle(m: torch.Tensor, lower: bool = False) -> torch.Tensor:
     """The upper (or lower) triangle of (k, k) `m`, diagonal included, row by row, 1-D."""
     k = m.shape[0]
-    rows, out = m.contiguous().numpy(), np.empty(k * (k + 1) // 2, dtype=m.numpy().dtype)
+    rows = m.contiguous().numpy()
+    out = np.empty(k * (k + 1) // 2, dtype=rows.dtype)
     at = 0
     for i, lo, hi in _triangle_rows(k, lower):
         out[at : at + hi - lo] = rows[i, lo:hi]
@@ -133,7 +134,8 @@ def unpack_triangle(packed: torch.Tensor, lower: bool = False) -> torch.Tensor:
             f"{packed.numel()} entries are no packed triangle: the preconditioner file is "
             "damaged; rebuild it with the precondition stage"
         )
-    flat, out = packed.numpy(), np.zeros((k, k), dtype=packed.numpy().dtype)
+    flat = packed.numpy()
+    out = np.zeros((k, k), dtype=flat.dtype)
     at = 0
     for i, lo, hi in _triangle_rows(k, lower):
         out[i, lo:hi] = flat[at : at + hi - lo]
