@@ -1,17 +1,20 @@
 """The preconditioner against dense float64 (H + lambda I)^-1: Cholesky and eigenbasis paths,
 the store formats (including files written before format 2), the float32 Fisher sum and
-the parallel per-layer factorisation."""
+the parallel per-layer factorisation and the Ray build of the whole preconditioner."""
 
 import json
 
 import numpy as np
 import pytest
+import ray
 import torch
 from safetensors.torch import save as st_save
 
-from grass_dist.runtime.reducer import balanced_groups, layer_map
+from grass_dist.runtime.reducer import balanced_groups, build_fisher, layer_map
+from grass_dist.runtime.scoring import shard_groups
 from grass_dist.scoring.precondition import (
     FisherSum,
+    LayerFactor,
     Preconditioner,
     cholesky_factor,
     eigen_factor,
@@ -20,6 +23,7 @@ from grass_dist.scoring.precondition import (
     serial_map,
     unpack_triangle,
 )
+from tests.synthetic import write_index
 
 LAYERS = {"a": 12, "b": 7}
 DELTAS = (0.0, 1e-3, 0.3)
@@ -238,3 +242,51 @@ def test_saved_preconditioner_has_one_metadata_entry():
     size = int.from_bytes(data[:8], "little")
     assert list(json.loads(data[8 : 8 + size])["__metadata__"]) == ["grass_dist"]
     assert Preconditioner.from_bytes(data).delta == 0.1
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("layers", "delta"),
+    [({"a": 9}, 0.1), ({"a": 9, "b": 5, "c": 12}, 1e-3), ({"a": 6, "b": 4}, None)],
+)
+def test_built_on_ray_equals_the_serial_build_bit_for_bit(ray_session, tmp_path, layers, delta):
+    # Map tasks over shard groups, their per-layer partial sums handed task to task to the
+    # factorisation tasks: the same bits as summing the groups' FisherSums in order here.
+    index = write_index(str(tmp_path / "index"), 1100, layers, shard_rows=100)
+    built = build_fisher(index, 3, True, delta)
+    records = sorted(index.committed().values(), key=lambda r: r.start)
+    total = FisherSum({}, 0)
+    for group in shard_groups(records, 3):
+        total = total + FisherSum.accumulate(index.read(r).phi for r in group)
+    want = Preconditioner.from_fisher(total)
+    if delta is not None:
+        want.factorise(delta)
+    assert (built.n, built.delta, list(built.layers)) == (1100, delta, list(layers))
+    for name, layer in want.layers.items():
+        assert torch.equal(built.layers[name].fisher, layer.fisher)
+        assert built.layers[name].cholesky.keys() == layer.cholesky.keys()
+        for d, factor in layer.cholesky.items():
+            assert torch.equal(built.layers[name].cholesky[d], factor)
+    assert built.to_bytes() == want.to_bytes()
+
+
+@pytest.mark.integration
+def test_an_empty_index_has_no_preconditioner(ray_session, tmp_path):
+    url = str(tmp_path / "index")
+    index = write_index(url, 0, {"a": 4}, shard_rows=10)
+    with pytest.raises(ValueError, match="empty index"):
+        build_fisher(index, 2, True, 0.1)
+
+
+@pytest.mark.integration
+def test_layer_factors_cross_processes_as_shared_read_only_arrays(ray_session, recwarn):
+    # Ray hands numpy arrays over without copying them (read-only); the factors come back
+    # equal and usable, with no "not writable" warning.
+    h = torch.from_numpy(exact_fisher({"a": realistic_phi(50, 6)}).matrix("a") / 50)
+    layer = LayerFactor(h, eigen_factor(h), {0.1: cholesky_factor(h, 0.1)})
+    back = ray.get(ray.put(layer))
+    assert torch.equal(back.fisher, h) and torch.equal(back.cholesky[0.1], layer.cholesky[0.1])
+    assert all(torch.equal(x, y) for x, y in zip(back.eigen, layer.eigen, strict=True))
+    q = torch.ones(2, 6, dtype=torch.float64)
+    assert torch.equal(back.inverse_apply(q, 0.1), layer.inverse_apply(q, 0.1))
+    assert not [w for w in recwarn if "writable" in str(w.message)]
