@@ -362,8 +362,6 @@ class ReducerHandle:
         self.started += 1
         log.info("starting reducer %d: %s", self.started, reason)
         parallelism = map_tasks(self.cfg.cluster)
-        for _ in range(parallelism):
-            _start_process.remote()
         self.actor = (
             ray.remote(Reducer)
             .options(num_cpus=0, max_restarts=0)
@@ -375,6 +373,8 @@ class ReducerHandle:
                 faults=self.cfg.faults,
             )
         )
+        for _ in range(parallelism):  # after the actor: it takes a process Ray started ahead
+            _start_process.remote()
 
     def precondition(
         self, name: str, verify: bool, damping: float | str | None = None
