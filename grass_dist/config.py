@@ -84,7 +84,9 @@ class IndexConfig:
     layers: list[str] | None = _f(
         None, "modules to attribute (any with parameters); null = every Linear layer"
     )
-    shard_size: int = _f(128, "training rows per shard (the unit of work and of commit)")
+    shard_size: int = _f(
+        128, "most training rows per shard (the unit of work and of commit); rows split evenly"
+    )
     batch_size: int = _f(64, "rows per forward/backward batch inside a shard")
     dtype: str = _f("float32", "storage dtype of phi: float32 | float16 | bfloat16")
     verify: bool = _f(True, "check each shard's sha256 when reading")

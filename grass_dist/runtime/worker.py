@@ -41,14 +41,25 @@ def shard_id(start: int, end: int) -> str:
 
 
 def plan_shards(n_rows: int, shard_size: int, committed: dict[str, ShardRecord]) -> list[ShardPlan]:
-    """Shards covering the rows of [0, n_rows) that no committed shard covers yet."""
+    """Shards covering the rows of [0, n_rows) that no committed shard covers yet.
+
+    Each run of uncovered rows splits into the fewest shards of at most `shard_size` rows,
+    of equal sizes (the larger ones first when they differ by one): 200 rows at 128 make
+    two shards of 100, not 128 and 72, so that no worker waits on a short last shard. The
+    same rows make the same shards however many workers run them, and a resumed job plans
+    the shards its first run planned and did not commit.
+    """
     covered = sorted((r.start, r.end) for r in committed.values())
     plans, cursor = [], 0
     for start, end in [*covered, (n_rows, n_rows)]:
-        gap_end = min(start, n_rows)
-        for lo in range(cursor, gap_end, shard_size):
-            hi = min(lo + shard_size, gap_end)
-            plans.append(ShardPlan(shard_id(lo, hi), lo, hi))
+        gap = min(start, n_rows) - cursor
+        if gap > 0:
+            pieces = -(-gap // shard_size)
+            size, larger = divmod(gap, pieces)
+            for i in range(pieces):
+                hi = cursor + size + (i < larger)
+                plans.append(ShardPlan(shard_id(cursor, hi), cursor, hi))
+                cursor = hi
         cursor = max(cursor, end)
     return plans
 

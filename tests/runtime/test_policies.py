@@ -1,4 +1,5 @@
-"""Runtime policies without a cluster: elastic growth, phase overlap, faults, progress."""
+"""Runtime policies without a cluster: elastic growth, phase overlap, faults, progress,
+the shard plan."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from omegaconf import OmegaConf
 
 from grass_dist.config import FaultsConfig, JobConfig
 from grass_dist.errors import ConfigError
-from grass_dist.index import Store
+from grass_dist.index import ShardRecord, Store
 from grass_dist.runtime import scaling
 from grass_dist.runtime.overlap import Phases, overlap_seconds
 from grass_dist.runtime.progress import JobProgress, read_progress
+from grass_dist.runtime.worker import ShardPlan, plan_shards, shard_id
 from tests.conftest import compose_cfg
 
 REQ = {"CPU": 0.5}
@@ -146,3 +148,32 @@ def test_progress_record_is_readable_by_another_process(tmp_path):
         check=True,
     )
     assert json.loads(out.stdout)["job_id"] == "new"
+
+
+def _records(spans):
+    return {
+        shard_id(lo, hi): ShardRecord(
+            shard_id(lo, hi), lo, hi, hi - lo, f"{lo}.parquet", "", 0, "a"
+        )
+        for lo, hi in spans
+    }
+
+
+def test_shards_split_rows_evenly_and_a_resume_plans_what_was_left():
+    spans = [(p.start, p.end) for p in plan_shards(200, 128, {})]
+    assert spans == [(0, 100), (100, 200)]  # not 128 + 72: no worker waits on a short shard
+    plans = plan_shards(1003, 128, {})
+    sizes = [p.rows for p in plans]
+    assert len(plans) == 8 and sizes == [126, 126, 126, 125, 125, 125, 125, 125]
+    assert plans[0].start == 0 and plans[-1].end == 1003
+    assert all(a.end == b.start for a, b in zip(plans, plans[1:], strict=False))
+    for done in ([0, 2, 3], [7], [1, 6], list(range(7))):
+        # A resume plans exactly the shards of the first plan it did not commit.
+        committed = _records([(plans[i].start, plans[i].end) for i in done])
+        left = [p for i, p in enumerate(plans) if i not in done]
+        assert plan_shards(1003, 128, committed) == left
+    # Rows added after shards of another size were committed: only the new rows, evenly.
+    grown = plan_shards(300, 128, _records([(0, 128), (128, 200)]))
+    assert [(p.start, p.end) for p in grown] == [(200, 300)]
+    assert plan_shards(1, 128, {}) == [ShardPlan(shard_id(0, 1), 0, 1)]
+    assert plan_shards(0, 128, {}) == []
