@@ -95,7 +95,10 @@ def _factor_task(
     for j, name in enumerate(names):
         layer = out[name] = LayerFactor(fisher_matrix(parts[j * per : (j + 1) * per], n))
         if delta is not None:
-            layer.cholesky[delta] = cholesky_factor(layer.fisher.to(device), delta).cpu()
+            # Row-major here, in parallel: LAPACK's column-major factor would be transposed
+            # when the reducer packs it for the store.
+            factor = cholesky_factor(layer.fisher.to(device), delta)
+            layer.cholesky[delta] = factor.cpu().contiguous()
     return out
 
 
