@@ -1,10 +1,13 @@
 """Dispatch work items to a worker pool with backpressure and retries on worker death.
 
-Policy: each ready worker has at most `max_inflight` items in flight; an item whose worker
-died is retried on another worker (up to `max_retries` times) and the pool replaces the
-dead worker. An error raised by the work itself (bad data, NaN gradients) is not retried:
-it fails the job. The loop wakes at least every `tick_s` seconds so the pool can admit new
-workers and grow, and `on_tick` can report progress, even while no item finishes.
+Policy: items go one at a time to the least loaded ready worker, which holds at most
+`max_inflight` in flight, and a second one only while more items wait than workers are
+starting (two shards, one worker ready and one starting: each gets a shard, rather than the
+first both). An item whose worker died is retried on another worker (up to `max_retries`
+times) and the pool replaces the dead worker. An error raised by the work itself (bad data,
+NaN gradients) is not retried: it fails the job. The loop wakes at least every `tick_s`
+seconds so the pool can admit new workers and grow, and `on_tick` can report progress,
+even while no item finishes.
 """
 
 from __future__ import annotations
@@ -50,10 +53,13 @@ def run_items(
 
     while pending or inflight:
         pool.tick()
-        for actor in pool.actors:
-            while pending and load(actor) < max_inflight:
-                item = pending.popleft()
-                inflight[submit(actor, item)] = (item, actor)
+        while pending and pool.actors:
+            actor = min(pool.actors, key=load)  # one item at a time to the least loaded
+            busy = load(actor)
+            if busy >= max_inflight or (busy and len(pending) <= len(pool.starting)):
+                break  # full, or the rest is for the workers starting: none idles at the end
+            item = pending.popleft()
+            inflight[submit(actor, item)] = (item, actor)
         waitables = [*inflight, *pool.waitables()]
         if waitables:
             ray.wait(waitables, num_returns=1, timeout=tick_s)

@@ -330,22 +330,29 @@ def test_killed_reducer_recovers_from_the_store(cluster, clean, caplog):
 class _Probe:
     """A worker stand-in that records how many calls it ran at once (up to 8 allowed)."""
 
-    def __init__(self):
+    def __init__(self, start_s: float = 0.0):
         self.running = 0
         self.peak = 0
         self.lock = threading.Lock()
+        self.start_s = start_s
 
     def describe(self) -> dict:
+        time.sleep(self.start_s)  # how long this worker takes to become ready
         return {"node_id": ray.get_runtime_context().get_node_id(), "device": "cpu"}
 
-    def work(self, item: int) -> int:
+    def work(self, item: int, seconds: float = 0.05) -> int:
         with self.lock:
             self.running += 1
             self.peak = max(self.peak, self.running)
-        time.sleep(0.05)
+        time.sleep(seconds)
         with self.lock:
             self.running -= 1
         return item
+
+    def work_where(self, seconds: float) -> int:
+        """Work for `seconds`; this worker's process id."""
+        time.sleep(seconds)
+        return os.getpid()
 
     def peak_calls(self) -> int:
         return self.peak
@@ -362,6 +369,22 @@ def test_scheduler_keeps_at_most_max_inflight_shards_per_worker(cluster):
         pool.shutdown()
     assert sorted(done) == list(range(40))  # every item exactly once
     assert max(peaks) == 3  # the bound is reached and never exceeded
+
+
+def test_the_last_shards_wait_for_a_starting_worker_rather_than_queue_on_a_busy_one(cluster):
+    # Two shards, one worker ready and one still starting: the ready worker takes one and
+    # leaves the other for the starting worker instead of queueing it behind its own.
+    actors = [_Probe.remote(1.0 * i) for i in range(2)]
+    ray.get([a.work_where.remote(0) for a in actors])  # both processes up: only start waits
+    pool = ActorPool(lambda i: None, 2, spares=actors)
+    ran_on: dict[int, int] = {}
+    try:
+        pool.wait_ready(1)
+        assert len(pool.starting) == 1
+        run_items(pool, [0, 1], lambda a, i: a.work_where.remote(2.5), ran_on.update)
+    finally:
+        pool.shutdown()
+    assert sorted(ran_on) == [0, 1] and ran_on[0] != ran_on[1]
 
 
 def done_items(sink: list[int]):
