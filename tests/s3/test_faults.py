@@ -14,6 +14,7 @@ import s3fs
 from grass_dist import pipeline, run
 from grass_dist.errors import StoreAccessDeniedError
 from grass_dist.index import GradientIndex
+from grass_dist.runtime.worker import plan_shards
 from tests.s3.conftest import Backend, phi_of_rows, s3_backend
 
 pytestmark = pytest.mark.integration
@@ -73,7 +74,7 @@ def test_outage_mid_index_then_rerun_loses_nothing_and_leaks_no_secret(
     index = GradientIndex.open(backend.url, backend.storage_options)
     after = index.committed()
     assert {s: after[s] for s in before} == before  # nothing committed was lost or replaced
-    spans = [(lo, min(lo + 8, 90)) for lo in range(0, 90, 8)]
+    spans = [(p.start, p.end) for p in plan_shards(90, 8, {})]  # 12 shards of 7 or 8 rows
     assert sorted((r.start, r.end) for r in after.values()) == spans  # each row exactly once
     job = pipeline.prepare(backend.cfg(tmp_path, *shards))
     for (record, data), want in zip(index.iter_committed(), phi_of_rows(job, spans), strict=True):
