@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+
+# Tests that press Ctrl-C send SIGINT to processes they start, as a terminal would. A suite
+# started in the background by a non-interactive shell (`make test &`, nohup) inherits SIGINT
+# ignored, and an ignored signal stays ignored across exec, so those processes would never
+# see the Ctrl-C. Give the children a terminal's default disposition.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Small enough for a 2-core CI machine, big enough to span several shards.
 SMALL = [
