@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import ray
 import torch
+from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from grass_dist.runtime.reducer import balanced_groups, build_fisher, layer_map
@@ -16,11 +17,14 @@ from grass_dist.scoring.precondition import (
     FisherSum,
     LayerFactor,
     Preconditioner,
+    _metadata,
     cholesky_factor,
     eigen_factor,
     gram,
     pack_triangle,
+    safetensors_bytes,
     serial_map,
+    symmetric_,
     unpack_triangle,
 )
 from tests.synthetic import write_index
@@ -242,6 +246,35 @@ def test_saved_preconditioner_has_one_metadata_entry():
     size = int.from_bytes(data[:8], "little")
     assert list(json.loads(data[8 : 8 + size])["__metadata__"]) == ["grass_dist"]
     assert Preconditioner.from_bytes(data).delta == 0.1
+
+
+@pytest.mark.parametrize(("k", "block"), [(1, 256), (5, 2), (300, 256), (64, 7)])
+def test_symmetric_in_place_mirrors_the_upper_triangle_exactly(k, block):
+    m = torch.from_numpy(np.random.default_rng(k).standard_normal((k, k)))
+    m[0, -1] = -0.0  # copied, not computed: a signed zero keeps its sign
+    expected = m.triu() + m.triu(1).mT
+    expected[-1, 0] = expected[0, -1] = m[0, -1]
+    out = symmetric_(m, block)
+    assert out is m
+    assert torch.equal(m, expected) and torch.equal(m, m.mT)
+    assert torch.signbit(m[-1, 0])
+
+
+def test_safetensors_bytes_is_a_safetensors_file_of_the_arrays():
+    arrays = {
+        "n": np.array([7], dtype=np.int64),
+        "b.fisher": np.arange(6, dtype=np.float64) - 2.5,
+        "a.cholesky": np.array([1.0, -0.0, 3e-300]),
+    }
+    data = safetensors_bytes(arrays, {"grass_dist": "{}"})
+    loaded = st_load(data)
+    assert sorted(loaded) == sorted(arrays)
+    for name, a in arrays.items():
+        assert loaded[name].numpy().tobytes() == a.tobytes()
+    expected = st_save({n: torch.from_numpy(a) for n, a in arrays.items()}, {"grass_dist": "{}"})
+    assert st_load(expected).keys() == loaded.keys()
+    assert _metadata(data) == _metadata(expected) == {}
+    assert len(data) == len(expected)
 
 
 @pytest.mark.integration

@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 FORMAT = "3"
 _READS = ("2", FORMAT)  # formats with H (format 1, eigenbasis only, is told by its keys)
@@ -147,7 +146,22 @@ def unpack_triangle(packed: torch.Tensor, lower: bool = False) -> torch.Tensor:
 
 def symmetric(upper: torch.Tensor) -> torch.Tensor:
     """The symmetric matrix whose entries on and above the diagonal are those of `upper`."""
-    return upper.triu() + upper.triu(1).mT
+    return symmetric_(upper.clone())
+
+
+def symmetric_(m: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """`m` made symmetric in place: each entry below the diagonal becomes its mirror image
+    above it (copied, not computed); returns `m`. A block of rows at a time, so each
+    transposed read stays in cache: a quarter of the time of adding the two triangles at
+    k=4096, and no (k, k) temporaries."""
+    k = m.shape[0]
+    for lo in range(0, k, block):
+        hi = min(lo + block, k)
+        m[lo:hi, :lo].copy_(m[:lo, lo:hi].mT)
+        diag = m[lo:hi, lo:hi]
+        rows, cols = torch.tril_indices(hi - lo, hi - lo, -1, device=m.device)
+        diag[rows, cols] = diag[cols, rows]
+    return m
 
 
 def relative_damping(h: torch.Tensor, delta: float) -> float:
@@ -226,10 +240,10 @@ def fisher_matrix(parts: Sequence[np.ndarray], n: int) -> torch.Tensor:
     added in that order."""
     if n == 0 or not parts:
         raise ValueError(EMPTY_INDEX)
-    total = parts[0]
+    total = np.array(parts[0], dtype=np.float64)  # a copy: the parts may be read-only
     for part in parts[1:]:
-        total = total + part
-    return symmetric(torch.from_numpy(np.asarray(total))).div_(n)
+        np.add(total, part, out=total)
+    return symmetric_(torch.from_numpy(total)).div_(n)
 
 
 def _map_tensors(state: dict[str, Any], fn: Callable) -> dict[str, Any]:
@@ -353,21 +367,21 @@ class Preconditioner:
     def to_bytes(self) -> bytes:
         """Format 3 (see the module docstring): H per layer, and L at `delta` when
         factorised, each as its packed triangle."""
-        tensors = {"n": torch.tensor([self.n], dtype=torch.int64)}
+        arrays = {"n": np.array([self.n], dtype=np.int64)}
         for name, f in self.layers.items():
             if f.fisher is None:
                 raise ValueError(
                     "a format-1 preconditioner (eigendecomposition only) cannot be saved "
                     "again; rebuild it with the precondition stage"
                 )
-            tensors[f"{name}.fisher"] = pack_triangle(f.fisher)
+            arrays[f"{name}.fisher"] = pack_triangle(f.fisher).numpy()
             if self.delta is not None and self.delta in f.cholesky:
-                tensors[f"{name}.cholesky"] = pack_triangle(f.cholesky[self.delta], lower=True)
+                packed = pack_triangle(f.cholesky[self.delta], lower=True)
+                arrays[f"{name}.cholesky"] = packed.numpy()
         delta = "" if self.delta is None else repr(self.delta)
         meta = {"format": FORMAT, "layers": ",".join(self.layers), "delta": delta}
-        # One metadata entry: safetensors writes several in an order that varies between
-        # processes, and the same preconditioner must be the same bytes wherever it is built.
-        return st_save(tensors, metadata={_META: json.dumps(meta, sort_keys=True)})
+        # One metadata entry, so the same preconditioner is the same bytes wherever it is built.
+        return safetensors_bytes(arrays, {_META: json.dumps(meta, sort_keys=True)})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Preconditioner:
@@ -389,10 +403,39 @@ class Preconditioner:
         for name in meta["layers"].split(","):
             fisher, chol = tensors[f"{name}.fisher"], tensors.get(f"{name}.cholesky")
             if packed:
-                fisher = symmetric(unpack_triangle(fisher))
+                fisher = symmetric_(unpack_triangle(fisher))
                 chol = None if chol is None else unpack_triangle(chol, lower=True)
             layers[name] = LayerFactor(fisher, None, {} if chol is None else {delta: chol})
         return cls(layers, n, delta)
+
+
+_SAFETENSORS_DTYPES = {"f8": "F64", "i8": "I64"}  # numpy dtype.str without its byte order
+
+
+def safetensors_bytes(arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    """A safetensors file of 1-D `arrays`, in the order given, and `metadata`.
+
+    The layout is safetensors' own (an 8-byte little-endian header length, the JSON header
+    padded with spaces to 8 bytes, then the data back to back), written here with one copy
+    of the data: `safetensors.torch.save` copies each tensor out and then again, about 0.7 s
+    of a k=4096 preconditioner's save. The header's keys are sorted, so the same arrays and
+    metadata are the same bytes in every process.
+    """
+    data = {n: np.ascontiguousarray(a, a.dtype.newbyteorder("<")) for n, a in arrays.items()}
+    header: dict[str, Any] = {}
+    at = 0
+    for name, a in data.items():
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[a.dtype.str[1:]],
+            "shape": [a.size],
+            "data_offsets": [at, at + a.nbytes],
+        }
+        at += a.nbytes
+    header["__metadata__"] = metadata
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    chunks = [len(text).to_bytes(8, "little"), text]
+    return b"".join(chunks + [a.reshape(-1) for a in data.values()])
 
 
 def _metadata(data: bytes) -> dict[str, str]:
