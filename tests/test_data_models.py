@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -22,6 +26,30 @@ def test_splits_are_disjoint_sized_and_deterministic():
     # The train split does not depend on n_query: the permutation is fixed by the seed.
     assert digits("train", 300, 10, seed=3).keys == train.keys
     assert all(k.startswith("digits/") for k in train.keys)
+
+
+def test_digits_read_without_scikit_learn_are_load_digits(monkeypatch):
+    from sklearn.datasets import load_digits
+
+    # The module, not the function grass_dist.data exports under the same name.
+    module = importlib.import_module("grass_dist.data.digits")
+    bunch = load_digits()
+    module._load.cache_clear()
+    pixels, labels = module._load()
+    assert np.array_equal(pixels, bunch.data.astype(np.float32)) and pixels.dtype == np.float32
+    assert np.array_equal(labels, bunch.target) and labels.dtype == np.int64
+    # Where the file is not found, load_digits itself gives the same arrays.
+    monkeypatch.setattr(module, "_bundled_csv", lambda: None)
+    module._load.cache_clear()
+    again = module._load()
+    module._load.cache_clear()
+    assert np.array_equal(again[0], pixels) and np.array_equal(again[1], labels)
+    # Building a split (what the driver and each worker do) leaves scikit-learn unimported.
+    code = (
+        "import sys; from grass_dist.data import digits; digits('train', 1000, 100); "
+        "assert 'sklearn' not in sys.modules, 'sklearn imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_items_and_describe():
