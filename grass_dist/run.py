@@ -212,7 +212,7 @@ def attribute(cfg: DictConfig) -> dict[str, Any]:
         return _summarised(lambda: evaluate.attribute_ensemble(raw))
 
     def body(job: pipeline.Job) -> dict[str, Any]:
-        out = {"index": pipeline.run_index(job)}
+        out = {"index": pipeline.run_index(job, precondition_next=True)}
         query = pipeline.query_phi(job)
         pipeline.release_workers(job)
         out["precondition"] = pipeline.run_precondition(job)

@@ -141,6 +141,33 @@ def test_job_summary_times_its_first_committed_shard(ray_session, tmp_path, caps
     assert "first_shard_seconds" not in run.index(cfg)  # resumed: nothing to commit
 
 
+def test_the_reducer_starts_during_the_index_only_on_idle_cpus(ray_session, tmp_path):
+    # The session has 4 CPUs. Workers taking 1 of them leave the reducer room to start while
+    # the index builds, and the precondition stage then runs on that reducer.
+    job = pipeline.prepare(compose_cfg(tmp_path, "store.url=" + str(tmp_path / "a")))
+    try:
+        pipeline.run_index(job, precondition_next=True)
+        assert job._reducer is not None and job._reducer.started == 1
+        pipeline.release_workers(job)
+        assert pipeline.run_precondition(job)["rows"] == job.n_train
+        assert job._reducer.started == 1
+    finally:
+        pipeline.shutdown(job)
+    # One worker holding every CPU: the reducer waits for the precondition stage, and a job
+    # that builds no preconditioner after its index never starts one.
+    for overrides, precondition_next in (
+        (["cluster.num_workers=1", "cluster.cpus_per_worker=4"], True),
+        ([], False),
+    ):
+        url = "store.url=" + str(tmp_path / f"b{len(overrides)}")
+        job = pipeline.prepare(compose_cfg(tmp_path, url, *overrides))
+        try:
+            pipeline.run_index(job, precondition_next=precondition_next)
+            assert job._reducer is None
+        finally:
+            pipeline.shutdown(job)
+
+
 def test_a_worker_whose_model_differs_from_the_drivers_is_refused(ray_session, tmp_path):
     job = pipeline.prepare(compose_cfg(tmp_path))
     job.model_hash = "0" * 64  # as if the driver had built another model

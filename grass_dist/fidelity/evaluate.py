@@ -41,7 +41,8 @@ def attribute_ensemble(raw: dict[str, Any]) -> dict[str, Any]:
         for member in ensemble.member_configs(raw, cfg):
             job = pipeline.prepare(member)
             jobs.append(job)
-            summary = {"index_url": job.cfg.index_url, "index": pipeline.run_index(job)}
+            built = pipeline.run_index(job, precondition_next=True)
+            summary = {"index_url": job.cfg.index_url, "index": built}
             queries.append(pipeline.query_phi(job))
             pipeline.release_workers(job)
             summary["precondition"] = pipeline.run_precondition(job)

@@ -361,6 +361,11 @@ class ReducerHandle:
         self.actor: Any = None
         self.started = 0
 
+    def start(self, reason: str) -> None:
+        """Start the reducer actor now, unless one runs (a stage starts one when needed)."""
+        if self.actor is None:
+            self._start(reason)
+
     def _start(self, reason: str) -> None:
         self.started += 1
         log.info("starting reducer %d: %s", self.started, reason)
