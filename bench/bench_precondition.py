@@ -9,7 +9,7 @@
 - now: `FisherSum.accumulate` over the shards, as a map task does (float32 GEMMs of the
   upper triangle over 1024-row blocks gathered across shards, summed in float64), then
   `Preconditioner.factorise` (Cholesky of H + lambda I) with the layers as parallel Ray
-  tasks (`runtime.reducer.layer_map`, --cpus tasks).
+  tasks (`runtime.fisher.layer_map`, --cpus tasks).
 
 One synthetic phi (rows x k, power-law spectrum) stands for every layer: the cost does not
 depend on the values. Part 1 times each step for one layer (1 torch thread, so CPU time is
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.timing import interleaved, machine_note  # noqa: E402
-from grass_dist.runtime.reducer import layer_map  # noqa: E402
+from grass_dist.runtime.fisher import layer_map  # noqa: E402
 from grass_dist.scoring.precondition import (  # noqa: E402
     FisherSum,
     Preconditioner,

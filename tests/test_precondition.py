@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from grass_dist.runtime.reducer import balanced_groups, build_fisher, layer_map
+from grass_dist.runtime.fisher import balanced_groups, build_fisher, layer_map
 from grass_dist.runtime.scoring import shard_groups
+from grass_dist.scoring.packing import pack_triangle, safetensors_bytes, unpack_triangle
 from grass_dist.scoring.precondition import (
     FisherSum,
     LayerFactor,
@@ -21,11 +22,8 @@ from grass_dist.scoring.precondition import (
     cholesky_factor,
     eigen_factor,
     gram,
-    pack_triangle,
-    safetensors_bytes,
     serial_map,
     symmetric_,
-    unpack_triangle,
 )
 from tests.synthetic import write_index
 

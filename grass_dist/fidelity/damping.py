@@ -40,7 +40,8 @@ from grass_dist.fidelity.metric import lds_from_predictions
 from grass_dist.gradients.computer import PhiBlock
 from grass_dist.index import GradientIndex, ShardRecord
 from grass_dist.runtime.cluster import connect, map_tasks
-from grass_dist.runtime.reducer import layer_map, preconditioner_path
+from grass_dist.runtime.fisher import layer_map
+from grass_dist.runtime.reducer import preconditioner_path
 from grass_dist.runtime.seeding import generator
 from grass_dist.scoring.precondition import Preconditioner
 from grass_dist.scoring.tiles import TopK, tile_scores
