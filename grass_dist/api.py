@@ -192,7 +192,6 @@ class Index:
         job = pipeline.prepare(raw, create_index=False, query=True)
         try:
             phi = pipeline.query_phi(job)
-            pipeline.release_workers(job)  # the scorer tasks need the workers' CPUs
             summary = {"precondition": pipeline.run_precondition(job)}
             summary.update(pipeline.score_stage(job, phi))
         finally:

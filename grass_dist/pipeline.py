@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import ray
@@ -40,6 +41,7 @@ from grass_dist.index import GradientIndex
 from grass_dist.models.state import state_hash
 from grass_dist.runtime import repair
 from grass_dist.runtime.cluster import connect, map_tasks, start_worker_pool, worker_factory
+from grass_dist.runtime.executors import WorkersLostError
 from grass_dist.runtime.pool import ActorPool
 from grass_dist.runtime.progress import JobProgress
 from grass_dist.runtime.reducer import ReducerHandle, ScoreRequest
@@ -48,6 +50,7 @@ from grass_dist.runtime.worker import ShardPlan, ShardResult, plan_shards
 from grass_dist.scoring import results
 
 log = logging.getLogger("grass_dist")
+T = TypeVar("T")
 
 
 def new_job_id() -> str:
@@ -237,8 +240,7 @@ def _pool(job: Job) -> ActorPool:
 
 
 def release_workers(job: Job) -> None:
-    """Stop the worker pool (and unused early actors) so their CPUs/GPUs go to the
-    reducer's map tasks."""
+    """Stop the worker pool (and unused early actors) so their CPUs/GPUs go to Ray tasks."""
     _stop_early(job._spares, ours=False)
     job._spares = []
     if job._pool is not None:
@@ -333,10 +335,47 @@ def run_repair(job: Job) -> dict[str, Any]:
     return {"checked_shards": len(committed), "bad_shards": bad, "recomputed": fixed}
 
 
+def lendable_workers(job: Job, tasks_only: bool = False) -> list[Any]:
+    """The job's workers to lend to a reducer stage: all of them when they are all ready
+    and hold every CPU of the cluster (its Ray tasks would only wait for them to stop, then
+    start new processes in their place), unless the stage needs tasks (`tasks_only`).
+    Otherwise none, and the workers stop first so that the stage's tasks get their CPUs."""
+    pool = job._pool
+    if (
+        pool is not None
+        and not tasks_only
+        and pool.actors
+        and not pool.starting
+        and ray.available_resources().get("CPU", 0) < 1
+    ):
+        return pool.actors
+    release_workers(job)
+    return []
+
+
+def on_workers(job: Job, stage: Callable[[list[Any]], T], tasks_only: bool = False) -> T:
+    """stage(workers): a reducer stage on the job's lent workers (`lendable_workers`); if
+    one of them dies, the workers stop and the stage runs again on Ray tasks (it starts
+    over from the store: the committed shards, the saved preconditioner)."""
+    workers = lendable_workers(job, tasks_only)
+    if workers:
+        log.info("the %d idle workers run the stage's map calls", len(workers))
+    try:
+        return stage(workers)
+    except WorkersLostError as e:
+        if not workers:
+            raise
+        log.warning("%s", e)
+        release_workers(job)
+        return stage([])
+
+
 def run_precondition(job: Job) -> dict[str, Any]:
     with job.stage("precondition"):
-        p = job.cfg.precondition
-        return _reducer(job).precondition(p.name, job.cfg.index.verify, p.damping)
+        p, verify = job.cfg.precondition, job.cfg.index.verify
+        return on_workers(
+            job, lambda lent: _reducer(job).precondition(p.name, verify, p.damping, lent)
+        )
 
 
 def query_phi(job: Job, which: str = "query") -> PhiBlock:
@@ -367,9 +406,13 @@ def run_score(job: Job, query: PhiBlock | None = None) -> dict[str, Any]:
     """Score `query` (default: data.query) against the whole index; write results."""
     if query is None:
         query = query_phi(job)
-        release_workers(job)  # the scorer tasks need the workers' CPUs
+    req = ScoreRequest.of(job.cfg)
     with job.stage("score"):
-        return _reducer(job).score(query, ScoreRequest.of(job.cfg))
+        return on_workers(
+            job,
+            lambda lent: _reducer(job).score(query, req, lent),
+            tasks_only=req.fresh_process(len(query.row_ids)),
+        )
 
 
 def members_of(jobs: list[Job], queries: list[PhiBlock]) -> list[damping.Member]:
@@ -405,6 +448,8 @@ def score_stage(job: Job, query: PhiBlock) -> dict[str, Any]:
     """The scoring stage of every door: with precondition.damping=auto choose delta first
     (recorded in the result set's summary as `damping_selection`), then score `query`."""
     auto = job.cfg.precondition.damping == "auto"
+    if auto:
+        release_workers(job)  # the sweep's tasks need the workers' CPUs
     with job.stage("damping") if auto else nullcontext():
         selection = select_damping([job], [query], job.cfg)
     out: dict[str, Any] = {"score": run_score(job, query)}

@@ -214,7 +214,6 @@ def attribute(cfg: DictConfig) -> dict[str, Any]:
     def body(job: pipeline.Job) -> dict[str, Any]:
         out = {"index": pipeline.run_index(job, precondition_next=True)}
         query = pipeline.query_phi(job)
-        pipeline.release_workers(job)
         out["precondition"] = pipeline.run_precondition(job)
         out.update(pipeline.score_stage(job, query))
         with job.stage("report"):
@@ -262,7 +261,6 @@ def score(cfg: DictConfig) -> dict[str, Any]:
 
     def body(job: pipeline.Job) -> dict[str, Any]:
         query = pipeline.query_phi(job)
-        pipeline.release_workers(job)
         out = {"precondition": pipeline.run_precondition(job)}
         out.update(pipeline.score_stage(job, query))
         with job.stage("report"):

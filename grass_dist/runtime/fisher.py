@@ -1,6 +1,7 @@
-"""The preconditioner's Ray tasks: Fisher map tasks over shard groups, whose per-layer
-partial sums go straight to per-layer factorisation tasks (`build_fisher`), and parallel
-per-layer work on a stored preconditioner (`layer_map`). The reducer runs them.
+"""The preconditioner's map work: Fisher partial sums over shard groups, which go
+straight to per-layer factorisation calls (`build_fisher`), and parallel per-layer work on
+a stored preconditioner (`layer_map`). The reducer runs them, as Ray tasks or on lent
+workers (`runtime.executors`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch
 
 from grass_dist.index import GradientIndex, ShardRecord
 from grass_dist.runtime.cluster import threads_for
-from grass_dist.runtime.scoring import release_memory, shard_groups
+from grass_dist.runtime.executors import Executor, local_device, release_memory
+from grass_dist.runtime.scoring import shard_groups
 from grass_dist.scoring.precondition import (
     EMPTY_INDEX,
     FisherSum,
@@ -26,11 +28,9 @@ from grass_dist.scoring.precondition import (
 )
 
 
-@ray.remote
-def _fisher_task(index: GradientIndex, records: list[ShardRecord], verify: bool):
-    """One map task's partial sums phi^T phi over `records`: one return per layer of the
-    index, in its column order (so each goes to its own factorisation task)."""
-    torch.set_num_threads(1)  # its one CPU (a user's OMP_NUM_THREADS would oversubscribe)
+def fisher_part(index: GradientIndex, records: list[ShardRecord], verify: bool):
+    """One map call's partial sums phi^T phi over `records`: one return per layer of the
+    index, in its column order (so each goes to its own factorisation call)."""
     total = FisherSum.accumulate(index.read(record, verify=verify).phi for record in records)
     release_memory()
     sums = tuple(total.sums[name] for name, _ in index.layers)
@@ -43,20 +43,20 @@ def start_process() -> None:
     its map tasks will run in start and import (torch, this module) at the same time."""
 
 
-@ray.remote
-def _layers_task(fn: Callable, tensors: dict[str, torch.Tensor], threads: int, device: str):
-    """{name: fn(tensor)} for one group of layers, computed on `device`, returned on the CPU."""
-    torch.set_num_threads(threads)
+def _apply(fn: Callable, tensors: dict[str, torch.Tensor]):
+    """{name: fn(tensor)} for one group of layers, computed on this process's device
+    (`local_device`), returned on the CPU."""
+    device = local_device()
     return {name: _on_cpu(fn(t.to(device))) for name, t in tensors.items()}
 
 
-@ray.remote
-def _factor_task(
-    names: list[str], n: int, delta: float | None, threads: int, device: str, *parts: np.ndarray
+def factor_layers(
+    names: list[str], n: int, delta: float | None, *parts: np.ndarray
 ) -> dict[str, LayerFactor]:
     """Each layer of `names` from its partial sums (`parts` holds every layer's in turn, in
-    map-task order): H, and with a numeric `delta` the Cholesky factor of H + lambda I."""
-    torch.set_num_threads(threads)
+    map-call order): H, and with a numeric `delta` the Cholesky factor of H + lambda I
+    (on this process's device)."""
+    device = local_device()
     per = len(parts) // len(names)
     out = {}
     for j, name in enumerate(names):
@@ -85,28 +85,35 @@ def balanced_groups(sizes: dict[str, int], n_groups: int) -> list[list[str]]:
     return groups
 
 
-def _placement(task, n_groups: int) -> tuple[Any, int, str]:
-    """(task options, torch threads, device) for `n_groups` factorisation tasks: a GPU each
-    when the cluster has GPUs, else the cluster's CPUs shared out among them."""
+def _per_layer_call(n_groups: int) -> dict[str, Any]:
+    """`Executor.submit` options of one of `n_groups` per-layer calls made as tasks: a GPU
+    each when the cluster has GPUs, else the cluster's CPUs shared out among them as
+    threads."""
     resources = ray.cluster_resources()
     if resources.get("GPU", 0) >= 1:
-        return task.options(num_gpus=1), threads_for(1), "cuda"
-    return task, threads_for(resources.get("CPU", 1) / n_groups), "cpu"
+        return {"gpu": True, "threads": 1}
+    return {"threads": threads_for(resources.get("CPU", 1) / n_groups)}
 
 
-def layer_map(parallelism: int) -> LayerMap:
-    """A LayerMap that runs the layers as at most `parallelism` Ray tasks, on a GPU each
-    when the cluster has GPUs, else on the CPUs shared out among the tasks."""
+def layer_map(parallelism: int, ex: Executor | None = None) -> LayerMap:
+    """A LayerMap that runs the layers as at most `parallelism` calls of `ex` (default: Ray
+    tasks, on a GPU each when the cluster has GPUs, else on the CPUs shared out among
+    them)."""
+    ex = ex or Executor()
 
     def run(fn: Callable, tensors: dict[str, torch.Tensor]) -> dict:
         if not tensors:
             return {}
-        groups = balanced_groups({n: t.shape[0] for n, t in tensors.items()}, parallelism)
-        task, threads, device = _placement(_layers_task, len(groups))
+        sizes = {n: t.shape[0] for n, t in tensors.items()}
+        groups = balanced_groups(sizes, parallelism)
+        where = _per_layer_call(len(groups))
         fn_ref = ray.put(fn)
-        refs = [task.remote(fn_ref, {n: tensors[n] for n in g}, threads, device) for g in groups]
+        refs = [
+            ex.submit(i, _apply, fn_ref, {n: tensors[n] for n in g}, **where)
+            for i, g in enumerate(groups)
+        ]
         done: dict = {}
-        for part in ray.get(refs):
+        for part in ex.get(refs):
             done.update(part)
         return {n: done[n] for n in tensors}
 
@@ -114,30 +121,35 @@ def layer_map(parallelism: int) -> LayerMap:
 
 
 def build_fisher(
-    index: GradientIndex, parallelism: int, verify: bool, delta: float | None
+    index: GradientIndex,
+    parallelism: int,
+    verify: bool,
+    delta: float | None,
+    ex: Executor | None = None,
 ) -> Preconditioner:
-    """The preconditioner of every committed shard: map tasks (shard groups) sum
-    phi^T phi, and per-layer tasks (groups of about equal k^3) add up their layers' partial
-    sums and, with a numeric `delta`, factorise them. The partial sums go from task to task,
-    never through this process."""
+    """The preconditioner of every committed shard: `parallelism` map calls of `ex`
+    (default: Ray tasks) over shard groups sum phi^T phi, and per-layer calls (groups of
+    about equal k^3) add up their layers' partial sums and, with a numeric `delta`,
+    factorise them. The partial sums go from call to call, never through this process."""
     records = sorted(index.committed().values(), key=lambda r: r.start)
     if not records:
         raise ValueError(EMPTY_INDEX)
+    ex = ex or Executor()
     layers = dict(index.layers)
     groups = shard_groups(records, parallelism)
     parts: dict[str, list] = {name: [] for name in layers}
-    for group in groups:  # per layer, in submission order: the same sums every run
-        refs = _fisher_task.options(num_returns=len(layers)).remote(index, group, verify)
+    for i, group in enumerate(groups):  # per layer, in submission order: the same sums
+        refs = ex.submit(i, fisher_part, index, group, verify, num_returns=len(layers))
         for name, ref in zip(layers, refs if len(layers) > 1 else [refs], strict=True):
             parts[name].append(ref)
     n = sum(r.rows for r in records)
     layer_groups = balanced_groups(layers, parallelism)
-    task, threads, device = _placement(_factor_task, len(layer_groups))
+    where = _per_layer_call(len(layer_groups))
     refs = [
-        task.remote(names, n, delta, threads, device, *(p for m in names for p in parts[m]))
-        for names in layer_groups
+        ex.submit(i, factor_layers, names, n, delta, *(p for m in names for p in parts[m]), **where)
+        for i, names in enumerate(layer_groups)
     ]
     done: dict[str, LayerFactor] = {}
-    for part in ray.get(refs):
+    for part in ex.get(refs):
         done.update(part)
     return Preconditioner({name: done[name] for name in layers}, n, delta)

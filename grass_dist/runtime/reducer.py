@@ -1,9 +1,10 @@
 """The reducer: builds the preconditioner and serves all-pairs scoring from the index.
 
-Both are map-reduces over committed shards run as Ray tasks: the preconditioner's in
-`runtime.fisher` (`build_fisher`, and `layer_map` for factorising a stored one), the
-scores' in `runtime.scoring`. Everything it produces is written to the index store; the
-actor itself is only a cache of the loaded artifacts.
+Both are map-reduces over committed shards, run as Ray tasks or on the job's idle workers
+(`runtime.executors`): the preconditioner's in `runtime.fisher` (`build_fisher`, and
+`layer_map` for factorising a stored one), the scores' in `runtime.scoring`. Everything
+it produces is written to the index store; the actor itself is only a cache of the loaded
+artifacts.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from grass_dist.gradients.computer import PhiBlock
 from grass_dist.index import GradientIndex
 from grass_dist.index.retry import RetryPolicy
 from grass_dist.runtime.cluster import map_tasks
+from grass_dist.runtime.executors import Executor
 from grass_dist.runtime.faults import FaultInjector, KillOnce
 from grass_dist.runtime.fisher import build_fisher, layer_map, start_process
 from grass_dist.runtime.pool import ACTOR_LOST
@@ -66,6 +68,11 @@ class ScoreRequest:
     cpus_per_task: float = 1.0
     max_retries: int = 3
 
+    def fresh_process(self, n_queries: int) -> bool:
+        """Whether each scorer task should end its process (large top-k state: returns the
+        memory); only tasks can, so such a stage never runs on lent workers."""
+        return n_queries * self.topk * 64 > _FRESH_PROCESS_BYTES
+
     @classmethod
     def of(cls, job: JobConfig) -> ScoreRequest:
         sc = job.scoring
@@ -91,6 +98,11 @@ def _by_layer(terms: np.ndarray, layers: list[str]) -> dict[str, np.ndarray]:
     return {name: terms[..., j] for j, name in enumerate(layers)}
 
 
+def _ran_on(workers: Sequence[Any]) -> str:
+    """Where a stage's map calls ran, for its summary."""
+    return f"{len(workers)} lent workers" if workers else "ray tasks"
+
+
 class Reducer:
     """One per job; `parallelism` is how many map tasks it fans out to.
 
@@ -112,13 +124,18 @@ class Reducer:
         self.faults = FaultInjector(faults or FaultsConfig(), self.index.store)
 
     def build_preconditioner(
-        self, name: str, verify: bool = True, damping: float | str | None = None
+        self,
+        name: str,
+        verify: bool = True,
+        damping: float | str | None = None,
+        workers: Sequence[Any] = (),
     ) -> dict[str, Any]:
         """Sum phi^T phi over every committed shard; with a numeric `damping` factorise every
-        layer's H + lambda I (Cholesky, layers in parallel tasks); save to the store."""
+        layer's H + lambda I (Cholesky, layers in parallel); save to the store. The map calls
+        run on `workers` when the driver lends its idle workers, else as Ray tasks."""
         t0 = time.perf_counter()
         delta = float(damping) if isinstance(damping, int | float) else None
-        pre = build_fisher(self.index, self.parallelism, verify, delta)
+        pre = build_fisher(self.index, self.parallelism, verify, delta, Executor(workers))
         self.faults.reducer("precondition")
         self.index.put_artifact(preconditioner_path(name), pre.to_bytes())
         self.cached[name] = pre
@@ -126,6 +143,7 @@ class Reducer:
             "rows": pre.n,
             "layers": {n: f.trace for n, f in pre.layers.items()},
             "seconds": time.perf_counter() - t0,
+            "ran_on": _ran_on(workers),
         }
 
     def load_preconditioner(self, name: str) -> Preconditioner:
@@ -139,24 +157,31 @@ class Reducer:
             self.cached[name] = Preconditioner.from_bytes(self.index.get_artifact(path))
         return self.cached[name]
 
-    def factorised(self, name: str, damping: float) -> Preconditioner:
-        """The preconditioner `name` with its factors at `damping` (layers in parallel tasks
-        unless the store already holds them)."""
-        return self.load_preconditioner(name).factorise(damping, layer_map(self.parallelism))
+    def factorised(self, name: str, damping: float, ex: Executor | None = None) -> Preconditioner:
+        """The preconditioner `name` with its factors at `damping` (layers in parallel calls
+        of `ex` unless the store already holds them)."""
+        return self.load_preconditioner(name).factorise(damping, layer_map(self.parallelism, ex))
 
     def score(
-        self, query: PhiBlock, req: ScoreRequest, fault: KillOnce | None = None
+        self,
+        query: PhiBlock,
+        req: ScoreRequest,
+        fault: KillOnce | None = None,
+        workers: Sequence[Any] = (),
     ) -> dict[str, Any]:
         """Score every committed train row against `query`; write results; return a summary.
 
-        `req.parallelism` scorer tasks (default: cluster CPUs / cpus_per_task) each take a
-        group of shards; `fault` injects a crash for recovery tests (see runtime/faults.py).
+        `req.parallelism` scorer calls (default: cluster CPUs / cpus_per_task) each take a
+        group of shards, on `workers` when the driver lends its idle workers, else as Ray
+        tasks; `fault` injects a crash for recovery tests (see runtime/faults.py).
         """
         result_name, kind, topk, damping = req.result_name, req.kind, req.topk, req.damping
         self_influence, dense, parallelism = req.self_influence, req.dense, req.parallelism
         t0 = time.perf_counter()
+        fresh = req.fresh_process(len(query.row_ids))
+        ex = Executor(workers, req.max_retries, fresh)
         pre = (
-            self.factorised(req.precondition_name, damping)
+            self.factorised(req.precondition_name, damping, ex)
             if kind == "influence" or self_influence
             else None
         )
@@ -164,8 +189,6 @@ class Reducer:
         layers = [name for name, _, _ in prepared.layers]
         records = sorted(self.index.committed().values(), key=lambda r: r.start)
         run_dir = results.new_run_dir(result_name)
-        # Large top-k state: let each scorer's process end with its task to return the memory.
-        fresh = len(query.row_ids) * topk * 64 > _FRESH_PROCESS_BYTES
         opts = ScoreOptions(
             topk, req.tile_rows, req.verify, req.cpus_per_task, req.max_retries, fresh
         )
@@ -174,7 +197,7 @@ class Reducer:
         whiteners = whiteners_for(pre, layers, damping) if self_influence else None
         merged, parts = fan_out(
             self.index, records, prepared, opts, parallelism, whiteners,
-            run_dir if dense else None, fault, run_dir if self_influence else None,
+            run_dir if dense else None, fault, run_dir if self_influence else None, ex,
         )  # fmt: skip
         score_seconds = time.perf_counter() - t0
         ranked = {
@@ -188,14 +211,14 @@ class Reducer:
         if req.breakdown:
             terms = {
                 name: _by_layer(
-                    fan_out_breakdown(self.index, records, prepared, rows, opts, parallelism),
+                    fan_out_breakdown(self.index, records, prepared, rows, opts, parallelism, ex),
                     layers,
                 )
                 for name, (_, rows) in ranked.items()
             }
         # Keys only for the ranked rows (at most 2 k per query), read back from the shards.
         all_ranked = np.concatenate([rows.reshape(-1) for _, rows in ranked.values()])
-        train_keys = fan_out_keys(self.index, records, all_ranked, opts, parallelism)
+        train_keys = fan_out_keys(self.index, records, all_ranked, opts, parallelism, ex)
         tables = results.topk_tables(query.row_ids, query.keys, ranked, train_keys, terms)
         files: dict[str, Any] = {
             "topk": results.write_tables(self.index, run_dir, "topk.parquet", tables)
@@ -217,7 +240,7 @@ class Reducer:
             "seconds": time.perf_counter() - t0,
         }
         results.complete(self.index, result_name, files, summary)
-        return {**summary, "files": files}
+        return {**summary, "files": files, "ran_on": _ran_on(workers)}
 
 
 class ReducerHandle:
@@ -257,16 +280,25 @@ class ReducerHandle:
             start_process.remote()
 
     def precondition(
-        self, name: str, verify: bool, damping: float | str | None = None
+        self,
+        name: str,
+        verify: bool,
+        damping: float | str | None = None,
+        workers: Sequence[Any] = (),
     ) -> dict[str, Any]:
-        """`Reducer.build_preconditioner`, on a new reducer if this one dies."""
+        """`Reducer.build_preconditioner`, on a new reducer if this one dies; raises
+        `WorkersLostError` if one of the lent `workers` dies."""
         return self._retried(
-            "precondition", lambda a: a.build_preconditioner.remote(name, verify, damping)
+            "precondition",
+            lambda a: a.build_preconditioner.remote(name, verify, damping, workers=workers),
         )
 
-    def score(self, query: PhiBlock, req: ScoreRequest) -> dict[str, Any]:
-        """`Reducer.score`, on a new reducer if this one dies."""
-        return self._retried("score", lambda a: a.score.remote(query, req))
+    def score(
+        self, query: PhiBlock, req: ScoreRequest, workers: Sequence[Any] = ()
+    ) -> dict[str, Any]:
+        """`Reducer.score`, on a new reducer if this one dies; raises `WorkersLostError` if
+        one of the lent `workers` dies."""
+        return self._retried("score", lambda a: a.score.remote(query, req, workers=workers))
 
     def _retried(self, stage: str, call: Callable[[Any], Any]) -> Any:
         """ray.get(call(actor)), retried on a new reducer if this one dies."""

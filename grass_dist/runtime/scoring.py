@@ -20,9 +20,7 @@ or written twice, and only the successful attempt's file list reaches the result
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +29,7 @@ import ray
 import torch
 
 from grass_dist.index import GradientIndex, ShardRecord
-from grass_dist.runtime.cluster import threads_for
+from grass_dist.runtime.executors import Executor
 from grass_dist.runtime.faults import KillOnce
 from grass_dist.scoring import results
 from grass_dist.scoring.score import (
@@ -189,38 +187,9 @@ def score_records(
     return partial, {"dense": files, "self_influence": diag_files}
 
 
-def _task_options(opts: ScoreOptions) -> dict:
-    # Retries are for lost workers only: an exception in the scoring itself would recur.
-    return {
-        "num_cpus": opts.cpus_per_task,
-        "max_retries": opts.max_retries,
-        "retry_exceptions": False,
-    }
-
-
-def release_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps them otherwise), so an idle Ray
-    worker does not hold on to the peak of the task it ran."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _in_task(fn: Callable, cpus: float, *args):
-    """A scoring task's body: fn(*args) on torch threads for the task's CPUs, then hand
-    the freed memory back."""
-    torch.set_num_threads(threads_for(cpus))
-    try:
-        return fn(*args)
-    finally:
-        release_memory()
-
-
-# max_calls can only be fixed at decoration: one variant per choice of fresh_process.
-_TASKS = {False: ray.remote(_in_task), True: ray.remote(max_calls=1)(_in_task)}
-
-
-def _task(opts: ScoreOptions):
-    return _TASKS[opts.fresh_process].options(**_task_options(opts))
+def _executor(opts: ScoreOptions, ex: Executor | None) -> Executor:
+    """`ex` (e.g. lent workers), else Ray tasks as `opts` asks."""
+    return ex or Executor((), opts.max_retries, opts.fresh_process)
 
 
 def fan_out(
@@ -233,17 +202,19 @@ def fan_out(
     dense_dir: str | None = None,
     fault: KillOnce | None = None,
     diag_dir: str | None = None,
+    ex: Executor | None = None,
 ) -> tuple[ScorePartial, dict[str, list[str]]]:
-    """Score `records` with up to `parallelism` Ray tasks -> (merged partial, parts), with
-    parts as in `score_records`, gathered over the tasks."""
+    """Score `records` with up to `parallelism` calls of `ex` (default: Ray tasks) ->
+    (merged partial, parts), with parts as in `score_records`, gathered over the calls."""
     files: dict[str, list[str]] = {"dense": [], "self_influence": []}
     if not records:
         return TileScorer(query, opts.topk, opts.tile_rows, whiteners).finish(), files
-    q_ref, w_ref = ray.put(query), ray.put(whiteners)  # shared once, not per task
+    ex = _executor(opts, ex)
+    q_ref, w_ref = ray.put(query), ray.put(whiteners)  # shared once, not per call
     refs = [
-        _task(opts).remote(
+        ex.submit(
+            i,
             score_records,
-            opts.cpus_per_task,
             index,
             group,
             q_ref,
@@ -252,12 +223,13 @@ def fan_out(
             dense_dir,
             fault,
             diag_dir,
+            cpus=opts.cpus_per_task,
         )  # fmt: skip
-        for group in shard_groups(records, parallelism)
+        for i, group in enumerate(shard_groups(records, parallelism))
     ]
     merged = None
     for ref in refs:  # one partial at a time, in submission order
-        partial, parts = ray.get(ref)
+        partial, parts = ex.get(ref)
         merged = partial if merged is None else merged.merge(partial)
         for kind, paths in parts.items():
             files[kind].extend(paths)
@@ -300,20 +272,23 @@ def fan_out_keys(
     rows: np.ndarray,
     opts: ScoreOptions,
     parallelism: int,
+    ex: Executor | None = None,
 ) -> tuple[np.ndarray, pa.Array]:
-    """`keys_of` over up to `parallelism` Ray tasks (each a group of the shards needed)."""
+    """`keys_of` over up to `parallelism` calls of `ex` (each a group of the shards
+    needed; default: Ray tasks)."""
     wanted = np.unique(rows[rows >= 0])
     needed = [
         r for r in records if np.searchsorted(wanted, r.start) < np.searchsorted(wanted, r.end)
     ]
     if not needed:
         return keys_of(index, [], wanted)
+    ex = _executor(opts, ex)
     w_ref = ray.put(wanted)
     refs = [
-        _task(opts).remote(keys_of, opts.cpus_per_task, index, group, w_ref, opts.verify)
-        for group in shard_groups(needed, parallelism)
+        ex.submit(i, keys_of, index, group, w_ref, opts.verify, cpus=opts.cpus_per_task)
+        for i, group in enumerate(shard_groups(needed, parallelism))
     ]
-    parts = ray.get(refs)
+    parts = ex.get(refs)
     rows_out = np.concatenate([r for r, _ in parts])
     order = np.argsort(rows_out, kind="stable")
     keys = pa.concat_arrays([k for _, k in parts]).take(pa.array(order))
@@ -362,19 +337,21 @@ def fan_out_breakdown(
     rows: np.ndarray,
     opts: ScoreOptions,
     parallelism: int,
+    ex: Executor | None = None,
 ) -> np.ndarray:
     """Per-layer terms (Q, m, L) float32 of every pair in `rows` (Q, m); zeros where -1."""
     out = np.zeros((rows.size, len(query.layers)), np.float32)
     if not records:
         return out.reshape(*rows.shape, -1)
+    ex = _executor(opts, ex)
     q_ref, r_ref = ray.put(query), ray.put(rows)
     refs = [
-        _task(opts).remote(
-            breakdown_records, opts.cpus_per_task, index, group, q_ref, r_ref, opts.verify
+        ex.submit(
+            i, breakdown_records, index, group, q_ref, r_ref, opts.verify, cpus=opts.cpus_per_task
         )
-        for group in shard_groups(records, parallelism)
+        for i, group in enumerate(shard_groups(records, parallelism))
     ]
     for ref in refs:
-        pos, terms = ray.get(ref)
+        pos, terms = ex.get(ref)
         out[pos] = terms
     return out.reshape(*rows.shape, -1)

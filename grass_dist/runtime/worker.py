@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ from grass_dist.errors import ModelMismatchError
 from grass_dist.gradients.computer import GradientComputer, PhiBlock
 from grass_dist.index import ShardRecord
 from grass_dist.models.state import state_hash
+from grass_dist.runtime.executors import run_call
 from grass_dist.runtime.faults import FaultInjector
 from grass_dist.runtime.overlap import Phases
 
@@ -106,6 +108,7 @@ class GradientWorker:
             # caller's process leaves the caller's thread count alone.
             torch.set_num_threads(threads)
         self.job = JobConfig.from_cfg(job)
+        self.threads = threads
         self.worker_id = worker_id
         self.objects = objects
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()] if in_ray else []
@@ -188,6 +191,11 @@ class GradientWorker:
             )
         with self.phases.run(key, "compute"):
             return self.computer.phi_loaded(loaded)
+
+    def run(self, fn: Callable, *args: Any) -> Any:
+        """fn(*args) in this process on its threads: a reducer stage's map call, run on this
+        worker once it is idle and lent to the stage (see runtime/executors.py)."""
+        return run_call(fn, self.threads, *args)
 
     def timeline(self) -> list:
         """Recent PhaseSpans (load / compute / write per shard), for overlap diagnostics."""

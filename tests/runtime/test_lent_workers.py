@@ -1,0 +1,102 @@
+"""The job's idle workers lent to the reducer's stages (runtime/executors.py).
+
+When the index workers hold every CPU, the precondition and score stages run their map
+calls on them instead of stopping them and starting Ray task processes in their place.
+Either way the answers must be the same bits; a lent worker that dies sends the stage back
+to Ray tasks, with the same answers again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pytest
+import ray
+
+from grass_dist import pipeline, run
+from grass_dist.config import JobConfig, resolve
+from grass_dist.index import GradientIndex
+from grass_dist.runtime.cluster import worker_factory
+from grass_dist.runtime.executors import Executor, WorkersLostError
+from grass_dist.runtime.reducer import ScoreRequest, preconditioner_path
+from grass_dist.scoring import results
+from tests.conftest import compose_cfg
+
+pytestmark = pytest.mark.integration
+
+# The session has 4 CPUs: two workers of 2 CPUs hold them all, two of 0.5 (SMALL) leave
+# three idle.
+EVERY_CPU = ("cluster.num_workers=2", "cluster.cpus_per_worker=2")
+OUT = ("scoring.dense=true", "scoring.self_influence=true", "precondition.damping=0.01")
+
+
+def _stored(url: str, name: str) -> dict:
+    index = GradientIndex.open(url)
+    return {
+        "preconditioner": index.get_artifact(preconditioner_path("fisher")),
+        "dense": results.load_dense(index, name),
+        **{kind: results.load_table(index, name, kind) for kind in ("topk", "self_influence")},
+    }
+
+
+def test_workers_holding_every_cpu_run_the_stages_with_the_answers_of_ray_tasks(
+    ray_session, tmp_path
+):
+    lent = run.attribute(compose_cfg(tmp_path, f"store.url={tmp_path / 'a'}", *OUT, *EVERY_CPU))
+    tasks = run.attribute(compose_cfg(tmp_path, f"store.url={tmp_path / 'b'}", *OUT))
+    assert lent["precondition"]["ran_on"] == lent["score"]["ran_on"] == "2 lent workers"
+    assert tasks["precondition"]["ran_on"] == tasks["score"]["ran_on"] == "ray tasks"
+    a, b = _stored(str(tmp_path / "a"), "default"), _stored(str(tmp_path / "b"), "default")
+    assert a["preconditioner"] == b["preconditioner"]
+    np.testing.assert_array_equal(a["dense"], b["dense"])
+    for kind in ("topk", "self_influence"):
+        assert a[kind].equals(b[kind]), kind
+
+
+def test_a_lent_worker_that_dies_sends_the_stage_back_to_ray_tasks(ray_session, tmp_path, caplog):
+    job = pipeline.prepare(
+        compose_cfg(tmp_path, f"store.url={tmp_path / 'i'}", *OUT, *EVERY_CPU), query=True
+    )
+    try:
+        pipeline.run_index(job)
+        query = pipeline.query_phi(job)
+        pipeline.run_precondition(job)
+        req = ScoreRequest.of(job.cfg)
+        clean = pipeline.on_workers(job, lambda w: pipeline._reducer(job).score(query, req, w))
+        assert clean["ran_on"] == "2 lent workers"
+        lent_to: list[list] = []
+
+        def stage(workers: list):
+            lent_to.append(list(workers))
+            if workers:  # dies as the stage starts: its calls fail on the reducer
+                ray.kill(workers[0], no_restart=True)
+            return pipeline._reducer(job).score(query, ScoreRequest.of(job.cfg), workers)
+
+        job.cfg.run.name = "after_loss"
+        with caplog.at_level(logging.WARNING, logger="grass_dist"):
+            again = pipeline.on_workers(job, stage)
+        assert [len(w) for w in lent_to] == [2, 0]  # lent, then on tasks
+        assert again["ran_on"] == "ray tasks" and job._pool is None  # the workers stopped
+        assert "a worker lent to this stage died" in caplog.text
+        a, b = _stored(job.cfg.index_url, "default"), _stored(job.cfg.index_url, "after_loss")
+        np.testing.assert_array_equal(a["dense"], b["dense"])
+        for kind in ("topk", "self_influence"):
+            assert a[kind].equals(b[kind]), kind
+    finally:
+        pipeline.shutdown(job)
+
+
+def test_only_a_lent_workers_death_is_workers_lost(ray_session, tmp_path):
+    cfg = compose_cfg(tmp_path, f"store.url={tmp_path / 'e'}")
+    worker = worker_factory(JobConfig.from_cfg(cfg).cluster, resolve(cfg))(0)
+    ex = Executor([worker])
+    assert ex.get(ex.submit(0, os.getpid)) == ray.get(worker.run.remote(os.getpid))
+    with pytest.raises(WorkersLostError, match="lent to this stage died"):
+        ex.get(ex.submit(0, os._exit, 3))
+    with pytest.raises(ValueError, match="no"):  # the call's own error stays itself
+        Executor([]).get(Executor([]).submit(0, int, "no"))
+    with pytest.raises(ray.exceptions.WorkerCrashedError):  # a task's crash is not
+        tasks = Executor([], max_retries=0)
+        tasks.get(tasks.submit(0, os._exit, 3))
