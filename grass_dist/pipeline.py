@@ -261,11 +261,11 @@ def run_index(
     """Compute and commit every shard not yet committed (at most `max_shards` of them).
 
     With `precondition_next` (the job builds the preconditioner after the index) the
-    reducer starts as soon as the workers do when the cluster has CPUs they leave idle:
-    its process and its map tasks' processes start (import torch, open the index) on
-    those CPUs while the index builds, instead of after it. Without an idle CPU it starts
-    at the precondition stage, as before: on CPUs the workers keep busy, starting it early
-    moves its start-up cost into the index stage rather than removing it.
+    reducer starts once the first shard is committed: its process starts (imports torch,
+    opens the index) while the index builds, instead of after it, when the workers would
+    wait for it. Where the workers leave CPUs idle its map tasks' processes start on them
+    too; where they hold every CPU they are lent to the reducer's stages instead
+    (`on_workers`).
     """
     committed = job.index.committed()
     plans = plan_shards(job.n_train, job.cfg.index.shard_size, committed)
@@ -285,8 +285,6 @@ def run_index(
         return {"computed_shards": 0, "skipped_shards": skipped, "rows": 0}
     with job.stage("start_workers"):
         pool = _pool(job)
-    if precondition_next and ray.available_resources().get("CPU", 0) >= 1:
-        _reducer(job).start("started early, on CPUs the index workers leave idle")
     with job.stage("index"):
         job.progress.index_plan(len(plans) + skipped, skipped, job.n_train, rows)
 
@@ -294,6 +292,8 @@ def run_index(
             version = job.index.commit([res.record for _, res in batch])
             if job.first_shard_s is None:
                 first_shard_committed(job)
+                if precondition_next:  # after the first shard: its start-up delays none
+                    _reducer(job).start("started early, to be ready when the index is")
             done = ", ".join(f"{p.shard_id} (worker {r.worker_id})" for p, r in batch)
             log.debug("committed %s in manifest version %d", done, version)
             job.progress.shards_done(

@@ -141,31 +141,33 @@ def test_job_summary_times_its_first_committed_shard(ray_session, tmp_path, caps
     assert "first_shard_seconds" not in run.index(cfg)  # resumed: nothing to commit
 
 
-def test_the_reducer_starts_during_the_index_only_on_idle_cpus(ray_session, tmp_path):
-    # The session has 4 CPUs. Workers taking 1 of them leave the reducer room to start while
-    # the index builds, and the precondition stage then runs on that reducer.
-    job = pipeline.prepare(compose_cfg(tmp_path, "store.url=" + str(tmp_path / "a")))
-    try:
-        pipeline.run_index(job, precondition_next=True)
-        assert job._reducer is not None and job._reducer.started == 1
-        pipeline.release_workers(job)
-        assert pipeline.run_precondition(job)["rows"] == job.n_train
-        assert job._reducer.started == 1
-    finally:
-        pipeline.shutdown(job)
-    # One worker holding every CPU: the reducer waits for the precondition stage, and a job
-    # that builds no preconditioner after its index never starts one.
-    for overrides, precondition_next in (
-        (["cluster.num_workers=1", "cluster.cpus_per_worker=4"], True),
-        ([], False),
+def test_the_reducer_starts_during_the_index_and_its_task_processes_only_on_idle_cpus(
+    ray_session, tmp_path
+):
+    # The session has 4 CPUs. Workers taking 1 of them leave room for the reducer's map
+    # task processes too; workers holding all 4 are lent to its stages instead, so no task
+    # process starts. Either way the reducer starts during the index (after its first
+    # shard) and the precondition stage runs on it.
+    for name, overrides, warmed in (
+        ("idle", [], 2),
+        ("busy", ["cluster.num_workers=2", "cluster.cpus_per_worker=2"], 0),
     ):
-        url = "store.url=" + str(tmp_path / f"b{len(overrides)}")
-        job = pipeline.prepare(compose_cfg(tmp_path, url, *overrides))
+        job = pipeline.prepare(compose_cfg(tmp_path, f"store.url={tmp_path / name}", *overrides))
         try:
-            pipeline.run_index(job, precondition_next=precondition_next)
-            assert job._reducer is None
+            pipeline.run_index(job, precondition_next=True)
+            assert job._reducer is not None and job._reducer.started == 1
+            assert job._reducer.warmed == warmed, name
+            assert pipeline.run_precondition(job)["rows"] == job.n_train
+            assert job._reducer.started == 1
         finally:
             pipeline.shutdown(job)
+    # A job that builds no preconditioner after its index never starts one.
+    job = pipeline.prepare(compose_cfg(tmp_path, f"store.url={tmp_path / 'index_only'}"))
+    try:
+        pipeline.run_index(job)
+        assert job._reducer is None
+    finally:
+        pipeline.shutdown(job)
 
 
 def test_a_worker_whose_model_differs_from_the_drivers_is_refused(ray_session, tmp_path):

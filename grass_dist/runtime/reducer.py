@@ -255,6 +255,7 @@ class ReducerHandle:
         self.cfg = cfg
         self.actor: Any = None
         self.started = 0
+        self.warmed = 0  # map-task processes started ahead of the reducer's first tasks
 
     def start(self, reason: str) -> None:
         """Start the reducer actor now, unless one runs (a stage starts one when needed)."""
@@ -276,8 +277,13 @@ class ReducerHandle:
                 faults=self.cfg.faults,
             )
         )
-        for _ in range(parallelism):  # after the actor: it takes a process Ray started ahead
-            start_process.remote()
+        if ray.available_resources().get("CPU", 0) >= 1:
+            # Its map tasks' processes start now too, on the idle CPUs. Not when the job's
+            # workers hold them all: they are lent to the stages, and processes for tasks
+            # would start only once the workers stop, for nothing.
+            for _ in range(parallelism):  # after the actor: it takes a process Ray started
+                start_process.remote()
+            self.warmed += parallelism
 
     def precondition(
         self,
