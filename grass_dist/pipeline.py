@@ -40,7 +40,13 @@ from grass_dist.gradients.learned_state import save_states
 from grass_dist.index import GradientIndex
 from grass_dist.models.state import state_hash
 from grass_dist.runtime import repair
-from grass_dist.runtime.cluster import connect, map_tasks, start_worker_pool, worker_factory
+from grass_dist.runtime.cluster import (
+    connect,
+    idle_cpus,
+    map_tasks,
+    start_worker_pool,
+    worker_factory,
+)
 from grass_dist.runtime.executors import WorkersLostError
 from grass_dist.runtime.pool import ActorPool
 from grass_dist.runtime.progress import JobProgress
@@ -336,19 +342,17 @@ def run_repair(job: Job) -> dict[str, Any]:
 
 
 def lendable_workers(job: Job, tasks_only: bool = False) -> list[Any]:
-    """The job's workers to lend to a reducer stage: all of them when they are all ready
-    and hold every CPU of the cluster (its Ray tasks would only wait for them to stop, then
-    start new processes in their place), unless the stage needs tasks (`tasks_only`).
-    Otherwise none, and the workers stop first so that the stage's tasks get their CPUs."""
+    """The job's workers to lend to a reducer stage: the ready ones, when the pool's
+    workers (ready or still starting) claim every CPU of the cluster, so that its Ray tasks
+    would only wait for them to stop and then start new processes in their place; unless
+    the stage needs tasks (`tasks_only`). Otherwise none, and the workers stop first so
+    that the stage's tasks get their CPUs."""
     pool = job._pool
-    if (
-        pool is not None
-        and not tasks_only
-        and pool.actors
-        and not pool.starting
-        and ray.available_resources().get("CPU", 0) < 1
-    ):
-        return pool.actors
+    if pool is not None and not tasks_only:
+        pool.admit()  # a worker may have become ready after the last shard was handed out
+        claimed = len(pool.actors) + len(pool.starting)
+        if pool.actors and idle_cpus(job.cfg.cluster, claimed) < 1:
+            return pool.actors
     release_workers(job)
     return []
 

@@ -139,6 +139,15 @@ def threads_for(cpus: float) -> int:
     return max(1, min(int(cpus), os.cpu_count() or 1))
 
 
+def idle_cpus(cfg: ClusterConfig, workers: int | None = None) -> float:
+    """CPUs of the cluster that `workers` of the job's workers (default
+    `cluster.num_workers`) leave to others. From what the workers ask for and the cluster's
+    total, not from Ray's view of what is free now, which lags actors that just started
+    or stopped."""
+    n = cfg.num_workers if workers is None else workers
+    return ray.cluster_resources().get("CPU", 0) - n * cfg.cpus_per_worker
+
+
 def map_tasks(cfg: ClusterConfig) -> int:
     """Map tasks over committed shards (preconditioner, damping sweep, repair scan): one
     per worker, at least two so that reading one shard overlaps computing on another."""

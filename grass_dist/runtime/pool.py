@@ -146,7 +146,7 @@ class ActorPool:
     # ---- periodic work ---------------------------------------------------------------
     def tick(self) -> None:
         """Admit workers that became ready, grow if resources appeared, watch placement."""
-        self._poll()
+        self.admit()
         now = time.monotonic()
         if self.ready:
             self._idle_since = now
@@ -162,7 +162,8 @@ class ActorPool:
             self._last_check = now
             self._maybe_grow()
 
-    def _poll(self) -> None:
+    def admit(self) -> None:
+        """Admit the workers that became ready since the last look (never waits)."""
         if not self.starting:
             return
         done, _ = ray.wait(list(self.starting), num_returns=len(self.starting), timeout=0)

@@ -25,7 +25,7 @@ from grass_dist.errors import PreconditionerNotFoundError, ReducerFailedError
 from grass_dist.gradients.computer import PhiBlock
 from grass_dist.index import GradientIndex
 from grass_dist.index.retry import RetryPolicy
-from grass_dist.runtime.cluster import map_tasks
+from grass_dist.runtime.cluster import idle_cpus, map_tasks
 from grass_dist.runtime.executors import Executor
 from grass_dist.runtime.faults import FaultInjector, KillOnce
 from grass_dist.runtime.fisher import build_fisher, layer_map, start_process
@@ -100,7 +100,9 @@ def _by_layer(terms: np.ndarray, layers: list[str]) -> dict[str, np.ndarray]:
 
 def _ran_on(workers: Sequence[Any]) -> str:
     """Where a stage's map calls ran, for its summary."""
-    return f"{len(workers)} lent workers" if workers else "ray tasks"
+    if not workers:
+        return "ray tasks"
+    return f"{len(workers)} lent worker{'s' if len(workers) > 1 else ''}"
 
 
 class Reducer:
@@ -277,7 +279,7 @@ class ReducerHandle:
                 faults=self.cfg.faults,
             )
         )
-        if ray.available_resources().get("CPU", 0) >= 1:
+        if idle_cpus(self.cfg.cluster) >= 1:
             # Its map tasks' processes start now too, on the idle CPUs. Not when the job's
             # workers hold them all: they are lent to the stages, and processes for tasks
             # would start only once the workers stop, for nothing.
