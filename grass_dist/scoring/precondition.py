@@ -143,8 +143,10 @@ def cholesky_factor(h: torch.Tensor, delta: float) -> torch.Tensor:
     failing, so pivots below k * eps * max diag(H) count as singular too.
     """
     lam = relative_damping(h, delta)
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    factor, info = torch.linalg.cholesky_ex(h + lam * eye)
+    damped = h.clone()  # the one (k, k) temporary: H + lambda I, no identity matrix
+    damped.diagonal().add_(lam)
+    factor, info = torch.linalg.cholesky_ex(damped)
+    del damped
     if int(info) != 0:
         raise ValueError(_SINGULAR)
     floor = h.shape[0] * torch.finfo(h.dtype).eps * float(h.diagonal().abs().max())
