@@ -39,7 +39,7 @@ from grass_dist.gradients.computer import PhiBlock
 from grass_dist.gradients.learned_state import save_states
 from grass_dist.index import GradientIndex
 from grass_dist.models.state import state_hash
-from grass_dist.runtime import repair
+from grass_dist.runtime import local_shard, repair
 from grass_dist.runtime.cluster import (
     connect,
     idle_cpus,
@@ -48,6 +48,7 @@ from grass_dist.runtime.cluster import (
     worker_factory,
 )
 from grass_dist.runtime.executors import WorkersLostError
+from grass_dist.runtime.local_shard import LocalShard
 from grass_dist.runtime.pool import ActorPool
 from grass_dist.runtime.progress import JobProgress
 from grass_dist.runtime.reducer import ReducerHandle, ScoreRequest
@@ -83,6 +84,7 @@ class Job:
     first_shard_s: float | None = None  # seconds from `started` to the first shard commit
     _spares: list[Any] = field(default_factory=list)  # unstarted worker actors (prepare_started)
     _pool: ActorPool | None = None
+    _local: LocalShard | None = None  # the driver's own first shard (prepare_started)
     _reducer: ReducerHandle | None = None
 
     @contextmanager
@@ -110,6 +112,11 @@ def prepare(cfg: DictConfig | dict, *, create_index: bool = True, query: bool = 
     when `query` or configured), layers and compressors, then the store. Only then may
     learned masks be fitted.
     """
+    return _prepare(cfg, create_index, query)[0]
+
+
+def _prepare(cfg: DictConfig | dict, create_index: bool, query: bool) -> tuple[Job, tuple]:
+    """`prepare`'s job, and the driver's (model, task, train data, compressors)."""
     raw = resolve(cfg)
     job_cfg = JobConfig.from_cfg(raw)
     model = build_model(job_cfg)
@@ -158,7 +165,7 @@ def prepare(cfg: DictConfig | dict, *, create_index: bool = True, query: bool = 
         skipped_records=getattr(train, "skipped_records", 0),
     )
     job.progress = JobProgress(index.store, job.job_id, job_cfg.cluster.progress_interval_s)
-    return job
+    return job, (model, task, train, compressors)
 
 
 def prepare_started(
@@ -191,7 +198,7 @@ def prepare_started(
     ours = not ray.is_initialized()
     spares: list[Any] = []
     with ThreadPoolExecutor(1, thread_name_prefix="prepare") as executor:
-        preparing = executor.submit(prepare, raw, create_index=create_index, query=query)
+        preparing = executor.submit(_prepare_local, raw, create_index, query, started)
         try:
             try:
                 # What the first call of a worker reads: the first shard's, else the queries'.
@@ -202,9 +209,25 @@ def prepare_started(
                 raise
             job = preparing.result()
         except BaseException:
+            if preparing.done() and not preparing.exception() and preparing.result()._local:
+                preparing.result()._local.stop()
             _stop_early(spares, ours)
             raise
-    job.started, job._spares = started, spares
+    job._spares = spares
+    return job
+
+
+def _prepare_local(raw: dict[str, Any], create_index: bool, query: bool, started: float) -> Job:
+    """`prepare`, and then, for an index that `local_shard.wanted`, the driver's own first
+    shard started on its way (`LocalShard`), computed while Ray and the workers start."""
+    job, parts = _prepare(raw, create_index, query)
+    job.started = started
+    if create_index and local_shard.wanted(job.cfg):
+        plans = plan_shards(job.n_train, job.cfg.index.shard_size, job.index.committed())
+        if plans:
+            job._local = LocalShard(
+                job.cfg, parts, job.index, plans[0], lambda: first_shard_committed(job, False)
+            )
     return job
 
 
@@ -273,7 +296,10 @@ def run_index(
     too; where they hold every CPU they are lent to the reducer's stages instead
     (`on_workers`).
     """
+    local, job._local = job._local, None
     committed = job.index.committed()
+    if local is not None:  # the driver's shard, committed or not, is this job's to compute
+        committed.pop(local.plan.shard_id, None)
     plans = plan_shards(job.n_train, job.cfg.index.shard_size, committed)
     skipped = len(committed)
     if max_shards is not None:
@@ -288,18 +314,31 @@ def run_index(
     )
     if not plans:
         job.progress.index_plan(skipped, skipped, job.n_train, 0)
-        return {"computed_shards": 0, "skipped_shards": skipped, "rows": 0}
+        return {"computed_shards": 0, "skipped_shards": skipped, "rows": 0, "driver_shards": 0}
     with job.stage("start_workers"):
         pool = _pool(job)
+    # A worker is ready: the driver's shard stops there, committed or left to the workers.
+    by_driver = local.stop() if local is not None else None
     with job.stage("index"):
-        job.progress.index_plan(len(plans) + skipped, skipped, job.n_train, rows)
+        if by_driver is None:
+            job.progress.index_plan(len(plans) + skipped, skipped, job.n_train, rows)
+        else:  # done before the stage: counted as a shard, not in its rows per second
+            plans = [p for p in plans if p.shard_id != by_driver.shard_id]
+            job.progress.index_plan(
+                len(plans) + 1 + skipped, skipped, job.n_train, rows - by_driver.rows
+            )
+            job.progress.first_shard(job.first_shard_s)
+            job.progress.shards_done(0, [ray.get_runtime_context().get_node_id()])
+        reducer_early = precondition_next
 
         def commit(batch: list[tuple[ShardPlan, ShardResult]]) -> None:
+            nonlocal reducer_early
             version = job.index.commit([res.record for _, res in batch])
             if job.first_shard_s is None:
                 first_shard_committed(job)
-                if precondition_next:  # after the first shard: its start-up delays none
-                    _reducer(job).start("started early, to be ready when the index is")
+            if reducer_early:  # after the workers' first shard: its start-up delays none
+                reducer_early = False
+                _reducer(job).start("started early, to be ready when the index is")
             done = ", ".join(f"{p.shard_id} (worker {r.worker_id})" for p, r in batch)
             log.debug("committed %s in manifest version %d", done, version)
             job.progress.shards_done(
@@ -316,14 +355,20 @@ def run_index(
             max_retries=job.cfg.cluster.max_shard_retries,
             on_tick=job.progress.tick,
         )
-    return {"computed_shards": len(plans), "skipped_shards": skipped, "rows": rows}
+    return {
+        "computed_shards": len(plans) + (by_driver is not None),
+        "skipped_shards": skipped,
+        "rows": rows,
+        "driver_shards": int(by_driver is not None),
+    }
 
 
-def first_shard_committed(job: Job) -> None:
-    """Record (summary, progress record, log) how long the job took to commit its first
-    shard: the start-up cost a user waits for."""
+def first_shard_committed(job: Job, record: bool = True) -> None:
+    """Record (summary, log, and with `record` the progress record) how long the job took
+    to commit its first shard: the start-up cost a user waits for."""
     job.first_shard_s = time.time() - job.started
-    job.progress.first_shard(job.first_shard_s)
+    if record:
+        job.progress.first_shard(job.first_shard_s)
     log.info("first shard committed %.2f s after the job started", job.first_shard_s)
 
 
@@ -464,6 +509,9 @@ def score_stage(job: Job, query: PhiBlock) -> dict[str, Any]:
 
 
 def shutdown(job: Job) -> None:
+    if job._local is not None:  # a job that ended before its index stage
+        job._local.stop()
+        job._local = None
     release_workers(job)
     if job._reducer is not None:
         job._reducer.shutdown()

@@ -71,7 +71,7 @@ def test_resume_recomputes_only_missing_shards_and_matches_a_clean_run(ray_sessi
         stats = pipeline.run_index(job)
     finally:
         pipeline.shutdown(job)
-    assert stats == {"computed_shards": 2, "skipped_shards": 1, "rows": 60}  # 3 shards of 30
+    assert stats == {"computed_shards": 2, "skipped_shards": 1, "rows": 60, "driver_shards": 0}
     assert first_file in {r.file for r in job.index.committed().values()}
     resumed = _rows(job.cfg.index_url)
     clean = _rows(_index(tmp_path / "c").cfg.index_url)
@@ -136,7 +136,7 @@ def test_job_summary_times_its_first_committed_shard(ray_session, tmp_path, caps
     cfg = compose_cfg(tmp_path)
     summary = run.index(cfg)  # as `python -m jobs.index` runs it: early actors, then the pool
     first = summary["first_shard_seconds"]
-    assert summary["stage_seconds"]["start_workers"] < first <= summary["total_seconds"]
+    assert 0 < first <= summary["total_seconds"]
     assert read_progress(Store(summary["index_url"]))["first_shard_s"] == first
     assert "first_shard_seconds" not in run.index(cfg)  # resumed: nothing to commit
 

@@ -85,6 +85,32 @@ def pick_device(gpu_ids: list) -> tuple[torch.device, str | None]:
     return torch.device("cpu"), None
 
 
+def index_rows(
+    computer: GradientComputer,
+    dataset: Any,
+    index: Any,
+    plan: ShardPlan,
+    batch_size: int,
+    phases: Phases,
+    before_compute: Callable[[], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> ShardRecord:
+    """One shard's rows of `dataset` through `computer` into a new (uncommitted) file of
+    `index`, timed as `phases` load, compute and write: a worker's shard call, and the
+    driver's own shard (`runtime.local_shard`)."""
+    sid = plan.shard_id
+    with phases.run(sid, "load"):
+        loaded = computer.load_rows(dataset, range(plan.start, plan.end), batch_size)
+    with phases.run(sid, "compute"):
+        if before_compute is not None:
+            before_compute()
+        block = computer.phi_loaded(loaded, on_batch=on_batch)
+    with phases.run(sid, "write"):
+        return index.write_shard(
+            sid, plan.start, plan.end, block.row_ids, block.keys, block.phi, loaded.digests
+        )
+
+
 class GradientWorker:
     """Holds the model, task, datasets and compressors; computes and writes shards."""
 
@@ -166,21 +192,17 @@ class GradientWorker:
         Load and write run outside the compute slot (see overlap.py), so concurrent calls
         on this actor overlap them with another shard's compute.
         """
-        sid = plan.shard_id
-        with self.phases.run(sid, "load"):
-            loaded = self.computer.load_rows(
-                self._dataset("train"), range(plan.start, plan.end), self.job.index.batch_size
-            )
-        with self.phases.run(sid, "compute"):
-            self.faults.shard_delay()
-            block = self.computer.phi_loaded(
-                loaded, on_batch=lambda n: self.faults.after_rows(n, self.worker_id)
-            )
-        with self.phases.run(sid, "write"):
-            record = self.index.write_shard(
-                sid, plan.start, plan.end, block.row_ids, block.keys, block.phi, loaded.digests
-            )
-        return ShardResult(record, self.worker_id, self.node_id, self.phases.seconds(sid))
+        record = index_rows(
+            self.computer,
+            self._dataset("train"),
+            self.index,
+            plan,
+            self.job.index.batch_size,
+            self.phases,
+            before_compute=self.faults.shard_delay,
+            on_batch=lambda n: self.faults.after_rows(n, self.worker_id),
+        )
+        return ShardResult(record, self.worker_id, self.node_id, self.phases.seconds(plan.shard_id))
 
     def phi(self, which: str, start: int, end: int) -> PhiBlock:
         """phi of rows [start, end) of data.<which>, returned rather than stored."""

@@ -171,7 +171,7 @@ def test_append_computes_new_shards_and_scores_the_whole_index(ray_session, back
         pipeline.run_precondition,
         pipeline.run_score,
     )
-    assert stats == {"computed_shards": 1, "skipped_shards": 2, "rows": 26}
+    assert stats == {"computed_shards": 1, "skipped_shards": 2, "rows": 26, "driver_shards": 0}
     assert pre["rows"] == 90 and score["train_rows"] == 90
     index = _open(backend)
     grown = index.committed()

@@ -1,0 +1,132 @@
+"""The driver's own shard: the first shard of an index, computed in the driver's process
+while an embedded Ray and the workers start.
+
+A `jobs/` door's driver builds the model, task, data and compressors to check the job
+(`pipeline.prepare`) and then waits seconds for Ray's processes and the workers' (each
+imports torch and builds its replica). `LocalShard` spends that wait on the first
+uncommitted shard: on the CPU, with a worker's thread count and the worker's code
+(`worker.index_rows`), so the index holds the same bits whichever process computed it. The
+driver commits it as soon as it is written (a commit keeps a shard's first committed
+attempt). The shard goes back to the workers, abandoned at its next batch, when its first
+batch projects more than `BUDGET_S` of work, or once a worker is ready (`stop`); one already
+written is committed first.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from grass_dist.config import JobConfig
+from grass_dist.gradients.computer import GradientComputer
+from grass_dist.index import GradientIndex, ShardRecord
+from grass_dist.runtime.cluster import threads_for
+from grass_dist.runtime.overlap import Phases
+from grass_dist.runtime.worker import ShardPlan, index_rows
+
+log = logging.getLogger(__name__)
+
+# Seconds of work a driver's shard may take, projected from its first batch: about what
+# Ray's and the workers' start leaves the driver. A longer shard is left to the workers at
+# once, rather than compete with their start-up and be abandoned.
+BUDGET_S = 2.0
+
+
+class _Stopped(Exception):
+    """Raised between batches to leave the shard to the workers: why."""
+
+
+def wanted(cfg: JobConfig) -> bool:
+    """Whether the driver indexes a shard while the workers start: `cluster.driver_shard`,
+    an embedded Ray (the driver's machine is the cluster) whose workers compute on the CPU
+    (without CUDA here), and no injected faults (they are aimed at workers)."""
+    return (
+        cfg.cluster.driver_shard
+        and cfg.cluster.address is None
+        and not torch.cuda.is_available()
+        and cfg.faults.kill_worker_after_rows is None
+        and cfg.faults.shard_delay_s == 0
+    )
+
+
+class LocalShard:
+    """`plan`'s rows of `dataset` through the driver's `model`, `task` and `compressors`
+    into `index`, on a daemon thread started now; `on_commit()` runs once it is committed."""
+
+    def __init__(
+        self,
+        cfg: JobConfig,
+        parts: tuple[Any, Any, Any, dict],
+        index: GradientIndex,
+        plan: ShardPlan,
+        on_commit: Callable[[], None],
+    ):
+        self.plan = plan
+        self.record: ShardRecord | None = None  # set once committed
+        self._cfg, self._parts, self._index, self._on_commit = cfg, parts, index, on_commit
+        self._stop = threading.Event()
+        self._t0, self._rows = 0.0, 0  # when the shard started, rows computed since
+        self._thread = threading.Thread(target=self._run, name="driver-shard", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> ShardRecord | None:
+        """End it at its next batch and wait; its committed record, else None (the
+        workers compute the shard)."""
+        self._stop.set()
+        self._thread.join()
+        return self.record
+
+    def _run(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            record = self._compute()
+            self._index.commit([record])  # written whole: worth keeping, stopped or not
+            self.record = record
+        except _Stopped as e:
+            log.info("shard %s goes to the workers: %s", self.plan.shard_id, e)
+            return
+        except Exception as e:  # noqa: BLE001 -- a worker computes it again (and fails as it should)
+            sid = self.plan.shard_id
+            log.info("the driver's shard %s failed (%s): the workers compute it", sid, e)
+            return
+        finally:
+            self._parts = None  # the driver's replica is not needed again
+        log.info(
+            "the driver indexed shard %s in %.2f s while the workers started",
+            self.plan.shard_id,
+            time.perf_counter() - t0,
+        )
+        self._on_commit()
+
+    def _compute(self) -> ShardRecord:
+        model, task, dataset, compressors = self._parts
+        self._t0 = time.perf_counter()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(threads_for(self._cfg.cluster.cpus_per_worker))  # a worker's
+        try:
+            computer = GradientComputer(model, task, compressors, "cpu")
+            return index_rows(
+                computer,
+                dataset,
+                self._index,
+                self.plan,
+                self._cfg.index.batch_size,
+                Phases(),
+                on_batch=self._check,
+            )
+        finally:
+            torch.set_num_threads(threads)
+
+    def _check(self, rows: int) -> None:
+        if self._stop.is_set():
+            raise _Stopped("a worker was ready first")
+        self._rows += rows
+        if self._rows == rows:  # the first batch: project the whole shard from it
+            projected = (time.perf_counter() - self._t0) * self.plan.rows / rows
+            if projected > BUDGET_S:
+                raise _Stopped(f"about {projected:.1f} s of work, more than {BUDGET_S} s")
