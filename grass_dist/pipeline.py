@@ -225,9 +225,7 @@ def _prepare_local(raw: dict[str, Any], create_index: bool, query: bool, started
     if create_index and local_shard.wanted(job.cfg):
         plans = plan_shards(job.n_train, job.cfg.index.shard_size, job.index.committed())
         if plans:
-            job._local = LocalShard(
-                job.cfg, parts, job.index, plans[0], lambda: first_shard_committed(job, False)
-            )
+            job._local = LocalShard(job.cfg, parts, job.index, plans[0])
     return job
 
 
@@ -313,22 +311,15 @@ def run_index(
         job.index.store.url_of(job.progress.path),
     )
     if not plans:
+        if local is not None:  # max_shards=0
+            local.stop()
         job.progress.index_plan(skipped, skipped, job.n_train, 0)
         return {"computed_shards": 0, "skipped_shards": skipped, "rows": 0, "driver_shards": 0}
     with job.stage("start_workers"):
         pool = _pool(job)
-    # A worker is ready: the driver's shard stops there, committed or left to the workers.
-    by_driver = local.stop() if local is not None else None
     with job.stage("index"):
-        if by_driver is None:
-            job.progress.index_plan(len(plans) + skipped, skipped, job.n_train, rows)
-        else:  # done before the stage: counted as a shard, not in its rows per second
-            plans = [p for p in plans if p.shard_id != by_driver.shard_id]
-            job.progress.index_plan(
-                len(plans) + 1 + skipped, skipped, job.n_train, rows - by_driver.rows
-            )
-            job.progress.first_shard(job.first_shard_s)
-            job.progress.shards_done(0, [ray.get_runtime_context().get_node_id()])
+        job.progress.index_plan(len(plans) + skipped, skipped, job.n_train, rows)
+        driver = _DriverShard(job, local)
         reducer_early = precondition_next
 
         def commit(batch: list[tuple[ShardPlan, ShardResult]]) -> None:
@@ -344,31 +335,79 @@ def run_index(
             job.progress.shards_done(
                 sum(p.rows for p, _ in batch), [res.node_id for _, res in batch]
             )
+            driver.account()
 
-        run_items(
-            pool,
-            plans,
-            lambda a, p: a.index_shard.remote(p),
-            commit,
-            describe=lambda p: f"shard {p.shard_id}",
-            max_inflight=job.cfg.cluster.max_inflight_per_worker,
-            max_retries=job.cfg.cluster.max_shard_retries,
-            on_tick=job.progress.tick,
-        )
+        def on_tick() -> None:
+            driver.account()
+            job.progress.tick()
+
+        def index(todo: list[ShardPlan]) -> None:
+            run_items(
+                pool,
+                todo,
+                lambda a, p: a.index_shard.remote(p),
+                commit,
+                describe=lambda p: f"shard {p.shard_id}",
+                max_inflight=job.cfg.cluster.max_inflight_per_worker,
+                max_retries=job.cfg.cluster.max_shard_retries,
+                on_tick=on_tick,
+            )
+
+        index(driver.others(plans))
+        index(driver.returned())  # the driver's shard, when it gave it back late
     return {
-        "computed_shards": len(plans) + (by_driver is not None),
+        "computed_shards": len(plans),
         "skipped_shards": skipped,
         "rows": rows,
-        "driver_shards": int(by_driver is not None),
+        "driver_shards": int(driver.done),
     }
 
 
-def first_shard_committed(job: Job, record: bool = True) -> None:
-    """Record (summary, log, and with `record` the progress record) how long the job took
-    to commit its first shard: the start-up cost a user waits for."""
-    job.first_shard_s = time.time() - job.started
-    if record:
-        job.progress.first_shard(job.first_shard_s)
+class _DriverShard:
+    """The index stage's view of the driver's own shard (`LocalShard`, or None): which
+    plans the workers take, and its commit counted in the job's first shard and progress
+    (on the stage's thread, which owns them)."""
+
+    def __init__(self, job: Job, local: LocalShard | None):
+        self.job, self.local, self.done = job, local, False
+        self.working = False  # the driver still works on its shard as the workers start
+        self.account()
+
+    def others(self, plans: list[ShardPlan]) -> list[ShardPlan]:
+        """The workers' shards: all but the driver's, unless it already gave it back."""
+        self.working = self.local is not None and not self.local.given_back()
+        if not self.working:
+            return plans
+        return [p for p in plans if p.shard_id != self.local.plan.shard_id]
+
+    def returned(self) -> list[ShardPlan]:
+        """After the workers' shards: the driver's shard if it gave it back since `others`
+        (it waits for the driver)."""
+        if not self.working:
+            return []  # none, or among the workers' shards
+        if self.local.result() is None:
+            return [self.local.plan]
+        self.account()
+        return []
+
+    def account(self) -> None:
+        """Count the driver's commit once it happened (first shard, progress)."""
+        local = self.local
+        if self.done or local is None or local.record is None:
+            return
+        self.done = True
+        first = local.committed_at - self.job.started
+        if self.job.first_shard_s is None or first < self.job.first_shard_s:
+            first_shard_committed(self.job, first)
+        node = ray.get_runtime_context().get_node_id()
+        self.job.progress.shards_done(local.plan.rows, [node])
+
+
+def first_shard_committed(job: Job, seconds: float | None = None) -> None:
+    """Record (summary, progress record, log) how long the job took to commit its first
+    shard (default: until now): the start-up cost a user waits for."""
+    job.first_shard_s = time.time() - job.started if seconds is None else seconds
+    job.progress.first_shard(job.first_shard_s)
     log.info("first shard committed %.2f s after the job started", job.first_shard_s)
 
 

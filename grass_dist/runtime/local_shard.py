@@ -7,9 +7,9 @@ imports torch and builds its replica). `LocalShard` spends that wait on the firs
 uncommitted shard: on the CPU, with a worker's thread count and the worker's code
 (`worker.index_rows`), so the index holds the same bits whichever process computed it. The
 driver commits it as soon as it is written (a commit keeps a shard's first committed
-attempt). The shard goes back to the workers, abandoned at its next batch, when its first
-batch projects more than `BUDGET_S` of work, or once a worker is ready (`stop`); one already
-written is committed first.
+attempt), and the workers take the other shards meanwhile. A shard whose first batch
+projects more than `BUDGET_S` of work goes back to the workers at once, rather than compete
+with their start-up; so does one that fails (a worker then fails it as it would have).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,9 +31,9 @@ from grass_dist.runtime.worker import ShardPlan, index_rows
 log = logging.getLogger(__name__)
 
 # Seconds of work a driver's shard may take, projected from its first batch: about what
-# Ray's and the workers' start leaves the driver. A longer shard is left to the workers at
-# once, rather than compete with their start-up and be abandoned.
-BUDGET_S = 2.0
+# Ray's and the workers' start takes on a small machine, so that the driver competes with
+# working workers for a few seconds at most.
+BUDGET_S = 4.0
 
 
 class _Stopped(Exception):
@@ -56,7 +55,7 @@ def wanted(cfg: JobConfig) -> bool:
 
 class LocalShard:
     """`plan`'s rows of `dataset` through the driver's `model`, `task` and `compressors`
-    into `index`, on a daemon thread started now; `on_commit()` runs once it is committed."""
+    into `index`, on a daemon thread started now."""
 
     def __init__(
         self,
@@ -64,29 +63,36 @@ class LocalShard:
         parts: tuple[Any, Any, Any, dict],
         index: GradientIndex,
         plan: ShardPlan,
-        on_commit: Callable[[], None],
     ):
         self.plan = plan
         self.record: ShardRecord | None = None  # set once committed
-        self._cfg, self._parts, self._index, self._on_commit = cfg, parts, index, on_commit
+        self.committed_at: float | None = None  # time.time() of the commit
+        self._cfg, self._parts, self._index = cfg, parts, index
         self._stop = threading.Event()
         self._t0, self._rows = 0.0, 0  # when the shard started, rows computed since
         self._thread = threading.Thread(target=self._run, name="driver-shard", daemon=True)
         self._thread.start()
 
-    def stop(self) -> ShardRecord | None:
-        """End it at its next batch and wait; its committed record, else None (the
-        workers compute the shard)."""
-        self._stop.set()
+    def given_back(self) -> bool:
+        """Whether it ended without committing: the workers compute the shard."""
+        return not self._thread.is_alive() and self.record is None
+
+    def result(self) -> ShardRecord | None:
+        """Wait for it; its committed record, else None (the workers compute the shard)."""
         self._thread.join()
         return self.record
+
+    def stop(self) -> ShardRecord | None:
+        """`result`, abandoning the shard at its next batch (a job that ends early)."""
+        self._stop.set()
+        return self.result()
 
     def _run(self) -> None:
         t0 = time.perf_counter()
         try:
             record = self._compute()
             self._index.commit([record])  # written whole: worth keeping, stopped or not
-            self.record = record
+            self.record, self.committed_at = record, time.time()
         except _Stopped as e:
             log.info("shard %s goes to the workers: %s", self.plan.shard_id, e)
             return
@@ -96,12 +102,8 @@ class LocalShard:
             return
         finally:
             self._parts = None  # the driver's replica is not needed again
-        log.info(
-            "the driver indexed shard %s in %.2f s while the workers started",
-            self.plan.shard_id,
-            time.perf_counter() - t0,
-        )
-        self._on_commit()
+        sid, seconds = self.plan.shard_id, time.perf_counter() - t0
+        log.info("the driver indexed shard %s in %.2f s", sid, seconds)
 
     def _compute(self) -> ShardRecord:
         model, task, dataset, compressors = self._parts
@@ -124,7 +126,7 @@ class LocalShard:
 
     def _check(self, rows: int) -> None:
         if self._stop.is_set():
-            raise _Stopped("a worker was ready first")
+            raise _Stopped("the job ends")
         self._rows += rows
         if self._rows == rows:  # the first batch: project the whole shard from it
             projected = (time.perf_counter() - self._t0) * self.plan.rows / rows

@@ -61,8 +61,8 @@ def test_the_drivers_shard_is_a_workers_shard_bit_for_bit(
     )
     assert job._local is not None
     first = job._local.plan.shard_id
-    job._local._thread.join()  # as when Ray and the workers take longer than one shard
-    assert job.first_shard_s is not None and first in job.index.committed()
+    record = job._local.result()  # as when Ray and the workers take longer than one shard
+    assert record is not None and job.index.committed()[first] == record
     try:
         summary = pipeline.run_index(job)
     finally:
@@ -71,9 +71,9 @@ def test_the_drivers_shard_is_a_workers_shard_bit_for_bit(
     _assert_same_shards(_shards(job.cfg.index_url), _shards(by_worker.cfg.index_url))
     progress = read_progress(job.index.store, job.job_id)
     assert progress["first_shard_s"] == round(job.first_shard_s, 3)
-    ix = progress["index"]  # the index stage's rows and rate leave out the driver's shard
+    ix = progress["index"]
     assert ix["shards_done"] == ix["shards_total"] == 3
-    assert ix["rows_done"] == ix["rows_todo"] == 90 - 30
+    assert ix["rows_done"] == ix["rows_todo"] == 90
 
 
 class _Gated:
@@ -92,40 +92,66 @@ class _Gated:
         return self.inner[i]
 
 
+def _local_job(tmp_path, error: Exception | None = None):
+    """A job without the doors' start-up, and a LocalShard of its first shard whose rows
+    wait for `go` (or fail with `error`)."""
+    job = pipeline.prepare(compose_cfg(tmp_path, "index.batch_size=1"))  # many batches
+    model = build_model(job.cfg)
+    task = build_task(job.cfg)
+    train = build_dataset(job.cfg, "train")
+    compressors = assembly.driver_compressors(job.cfg, model, task, train)
+    data = _Gated(train, error)
+    plan = plan_shards(job.n_train, job.cfg.index.shard_size, {})[0]
+    job._local = LocalShard(job.cfg, (model, task, data, compressors), job.index, plan)
+    return job, data
+
+
+def _run_index(job):
+    try:
+        return pipeline.run_index(job)
+    finally:
+        pipeline.shutdown(job)
+
+
+def test_the_workers_take_the_other_shards_while_the_driver_finishes_its_own(
+    ray_session, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(local_shard, "BUDGET_S", float("inf"))  # its rows wait: no projection
+    job, data = _local_job(tmp_path)
+    local = job._local
+    first_commit = pipeline.first_shard_committed
+
+    def worker_committed(job, *args):  # the driver's rows load only after a worker's commit
+        data.go.set()
+        first_commit(job, *args)
+
+    monkeypatch.setattr(pipeline, "first_shard_committed", worker_committed)
+    summary = _run_index(job)
+    assert summary == {"computed_shards": 3, "skipped_shards": 0, "rows": 90, "driver_shards": 1}
+    assert job.index.committed()[local.plan.shard_id] == local.record  # the driver's attempt
+    assert job.first_shard_s < local.committed_at - job.started  # a worker's came first
+    ix = read_progress(job.index.store, job.job_id)["index"]
+    assert ix["shards_done"] == 3 and ix["rows_done"] == 90
+
+
 @pytest.mark.parametrize("how", ["stopped", "failed", "too long"])
 def test_a_driver_shard_stopped_failed_or_too_long_goes_to_the_workers(
     ray_session, tmp_path, monkeypatch, how
 ):
     if how == "too long":  # its first batch projects more work than the driver's budget
         monkeypatch.setattr(local_shard, "BUDGET_S", 0.0)
-    cfg = compose_cfg(tmp_path, "index.batch_size=1")  # a stop lands between batches
-    job = pipeline.prepare(cfg)
-    model = build_model(job.cfg)
-    task = build_task(job.cfg)
-    train = build_dataset(job.cfg, "train")
-    compressors = assembly.driver_compressors(job.cfg, model, task, train)
-    data = _Gated(train, RuntimeError("disk on fire") if how == "failed" else None)
-    plan = plan_shards(job.n_train, job.cfg.index.shard_size, {})[0]
-    commits = []
-    local = LocalShard(
-        job.cfg, (model, task, data, compressors), job.index, plan, lambda: commits.append(1)
-    )
-    if how != "stopped":
-        data.go.set()
-        local._thread.join()  # it ends by itself
-    else:
+    job, data = _local_job(tmp_path, RuntimeError("disk on fire") if how == "failed" else None)
+    local = job._local
+    if how == "stopped":  # a job that ends before its index stage
         stopping = threading.Thread(target=local.stop)
         stopping.start()
         while not local._stop.is_set():
             time.sleep(0.01)
-        data.go.set()  # the rows load only now: the first batch sees the stop
+    data.go.set()  # the rows load only now: a stop is seen at the first batch
+    assert local.result() is None and local.given_back() and job.index.committed() == {}
+    if how == "stopped":
         stopping.join()
-    assert local.stop() is None and commits == [] and job.index.committed() == {}
-    job._local = local
-    try:
-        summary = pipeline.run_index(job)
-    finally:
-        pipeline.shutdown(job)
+    summary = _run_index(job)
     assert summary == {"computed_shards": 3, "skipped_shards": 0, "rows": 90, "driver_shards": 0}
     assert sorted(_shards(job.cfg.index_url)) == [p.shard_id for p in plan_shards(90, 32, {})]
 
