@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import ray
 import torch
 
 from grass_dist.config import JobConfig
@@ -27,6 +28,9 @@ from grass_dist.index import GradientIndex, ShardRecord
 from grass_dist.runtime.cluster import threads_for
 from grass_dist.runtime.overlap import Phases
 from grass_dist.runtime.worker import ShardPlan, index_rows
+
+if TYPE_CHECKING:
+    from grass_dist.job import Job
 
 log = logging.getLogger(__name__)
 
@@ -132,3 +136,43 @@ class LocalShard:
             projected = (time.perf_counter() - self._t0) * self.plan.rows / rows
             if projected > BUDGET_S:
                 raise _Stopped(f"about {projected:.1f} s of work, more than {BUDGET_S} s")
+
+
+class DriverShard:
+    """The index stage's view of the driver's own shard (`LocalShard`, or None): which
+    plans the workers take, and its commit counted in the job's first shard and progress
+    (on the stage's thread, which owns them)."""
+
+    def __init__(self, job: Job, local: LocalShard | None):
+        self.job, self.local, self.done = job, local, False
+        self.working = False  # the driver still works on its shard as the workers start
+        self.account()
+
+    def others(self, plans: list[ShardPlan]) -> list[ShardPlan]:
+        """The workers' shards: all but the driver's, unless it already gave it back."""
+        self.working = self.local is not None and not self.local.given_back()
+        if not self.working:
+            return plans
+        return [p for p in plans if p.shard_id != self.local.plan.shard_id]
+
+    def returned(self) -> list[ShardPlan]:
+        """After the workers' shards: the driver's shard if it gave it back since `others`
+        (it waits for the driver)."""
+        if not self.working:
+            return []  # none, or among the workers' shards
+        if self.local.result() is None:
+            return [self.local.plan]
+        self.account()
+        return []
+
+    def account(self) -> None:
+        """Count the driver's commit once it happened (first shard, progress)."""
+        local = self.local
+        if self.done or local is None or local.record is None:
+            return
+        self.done = True
+        first = local.committed_at - self.job.started
+        if self.job.first_shard_s is None or first < self.job.first_shard_s:
+            self.job.first_shard_committed(first)
+        node = ray.get_runtime_context().get_node_id()
+        self.job.progress.shards_done(local.plan.rows, [node])

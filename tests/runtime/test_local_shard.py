@@ -11,6 +11,7 @@ from grass_dist import assembly, pipeline
 from grass_dist.build import build_dataset, build_model, build_task
 from grass_dist.config import JobConfig, resolve
 from grass_dist.index import GradientIndex
+from grass_dist.job import Job
 from grass_dist.runtime import local_shard
 from grass_dist.runtime.local_shard import LocalShard
 from grass_dist.runtime.progress import read_progress
@@ -119,13 +120,13 @@ def test_the_workers_take_the_other_shards_while_the_driver_finishes_its_own(
     monkeypatch.setattr(local_shard, "BUDGET_S", float("inf"))  # its rows wait: no projection
     job, data = _local_job(tmp_path)
     local = job._local
-    first_commit = pipeline.first_shard_committed
+    first_commit = Job.first_shard_committed
 
-    def worker_committed(job, *args):  # the driver's rows load only after a worker's commit
+    def worker_committed(self, *args):  # the driver's rows load only after a worker's commit
         data.go.set()
-        first_commit(job, *args)
+        first_commit(self, *args)
 
-    monkeypatch.setattr(pipeline, "first_shard_committed", worker_committed)
+    monkeypatch.setattr(Job, "first_shard_committed", worker_committed)
     summary = _run_index(job)
     assert summary == {"computed_shards": 3, "skipped_shards": 0, "rows": 90, "driver_shards": 1}
     assert job.index.committed()[local.plan.shard_id] == local.record  # the driver's attempt

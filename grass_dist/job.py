@@ -1,0 +1,246 @@
+"""A job as the driver holds it, and its start: `prepare` checks everything before anything
+is written to the store or any gradient is computed (config, model, task, data, layers,
+compressors, store, fingerprint) and never starts Ray; `prepare_started`, what the `jobs/`
+doors run, starts meanwhile what the job will need: an embedded Ray, the workers' processes
+and the driver's own first shard (`runtime.local_shard`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from omegaconf import DictConfig
+
+from grass_dist import assembly
+from grass_dist.build import (
+    build_dataset,
+    build_model,
+    build_task,
+    check_compressors,
+    check_rows,
+    fingerprint,
+    unset_fields,
+)
+from grass_dist.config import JobConfig, resolve
+from grass_dist.data.content import row_digest
+from grass_dist.data.identity import check_committed_content, check_committed_rows
+from grass_dist.gradients.learned_state import save_states
+from grass_dist.index import GradientIndex
+from grass_dist.models.state import state_hash
+from grass_dist.runtime import local_shard
+from grass_dist.runtime.cluster import connect, worker_factory
+from grass_dist.runtime.local_shard import LocalShard
+from grass_dist.runtime.pool import ActorPool
+from grass_dist.runtime.progress import JobProgress
+from grass_dist.runtime.reducer import ReducerHandle
+from grass_dist.runtime.worker import plan_shards
+
+log = logging.getLogger("grass_dist")
+
+
+def new_job_id() -> str:
+    """Sortable and unique: names this run's progress record."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class Job:
+    """A validated job with its driver-side model and the index it writes to."""
+
+    cfg: JobConfig
+    raw: dict[str, Any]
+    model_hash: str
+    fingerprint: dict[str, Any]
+    n_train: int
+    timings: dict[str, float] = field(default_factory=dict)
+    whole_layers: list[str] = field(default_factory=list)
+    skipped_records: int = 0  # bad training records left out on data.train.on_bad_record=skip
+    index: GradientIndex | None = None
+    job_id: str = field(default_factory=new_job_id)
+    progress: JobProgress | None = None
+    started: float = field(default_factory=time.time)  # time.time() the job started
+    first_shard_s: float | None = None  # seconds from `started` to the first shard commit
+    _spares: list[Any] = field(default_factory=list)  # unstarted worker actors (prepare_started)
+    _pool: ActorPool | None = None
+    _local: LocalShard | None = None  # the driver's own first shard (prepare_started)
+    _reducer: ReducerHandle | None = None
+
+    @contextmanager
+    def stage(self, name: str):
+        t0 = time.perf_counter()
+        if self.progress is not None:
+            self.progress.begin(name)
+        try:
+            yield
+        except BaseException as e:
+            if self.progress is not None:
+                self.progress.end(name, time.perf_counter() - t0, e)
+            raise
+        self.timings[name] = time.perf_counter() - t0
+        if self.progress is not None:
+            self.progress.end(name, self.timings[name])
+        log.info("stage %s took %.2f s", name, self.timings[name])
+
+    def first_shard_committed(self, seconds: float | None = None) -> None:
+        """Record (summary, progress record, log) how long the job took to commit its
+        first shard (default: until now): the start-up cost a user waits for."""
+        self.first_shard_s = time.time() - self.started if seconds is None else seconds
+        self.progress.first_shard(self.first_shard_s)
+        log.info("first shard committed %.2f s after the job started", self.first_shard_s)
+
+
+def prepare(cfg: DictConfig | dict, *, create_index: bool = True, query: bool = False) -> Job:
+    """Validate everything and open (or create) the index; no Ray, no gradients.
+
+    The checks run in order of cost, and all of them before the first write to the store:
+    config, model, task, data (non-empty, row 0 through the task and model; data.query too
+    when `query` or configured), layers and compressors, then the store. Only then may
+    learned masks be fitted.
+    """
+    return _prepare(cfg, create_index, query)[0]
+
+
+def _prepare(cfg: DictConfig | dict, create_index: bool, query: bool) -> tuple[Job, tuple]:
+    """`prepare`'s job, and the driver's (model, task, train data, compressors)."""
+    raw = resolve(cfg)
+    job_cfg = JobConfig.from_cfg(raw)
+    model = build_model(job_cfg)
+    task = build_task(job_cfg)
+    train = build_dataset(job_cfg, "train")
+    check_rows(job_cfg, model, task, train, "train")
+    row_digest(train[0])  # ConfigError now for items without a stable content digest
+    query_node = job_cfg.data.get("query")
+    if not query and query_node is not None and unset_fields(query_node):
+        # An index-only job reads no queries: a query preset still waiting for its
+        # path (data=text_files) is no reason to refuse it.
+        log.info("data.query leaves %s unset: not checked", ", ".join(unset_fields(query_node)))
+    elif query or query_node is not None:
+        # A missing, empty or unfitting query set fails here, not after the index build.
+        check_rows(job_cfg, model, task, build_dataset(job_cfg, "query"), "query")
+    whole = check_compressors(job_cfg, model)
+    if whole:
+        log.info(
+            "keeping layers %s whole (exact gradients): each has at most compression.k=%d "
+            "entries (compression.whole_small_layers=true)",
+            whole,
+            job_cfg.compression.k,
+        )
+    if not create_index:
+        assembly.open_index(job_cfg)  # IndexNotFoundError before fitting
+    store = assembly.open_store(job_cfg)
+    store.check_writable()
+    compressors = assembly.driver_compressors(job_cfg, model, task, train)
+    fp = fingerprint(job_cfg, model, compressors, task, train)
+    if create_index:
+        save_states(store, compressors)  # learned masks, before the index that names them
+    index = assembly.checked_index(job_cfg, fp) if create_index else assembly.open_index(job_cfg)
+    if not create_index:
+        assembly.checked_index(job_cfg, fp)  # refuses a mismatch
+    check_committed_rows(index, train)  # growing data.train is fine, changing it is not
+    if create_index:  # a job that adds shards must add them to the same data
+        check_committed_content(index, train)
+    job = Job(
+        job_cfg,
+        raw,
+        state_hash(model),
+        fp,
+        len(train),
+        index=index,
+        whole_layers=whole,
+        skipped_records=getattr(train, "skipped_records", 0),
+    )
+    job.progress = JobProgress(index.store, job.job_id, job_cfg.cluster.progress_interval_s)
+    return job, (model, task, train, compressors)
+
+
+def prepare_started(
+    cfg: DictConfig | dict,
+    *,
+    create_index: bool = True,
+    query: bool = False,
+    started: float | None = None,
+) -> Job:
+    """`prepare`, while an embedded Ray and the job's worker actors start: what the `jobs/`
+    doors run (with `cluster.address` set, `prepare` alone).
+
+    The config is checked first, so a malformed one never starts Ray. Then `prepare` (model,
+    data, store) runs on another thread while this one starts Ray and creates the worker
+    actors unstarted: their processes start and import while the driver checks the job
+    (Ray's processes die with the thread that started them, so Ray gets the caller's). The
+    store is written only once every check passed, as by `prepare`; a refused job stops the
+    actors, and a Ray started here, before its error is raised. `started` (time.time(),
+    default now) is when the job started, for `Job.first_shard_s`.
+    """
+    started = time.time() if started is None else started
+    raw = resolve(cfg)
+    job_cfg = JobConfig.from_cfg(raw)
+    if job_cfg.cluster.address is not None:
+        # Joining a running cluster is quick, and a job submitted to one runs in a working
+        # directory Ray manages for it: prepare first and connect later, as `prepare` does.
+        job = prepare(raw, create_index=create_index, query=query)
+        job.started = started
+        return job
+    ours = not ray.is_initialized()
+    spares: list[Any] = []
+    with ThreadPoolExecutor(1, thread_name_prefix="prepare") as executor:
+        preparing = executor.submit(_prepare_local, raw, create_index, query, started)
+        try:
+            try:
+                # What the first call of a worker reads: the first shard's, else the queries'.
+                datasets = ("train",) if create_index else ("query",) * query
+                spares = _early_workers(job_cfg, raw, preparing, datasets)
+            except BaseException:
+                preparing.result()  # a refused job fails with its refusal, not Ray's error
+                raise
+            job = preparing.result()
+        except BaseException:
+            if preparing.done() and not preparing.exception() and preparing.result()._local:
+                preparing.result()._local.stop()
+            stop_early(spares, ours)
+            raise
+    job._spares = spares
+    return job
+
+
+def _prepare_local(raw: dict[str, Any], create_index: bool, query: bool, started: float) -> Job:
+    """`prepare`, and then, for an index that `local_shard.wanted`, the driver's own first
+    shard started on its way (`LocalShard`), computed while Ray and the workers start."""
+    job, parts = _prepare(raw, create_index, query)
+    job.started = started
+    if create_index and local_shard.wanted(job.cfg):
+        plans = plan_shards(job.n_train, job.cfg.index.shard_size, job.index.committed())
+        if plans:
+            job._local = LocalShard(job.cfg, parts, job.index, plans[0])
+    return job
+
+
+def _early_workers(
+    job_cfg: JobConfig, raw: dict[str, Any], preparing: Future, datasets: tuple[str, ...]
+) -> list[Any]:
+    """Connect to Ray and create `cluster.num_workers` unstarted worker actors, which build
+    `datasets` meanwhile; none when the job names in-memory objects (shipped with the pool)
+    or `preparing` already failed."""
+    connect(job_cfg.cluster)
+    if assembly.in_memory_digests(raw) or (preparing.done() and preparing.exception()):
+        return []
+    factory = worker_factory(job_cfg.cluster, raw, datasets=datasets)
+    spares = [factory(i) for i in range(job_cfg.cluster.num_workers)]
+    log.info("created %d worker actors while the job is checked", len(spares))
+    return spares
+
+
+def stop_early(spares: list[Any], ours: bool) -> None:
+    """Undo `prepare_started`'s start-up: the actors, and Ray when it started it."""
+    if ours and ray.is_initialized():
+        ray.shutdown()  # stops every actor with it
+        return
+    for actor in spares:
+        with suppress(Exception):  # one that already died
+            ray.kill(actor, no_restart=True)
