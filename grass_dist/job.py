@@ -173,9 +173,10 @@ def prepare_started(
     The config is checked first, so a malformed one never starts Ray. Then `prepare` (model,
     data, store) runs on another thread while this one starts Ray and creates the worker
     actors unstarted: their processes start and import while the driver checks the job
-    (Ray's processes die with the thread that started them, so Ray gets the caller's). The
-    store is written only once every check passed, as by `prepare`; a refused job stops the
-    actors, and a Ray started here, before its error is raised. `started` (time.time(),
+    (Ray's processes die with the thread that started them, so Ray gets the caller's). Once
+    the checks pass, an index job's driver starts on its own first shard (`_prepare_local`).
+    The store is written only once every check passed, as by `prepare`; a refused job stops
+    the actors, and a Ray started here, before its error is raised. `started` (time.time(),
     default now) is when the job started, for `Job.first_shard_s`.
     """
     started = time.time() if started is None else started
