@@ -107,8 +107,10 @@ def prepare(cfg: DictConfig | dict, *, create_index: bool = True, query: bool = 
     return _prepare(cfg, create_index, query)[0]
 
 
-def _prepare(cfg: DictConfig | dict, create_index: bool, query: bool) -> tuple[Job, tuple]:
-    """`prepare`'s job, and the driver's (model, task, train data, compressors)."""
+def _prepare(
+    cfg: DictConfig | dict, create_index: bool, query: bool
+) -> tuple[Job, assembly.Replica, Any]:
+    """`prepare`'s job, and the driver's replica and training data."""
     raw = resolve(cfg)
     job_cfg = JobConfig.from_cfg(raw)
     model = build_model(job_cfg)
@@ -157,7 +159,7 @@ def _prepare(cfg: DictConfig | dict, create_index: bool, query: bool) -> tuple[J
         skipped_records=getattr(train, "skipped_records", 0),
     )
     job.progress = JobProgress(index.store, job.job_id, job_cfg.cluster.progress_interval_s)
-    return job, (model, task, train, compressors)
+    return job, assembly.Replica(model, task, compressors), train
 
 
 def prepare_started(
@@ -213,12 +215,12 @@ def prepare_started(
 def _prepare_local(raw: dict[str, Any], create_index: bool, query: bool, started: float) -> Job:
     """`prepare`, and then, for an index that `local_shard.wanted`, the driver's own first
     shard started on its way (`LocalShard`), computed while Ray and the workers start."""
-    job, parts = _prepare(raw, create_index, query)
+    job, replica, train = _prepare(raw, create_index, query)
     job.started = started
     if create_index and local_shard.wanted(job.cfg):
         plans = plan_shards(job.n_train, job.cfg.index.shard_size, job.index.committed())
         if plans:
-            job._local = LocalShard(job.cfg, parts, job.index, plans[0])
+            job._local = LocalShard(job.cfg, replica, train, job.index, plans[0])
     return job
 
 

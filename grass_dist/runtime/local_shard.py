@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 import torch
 
+from grass_dist.assembly import Replica
 from grass_dist.config import JobConfig
 from grass_dist.gradients.computer import GradientComputer
 from grass_dist.index import GradientIndex, ShardRecord
@@ -58,20 +59,23 @@ def wanted(cfg: JobConfig) -> bool:
 
 
 class LocalShard:
-    """`plan`'s rows of `dataset` through the driver's `model`, `task` and `compressors`
-    into `index`, on a daemon thread started now."""
+    """`plan`'s rows of `dataset` through the driver's `replica` into `index`, on a daemon
+    thread started now."""
 
     def __init__(
         self,
         cfg: JobConfig,
-        parts: tuple[Any, Any, Any, dict],
+        replica: Replica,
+        dataset: Any,
         index: GradientIndex,
         plan: ShardPlan,
     ):
         self.plan = plan
         self.record: ShardRecord | None = None  # set once committed
         self.committed_at: float | None = None  # time.time() of the commit
-        self._cfg, self._parts, self._index = cfg, parts, index
+        self._cfg, self._index = cfg, index
+        self._replica: Replica | None = replica
+        self._dataset = dataset
         self._stop = threading.Event()
         self._t0, self._rows = 0.0, 0  # when the shard started, rows computed since
         self._thread = threading.Thread(target=self._run, name="driver-shard", daemon=True)
@@ -105,20 +109,20 @@ class LocalShard:
             log.info("the driver's shard %s failed (%s): the workers compute it", sid, e)
             return
         finally:
-            self._parts = None  # the driver's replica is not needed again
+            self._replica = self._dataset = None  # not needed again
         sid, seconds = self.plan.shard_id, time.perf_counter() - t0
         log.info("the driver indexed shard %s in %.2f s", sid, seconds)
 
     def _compute(self) -> ShardRecord:
-        model, task, dataset, compressors = self._parts
+        r = self._replica
         self._t0 = time.perf_counter()
         threads = torch.get_num_threads()
         torch.set_num_threads(threads_for(self._cfg.cluster.cpus_per_worker))  # a worker's
         try:
-            computer = GradientComputer(model, task, compressors, "cpu")
+            computer = GradientComputer(r.model, r.task, r.compressors, "cpu")
             return index_rows(
                 computer,
-                dataset,
+                self._dataset,
                 self._index,
                 self.plan,
                 self._cfg.index.batch_size,

@@ -103,7 +103,8 @@ def _local_job(tmp_path, error: Exception | None = None):
     compressors = assembly.driver_compressors(job.cfg, model, task, train)
     data = _Gated(train, error)
     plan = plan_shards(job.n_train, job.cfg.index.shard_size, {})[0]
-    job._local = LocalShard(job.cfg, (model, task, data, compressors), job.index, plan)
+    replica = assembly.Replica(model, task, compressors)
+    job._local = LocalShard(job.cfg, replica, data, job.index, plan)
     return job, data
 
 
