@@ -13,7 +13,7 @@ from safetensors.torch import save as st_save
 
 from grass_dist.runtime.fisher import balanced_groups, build_fisher, layer_map
 from grass_dist.runtime.scoring import shard_groups
-from grass_dist.scoring.packing import pack_triangle, safetensors_bytes, unpack_triangle
+from grass_dist.scoring.packing import pack_triangle, safetensors_buffer, unpack_triangle
 from grass_dist.scoring.precondition import (
     FisherSum,
     LayerFactor,
@@ -231,6 +231,9 @@ def test_packed_triangles_round_trip_at_half_the_size(k):
         packed = pack_triangle(m, lower)
         assert packed.shape == (k * (k + 1) // 2,)
         assert torch.equal(unpack_triangle(packed, lower), triangle)
+        into = np.full(k * (k + 1) // 2, np.nan)
+        assert np.shares_memory(pack_triangle(m, lower, out=into).numpy(), into)
+        assert np.array_equal(into, packed.numpy())
     with pytest.raises(ValueError, match="damaged"):
         unpack_triangle(torch.zeros(k * (k + 1) // 2 + 1, dtype=torch.float64))
 
@@ -258,13 +261,18 @@ def test_symmetric_in_place_mirrors_the_upper_triangle_exactly(k, block):
     assert torch.signbit(m[-1, 0])
 
 
-def test_safetensors_bytes_is_a_safetensors_file_of_the_arrays():
+def test_safetensors_buffer_filled_is_a_safetensors_file_of_the_arrays():
     arrays = {
         "n": np.array([7], dtype=np.int64),
         "b.fisher": np.arange(6, dtype=np.float64) - 2.5,
         "a.cholesky": np.array([1.0, -0.0, 3e-300]),
     }
-    data = safetensors_bytes(arrays, {"grass_dist": "{}"})
+    buf, views = safetensors_buffer(
+        {n: (a.dtype, a.size) for n, a in arrays.items()}, {"grass_dist": "{}"}
+    )
+    for name, a in arrays.items():
+        views[name][...] = a
+    data = buf.tobytes()
     loaded = st_load(data)
     assert sorted(loaded) == sorted(arrays)
     for name, a in arrays.items():

@@ -269,7 +269,7 @@ class GradientIndex:
             yield rec, self.read(rec, layers, verify)
 
     # ---- artifacts (preconditioner/, results/) -----------------------------------------
-    def put_artifact(self, rel: str, data: bytes) -> None:
+    def put_artifact(self, rel: str, data: bytes | memoryview) -> None:
         """Write (overwrite) an artifact such as ``preconditioner/main.safetensors``."""
         if rel.strip("/") == INDEX_FILE or rel.lstrip("/").startswith(_RESERVED_DIRS):
             raise ValueError(f"{rel!r} is reserved for the index itself")

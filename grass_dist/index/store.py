@@ -266,7 +266,7 @@ class Store:
 
         return self._call(f"cannot read {rel!r}", get, passthrough=(FileNotFoundError,))
 
-    def write_bytes(self, rel: str, data: bytes) -> None:
+    def write_bytes(self, rel: str, data: bytes | memoryview) -> None:
         """Write (or overwrite) ``rel``; readers never observe a partially written object."""
         path = self._path(rel)
 
@@ -450,7 +450,7 @@ class Store:
 
     # ---- local helpers ---------------------------------------------------------------
     @staticmethod
-    def _local_temp(path: str, data: bytes) -> str:
+    def _local_temp(path: str, data: bytes | memoryview) -> str:
         directory = os.path.dirname(path)
         os.makedirs(directory, exist_ok=True)
         # Dot-prefixed so manifest listings (which match digit names only) ignore it.

@@ -139,7 +139,7 @@ class Reducer:
         delta = float(damping) if isinstance(damping, int | float) else None
         pre = build_fisher(self.index, self.parallelism, verify, delta, Executor(workers))
         self.faults.reducer("precondition")
-        self.index.put_artifact(preconditioner_path(name), pre.to_bytes())
+        self.index.put_artifact(preconditioner_path(name), pre.to_buffer())
         self.cached[name] = pre
         return {
             "rows": pre.n,

@@ -18,11 +18,16 @@ def _triangle_rows(k: int, lower: bool):
     return ((i, 0, i + 1) if lower else (i, i, k) for i in range(k))
 
 
-def pack_triangle(m: torch.Tensor, lower: bool = False) -> torch.Tensor:
-    """The upper (or lower) triangle of (k, k) `m`, diagonal included, row by row, 1-D."""
+def pack_triangle(
+    m: torch.Tensor, lower: bool = False, out: np.ndarray | None = None
+) -> torch.Tensor:
+    """The upper (or lower) triangle of (k, k) `m`, diagonal included, row by row, 1-D;
+    written into `out` (k (k + 1) / 2 entries, e.g. a view of a `safetensors_buffer`) when
+    given."""
     k = m.shape[0]
     rows = m.contiguous().numpy()
-    out = np.empty(k * (k + 1) // 2, dtype=rows.dtype)
+    if out is None:
+        out = np.empty(k * (k + 1) // 2, dtype=rows.dtype)
     at = 0
     for i, lo, hi in _triangle_rows(k, lower):
         out[at : at + hi - lo] = rows[i, lo:hi]
@@ -50,27 +55,41 @@ def unpack_triangle(packed: torch.Tensor, lower: bool = False) -> torch.Tensor:
 _SAFETENSORS_DTYPES = {"f8": "F64", "i8": "I64"}  # numpy dtype.str without its byte order
 
 
-def safetensors_bytes(arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
-    """A safetensors file of 1-D `arrays`, in the order given, and `metadata`.
+def safetensors_buffer(
+    layout: dict[str, tuple[np.dtype, int]], metadata: dict[str, str]
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A safetensors file of 1-D arrays of the given (dtype, size), in the order given, and
+    `metadata`, as one buffer to fill in place -> (the file's bytes (uint8), {name: the
+    writable little-endian view of that array's data in it}).
 
     The layout is safetensors' own (an 8-byte little-endian header length, the JSON header
-    padded with spaces to 8 bytes, then the data back to back), written here with one copy
-    of the data: `safetensors.torch.save` copies each tensor out and then again, about 0.7 s
-    of a k=4096 preconditioner's save. The header's keys are sorted, so the same arrays and
-    metadata are the same bytes in every process.
+    padded with spaces to 8 bytes, then the data back to back). Filling the views writes
+    the file: no per-array buffers joined afterwards, so a k=4096 preconditioner's save
+    holds one 268 MB copy of its triangles, not two. The header's keys are sorted, so the
+    same arrays and metadata are the same bytes in every process.
     """
-    data = {n: np.ascontiguousarray(a, a.dtype.newbyteorder("<")) for n, a in arrays.items()}
+    dtypes = {n: np.dtype(dt).newbyteorder("<") for n, (dt, _) in layout.items()}
     header: dict[str, Any] = {}
     at = 0
-    for name, a in data.items():
+    for name, (_, size) in layout.items():
+        nbytes = size * dtypes[name].itemsize
         header[name] = {
-            "dtype": _SAFETENSORS_DTYPES[a.dtype.str[1:]],
-            "shape": [a.size],
-            "data_offsets": [at, at + a.nbytes],
+            "dtype": _SAFETENSORS_DTYPES[dtypes[name].str[1:]],
+            "shape": [size],
+            "data_offsets": [at, at + nbytes],
         }
-        at += a.nbytes
+        at += nbytes
     header["__metadata__"] = metadata
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    chunks = [len(text).to_bytes(8, "little"), text]
-    return b"".join(chunks + [a.reshape(-1) for a in data.values()])
+    start = 8 + len(text)
+    # A bytearray, not np.empty: a file write of an np.empty buffer filled this way took
+    # 0.7 s for 268 MB on the benchmark machine, against 0.13 s from a bytearray.
+    buf = np.frombuffer(bytearray(start + at), np.uint8)
+    buf[:8] = np.frombuffer(len(text).to_bytes(8, "little"), np.uint8)
+    buf[8:start] = np.frombuffer(text, np.uint8)
+    views = {}
+    for name in layout:
+        lo, hi = header[name]["data_offsets"]
+        views[name] = buf[start + lo : start + hi].view(dtypes[name])
+    return buf, views

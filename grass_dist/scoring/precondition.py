@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from safetensors.torch import load as st_load
 
-from grass_dist.scoring.packing import pack_triangle, safetensors_bytes, unpack_triangle
+from grass_dist.scoring.packing import pack_triangle, safetensors_buffer, unpack_triangle
 
 FORMAT = "3"
 _READS = ("2", FORMAT)  # formats with H (format 1, eigenbasis only, is told by its keys)
@@ -209,8 +209,12 @@ def fisher_matrix(parts: Sequence[np.ndarray], n: int) -> torch.Tensor:
     added in that order."""
     if n == 0 or not parts:
         raise ValueError(EMPTY_INDEX)
-    total = np.array(parts[0], dtype=np.float64)  # a copy: the parts may be read-only
-    for part in parts[1:]:
+    # A new array (the parts may be read-only): the first sum, or a copy of a lone part.
+    if len(parts) == 1:
+        total = np.array(parts[0], dtype=np.float64)
+    else:
+        total = np.add(parts[0], parts[1], dtype=np.float64)
+    for part in parts[2:]:
         np.add(total, part, out=total)
     return symmetric_(torch.from_numpy(total)).div_(n)
 
@@ -336,21 +340,31 @@ class Preconditioner:
     def to_bytes(self) -> bytes:
         """Format 3 (see the module docstring): H per layer, and L at `delta` when
         factorised, each as its packed triangle."""
-        arrays = {"n": np.array([self.n], dtype=np.int64)}
+        return bytes(self.to_buffer())
+
+    def to_buffer(self) -> memoryview:
+        """`to_bytes` as a buffer, each triangle packed straight into its place in the
+        file (no copy of the file's bytes: what the reducer writes to the store)."""
+        stored = {}
         for name, f in self.layers.items():
             if f.fisher is None:
                 raise ValueError(
                     "a format-1 preconditioner (eigendecomposition only) cannot be saved "
                     "again; rebuild it with the precondition stage"
                 )
-            arrays[f"{name}.fisher"] = pack_triangle(f.fisher).numpy()
+            stored[f"{name}.fisher"] = (f.fisher, False)
             if self.delta is not None and self.delta in f.cholesky:
-                packed = pack_triangle(f.cholesky[self.delta], lower=True)
-                arrays[f"{name}.cholesky"] = packed.numpy()
+                stored[f"{name}.cholesky"] = (f.cholesky[self.delta], True)
+        layout = {"n": (np.int64, 1)}
+        layout.update({key: (np.float64, _packed_size(m)) for key, (m, _) in stored.items()})
         delta = "" if self.delta is None else repr(self.delta)
         meta = {"format": FORMAT, "layers": ",".join(self.layers), "delta": delta}
         # One metadata entry, so the same preconditioner is the same bytes wherever it is built.
-        return safetensors_bytes(arrays, {_META: json.dumps(meta, sort_keys=True)})
+        buf, views = safetensors_buffer(layout, {_META: json.dumps(meta, sort_keys=True)})
+        views["n"][0] = self.n
+        for key, (m, lower) in stored.items():
+            pack_triangle(m, lower, out=views[key])
+        return memoryview(buf)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Preconditioner:
@@ -376,6 +390,11 @@ class Preconditioner:
                 chol = None if chol is None else unpack_triangle(chol, lower=True)
             layers[name] = LayerFactor(fisher, None, {} if chol is None else {delta: chol})
         return cls(layers, n, delta)
+
+
+def _packed_size(m: torch.Tensor) -> int:
+    k = m.shape[0]
+    return k * (k + 1) // 2
 
 
 def _metadata(data: bytes) -> dict[str, str]:
