@@ -182,3 +182,51 @@ def test_topk_table_lists_each_kind_query_and_rank_with_keys():
     assert table["train_key"].tolist() == ["k4", "k1", "k0", "k2", "k2", "k2"]
     assert table["score"].tolist() == [3.0, 2.0, -1.0, 0.0, 1.0, 1.0]
     assert table["score.a"].tolist() == [1.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("kept", [None, 150])
+def test_scorer_returns_the_keys_of_the_rows_it_ranks_without_rereading_its_shards(
+    setup, monkeypatch, kept
+):
+    # Keys kept as the shards are read; ranked rows past the kept ones are read back from
+    # the shards, and only then. At 150 kept, the first two 70-row shards' keys are kept.
+    from grass_dist.runtime import scoring
+
+    index, *_, query, pre = setup
+    records = sorted(index.committed().values(), key=lambda r: r.start)
+    reads = []
+    keys_of = scoring.keys_of
+    monkeypatch.setattr(scoring, "keys_of", lambda *a: reads.append(a[2]) or keys_of(*a))
+    if kept is not None:
+        monkeypatch.setattr(scoring, "_KEPT_KEYS", kept)
+    partial, _ = score_records(
+        index, records, prepare_queries(query, "grad_dot"), ScoreOptions(topk=7, tile_rows=64)
+    )
+    ranked = np.unique(
+        np.concatenate(
+            [decode(k)[1].numpy().ravel() for k in (partial.proponents, partial.opponents)]
+        )
+    )
+    rows, keys = partial.train_keys
+    assert np.array_equal(rows, ranked) and len(ranked) > 7
+    assert keys.to_pylist() == [f"row-{r}" for r in ranked]
+    if kept is None:
+        assert reads == []
+    else:
+        assert len(reads) == 1 and np.array_equal(reads[0], ranked[ranked >= 140])
+
+
+def test_merged_partials_keep_the_keys_of_the_merged_ranking_only(setup):
+    index, *_, query, pre = setup
+    records = sorted(index.committed().values(), key=lambda r: r.start)
+    prepared = prepare_queries(query, "grad_dot")
+    opts = ScoreOptions(topk=5, tile_rows=64)
+    whole, _ = score_records(index, records, prepared, opts)
+    a, _ = score_records(index, records[::2], prepared, opts)
+    b, _ = score_records(index, records[1::2], prepared, opts)
+    merged = a.merge(b)
+    assert torch.equal(merged.proponents, whole.proponents)
+    assert torch.equal(merged.opponents, whole.opponents)
+    assert np.array_equal(merged.train_keys[0], whole.train_keys[0])
+    assert merged.train_keys[1].equals(whole.train_keys[1])
+    assert len(merged.train_keys[0]) < len(a.train_keys[0]) + len(b.train_keys[0])

@@ -34,7 +34,6 @@ from grass_dist.runtime.scoring import (
     ScoreOptions,
     fan_out,
     fan_out_breakdown,
-    fan_out_keys,
 )
 from grass_dist.scoring import results
 from grass_dist.scoring.precondition import Preconditioner
@@ -218,10 +217,8 @@ class Reducer:
                 )
                 for name, (_, rows) in ranked.items()
             }
-        # Keys only for the ranked rows (at most 2 k per query), read back from the shards.
-        all_ranked = np.concatenate([rows.reshape(-1) for _, rows in ranked.values()])
-        train_keys = fan_out_keys(self.index, records, all_ranked, opts, parallelism, ex)
-        tables = results.topk_tables(query.row_ids, query.keys, ranked, train_keys, terms)
+        # The ranked rows' keys came with the partials, from the scorers' reads.
+        tables = results.topk_tables(query.row_ids, query.keys, ranked, merged.train_keys, terms)
         files: dict[str, Any] = {
             "topk": results.write_tables(self.index, run_dir, "topk.parquet", tables)
         }

@@ -2,11 +2,13 @@
 
 Each Ray task takes one group of shards, streams them tile by tile through a TileScorer,
 writes each shard's per-row outputs (dense tiles, self-influence) as result parts as it
-goes, and returns only its partial top-k and the part paths: nothing it holds or returns
-grows with the number of train rows beyond one shard. The train keys of the final top-k
-rows are looked up from the shards afterwards (`fan_out_keys`). The prepared queries go
-through the object store once and every task reads the same copy. Partials are merged in
-submission order, so the answer never depends on which task finished first.
+goes, and returns only its partial top-k, the train keys of the rows it ranks, and the part
+paths. The keys come from the shards as they are scored: a task keeps the keys of up to
+`_KEPT_KEYS` rows it read (about 20 MB of strings), and reads back only those of ranked
+rows beyond them, so no shard is read twice for its keys in all but the largest groups.
+The prepared queries go through the object store once and every task reads the same copy.
+Partials are merged in submission order, so the answer never depends on which task
+finished first.
 
 A task scores consecutive small shards of its group together, as one block of up to
 `_BLOCK_ROWS` rows (at most one tile): the self-influence GEMM streams each layer's k x k
@@ -37,13 +39,16 @@ from grass_dist.scoring.score import (
     QuerySide,
     ScorePartial,
     TileScorer,
+    TrainKeys,
     concat,
+    join_keys,
     layer_scores,
     score_stream,
 )
 
 _PAIR_CHUNK = 1 << 16  # pairs gathered at once for the per-layer breakdown
 _BLOCK_ROWS = 1024  # rows of consecutive shards scored as one block (see the module doc)
+_KEPT_KEYS = 1 << 18  # train keys a scorer keeps as it reads, for the rows it will rank
 
 
 @dataclass(frozen=True)
@@ -120,7 +125,8 @@ def score_records(
     fault: KillOnce | None = None,
     diag_dir: str | None = None,
 ) -> tuple[ScorePartial, dict[str, list[str]]]:
-    """Score every row of `records` in this process -> (partial, parts).
+    """Score every row of `records` in this process -> (partial, parts); the partial
+    carries the train keys of the rows it ranks (`ScorePartial.train_keys`).
 
     parts: {"dense": dense part paths (under dense_dir), "self_influence": one part per
     shard (under diag_dir, written when whiteners are given)}. A dense part holds one
@@ -130,11 +136,14 @@ def score_records(
     files: list[str] = []
     diag_files: list[str] = []
     spans: list[ShardSpan] = []  # the shards of the block being scored
+    seen: dict[int, str] = {}  # train keys of the rows read, up to _KEPT_KEYS
 
     def blocks() -> Iterator[Block]:
         for batch in block_batches(records, min(opts.tile_rows, _BLOCK_ROWS)):
             block, block_spans = read_block(index, batch, layers, opts.verify)
             spans[:] = block_spans
+            if len(seen) + len(block.rows) <= _KEPT_KEYS:
+                seen.update(zip(block.rows.tolist(), block.keys, strict=True))
             yield block
             if fault is not None:
                 fault.reached("after_shard")
@@ -184,7 +193,23 @@ def score_records(
         dense_sink=sink if dense_dir else None,
         diag_sink=diag_sink if diag_dir else None,
     )
+    partial.train_keys = _ranked_keys(index, records, partial.rows(), seen, opts.verify)
     return partial, {"dense": files, "self_influence": diag_files}
+
+
+def _ranked_keys(
+    index: GradientIndex,
+    records: list[ShardRecord],
+    rows: np.ndarray,
+    seen: dict[int, str],
+    verify: bool,
+) -> TrainKeys:
+    """Keys of `rows` (sorted, unique): those `seen`, the rest read back from `records`."""
+    kept = np.fromiter((r in seen for r in rows.tolist()), bool, len(rows))
+    keys = rows[kept], pa.array([seen[r] for r in rows[kept].tolist()], pa.string())
+    if kept.all():
+        return keys
+    return join_keys(keys, keys_of(index, records, rows[~kept], verify))
 
 
 def _executor(opts: ScoreOptions, ex: Executor | None) -> Executor:
@@ -205,10 +230,13 @@ def fan_out(
     ex: Executor | None = None,
 ) -> tuple[ScorePartial, dict[str, list[str]]]:
     """Score `records` with up to `parallelism` calls of `ex` (default: Ray tasks) ->
-    (merged partial, parts), with parts as in `score_records`, gathered over the calls."""
+    (merged partial, with the train keys of the rows it ranks; parts, as in
+    `score_records`, gathered over the calls)."""
     files: dict[str, list[str]] = {"dense": [], "self_influence": []}
     if not records:
-        return TileScorer(query, opts.topk, opts.tile_rows, whiteners).finish(), files
+        empty = TileScorer(query, opts.topk, opts.tile_rows, whiteners).finish()
+        empty.train_keys = np.zeros(0, np.int64), pa.array([], pa.string())
+        return empty, files
     ex = _executor(opts, ex)
     q_ref, w_ref = ray.put(query), ray.put(whiteners)  # shared once, not per call
     refs = [
@@ -263,35 +291,6 @@ def keys_of(
     rows_out = np.concatenate(out_rows)
     order = np.argsort(rows_out, kind="stable")
     keys = pa.concat_arrays(out_keys).take(pa.array(order))
-    return rows_out[order], keys
-
-
-def fan_out_keys(
-    index: GradientIndex,
-    records: list[ShardRecord],
-    rows: np.ndarray,
-    opts: ScoreOptions,
-    parallelism: int,
-    ex: Executor | None = None,
-) -> tuple[np.ndarray, pa.Array]:
-    """`keys_of` over up to `parallelism` calls of `ex` (each a group of the shards
-    needed; default: Ray tasks)."""
-    wanted = np.unique(rows[rows >= 0])
-    needed = [
-        r for r in records if np.searchsorted(wanted, r.start) < np.searchsorted(wanted, r.end)
-    ]
-    if not needed:
-        return keys_of(index, [], wanted)
-    ex = _executor(opts, ex)
-    w_ref = ray.put(wanted)
-    refs = [
-        ex.submit(i, keys_of, index, group, w_ref, opts.verify, cpus=opts.cpus_per_task)
-        for i, group in enumerate(shard_groups(needed, parallelism))
-    ]
-    parts = ex.get(refs)
-    rows_out = np.concatenate([r for r, _ in parts])
-    order = np.argsort(rows_out, kind="stable")
-    keys = pa.concat_arrays([k for _, k in parts]).take(pa.array(order))
     return rows_out[order], keys
 
 

@@ -22,10 +22,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from grass_dist.scoring.precondition import Preconditioner
-from grass_dist.scoring.topk import MAX_ROW, TopKPair, merge_keys, query_block
+from grass_dist.scoring.topk import MAX_ROW, TopKPair, decode, merge_keys, query_block
 
 log = logging.getLogger(__name__)
 
@@ -103,22 +104,48 @@ def prepare_queries(
     return QuerySide(matrix, layer_slices(phi), kind)
 
 
+TrainKeys = tuple[np.ndarray, pa.Array]  # (sorted unique train rows (n,) int64, their keys)
+
+
+def join_keys(a: TrainKeys, b: TrainKeys) -> TrainKeys:
+    """The keys of both, rows sorted and unique."""
+    rows = np.concatenate([a[0], b[0]])
+    rows, first = np.unique(rows, return_index=True)
+    return rows, pa.concat_arrays([a[1], b[1]]).take(pa.array(first))
+
+
+def keys_of_rows(keys: TrainKeys, rows: np.ndarray) -> TrainKeys:
+    """`keys` restricted to `rows` (sorted, unique, each among `keys`' rows)."""
+    return rows, keys[1].take(pa.array(np.searchsorted(keys[0], rows)))
+
+
 @dataclass
 class ScorePartial:
     """What scoring a set of train rows yields: proponents / opponents, (Q, k) int64 keys
-    (see grass_dist.scoring.topk). Per-row outputs (self-influence, norms, train keys) are
-    not kept here: they go to a sink block by block, so a scorer's memory does not grow with
-    the number of rows it scores."""
+    (see grass_dist.scoring.topk), and the train keys of the rows they rank when the scorer
+    kept them (`runtime.scoring.score_records` does). Other per-row outputs
+    (self-influence, norms) are not kept here: they go to a sink block by block, so a
+    scorer's memory does not grow with the number of rows it scores."""
 
     proponents: torch.Tensor
     opponents: torch.Tensor
+    train_keys: TrainKeys | None = None
+
+    def rows(self) -> np.ndarray:
+        """The train rows it ranks, sorted and unique."""
+        both = torch.cat([decode(k)[1].reshape(-1) for k in (self.proponents, self.opponents)])
+        return np.unique(both[both >= 0].numpy())
 
     def merge(self, other: ScorePartial) -> ScorePartial:
         k = self.proponents.shape[1]
-        return ScorePartial(
+        merged = ScorePartial(
             merge_keys(self.proponents, other.proponents, k),
             merge_keys(self.opponents, other.opponents, k),
         )
+        if self.train_keys is not None and other.train_keys is not None:
+            both = join_keys(self.train_keys, other.train_keys)
+            merged.train_keys = keys_of_rows(both, merged.rows())  # the ranked rows' only
+        return merged
 
 
 @dataclass

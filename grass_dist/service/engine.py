@@ -37,7 +37,7 @@ from grass_dist.errors import (
 from grass_dist.gradients.computer import GradientComputer
 from grass_dist.index import GradientIndex
 from grass_dist.runtime.reducer import preconditioner_path
-from grass_dist.runtime.scoring import ScoreOptions, fan_out, keys_of, score_records
+from grass_dist.runtime.scoring import ScoreOptions, fan_out, score_records
 from grass_dist.scoring import results
 from grass_dist.scoring.precondition import Preconditioner
 from grass_dist.scoring.score import (
@@ -222,7 +222,7 @@ class QueryEngine:
             ("opponents", partial.opponents, -1),
         ):
             values, rows = (x.numpy() for x in decode(keys, sign))
-            names = self._keys(rows[rows >= 0])
+            names = self._keys(rows[rows >= 0], partial)
             it = iter(names)
             for q in range(n):
                 keep = rows[q] >= 0
@@ -232,9 +232,9 @@ class QueryEngine:
                 ]
         return out
 
-    def _keys(self, rows: np.ndarray) -> list[str]:
-        if self.cache is not None:
+    def _keys(self, rows: np.ndarray, partial: ScorePartial) -> list[str]:
+        if partial.train_keys is None:  # scored from the cache, which holds every key
             return self.cache.key_of(rows)
-        # Only the answered rows' keys, read from the shards that hold them.
-        key_rows, keys = keys_of(self.index, self.records, rows, self.job.index.verify)
+        # The answered rows' keys, which the scorers kept as they read the shards.
+        key_rows, keys = partial.train_keys
         return keys.take(pa.array(np.searchsorted(key_rows, rows))).to_pylist()
