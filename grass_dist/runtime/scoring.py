@@ -4,7 +4,7 @@ Each Ray task takes one group of shards, streams them tile by tile through a Til
 writes each shard's per-row outputs (dense tiles, self-influence) as result parts as it
 goes, and returns only its partial top-k, the train keys of the rows it ranks, and the part
 paths. The keys come from the shards as they are scored: a task keeps the keys of up to
-`_KEPT_KEYS` rows it read (about 20 MB of strings), and reads back only those of ranked
+`_KEPT_KEYS` rows it read (about 35 MB with their strings), and reads back only those of ranked
 rows beyond them, so no shard is read twice for its keys in all but the largest groups.
 The prepared queries go through the object store once and every task reads the same copy.
 Partials are merged in submission order, so the answer never depends on which task
