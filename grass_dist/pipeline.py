@@ -74,11 +74,11 @@ def run_index(
     """Compute and commit every shard not yet committed (at most `max_shards` of them).
 
     With `precondition_next` (the job builds the preconditioner after the index) the
-    reducer starts once the first shard is committed: its process starts (imports torch,
-    opens the index) while the index builds, instead of after it, when the workers would
-    wait for it. Where the workers leave CPUs idle its map tasks' processes start on them
-    too; where they hold every CPU they are lent to the reducer's stages instead
-    (`on_workers`).
+    reducer starts once the job's first shard is committed (at the stage's start when the
+    driver already committed its own): its process starts (imports torch, opens the index)
+    while the index builds, instead of after it, when the workers would wait for it. Where
+    the workers leave CPUs idle its map tasks' processes start on them too; where they hold
+    every CPU they are lent to the reducer's stages instead (`on_workers`).
     """
     local, job._local = job._local, None
     committed = job.index.committed()
@@ -108,14 +108,17 @@ def run_index(
         driver = DriverShard(job, local)
         reducer_early = precondition_next
 
-        def commit(batch: list[tuple[ShardPlan, ShardResult]]) -> None:
+        def start_reducer() -> None:
             nonlocal reducer_early
+            if reducer_early and job.first_shard_s is not None:  # its start delays no shard
+                reducer_early = False
+                _reducer(job).start("started early, to be ready when the index is")
+
+        def commit(batch: list[tuple[ShardPlan, ShardResult]]) -> None:
             version = job.index.commit([res.record for _, res in batch])
             if job.first_shard_s is None:
                 job.first_shard_committed()
-            if reducer_early:  # after the workers' first shard: its start-up delays none
-                reducer_early = False
-                _reducer(job).start("started early, to be ready when the index is")
+            start_reducer()
             done = ", ".join(f"{p.shard_id} (worker {r.worker_id})" for p, r in batch)
             log.debug("committed %s in manifest version %d", done, version)
             job.progress.shards_done(
@@ -125,6 +128,7 @@ def run_index(
 
         def on_tick() -> None:
             driver.account()
+            start_reducer()
             job.progress.tick()
 
         def index(todo: list[ShardPlan]) -> None:
@@ -139,6 +143,7 @@ def run_index(
                 on_tick=on_tick,
             )
 
+        start_reducer()  # now if the driver's shard is already committed
         index(driver.others(plans))
         index(driver.returned())  # the driver's shard, when it gave it back late
     return {

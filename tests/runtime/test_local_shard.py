@@ -77,6 +77,30 @@ def test_the_drivers_shard_is_a_workers_shard_bit_for_bit(
     assert ix["rows_done"] == ix["rows_todo"] == 90
 
 
+def test_with_the_drivers_shard_committed_the_reducer_starts_with_the_index_stage(
+    ray_session, tmp_path, monkeypatch
+):
+    # The job's first shard is in: the reducer's process starts before any worker commits,
+    # to be ready when the precondition stage starts.
+    monkeypatch.setattr(local_shard, "BUDGET_S", float("inf"))
+    job = pipeline.prepare_started(compose_cfg(tmp_path, f"store.url={tmp_path / 'r'}"))
+    assert job._local is not None and job._local.result() is not None
+    committed_then = []
+    start = pipeline.ReducerHandle.start
+    monkeypatch.setattr(
+        pipeline.ReducerHandle,
+        "start",
+        lambda self, why: committed_then.append(len(job.index.committed())) or start(self, why),
+    )
+    try:
+        summary = pipeline.run_index(job, precondition_next=True)
+        assert job._reducer is not None and job._reducer.started == 1
+    finally:
+        pipeline.shutdown(job)
+    assert summary["driver_shards"] == 1 and summary["computed_shards"] == 3
+    assert committed_then == [1]  # the driver's shard only
+
+
 class _Gated:
     """A dataset whose reads wait for `go`, or fail with `error`."""
 
