@@ -61,11 +61,8 @@ def factor_layers(
     out = {}
     for j, name in enumerate(names):
         layer = out[name] = LayerFactor(fisher_matrix(parts[j * per : (j + 1) * per], n))
-        if delta is not None:
-            # Row-major here, in parallel: LAPACK's column-major factor would be transposed
-            # when the reducer packs it for the store.
-            factor = cholesky_factor(layer.fisher.to(device), delta)
-            layer.cholesky[delta] = factor.cpu().contiguous()
+        if delta is not None:  # row-major (see cholesky_factor), as the store packs it
+            layer.cholesky[delta] = cholesky_factor(layer.fisher.to(device), delta).cpu()
     return out
 
 

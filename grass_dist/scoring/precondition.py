@@ -152,7 +152,9 @@ def cholesky_factor(h: torch.Tensor, delta: float) -> torch.Tensor:
     floor = h.shape[0] * torch.finfo(h.dtype).eps * float(h.diagonal().abs().max())
     if lam == 0 and float(factor.diagonal().min()) ** 2 <= floor:
         raise ValueError(_SINGULAR)
-    return factor
+    # Row-major, as a loaded factor is (LAPACK's is column-major): `inverse_apply` then reads
+    # every factor in one layout, computed here or loaded, and gives the same bits.
+    return factor.contiguous()
 
 
 def eigen_factor(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,7 +276,11 @@ class LayerFactor:
     def inverse_apply(self, q: torch.Tensor, delta: float) -> torch.Tensor:
         """(Q, k) -> q (H + lambda I)^-1, float64."""
         if self.eigen is None:
-            return torch.cholesky_solve(q.double().T, self.factor(delta)).T
+            # Two triangular solves on the row-major factor: cholesky_solve would copy it to
+            # column-major first, 4x the solves' own time at k=4096 with 20 queries.
+            factor = self.factor(delta)
+            y = torch.linalg.solve_triangular(factor, q.double().T, upper=False)
+            return torch.linalg.solve_triangular(factor.mT, y, upper=True).T
         e, u = self.eigen
         inv = 1.0 / (e + self.damping(delta))
         if not torch.isfinite(inv).all():
