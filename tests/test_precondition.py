@@ -13,7 +13,12 @@ from safetensors.torch import save as st_save
 
 from grass_dist.runtime.fisher import balanced_groups, build_fisher, layer_map
 from grass_dist.runtime.scoring import shard_groups
-from grass_dist.scoring.packing import pack_triangle, safetensors_buffer, unpack_triangle
+from grass_dist.scoring.packing import (
+    pack_triangle,
+    safetensors_buffer,
+    symmetric_,
+    unpack_triangle,
+)
 from grass_dist.scoring.precondition import (
     FisherSum,
     LayerFactor,
@@ -23,7 +28,6 @@ from grass_dist.scoring.precondition import (
     eigen_factor,
     gram,
     serial_map,
-    symmetric_,
 )
 from tests.synthetic import write_index
 

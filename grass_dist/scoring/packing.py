@@ -1,6 +1,6 @@
-"""The preconditioner file's layout: triangles packed row by row, and safetensors bytes
-written with one copy of their data (the format itself is described in
-`grass_dist.scoring.precondition`).
+"""The preconditioner's triangles: symmetric matrices mirrored from one triangle, and the
+file's layout, triangles packed row by row into one safetensors buffer (the format itself
+is described in `grass_dist.scoring.precondition`).
 """
 
 from __future__ import annotations
@@ -11,6 +11,36 @@ from typing import Any
 
 import numpy as np
 import torch
+
+
+def mirror_upper(s: np.ndarray) -> np.ndarray:
+    """The symmetric matrix whose entries on and above the diagonal are those of `s`."""
+    return symmetric(torch.from_numpy(s)).numpy()
+
+
+def symmetric(upper: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose entries on and above the diagonal are those of `upper`."""
+    return symmetric_(upper.clone())
+
+
+def symmetric_(m: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """`m` made symmetric in place: each entry below the diagonal becomes its mirror image
+    above it (copied, not computed); returns `m`. A block of rows at a time, so each
+    transposed read stays in cache: a quarter of the time of adding the two triangles at
+    k=4096, and no (k, k) temporaries."""
+    k = m.shape[0]
+    for lo in range(0, k, block):
+        hi = min(lo + block, k)
+        m[lo:hi, :lo].copy_(m[:lo, lo:hi].mT)
+        diag = m[lo:hi, lo:hi]
+        rows, cols = torch.tril_indices(hi - lo, hi - lo, -1, device=m.device)
+        diag[rows, cols] = diag[cols, rows]
+    return m
+
+
+def packed_size(k: int) -> int:
+    """Entries of a packed (k, k) triangle, diagonal included."""
+    return k * (k + 1) // 2
 
 
 def _triangle_rows(k: int, lower: bool):
@@ -27,7 +57,7 @@ def pack_triangle(
     k = m.shape[0]
     rows = m.contiguous().numpy()
     if out is None:
-        out = np.empty(k * (k + 1) // 2, dtype=rows.dtype)
+        out = np.empty(packed_size(k), dtype=rows.dtype)
     at = 0
     for i, lo, hi in _triangle_rows(k, lower):
         out[at : at + hi - lo] = rows[i, lo:hi]

@@ -36,7 +36,14 @@ import numpy as np
 import torch
 from safetensors.torch import load as st_load
 
-from grass_dist.scoring.packing import pack_triangle, safetensors_buffer, unpack_triangle
+from grass_dist.scoring.packing import (
+    mirror_upper,
+    pack_triangle,
+    packed_size,
+    safetensors_buffer,
+    symmetric_,
+    unpack_triangle,
+)
 
 FORMAT = "3"
 _READS = ("2", FORMAT)  # formats with H (format 1, eigenbasis only, is told by its keys)
@@ -104,31 +111,6 @@ class RunningGram:
         for a in range(0, block.shape[1], _GRAM_COLS):
             self.total[a : a + _GRAM_COLS, a:] += block[:, a : a + _GRAM_COLS].T @ block[:, a:]
         self._fill = 0
-
-
-def mirror_upper(s: np.ndarray) -> np.ndarray:
-    """The symmetric matrix whose entries on and above the diagonal are those of `s`."""
-    return symmetric(torch.from_numpy(s)).numpy()
-
-
-def symmetric(upper: torch.Tensor) -> torch.Tensor:
-    """The symmetric matrix whose entries on and above the diagonal are those of `upper`."""
-    return symmetric_(upper.clone())
-
-
-def symmetric_(m: torch.Tensor, block: int = 256) -> torch.Tensor:
-    """`m` made symmetric in place: each entry below the diagonal becomes its mirror image
-    above it (copied, not computed); returns `m`. A block of rows at a time, so each
-    transposed read stays in cache: a quarter of the time of adding the two triangles at
-    k=4096, and no (k, k) temporaries."""
-    k = m.shape[0]
-    for lo in range(0, k, block):
-        hi = min(lo + block, k)
-        m[lo:hi, :lo].copy_(m[:lo, lo:hi].mT)
-        diag = m[lo:hi, lo:hi]
-        rows, cols = torch.tril_indices(hi - lo, hi - lo, -1, device=m.device)
-        diag[rows, cols] = diag[cols, rows]
-    return m
 
 
 def relative_damping(h: torch.Tensor, delta: float) -> float:
@@ -362,7 +344,9 @@ class Preconditioner:
             if self.delta is not None and self.delta in f.cholesky:
                 stored[f"{name}.cholesky"] = (f.cholesky[self.delta], True)
         layout = {"n": (np.int64, 1)}
-        layout.update({key: (np.float64, _packed_size(m)) for key, (m, _) in stored.items()})
+        layout.update(
+            {key: (np.float64, packed_size(m.shape[0])) for key, (m, _) in stored.items()}
+        )
         delta = "" if self.delta is None else repr(self.delta)
         meta = {"format": FORMAT, "layers": ",".join(self.layers), "delta": delta}
         # One metadata entry, so the same preconditioner is the same bytes wherever it is built.
@@ -396,11 +380,6 @@ class Preconditioner:
                 chol = None if chol is None else unpack_triangle(chol, lower=True)
             layers[name] = LayerFactor(fisher, None, {} if chol is None else {delta: chol})
         return cls(layers, n, delta)
-
-
-def _packed_size(m: torch.Tensor) -> int:
-    k = m.shape[0]
-    return k * (k + 1) // 2
 
 
 def _metadata(data: bytes) -> dict[str, str]:
