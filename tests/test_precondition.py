@@ -29,7 +29,6 @@ from grass_dist.scoring.precondition import (
     gram,
     serial_map,
 )
-from grass_dist.scoring.score import whiteners_for
 from tests.synthetic import write_index
 
 LAYERS = {"a": 12, "b": 7}
@@ -221,33 +220,6 @@ def test_parallel_layer_factorisations_equal_the_serial_ones(ray_session):
         assert torch.equal(eig[name][0], e) and torch.equal(eig[name][1], u)
     with pytest.raises(ValueError, match="singular"):
         run(lambda h: cholesky_factor(h, 0.0), {"low": torch.zeros(4, 4, dtype=torch.float64)})
-
-
-class _RecordedLayerMap:
-    """`layer_map(2)` (Ray tasks), recording the layers of each use."""
-
-    def __init__(self):
-        self.calls, self.run = [], layer_map(2)
-
-    def __call__(self, fn, tensors):
-        self.calls.append(sorted(tensors))
-        return self.run(fn, tensors)
-
-
-def test_parallel_whiteners_equal_the_serial_ones(ray_session, train):
-    # Cholesky layers are inverted in the layer map's calls; eigendecomposed ones are scaled
-    # in the caller.
-    for pre, mapped in (
-        (Preconditioner.from_fisher(exact_fisher(train)).factorise(0.1), ["a", "b"]),
-        (Preconditioner.from_fisher(exact_fisher(train)).eigendecompose(), []),
-    ):
-        serial = whiteners_for(pre, list(LAYERS), 0.1)
-        on_ray = _RecordedLayerMap()
-        parallel = whiteners_for(pre, list(LAYERS), 0.1, on_ray)
-        assert on_ray.calls == [mapped] and list(parallel) == list(LAYERS)
-        for name in LAYERS:
-            assert parallel[name].dtype == torch.float32
-            assert torch.equal(parallel[name], serial[name])
 
 
 def test_accumulated_fisher_is_the_gram_of_all_rows_however_split():

@@ -195,11 +195,7 @@ class Reducer:
         )
         if parallelism is None:
             parallelism = max(1, int(ray.cluster_resources().get("CPU", 1) // req.cpus_per_task))
-        whiteners = (
-            whiteners_for(pre, layers, damping, layer_map(self.parallelism, ex))
-            if self_influence
-            else None
-        )
+        whiteners = whiteners_for(pre, layers, damping) if self_influence else None
         merged, parts = fan_out(
             self.index, records, prepared, opts, parallelism, whiteners,
             run_dir if dense else None, fault, run_dir if self_influence else None, ex,

@@ -139,12 +139,6 @@ def cholesky_factor(h: torch.Tensor, delta: float) -> torch.Tensor:
     return factor.contiguous()
 
 
-def factor_whitener(factor: torch.Tensor) -> torch.Tensor:
-    """W = L^-T (k, k) of a lower Cholesky factor L: W W^T = (L L^T)^-1."""
-    eye = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
-    return torch.linalg.solve_triangular(factor, eye, upper=False).mT
-
-
 def eigen_factor(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(e ascending, clipped at 0; U columns) with H = U diag(e) U^T."""
     e, u = torch.linalg.eigh(h)
@@ -278,7 +272,9 @@ class LayerFactor:
     def whitener(self, delta: float) -> torch.Tensor:
         """W (k, k) with W W^T = (H + lambda I)^-1, so tau(i, i) = ||phi_i W||^2."""
         if self.eigen is None:
-            return factor_whitener(self.factor(delta))
+            factor = self.factor(delta)
+            eye = torch.eye(self.k, dtype=factor.dtype)
+            return torch.linalg.solve_triangular(factor, eye, upper=False).T  # L^-T
         e, u = self.eigen
         return u * (1.0 / (e + self.damping(delta))).sqrt()
 

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from grass_dist.scoring.precondition import LayerMap, Preconditioner, factor_whitener, serial_map
+from grass_dist.scoring.precondition import Preconditioner
 from grass_dist.scoring.topk import MAX_ROW, TopKPair, decode, merge_keys, query_block
 
 log = logging.getLogger(__name__)
@@ -294,28 +294,10 @@ def score_stream(
 
 
 def whiteners_for(
-    preconditioner: Preconditioner,
-    layers: list[str],
-    damping: float,
-    layer_map: LayerMap = serial_map,
+    preconditioner: Preconditioner, layers: list[str], damping: float
 ) -> dict[str, torch.Tensor]:
-    """Per-layer float32 W_l with W W^T = (H_l + lambda_l I)^-1 (for self-influence).
-
-    A layer with a Cholesky factor is inverted through `layer_map` (`runtime.fisher`'s
-    runs the layers in parallel calls: about k^3 flops each, 2 s at k=4096 on one core);
-    one with an eigendecomposition is scaled here.
-    """
-    layer_of = preconditioner.layers
-    factors = {n: layer_of[n].factor(damping) for n in layers if layer_of[n].eigen is None}
-    out = dict(layer_map(_float_whitener, factors))
-    for n in layers:
-        if n not in out:  # an eigendecomposition
-            out[n] = layer_of[n].whitener(damping).float()
-    return {n: out[n] for n in layers}
-
-
-def _float_whitener(factor: torch.Tensor) -> torch.Tensor:
-    return factor_whitener(factor).float()
+    """Per-layer float32 W_l with W W^T = (H_l + lambda_l I)^-1 (for self-influence)."""
+    return {n: preconditioner.layers[n].whitener(damping).float() for n in layers}
 
 
 def layer_scores(query: QuerySide, q_index: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
