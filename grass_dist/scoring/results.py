@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from grass_dist.errors import ResultsNotFoundError, StoreUnavailableError
 from grass_dist.index import GradientIndex
+from grass_dist.scoring.score import key_positions
 
 log = logging.getLogger(__name__)
 
@@ -178,17 +179,6 @@ def load_dense(index: GradientIndex, name: str) -> np.ndarray:
     return table["scores"].combine_chunks().flatten().to_numpy().reshape(-1, n_query)
 
 
-def _key_index(key_rows: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Positions of `rows` in the sorted `key_rows` (which must contain every one of them)."""
-    n = len(key_rows)
-    if n and key_rows[0] == 0 and key_rows[-1] == n - 1:  # sorted + unique -> 0..n-1
-        return rows
-    pos = np.searchsorted(key_rows, rows).clip(0, max(n - 1, 0))
-    if n == 0 or not np.array_equal(key_rows[pos], rows):
-        raise ValueError("train_keys does not cover every ranked train row")
-    return pos
-
-
 def topk_tables(
     query_rows: np.ndarray,
     query_keys: list[str],
@@ -233,7 +223,7 @@ def topk_tables(
             "kind": kinds.take(pa.array(kind)),
             "train_row": pa.array(picked),
             "score": pa.array(scores.astype(np.float64)),
-            "train_key": key_values.take(pa.array(_key_index(key_rows, picked))),
+            "train_key": key_values.take(pa.array(key_positions(key_rows, picked))),
         }
         for layer in layers:
             terms = stack(a, [breakdown[kd][layer] for kd in ranked])[q, kind, rank]

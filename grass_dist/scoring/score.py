@@ -114,9 +114,20 @@ def join_keys(a: TrainKeys, b: TrainKeys) -> TrainKeys:
     return rows, pa.concat_arrays([a[1], b[1]]).take(pa.array(first))
 
 
+def key_positions(key_rows: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Positions of `rows` in the sorted `key_rows` (which must contain every one of them)."""
+    n = len(key_rows)
+    if len(rows) == 0 or (n and key_rows[0] == 0 and key_rows[-1] == n - 1):
+        return rows  # none wanted, or sorted + unique rows 0..n-1: each at its own position
+    pos = np.searchsorted(key_rows, rows).clip(0, max(n - 1, 0))
+    if n == 0 or not np.array_equal(key_rows[pos], rows):
+        raise ValueError("train_keys does not cover every ranked train row")
+    return pos
+
+
 def keys_of_rows(keys: TrainKeys, rows: np.ndarray) -> TrainKeys:
-    """`keys` restricted to `rows` (sorted, unique, each among `keys`' rows)."""
-    return rows, keys[1].take(pa.array(np.searchsorted(keys[0], rows)))
+    """`keys` of `rows` (each among `keys`' rows; in any order, repeats allowed)."""
+    return rows, keys[1].take(pa.array(key_positions(keys[0], rows)))
 
 
 @dataclass

@@ -45,6 +45,7 @@ from grass_dist.scoring.score import (
     Block,
     ScorePartial,
     concat,
+    keys_of_rows,
     prepare_queries,
     row_norms,
     score_stream,
@@ -123,7 +124,7 @@ class TrainCache:
         return cls(np.concatenate(rows)[order], keys, phi, row_norms(phi))
 
     def key_of(self, rows: np.ndarray) -> list[str]:
-        return self.keys.take(pa.array(np.searchsorted(self.rows, rows))).to_pylist()
+        return keys_of_rows((self.rows, self.keys), rows)[1].to_pylist()
 
 
 class QueryEngine:
@@ -236,5 +237,4 @@ class QueryEngine:
         if partial.train_keys is None:  # scored from the cache, which holds every key
             return self.cache.key_of(rows)
         # The answered rows' keys, which the scorers kept as they read the shards.
-        key_rows, keys = partial.train_keys
-        return keys.take(pa.array(np.searchsorted(key_rows, rows))).to_pylist()
+        return keys_of_rows(partial.train_keys, rows)[1].to_pylist()
