@@ -2,7 +2,7 @@
 is written to the store or any gradient is computed (config, model, task, data, layers,
 compressors, store, fingerprint) and never starts Ray; `prepare_started`, what the `jobs/`
 doors run, starts meanwhile what the job will need: an embedded Ray, the workers' processes
-and the driver's own first shard (`runtime.local_shard`).
+and the driver's own shards (`runtime.local_shard`).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class Job:
     first_shard_s: float | None = None  # seconds from `started` to the first shard commit
     _spares: list[Any] = field(default_factory=list)  # unstarted worker actors (prepare_started)
     _pool: ActorPool | None = None
-    _local: LocalShard | None = None  # the driver's own first shard (prepare_started)
+    _local: LocalShard | None = None  # the driver's own shards (prepare_started)
     _reducer: ReducerHandle | None = None
 
     @contextmanager
@@ -176,7 +176,7 @@ def prepare_started(
     data, store) runs on another thread while this one starts Ray and creates the worker
     actors unstarted: their processes start and import while the driver checks the job
     (Ray's processes die with the thread that started them, so Ray gets the caller's). Once
-    the checks pass, an index job's driver starts on its own first shard (`_prepare_local`).
+    the checks pass, an index job's driver starts on its own shards (`_prepare_local`).
     The store is written only once every check passed, as by `prepare`; a refused job stops
     the actors, and a Ray started here, before its error is raised. `started` (time.time(),
     default now) is when the job started, for `Job.first_shard_s`.
@@ -213,14 +213,14 @@ def prepare_started(
 
 
 def _prepare_local(raw: dict[str, Any], create_index: bool, query: bool, started: float) -> Job:
-    """`prepare`, and then, for an index that `local_shard.wanted`, the driver's own first
-    shard started on its way (`LocalShard`), computed while Ray and the workers start."""
+    """`prepare`, and then, for an index that `local_shard.wanted`, the driver's own shards
+    started on their way (`LocalShard`), computed while Ray and the workers start."""
     job, replica, train = _prepare(raw, create_index, query)
     job.started = started
     if create_index and local_shard.wanted(job.cfg):
         plans = plan_shards(job.n_train, job.cfg.index.shard_size, job.index.committed())
         if plans:
-            job._local = LocalShard(job.cfg, replica, train, job.index, plans[0])
+            job._local = LocalShard(job.cfg, replica, train, job.index, plans)
     return job
 
 

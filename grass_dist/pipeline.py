@@ -40,15 +40,18 @@ log = logging.getLogger("grass_dist")
 T = TypeVar("T")
 
 
-def _pool(job: Job) -> ActorPool:
+def _pool(job: Job, unless: Callable[[], bool] | None = None) -> ActorPool:
     """The worker pool, started on first use (from the job's early actors when it has
-    them); waits until one worker is ready (the others join as they are placed)."""
+    them); with none ready, waits until one is (the others join as they are placed), and
+    then the driver takes no more shards of its own; or until `unless()` says the caller
+    needs no worker after all (the driver computed them all)."""
     if job._pool is None:
         connect(job.cfg.cluster)
         objects = assembly.ship(job.raw)  # in-memory model/task/data, once per pool
         spares, job._spares = job._spares, []
         job._pool = start_worker_pool(job.cfg.cluster, job.raw, job.model_hash, objects, spares)
-        job._pool.wait_ready(1)
+    if not job._pool.ready and job._pool.wait_ready(1, unless) and job._local is not None:
+        job._local.close()
     return job._pool
 
 
@@ -71,7 +74,8 @@ def _reducer(job: Job) -> ReducerHandle:
 def run_index(
     job: Job, max_shards: int | None = None, precondition_next: bool = False
 ) -> dict[str, Any]:
-    """Compute and commit every shard not yet committed (at most `max_shards` of them).
+    """Compute and commit every shard not yet committed (at most `max_shards` of them, then
+    without the driver's own: a partial index, as an interrupted job leaves).
 
     With `precondition_next` (the job builds the preconditioner after the index) the
     reducer starts once the job's first shard is committed (at the stage's start when the
@@ -81,9 +85,12 @@ def run_index(
     every CPU they are lent to the reducer's stages instead (`on_workers`).
     """
     local, job._local = job._local, None
+    if local is not None and max_shards is not None:
+        local.stop()  # what it committed counts as this job's; it takes no more
     committed = job.index.committed()
-    if local is not None:  # the driver's shard, committed or not, is this job's to compute
-        committed.pop(local.plan.shard_id, None)
+    if local is not None:  # the driver's shards, committed or not, are this job's to compute
+        for plan in local.taken():  # after `committed()`: a shard taken since is not in it
+            committed.pop(plan.shard_id, None)
     plans = plan_shards(job.n_train, job.cfg.index.shard_size, committed)
     skipped = len(committed)
     if max_shards is not None:
@@ -97,12 +104,10 @@ def run_index(
         job.index.store.url_of(job.progress.path),
     )
     if not plans:
-        if local is not None:  # max_shards=0
-            local.stop()
         job.progress.index_plan(skipped, skipped, job.n_train, 0)
         return {"computed_shards": 0, "skipped_shards": skipped, "rows": 0, "driver_shards": 0}
     with job.stage("start_workers"):
-        pool = _pool(job)
+        pool = _pool(job, unless=lambda: local is not None and local.computed(plans))
     with job.stage("index"):
         job.progress.index_plan(len(plans) + skipped, skipped, job.n_train, rows)
         driver = DriverShard(job, local)
@@ -143,14 +148,14 @@ def run_index(
                 on_tick=on_tick,
             )
 
-        start_reducer()  # now if the driver's shard is already committed
+        start_reducer()  # now if the driver already committed a shard
         index(driver.others(plans))
-        index(driver.returned())  # the driver's shard, when it gave it back late
+        index(driver.returned())  # the driver's, when it gave one back late
     return {
         "computed_shards": len(plans),
         "skipped_shards": skipped,
         "rows": rows,
-        "driver_shards": int(driver.done),
+        "driver_shards": len(driver.counted),
     }
 
 

@@ -1,15 +1,23 @@
-"""The driver's own shard: the first shard of an index, computed in the driver's process
+"""The driver's own shards: the first shards of an index, computed in the driver's process
 while an embedded Ray and the workers start.
 
 A `jobs/` door's driver builds the model, task, data and compressors to check the job
 (`pipeline.prepare`) and then waits seconds for Ray's processes and the workers' (each
-imports torch and builds its replica). `LocalShard` spends that wait on the first
-uncommitted shard: on the CPU, with a worker's thread count and the worker's code
-(`worker.index_rows`), so the index holds the same bits whichever process computed it. The
-driver commits it as soon as it is written (a commit keeps a shard's first committed
-attempt), and the workers take the other shards meanwhile. A shard whose first batch
-projects more than `BUDGET_S` of work goes back to the workers at once, rather than compete
-with their start-up; so does one that fails (a worker then fails it as it would have).
+imports torch and builds its replica). `LocalShard` spends that wait on the uncommitted
+shards, front of the plan first: on the CPU, with a worker's thread count and the worker's
+code (`worker.index_rows`), so the index holds the same bits whichever process computed
+them. It commits each as soon as it is written (a commit keeps a shard's first committed
+attempt) and takes the next one as long as no worker is ready: the index stage `close`s it
+when the first worker is, and the workers take the shards it has not taken.
+
+The driver's shards compete with the workers' start for the CPUs, so it keeps one only
+where that pays. A shard that spares the workers a round of shards (with one worker, every
+shard; with two workers and three shards left, the first) is finished however long it
+takes: the job ends a round sooner. Any other shard goes back to the workers when its first
+batch projects more than `BUDGET_S` of work: with two workers and two shards, the driver's
+shard would only delay the worker that computes the other. A shard that fails goes back
+to the workers too (they then fail it as they would have), and so does one stopped because
+the job ends.
 """
 
 from __future__ import annotations
@@ -35,9 +43,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Seconds of work a driver's shard may take, projected from its first batch: about what
-# Ray's and the workers' start takes on a small machine, so that the driver competes with
-# working workers for a few seconds at most.
+# Seconds of work the driver may spend on a shard that spares the workers no round of
+# shards, projected from its first batch: about what Ray's and the workers' start takes on a
+# small machine, so that such a shard competes with their start for a few seconds at most.
 BUDGET_S = 4.0
 
 
@@ -46,7 +54,7 @@ class _Stopped(Exception):
 
 
 def wanted(cfg: JobConfig) -> bool:
-    """Whether the driver indexes a shard while the workers start: `cluster.driver_shard`,
+    """Whether the driver indexes shards while the workers start: `cluster.driver_shard`,
     an embedded Ray (the driver's machine is the cluster) whose workers compute on the CPU
     (without CUDA here), and no injected faults (they are aimed at workers)."""
     return (
@@ -59,8 +67,8 @@ def wanted(cfg: JobConfig) -> bool:
 
 
 class LocalShard:
-    """`plan`'s rows of `dataset` through the driver's `replica` into `index`, on a daemon
-    thread started now."""
+    """`plans`' rows of `dataset`, front first, through the driver's `replica` into `index`,
+    on a daemon thread started now, until `close` or `stop`."""
 
     def __init__(
         self,
@@ -68,54 +76,95 @@ class LocalShard:
         replica: Replica,
         dataset: Any,
         index: GradientIndex,
-        plan: ShardPlan,
+        plans: list[ShardPlan],
     ):
-        self.plan = plan
-        self.record: ShardRecord | None = None  # set once committed
-        self.committed_at: float | None = None  # time.time() of the commit
         self._cfg, self._index = cfg, index
         self._replica: Replica | None = replica
         self._dataset = dataset
+        self._plans = list(plans)
+        self._taken: list[ShardPlan] = []  # started, in plan order
+        self._committed: dict[str, tuple[ShardRecord, float]] = {}  # id -> record, time.time()
+        self._lock = threading.Lock()  # the taking of plans against `close`
+        self._closed = False
         self._stop = threading.Event()
-        self._t0, self._rows = 0.0, 0  # when the shard started, rows computed since
+        # The shard in hand: its plan, when it started, rows done, seconds it may take.
+        self._plan, self._t0, self._rows, self._budget = plans[0], 0.0, 0, None
         self._thread = threading.Thread(target=self._run, name="driver-shard", daemon=True)
         self._thread.start()
 
-    def given_back(self) -> bool:
-        """Whether it ended without committing: the workers compute the shard."""
-        return not self._thread.is_alive() and self.record is None
+    def close(self) -> list[ShardPlan]:
+        """Take no more shards; the ones taken (committed, in hand, or given back)."""
+        with self._lock:
+            self._closed = True
+            return list(self._taken)
 
-    def result(self) -> ShardRecord | None:
-        """Wait for it; its committed record, else None (the workers compute the shard)."""
+    def taken(self) -> list[ShardPlan]:
+        with self._lock:
+            return list(self._taken)
+
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def committed(self) -> dict[str, tuple[ShardRecord, float]]:
+        """shard id -> (its committed record, time.time() of the commit), so far."""
+        with self._lock:
+            return dict(self._committed)
+
+    def computed(self, plans: list[ShardPlan]) -> bool:
+        """Whether it is done, and committed every one of `plans` (no worker is needed)."""
+        return not self.running() and self.committed().keys() >= {p.shard_id for p in plans}
+
+    def result(self) -> dict[str, tuple[ShardRecord, float]]:
+        """Wait for the shards taken; `committed()` (the others go to the workers)."""
         self._thread.join()
-        return self.record
+        return self.committed()
 
-    def stop(self) -> ShardRecord | None:
-        """`result`, abandoning the shard at its next batch (a job that ends early)."""
+    def stop(self) -> dict[str, tuple[ShardRecord, float]]:
+        """`result`, abandoning the shard in hand at its next batch (a job that ends early)."""
         self._stop.set()
+        self.close()
         return self.result()
 
+    def _next(self) -> ShardPlan | None:
+        """The next plan, taken; its budget: none when the workers would compute the plans
+        left in fewer rounds (`cluster.num_workers` shards at a time, all of one size)
+        without it, else `BUDGET_S` of projected work."""
+        with self._lock:
+            left = len(self._plans) - len(self._taken)
+            if self._closed or self._stop.is_set() or not left:
+                return None
+            plan = self._plans[len(self._taken)]
+            self._taken.append(plan)
+        spares_a_round = (left - 1) % max(self._cfg.cluster.num_workers, 1) == 0
+        self._plan, self._rows, self._budget = plan, 0, None if spares_a_round else BUDGET_S
+        return plan
+
     def _run(self) -> None:
-        t0 = time.perf_counter()
         try:
-            record = self._compute()
-            self._index.commit([record])  # written whole: worth keeping, stopped or not
-            self.record, self.committed_at = record, time.time()
-        except _Stopped as e:
-            log.info("shard %s goes to the workers: %s", self.plan.shard_id, e)
-            return
-        except Exception as e:  # noqa: BLE001 -- a worker computes it again (and fails as it should)
-            sid = self.plan.shard_id
-            log.info("the driver's shard %s failed (%s): the workers compute it", sid, e)
-            return
+            while (plan := self._next()) is not None and self._one(plan):
+                pass
         finally:
             self._replica = self._dataset = None  # not needed again
-        sid, seconds = self.plan.shard_id, time.perf_counter() - t0
-        log.info("the driver indexed shard %s in %.2f s", sid, seconds)
 
-    def _compute(self) -> ShardRecord:
+    def _one(self, plan: ShardPlan) -> bool:
+        """Compute and commit `plan`; False when it went back to the workers."""
+        t0 = self._t0 = time.perf_counter()
+        try:
+            record = self._compute(plan)
+            self._index.commit([record])  # written whole: worth keeping, stopped or not
+        except _Stopped as e:
+            log.info("shard %s goes to the workers: %s", plan.shard_id, e)
+            return False
+        except Exception as e:  # noqa: BLE001 -- a worker computes it again (and fails as it should)
+            log.info("the driver's shard %s failed (%s): the workers compute it", plan.shard_id, e)
+            return False
+        with self._lock:
+            self._committed[plan.shard_id] = (record, time.time())
+        log.info("the driver indexed shard %s in %.2f s", plan.shard_id, time.perf_counter() - t0)
+        return True
+
+    def _compute(self, plan: ShardPlan) -> ShardRecord:
         r = self._replica
-        self._t0 = time.perf_counter()
         threads = torch.get_num_threads()
         torch.set_num_threads(threads_for(self._cfg.cluster.cpus_per_worker))  # a worker's
         try:
@@ -124,7 +173,7 @@ class LocalShard:
                 computer,
                 self._dataset,
                 self._index,
-                self.plan,
+                plan,
                 self._cfg.index.batch_size,
                 Phases(),
                 on_batch=self._check,
@@ -136,47 +185,54 @@ class LocalShard:
         if self._stop.is_set():
             raise _Stopped("the job ends")
         self._rows += rows
-        if self._rows == rows:  # the first batch: project the whole shard from it
-            projected = (time.perf_counter() - self._t0) * self.plan.rows / rows
-            if projected > BUDGET_S:
-                raise _Stopped(f"about {projected:.1f} s of work, more than {BUDGET_S} s")
+        if self._budget is not None and self._rows == rows:  # the first batch: project
+            projected = (time.perf_counter() - self._t0) * self._plan.rows / rows
+            if projected > self._budget:
+                raise _Stopped(f"about {projected:.1f} s of work, more than {self._budget} s")
 
 
 class DriverShard:
-    """The index stage's view of the driver's own shard (`LocalShard`, or None): which
-    plans the workers take, and its commit counted in the job's first shard and progress
-    (on the stage's thread, which owns them)."""
+    """The index stage's view of the driver's own shards (`LocalShard`, or None), which it
+    closes: which plans the workers take, and the driver's commits counted in the job's
+    first shard and progress (on the stage's thread, which owns them)."""
 
     def __init__(self, job: Job, local: LocalShard | None):
-        self.job, self.local, self.done = job, local, False
-        self.working = False  # the driver still works on its shard as the workers start
+        self.job, self.local = job, local
+        self.mine = local.close() if local is not None else []  # the driver takes no more
+        self.awaited: list[ShardPlan] = []  # the driver's, not yet committed, at `others`
+        self.counted: set[str] = set()  # the driver's commits counted so far
         self.account()
 
     def others(self, plans: list[ShardPlan]) -> list[ShardPlan]:
-        """The workers' shards: all but the driver's, unless it already gave it back."""
-        self.working = self.local is not None and not self.local.given_back()
-        if not self.working:
+        """The workers' shards: all but the driver's, save those it already gave back."""
+        if self.local is None:
             return plans
-        return [p for p in plans if p.shard_id != self.local.plan.shard_id]
+        running = self.local.running()  # before `committed`: a commit after it is seen
+        done = self.local.committed()
+        self.awaited = [p for p in self.mine if p.shard_id not in done] if running else []
+        skipped = done.keys() | {p.shard_id for p in self.awaited}
+        return [p for p in plans if p.shard_id not in skipped]
 
     def returned(self) -> list[ShardPlan]:
-        """After the workers' shards: the driver's shard if it gave it back since `others`
-        (it waits for the driver)."""
-        if not self.working:
-            return []  # none, or among the workers' shards
-        if self.local.result() is None:
-            return [self.local.plan]
+        """After the workers' shards: those of the driver's it gave back since `others`
+        (this waits for the driver)."""
+        if not self.awaited:
+            return []
+        done = self.local.result()
         self.account()
-        return []
+        return [p for p in self.awaited if p.shard_id not in done]
 
     def account(self) -> None:
-        """Count the driver's commit once it happened (first shard, progress)."""
-        local = self.local
-        if self.done or local is None or local.record is None:
+        """Count the driver's commits once each (first shard, progress)."""
+        if self.local is None:
             return
-        self.done = True
-        first = local.committed_at - self.job.started
+        new = {s: c for s, c in self.local.committed().items() if s not in self.counted}
+        if not new:
+            return
+        self.counted.update(new)
+        first = min(at for _, at in new.values()) - self.job.started
         if self.job.first_shard_s is None or first < self.job.first_shard_s:
             self.job.first_shard_committed(first)
         node = ray.get_runtime_context().get_node_id()
-        self.job.progress.shards_done(local.plan.rows, [node])
+        rows = sum(record.rows for record, _ in new.values())
+        self.job.progress.shards_done(rows, [node] * len(new))

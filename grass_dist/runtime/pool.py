@@ -126,11 +126,14 @@ class ActorPool:
             ray.kill(actor, no_restart=True)
         self._spawn(f"replaces {member.where()}, which died ({type(error).__name__})")
 
-    def wait_ready(self, minimum: int = 1) -> None:
-        """Block until `minimum` workers are ready (the rest join whenever they are placed)."""
+    def wait_ready(self, minimum: int = 1, unless: Callable[[], bool] | None = None) -> bool:
+        """Block until `minimum` workers are ready (the rest join whenever they are placed),
+        or until `unless()` says the caller needs none after all: whether they are."""
         while len(self.ready) < minimum:
+            if unless is not None and unless():
+                return False
             if self.starting:
-                ray.wait(list(self.starting), num_returns=1, timeout=1.0)
+                ray.wait(list(self.starting), num_returns=1, timeout=1.0 if unless is None else 0.2)
             else:
                 time.sleep(0.2)
             self.tick()
@@ -142,6 +145,7 @@ class ActorPool:
             ", ".join(devices),
             len(self.starting),
         )
+        return True
 
     # ---- periodic work ---------------------------------------------------------------
     def tick(self) -> None:

@@ -97,7 +97,7 @@ def index_rows(
 ) -> ShardRecord:
     """One shard's rows of `dataset` through `computer` into a new (uncommitted) file of
     `index`, timed as `phases` load, compute and write: a worker's shard call, and the
-    driver's own shard (`runtime.local_shard`)."""
+    driver's own shards (`runtime.local_shard`)."""
     sid = plan.shard_id
     with phases.run(sid, "load"):
         loaded = computer.load_rows(dataset, range(plan.start, plan.end), batch_size)

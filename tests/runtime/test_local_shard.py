@@ -1,5 +1,5 @@
-"""The driver's own first shard (runtime/local_shard.py): the same bits as a worker's, and
-given back to the workers when it is stopped or fails."""
+"""The driver's own shards (runtime/local_shard.py): the same bits as a worker's, taken
+until the first worker is ready, and given back to the workers when stopped or failed."""
 
 import threading
 import time
@@ -41,7 +41,7 @@ def _assert_same_shards(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize("compression", [[], SELECTIVE], ids=["factgrass", "selective"])
-def test_the_drivers_shard_is_a_workers_shard_bit_for_bit(
+def test_the_drivers_shards_are_a_workers_shards_bit_for_bit(
     ray_session, tmp_path, monkeypatch, compression
 ):
     monkeypatch.setattr(local_shard, "BUDGET_S", float("inf"))  # however loaded the machine
@@ -61,15 +61,20 @@ def test_the_drivers_shard_is_a_workers_shard_bit_for_bit(
         compose_cfg(tmp_path, f"store.url={tmp_path / 'd'}", *compression)
     )
     assert job._local is not None
-    first = job._local.plan.shard_id
-    record = job._local.result()  # as when Ray and the workers take longer than one shard
-    assert record is not None and job.index.committed()[first] == record
+    # As when Ray and the workers take longer than the whole index: unclosed, the driver
+    # takes every shard, one after another.
+    done = job._local.result()
+    plans = plan_shards(90, 32, {})
+    assert job._local.taken() == plans and done.keys() == {p.shard_id for p in plans}
+    assert job.index.committed() == {sid: record for sid, (record, _) in done.items()}
     try:
         summary = pipeline.run_index(job)
+        assert not job._pool.ready  # the index stage waited for no worker
     finally:
         pipeline.shutdown(job)
-    assert summary == {"computed_shards": 3, "skipped_shards": 0, "rows": 90, "driver_shards": 1}
+    assert summary == {"computed_shards": 3, "skipped_shards": 0, "rows": 90, "driver_shards": 3}
     _assert_same_shards(_shards(job.cfg.index_url), _shards(by_worker.cfg.index_url))
+    assert job.first_shard_s == min(at for _, at in done.values()) - job.started
     progress = read_progress(job.index.store, job.job_id)
     assert progress["first_shard_s"] == round(job.first_shard_s, 3)
     ix = progress["index"]
@@ -84,7 +89,7 @@ def test_with_the_drivers_shard_committed_the_reducer_starts_with_the_index_stag
     # to be ready when the precondition stage starts.
     monkeypatch.setattr(local_shard, "BUDGET_S", float("inf"))
     job = pipeline.prepare_started(compose_cfg(tmp_path, f"store.url={tmp_path / 'r'}"))
-    assert job._local is not None and job._local.result() is not None
+    assert job._local is not None and len(job._local.result()) == 3
     committed_then = []
     start = pipeline.ReducerHandle.start
     monkeypatch.setattr(
@@ -97,8 +102,8 @@ def test_with_the_drivers_shard_committed_the_reducer_starts_with_the_index_stag
         assert job._reducer is not None and job._reducer.started == 1
     finally:
         pipeline.shutdown(job)
-    assert summary["driver_shards"] == 1 and summary["computed_shards"] == 3
-    assert committed_then == [1]  # the driver's shard only
+    assert summary["driver_shards"] == 3 and summary["computed_shards"] == 3
+    assert committed_then == [3]  # the driver's shards, before any worker could commit
 
 
 class _Gated:
@@ -117,18 +122,18 @@ class _Gated:
         return self.inner[i]
 
 
-def _local_job(tmp_path, error: Exception | None = None):
-    """A job without the doors' start-up, and a LocalShard of its first shard whose rows
-    wait for `go` (or fail with `error`)."""
-    job = pipeline.prepare(compose_cfg(tmp_path, "index.batch_size=1"))  # many batches
+def _local_job(tmp_path, *overrides, error: Exception | None = None):
+    """A job without the doors' start-up, and a LocalShard of its shards whose rows wait
+    for `go` (or fail with `error`)."""
+    job = pipeline.prepare(compose_cfg(tmp_path, "index.batch_size=1", *overrides))  # batches
     model = build_model(job.cfg)
     task = build_task(job.cfg)
     train = build_dataset(job.cfg, "train")
     compressors = assembly.driver_compressors(job.cfg, model, task, train)
     data = _Gated(train, error)
-    plan = plan_shards(job.n_train, job.cfg.index.shard_size, {})[0]
+    plans = plan_shards(job.n_train, job.cfg.index.shard_size, {})
     replica = assembly.Replica(model, task, compressors)
-    job._local = LocalShard(job.cfg, replica, data, job.index, plan)
+    job._local = LocalShard(job.cfg, replica, data, job.index, plans)
     return job, data
 
 
@@ -154,19 +159,52 @@ def test_the_workers_take_the_other_shards_while_the_driver_finishes_its_own(
     monkeypatch.setattr(Job, "first_shard_committed", worker_committed)
     summary = _run_index(job)
     assert summary == {"computed_shards": 3, "skipped_shards": 0, "rows": 90, "driver_shards": 1}
-    assert job.index.committed()[local.plan.shard_id] == local.record  # the driver's attempt
-    assert job.first_shard_s < local.committed_at - job.started  # a worker's came first
+    first = plan_shards(90, 32, {})[0]
+    assert local.taken() == [first]  # closed when the first worker was ready
+    record, committed_at = local.committed()[first.shard_id]
+    assert job.index.committed()[first.shard_id] == record  # the driver's attempt
+    assert job.first_shard_s < committed_at - job.started  # a worker's came first
     ix = read_progress(job.index.store, job.job_id)["index"]
     assert ix["shards_done"] == 3 and ix["rows_done"] == 90
 
 
-@pytest.mark.parametrize("how", ["stopped", "failed", "too long"])
-def test_a_driver_shard_stopped_failed_or_too_long_goes_to_the_workers(
-    ray_session, tmp_path, monkeypatch, how
+def test_a_closed_driver_finishes_the_shard_in_hand_and_takes_no_other(tmp_path, monkeypatch):
+    monkeypatch.setattr(local_shard, "BUDGET_S", float("inf"))  # its rows wait: no projection
+    job, data = _local_job(tmp_path)
+    local = job._local
+    while not local.taken():  # its first shard's rows wait
+        time.sleep(0.01)
+    first = plan_shards(90, 32, {})[0]
+    assert local.close() == [first]
+    data.go.set()
+    assert local.result().keys() == {first.shard_id} and local.taken() == [first]
+    assert job.index.committed().keys() == {first.shard_id}
+
+
+@pytest.mark.parametrize(
+    ("workers", "kept"), [(1, 3), (2, 1), (3, 0)], ids=["1 worker", "2 workers", "3 workers"]
+)
+def test_the_driver_keeps_a_long_shard_only_where_it_spares_the_workers_a_round(
+    tmp_path, monkeypatch, workers, kept
 ):
-    if how == "too long":  # its first batch projects more work than the driver's budget
-        monkeypatch.setattr(local_shard, "BUDGET_S", 0.0)
-    job, data = _local_job(tmp_path, RuntimeError("disk on fire") if how == "failed" else None)
+    # Three shards, each projecting more work than the budget. One worker: each one the
+    # driver computes is a round fewer. Two: the first leaves two shards, one round, instead
+    # of three, two rounds; the second would leave one shard, still a round. Three: none
+    # spares a round, and the first goes back at once.
+    monkeypatch.setattr(local_shard, "BUDGET_S", 0.0)
+    job, data = _local_job(tmp_path, f"cluster.num_workers={workers}")
+    data.go.set()
+    plans = plan_shards(90, 32, {})
+    assert job._local.result().keys() == {p.shard_id for p in plans[:kept]}
+    assert job._local.taken() == plans[: kept + 1]  # and the one it gave back
+    assert job.index.committed().keys() == {p.shard_id for p in plans[:kept]}
+
+
+@pytest.mark.parametrize("how", ["stopped", "failed"])
+def test_a_driver_shard_stopped_or_failed_goes_to_the_workers(ray_session, tmp_path, how):
+    job, data = _local_job(
+        tmp_path, error=RuntimeError("disk on fire") if how == "failed" else None
+    )
     local = job._local
     if how == "stopped":  # a job that ends before its index stage
         stopping = threading.Thread(target=local.stop)
@@ -174,7 +212,8 @@ def test_a_driver_shard_stopped_failed_or_too_long_goes_to_the_workers(
         while not local._stop.is_set():
             time.sleep(0.01)
     data.go.set()  # the rows load only now: a stop is seen at the first batch
-    assert local.result() is None and local.given_back() and job.index.committed() == {}
+    assert local.result() == {} and not local.running() and job.index.committed() == {}
+    assert local.taken() == plan_shards(90, 32, {})[:1]  # and no other after it
     if how == "stopped":
         stopping.join()
     summary = _run_index(job)
