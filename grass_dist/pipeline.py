@@ -77,9 +77,11 @@ def run_index(
     """Compute and commit every shard not yet committed (at most `max_shards` of them, then
     without the driver's own: a partial index, as an interrupted job leaves).
 
-    With `precondition_next` (the job builds the preconditioner after the index) the
-    reducer starts once the job's first shard is committed (at the stage's start when the
-    driver already committed its own): its process starts (imports torch, opens the index)
+    While the workers start, the driver may index shards of its own (`runtime.local_shard`):
+    its commits count in the job's progress as they come, and the stage waits for no worker
+    once it has committed every shard. With `precondition_next` (the job builds the
+    preconditioner after the index) the reducer starts once the job's first shard is
+    committed, the driver's or a worker's: its process starts (imports torch, opens the index)
     while the index builds, instead of after it, when the workers would wait for it. Where
     the workers leave CPUs idle its map tasks' processes start on them too; where they hold
     every CPU they are lent to the reducer's stages instead (`on_workers`).
@@ -106,18 +108,32 @@ def run_index(
     if not plans:
         job.progress.index_plan(skipped, skipped, job.n_train, 0)
         return {"computed_shards": 0, "skipped_shards": skipped, "rows": 0, "driver_shards": 0}
-    with job.stage("start_workers"):
-        pool = _pool(job, unless=lambda: local is not None and local.computed(plans))
-    with job.stage("index"):
-        job.progress.index_plan(len(plans) + skipped, skipped, job.n_train, rows)
-        driver = DriverShard(job, local)
-        reducer_early = precondition_next
+    connect(job.cfg.cluster)  # a commit of the driver's is counted on its node
+    job.progress.index_plan(len(plans) + skipped, skipped, job.n_train, rows)
+    driver = DriverShard(job, local)
+    reducer_early = precondition_next
 
-        def start_reducer() -> None:
-            nonlocal reducer_early
-            if reducer_early and job.first_shard_s is not None:  # its start delays no shard
-                reducer_early = False
-                _reducer(job).start("started early, to be ready when the index is")
+    def start_reducer() -> None:
+        nonlocal reducer_early
+        if reducer_early and job.first_shard_s is not None:  # its start delays no shard
+            reducer_early = False
+            _reducer(job).start("started early, to be ready when the index is")
+
+    def on_tick() -> None:
+        driver.account()
+        start_reducer()
+        job.progress.tick()
+
+    def waiting() -> bool:
+        """While no worker is ready: the driver's commits count as they come; True once it
+        has committed every shard (the stage then needs no worker)."""
+        on_tick()
+        return driver.computed(plans)
+
+    with job.stage("start_workers"):
+        pool = _pool(job, unless=waiting)
+    with job.stage("index"):
+        driver.close()
 
         def commit(batch: list[tuple[ShardPlan, ShardResult]]) -> None:
             version = job.index.commit([res.record for _, res in batch])
@@ -130,11 +146,6 @@ def run_index(
                 sum(p.rows for p, _ in batch), [res.node_id for _, res in batch]
             )
             driver.account()
-
-        def on_tick() -> None:
-            driver.account()
-            start_reducer()
-            job.progress.tick()
 
         def index(todo: list[ShardPlan]) -> None:
             run_items(

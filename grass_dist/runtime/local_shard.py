@@ -192,16 +192,25 @@ class LocalShard:
 
 
 class DriverShard:
-    """The index stage's view of the driver's own shards (`LocalShard`, or None), which it
-    closes: which plans the workers take, and the driver's commits counted in the job's
-    first shard and progress (on the stage's thread, which owns them)."""
+    """The index stage's view of the driver's own shards (`LocalShard`, or None): the
+    driver's commits counted in the job's first shard and progress (on the stage's thread,
+    which owns them) and, once it is closed, which plans the workers take."""
 
     def __init__(self, job: Job, local: LocalShard | None):
         self.job, self.local = job, local
-        self.mine = local.close() if local is not None else []  # the driver takes no more
+        self.mine: list[ShardPlan] = []  # the driver's, once closed
         self.awaited: list[ShardPlan] = []  # the driver's, not yet committed, at `others`
         self.counted: set[str] = set()  # the driver's commits counted so far
         self.account()
+
+    def close(self) -> None:
+        """The driver takes no more shards (a worker is ready, or it computed them all)."""
+        if self.local is not None:
+            self.mine = self.local.close()
+
+    def computed(self, plans: list[ShardPlan]) -> bool:
+        """Whether the driver computed and committed every one of `plans`."""
+        return self.local is not None and self.local.computed(plans)
 
     def others(self, plans: list[ShardPlan]) -> list[ShardPlan]:
         """The workers' shards: all but the driver's, save those it already gave back."""

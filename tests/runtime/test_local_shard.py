@@ -67,11 +67,21 @@ def test_the_drivers_shards_are_a_workers_shards_bit_for_bit(
     plans = plan_shards(90, 32, {})
     assert job._local.taken() == plans and done.keys() == {p.shard_id for p in plans}
     assert job.index.committed() == {sid: record for sid, (record, _) in done.items()}
+    started = pipeline._pool
+    done_then = []  # the progress record's shards done when the wait for a worker ended
+
+    def pool(job, unless=None):
+        started_pool = started(job, unless)
+        done_then.append(job.progress.doc["index"]["shards_done"])
+        return started_pool
+
+    monkeypatch.setattr(pipeline, "_pool", pool)
     try:
         summary = pipeline.run_index(job)
         assert not job._pool.ready  # the index stage waited for no worker
     finally:
         pipeline.shutdown(job)
+    assert done_then == [3]  # counted while the workers started
     assert summary == {"computed_shards": 3, "skipped_shards": 0, "rows": 90, "driver_shards": 3}
     _assert_same_shards(_shards(job.cfg.index_url), _shards(by_worker.cfg.index_url))
     assert job.first_shard_s == min(at for _, at in done.values()) - job.started
