@@ -99,10 +99,12 @@ class LocalShard:
             return list(self._taken)
 
     def taken(self) -> list[ShardPlan]:
+        """The plans it took so far (committed, in hand, or given back), in plan order."""
         with self._lock:
             return list(self._taken)
 
     def running(self) -> bool:
+        """Whether its thread still works (on a shard, or about to take the next)."""
         return self._thread.is_alive()
 
     def committed(self) -> dict[str, tuple[ShardRecord, float]]:
