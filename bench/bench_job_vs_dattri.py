@@ -26,7 +26,6 @@ overlap), not equality. Writes bench/results/job_vs_dattri.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import shutil
@@ -44,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.models import digits_mlp_shape  # noqa: E402 -- torch only: loads in .venv-dattri
-from bench.timing import write_result  # noqa: E402
+from bench.timing import job_summary, write_result  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "job_vs_dattri.md"
 DATTRI_PY = ROOT / ".venv-dattri" / "bin" / "python"
@@ -242,11 +241,6 @@ def timed(command: list[str], threads: int) -> tuple[float, float, str]:
         )
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return wall, cpu, done.stdout
-
-
-def job_summary(stdout: str) -> dict:
-    """The JSON summary a grass_dist job prints last."""
-    return json.loads(stdout[stdout.rindex("\n{\n") + 1 :] if "\n{\n" in stdout else stdout)
 
 
 def grass_dist_scores(store: Path) -> np.ndarray:

@@ -10,6 +10,7 @@ process tree.
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import threading
@@ -65,6 +66,14 @@ def machine_note(threads: int) -> str:
         f"{os.getloadavg()[0]:.1f} (a shared machine: ratios are measured within one run, "
         f"competitors interleaved, medians of repetitions)"
     )
+
+
+def job_summary(output: str) -> dict:
+    """The JSON summary a grass_dist job prints last (an indented object ending its output)."""
+    start = output.rfind("\n{\n")
+    if start < 0 and not output.startswith("{"):
+        raise SystemExit(f"no job summary at the end of the output:\n{output[-2000:]}")
+    return json.loads(output[start + 1 :])
 
 
 def write_result(out: str | Path, lines: list[str]) -> None:

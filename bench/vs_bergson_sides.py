@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from bench.lm_workload import Size, checked_token_ids
+from bench.timing import job_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 BERGSON_PY = ROOT / ".venv-bergson" / "bin" / "python"
@@ -170,11 +171,7 @@ def floor_stages(log: Path, wall: float) -> dict[str, float]:
 
 def grass_dist_summary(log: Path) -> dict:
     """The job summary jobs.index prints last (a JSON object at the end of its output)."""
-    text = log.read_text()
-    start = text.rfind("\n{\n")
-    if start < 0:
-        raise SystemExit(f"no job summary in {log}")
-    return json.loads(text[start + 1 :])
+    return job_summary(log.read_text())
 
 
 def grass_dist_stages(summary: dict, wall: float) -> dict[str, float]:

@@ -67,6 +67,7 @@ class Job:
     progress: JobProgress | None = None
     started: float = field(default_factory=time.time)  # time.time() the job started
     first_shard_s: float | None = None  # seconds from `started` to the first shard commit
+    startup_s: dict[str, float] = field(default_factory=dict)  # milestone -> s from `started`
     _spares: list[Any] = field(default_factory=list)  # unstarted worker actors (prepare_started)
     _pool: ActorPool | None = None
     _local: LocalShard | None = None  # the driver's own shards (prepare_started)
@@ -87,6 +88,12 @@ class Job:
         if self.progress is not None:
             self.progress.end(name, self.timings[name])
         log.info("stage %s took %.2f s", name, self.timings[name])
+
+    def reached(self, milestone: str, at: float | None = None) -> None:
+        """Record, the first time only, when (time.time(), default now) the job's start-up
+        reached `milestone`: 'prepared' (the driver checked config, model, data and store
+        and holds its replica), 'ray' (Ray is up), 'first_worker' (a worker is ready)."""
+        self.startup_s.setdefault(milestone, (time.time() if at is None else at) - self.started)
 
     def first_shard_committed(self, seconds: float | None = None) -> None:
         """Record (summary, progress record, log) how long the job took to commit its
@@ -189,6 +196,7 @@ def prepare_started(
         # directory Ray manages for it: prepare first and connect later, as `prepare` does.
         job = prepare(raw, create_index=create_index, query=query)
         job.started = started
+        job.reached("prepared")
         return job
     ours = not ray.is_initialized()
     spares: list[Any] = []
@@ -198,11 +206,14 @@ def prepare_started(
             try:
                 # What the first call of a worker reads: the first shard's, else the queries'.
                 datasets = ("train",) if create_index else ("query",) * query
+                connect(job_cfg.cluster)
+                ray_up = time.time()
                 spares = _early_workers(job_cfg, raw, preparing, datasets)
             except BaseException:
                 preparing.result()  # a refused job fails with its refusal, not Ray's error
                 raise
             job = preparing.result()
+            job.reached("ray", ray_up)
         except BaseException:
             if preparing.done() and not preparing.exception() and preparing.result()._local:
                 preparing.result()._local.stop()
@@ -217,6 +228,7 @@ def _prepare_local(raw: dict[str, Any], create_index: bool, query: bool, started
     started on their way (`LocalShard`), computed while Ray and the workers start."""
     job, replica, train = _prepare(raw, create_index, query)
     job.started = started
+    job.reached("prepared")
     if create_index and local_shard.wanted(job.cfg):
         plans = plan_shards(job.n_train, job.cfg.index.shard_size, job.index.committed())
         if plans:
@@ -227,10 +239,9 @@ def _prepare_local(raw: dict[str, Any], create_index: bool, query: bool, started
 def _early_workers(
     job_cfg: JobConfig, raw: dict[str, Any], preparing: Future, datasets: tuple[str, ...]
 ) -> list[Any]:
-    """Connect to Ray and create `cluster.num_workers` unstarted worker actors, which build
+    """Create `cluster.num_workers` unstarted worker actors (Ray is up), which build
     `datasets` meanwhile; none when the job names in-memory objects (shipped with the pool)
     or `preparing` already failed."""
-    connect(job_cfg.cluster)
     if assembly.in_memory_digests(raw) or (preparing.done() and preparing.exception()):
         return []
     factory = worker_factory(job_cfg.cluster, raw, datasets=datasets)

@@ -47,11 +47,14 @@ def _pool(job: Job, unless: Callable[[], bool] | None = None) -> ActorPool:
     needs no worker after all (the driver computed them all)."""
     if job._pool is None:
         connect(job.cfg.cluster)
+        job.reached("ray")
         objects = assembly.ship(job.raw)  # in-memory model/task/data, once per pool
         spares, job._spares = job._spares, []
         job._pool = start_worker_pool(job.cfg.cluster, job.raw, job.model_hash, objects, spares)
     if not job._pool.ready and job._pool.wait_ready(1, unless) and job._local is not None:
         job._local.close()
+    if job._pool.ready:
+        job.reached("first_worker")
     return job._pool
 
 
@@ -67,6 +70,7 @@ def release_workers(job: Job) -> None:
 def _reducer(job: Job) -> ReducerHandle:
     if job._reducer is None:
         connect(job.cfg.cluster)
+        job.reached("ray")
         job._reducer = ReducerHandle(job.cfg)
     return job._reducer
 

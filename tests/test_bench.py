@@ -124,3 +124,14 @@ def test_vs_bergson_benchmark_runs_tiny(tmp_path):
         assert "| 1x2 | bergson | " in text
     else:
         assert "bash bench/bergson_env.sh" in text
+
+
+def test_first_shard_benchmark_runs_tiny(tmp_path):
+    # One job is enough to run the script end to end; its other job differs in overrides only.
+    table = _table(tmp_path, "bench_first_shard.py", "--tiny --repeats 1 --jobs digits")
+    row = next(
+        line for line in table.splitlines() if line.startswith("| digits | ") and "of 1" in line
+    )
+    timeline = [line for line in table.splitlines() if line.startswith("| digits | ")][-1]
+    first, prepared = float(row.split("|")[2]), float(timeline.split("|")[2])
+    assert 0 < prepared < first  # the summary's startup_seconds reached the table

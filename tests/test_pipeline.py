@@ -138,6 +138,10 @@ def test_job_summary_times_its_first_committed_shard(ray_session, tmp_path, caps
     first = summary["first_shard_seconds"]
     assert 0 < first <= summary["total_seconds"]
     assert read_progress(Store(summary["index_url"]))["first_shard_s"] == first
+    up = summary["startup_seconds"]  # where the start-up went, in order
+    assert list(up) == sorted(up, key=up.get)
+    assert {"prepared", "ray"} <= up.keys() <= {"prepared", "ray", "first_worker"}
+    assert 0 < up["prepared"] < first and max(up.values()) <= summary["total_seconds"]
     assert "first_shard_seconds" not in run.index(cfg)  # resumed: nothing to commit
 
 

@@ -56,6 +56,9 @@ def test_the_drivers_shards_are_a_workers_shards_bit_for_bit(
     finally:
         pipeline.shutdown(by_worker)
     assert summary["driver_shards"] == 0
+    up = by_worker.startup_s  # the index stage waited for a worker
+    assert up.keys() == {"prepared", "ray", "first_worker"}
+    assert 0 < up["prepared"] < up["first_worker"] <= by_worker.first_shard_s
 
     job = pipeline.prepare_started(
         compose_cfg(tmp_path, f"store.url={tmp_path / 'd'}", *compression)
@@ -82,6 +85,8 @@ def test_the_drivers_shards_are_a_workers_shards_bit_for_bit(
     finally:
         pipeline.shutdown(job)
     assert done_then == [3]  # counted while the workers started
+    assert job.startup_s.keys() == {"prepared", "ray"}  # no stage waited for a worker
+    assert 0 < job.startup_s["prepared"] < job.first_shard_s
     assert summary == {"computed_shards": 3, "skipped_shards": 0, "rows": 90, "driver_shards": 3}
     _assert_same_shards(_shards(job.cfg.index_url), _shards(by_worker.cfg.index_url))
     assert job.first_shard_s == min(at for _, at in done.values()) - job.started
