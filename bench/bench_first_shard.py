@@ -81,45 +81,45 @@ def _seconds(values: list[float]) -> str:
     return ", ".join(f"{v:.1f}" for v in values)
 
 
-def table(runs: list[Job]) -> list[str]:
-    lines = [
-        "| job | first shard s (runs) | median | best | target | met | total_seconds (runs) "
-        "| wall s (median) |",
-        "|---|---|---|---|---|---|---|---|",
+def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(row) + " |" for row in rows),
     ]
+
+
+def table(runs: list[Job]) -> list[str]:
+    """Each job's runs: first shard against its target, total_seconds, wall time."""
+    rows = []
     for job in runs:
         first = [s["first_shard_seconds"] for s in job.runs]
-        total = [s["total_seconds"] for s in job.runs]
         met = sum(f <= job.target_s for f in first)
-        lines.append(
-            f"| {job.name} | {_seconds(first)} | {statistics.median(first):.1f} | "
-            f"{min(first):.1f} | {job.target_s:.0f} | {met} of {len(first)} | "
-            f"{_seconds(total)} | {statistics.median(s['wall'] for s in job.runs):.1f} |"
-        )
-    return lines
+        rows.append([
+            job.name, _seconds(first), f"{statistics.median(first):.1f}", f"{min(first):.1f}",
+            f"{job.target_s:.0f}", f"{met} of {len(first)}",
+            _seconds([s["total_seconds"] for s in job.runs]),
+            f"{statistics.median(s['wall'] for s in job.runs):.1f}",
+        ])  # fmt: skip
+    header = ["job", "first shard s (runs)", "median", "best", "target", "met"]
+    return _markdown([*header, "total_seconds (runs)", "wall s (median)"], rows)
 
 
 def timeline(runs: list[Job]) -> list[str]:
     """Each job's median run: its start-up milestones and first stages, in seconds."""
-    lines = [
-        "| job (median run) | prepared | ray | first_worker | first shard | start_workers "
-        "| index | driver_shards |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    rows = []
     for job in runs:
         s = job.median_run()
         up, stages = s.get("startup_seconds", {}), s["stage_seconds"]
-
-        def at(key: str, where: dict) -> str:
-            return f"{where[key]:.2f}" if key in where else "-"
-
-        lines.append(
-            f"| {job.name} | {at('prepared', up)} | {at('ray', up)} | "
-            f"{at('first_worker', up)} | {s['first_shard_seconds']:.2f} | "
-            f"{at('start_workers', stages)} | {at('index', stages)} | "
-            f"{s['index'].get('driver_shards', '-')} |"
-        )
-    return lines
+        rows.append([
+            job.name,
+            *(f"{up[k]:.2f}" if k in up else "-" for k in ("prepared", "ray", "first_worker")),
+            f"{s['first_shard_seconds']:.2f}",
+            *(f"{stages[k]:.2f}" if k in stages else "-" for k in ("start_workers", "index")),
+            str(s["index"].get("driver_shards", "-")),
+        ])  # fmt: skip
+    header = ["job (median run)", "prepared", "ray", "first_worker", "first shard"]
+    return _markdown([*header, "start_workers", "index", "driver_shards"], rows)
 
 
 def versions() -> str:
@@ -166,9 +166,10 @@ def main() -> None:
         f"{os.getloadavg()[0]:.1f} at end (a shared machine: the jobs run in turn). "
         f"Versions: {versions()}.",
         "",
-        "Jobs: `python -m jobs.attribute` "
-        + " and ".join(f"`{' '.join(j.overrides) or '(the default)'}`" for j in todo)
-        + f", each with a fresh index and its model cached by {warmup} uncounted run(s); "
+        "Jobs: "
+        + " and ".join(f"`{' '.join(['python -m jobs.attribute', *j.overrides])}`" for j in todo)
+        + f" ({', '.join(j.name for j in todo)}), each with a fresh index and its model "
+        f"cached by {warmup} uncounted run(s); "
         "`first_shard_seconds` and `total_seconds` from the job summary (both from the "
         "process start), wall time of the whole process.",
         "",
