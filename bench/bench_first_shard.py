@@ -9,7 +9,8 @@ What a user waits for after `python -m jobs.attribute`: the job summary's
 `first_shard_seconds`, from the process start to the first shard committed to the index,
 against its target (5 s for the default digits job, 10 s for the language-model example
 `+example=tiny_gpt2`), and the whole job (`total_seconds`, and the process's wall time).
-Each job first runs `--warmup` times uncounted (they train and cache its model), then the
+Each job first runs `--warmup` times uncounted (they train and cache its model under
+`--workdir`: keep one to skip the language model's minutes of training next time), then the
 jobs run in turn, `--repeats` times, each run into a fresh index. The summary's
 `startup_seconds` say where a run's start-up went: the driver's checks done (`prepared`:
 config, model, data, store), the embedded Ray up (`ray`), the first worker ready
