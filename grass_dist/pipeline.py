@@ -40,14 +40,19 @@ log = logging.getLogger("grass_dist")
 T = TypeVar("T")
 
 
+def _connect(job: Job) -> None:
+    """Start or join the job's Ray (`cluster.connect`); the job's `ray` start-up milestone."""
+    connect(job.cfg.cluster)
+    job.reached("ray")
+
+
 def _pool(job: Job, unless: Callable[[], bool] | None = None) -> ActorPool:
     """The worker pool, started on first use (from the job's early actors when it has
     them); with none ready, waits until one is (the others join as they are placed), and
     then the driver takes no more shards of its own; or until `unless()` says the caller
     needs no worker after all (the driver computed them all)."""
     if job._pool is None:
-        connect(job.cfg.cluster)
-        job.reached("ray")
+        _connect(job)
         objects = assembly.ship(job.raw)  # in-memory model/task/data, once per pool
         spares, job._spares = job._spares, []
         job._pool = start_worker_pool(job.cfg.cluster, job.raw, job.model_hash, objects, spares)
@@ -69,8 +74,7 @@ def release_workers(job: Job) -> None:
 
 def _reducer(job: Job) -> ReducerHandle:
     if job._reducer is None:
-        connect(job.cfg.cluster)
-        job.reached("ray")
+        _connect(job)
         job._reducer = ReducerHandle(job.cfg)
     return job._reducer
 
@@ -112,7 +116,7 @@ def run_index(
     if not plans:
         job.progress.index_plan(skipped, skipped, job.n_train, 0)
         return {"computed_shards": 0, "skipped_shards": skipped, "rows": 0, "driver_shards": 0}
-    connect(job.cfg.cluster)  # a commit of the driver's is counted on its node
+    _connect(job)  # a commit of the driver's is counted on its node
     job.progress.index_plan(len(plans) + skipped, skipped, job.n_train, rows)
     driver = DriverShard(job, local)
     reducer_early = precondition_next
@@ -177,7 +181,7 @@ def run_index(
 def run_repair(job: Job) -> dict[str, Any]:
     """Check every committed shard; recompute and re-commit only the bad ones."""
     with job.stage("repair"):
-        connect(job.cfg.cluster)
+        _connect(job)
         committed, bad = repair.scan(job.index, map_tasks(job.cfg.cluster))
         log.info("repair: %d committed shards checked, %d bad", len(committed), len(bad))
         fixed = (
