@@ -209,11 +209,15 @@ class QueryEngine:
             block = Block(self.cache.rows, [], self.cache.phi, norms=self.cache.norms)
             return score_stream(query, lambda: [block], topk, tile_rows, expected_rows=self.n_train)
         opts = ScoreOptions(topk, tile_rows, self.job.index.verify, self.job.scoring.cpus_per_task)
-        if not ray.is_initialized():
+        free = 0
+        if ray.is_initialized():
+            free = int(ray.available_resources().get("CPU", 0) // opts.cpus_per_task)
+        if free < 1:
+            # No Ray, or no CPU free for a scorer task: replicas that hold every CPU of the
+            # cluster (serve.replicas=2 on 2 CPUs) would wait for one forever. The replica
+            # scores the shards itself, on its own CPUs.
             return score_records(self.index, self.records, query, opts)[0]
-        parallelism = self.job.scoring.parallelism or max(
-            1, int(ray.available_resources().get("CPU", 1) // opts.cpus_per_task)
-        )
+        parallelism = self.job.scoring.parallelism or free
         return fan_out(self.index, self.records, query, opts, parallelism)[0]
 
     def _answer(self, partial: ScorePartial, n: int) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from ray import serve
 
 from grass_dist import Client, pipeline
 from grass_dist.build import build_dataset, build_layer_compressors, build_model, build_task
@@ -245,6 +246,24 @@ def test_eight_clients_times_twenty_requests_are_all_answered_correctly(service)
     with ThreadPoolExecutor(8) as pool:
         answers = [ok for part in pool.map(client, range(8)) for ok in part]
     assert len(answers) == 160 and all(answers)
+
+
+def test_a_streamed_service_whose_replica_holds_every_free_cpu_still_answers(service, ray_session):
+    """A replica holding every CPU the cluster has left leaves none for scorer tasks (as
+    `serve.replicas=2` does on a 2-CPU machine): it scores the shards itself rather than
+    wait for a CPU that never frees, with the batch job's answers."""
+    job, *_ = service
+    held = ray_session.available_resources()["CPU"]
+    own = {"cache_bytes": 0, "cpus_per_replica": held, "app_name": "full", "route_prefix": "/full"}
+    url = app.start({**job.raw, "serve": {**job.raw["serve"], **own}})
+    try:
+        assert ray_session.available_resources().get("CPU", 0) == 0
+        answers = Client(url, timeout=60).query(query_items(job), topk=10, kind="influence")
+    finally:
+        serve.delete("full")
+    assert_answers_equal_topk_table(
+        answers, results.load_table(job.index, "default", "topk").to_pandas()
+    )
 
 
 def test_an_index_with_another_fingerprint_is_refused_before_deploying(service, tmp_path):
