@@ -9,7 +9,13 @@ drift from what runs. What the test changes, and why:
   to the job's command line, so the job takes seconds;
 - the shells get their own `RAY_AUTH_TOKEN` (README's alternative to `~/.ray/auth_token`)
   and `RAY_TMPDIR`, and a `PATH` without the virtual environment: README's activation line
-  is what must put it there, for the job's `python` too.
+  is what must put it there, for the job's `python` too;
+- README's `ray job submit` line runs twice more, from a shell without the token and from
+  one with another token, with an entrypoint that would leave a file: README says both are
+  refused and run nothing.
+
+The index the job wrote is then read in this process: every training row once, each the
+gradient this process computes for it.
 
 Ctrl-C in a node's terminal is SIGINT to that terminal's process group; the test sends it
 to each node's group and checks that nothing of the group outlives it.
@@ -28,9 +34,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from tests.conftest import SMALL
+from grass_dist import pipeline
+from grass_dist.build import build_dataset, build_layer_compressors, build_model, build_task
+from grass_dist.gradients.computer import GradientComputer
+from grass_dist.index import GradientIndex
+from tests.conftest import SMALL, compose_cfg
 from tests.ray_procs import free_port, stop_groups, wait_for_output
 
 pytestmark = pytest.mark.integration
@@ -123,6 +134,7 @@ def test_readme_ray_start_flow(tmp_path):
             if NOT_READY not in done.stdout + done.stderr or time.monotonic() > deadline:
                 break
             time.sleep(3)
+        refusals = submit_without_the_token(adapt(submit_block, ports, outputs), env, tmp_path)
     finally:
         # Ctrl-C in terminal 2, then in terminal 1.
         outlived = stop_groups(list(reversed(nodes)), grace=60)
@@ -140,6 +152,58 @@ def test_readme_ray_start_flow(tmp_path):
     assert progress["index"]["shards_done"] == progress["index"]["shards_total"] == 3
     assert (outputs / "report-default.html").is_file()
     run_results_snippets(tmp_path)
+
+    for (code, stderr), why in zip(refusals, ("Missing", "Invalid"), strict=True):
+        assert code != 0 and f"{why} authentication token" in stderr, stderr[-2000:]
+    assert not (tmp_path / "ran").exists(), "a job submitted without the token ran"
+    assert_index_holds_this_process_gradients(outputs)
+
+
+def submit_without_the_token(block: str, env: dict[str, str], tmp_path: Path) -> list:
+    """README's `ray job submit` line with an entrypoint that would create `tmp_path/ran`,
+    from a shell without the token (no RAY_AUTH_MODE either, and a HOME without
+    ~/.ray/auth_token), and from one with another token; both at once.
+    (returncode, stderr) of each."""
+    submit = next(line for line in block.splitlines() if line.startswith("ray job submit"))
+    submit = submit.partition(" -- ")[0] + f" -- python -c \"open('{tmp_path / 'ran'}', 'w')\""
+    home = tmp_path / "home"
+    home.mkdir()
+    base = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    shells = [
+        (". .venv/bin/activate", {**base, "HOME": str(home)}),
+        (
+            ". .venv/bin/activate; export RAY_AUTH_MODE=token",
+            {**env, "RAY_AUTH_TOKEN": secrets.token_hex(32)},
+        ),
+    ]
+    procs = [
+        subprocess.Popen(
+            ["bash", "-ec", f"{setup}\n{submit}"],
+            cwd=ROOT,
+            env=shell_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for setup, shell_env in shells
+    ]
+    stderrs = [proc.communicate(timeout=120)[1] for proc in procs]
+    return [(proc.returncode, stderr) for proc, stderr in zip(procs, stderrs, strict=True)]
+
+
+def assert_index_holds_this_process_gradients(outputs: Path) -> None:
+    """The cluster's index holds every training row once, each row the gradient this
+    process computes for it with the job's config (read only: no Ray)."""
+    job = pipeline.prepare(compose_cfg(outputs, "scoring.dense=true"))
+    parts = [data for _, data in GradientIndex.open(job.cfg.index_url).iter_committed()]
+    rows = np.concatenate([d.row_ids for d in parts])
+    assert rows.tolist() == list(range(90))
+    model = build_model(job.cfg)  # from the cache the job left in outputs/
+    computer = GradientComputer(model, build_task(job.cfg), build_layer_compressors(job.cfg, model))
+    want = computer.phi_rows(build_dataset(job.cfg, "train"), range(90), 16)
+    for layer, got in want.phi.items():
+        stored = np.concatenate([d.phi[layer] for d in parts])
+        np.testing.assert_allclose(stored, got, rtol=1e-5, atol=1e-6)
 
 
 def results_snippets() -> list[str]:
