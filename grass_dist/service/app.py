@@ -14,17 +14,19 @@ import asyncio
 import ipaddress
 import json
 import logging
+import math
 import signal
 import threading
 from typing import Any
 
+import ray
 import torch
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from grass_dist.config import JobConfig
-from grass_dist.errors import BadRequestError, GrassError, ServiceCheckError
+from grass_dist.errors import BadRequestError, ConfigError, GrassError, ServiceCheckError
 from grass_dist.runtime.cluster import connect, threads_for
 from grass_dist.service.client import encode
 from grass_dist.service.engine import QueryEngine
@@ -178,6 +180,7 @@ def start(raw_job: dict[str, Any]) -> str:
             s.host,
         )
     connect(job.cluster)
+    check_room(job)
     serve.start(http_options={"host": s.host, "port": s.port})
     app = (
         serve.deployment(AttributionService)
@@ -193,6 +196,25 @@ def start(raw_job: dict[str, Any]) -> str:
     url = f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
     log.info("attribution service for %s at %s", job.index_url, url)
     return url
+
+
+def check_room(job: JobConfig) -> None:
+    """Refuse replicas that the embedded Ray cannot place: Serve would wait for them forever.
+    A joined cluster, whose autoscaler may add nodes, is only warned about."""
+    s = job.serve
+    need, have = s.replicas * s.cpus_per_replica, ray.cluster_resources().get("CPU", 0.0)
+    if need <= have:
+        return
+    what = (
+        f"serve.replicas={s.replicas} x serve.cpus_per_replica={s.cpus_per_replica:g} need "
+        f"{need:g} CPUs and the Ray cluster has {have:g}"
+    )
+    if job.cluster.address is None:
+        raise ConfigError(
+            f"{what}: lower serve.replicas, or serve.cpus_per_replica to let replicas share "
+            f"CPUs (e.g. serve.cpus_per_replica={math.floor(100 * have / s.replicas) / 100:g})"
+        )
+    log.warning("%s: the replicas beyond it wait until nodes join", what)
 
 
 def stop() -> None:

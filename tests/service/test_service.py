@@ -24,6 +24,7 @@ from grass_dist import Client, pipeline
 from grass_dist.build import build_dataset, build_layer_compressors, build_model, build_task
 from grass_dist.config import JobConfig
 from grass_dist.errors import (
+    ConfigError,
     DampingNotChosenError,
     FingerprintMismatchError,
     ServiceCheckError,
@@ -264,6 +265,20 @@ def test_a_streamed_service_whose_replica_holds_every_free_cpu_still_answers(ser
     assert_answers_equal_topk_table(
         answers, results.load_table(job.index, "default", "topk").to_pandas()
     )
+
+
+def test_more_replicas_than_the_embedded_ray_can_place_are_refused_before_deploying(
+    service, ray_session
+):
+    job, *_ = service
+    total = ray_session.cluster_resources()["CPU"]
+    n = int(total) + 1
+    own = {"replicas": n, "app_name": "toomany", "route_prefix": "/toomany"}
+    said = rf"serve.replicas={n} x serve.cpus_per_replica=1 need {n} CPUs and the Ray "
+    said += rf"cluster has {total:g}: lower serve.replicas"
+    with pytest.raises(ConfigError, match=said):
+        app.start({**job.raw, "serve": {**job.raw["serve"], **own, "cpus_per_replica": 1.0}})
+    assert "toomany" not in serve.status().applications
 
 
 def test_an_index_with_another_fingerprint_is_refused_before_deploying(service, tmp_path):
