@@ -120,6 +120,10 @@ class WorkerStartError(GrassError):
     """A worker actor raised while starting (building its model, data or compressors)."""
 
 
+class ClusterUnreachableError(GrassError):
+    """No Ray cluster answers at the configured cluster.address."""
+
+
 class PlacementTimeoutError(GrassError):
     """No worker could be placed on the cluster for too long."""
 

@@ -11,6 +11,7 @@ from typing import Any
 import ray
 
 from grass_dist.config import ClusterConfig
+from grass_dist.errors import ClusterUnreachableError
 from grass_dist.runtime.pool import ActorPool
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,15 @@ def _start(cfg: ClusterConfig) -> None:
         )
         log.info("started an embedded Ray with %s CPUs", ray.cluster_resources().get("CPU"))
     else:
-        ray.init(address=cfg.address, logging_level=logging.WARNING)
+        try:
+            ray.init(address=cfg.address, logging_level=logging.WARNING)
+        except ConnectionError as e:
+            raise ClusterUnreachableError(
+                f"no Ray cluster to join at cluster.address={cfg.address} ({e}): start one "
+                'first (`ray start --head`; README: "On this machine with `ray start`"), '
+                "give the head's address, or drop cluster=ray (cluster.address=null) to run "
+                "on an embedded Ray"
+            ) from None
         log.info("joined the Ray cluster at %s", cfg.address)
 
 

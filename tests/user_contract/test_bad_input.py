@@ -470,6 +470,27 @@ def test_cli_refuses_and_leaves_no_ray_running(tmp_path, user_pkg, job, override
     assert not (tmp_path / "index").exists()
 
 
+def test_cli_with_no_cluster_to_join_says_how_to_start_one(tmp_path, user_pkg):
+    # cluster=ray joins the cluster that `ray start` left this machine's address for: with
+    # none (an empty RAY_TMPDIR, no RAY_ADDRESS), the job says so and how to go on. Ray's
+    # `auto` also joins any Ray whose processes run on this machine: none may run meanwhile.
+    from ray._private.services import find_gcs_addresses
+
+    if find_gcs_addresses():
+        pytest.skip("another Ray runs on this machine: cluster.address=auto would join it")
+    ray_tmp = Path(tempfile.mkdtemp(prefix="gd-ray-"))
+    env = {k: v for k, v in user_pkg.env(RAY_TMPDIR=str(ray_tmp)).items() if k != "RAY_ADDRESS"}
+    try:
+        proc = run_job("index", *_overrides(user_pkg, tmp_path), "cluster=ray", user=user_pkg,
+                       cwd=tmp_path, env=env, timeout=300)  # fmt: skip
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    message = _message(proc.stderr)
+    assert re.search(r"no Ray cluster to join at cluster\.address=auto .*ray start --head", message)
+    assert "cluster.address=null" in message
+
+
 def test_cli_exits_2_when_hydra_refuses_the_command_line(tmp_path, user_pkg):
     # A misspelt key is refused by Hydra itself, before any grass_dist code runs.
     proc = run_job("index", "compresion.k=64", user=user_pkg, cwd=tmp_path, timeout=300)
