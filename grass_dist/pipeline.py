@@ -214,7 +214,10 @@ def on_workers(job: Job, stage: Callable[[list[Any]], T], tasks_only: bool = Fal
     over from the store: the committed shards, the saved preconditioner)."""
     workers = lendable_workers(job, tasks_only)
     if workers:
-        log.info("the %d idle workers run the stage's map calls", len(workers))
+        said = (
+            "the idle worker runs" if len(workers) == 1 else f"the {len(workers)} idle workers run"
+        )
+        log.info("%s the stage's map calls", said)
     try:
         return stage(workers)
     except WorkersLostError as e:
