@@ -138,7 +138,8 @@ def test_commands_are_collected():
     assert "README.md" in wheres and "conf/data/text_files.yaml" in wheres
     assert any(w.startswith("docs/") for w in wheres)
     assert {c.job for c in COMMANDS} >= {"attribute", "index", "lds", "serve"}
-    assert any(c.overrides == ("compression.k=64", "cluster.num_workers=3") for c in COMMANDS)
+    make_run = ("compression.k=64", "cluster.num_workers=3", "store.url=outputs/index-k64")
+    assert any(c.overrides == make_run for c in COMMANDS)
 
 
 def _cheap_model(job: JobConfig, tmp_path: Path):
