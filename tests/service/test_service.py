@@ -9,7 +9,6 @@ third app serves with damping=auto under /auto.
 
 import dataclasses
 import json
-import socket
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -35,15 +34,10 @@ from grass_dist.scoring import results
 from grass_dist.service import app, engine
 from tests.conftest import compose_cfg
 from tests.helpers import assert_topk_close
+from tests.ray_procs import free_port
 from tests.synthetic import read_all
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 AUTO = ["precondition.damping=auto", "precondition.grid=[0.001,10.0]", "run.name=auto"]

@@ -2,18 +2,15 @@
 
 Each row of the table is one bad input (config, data, store or service) given to a job's
 real entry point: the job must exit with status 2, print one paragraph that names the
-field and the fix (no traceback), start no Ray, and leave the store as it was. Most rows
+field and the fix (no traceback), start no Ray, and leave the store as it was. The rows
 call `jobs.<job>.main(cfg)` in this process (Hydra passes a composed config straight
-through); a few run `python -m jobs.<job>` as a user's shell would, with RAY_TMPDIR on an
-empty folder that must stay empty.
+through); test_bad_input_cli.py runs some as a user's shell would.
 """
 
 from __future__ import annotations
 
 import importlib
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,7 +20,6 @@ from hydra.errors import ConfigCompositionException
 
 from grass_dist import pipeline
 from tests.conftest import compose_cfg
-from tests.user_contract.conftest import run_job
 
 # The user's own model (a checkpoint loaded by my_pkg.models.load: layers fc1, act, out)
 # and datasets, small; `{ckpt}` and `{case}` are filled in per row.
@@ -429,75 +425,6 @@ def test_a_malformed_text_record_is_refused_before_ray(tmp_path, user_pkg, monke
     assert re.search(r"corpus\.jsonl, line 2 .*text.*data\.train\.on_bad_record=skip", message)
     assert not ray.is_initialized()
     assert not (tmp_path / "index").exists()
-
-
-# Through the real CLI, as a user's shell runs it (the table above calls the same mains).
-CLI_CASES = {
-    "run_name_parent": ("attribute", ("run.name=../x",), r"run\.name='\.\./x' must name a single"),
-    "empty_train_set": ("index", ("data.train.n=0",), r"built an empty dataset"),
-}
-
-
-def _processes_naming(path: Path) -> list[str]:
-    """Command lines of live processes that name `path` (Ray's name their session folder)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue  # not a process, or it just exited
-        if str(path) in cmd:
-            found.append(cmd)
-    return found
-
-
-@pytest.mark.parametrize(("job", "overrides", "match"), CLI_CASES.values(), ids=CLI_CASES.keys())
-def test_cli_refuses_and_leaves_no_ray_running(tmp_path, user_pkg, job, overrides, match):
-    # A job starts Ray while it checks the model, data and store (a malformed config never
-    # starts it): a refused job stops that Ray before it exits, and writes nothing.
-    # Ray puts every session it starts under RAY_TMPDIR: a short one, as its socket paths
-    # must fit in 107 bytes.
-    ray_tmp = Path(tempfile.mkdtemp(prefix="gd-ray-"))
-    given = _overrides(user_pkg, tmp_path, *overrides)
-    env = user_pkg.env(RAY_TMPDIR=str(ray_tmp))
-    try:
-        proc = run_job(job, *given, user=user_pkg, cwd=tmp_path, env=env, timeout=300)
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert re.search(match, _message(proc.stderr), re.S)
-    assert _processes_naming(ray_tmp) == []
-    assert not (tmp_path / "index").exists()
-
-
-def test_cli_with_no_cluster_to_join_says_how_to_start_one(tmp_path, user_pkg):
-    # cluster=ray joins the cluster that `ray start` left this machine's address for: with
-    # none (an empty RAY_TMPDIR, no RAY_ADDRESS), the job says so and how to go on. Ray's
-    # `auto` also joins any Ray whose processes run on this machine: none may run meanwhile.
-    from ray._private.services import find_gcs_addresses
-
-    if find_gcs_addresses():
-        pytest.skip("another Ray runs on this machine: cluster.address=auto would join it")
-    ray_tmp = Path(tempfile.mkdtemp(prefix="gd-ray-"))
-    env = {k: v for k, v in user_pkg.env(RAY_TMPDIR=str(ray_tmp)).items() if k != "RAY_ADDRESS"}
-    try:
-        proc = run_job("index", *_overrides(user_pkg, tmp_path), "cluster=ray", user=user_pkg,
-                       cwd=tmp_path, env=env, timeout=300)  # fmt: skip
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    message = _message(proc.stderr)
-    assert re.search(r"no Ray cluster to join at cluster\.address=auto .*ray start --head", message)
-    assert "cluster.address=null" in message
-
-
-def test_cli_exits_2_when_hydra_refuses_the_command_line(tmp_path, user_pkg):
-    # A misspelt key is refused by Hydra itself, before any grass_dist code runs.
-    proc = run_job("index", "compresion.k=64", user=user_pkg, cwd=tmp_path, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Could not override 'compresion.k'" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "outputs" / "index").exists()
 
 
 def test_hydra_refuses_a_value_of_the_wrong_type(tmp_path):
