@@ -210,7 +210,9 @@ class ServeConfig:
 
 @dataclass
 class GcConfig:
-    grace_s: float = _f(3600.0, "jobs.gc keeps uncommitted attempt files younger than this (s)")
+    grace_s: float = _f(
+        3600.0, "jobs.gc keeps uncommitted attempts and unfinished scores younger than this (s)"
+    )
     dry_run: bool = _f(False, "jobs.gc reports what it would remove and removes nothing")
 
 

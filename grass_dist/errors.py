@@ -180,3 +180,7 @@ class BadRecordError(ConfigError):
 
 class ShardCollectedError(GrassError):
     """A commit named a shard file that garbage collection had already removed."""
+
+
+class ResultsCollectedError(GrassError):
+    """A scoring run's files were removed (by gc) before the run was published."""

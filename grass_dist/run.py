@@ -244,7 +244,8 @@ def index(cfg: DictConfig) -> dict[str, Any]:
 
 
 def gc(cfg: DictConfig) -> dict[str, Any]:
-    """Remove shard attempt files no manifest version lists, unchanged for gc.grace_s."""
+    """Remove shard attempt files no manifest version lists, and scoring runs that never
+    completed, unchanged for gc.grace_s."""
 
     def body() -> dict[str, Any]:
         job = JobConfig.from_cfg(cfg)
@@ -254,7 +255,10 @@ def gc(cfg: DictConfig) -> dict[str, Any]:
                 f"no gradient index at {store.url_of('')} ({INDEX_FILE} not found), so there is "
                 "nothing to collect. Fix: point store.url (or index.url) at an existing index."
             )
-        return {"gc": collect(store, job.gc.grace_s, job.gc.dry_run).to_dict()}
+        grace_s, dry_run = job.gc.grace_s, job.gc.dry_run
+        report = collect(store, grace_s, dry_run).to_dict()
+        report["results"] = results.collect_abandoned(store, grace_s, dry_run)
+        return {"gc": report}
 
     return _summarised(body)
 

@@ -1,4 +1,5 @@
-"""Remove shard attempt files that no manifest version lists (killed or retried attempts).
+"""Remove shard attempt files that no manifest version lists (killed or retried attempts), and
+scoring runs under results/ that never completed.
 
 python -m jobs.gc                                   # unchanged for gc.grace_s (an hour)
 python -m jobs.gc gc.dry_run=true gc.grace_s=600    # report what would go, remove nothing

@@ -2,12 +2,15 @@
 duplicating pairs, results appear only when complete (a failed run leaves the previous
 complete results in place), and per-layer breakdowns add up to the scores."""
 
+from pathlib import Path
+
 import numpy as np
+import pyarrow as pa
 import pytest
 import ray
 import torch
 
-from grass_dist.errors import ResultsNotFoundError
+from grass_dist.errors import ResultsCollectedError, ResultsNotFoundError
 from grass_dist.gradients.computer import PhiBlock
 from grass_dist.runtime.faults import KillOnce
 from grass_dist.runtime.reducer import Reducer, ScoreRequest, preconditioner_path
@@ -68,11 +71,48 @@ def test_a_failed_run_leaves_the_last_complete_results_visible(reducer, tmp_path
         _score(actor, "kept", topk=3, max_retries=0, fault=KillOnce(str(tmp_path), "after_shard"))
     assert results.manifest(index, "kept")["files"] == first["files"]
     assert results.load_table(index, "kept", "topk").equals(before)
+    # The failed run left its self-influence parts in a folder no _COMPLETE.json lists.
+    folders = {results.run_folder(p) for p in index.store.walk("results/kept")} - {None}
+    first_folder = results.run_folder(first["files"]["topk"])
+    (failed,) = folders - {first_folder}
+    for derived in results.DERIVED:  # what later stages wrote from the first run
+        index.put_artifact(f"results/kept/{derived}", b"of the first run")
     second = _score(actor, "kept", topk=3, dense=False)
     assert results.load_table(index, "kept", "topk").num_rows == 2 * 7 * 3
     for path in _paths(first["files"]):  # the replaced run's files are gone
         assert not index.has_artifact(path)
+    assert not (Path(index.url) / first_folder).exists()  # and so is its folder
+    for derived in results.DERIVED:  # stale: they describe the replaced run
+        assert not index.has_artifact(f"results/kept/{derived}")
     assert all(index.has_artifact(p) for p in _paths(second["files"]))
+
+    young = results.collect_abandoned(index.store, grace_s=3600)
+    assert (young["abandoned_runs"], young["young"], young["removed"]) == (1, 1, 0)
+    dry = results.collect_abandoned(index.store, grace_s=0, dry_run=True)
+    assert dry["removed"] == 1 and dry["files_removed"] >= 1 and dry["bytes_reclaimed"] > 0
+    assert (Path(index.url) / failed).is_dir()
+    done = results.collect_abandoned(index.store, grace_s=0)
+    assert {k: done[k] for k in ("removed", "bytes_reclaimed")} == {
+        k: dry[k] for k in ("removed", "bytes_reclaimed")
+    }
+    assert not (Path(index.url) / failed).exists()
+    assert results.load_table(index, "kept", "topk").num_rows == 2 * 7 * 3  # current: kept
+    assert results.collect_abandoned(index.store, grace_s=0)["abandoned_runs"] == 0
+
+
+def test_a_run_whose_files_were_collected_meanwhile_is_not_published(tmp_path):
+    index = write_index(str(tmp_path / "index"), 100, LAYERS, shard_rows=50)
+    table = pa.table({"x": [1, 2]})
+    first = {"topk": results.write_table(index, results.new_run_dir("r"), "topk.parquet", table)}
+    results.complete(index, "r", first, {"run": 1})
+    run_dir = results.new_run_dir("r")
+    files = {"topk": results.write_table(index, run_dir, "topk.parquet", table)}
+    files["dense"] = [results.write_table(index, run_dir, "dense/s.0.parquet", table)]
+    index.store.delete(files["dense"][0])  # as a gc with too short a grace would
+    with pytest.raises(ResultsCollectedError, match="gc.grace_s"):
+        results.complete(index, "r", files, {"run": 2})
+    assert results.manifest(index, "r") == {"files": first, "summary": {"run": 1}}
+    assert index.has_artifact(first["topk"])
 
 
 def _paths(files: dict) -> list[str]:

@@ -415,6 +415,15 @@ class Store:
 
         self._call(f"cannot delete {rel!r}", rm)
 
+    def prune_folders(self, rel_dir: str) -> None:
+        """Remove the empty folders under ``rel_dir``, itself included, on a local store
+        (deleting a folder's last object leaves the folder there; object stores have none)."""
+        if not self._is_local:
+            return
+        for folder, _, _ in os.walk(self._path(rel_dir), topdown=False):
+            with suppress(OSError):  # not empty (or gone): kept
+                os.rmdir(folder)
+
     def open(self, rel: str, mode: str = "rb") -> IO[Any]:
         """Open ``rel`` as a file object (local parents are created for write modes)."""
         path = self._path(rel)

@@ -13,7 +13,13 @@ half-written run is never visible. Dense and self-influence part names are deter
 within a run: a retried scorer task overwrites its own parts instead of adding duplicates.
 Scorers write these parts as they go, so no process gathers a row of every train row.
 (Result sets written before parts, and ensembles, list one self_influence file.) When a new run
-completes, the files of the run it replaces are deleted.
+completes, the files of the run it replaces are deleted, and so are the files later stages
+derived from that run (`DERIVED`: the HTML report, the LDS record).
+
+A run that never completes (its job killed mid-score, or a reducer retried) leaves its folder
+unlisted; `jobs.gc` removes such folders once nothing in them changed for `gc.grace_s`
+(`collect_abandoned`). A run whose files gc removed while it ran is refused at `complete`
+(ResultsCollectedError), so `_COMPLETE.json` never lists a missing file.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -29,13 +36,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from grass_dist.errors import ResultsNotFoundError, StoreUnavailableError
-from grass_dist.index import GradientIndex
+from grass_dist.errors import (
+    ResultsCollectedError,
+    ResultsNotFoundError,
+    StoreUnavailableError,
+)
+from grass_dist.index import GradientIndex, Store
 from grass_dist.scoring.score import key_positions
 
 log = logging.getLogger(__name__)
 
+RESULTS = "results"
 COMPLETE = "_COMPLETE.json"
+# Written next to _COMPLETE.json from the current run's files by later stages: stale (and
+# deleted) once another run replaces it.
+DERIVED = ("report.html", "lds.json")
 
 SELF_INFLUENCE_SCHEMA = pa.schema(
     [
@@ -52,7 +67,13 @@ def _from_bytes(data: bytes) -> pa.Table:
 
 
 def results_dir(name: str) -> str:
-    return f"results/{name}"
+    return f"{RESULTS}/{name}"
+
+
+def run_folder(rel: str) -> str | None:
+    """`results/<name>/<run id>` of a file in a run folder; None for any other path."""
+    parts = rel.split("/")
+    return "/".join(parts[:3]) if len(parts) >= 4 and parts[0] == RESULTS else None
 
 
 def new_run_dir(name: str) -> str:
@@ -123,17 +144,83 @@ def write_tables(index: GradientIndex, run_dir: str, file: str, tables: Iterable
 
 
 def complete(index: GradientIndex, name: str, files: dict[str, Any], summary: dict) -> None:
-    """Publish a finished run (one atomic put), then delete the files of the run it replaces."""
+    """Publish a finished run (one atomic put), then delete the files of the run it replaces
+    and what later stages derived from them."""
+    _check_present(index.store, files)
     rel = f"{results_dir(name)}/{COMPLETE}"
     old = json.loads(index.get_artifact(rel))["files"] if index.has_artifact(rel) else {}
     index.put_artifact(rel, json.dumps({"files": files, "summary": summary}, indent=1).encode())
     keep = set(_paths(files))
-    for path in _paths(old):
-        if path not in keep:
-            try:
-                index.store.delete(path)
-            except StoreUnavailableError as e:  # the new run is published; this is tidying
-                log.warning("could not delete superseded result file %s: %s", path, e)
+    replaced = [path for path in _paths(old) if path not in keep]
+    if not replaced:  # the same run republished (e.g. with its damping choice)
+        return
+    derived = [f"{results_dir(name)}/{file}" for file in DERIVED]
+    try:
+        for path in replaced + derived:
+            index.store.delete(path)
+        for folder in sorted({run_folder(path) for path in replaced} - {None}):
+            index.store.prune_folders(folder)
+    except StoreUnavailableError as e:  # the new run is published; this is tidying
+        log.warning("could not delete the replaced run's result files: %s", e)
+
+
+def _check_present(store: Store, files: dict[str, Any]) -> None:
+    """ResultsCollectedError unless every listed file exists (one listing per run folder)."""
+    paths = _paths(files)
+    found: set[str] = set()
+    for folder in {run_folder(path) for path in paths} - {None}:
+        found |= set(store.walk(folder))
+    missing = [p for p in paths if p not in found and (run_folder(p) or not store.exists(p))]
+    if missing:
+        raise ResultsCollectedError(
+            f"{len(missing)} result files of this scoring run are gone before it was "
+            f"published (e.g. {store.url_of(missing[0])}): was `jobs.gc` run with a "
+            "gc.grace_s shorter than the scoring run? Nothing was published and the previous "
+            "results are unchanged; rerun the scoring job (and give jobs.gc a longer grace)."
+        )
+
+
+def collect_abandoned(
+    store: Store, grace_s: float, dry_run: bool = False, now: float | None = None
+) -> dict[str, Any]:
+    """Remove the run folders no result set's `_COMPLETE.json` lists (scoring runs that
+    never completed) once their newest file is at least `grace_s` old; report what went.
+
+    The listing comes first and each `_COMPLETE.json` is read after it, so a run published
+    meanwhile counts as listed. A run still writing has a young file and is kept; one whose
+    files go anyway is refused at `complete`.
+    """
+    files = store.walk(RESULTS)
+    listed: set[str | None] = set()
+    for rel in files:
+        parts = rel.split("/")
+        if len(parts) == 3 and parts[2] == COMPLETE:
+            done = json.loads(store.read_bytes(rel))["files"]
+            listed |= {run_folder(path) for path in _paths(done)}
+    folders: dict[str, dict[str, tuple[int, float | None]]] = {}
+    for rel, info in files.items():
+        folder = run_folder(rel)
+        if folder is not None and folder not in listed:
+            folders.setdefault(folder, {})[rel] = info
+    now = time.time() if now is None else now
+    old = {
+        folder: found
+        for folder, found in folders.items()
+        if all(modified is not None and now - modified >= grace_s for _, modified in found.values())
+    }
+    if not dry_run:
+        for folder, found in sorted(old.items()):
+            for rel in sorted(found):
+                store.delete(rel)
+            store.prune_folders(folder)
+            log.info("removed abandoned scoring run %s", store.url_of(folder))
+    return {
+        "abandoned_runs": len(folders),
+        "young": len(folders) - len(old),
+        "removed": len(old),
+        "files_removed": sum(len(found) for found in old.values()),
+        "bytes_reclaimed": sum(size for found in old.values() for size, _ in found.values()),
+    }
 
 
 def _paths(files: dict[str, Any]) -> list[str]:

@@ -113,6 +113,8 @@ def test_gc_job_prints_what_it_reclaimed_and_refuses_a_missing_index(tmp_path):
     index = _index(str(tmp_path / "idx"))
     index.commit([_write(index, 0)])
     orphan = _write(index, 1)
+    unfinished = "results/default/0123abcd/topk.parquet"  # a scoring run killed before it completed
+    index.store.write_bytes(unfinished, b"12345")
     cmd = [sys.executable, "-m", "jobs.gc", f"run.output_dir={tmp_path}", "gc.grace_s=0"]
     done = subprocess.run([*cmd, f"store.url={index.url}"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -120,6 +122,8 @@ def test_gc_job_prints_what_it_reclaimed_and_refuses_a_missing_index(tmp_path):
     report = json.loads(out[out.index('{\n  "gc"') :])["gc"]
     assert (report["removed"], report["bytes_reclaimed"]) == (1, orphan.nbytes)
     assert not index.store.exists(orphan.file) and "removed uncommitted attempt file" in out
+    assert (report["results"]["removed"], report["results"]["bytes_reclaimed"]) == (1, 5)
+    assert not (tmp_path / "idx" / "results" / "default" / "0123abcd").exists()
     missing = subprocess.run(
         [*cmd, f"store.url={tmp_path / 'none'}"], capture_output=True, text=True
     )
