@@ -35,7 +35,7 @@ from grass_dist.gradients.learned_state import save_states
 from grass_dist.index import GradientIndex
 from grass_dist.models.state import state_hash
 from grass_dist.runtime import local_shard
-from grass_dist.runtime.cluster import connect, worker_factory
+from grass_dist.runtime.cluster import check_reachable, connect, worker_factory
 from grass_dist.runtime.local_shard import LocalShard
 from grass_dist.runtime.pool import ActorPool
 from grass_dist.runtime.progress import JobProgress
@@ -194,6 +194,9 @@ def prepare_started(
     if job_cfg.cluster.address is not None:
         # Joining a running cluster is quick, and a job submitted to one runs in a working
         # directory Ray manages for it: prepare first and connect later, as `prepare` does.
+        # But first make sure there is a cluster to join, before the store is written.
+        if not ray.is_initialized():
+            check_reachable(job_cfg.cluster.address)
         job = prepare(raw, create_index=create_index, query=query)
         job.started = started
         job.reached("prepared")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 # Held while a thread starts Ray (`connect`, or a caller that starts other threads first and
 # then connects, as grass_dist.launch.door): another thread's `connect` meanwhile waits for it.
 CONNECTING = threading.RLock()
+REACH_TIMEOUT_S = 10.0  # how long a joined cluster's head may take to accept a connection
 
 
 def connect(cfg: ClusterConfig) -> bool:
@@ -38,25 +40,71 @@ def connect(cfg: ClusterConfig) -> bool:
 def _start(cfg: ClusterConfig) -> None:
     if cfg.address is None:
         # address="local" always starts a fresh Ray here, even if a cluster runs nearby.
-        ray.init(
-            address="local",
-            num_cpus=cfg.num_cpus,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            configure_logging=True,
-        )
+        notices = logging.getLogger(TOKEN_NOTICE_LOGGER)
+        notices.addFilter(_drop_token_notice)
+        try:
+            ray.init(
+                address="local",
+                num_cpus=cfg.num_cpus,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                configure_logging=True,
+            )
+        finally:
+            notices.removeFilter(_drop_token_notice)
         log.info("started an embedded Ray with %s CPUs", ray.cluster_resources().get("CPU"))
     else:
+        check_reachable(cfg.address)
         try:
             ray.init(address=cfg.address, logging_level=logging.WARNING)
         except ConnectionError as e:
-            raise ClusterUnreachableError(
-                f"no Ray cluster to join at cluster.address={cfg.address} ({e}): start one "
-                'first (`ray start --head`; README: "On this machine with `ray start`"), '
-                "give the head's address, or drop cluster=ray (cluster.address=null) to run "
-                "on an embedded Ray"
-            ) from None
+            raise _unreachable(cfg.address, str(e)) from None
         log.info("joined the Ray cluster at %s", cfg.address)
+
+
+# Ray's notice, on every start of a Ray with RAY_AUTH_MODE unset, that it turned token
+# authentication on, "Set RAY_AUTH_MODE=disabled to opt out": for an embedded Ray, which
+# only this process uses, that is noise with advice against the user's interest.
+TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def _drop_token_notice(record: logging.LogRecord) -> bool:
+    return "Token authentication is enabled" not in record.getMessage()
+
+
+def _unreachable(address: str, why: str) -> ClusterUnreachableError:
+    return ClusterUnreachableError(
+        f"no Ray cluster to join at cluster.address={address} ({why}): start one "
+        'first (`ray start --head`; README: "On this machine with `ray start`"), '
+        "give the head's address, or drop cluster=ray (cluster.address=null) to run "
+        "on an embedded Ray"
+    )
+
+
+def check_reachable(address: str, timeout_s: float = REACH_TIMEOUT_S) -> None:
+    """ClusterUnreachableError unless something accepts connections at the head's address
+    (for 'auto', the cluster Ray would join), within `timeout_s`: Ray's own join waits
+    minutes on an address where nothing listens. Addresses of other schemes are left to Ray.
+    """
+    target: str | None = address
+    if address == "auto":
+        try:
+            from ray._private import services  # Ray's own resolution of 'auto'
+
+            target = services.canonicalize_bootstrap_address_or_die("auto")
+        except ConnectionError as e:
+            raise _unreachable(address, str(e)) from None
+        except Exception:  # noqa: BLE001 - a Ray without it: ray.init resolves 'auto' itself
+            return
+    target = str(target).removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if "://" in target or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        why = f"nothing accepted a connection at {target} within {timeout_s:g} s: {e}"
+        raise _unreachable(address, why) from None
 
 
 def shutdown() -> None:

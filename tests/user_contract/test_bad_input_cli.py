@@ -9,10 +9,12 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
+from tests.ray_procs import free_port
 from tests.user_contract.conftest import run_job
 from tests.user_contract.test_bad_input import _message, _overrides
 
@@ -73,6 +75,21 @@ def test_cli_with_no_cluster_to_join_says_how_to_start_one(tmp_path, user_pkg):
     message = _message(proc.stderr)
     assert re.search(r"no Ray cluster to join at cluster\.address=auto .*ray start --head", message)
     assert "cluster.address=null" in message
+    assert not (tmp_path / "index").exists()  # refused before the store was written
+
+
+def test_cli_with_nothing_listening_at_the_address_is_refused_at_once(tmp_path, user_pkg):
+    # Ray itself waits minutes for a head that does not answer; the job checks first.
+    address = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    overrides = [*_overrides(user_pkg, tmp_path), "cluster=ray", f"cluster.address={address}"]
+    proc = run_job("index", *overrides, user=user_pkg, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    message = _message(proc.stderr)
+    assert f"no Ray cluster to join at cluster.address={address}" in message
+    assert "nothing accepted a connection" in message and "ray start --head" in message
+    assert time.monotonic() - started < 60  # the process start and imports, not Ray's wait
+    assert not (tmp_path / "index").exists()
 
 
 def test_cli_exits_2_when_hydra_refuses_the_command_line(tmp_path, user_pkg):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shlex
 
@@ -58,6 +59,9 @@ def test_readme_commands_run_with_the_users_model_data_task_and_recipe(user_pkg,
         done = run_job(job, *overrides, user=user_pkg, cwd=tmp_path)
         assert done.returncode == 0, f"jobs.{job} failed:\n{done.stderr[-3000:]}"
         summaries[job] = _summary(done.stdout)
+        # Ray's notice that it turned token auth on (with RAY_AUTH_MODE unset, as in a
+        # user's shell) is noise for the embedded Ray: no job prints it.
+        assert "RAY_AUTH_MODE" in os.environ or "RAY_AUTH_MODE=disabled" not in done.stderr
     # my_pkg.data.train_set() has 120 rows and queries() 10 (the callables' defaults).
     attributed = summaries["attribute"]
     assert attributed["index"]["rows"] == 120 and attributed["score"]["queries"] == 10
