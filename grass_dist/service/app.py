@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse
 
 from grass_dist.config import JobConfig
 from grass_dist.errors import BadRequestError, ConfigError, GrassError, ServiceCheckError
+from grass_dist.runtime import cluster
 from grass_dist.runtime.cluster import connect, threads_for
 from grass_dist.service.client import encode
 from grass_dist.service.engine import QueryEngine
@@ -168,6 +169,10 @@ def check(job: JobConfig) -> None:
         log.info("pre-deploy query (kind=%s) answered: top proponent %s", kind, top[:1])
 
 
+# What `start` started in this process, for `stop`: Serve applications, and an embedded Ray.
+_STARTED: dict[str, Any] = {"apps": [], "ray": False}
+
+
 def start(raw_job: dict[str, Any]) -> str:
     """Deploy the service on the configured Ray cluster; returns its base URL."""
     job = JobConfig.from_cfg(raw_job)
@@ -179,7 +184,8 @@ def start(raw_job: dict[str, Any]) -> str:
             "reachable from other machines",
             s.host,
         )
-    connect(job.cluster)
+    if connect(job.cluster) and job.cluster.address is None:
+        _STARTED["ray"] = True
     check_room(job)
     serve.start(http_options={"host": s.host, "port": s.port})
     app = (
@@ -193,6 +199,7 @@ def start(raw_job: dict[str, Any]) -> str:
         .bind(raw_job)
     )
     serve.run(app, name=s.app_name, route_prefix=s.route_prefix, blocking=False)
+    _STARTED["apps"].append(s.app_name)
     url = f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
     log.info("attribution service for %s at %s", job.index_url, url)
     return url
@@ -218,7 +225,15 @@ def check_room(job: JobConfig) -> None:
 
 
 def stop() -> None:
-    serve.shutdown()
+    """Delete the applications `start` deployed (their replicas finish the requests they
+    hold), leaving any other Serve application of a joined cluster running, then stop the
+    embedded Ray `start` started. (`serve.shutdown()` would end every application of the
+    cluster, and on Ray's own shutdown it logs a failed graceful_shutdown task.)"""
+    while _STARTED["apps"]:
+        serve.delete(_STARTED["apps"].pop())
+    if _STARTED["ray"]:
+        _STARTED["ray"] = False
+        cluster.shutdown()
 
 
 def serve_forever(raw_job: dict[str, Any]) -> None:

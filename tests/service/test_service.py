@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import ray
 import torch
 from omegaconf import OmegaConf
 from ray import serve
@@ -243,11 +244,14 @@ def test_eight_clients_times_twenty_requests_are_all_answered_correctly(service)
     assert len(answers) == 160 and all(answers)
 
 
-def test_a_streamed_service_whose_replica_holds_every_free_cpu_still_answers(service, ray_session):
+def test_a_streamed_service_whose_replica_holds_every_free_cpu_still_answers(
+    service, ray_session, monkeypatch
+):
     """A replica holding every CPU the cluster has left leaves none for scorer tasks (as
     `serve.replicas=2` does on a 2-CPU machine): it scores the shards itself rather than
     wait for a CPU that never frees, with the batch job's answers."""
     job, *_ = service
+    monkeypatch.setattr(app, "_STARTED", {"apps": [], "ray": False})  # this test's start only
     held = ray_session.available_resources()["CPU"]
     own = {"cache_bytes": 0, "cpus_per_replica": held, "app_name": "full", "route_prefix": "/full"}
     url = app.start({**job.raw, "serve": {**job.raw["serve"], **own}})
@@ -255,10 +259,36 @@ def test_a_streamed_service_whose_replica_holds_every_free_cpu_still_answers(ser
         assert ray_session.available_resources().get("CPU", 0) == 0
         answers = Client(url, timeout=60).query(query_items(job), topk=10, kind="influence")
     finally:
-        serve.delete("full")
+        app.stop()
     assert_answers_equal_topk_table(
         answers, results.load_table(job.index, "default", "topk").to_pandas()
     )
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class _Other:
+    """Someone else's Serve application on the same Ray."""
+
+    def __call__(self, request) -> str:
+        return "other"
+
+
+def test_stopping_the_service_leaves_other_serve_applications_running(service, monkeypatch):
+    """On a shared Ray (a joined cluster, or a caller's own), `stop` deletes what `start`
+    deployed and nothing else; the module's Ray was not started by `start` and keeps running."""
+    job, *_ = service
+    monkeypatch.setattr(app, "_STARTED", {"apps": [], "ray": False})  # this test's start only
+    serve.run(_Other.bind(), name="other", route_prefix="/other")
+    own = {"app_name": "mine", "route_prefix": "/mine", "cpus_per_replica": 0.1}
+    try:
+        url = app.start({**job.raw, "serve": {**job.raw["serve"], **own}})
+        assert Client(url, timeout=60).query(query_items(job)[:1], topk=1)
+        app.stop()
+        apps = serve.status().applications
+        assert "mine" not in apps and apps["other"].status == "RUNNING"
+        assert ray.is_initialized()
+    finally:
+        serve.delete("other")
 
 
 def test_more_replicas_than_the_embedded_ray_can_place_are_refused_before_deploying(
