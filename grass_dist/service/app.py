@@ -198,8 +198,8 @@ def start(raw_job: dict[str, Any]) -> str:
         )
         .bind(raw_job)
     )
+    _STARTED["apps"].append(s.app_name)  # before it deploys: stop() also ends a half deploy
     serve.run(app, name=s.app_name, route_prefix=s.route_prefix, blocking=False)
-    _STARTED["apps"].append(s.app_name)
     url = f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
     log.info("attribution service for %s at %s", job.index_url, url)
     return url
@@ -237,11 +237,21 @@ def stop() -> None:
 
 
 def serve_forever(raw_job: dict[str, Any]) -> None:
-    """Start the service and block until SIGINT or SIGTERM, then shut it down."""
-    url = start(raw_job)
-    print(f"serving {url}/query (health: {url}/healthz); Ctrl-C stops", flush=True)
+    """Start the service and block until SIGINT or SIGTERM, then shut it down. Either signal
+    also stops a service that is still starting, as cleanly."""
     done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    done.wait()
-    stop()
+
+    def interrupt(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # SIGINT raises KeyboardInterrupt already
+    try:
+        url = start(raw_job)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: done.set())
+        print(f"serving {url}/query (health: {url}/healthz); Ctrl-C stops", flush=True)
+        done.wait()
+    except KeyboardInterrupt:
+        log.info("stopped while starting")
+    finally:
+        stop()
