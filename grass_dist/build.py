@@ -252,20 +252,28 @@ def _canonical(node: Any) -> Any:
     return json.loads(json.dumps(node, sort_keys=True, default=str))
 
 
+def _task_identity(node: dict[str, Any]) -> dict[str, Any]:
+    """A task without `spec()`: its target and arguments (an object given in memory: its
+    sha256 and type), so that another loss is another index."""
+    args = {k: v for k, v in node.items() if k != "_target_"}
+    return {"target": node["_target_"], **_canonical(args)}
+
+
 def fingerprint(
     job: JobConfig, model: nn.Module, compressors: dict[str, Compressor], task, train
 ) -> dict[str, Any]:
     """What an index's rows depend on; any difference makes the index incompatible.
 
     ``train`` is the built training set: its size arguments are left out of the data
-    identity so that an index can grow (see ``grass_dist.data.identity``). A layer kept
+    identity so that an index can grow (see ``grass_dist.data.identity``). A task is known
+    by its ``spec()`` or else by its config node. A layer kept
     whole by compression.whole_small_layers is recorded in ``layers`` as method identity,
     so turning the switch off (where it kept a layer whole) makes the index incompatible.
     """
     return {
         "format_version": FORMAT_VERSION,
         "model": {"target": job.model["_target_"], "state_sha256": state_hash(model)},
-        "task": task.spec() if hasattr(task, "spec") else {"target": job.task["_target_"]},
+        "task": task.spec() if hasattr(task, "spec") else _task_identity(job.task),
         "compression": {"method": job.compression.method, "seed": job.compression.seed},
         "layers": [{"name": n, **c.spec()} for n, c in compressors.items()],
         "dtype": job.index.dtype,

@@ -104,6 +104,18 @@ class NonFiniteGradientError(GrassError):
     """A compressed gradient contains NaN or inf."""
 
 
+class NonFiniteLossError(NonFiniteGradientError):
+    """Some examples' loss is NaN or inf; `positions` are theirs in the batch. (Their
+    gradients may still be finite, e.g. zero where the model's output was replaced by NaN.)"""
+
+    def __init__(self, message: str, positions: list[int]):
+        super().__init__(message)
+        self.positions = positions
+
+    def __reduce__(self):  # raised in Ray workers: pickled with both arguments
+        return (type(self), (str(self), self.positions))
+
+
 class ShardFailedError(GrassError):
     """A shard kept failing because its workers died."""
 

@@ -18,11 +18,12 @@ from grass_dist.api import job_config
 from grass_dist.build import build_dataset, build_model
 from grass_dist.config import JobConfig, resolve
 from grass_dist.data import digits
-from grass_dist.errors import ConfigError
+from grass_dist.errors import ConfigError, FingerprintMismatchError
 from grass_dist.index import GradientIndex
 from grass_dist.models.digits import digits_mlp
 from grass_dist.models.state import state_hash
 from grass_dist.scoring import results
+from grass_dist.tasks.classifier import ClassificationTask
 from tests.conftest import ROOT, compose_cfg
 
 # The jobs' command line of the equivalence test, and the same settings for the API.
@@ -55,6 +56,44 @@ def test_factories_and_config_nodes_become_the_jobs_nodes():
     assert raw["compression"] == {"method": "factgrass", "k": 16}
     with pytest.raises(ConfigError, match="positional"):
         job_config(functools.partial(digits_mlp, [16]), {"_target_": "x"})
+
+
+class _Weighted:
+    """A user's task without spec(): the classification loss times `weight`."""
+
+    def __init__(self, weight: float):
+        self.weight, self.base = weight, ClassificationTask()
+
+    def collate(self, items):
+        return self.base.collate(items)
+
+    def to(self, batch, device):
+        return self.base.to(batch, device)
+
+    def per_sample_loss(self, model, batch):
+        return self.weight * self.base.per_sample_loss(model, batch)
+
+
+def test_a_task_without_spec_enters_the_fingerprint_by_content(tmp_path):
+    # Another loss is another index: reusing the store with it must be refused.
+    model = digits_mlp(hidden=[8], epochs=0, n_train=40, n_query=5, cache_dir=str(tmp_path))
+    train = digits("train", n_train=40, n_query=5)
+
+    def prepare(task, store=tmp_path / "index"):
+        raw = job_config(model, train, task=task, k=8, store=str(store), overrides=here)
+        return pipeline.prepare(raw)
+
+    here = [f"run.output_dir={tmp_path}"]
+
+    first = prepare(_Weighted(1.0))
+    assert prepare(_Weighted(1.0)).fingerprint == first.fingerprint
+    with pytest.raises(FingerprintMismatchError, match=r"task\.sha256: stored="):
+        prepare(_Weighted(2.0))
+    node = {"_target_": f"{__name__}._Weighted", "weight": 1.0}  # a config node: its arguments
+    assert prepare(node, tmp_path / "node").fingerprint["task"] == {
+        "target": f"{__name__}._Weighted",
+        "weight": 1.0,
+    }
 
 
 @pytest.mark.integration

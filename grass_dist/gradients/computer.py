@@ -13,9 +13,9 @@ from torch import nn
 from grass_dist.compress import Compressor, LinearShape
 from grass_dist.data.content import row_digests
 from grass_dist.data.items import sample_key
-from grass_dist.errors import NonFiniteGradientError
+from grass_dist.errors import NonFiniteGradientError, NonFiniteLossError
 from grass_dist.gradients.capture import LinearCapture
-from grass_dist.gradients.persample import FlatGradients
+from grass_dist.gradients.persample import FlatGradients, check_losses
 
 
 @dataclass
@@ -93,6 +93,7 @@ class GradientComputer:
         if self.capture is not None:
             with self.capture.recording():
                 losses = self.task.per_sample_loss(self.model, batch)
+            check_losses(losses)
             out.update(self.capture.factors(losses))
         if self.flat is not None:
             out.update(self.flat.per_sample(batch))
@@ -139,7 +140,18 @@ class GradientComputer:
         n = len(loaded.row_ids)
         phi = {name: np.zeros((n, c.out_dim), np.float32) for name, c in self.compressors.items()}
         for group, batch in loaded.batches:
-            for name, block in self.phi_batch(batch).items():
+            try:
+                blocks = self.phi_batch(batch)
+            except NonFiniteLossError as e:
+                bad = [int(loaded.row_ids[group[j]]) for j in e.positions]
+                raise NonFiniteLossError(
+                    f"non-finite loss (NaN or inf) for rows {_listed(bad)} ({len(bad)} of a "
+                    f"batch of {len(group)}): their gradients would be meaningless. Check the "
+                    f"model's output and the labels on these examples (NaN/inf inputs or "
+                    f"outputs, labels out of range, or a diverged checkpoint)",
+                    bad,
+                ) from None
+            for name, block in blocks.items():
                 if not all_finite(block):
                     bad = sorted(int(loaded.row_ids[j]) for j in group)
                     raise NonFiniteGradientError(
@@ -151,3 +163,7 @@ class GradientComputer:
             if on_batch is not None:
                 on_batch(len(group))
         return PhiBlock(row_ids=loaded.row_ids, keys=loaded.keys, phi=phi)
+
+
+def _listed(rows: list[int], most: int = 10) -> str:
+    return f"{rows[:most]}" if len(rows) <= most else f"{rows[:most]} and {len(rows) - most} more"

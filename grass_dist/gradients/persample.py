@@ -1,6 +1,6 @@
 """Exact per-sample gradients of non-Linear modules' parameters through `torch.func`.
 
-`vmap(grad(loss))` differentiates each sample's own loss (the task's per-sample loss on a
+`vmap(grad_and_value(loss))` differentiates each sample's own loss (the task's per-sample loss on a
 batch of one) with respect to the chosen parameters only; every other parameter and buffer
 is held fixed. Linear layers do not come here: their factors come from the hooks in
 `capture.py` in a separate forward/backward pass.
@@ -12,8 +12,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad_and_value, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from grass_dist.errors import NonFiniteLossError
 
 
 class _Bound:
@@ -27,6 +29,15 @@ class _Bound:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)
+
+
+def check_losses(losses: torch.Tensor) -> None:
+    """NonFiniteLossError naming the batch positions whose per-sample loss is NaN or inf."""
+    finite = torch.isfinite(losses.detach())
+    if bool(finite.all()):
+        return
+    bad = torch.nonzero(~finite).flatten().tolist()
+    raise NonFiniteLossError(f"non-finite loss at batch positions {bad}", bad)
 
 
 class FlatGradients:
@@ -60,7 +71,10 @@ class FlatGradients:
             return self.task.per_sample_loss(_Bound(self.model, {**state, **params}), one).sum()
 
         tensors = [leaves[i] for i in where]
-        grads = vmap(grad(loss), in_dims=(None, *[0] * len(tensors)))(wanted, *tensors)
+        grads, losses = vmap(grad_and_value(loss), in_dims=(None, *[0] * len(tensors)))(
+            wanted, *tensors
+        )
+        check_losses(losses)
         batch_size = tensors[0].shape[0]
         return {
             layer: torch.cat([grads[n].reshape(batch_size, -1) for n in names], 1).float()

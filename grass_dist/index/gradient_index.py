@@ -313,8 +313,14 @@ def _check_fingerprint(store: Store, stored: dict[str, Any], requested: dict[str
     if not diffs:
         return
     lines = "\n".join(f"  {path}: stored={_show(a)} requested={_show(b)}" for path, a, b in diffs)
+    empty = ""
+    if ManifestLog(store).snapshot()[0] == 0:
+        empty = (
+            f"\nIt holds no committed shard (a job stopped before its first commit), so "
+            f"nothing is lost by deleting it: remove {store.url_of('')} and rerun."
+        )
     raise FingerprintMismatchError(
         f"the gradient index at {store.url_of('')} was built with a different fingerprint:\n"
         f"{lines}\nFix: use a new store.url (or index.url) for these settings, or rerun with "
-        "the same model/compression/data settings as the existing index."
+        f"the same model/compression/data settings as the existing index.{empty}"
     )

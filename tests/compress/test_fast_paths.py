@@ -4,6 +4,7 @@ sequences, several SJLT copies."""
 
 import pytest
 import torch
+from torch import nn
 
 from grass_dist.compress import (
     FactGraSSCompressor,
@@ -14,12 +15,11 @@ from grass_dist.compress import (
 )
 from grass_dist.compress.sketch import SJLT, scatter_signed
 from grass_dist.config import CompressionConfig
-from grass_dist.errors import NonFiniteGradientError
+from grass_dist.errors import NonFiniteGradientError, NonFiniteLossError
 from grass_dist.gradients.capture import resolve_layers
 from grass_dist.gradients.computer import GradientComputer, all_finite
 from grass_dist.runtime.seeding import generator
 from grass_dist.tasks.classifier import ClassificationTask
-from tests.helpers import mlp
 
 
 def _explicit_g(x: torch.Tensor, g: torch.Tensor, bias: bool) -> torch.Tensor:
@@ -116,10 +116,52 @@ def test_all_finite_is_exact_even_when_the_sum_overflows():
     assert not all_finite(torch.tensor([[float("inf"), -float("inf")]]))
 
 
+class _SqrtOfFc1(nn.Module):
+    """sqrt(|fc1(x)|) with no bias: a zero input has a finite loss but a NaN gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.out = nn.Linear(4, 5, bias=False), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out(self.fc1(x).abs().sqrt())
+
+
 def test_non_finite_phi_names_the_layer_and_rows():
-    model = mlp(d_in=4, hidden=5)
+    model = _SqrtOfFc1()
     comps = build_compressors(CompressionConfig(k=4), resolve_layers(model, None))
     rows = [(torch.randn(4), torch.tensor(1)) for _ in range(3)]
-    rows[2] = (torch.tensor([1.0, float("nan"), 0.0, 0.0]), torch.tensor(0))
+    rows[2] = (torch.zeros(4), torch.tensor(0))
     with pytest.raises(NonFiniteGradientError, match=r"layer 'fc1' for rows 2..2"):
         GradientComputer(model, ClassificationTask(), comps).phi_rows(rows, range(3), 2)
+    rows[2] = (torch.tensor([1.0, float("nan"), 0.0, 0.0]), torch.tensor(0))  # a NaN loss
+    with pytest.raises(NonFiniteLossError, match=r"rows \[2\] \(1 of a batch of 1\)"):
+        GradientComputer(model, ClassificationTask(), comps).phi_rows(rows, range(3), 2)
+
+
+class _NanForSome(nn.Module):
+    """Outputs NaN for the rows whose first input is above 0.5: their loss is NaN, but
+    torch.where passes no gradient to that branch, so their gradients are all zero."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.norm, self.out = nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        y = self.out(self.norm(self.fc1(x)))
+        return torch.where(x[:, :1] > 0.5, torch.full_like(y, float("nan")), y)
+
+
+@pytest.mark.parametrize("layers", [["fc1", "out"], ["norm"]])  # capture hooks; torch.func
+def test_rows_with_a_non_finite_loss_are_named_though_their_gradients_are_zero(layers):
+    model = _NanForSome()
+    comps = build_compressors(CompressionConfig(k=4), resolve_layers(model, layers))
+    rows = [(torch.tensor([v, 0.1, 0.2, 0.3]), torch.tensor(1)) for v in (0, 0.9, 0.1, 0.8, 0.2)]
+    computer = GradientComputer(model, ClassificationTask(), comps)
+    with pytest.raises(NonFiniteLossError, match=r"rows \[1, 3\] \(2 of a batch of 5\)") as e:
+        computer.phi_rows(rows, range(5), 5)
+    assert e.value.positions == [1, 3]
+    ok = [rows[i] for i in (0, 2, 4)]
+    assert all(
+        all_finite(torch.from_numpy(p)) for p in computer.phi_rows(ok, range(3), 3).phi.values()
+    )

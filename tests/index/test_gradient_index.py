@@ -156,6 +156,13 @@ def test_fingerprint_mismatch_names_differing_keys(url):
     assert "layers[1].k: stored=3 requested=4" in msg
     assert "extra: stored=<missing>" in msg and "x" * 100 not in msg  # long values truncated
     assert "store.url" in msg and "model.name" not in msg
+    assert "It holds no committed shard" in msg and "nothing is lost by deleting it" in msg
+
+    idx = GradientIndex.open(url)
+    idx.commit([idx.write_shard("0000", 0, 5, *_rows(0, 5))])
+    with pytest.raises(FingerprintMismatchError) as info:
+        GradientIndex.create_or_open(url, other)
+    assert "no committed shard" not in str(info.value)  # deleting it would lose rows
 
 
 def test_concurrent_create_or_open(tmp_path):
