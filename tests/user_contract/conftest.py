@@ -56,8 +56,10 @@ def _digits():
     return x, y
 
 
-def train_set(n=120):
+def train_set(n=120, nan_row=None):
     x, y = _digits()
+    if nan_row is not None:  # a corrupt row, e.g. a failed preprocessing step
+        x[nan_row, 0] = float("nan")
     return TensorDataset(x[:n], y[:n])
 
 

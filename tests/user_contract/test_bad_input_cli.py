@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from grass_dist.index import GradientIndex
 from tests.ray_procs import free_port
 from tests.user_contract.conftest import run_job
 from tests.user_contract.test_bad_input import _message, _overrides
@@ -54,6 +55,17 @@ def test_cli_refuses_and_leaves_no_ray_running(tmp_path, user_pkg, job, override
     assert re.search(match, _message(proc.stderr), re.S)
     assert _processes_naming(ray_tmp) == []
     assert not (tmp_path / "index").exists()
+
+
+def test_cli_names_the_row_whose_loss_is_nan_and_keeps_the_committed_shards(tmp_path, user_pkg):
+    # Row 0 is checked before the index is created; row 70 only as its shard is indexed.
+    given = _overrides(user_pkg, tmp_path, "+data.train.nan_row=70")
+    proc = run_job("index", *given, user=user_pkg, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    message = _message(proc.stderr)
+    assert re.search(r"non-finite loss \(NaN or inf\) for rows \[70\] \(1 of a batch of", message)
+    committed = GradientIndex.open(str(tmp_path / "index")).committed().values()
+    assert all(not rec.start <= 70 < rec.end for rec in committed)
 
 
 def test_cli_with_no_cluster_to_join_says_how_to_start_one(tmp_path, user_pkg):
