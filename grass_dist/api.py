@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from grass_dist import assembly, pipeline
 from grass_dist.config import JobConfig, resolve
-from grass_dist.errors import ConfigError
+from grass_dist.errors import ConfigError, ResultsNotFoundError
 from grass_dist.index import GradientIndex
 from grass_dist.scoring import results
 
@@ -47,10 +47,23 @@ _CONFIG_PATHS = {
 }
 
 
-def _path(fn: Any) -> str:
+def _path(fn: Any, where: str = "a factory") -> str:
     """The config path of `fn`: its stable path where it has one (_CONFIG_PATHS), else the
     shortest import path, where a package that re-exports it wins over the module that
-    defines it (grass_dist.data.digits, whose name the function shadows)."""
+    defines it (grass_dist.data.digits, whose name the function shadows). ConfigError for
+    what no worker can import by name: a lambda, a local function, a script's own."""
+    name = f"{fn.__module__}.{fn.__qualname__}"
+    what = None
+    if fn.__module__ == "__main__":
+        what = "defined in the script itself (__main__)"
+    elif "<" in fn.__qualname__:
+        what = "a lambda or a function defined inside another"
+    if what:
+        raise ConfigError(
+            f"{where}: {name} is {what}, which Ray's worker processes cannot import by "
+            f"name: pass the object it builds instead ({fn.__name__}(...)), or define it "
+            f"at the top level of a module on the workers' PYTHONPATH"
+        )
     stable = _CONFIG_PATHS.get(fn.__module__)
     if stable and getattr(importlib.import_module(stable), fn.__qualname__, None) is fn:
         return f"{stable}.{fn.__qualname__}"
@@ -80,12 +93,12 @@ def as_node(value: Any, where: str) -> dict[str, Any]:
     if isinstance(value, functools.partial):
         if value.args:
             raise ConfigError(
-                f"{where}: functools.partial({_path(value.func)}, ...) has positional "
+                f"{where}: functools.partial({_path(value.func, where)}, ...) has positional "
                 f"arguments; pass them by keyword so the config can name them"
             )
-        return {"_target_": _path(value.func), **value.keywords}
+        return {"_target_": _path(value.func, where), **value.keywords}
     if inspect.isfunction(value) or inspect.isclass(value):
-        return {"_target_": _path(value)}
+        return {"_target_": _path(value, where)}
     return assembly.register(value)
 
 
@@ -119,23 +132,38 @@ def job_config(
 
 @dataclass
 class Attribution:
-    """One scored query set (result set `name` in the index store)."""
+    """One scored query set: the run that `Index.attribute` wrote to result set `name` in
+    the index store. A later run of the same name replaces it (its files are deleted): this
+    object then refuses to read rather than return the later run's scores."""
 
     index: GradientIndex
     name: str
     summary: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, Any] | None = None  # this run's files (its _COMPLETE.json); None: current
 
     def topk(self) -> pd.DataFrame:
         """Per query, its `topk` proponents and opponents: one row per (query, rank, sign)."""
-        return results.load_table(self.index, self.name, "topk").to_pandas()
+        return results.load_table(self._ours(), self.name, "topk").to_pandas()
 
     def dense(self) -> np.ndarray:
         """Every score, (n_train, n_query); written when attribute(..., dense=True)."""
-        return results.load_dense(self.index, self.name)
+        return results.load_dense(self._ours(), self.name)
 
     def self_influence(self) -> pd.DataFrame:
         """tau(i, i) and the squared gradient norm of every training row."""
-        return results.load_table(self.index, self.name, "self_influence").to_pandas()
+        return results.load_table(self._ours(), self.name, "self_influence").to_pandas()
+
+    def _ours(self) -> GradientIndex:
+        """The index, once sure that result set `name` still holds this run."""
+        now = results.manifest(self.index, self.name)["files"]
+        if self.files is not None and now != self.files:
+            raise ResultsNotFoundError(
+                f"these results were replaced by a later run of result set {self.name!r} in "
+                f"{self.index.store.url_of('')} (their files are gone): read the later "
+                f"Attribution, or give each call its own name (attribute(..., name=...)) to "
+                f"keep both"
+            )
+        return self.index
 
 
 class Index:
@@ -196,4 +224,4 @@ class Index:
             summary.update(pipeline.score_stage(job, phi))
         finally:
             pipeline.shutdown(job)
-        return Attribution(job.index, name, summary)
+        return Attribution(job.index, name, summary, results.manifest(job.index, name)["files"])

@@ -58,6 +58,23 @@ def test_factories_and_config_nodes_become_the_jobs_nodes():
         job_config(functools.partial(digits_mlp, [16]), {"_target_": "x"})
 
 
+def test_a_factory_no_worker_can_import_is_refused_naming_what_to_pass():
+    def local_model():
+        return digits_mlp(hidden=[16])
+
+    script = {"__name__": "__main__"}  # what a user's script or notebook defines
+    exec("def make_model(hidden=8):\n    return hidden", script)
+    cases = [
+        (functools.partial(script["make_model"], hidden=4), r"__main__\.make_model is defined "),
+        (local_model, "a lambda or a function defined inside another"),
+        (lambda: None, "a lambda"),
+    ]
+    for factory, said in cases:
+        with pytest.raises(ConfigError, match=said) as info:
+            job_config(factory, {"_target_": "grass_dist.data.digits"})
+        assert "pass the object it builds instead" in str(info.value)
+
+
 class _Weighted:
     """A user's task without spec(): the classification loss times `weight`."""
 
