@@ -289,7 +289,8 @@ def _merge_error(group: str, e: OmegaConfBaseException) -> str:
     field_name = f"{group}.{key}" if key else group
     return (
         f"config group '{group}': {reason} (field {field_name}). Fix: use the fields of "
-        f"conf/{group}/*.yaml with values of their type; new keys are not accepted"
+        f"'{group}' that grass_dist/config.py lists (each with its help), with values of "
+        "their type; new keys are not accepted"
     )
 
 

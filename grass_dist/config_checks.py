@@ -303,6 +303,13 @@ def _validate_names(job: JobConfig) -> None:
     for where, url in (("index.url", job.index.url), ("lds.url", job.lds.url)):
         if url is not None and not url.strip():
             raise ConfigError(f"{where} is empty; set a URL, or null to use store.url")
+    for where, url in (("store.url", job.store.url), ("index.url", job.index.url)):
+        if url is not None and url.strip().lower().startswith("memory://"):
+            raise ConfigError(
+                f"{where}={url} is a filesystem in one process's memory, which the job's "
+                "workers and reducer (other processes) cannot see: use a local path or an "
+                "s3:// URL"
+            )
 
 
 def _validate_layers(layers: list[str] | None) -> None:

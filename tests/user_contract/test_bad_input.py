@@ -160,6 +160,7 @@ CASES = {
         ("store.url=nosuch://bucket/index",),
         r"unavailable: cannot create filesystem.*store\.url",
     ),
+    "store_in_memory": ("index", ("store.url=memory://idx",), r"one process's memory"),
     "store_retries_negative": (
         "index",
         ("store.retries=-1",),
