@@ -82,3 +82,14 @@ def test_validation_split_and_choice():
     assert damping.best_delta([0.1, float("nan"), 0.3, 0.3], [1e-3, 1e-2, 1e-1, 1.0]) == 1.0
     with pytest.raises(DampingSelectionError, match="undefined"):
         damping.best_delta([float("nan")], [1.0])
+
+
+def test_the_label_proxy_refuses_what_it_cannot_judge():
+    classes = {"data.train": np.array([0, 3, 1]), "data.query": np.array([2.0, 1.0])}
+    damping.check_class_labels(classes)  # integers, and floats that are whole numbers
+    with pytest.raises(DampingSelectionError, match=r"data.query's labels are not whole.*0\.25"):
+        damping.check_class_labels({**classes, "data.query": np.array([1.0, 0.25])})
+    damping.check_proxy_signal([0.0, 0.1, 0.0], 4, 10)
+    damping.check_proxy_signal([0.5, 0.5], 4, 10)  # a tie: best_delta takes the larger delta
+    with pytest.raises(DampingSelectionError, match="no delta.*4 validation queries. top 10"):
+        damping.check_proxy_signal([0.0, 0.0, 0.0], 4, 10)

@@ -203,6 +203,33 @@ def _agreement(top: TopK, train_labels, query_labels, n_delta: int) -> list[floa
     return [float(hit[d * q : (d + 1) * q].mean()) for d in range(n_delta)]
 
 
+def check_class_labels(labels: dict[str, np.ndarray]) -> None:
+    """DampingSelectionError unless every label is a class (a whole number, or not a float):
+    the proxy compares labels for equality, which regression targets never are."""
+    for which, values in labels.items():
+        if np.issubdtype(values.dtype, np.floating) and not np.all(np.mod(values, 1) == 0):
+            raise DampingSelectionError(
+                f"precondition.damping=auto found no LDS ground truth for this recipe, and "
+                f"the label proxy needs class labels, but {which}'s labels are not whole "
+                f"numbers (e.g. {values[np.mod(values, 1) != 0][0]:g}; regression targets?): "
+                "build ground truth with python -m jobs.lds, or set precondition.damping to "
+                "a number"
+            )
+
+
+def check_proxy_signal(values: list[float], n_val: int, topk: int) -> None:
+    """DampingSelectionError when no delta's proponents carried any query's label: no signal
+    to choose by (a tie elsewhere goes to the larger delta, as `best_delta` says)."""
+    if any(values):
+        return
+    raise DampingSelectionError(
+        f"precondition.damping=auto: at no delta of precondition.grid did any of the "
+        f"{n_val} validation queries' top {topk} proponents carry its label, so the label "
+        "proxy cannot choose: raise precondition.validation (more validation queries), "
+        "build ground truth with python -m jobs.lds, or set precondition.damping to a number"
+    )
+
+
 def by_proxy(
     members: list[Member],
     cfg: JobConfig,
@@ -228,7 +255,9 @@ def by_proxy(
         per_member = [_agreement(t, train_labels, query_labels[rows], len(deltas)) for t in tops]
         return np.mean(per_member, axis=0)
 
+    check_class_labels({"data.train": train_labels, "data.query": query_labels})
     values = agreement(val, grid).tolist()
+    check_proxy_signal(values, len(val), topk)
     best = best_delta(values, grid)
     held = float(agreement(test, [best])[0])
     name = f"label_agreement@{topk}"
