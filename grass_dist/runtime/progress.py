@@ -49,6 +49,7 @@ class JobProgress:
             "index": None,
         }
         self._bar: tqdm | None = None
+        self._bar_stage: str | None = None
         self._t0 = time.monotonic()
         self._written = 0.0
         self._by_node: Counter[str] = Counter()
@@ -86,8 +87,8 @@ class JobProgress:
         self.doc["stages"][stage].update(state=state, seconds=round(seconds, 3))
         if error is not None:
             self.doc["error"] = f"{type(error).__name__}: {error}"
-        if self._bar is not None:
-            self._bar.close()
+        if self._bar is not None and (stage == self._bar_stage or error is not None):
+            self._bar.close()  # not when start_workers, which overlaps it, ends first
             self._bar = None
         self.write()
 
@@ -97,9 +98,13 @@ class JobProgress:
         self.doc["first_shard_s"] = round(seconds, 3)
         self.write()
 
-    def index_plan(self, shards_total: int, skipped: int, rows_total: int, rows_todo: int) -> None:
-        """Start counting: `skipped` of `shards_total` shards were committed before this run."""
+    def index_plan(
+        self, shards_total: int, skipped: int, rows_total: int, rows_todo: int, stage: str = "index"
+    ) -> None:
+        """Start counting: `skipped` of `shards_total` shards were committed before this run;
+        the bar closes as `stage` ends."""
         self._t0 = time.monotonic()
+        self._bar_stage = stage
         self.doc["index"] = {
             "shards_total": shards_total,
             "shards_skipped": skipped,

@@ -136,6 +136,21 @@ def test_progress_record_counts_rows_rate_and_eta(tmp_path):
     }
 
 
+def test_the_shard_bar_counts_to_the_end_though_a_stage_inside_the_index_ends_first(
+    tmp_path, capsys
+):
+    # start_workers overlaps the index stage and ends first: the bar must still count.
+    progress = JobProgress(Store(str(tmp_path)), "job-1", interval_s=0.0)
+    progress.index_plan(shards_total=3, skipped=0, rows_total=30, rows_todo=30)
+    progress.begin("start_workers")
+    progress.begin("index")
+    progress.end("start_workers", 0.5)
+    for _ in range(3):
+        progress.shards_done(10, ["node-a"])
+    progress.end("index", 1.0)
+    assert progress._bar is None and "3/3" in capsys.readouterr().err  # tqdm draws on stderr
+
+
 def test_progress_record_is_readable_by_another_process(tmp_path):
     store = Store(str(tmp_path))
     JobProgress(store, "old", bar=False).write()
