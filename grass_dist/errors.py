@@ -104,6 +104,10 @@ class NonFiniteGradientError(GrassError):
     """A compressed gradient contains NaN or inf."""
 
 
+class BadRowsError(GrassError):
+    """The task or model failed on some data rows: their content, not the config."""
+
+
 class NonFiniteLossError(NonFiniteGradientError):
     """Some examples' loss is NaN or inf; `positions` are theirs in the batch. (Their
     gradients may still be finite, e.g. zero where the model's output was replaced by NaN.)"""

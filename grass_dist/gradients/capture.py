@@ -112,7 +112,7 @@ class LinearCapture:
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             if name in self.outputs:
-                raise RuntimeError(
+                raise ConfigError(
                     f"layer {name!r} ran twice in one forward pass; shared layers are not "
                     f"supported by the factorised capture. Leave it out of index.layers."
                 )
@@ -140,7 +140,10 @@ class LinearCapture:
         """
         missing = [n for n in self.names if n not in self.outputs]
         if missing:
-            raise RuntimeError(f"layers {missing} did not run in the forward pass")
+            raise ConfigError(
+                f"layers {missing} did not run in the forward pass: leave them out of "
+                "index.layers, or attribute with a model whose forward uses them"
+            )
         outs = [self.outputs[n] for n in self.names]
         grads = torch.autograd.grad(losses.sum(), outs, allow_unused=True)
         result = {}

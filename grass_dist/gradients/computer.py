@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,7 @@ from torch import nn
 from grass_dist.compress import Compressor, LinearShape
 from grass_dist.data.content import row_digests
 from grass_dist.data.items import sample_key
-from grass_dist.errors import NonFiniteGradientError, NonFiniteLossError
+from grass_dist.errors import BadRowsError, GrassError, NonFiniteGradientError, NonFiniteLossError
 from grass_dist.gradients.capture import LinearCapture
 from grass_dist.gradients.persample import FlatGradients, check_losses
 
@@ -123,14 +124,15 @@ class GradientComputer:
         model work)."""
         rows = list(rows)
         items = [dataset[r] for r in rows]
+        batches = []
+        for group in self._batches(items, batch_size):
+            with _naming_rows([rows[j] for j in group], "collate"):
+                batches.append((group, self.task.collate([items[j] for j in group])))
         return LoadedRows(
             row_ids=np.asarray(rows, dtype=np.int64),
             keys=[sample_key(dataset, r) for r in rows],
             digests=row_digests(items),
-            batches=[
-                (group, self.task.collate([items[j] for j in group]))
-                for group in self._batches(items, batch_size)
-            ],
+            batches=batches,
         )
 
     def phi_loaded(
@@ -141,7 +143,8 @@ class GradientComputer:
         phi = {name: np.zeros((n, c.out_dim), np.float32) for name, c in self.compressors.items()}
         for group, batch in loaded.batches:
             try:
-                blocks = self.phi_batch(batch)
+                with _naming_rows([int(loaded.row_ids[j]) for j in group], "compute the loss of"):
+                    blocks = self.phi_batch(batch)
             except NonFiniteLossError as e:
                 bad = [int(loaded.row_ids[group[j]]) for j in e.positions]
                 raise NonFiniteLossError(
@@ -167,3 +170,26 @@ class GradientComputer:
 
 def _listed(rows: list[int], most: int = 10) -> str:
     return f"{rows[:most]}" if len(rows) <= most else f"{rows[:most]} and {len(rows) - most} more"
+
+
+@contextmanager
+def _naming_rows(rows: list[int], doing: str) -> Iterator[None]:
+    """Turn the task's or model's own error on a batch (a label out of range, rows of other
+    shapes) into a BadRowsError that names the batch's rows; a GrassError, or running out
+    of memory, passes unchanged."""
+    try:
+        yield
+    except GrassError:
+        raise
+    except torch.OutOfMemoryError:
+        raise
+    except (IndexError, KeyError, TypeError, ValueError, RuntimeError) as e:
+        said = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first, last = min(rows), max(rows)
+        which = f"{first}..{last}" if rows == list(range(first, last + 1)) else None
+        entries = f"; its entry i is row {first}+i" if which else ""
+        raise BadRowsError(
+            f"could not {doing} rows {which or _listed(sorted(rows))} (a batch of {len(rows)}"
+            f"{entries}): {type(e).__name__}: {said}. Check these rows against the model and "
+            "the task (shapes and types like row 0's, labels within the model's classes)"
+        ) from e

@@ -29,6 +29,7 @@ from grass_dist.build import build_dataset, fingerprint
 from grass_dist.config import JobConfig
 from grass_dist.errors import (
     BadRequestError,
+    BadRowsError,
     ConfigError,
     DampingNotChosenError,
     NonFiniteGradientError,
@@ -196,7 +197,7 @@ class QueryEngine:
             )
         try:
             phi = self.computer.phi_rows(items, range(len(items)), self.job.index.batch_size).phi
-        except (NonFiniteGradientError, IndexError, ValueError, RuntimeError) as e:
+        except (BadRowsError, NonFiniteGradientError, IndexError, ValueError, RuntimeError) as e:
             raise BadRequestError(f"could not compute the loss of these examples: {e}", 422) from e
         query = prepare_queries(phi, kind, self.pre, self.damping or 0.0)
         partial = self._score(query, min(topk, max(1, self.n_train)))

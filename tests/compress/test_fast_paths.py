@@ -15,7 +15,7 @@ from grass_dist.compress import (
 )
 from grass_dist.compress.sketch import SJLT, scatter_signed
 from grass_dist.config import CompressionConfig
-from grass_dist.errors import NonFiniteGradientError, NonFiniteLossError
+from grass_dist.errors import BadRowsError, NonFiniteGradientError, NonFiniteLossError
 from grass_dist.gradients.capture import resolve_layers
 from grass_dist.gradients.computer import GradientComputer, all_finite
 from grass_dist.runtime.seeding import generator
@@ -165,3 +165,17 @@ def test_rows_with_a_non_finite_loss_are_named_though_their_gradients_are_zero(l
     assert all(
         all_finite(torch.from_numpy(p)) for p in computer.phi_rows(ok, range(3), 3).phi.values()
     )
+
+
+def test_a_row_the_task_or_model_cannot_take_is_refused_naming_its_batch():
+    model = _SqrtOfFc1()  # 4 inputs, 3 classes
+    comps = build_compressors(CompressionConfig(k=4), resolve_layers(model, None))
+    computer = GradientComputer(model, ClassificationTask(), comps)
+    rows = [(torch.rand(4) + 0.1, torch.tensor(1)) for _ in range(6)]
+    rows[4] = (torch.rand(4) + 0.1, torch.tensor(12))  # a label outside the model's classes
+    said = r"could not compute the loss of rows 3\.\.5 \(a batch of 3; its entry i is row 3\+i\)"
+    with pytest.raises(BadRowsError, match=said + r": IndexError: Target 12 is out of bounds"):
+        computer.phi_rows(rows, range(6), 3)
+    rows[4] = (torch.rand(2) + 0.1, torch.tensor(1))  # fewer features than row 0
+    with pytest.raises(BadRowsError, match=r"could not collate rows 3\.\.5 .*RuntimeError: stack"):
+        computer.phi_rows(rows, range(6), 3)
