@@ -189,7 +189,7 @@ class Index:
             summary = pipeline.run_index(job)
         finally:
             pipeline.shutdown(job)
-        return cls(raw, summary)
+        return cls(raw, {**summary, "compression": pipeline.compression_summary(job)})
 
     @property
     def gradient_index(self) -> GradientIndex:

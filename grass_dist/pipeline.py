@@ -317,6 +317,17 @@ def score_stage(job: Job, query: PhiBlock) -> dict[str, Any]:
     return out
 
 
+def compression_summary(job: Job) -> dict[str, Any]:
+    """What a summary says of the compression: method, k, and the layers kept whole."""
+    c = job.cfg.compression
+    return {
+        "method": c.method,
+        "k": c.k,
+        "whole_small_layers": c.whole_small_layers,
+        "whole_layers": job.whole_layers,
+    }
+
+
 def shutdown(job: Job) -> None:
     if job._local is not None:  # a job that ended before its index stage
         job._local.stop()

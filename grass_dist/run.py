@@ -142,16 +142,6 @@ def _summarised(body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def _compression_summary(job: pipeline.Job) -> dict[str, Any]:
-    c = job.cfg.compression
-    return {
-        "method": c.method,
-        "k": c.k,
-        "whole_small_layers": c.whole_small_layers,
-        "whole_layers": job.whole_layers,
-    }
-
-
 def _run(
     cfg: DictConfig,
     body: Callable[[pipeline.Job], dict[str, Any]],
@@ -171,7 +161,7 @@ def _run(
         # Where the start-up went: its milestones, in order, in seconds from the job's start.
         milestones = sorted(job.startup_s.items(), key=lambda item: item[1])
         summary["startup_seconds"] = {name: round(at, 3) for name, at in milestones}
-        summary["compression"] = _compression_summary(job)
+        summary["compression"] = pipeline.compression_summary(job)
         if job.skipped_records:
             summary["skipped_records"] = job.skipped_records  # data.train.on_bad_record=skip
         summary["stage_seconds"] = {k: round(v, 3) for k, v in job.timings.items()}

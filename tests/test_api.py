@@ -133,6 +133,7 @@ def test_api_index_and_scores_equal_the_jobs(ray_session, tmp_path):
     by_api = index.gradient_index
 
     assert index.summary["rows"] == 120
+    assert index.summary["compression"] == summary["compression"]  # as the job reports it
     rows_jobs, phi_jobs = _rows(by_jobs)
     rows_api, phi_api = _rows(by_api)
     np.testing.assert_array_equal(rows_api, rows_jobs)

@@ -22,7 +22,7 @@ from grass_dist.config import CompressionConfig
 from grass_dist.errors import ConfigError
 from grass_dist.gradients.capture import resolve_layers
 from grass_dist.gradients.computer import GradientComputer
-from grass_dist.run import _compression_summary
+from grass_dist.pipeline import compression_summary
 from grass_dist.tasks.classifier import ClassificationTask
 from tests.conftest import compose_cfg
 from tests.helpers import ConvNet, layer_grad, mlp, module_grad, per_sample_grads
@@ -93,5 +93,5 @@ def test_job_records_whole_layers_in_fingerprint_and_summary(tmp_path):
     assert layers["out"]["method"] == "identity" and layers["out"]["k"] == 170
     assert layers["fc1"]["method"] == "factgrass" and layers["fc1"]["k"] == 200
     assert job.index.fingerprint == job.fingerprint
-    summary = _compression_summary(job)
+    summary = compression_summary(job)
     assert summary["whole_small_layers"] is True and summary["whole_layers"] == ["out"]
