@@ -22,17 +22,19 @@ import copy
 import functools
 import importlib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
+from ray.exceptions import RayTaskError
 
 from grass_dist import assembly, pipeline
 from grass_dist.config import JobConfig, resolve
-from grass_dist.errors import ConfigError, ResultsNotFoundError
+from grass_dist.errors import ConfigError, GrassError, ResultsNotFoundError
 from grass_dist.index import GradientIndex
 from grass_dist.scoring import results
 
@@ -130,6 +132,18 @@ def job_config(
     return raw
 
 
+@contextmanager
+def _own_errors() -> Iterator[None]:
+    """A GrassError raised in a Ray worker, raised here as itself: Ray wraps it in a
+    RayTaskError whose text is the worker's traceback (the jobs print the cause too)."""
+    try:
+        yield
+    except RayTaskError as e:
+        if isinstance(getattr(e, "cause", None), GrassError):
+            raise e.cause from None
+        raise
+
+
 @dataclass
 class Attribution:
     """One scored query set: the run that `Index.attribute` wrote to result set `name` in
@@ -186,7 +200,8 @@ class Index:
         raw = copy.deepcopy(resolve(cfg))
         job = pipeline.prepare(raw)
         try:
-            summary = pipeline.run_index(job)
+            with _own_errors():
+                summary = pipeline.run_index(job)
         finally:
             pipeline.shutdown(job)
         return cls(raw, {**summary, "compression": pipeline.compression_summary(job)})
@@ -219,9 +234,10 @@ class Index:
             raw = OmegaConf.to_container(merged, resolve=True)
         job = pipeline.prepare(raw, create_index=False, query=True)
         try:
-            phi = pipeline.query_phi(job)
-            summary = {"precondition": pipeline.run_precondition(job)}
-            summary.update(pipeline.score_stage(job, phi))
+            with _own_errors():
+                phi = pipeline.query_phi(job)
+                summary = {"precondition": pipeline.run_precondition(job)}
+                summary.update(pipeline.score_stage(job, phi))
         finally:
             pipeline.shutdown(job)
         return Attribution(job.index, name, summary, results.manifest(job.index, name)["files"])

@@ -11,6 +11,8 @@ import sys
 
 import numpy as np
 import pytest
+import torch
+from torch.utils.data import TensorDataset
 
 import grass_dist as gd
 from grass_dist import assembly, pipeline, run
@@ -18,7 +20,12 @@ from grass_dist.api import job_config
 from grass_dist.build import build_dataset, build_model
 from grass_dist.config import JobConfig, resolve
 from grass_dist.data import digits
-from grass_dist.errors import ConfigError, FingerprintMismatchError
+from grass_dist.errors import (
+    BadRowsError,
+    ConfigError,
+    FingerprintMismatchError,
+    ResultsNotFoundError,
+)
 from grass_dist.index import GradientIndex
 from grass_dist.models.digits import digits_mlp
 from grass_dist.models.state import state_hash
@@ -164,6 +171,13 @@ def test_api_index_and_scores_equal_the_jobs(ray_session, tmp_path):
     )
     assert pipeline.prepare(again, create_index=False).fingerprint == by_jobs.fingerprint
 
+    # A later run of the same result set replaces this one: the older object refuses to
+    # read (its files are gone) rather than hand back the later run's scores.
+    later = index.attribute(query, damping=100.0, topk=5)
+    with pytest.raises(ResultsNotFoundError, match="replaced by a later run"):
+        result.topk()
+    assert not later.topk()["score"].equals(ours["score"])
+
 
 @pytest.mark.integration
 def test_readme_python_api_runs_as_written(tmp_path):
@@ -181,3 +195,18 @@ def test_readme_python_api_runs_as_written(tmp_path):
     assert "train_row" in out.stdout
     assert (tmp_path / "outputs" / "api_index" / "index.json").exists()
     assert len(readme_snippet().strip().splitlines()) <= 15
+
+
+@pytest.mark.integration
+def test_a_workers_refusal_reaches_the_caller_as_itself(ray_session, tmp_path):
+    # Ray wraps a worker's exception in RayTaskError, whose text is the worker's traceback.
+    model = digits_mlp(hidden=[8], epochs=0, n_train=40, n_query=5, cache_dir=str(tmp_path))
+    x, y = torch.rand(70, 64), torch.randint(0, 10, (70,))
+    y[50] = 12  # a label outside the model's 10 classes, past row 0 (which prepare checks)
+    with pytest.raises(BadRowsError) as info:
+        gd.Index.build(model, TensorDataset(x, y), store=str(tmp_path / "i"), k=8, workers=1,
+                       overrides=[f"run.output_dir={tmp_path}"])  # fmt: skip
+    said = str(info.value)
+    first, last = map(int, re.search(r"loss of rows (\d+)\.\.(\d+) \(a batch", said).groups())
+    assert type(info.value) is BadRowsError and first <= 50 <= last
+    assert "IndexError: Target 12 is out of bounds. Check these rows" in said

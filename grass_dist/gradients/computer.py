@@ -184,7 +184,7 @@ def _naming_rows(rows: list[int], doing: str) -> Iterator[None]:
     except torch.OutOfMemoryError:
         raise
     except (IndexError, KeyError, TypeError, ValueError, RuntimeError) as e:
-        said = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        said = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else ""
         first, last = min(rows), max(rows)
         which = f"{first}..{last}" if rows == list(range(first, last + 1)) else None
         entries = f"; its entry i is row {first}+i" if which else ""
