@@ -22,6 +22,7 @@ import copy
 import functools
 import importlib
 import inspect
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -111,7 +112,7 @@ def job_config(
     task: Any = None,
     compression: str = "factgrass",
     k: int | None = None,
-    store: str = "outputs/index",
+    store: str | os.PathLike = "outputs/index",
     storage_options: dict[str, Any] | None = None,
     workers: int = 2,
     overrides: Sequence[str] = (),
@@ -123,7 +124,7 @@ def job_config(
         "task": as_node(task, "task") if task is not None else dict(DEFAULT_TASK),
         "data": {"train": as_node(train, "data.train")},
         "compression": {"method": compression, **({"k": k} if k is not None else {})},
-        "store": {"url": store, "storage_options": dict(storage_options or {})},
+        "store": {"url": _url(store), "storage_options": dict(storage_options or {})},
         "cluster": {"num_workers": workers},
     }
     if overrides:
@@ -142,6 +143,15 @@ def _own_errors() -> Iterator[None]:
         if isinstance(getattr(e, "cause", None), GrassError):
             raise e.cause from None
         raise
+
+
+def _url(store: Any) -> str:
+    if not isinstance(store, (str, os.PathLike)):
+        raise ConfigError(
+            f"store={store!r} is not a path or URL: give a string or a pathlib.Path, e.g. "
+            "store='outputs/index' or store='s3://bucket/prefix'"
+        )
+    return os.fspath(store)
 
 
 @dataclass

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,6 +64,9 @@ def test_factories_and_config_nodes_become_the_jobs_nodes():
     assert raw["compression"] == {"method": "factgrass", "k": 16}
     with pytest.raises(ConfigError, match="positional"):
         job_config(functools.partial(digits_mlp, [16]), {"_target_": "x"})
+    with pytest.raises(ConfigError, match="store=123 is not a path or URL"):
+        job_config(digits_mlp, {"_target_": "x"}, store=123)
+    assert job_config(digits_mlp, {"_target_": "x"}, store=Path("i"))["store"]["url"] == "i"
 
 
 def test_a_factory_no_worker_can_import_is_refused_naming_what_to_pass():
