@@ -126,7 +126,7 @@ class GradientComputer:
         items = [dataset[r] for r in rows]
         batches = []
         for group in self._batches(items, batch_size):
-            with _naming_rows([rows[j] for j in group], "collate"):
+            with _naming_rows(rows, group, "collate"):
                 batches.append((group, self.task.collate([items[j] for j in group])))
         return LoadedRows(
             row_ids=np.asarray(rows, dtype=np.int64),
@@ -143,7 +143,7 @@ class GradientComputer:
         phi = {name: np.zeros((n, c.out_dim), np.float32) for name, c in self.compressors.items()}
         for group, batch in loaded.batches:
             try:
-                with _naming_rows([int(loaded.row_ids[j]) for j in group], "compute the loss of"):
+                with _naming_rows(loaded.row_ids, group, "compute the loss of"):
                     blocks = self.phi_batch(batch)
             except NonFiniteLossError as e:
                 bad = [int(loaded.row_ids[group[j]]) for j in e.positions]
@@ -173,10 +173,10 @@ def _listed(rows: list[int], most: int = 10) -> str:
 
 
 @contextmanager
-def _naming_rows(rows: list[int], doing: str) -> Iterator[None]:
-    """Turn the task's or model's own error on a batch (a label out of range, rows of other
-    shapes) into a BadRowsError that names the batch's rows; a GrassError, or running out
-    of memory, passes unchanged."""
+def _naming_rows(row_ids: Sequence[int], group: list[int], doing: str) -> Iterator[None]:
+    """Turn the task's or model's own error on the batch `group` (positions in `row_ids`: a
+    label out of range, rows of other shapes) into a BadRowsError that names its rows; a
+    GrassError, or running out of memory, passes unchanged."""
     try:
         yield
     except GrassError:
@@ -184,6 +184,7 @@ def _naming_rows(rows: list[int], doing: str) -> Iterator[None]:
     except torch.OutOfMemoryError:
         raise
     except (IndexError, KeyError, TypeError, ValueError, RuntimeError) as e:
+        rows = [int(row_ids[j]) for j in group]  # only on failure: off the per-batch path
         said = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else ""
         first, last = min(rows), max(rows)
         which = f"{first}..{last}" if rows == list(range(first, last + 1)) else None

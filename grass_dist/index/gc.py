@@ -49,6 +49,12 @@ class GcReport:
         return asdict(self)
 
 
+def unchanged_for(modified: float | None, now: float, grace_s: float) -> bool:
+    """Whether an object last modified at `modified` (None: unknown, kept) has been left
+    alone for `grace_s` seconds by `now`: the test of everything gc may remove."""
+    return modified is not None and now - modified >= grace_s
+
+
 def _is_attempt(rel: str) -> bool:
     parts = rel.split("/")
     return len(parts) == 3 and parts[0] == SHARDS_DIR and parts[2].endswith(".parquet")
@@ -75,7 +81,7 @@ def collect(
     for rel, (size, modified) in files.items():
         if rel in keep:
             continue
-        if modified is None or now - modified < grace_s:
+        if not unchanged_for(modified, now, grace_s):
             young += 1
         else:
             candidates[rel] = size

@@ -42,6 +42,7 @@ from grass_dist.errors import (
     StoreUnavailableError,
 )
 from grass_dist.index import GradientIndex, Store
+from grass_dist.index.gc import unchanged_for
 from grass_dist.scoring.score import key_positions
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,8 @@ def _check_present(store: Store, files: dict[str, Any]) -> None:
     found: set[str] = set()
     for folder in {run_folder(path) for path in paths} - {None}:
         found |= set(store.walk(folder))
-    missing = [p for p in paths if p not in found and (run_folder(p) or not store.exists(p))]
+    # A file in a run folder was listed with it; one outside (older result sets) is asked for.
+    missing = [p for p in paths if not (p in found if run_folder(p) else store.exists(p))]
     if missing:
         raise ResultsCollectedError(
             f"{len(missing)} result files of this scoring run are gone before it was "
@@ -206,7 +208,7 @@ def collect_abandoned(
     old = {
         folder: found
         for folder, found in folders.items()
-        if all(modified is not None and now - modified >= grace_s for _, modified in found.values())
+        if all(unchanged_for(modified, now, grace_s) for _, modified in found.values())
     }
     if not dry_run:
         for folder, found in sorted(old.items()):
