@@ -1,11 +1,14 @@
 """Non-Linear layers: exact per-sample gradients through torch.func, then flat compressors."""
 
+import warnings
 from collections import OrderedDict
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 from torch import nn
+from torch.utils.data import default_collate
 
 from grass_dist.compress import FlatShape, LinearShape, build_compressors, method_for
 from grass_dist.config import CompressionConfig, JobConfig
@@ -81,6 +84,23 @@ def test_embedding_gradients_and_dict_batches():
     exact = per_sample_grads(model, ids, y)
     got = torch.from_numpy(block.phi["embed"])
     torch.testing.assert_close(got, module_grad(exact, "embed"), rtol=1e-5, atol=1e-6)
+
+
+def test_read_only_numpy_rows_collate_silently_as_torch_does():
+    # Rows shipped through Ray arrive as read-only numpy views; torch.as_tensor warns on each.
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    x.setflags(write=False)
+    rows = [(x[i], i % 2) for i in range(3)] + [(x[0], 1)]
+    dicts = [{"input": x[i], "label": np.int64(i)} for i in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got, got_dicts = ClassificationTask().collate(rows), ClassificationTask().collate(dicts)
+    want = default_collate([(a.copy(), b) for a, b in rows])
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and torch.equal(g, w)
+    assert torch.equal(got_dicts["input"], torch.from_numpy(x.copy()))
+    with pytest.raises(TypeError, match="found <U1"):  # torch's own refusal, unchanged
+        ClassificationTask().collate([np.array(["a"]), np.array(["b"])])
 
 
 def test_method_per_layer_type_and_overrides():

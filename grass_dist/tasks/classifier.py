@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import default_collate
+from torch.utils.data._utils.collate import collate, default_collate_fn_map
 
 from grass_dist.errors import BadRequestError
 from grass_dist.service.codec import decode_array
@@ -29,6 +30,22 @@ def _pick(batch: dict, keys: tuple[str, ...], what: str) -> Any:
         f"dataset items are dicts without an {what} field: expected one of {keys}, "
         f"got {sorted(batch)}"
     )
+
+
+def _stack_arrays(batch: list[np.ndarray], *, collate_fn_map=None) -> torch.Tensor:
+    """Numeric arrays -> one tensor, stacked by numpy first: rows that reach a worker
+    through Ray are read-only views, which torch.as_tensor warns about row by row."""
+    if batch[0].dtype.kind in "OSUV":  # torch's own error for strings and objects
+        return default_collate_fn_map[np.ndarray](batch, collate_fn_map=collate_fn_map)
+    return torch.as_tensor(np.stack(batch))
+
+
+_COLLATE_FNS = {**default_collate_fn_map, np.ndarray: _stack_arrays}
+
+
+def default_collate(items: list) -> Any:
+    """torch's default_collate (tuples, dicts, tensors, numbers), numpy rows stacked."""
+    return collate(items, collate_fn_map=_COLLATE_FNS)
 
 
 class ClassificationTask:
