@@ -51,48 +51,62 @@ def run_items(
     def load(actor: Any) -> int:
         return sum(1 for _, a in inflight.values() if a is actor)
 
-    while pending or inflight:
-        pool.tick()
-        while pending and pool.actors:
-            actor = min(pool.actors, key=load)  # one item at a time to the least loaded
-            busy = load(actor)
-            if busy >= max_inflight or (busy and len(pending) <= len(pool.starting)):
-                break  # full, or the rest is for the workers starting: none idles at the end
-            item = pending.popleft()
-            inflight[submit(actor, item)] = (item, actor)
-        waitables = [*inflight, *pool.waitables()]
-        if waitables:
-            ray.wait(waitables, num_returns=1, timeout=tick_s)
-        else:
-            time.sleep(tick_s)  # nothing placed yet; the pool's tick raises on timeout
-        ready, _ = ray.wait(list(inflight), num_returns=len(inflight), timeout=0)
-        done = []
-        for ref in ready:
-            item, actor = inflight.pop(ref)
-            try:
-                done.append((item, ray.get(ref)))
-            except ACTOR_LOST as e:
-                failures[item] = failures.get(item, 0) + 1
-                who = pool.where(actor)
-                if failures[item] > max_retries:
-                    raise ShardFailedError(
-                        f"{describe(item)} failed {failures[item]} times because its worker "
-                        f"died ({type(e).__name__}); raise cluster.max_shard_retries or check "
-                        f"the worker logs"
-                    ) from e
-                log.warning(
-                    "retrying %s on another worker (attempt %d of %d): %s died (%s)",
-                    describe(item),
-                    failures[item] + 1,
-                    max_retries + 1,
-                    who,
-                    type(e).__name__,
-                )
-                pool.lost(actor, e)
-                pending.appendleft(item)
-            except RayTaskError as e:
-                raise e.as_instanceof_cause() from None
-        if done:
-            on_done(done)
-        if on_tick is not None:
-            on_tick()
+    try:
+        while pending or inflight:
+            pool.tick()
+            while pending and pool.actors:
+                actor = min(pool.actors, key=load)  # one item at a time to the least loaded
+                busy = load(actor)
+                if busy >= max_inflight or (busy and len(pending) <= len(pool.starting)):
+                    break  # full, or the rest is for the workers starting: none idles at the end
+                item = pending.popleft()
+                inflight[submit(actor, item)] = (item, actor)
+            waitables = [*inflight, *pool.waitables()]
+            if waitables:
+                ray.wait(waitables, num_returns=1, timeout=tick_s)
+            else:
+                time.sleep(tick_s)  # nothing placed yet; the pool's tick raises on timeout
+            ready, _ = ray.wait(list(inflight), num_returns=len(inflight), timeout=0)
+            done = []
+            for ref in ready:
+                item, actor = inflight.pop(ref)
+                try:
+                    done.append((item, ray.get(ref)))
+                except ACTOR_LOST as e:
+                    failures[item] = failures.get(item, 0) + 1
+                    who = pool.where(actor)
+                    if failures[item] > max_retries:
+                        raise ShardFailedError(
+                            f"{describe(item)} failed {failures[item]} times because its worker "
+                            f"died ({type(e).__name__}); raise cluster.max_shard_retries or check "
+                            f"the worker logs"
+                        ) from e
+                    log.warning(
+                        "retrying %s on another worker (attempt %d of %d): %s died (%s)",
+                        describe(item),
+                        failures[item] + 1,
+                        max_retries + 1,
+                        who,
+                        type(e).__name__,
+                    )
+                    pool.lost(actor, e)
+                    pending.appendleft(item)
+                except RayTaskError as e:
+                    raise e.as_instanceof_cause() from None
+            if done:
+                on_done(done)
+            if on_tick is not None:
+                on_tick()
+    except BaseException:
+        _settle(inflight)
+        raise
+
+
+def _settle(inflight: dict[ray.ObjectRef, Any]) -> None:
+    """Take the refs left in flight when the run fails off Ray's hands: a second failed item
+    would otherwise be logged as an "Unhandled error" with its traceback once its ref is freed
+    (here: when the caller drops the first error's traceback). A future reads each result
+    whenever it comes, and nobody asks it."""
+    for ref in inflight:
+        ref.future()
+    inflight.clear()

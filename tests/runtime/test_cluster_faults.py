@@ -8,6 +8,7 @@ the clean run's, every training row exactly once.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -26,7 +27,12 @@ import torch
 from ray.cluster_utils import Cluster
 
 from grass_dist import pipeline
-from grass_dist.errors import ConfigError, PlacementTimeoutError, WorkerStartError
+from grass_dist.errors import (
+    BadRowsError,
+    ConfigError,
+    PlacementTimeoutError,
+    WorkerStartError,
+)
 from grass_dist.index import GradientIndex, Store
 from grass_dist.runtime.pool import ActorPool
 from grass_dist.runtime.progress import read_progress
@@ -357,6 +363,10 @@ class _Probe:
     def peak_calls(self) -> int:
         return self.peak
 
+    def fail(self, item: int, seconds: float) -> int:
+        time.sleep(seconds)
+        raise BadRowsError(f"could not compute the loss of row {item}")
+
 
 def test_scheduler_keeps_at_most_max_inflight_shards_per_worker(cluster):
     pool = ActorPool(lambda i: _Probe.remote(), 2)
@@ -385,6 +395,26 @@ def test_the_last_shards_wait_for_a_starting_worker_rather_than_queue_on_a_busy_
     finally:
         pool.shutdown()
     assert sorted(ran_on) == [0, 1] and ran_on[0] != ran_on[1]
+
+
+def test_items_failing_after_the_first_are_not_logged_as_unhandled_errors(cluster, monkeypatch):
+    # Every shard fails (bad data): the first error fails the run; the others, already
+    # failed or still running, must not reach the user as Ray's "Unhandled error" tracebacks.
+    unhandled: list[Exception] = []
+    monkeypatch.setattr(ray._private.worker, "_unhandled_error_handler", unhandled.append)
+    pool = ActorPool(lambda i: _Probe.remote(), 2)
+    delays = {0: 0.2, 1: 0.3, 2: 0.6, 3: 0.9}  # two in flight per worker
+    try:
+        pool.wait_ready(2)
+        with pytest.raises(BadRowsError, match="row 0") as failed:
+            run_items(pool, list(delays), lambda a, i: a.fail.remote(i, delays[i]), print)
+        del failed  # the traceback held the scheduler's frame, and with it the refs
+        gc.collect()
+        time.sleep(1.5)  # the items still running have failed by now
+        gc.collect()
+    finally:
+        pool.shutdown()
+    assert unhandled == []
 
 
 def done_items(sink: list[int]):
