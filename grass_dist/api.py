@@ -23,6 +23,7 @@ import functools
 import importlib
 import inspect
 import os
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -133,15 +134,57 @@ def job_config(
     return raw
 
 
+# The config key each argument of Index.build and Index.attribute sets: an error names the
+# key (as the jobs' command lines do), and the API adds the argument's name.
+_ARGUMENTS = {
+    "cluster.num_workers": "workers",
+    "compression.method": "compression",
+    "compression.k": "k",
+    "store.url": "store",
+    "store.storage_options": "storage_options",
+    "data.train": "train",
+    "data.query": "query",
+    "precondition.damping": "damping",
+    "scoring.kind": "kind",
+    "scoring.topk": "topk",
+    "scoring.dense": "dense",
+    "run.name": "name",
+}
+
+
+def _with_arguments(e: ConfigError) -> ConfigError:
+    """`e`, its message followed by the arguments that set the config keys it names."""
+    text = e.args[0] if e.args and isinstance(e.args[0], str) else None
+    if text is None:
+        return e
+    named = [
+        f"{arg}= sets {key}"
+        for key, arg in _ARGUMENTS.items()
+        if re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", text)
+    ]
+    if named:
+        e.args = (f"{text}\n(in the Python API: {'; '.join(named)})", *e.args[1:])
+    return e
+
+
 @contextmanager
 def _own_errors() -> Iterator[None]:
     """A GrassError raised in a Ray worker, raised here as itself: Ray wraps it in a
-    RayTaskError whose text is the worker's traceback (the jobs print the cause too)."""
+    RayTaskError whose text is the worker's traceback (the jobs print the cause too), twice
+    when a Ray task of a Ray actor raised it. A ConfigError also names the arguments."""
     try:
         yield
     except RayTaskError as e:
-        if isinstance(getattr(e, "cause", None), GrassError):
-            raise e.cause from None
+        cause = e
+        while isinstance(cause, RayTaskError) and getattr(cause, "cause", None) is not None:
+            cause = cause.cause
+        if isinstance(cause, ConfigError):
+            raise _with_arguments(cause) from None
+        if isinstance(cause, GrassError):
+            raise cause from None
+        raise
+    except ConfigError as e:
+        _with_arguments(e)
         raise
 
 
@@ -207,8 +250,9 @@ class Index:
     @classmethod
     def from_config(cls, cfg: DictConfig | dict[str, Any]) -> Index:
         """Build (or resume) the index of a job config, as `python -m jobs.index` does."""
-        raw = copy.deepcopy(resolve(cfg))
-        job = pipeline.prepare(raw)
+        with _own_errors():
+            raw = copy.deepcopy(resolve(cfg))
+            job = pipeline.prepare(raw)
         try:
             with _own_errors():
                 summary = pipeline.run_index(job)
@@ -242,7 +286,8 @@ class Index:
         if overrides:
             merged = OmegaConf.merge(OmegaConf.create(raw), OmegaConf.from_dotlist(list(overrides)))
             raw = OmegaConf.to_container(merged, resolve=True)
-        job = pipeline.prepare(raw, create_index=False, query=True)
+        with _own_errors():
+            job = pipeline.prepare(raw, create_index=False, query=True)
         try:
             with _own_errors():
                 phi = pipeline.query_phi(job)

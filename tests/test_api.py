@@ -214,3 +214,24 @@ def test_a_workers_refusal_reaches_the_caller_as_itself(ray_session, tmp_path):
     first, last = map(int, re.search(r"loss of rows (\d+)\.\.(\d+) \(a batch", said).groups())
     assert type(info.value) is BadRowsError and first <= 50 <= last
     assert "IndexError: Target 12 is out of bounds. Check these rows" in said
+
+    # Raised in a Ray task of the reducer actor (wrapped twice): 610 gradient dimensions, 40
+    # rows, no damping. The message names the argument as well as the config key.
+    index = gd.Index.build(model, TensorDataset(x[:40], y[:40]), store=str(tmp_path / "j"),
+                           compression="identity", workers=1,
+                           overrides=[f"run.output_dir={tmp_path}"])  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        index.attribute(TensorDataset(x[:3], y[:3]), damping=0.0)
+    assert type(info.value) is ConfigError
+    assert str(info.value).startswith("the preconditioner is singular at this damping")
+    assert str(info.value).endswith("(in the Python API: damping= sets precondition.damping)")
+
+
+def test_config_errors_name_the_arguments_that_set_their_keys(tmp_path):
+    model, train = torch.nn.Linear(4, 3), TensorDataset(torch.rand(8, 4), torch.arange(8) % 3)
+    store = str(tmp_path / "i")
+    with pytest.raises(ConfigError, match=r"at least 1\n\(in the Python API: workers= sets "):
+        gd.Index.build(model, train, store=store, workers=0)
+    with pytest.raises(ConfigError, match=r"(?s)compression\.k\)\..*\(in the Python API: k= sets"):
+        gd.Index.build(model, train, store=store, k=2.5)
+    assert not (tmp_path / "i").exists()

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from safetensors.torch import load as st_load
 
+from grass_dist.errors import ConfigError
 from grass_dist.scoring.packing import (
     mirror_upper,
     pack_triangle,
@@ -130,10 +131,10 @@ def cholesky_factor(h: torch.Tensor, delta: float) -> torch.Tensor:
     factor, info = torch.linalg.cholesky_ex(damped)
     del damped
     if int(info) != 0:
-        raise ValueError(_SINGULAR)
+        raise ConfigError(_SINGULAR)
     floor = h.shape[0] * torch.finfo(h.dtype).eps * float(h.diagonal().abs().max())
     if lam == 0 and float(factor.diagonal().min()) ** 2 <= floor:
-        raise ValueError(_SINGULAR)
+        raise ConfigError(_SINGULAR)
     # Row-major, as a loaded factor is (LAPACK's is column-major): `inverse_apply` then reads
     # every factor in one layout, computed here or loaded, and gives the same bits.
     return factor.contiguous()
@@ -266,7 +267,7 @@ class LayerFactor:
         e, u = self.eigen
         inv = 1.0 / (e + self.damping(delta))
         if not torch.isfinite(inv).all():
-            raise ValueError(_SINGULAR)
+            raise ConfigError(_SINGULAR)
         return ((q.double() @ u) * inv) @ u.T
 
     def whitener(self, delta: float) -> torch.Tensor:
