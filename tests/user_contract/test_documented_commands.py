@@ -28,7 +28,7 @@ import pytest
 from hydra.utils import instantiate
 
 from grass_dist.compress import check_compressors
-from grass_dist.config import JobConfig
+from grass_dist.config import JobConfig, resolve
 from grass_dist.gradients.capture import resolve_layers
 from grass_dist.index import GradientIndex
 from grass_dist.scoring import results
@@ -173,6 +173,32 @@ def test_documented_command_composes_and_builds(tmp_path, cmd: Documented):
         check_compressors(job.compression, resolve_layers(model, job.index.layers))
 
 
+def _index_settings(job: dict) -> str:
+    """What decides a job's index (grass_dist.build.fingerprint), as composed: model, task,
+    training data, compression (not how it runs: jl_cache_mb), layers and storage dtype."""
+    compression = {k: v for k, v in job["compression"].items() if k != "jl_cache_mb"}
+    index = {k: job["index"][k] for k in ("layers", "dtype")}
+    parts = [job["model"], job["task"], job["data"]["train"], compression, index]
+    return json.dumps(parts, sort_keys=True, default=str)
+
+
+def test_documented_commands_that_build_other_indexes_name_their_own_store(tmp_path):
+    # Run one after another, as a reader tries them after `make run`: two commands that share
+    # a store must build the same index, or the second is refused by its fingerprint.
+    stores: dict[str, dict[str, list[str]]] = {}
+    for cmd in COMMANDS:
+        job = resolve(compose_cfg(tmp_path, *cmd.overrides, small=False))
+        url = job["store"]["url"].replace(str(tmp_path), "<run.output_dir>")
+        said = f"{cmd.where}: {' '.join(cmd.overrides) or '(defaults)'}"
+        stores.setdefault(url, {}).setdefault(_index_settings(job), []).append(said)
+    clashes = {url: list(v.values()) for url, v in stores.items() if len(v) > 1}
+    assert not clashes, "\n".join(
+        f"{url}, shared by commands that build {len(kinds)} different indexes:\n"
+        + "\n".join(f"  index {i}: {' | '.join(c)}" for i, c in enumerate(kinds, 1))
+        for url, kinds in clashes.items()
+    )
+
+
 def test_config_groups_table_lists_every_preset():
     """README's "Config groups" table names every preset in conf/, and no other."""
     text = (ROOT / "README.md").read_text().partition("## Config groups")[2]
@@ -208,7 +234,7 @@ def test_text_files_example_runs(tmp_path):
         timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    index = GradientIndex.open(str(tmp_path / "outputs" / "index-tiny_gpt2"))
+    index = GradientIndex.open(str(tmp_path / "outputs" / "index-notes"))  # as the line names
     topk = results.load_table(index, "tiny_gpt2", "topk").to_pandas()
     assert sorted(set(topk["query_row"])) == [0, 1]
     # Every note is one document (long=truncate), keyed by its file name.
