@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from grass_dist.data import items
 from grass_dist.data.identity import MarkChanged, changed_rows
 from grass_dist.errors import ConfigError, GrassError, IndexNotFoundError
 from grass_dist.fidelity import evaluate
-from grass_dist.index import GradientIndex
+from grass_dist.index import GradientIndex, Store
 from grass_dist.index.gc import collect
 from grass_dist.index.gradient_index import INDEX_FILE
 from grass_dist.launch import job_start
@@ -246,8 +247,22 @@ def gc(cfg: DictConfig) -> dict[str, Any]:
                 "nothing to collect. Fix: point store.url (or index.url) at an existing index."
             )
         grace_s, dry_run = job.gc.grace_s, job.gc.dry_run
-        report = collect(store, grace_s, dry_run).to_dict()
-        report["results"] = results.collect_abandoned(store, grace_s, dry_run)
+
+        def collected(where: Store) -> dict[str, Any]:
+            report = collect(where, grace_s, dry_run).to_dict()
+            report["results"] = results.collect_abandoned(where, grace_s, dry_run)
+            return report
+
+        report = collected(store)
+        # An ensemble's members are whole indexes of their own, under ckpt_<c>/.
+        members = {
+            name: collected(assembly.open_store(job, store.url_of(name)))
+            for name in store.list("")
+            if re.fullmatch(ensemble.MEMBER_DIR.format(r"\d+"), name)
+            and store.exists(f"{name}/{INDEX_FILE}")
+        }
+        if members:
+            report["members"] = members
         return {"gc": report}
 
     return _summarised(body)

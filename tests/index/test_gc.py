@@ -124,6 +124,22 @@ def test_gc_job_prints_what_it_reclaimed_and_refuses_a_missing_index(tmp_path):
     assert not index.store.exists(orphan.file) and "removed uncommitted attempt file" in out
     assert (report["results"]["removed"], report["results"]["bytes_reclaimed"]) == (1, 5)
     assert not (tmp_path / "idx" / "results" / "default" / "0123abcd").exists()
+    assert "members" not in report
+    # An ensemble's member indexes (ckpt_<c>/) are collected with their root.
+    members = [_index(str(tmp_path / "idx" / f"ckpt_{c}")) for c in range(2)]
+    members[1].commit([_write(members[1], 0)])
+    lost = _write(members[1], 1)
+    members[1].store.write_bytes(unfinished, b"1234567")
+    (tmp_path / "idx" / "ckpt_x").mkdir()  # not a member: left alone
+    done = subprocess.run([*cmd, f"store.url={index.url}"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout[done.stdout.index('{\n  "gc"') :])["gc"]
+    assert sorted(report["members"]) == ["ckpt_0", "ckpt_1"]
+    member = report["members"]["ckpt_1"]
+    assert (member["removed"], member["bytes_reclaimed"]) == (1, lost.nbytes)
+    assert (member["results"]["removed"], member["results"]["bytes_reclaimed"]) == (1, 7)
+    assert report["members"]["ckpt_0"]["removed"] == 0 and report["removed"] == 0
+    assert not members[1].store.exists(lost.file) and members[1].num_rows() == 10
     missing = subprocess.run(
         [*cmd, f"store.url={tmp_path / 'none'}"], capture_output=True, text=True
     )
