@@ -2,6 +2,7 @@
 
     python bench/bench_cluster.py            # about 3-5 minutes on 2 cores
     python bench/bench_cluster.py --quick    # smaller datasets, fewer repeats
+    python bench/bench_cluster.py --tiny     # a few shards of each: the test suite's run
 
 1. Throughput: the digits MLP (64-128-64-10, FactGraSS k=256 per layer) indexed by 1 and by
    2 workers (1 CPU, 1 torch thread each) on an embedded Ray, workers started before the
@@ -153,11 +154,15 @@ def overlap(out: Path, rows: int) -> dict:
     }
 
 
+def _mode(args) -> str:
+    return " --tiny" if args.tiny else " --quick" if args.quick else ""
+
+
 def write_markdown(path: Path, args, tp, ov, lap, commits, load) -> str:
     lines = [
         "# Cluster benchmark: throughput, per-shard overhead, commit cost, scaling model",
         "",
-        f"`python bench/bench_cluster.py{' --quick' if args.quick else ''}`",
+        f"`python bench/bench_cluster.py{_mode(args)}`",
         "",
         f"Machine: {os.cpu_count()} CPUs, load average at start {load:.1f} (other jobs share "
         "it); embedded Ray with 4 logical CPUs; local-disk index.",
@@ -215,6 +220,7 @@ def write_markdown(path: Path, args, tp, ov, lap, commits, load) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="a few shards of each (tests)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "cluster.md"))
     args = parser.parse_args()
 
@@ -230,15 +236,17 @@ def main() -> None:
         )
         try:
             print("throughput")
-            tp = throughput(out, 4096 if args.quick else 32768, 1 if args.quick else 3)
+            rows = 1024 if args.tiny else 4096 if args.quick else 32768
+            tp = throughput(out, rows, 1 if args.quick or args.tiny else 3)
             print("per-shard overhead")
-            ov = [shard_overhead(out, s, n) for s, n in ((64, 12), (512, 6), (4096, 4))]
+            sizes = ((64, 3), (512, 2)) if args.tiny else ((64, 12), (512, 6), (4096, 4))
+            ov = [shard_overhead(out, s, n) for s, n in sizes]
             print("overlap")
-            lap = overlap(out, 4096)
+            lap = overlap(out, 1024 if args.tiny else 4096)
         finally:
             ray.shutdown()
         print("commit latency")
-        commits = measure_commits(out / "commits", quick=args.quick)
+        commits = measure_commits(out / "commits", quick=args.quick, tiny=args.tiny)
     text = write_markdown(Path(args.out), args, tp, ov, lap, commits, load)
     print(text)
     print(json.dumps({"written": args.out}))

@@ -55,15 +55,18 @@ def _time_commits(index: GradientIndex, first: int, count: int = 7) -> float:
     return statistics.median(times)
 
 
-def measure_commits(root: Path, quick: bool = False) -> dict[str, list[tuple[int, float]]]:
+def measure_commits(
+    root: Path, quick: bool = False, tiny: bool = False
+) -> dict[str, list[tuple[int, float]]]:
     """Commit latency on local disk versus shards listed and versions present."""
     fingerprint = {"layers": [{"name": "l0", "k": K_PER_LAYER}], "dtype": "bfloat16"}
     by_shards, by_versions = [], []
-    for n in (100, 1000, 5000) if quick else (100, 1000, 10000):
+    sizes = (10, 100) if tiny else (100, 1000, 5000) if quick else (100, 1000, 10000)
+    for n in sizes:
         index = GradientIndex.create_or_open(str(root / f"n{n}"), fingerprint)
         index.commit([_record(i) for i in range(n)])
         by_shards.append((n, _time_commits(index, n)))
-    for v in (10, 1000, 5000) if quick else (10, 1000, 10000):
+    for v in (10, 100) if tiny else (10, 1000, 5000) if quick else (10, 1000, 10000):
         index = GradientIndex.create_or_open(str(root / f"v{v}"), fingerprint)
         doc = {"version": 1, "shards": {_record(0).shard_id: asdict(_record(0))}}
         data = json.dumps(doc).encode()

@@ -83,8 +83,9 @@ def test_commit_benchmark_runs_tiny(tmp_path):
     assert "| 200 | " in _table(tmp_path, "bench_commit.py", args)
 
 
-def test_cluster_benchmark_runs_quick(tmp_path):
-    assert "per-shard" in _table(tmp_path, "bench_cluster.py", "--quick").lower()
+def test_cluster_benchmark_runs_tiny(tmp_path):
+    text = _table(tmp_path, "bench_cluster.py", "--tiny")
+    assert "| 512 | " in text and "## Scaling model" in text
 
 
 def test_lds_benchmark_runs_tiny(tmp_path):
