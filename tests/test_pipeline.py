@@ -178,7 +178,8 @@ def test_a_worker_whose_model_differs_from_the_drivers_is_refused(ray_session, t
     job = pipeline.prepare(compose_cfg(tmp_path))
     job.model_hash = "0" * 64  # as if the driver had built another model
     try:
-        with pytest.raises(WorkerStartError, match="differ from the driver's .*sha256"):
+        said = "differ from the driver's .*sha256.*pass the trained model itself"
+        with pytest.raises(WorkerStartError, match=said):
             pipeline._pool(job)
     finally:
         pipeline.shutdown(job)

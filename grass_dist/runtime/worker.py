@@ -162,7 +162,9 @@ class GradientWorker:
             raise ModelMismatchError(
                 f"worker {self.worker_id} built a model whose weights differ from the "
                 f"driver's (sha256 {found[:12]} vs {model_hash[:12]}): make model._target_ "
-                f"deterministic (load saved weights) so every replica is the same model"
+                f"deterministic (load saved weights) so every replica is the same model; in "
+                f"the Python API, pass the trained model itself, not a class or factory that "
+                f"initialises it at random"
             )
         if self.device_note:
             log.warning("worker %d %s", self.worker_id, self.device_note)  # once, at start
