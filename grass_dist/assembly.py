@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from grass_dist.build import build_layer_compressors, build_model, build_task
+from grass_dist.build import IN_MEMORY, build_layer_compressors, build_model, build_task
 from grass_dist.compress import Compressor, build_compressors, learned_layers
 from grass_dist.config import JobConfig, StoreConfig
 from grass_dist.errors import ConfigError
@@ -34,8 +34,6 @@ from grass_dist.index import GradientIndex, Store
 from grass_dist.index.gradient_index import INDEX_FILE
 from grass_dist.index.retry import RetryPolicy
 from grass_dist.models.state import state_hash
-
-IN_MEMORY = "grass_dist.assembly.in_memory"
 
 # sha256 -> object, filled by `register` (driver) and `receive` (workers).
 _OBJECTS: dict[str, Any] = {}

@@ -27,6 +27,9 @@ from grass_dist.index import GradientIndex
 from grass_dist.index.gradient_index import FORMAT_VERSION
 from grass_dist.models.state import state_hash
 
+# The `_target_` of an object given to the Python API in memory (grass_dist.assembly).
+IN_MEMORY = "grass_dist.assembly.in_memory"
+
 # Keys Hydra reads itself; everything else under a node is an argument of its _target_.
 _HYDRA_KEYS = frozenset({"_target_", "_args_", "_recursive_", "_convert_", "_partial_"})
 _UNSET = "???"
@@ -201,10 +204,20 @@ def build_dataset(job: JobConfig, which: str):
     return dataset
 
 
+def _named(part: str, node: dict[str, Any]) -> str:
+    """How messages name the model or task: its config target, or the type of the object
+    given in memory (the API)."""
+    if node.get("_target_") == IN_MEMORY:
+        return f"the {part} you passed (a {node.get('type')})"
+    return f"{part}._target_={node.get('_target_')!r}"
+
+
 def check_rows(job: JobConfig, model: nn.Module, task, dataset, which: str) -> None:
     """Row 0 of data.<which> through the task and the model, forward only (no gradient):
     items the task cannot collate, or the model cannot take, fail here with the fields to
     check instead of inside a worker after Ray started."""
+    if hasattr(task, "check_data"):
+        task.check_data(model, dataset, which)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     training = model.training
@@ -216,8 +229,8 @@ def check_rows(job: JobConfig, model: nn.Module, task, dataset, which: str) -> N
         raise
     except Exception as e:
         raise ConfigError(
-            f"row 0 of data.{which} does not fit task._target_={job.task['_target_']!r} and "
-            f"model._target_={job.model['_target_']!r}: {type(e).__name__}: {e}. Check that "
+            f"row 0 of data.{which} does not fit {_named('task', job.task)} and "
+            f"{_named('model', job.model)}: {type(e).__name__}: {e}. Check that "
             f"data.{which} returns the items the task collates and the model takes"
         ) from None
     finally:
@@ -225,7 +238,7 @@ def check_rows(job: JobConfig, model: nn.Module, task, dataset, which: str) -> N
     shape = tuple(getattr(losses, "shape", ()))
     if shape != (1,):
         raise ConfigError(
-            f"task._target_={job.task['_target_']!r}: per_sample_loss returned shape {shape} "
+            f"{_named('task', job.task)}: per_sample_loss returned shape {shape} "
             f"for one row of data.{which}; it must return one loss per row, shape (B,)"
         )
 

@@ -98,3 +98,22 @@ def assert_topk_close(rows, values, exact, k: int, largest: bool, tol: float) ->
         kth = want_v[q, -1]
         for r in got ^ want:
             assert abs(float(exact[r, q] - kth)) <= tol, (q, r)
+
+
+def bpe_tokenizer(texts: list[str], vocab_size: int = 300):
+    """A byte-level BPE tokenizer (GPT-2's scheme) trained on `texts`, nothing downloaded."""
+    import tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = tokenizers.Tokenizer(tokenizers.models.BPE())
+    core.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
+    core.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
+    )

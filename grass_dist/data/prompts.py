@@ -23,6 +23,9 @@ class PromptDataset(Dataset):
     is a row of its own (labels IGNORE elsewhere, key "<key>/t<j>"); since the task's loss
     is a sum over tokens, a pair's scores are the sum of its per-token rows' scores.
     A prompt too long for `max_length` loses its first tokens; the completion never does.
+    Prompt and completion are tokenised as one text and split where the completion starts,
+    so a token that spans the seam (a BPE token " word" whose space ends the prompt) is the
+    completion's first token: the ids are those the model saw for such text in training.
     """
 
     def __init__(
@@ -30,7 +33,7 @@ class PromptDataset(Dataset):
         keys: Sequence[str],
         prompts: Sequence[str],
         completions: Sequence[str],
-        tokenizer: str = "bytes",
+        tokenizer: Any = "bytes",
         max_length: int = 512,
         per_token: bool = False,
         add_bos: bool = True,
@@ -40,14 +43,16 @@ class PromptDataset(Dataset):
         self.tokenizer: Tokenizer = load_tokenizer(tokenizer)
         start = [self.tokenizer.bos_id] if add_bos and self.tokenizer.bos_id is not None else []
         self._pairs: list[tuple[list[int], list[int]]] = []
+        self.max_length = int(max_length)
         for key, prompt, completion in zip(keys, prompts, completions, strict=True):
-            target = self.tokenizer.encode(completion)
+            # Encoded as one text, as the model read such text in training.
+            before, target = self.tokenizer.encode_pair(prompt, completion)
             if not 1 <= len(target) <= max_length - 1:
                 raise ConfigError(
                     f"query {key!r}: the completion has {len(target)} tokens; it needs 1 to "
                     f"data.query.max_length - 1 = {max_length - 1}"
                 )
-            context = (start + self.tokenizer.encode(prompt))[-(max_length - len(target)) :]
+            context = (start + before)[-(max_length - len(target)) :]
             if not context:
                 raise ConfigError(
                     f"query {key!r} has an empty prompt and no start token, so its first "

@@ -46,7 +46,9 @@ class TextDataset(Dataset):
     labels equal the inputs (the task shifts them by one). With `add_bos` a document starts
     with the tokenizer's start token. Keys are the document keys, or "<key>#<block>" when a
     document is split into blocks. `skipped_records` counts the bad records left out when
-    the documents were read (on_bad_record="skip").
+    the documents were read (on_bad_record="skip"). `tokenizer` is "bytes", a local
+    directory holding a tokenizer saved with `save_pretrained`, or a transformers tokenizer
+    object; use the model's own. Empty or blank documents are refused.
     """
 
     skipped_records: int = 0
@@ -55,7 +57,7 @@ class TextDataset(Dataset):
         self,
         keys: Sequence[str],
         texts: Sequence[str],
-        tokenizer: str = "bytes",
+        tokenizer: Any = "bytes",
         max_length: int = 512,
         long: str = "truncate",
         add_bos: bool = True,
@@ -66,6 +68,12 @@ class TextDataset(Dataset):
             raise ConfigError(f"data.max_length={max_length} must be >= 2 (a context and a target)")
         if len(keys) != len(texts) or len(set(keys)) != len(keys):
             raise ConfigError("text documents need one unique key each")
+        empty = [str(k) for k, t in zip(keys, texts, strict=True) if not str(t).strip()]
+        if empty:
+            raise ConfigError(
+                f"{len(empty)} text document(s) are empty or blank (keys {empty[:5]}): an "
+                f"empty document has no token to predict; leave them out"
+            )
         self.tokenizer: Tokenizer = load_tokenizer(tokenizer)
         self.max_length, self.add_bos = int(max_length), bool(add_bos)
         self._texts = list(texts)

@@ -20,6 +20,10 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
+    def encode_pair(self, prompt: str, completion: str) -> tuple[list[int], list[int]]: ...
+
+    def vocab(self) -> dict[str, int]: ...
+
     def spec(self) -> dict[str, Any]: ...
 
 
@@ -39,18 +43,31 @@ class ByteTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
+    def encode_pair(self, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+        """The ids of prompt + completion, split where the completion starts (bytes join
+        without changing, so this is each part encoded alone)."""
+        return self.encode(prompt), self.encode(completion)
+
+    def vocab(self) -> dict[str, int]:
+        return {f"<byte {i}>": i for i in range(256)} | {"<end of text>": 256}
+
     def spec(self) -> dict[str, Any]:
         return {"kind": "bytes", "vocab_size": self.vocab_size}
 
 
 class HFTokenizer:
-    """A transformers tokenizer saved in a local directory (`save_pretrained`)."""
+    """A transformers tokenizer: saved in a local directory (`save_pretrained`), or the
+    tokenizer object itself."""
 
-    def __init__(self, path: str):
-        from grass_dist.models.hf import transformers_module
+    def __init__(self, path: str | Any):
+        if isinstance(path, str):
+            from grass_dist.models.hf import transformers_module
 
-        self.path = path
-        self._tok = transformers_module().AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self.path = path
+            auto = transformers_module().AutoTokenizer
+            self._tok = auto.from_pretrained(path, local_files_only=True)
+        else:
+            self._tok, self.path = path, str(getattr(path, "name_or_path", "") or "")
         self.vocab_size = len(self._tok)
         bos = self._tok.bos_token_id
         self.bos_id = bos if bos is not None else self._tok.eos_token_id
@@ -61,13 +78,47 @@ class HFTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids])
 
+    def encode_pair(self, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+        """The ids of the joined text prompt + completion (as the model saw such text in
+        training), split before the first token that holds a character of the completion.
+
+        Encoding the parts alone would give other tokens at the seam (byte-level BPE
+        merges a prompt's trailing space into the completion's first word). A tokenizer
+        without character offsets (not a "fast" one) encodes the parts alone.
+        """
+        try:
+            enc = self._tok(
+                prompt + completion, add_special_tokens=False, return_offsets_mapping=True
+            )
+        except NotImplementedError:
+            return self.encode(prompt), self.encode(completion)
+        ids, ends = list(enc["input_ids"]), [end for _, end in enc["offset_mapping"]]
+        cut = next((j for j, end in enumerate(ends) if end > len(prompt)), len(ids))
+        return ids[:cut], ids[cut:]
+
+    def vocab(self) -> dict[str, int]:
+        return dict(self._tok.get_vocab())
+
     def spec(self) -> dict[str, Any]:
         return {"kind": "hf", "path": self.path, "vocab_size": self.vocab_size}
 
 
+def load_tokenizer(spec: Any = "bytes") -> Tokenizer:
+    """'bytes' -> ByteTokenizer; a local directory -> HFTokenizer (cached per process); a
+    transformers tokenizer object -> HFTokenizer of it."""
+    if isinstance(spec, str):
+        return _load(spec)
+    if callable(getattr(spec, "get_vocab", None)) and callable(getattr(spec, "decode", None)):
+        return HFTokenizer(spec)
+    raise ConfigError(
+        f"tokenizer={spec!r:.40} ({type(spec).__name__}) is no tokenizer: give 'bytes', a "
+        f"local directory holding a tokenizer saved with `save_pretrained`, or a "
+        f"transformers tokenizer object"
+    )
+
+
 @lru_cache(maxsize=8)
-def load_tokenizer(spec: str = "bytes") -> Tokenizer:
-    """'bytes' -> ByteTokenizer; a local directory -> HFTokenizer (cached per process)."""
+def _load(spec: str) -> Tokenizer:
     if spec == "bytes":
         return ByteTokenizer()
     if os.path.isdir(spec):

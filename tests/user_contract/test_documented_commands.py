@@ -235,8 +235,8 @@ def test_text_files_example_runs(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     index = GradientIndex.open(str(tmp_path / "outputs" / "index-notes"))  # as the line names
-    topk = results.load_table(index, "tiny_gpt2", "topk").to_pandas()
+    topk = results.load_table(index, "notes", "topk").to_pandas()  # run.name=notes
     assert sorted(set(topk["query_row"])) == [0, 1]
     # Every note is one document (long=truncate), keyed by its file name.
     assert set(topk["train_key"]) == {"for.txt:0", "while.txt:0", "with.txt:0"}
-    assert (tmp_path / "outputs" / "report-tiny_gpt2.html").is_file()
+    assert (tmp_path / "outputs" / "report-notes.html").is_file()
