@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import signal
+import socket
 import threading
 from typing import Any
 
@@ -82,7 +83,7 @@ class AttributionService:
     async def _route(self, request: Request) -> dict[str, Any]:
         path = request.url.path.rstrip("/")
         if path == f"{self.prefix}/healthz":
-            return {"status": "ok", **self.engine.info()}
+            return {"status": "ok", **self.engine.info(), "default_kind": self.handler.default_kind}
         if path != f"{self.prefix}/query":
             raise BadRequestError(f"no route {path!r}: use POST {self.prefix}/query", 404)
         if request.method != "POST":
@@ -145,7 +146,17 @@ def check(job: JobConfig) -> None:
     engine = QueryEngine(job, probe=True)
     handler = QueryHandler(job, engine)
     example = encode(probe_example(engine.task, engine.template))
-    for kind in engine.info()["kinds"]:
+    kinds = engine.info()["kinds"]
+    if handler.default_kind not in kinds:
+        log.warning(
+            "the default kind %r is unavailable (no preconditioner %r in the index), so a "
+            "request that names no kind gets HTTP 409: build it (python -m jobs.precondition "
+            "with this store.url) or set serve.kind to one of %s",
+            handler.default_kind,
+            job.precondition.name,
+            kinds,
+        )
+    for kind in kinds:
         body = json.dumps({"examples": [example], "topk": 1, "kind": kind}).encode()
         try:
             req, items = handler.parse(body)
@@ -176,6 +187,8 @@ _STARTED: dict[str, Any] = {"apps": [], "ray": False}
 def start(raw_job: dict[str, Any]) -> str:
     """Deploy the service on the configured Ray cluster; returns its base URL."""
     job = JobConfig.from_cfg(raw_job)
+    if job.cluster.address is None:  # the proxy binds here: a taken port fails now, not late
+        check_port_free(job.serve.host, job.serve.port)
     check(job)
     s = job.serve
     if not _is_loopback(s.host):
@@ -203,6 +216,20 @@ def start(raw_job: dict[str, Any]) -> str:
     url = f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
     log.info("attribution service for %s at %s", job.index_url, url)
     return url
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse serve.host:serve.port when another program listens there (ConfigError)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise ConfigError(
+                f"serve.port={port} on serve.host={host} cannot be bound ({e.strerror}): "
+                f"another program listens there. Fix: choose a free port (serve.port=...) "
+                f"or stop that program"
+            ) from None
 
 
 def check_room(job: JobConfig) -> None:

@@ -39,7 +39,9 @@ def _from_b64(value: dict, like: torch.Tensor, where: str) -> np.ndarray:
         raise _bad(where, f"b64 is not valid base64 ({e})") from None
     shape = value["shape"]
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise _bad(where, f"shape must be a list of integers, got {shape!r}")
+        raise _bad(where, f"shape must be a list of integers, got {shape!r:.80}")
+    if shape != list(like.shape):  # before any arithmetic on it: a shape may be any size
+        raise _bad(where, f"shape {shape!s:.80}, expected {list(like.shape)}")
     if len(raw) != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
         raise _bad(where, f"{len(raw)} bytes do not hold a {want} tensor of shape {shape}")
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
@@ -50,6 +52,8 @@ def _from_list(value: Any, like: torch.Tensor, where: str) -> np.ndarray:
         arr = np.array(value)
     except ValueError as e:  # ragged nesting
         raise _bad(where, f"nested lists are ragged ({e})") from None
+    if arr.dtype == object and any(type(v) is int for v in arr.ravel()):
+        raise _bad(where, "an integer is out of the 64-bit range")
     if arr.dtype == object or arr.dtype.kind not in "biuf":
         raise _bad(where, "expected numbers (nested lists) or a base64 tensor")
     if arr.dtype.kind == "b":

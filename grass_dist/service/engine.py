@@ -15,6 +15,7 @@ choice it refuses to start.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,8 @@ from grass_dist.scoring.score import (
 from grass_dist.scoring.topk import decode
 
 log = logging.getLogger(__name__)
+# What a request's examples can make the loss raise: a 422 naming them, not a 500.
+_UNFIT = (BadRowsError, NonFiniteGradientError, IndexError, ValueError, RuntimeError)
 
 
 def require_decoder(job: JobConfig, task) -> None:
@@ -184,7 +187,8 @@ class QueryEngine:
             try:
                 items.append(self.task.decode_example(example, self.template))
             except BadRequestError as e:
-                raise BadRequestError(f"examples[{i}].{e.message}", 422) from None
+                sep = "." if re.match(r"\w+: ", e.message) else ": "  # a field's message
+                raise BadRequestError(f"examples[{i}]{sep}{e.message}", e.status) from None
         return items
 
     def query(self, items: list, topk: int, kind: str) -> list[dict[str, Any]]:
@@ -196,12 +200,28 @@ class QueryEngine:
                 409,
             )
         try:
-            phi = self.computer.phi_rows(items, range(len(items)), self.job.index.batch_size).phi
-        except (BadRowsError, NonFiniteGradientError, IndexError, ValueError, RuntimeError) as e:
-            raise BadRequestError(f"could not compute the loss of these examples: {e}", 422) from e
+            phi = self._phi(items)
+        except _UNFIT as e:
+            bad = self._unfit(items) if len(items) > 1 else [0]
+            which = f"examples {bad}" if bad else "these examples"
+            raise BadRequestError(f"could not compute the loss of {which}: {e}", 422) from e
         query = prepare_queries(phi, kind, self.pre, self.damping or 0.0)
         partial = self._score(query, min(topk, max(1, self.n_train)))
         return self._answer(partial, len(items))
+
+    def _phi(self, items: list) -> dict[str, Any]:
+        return self.computer.phi_rows(items, range(len(items)), self.job.index.batch_size).phi
+
+    def _unfit(self, items: list) -> list[int]:
+        """The examples whose loss fails alone (after their batch failed): the error path
+        only, so a request's bad examples are named rather than its whole batch."""
+        bad = []
+        for i, item in enumerate(items):
+            try:
+                self._phi([item])
+            except _UNFIT:
+                bad.append(i)
+        return bad
 
     def _score(self, query, topk: int) -> ScorePartial:
         # A few queries make thin tiles: widen them so a request costs a handful of GEMMs.

@@ -49,6 +49,8 @@ def parse_query(body: bytes, limits: ServeConfig, default_kind: str) -> QueryReq
         doc = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BadRequestError(f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise BadRequestError("request body nests JSON arrays or objects too deeply") from None
     if not isinstance(doc, dict):
         raise BadRequestError(f"request body must be a JSON object with fields {list(FIELDS)}")
     unknown = sorted(set(doc) - set(FIELDS))

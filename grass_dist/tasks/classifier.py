@@ -73,7 +73,11 @@ class ClassificationTask:
     def per_sample_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """(B,) cross-entropy losses, float32."""
         _, labels = self.split(batch)
-        return F.cross_entropy(self.logits(model, batch).float(), labels.long(), reduction="none")
+        labels = labels.long()
+        if labels.numel() and int(labels.min()) < 0:
+            # cross_entropy would take -100 as "ignore" and give a zero loss and gradient.
+            raise IndexError(f"label {int(labels.min())} is negative: labels are class ids")
+        return F.cross_entropy(self.logits(model, batch).float(), labels, reduction="none")
 
     def predict(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """(B,) predicted class ids."""
@@ -93,7 +97,7 @@ class ClassificationTask:
             raise BadRequestError(f"an example is an object with fields {sorted(fields)}")
         if set(example) != set(fields):
             raise BadRequestError(
-                f"example fields {sorted(example)} do not match the expected {sorted(fields)}"
+                f"an example has the fields {sorted(example)}; expected {sorted(fields)}"
             )
         out = {k: decode_array(example[k], like, k) for k, like in fields.items()}
         return out if isinstance(template, dict) else (out["input"], out["label"])

@@ -46,6 +46,9 @@ def test_tensors_decode_from_nested_lists_and_exact_base64():
         {**encode(np.zeros((2, 3), np.float32)), "b64": "!!"},  # base64
         {**encode(np.zeros((2, 3), np.float32)), "shape": [3, 3]},  # byte count
         {**encode(np.zeros((2, 3), np.float32)), "extra": 1},  # unknown field
+        {**encode(np.zeros((2, 3), np.float32)), "b64": "", "shape": [2**32, 2**32]},  # huge
+        {**encode(np.zeros((2, 3), np.float32)), "shape": [2**70]},  # beyond int64
+        [[2**70, 0, 0], [0, 0, 0]],  # an integer beyond int64
     ],
 )
 def test_malformed_tensors_are_422(value):
@@ -60,6 +63,14 @@ def test_fractional_labels_and_unknown_example_fields_are_refused():
     assert status_of(task.decode_example, {"input": [0.0] * 4}, TEMPLATE) == 400
     extra = {"input": [0.0] * 4, "label": 1, "weight": 2}
     assert status_of(task.decode_example, extra, TEMPLATE) == 400
+
+
+def test_a_negative_label_is_refused_not_ignored():
+    # cross_entropy's ignore_index (-100) would make the loss and gradient zero.
+    task, model = ClassificationTask(), torch.nn.Linear(4, 3)
+    for label in (-100, -1):
+        with pytest.raises(IndexError, match=f"label {label} is negative"):
+            task.per_sample_loss(model, (torch.zeros(2, 4), torch.tensor([0, label])))
 
 
 LIMITS = ServeConfig(max_examples=2, max_request_bytes=200, max_topk=50)
@@ -82,6 +93,13 @@ LIMITS = ServeConfig(max_examples=2, max_request_bytes=200, max_topk=50)
 )
 def test_bad_bodies_get_their_status(body, status):
     assert status_of(parse_query, body, LIMITS, "influence") == status
+
+
+def test_nesting_beyond_the_json_parsers_depth_is_400():
+    body, roomy = b"[" * 100_000 + b"]" * 100_000, ServeConfig(max_request_bytes=10**6)
+    with pytest.raises(BadRequestError, match="nests JSON arrays or objects too deeply") as info:
+        parse_query(body, roomy, "influence")
+    assert info.value.status == 400
 
 
 def test_a_good_body_takes_defaults_from_the_config():

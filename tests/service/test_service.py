@@ -9,6 +9,7 @@ third app serves with damping=auto under /auto.
 
 import dataclasses
 import json
+import re
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -205,12 +206,22 @@ def test_bad_requests_get_4xx_and_the_service_keeps_serving(service):
         (json.dumps({"examples": [{**good, "input": good["input"][:10]}]}).encode(), 422),
         (json.dumps({"examples": [{**good, "label": 0.5}]}).encode(), 422),
         (json.dumps({"examples": [{**good, "label": 99}]}).encode(), 422),
+        (json.dumps({"examples": [{"input": good["input"]}]}).encode(), 400),
+        (b"[" * 100_000 + b"]" * 100_000, 400),
         (json.dumps({"examples": [good] * 17}).encode(), 413),
         (b'{"examples": [' + b"0," * 3_000_000 + b"0]}", 413),
     ]
     for body, status in cases:
         code, answer = post(f"{cached}/query", body)
         assert (code, "error" in answer) == (status, True), (body[:80], code, answer)
+    # -100 is cross-entropy's "ignore": answered, it would be all-zero scores. Of several
+    # examples, the ones that do not fit are named.
+    for label, said in ((-100, r"examples \[0\]: .*label -100 is negative"), (99, "examples [2]")):
+        body = json.dumps(
+            {"examples": [good, good, {**good, "label": label}][-1 if label < 0 else 0 :]}
+        )
+        code, answer = post(f"{cached}/query", body.encode())
+        assert code == 422 and re.search(said if label < 0 else re.escape(said), answer["error"])
     assert post(f"{cached}/query", b"", method="GET")[0] == 405
     assert post(f"{cached}/nowhere", b"{}")[0] == 404
     with pytest.raises(ServiceError) as info:

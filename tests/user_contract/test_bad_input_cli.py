@@ -111,3 +111,20 @@ def test_cli_exits_2_when_hydra_refuses_the_command_line(tmp_path, user_pkg):
     assert "Could not override 'compresion.k'" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "outputs" / "index").exists()
+
+
+def test_cli_serve_on_a_taken_port_names_it_before_anything_starts(tmp_path, user_pkg):
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        given = _overrides(user_pkg, tmp_path, f"serve.port={port}")
+        proc = run_job("serve", *given, user=user_pkg, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert re.search(
+        rf"serve\.port={port} on serve\.host=127\.0\.0\.1 cannot be bound .*choose a free port",
+        _message(proc.stderr),
+    )
+    assert not (tmp_path / "index").exists()
