@@ -253,11 +253,8 @@ class Index:
         with _own_errors():
             raw = copy.deepcopy(resolve(cfg))
             job = pipeline.prepare(raw)
-        try:
-            with _own_errors():
-                summary = pipeline.run_index(job)
-        finally:
-            pipeline.shutdown(job)
+        with _own_errors(), pipeline.running(job):
+            summary = pipeline.run_index(job)
         return cls(raw, {**summary, "compression": pipeline.compression_summary(job)})
 
     @property
@@ -288,11 +285,8 @@ class Index:
             raw = OmegaConf.to_container(merged, resolve=True)
         with _own_errors():
             job = pipeline.prepare(raw, create_index=False, query=True)
-        try:
-            with _own_errors():
-                phi = pipeline.query_phi(job)
-                summary = {"precondition": pipeline.run_precondition(job)}
-                summary.update(pipeline.score_stage(job, phi))
-        finally:
-            pipeline.shutdown(job)
+        with _own_errors(), pipeline.running(job):
+            phi = pipeline.query_phi(job)
+            summary = {"precondition": pipeline.run_precondition(job)}
+            summary.update(pipeline.score_stage(job, phi))
         return Attribution(job.index, name, summary, results.manifest(job.index, name)["files"])

@@ -7,8 +7,8 @@ that a door needs only this module), runs stages on it and ends with `shutdown`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any, TypeVar
 
 import numpy as np
@@ -326,6 +326,23 @@ def compression_summary(job: Job) -> dict[str, Any]:
         "whole_small_layers": c.whole_small_layers,
         "whole_layers": job.whole_layers,
     }
+
+
+@contextmanager
+def running(job: Job) -> Iterator[Job]:
+    """The job's stages run inside: its progress record ends done or failed, and its
+    workers, reducer and driver's shards stop, however it ends."""
+    try:
+        yield job
+    except BaseException as e:
+        if job.progress is not None:
+            job.progress.finish(e)
+        raise
+    else:
+        if job.progress is not None:
+            job.progress.finish()
+    finally:
+        shutdown(job)
 
 
 def shutdown(job: Job) -> None:

@@ -153,10 +153,8 @@ def _run(
         job = pipeline.prepare_started(
             cfg, create_index=create_index, query=query, started=job_start()
         )
-        try:
+        with pipeline.running(job):
             summary = body(job)
-        finally:
-            pipeline.shutdown(job)
         if job.first_shard_s is not None:  # the wait for the first result on disk
             summary["first_shard_seconds"] = round(job.first_shard_s, 3)
         # Where the start-up went: its milestones, in order, in seconds from the job's start.

@@ -1,5 +1,7 @@
 """End-to-end stages on an embedded Ray: exactness, invariance, resume."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -78,6 +80,16 @@ def test_resume_recomputes_only_missing_shards_and_matches_a_clean_run(ray_sessi
     assert sorted(resumed[0].tolist()) == list(range(90))  # every row exactly once
     for layer in clean[1]:
         assert np.array_equal(resumed[1][layer], clean[1][layer])
+    # Nothing left to do, or a failure between stages: the progress record says how it ended.
+    for error in (None, ValueError("lost")):
+        again = pipeline.prepare(compose_cfg(tmp_path / "r"))
+        with contextlib.suppress(ValueError), pipeline.running(again):
+            assert pipeline.run_index(again)["computed_shards"] == 0
+            if error is not None:
+                raise error
+        doc = read_progress(again.index.store, again.job_id)
+        assert doc["state"] == ("done" if error is None else "failed")
+        assert doc.get("error") == (None if error is None else "ValueError: lost")
 
 
 def test_identity_influence_equals_direct_damped_fisher_influence(ray_session, tmp_path):

@@ -92,6 +92,17 @@ class JobProgress:
             self._bar = None
         self.write()
 
+    def finish(self, error: BaseException | None = None) -> None:
+        """The job ended (with `error`, or done): so says the record, also for a job that ran
+        no stage (every shard already committed) or failed between stages."""
+        self.doc["state"] = "failed" if error is not None else "done"
+        if error is not None:
+            self.doc.setdefault("error", f"{type(error).__name__}: {error}")
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        self.write()
+
     # ---- shards ------------------------------------------------------------------------
     def first_shard(self, seconds: float) -> None:
         """The job's first shard was committed `seconds` after the job started."""
