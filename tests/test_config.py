@@ -9,7 +9,7 @@ import ray
 from grass_dist import pipeline
 from grass_dist.build import build_dataset, build_layer_compressors, build_model, build_task
 from grass_dist.config import JobConfig
-from grass_dist.errors import ConfigError, FingerprintMismatchError, StoreUnavailableError
+from grass_dist.errors import ConfigError, FingerprintMismatchError
 from tests.conftest import CONF, ROOT, compose_cfg
 
 # The language-model presets only build together (model, tokenizer and data must agree);
@@ -107,10 +107,12 @@ def test_unknown_config_key(tmp_path):
     _fails_before_work(tmp_path, ConfigError, "config group 'compression'", "+compression.kk=3")
 
 
-def test_unreadable_store_url(tmp_path):
+def test_a_store_url_inside_a_file_is_refused(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    _fails_before_work(tmp_path, StoreUnavailableError, "store.url", f"store.url={blocker}/index")
+    said = r"a_file, which is a file, not a folder. Fix: set store.url"
+    _fails_before_work(tmp_path, ConfigError, said, f"store.url={blocker}/index")
+    assert blocker.read_text() == "not a directory"
 
 
 def test_query_set_with_a_different_model_is_refused(tmp_path):

@@ -32,6 +32,7 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
 from grass_dist.errors import (
+    ConfigError,
     CreateOnlyUnsupportedError,
     StoreAccessDeniedError,
     StoreUnavailableError,
@@ -357,6 +358,7 @@ class Store:
                 )
         finally:
             self.delete(rel)
+            self.prune_folders("_probe")  # a local store keeps no empty folder of probes
         self._create_only_checked = True
 
     def _not_enforced(self, what: str) -> str:
@@ -445,6 +447,8 @@ class Store:
             StoreUnavailableError: the probe cannot be written or read back.
             CreateOnlyUnsupportedError: see ``check_create_only``.
         """
+        if self._is_local:
+            self._check_local_folder()
         rel = f"_probe/{uuid.uuid4().hex}"
         payload = b"grass_dist write probe"
         self.write_bytes(rel, payload)
@@ -456,6 +460,19 @@ class Store:
         finally:
             self.delete(rel)
         self.check_create_only()
+
+    def _check_local_folder(self) -> None:
+        """Refuse a local store path that is, or lies inside, an existing file."""
+        self.fs  # noqa: B018 -- sets self._root
+        path = self._root
+        while path and not os.path.exists(path):
+            path = os.path.dirname(path)
+        if path and not os.path.isdir(path):
+            inside = "is" if path == self._root else f"lies inside {path}, which is"
+            raise ConfigError(
+                f"the index store {self._root} {inside} a file, not a folder. Fix: set "
+                f"store.url (or index.url) to a folder path; it is created if absent"
+            )
 
     # ---- local helpers ---------------------------------------------------------------
     @staticmethod

@@ -10,7 +10,12 @@ import uuid
 import numpy as np
 import pytest
 
-from grass_dist.errors import CorruptShardError, CreateOnlyUnsupportedError, StoreUnavailableError
+from grass_dist.errors import (
+    ConfigError,
+    CorruptShardError,
+    CreateOnlyUnsupportedError,
+    StoreUnavailableError,
+)
 from grass_dist.index.retry import is_lost_race as _s3_lost_race
 from grass_dist.index.retry import is_unclear_refusal
 from grass_dist.index.shards import read_shard, write_shard
@@ -47,6 +52,17 @@ def test_create_only_semantics(url):
     assert store.list("m") == ["0000000001.json"]
 
 
+def test_a_local_store_that_is_a_file_is_refused_naming_it(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    for url, said in (
+        (tmp_path / "notes.txt", r"notes.txt is a file, not a folder"),
+        (tmp_path / "notes.txt" / "index", r"index lies inside .*notes.txt, which is a file"),
+    ):
+        with pytest.raises(ConfigError, match=said):
+            Store(str(url)).check_writable()
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_local_path_made_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     store = Store("rel/idx")
@@ -59,13 +75,17 @@ def test_check_writable_and_pickle(url):
     store = Store(url, storage_options={})
     store.check_writable()
     assert store.list("_probe") == []
+    if store._is_local:  # nor an empty folder
+        assert not os.path.exists(os.path.join(store.url, "_probe"))
     store.write_bytes("k", b"v")
     clone = pickle.loads(pickle.dumps(store))
     assert clone == store and clone._fs is None  # filesystem rebuilt lazily
     assert clone.read_bytes("k") == b"v"
 
 
-def test_unwritable_store_raises_without_secrets(tmp_path):
+def test_unwritable_store_raises_without_secrets(tmp_path, monkeypatch):
+    # The filesystem's own refusal (past the check that names a file in the path).
+    monkeypatch.setattr(Store, "_check_local_folder", lambda self: None)
     blocker = tmp_path / "afile"
     blocker.write_text("not a directory")
     store = Store(str(blocker / "idx"), storage_options=dict(SECRETS))
