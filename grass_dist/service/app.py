@@ -187,7 +187,9 @@ _STARTED: dict[str, Any] = {"apps": [], "ray": False}
 def start(raw_job: dict[str, Any]) -> str:
     """Deploy the service on the configured Ray cluster; returns its base URL."""
     job = JobConfig.from_cfg(raw_job)
-    if job.cluster.address is None:  # the proxy binds here: a taken port fails now, not late
+    if job.cluster.address is None and not ray.is_initialized():
+        # A fresh embedded Ray's proxy binds here: a taken port fails now, not after the
+        # checks (a running Ray's proxy may hold it already, for its other applications).
         check_port_free(job.serve.host, job.serve.port)
     check(job)
     s = job.serve

@@ -12,7 +12,8 @@ are optional. The answer is
      "results": [{"proponents": [{"train_row", "train_key", "score"}, ...],
                   "opponents": [...]}, ...]}           one entry per example, best first
 
-GET <prefix>/healthz answers {"status": "ok", "train_rows", "layers", "cached", "kinds"}.
+GET <prefix>/healthz answers {"status": "ok", "train_rows", "layers", "cached", "kinds",
+"default_kind"}.
 Errors answer {"error": message} with a 4xx status: 400 malformed, 404 unknown route,
 405 wrong method, 409 kind unavailable, 413 too large, 422 examples that do not fit.
 """

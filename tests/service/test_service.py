@@ -108,6 +108,7 @@ def test_health_reports_the_index(service):
         "layers": ["fc1", "out"],
         "cached": True,
         "kinds": ["grad_dot", "cosine", "influence"],
+        "default_kind": "influence",
     }
     assert Client(streamed).health()["cached"] is False
 
