@@ -86,6 +86,8 @@ def collect(
         else:
             candidates[rel] = size
     version = 0
+    for rel in sorted(candidates) if dry_run else ():
+        log.info("would remove uncommitted attempt file %s (gc.dry_run)", store.url_of(rel))
     if candidates and not dry_run:
         version = manifests.commit([], collect=candidates)
         collected = manifests.state().collected

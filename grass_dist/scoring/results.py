@@ -210,6 +210,8 @@ def collect_abandoned(
         for folder, found in folders.items()
         if all(unchanged_for(modified, now, grace_s) for _, modified in found.values())
     }
+    for folder in sorted(old) if dry_run else ():
+        log.info("would remove abandoned scoring run %s (gc.dry_run)", store.url_of(folder))
     if not dry_run:
         for folder, found in sorted(old.items()):
             for rel in sorted(found):

@@ -229,7 +229,7 @@ def test_one_worker_per_logical_gpu_falls_back_to_cpu(cluster, clean, caplog):
 
 
 def _summary(stdout: str) -> dict:
-    return json.loads(stdout[stdout.index("\n{\n") :])
+    return json.loads(stdout[("\n" + stdout).index("\n{\n") :])
 
 
 def test_killed_driver_resumes_with_the_same_index(cluster, clean, tmp_path):

@@ -46,7 +46,7 @@ def _data(train: str, query: str) -> tuple[str, ...]:
 
 def _summary(stdout: str) -> dict:
     """The job's JSON summary: the last top-level object printed on stdout."""
-    return json.loads(stdout[stdout.rindex("\n{\n") + 1 :])
+    return json.loads(stdout[("\n" + stdout).rindex("\n{\n") :])
 
 
 def _check_report(path: Path) -> None:
