@@ -149,11 +149,9 @@ def _summary(
     stats = [
         ("queries scored", f"{len(queries)} (showing {len(shown)})"),
         ("training rows", str(len(train_set))),
-        (
-            "top proponent has the query's label",
-            "n/a" if np.isnan(agreement) else f"{agreement:.1%}",
-        ),
     ]
+    if not np.isnan(agreement):  # data without labels (a language model's text) has none
+        stats.append(("top proponent has the query's label", f"{agreement:.1%}"))
     truth = {q: items.label_of(query_set, q) for q in queries if q in (predictions or {})}
     scored = [q for q, label in truth.items() if label is not None]
     if scored:
@@ -169,7 +167,7 @@ def _summary(
         total = sum(float(v) for v in stage_times.values())
         html += (
             f'<h2>Stage times</h2><table class="stats">{rows}'
-            f"<tr><th>total</th><td>{total:.2f} s</td></tr></table>"
+            f"<tr><th>sum of the stages</th><td>{total:.2f} s</td></tr></table>"
         )
     return html
 
@@ -253,11 +251,15 @@ def write_report(
     parts = [_summary(topk, train_set, query_set, shown, stage_times, predictions)]
     if self_influence is not None and not self_influence.empty:
         parts.append(_self_influence(self_influence, train_set))
+    labelled = any(items.label_of(query_set, q) is not None for q in shown)
+    colours = (
+        " Green borders mark training examples with the query's label; red marks a query the "
+        "model gets wrong."
+    )
     parts.append(
         "<h2>Queries</h2>"
         '<p class="legend">Proponents most reduced each query\'s loss, opponents most raised '
-        "it. Green borders mark training examples with the query's label; red marks a "
-        "query the model gets wrong.</p>"
+        f"it.{colours if labelled else ''}</p>"
     )
     groups = topk[topk["query_row"].isin(shown)].groupby("query_row", sort=True)
     parts.extend(_query(g, train_set, query_set, predictions) for _, g in groups)

@@ -61,6 +61,8 @@ def test_a_tokenizer_object_is_the_saved_one(saved_lm):
     path, tok = saved_lm
     by_path, by_object = TextDataset(["a"], TEXTS[:1], path), TextDataset(["a"], TEXTS[:1], tok)
     assert torch.equal(by_path[0]["input_ids"], by_object[0]["input_ids"])
+    assert by_path[0]["input_ids"][0] == tok.bos_token_id
+    assert by_path.describe(0)["text"] == TEXTS[0]  # the report shows no start token
     with pytest.raises(
         ConfigError, match=r"tokenizer=3 \(int\) is no tokenizer: give 'bytes', a local"
     ):

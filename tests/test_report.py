@@ -67,7 +67,8 @@ def test_report_structure_and_escaping(sets, tmp_path):
     assert "si/19" in html and "si/11" not in html  # the 8 highest self-influences
     assert "<script" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "digits &lt;demo&gt;" in html and "score &amp; topk" in html
-    assert "showing 3" in html and "total</th><td>1.75 s" in html
+    assert "showing 3" in html and "sum of the stages</th><td>1.75 s" in html
+    assert "query&#x27;s label</th>" in html and "Green borders" in html
     assert html.count('class="card query-card wrong"') == 1  # predicted 99 for query 0
     assert not re.search(r"(src|href)=|https?://(?!www\.w3\.org/2000/svg)", html)
 
@@ -83,10 +84,22 @@ def test_text_datasets_are_escaped_and_truncated(sets):
     html = write_report(None, make_topk(1), Texts(), Texts())
     assert "<svg" not in html and "&lt;b&gt;" in html and "x" * 301 not in html
 
+    class Unlabelled(Texts):  # a language model's documents and prompts
+        def __getitem__(self, i: int) -> dict:
+            ids = torch.tensor([256, 100 + i])
+            return {"input_ids": ids, "labels": ids}
+
+        def describe(self, i: int) -> dict:
+            return {"key": f"t{i}", "text": f"document {i}"}
+
+    html = write_report(None, make_topk(1), Unlabelled(), Unlabelled())
+    body = html.partition("<body>")[2]  # past the stylesheet
+    assert "label" not in body and "Green borders" not in body and "document 0" in body
+
 
 def test_empty_topk_renders(sets):
     html = write_report(None, make_topk(0), *sets)
-    assert "No queries" in html and "n/a" in html
+    assert "No queries" in html and "query&#x27;s label" not in html
 
 
 def test_missing_columns_are_named(sets):

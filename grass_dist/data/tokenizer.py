@@ -76,7 +76,7 @@ class HFTokenizer:
         return list(self._tok(text, add_special_tokens=False)["input_ids"])
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode([int(i) for i in ids])
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
     def encode_pair(self, prompt: str, completion: str) -> tuple[list[int], list[int]]:
         """The ids of the joined text prompt + completion (as the model saw such text in
