@@ -225,6 +225,8 @@ def check_rows(job: JobConfig, model: nn.Module, task, dataset, which: str) -> N
     try:
         with torch.no_grad():
             losses = task.per_sample_loss(model, task.to(task.collate([dataset[0]]), device))
+    except ConfigError as e:  # the task's own words: which row they are about
+        raise ConfigError(f"row 0 of data.{which}: {e}") from None
     except GrassError:
         raise
     except Exception as e:

@@ -148,3 +148,22 @@ def test_empty_documents_are_refused_naming_them():
         ConfigError, match=r"2 text document\(s\) are empty or blank \(keys \['b', "
     ):
         TextDataset(["a", "b", "c"], ["text", "", "  \n"])
+
+
+def test_the_api_names_what_was_passed_and_what_the_task_takes(tmp_path):
+    import grass_dist as gd
+    from grass_dist.tasks_lm import causal_lm
+
+    model = hf_causal_lm("gpt2", {"n_layer": 1, "n_head": 2, "n_embd": 16, "vocab_size": 257})
+    with pytest.raises(ConfigError, match=r"row 0 of data.train: task causal_lm: an item is text"):
+        gd.Index.build(model, ["some text", "more"], task=causal_lm(), store=tmp_path / "i")
+    rows = TextDataset(["a", "b"], ["some text", "more"])
+    with pytest.raises(ConfigError, match="needs a transformers causal LM .* is a Linear"):
+        gd.Index.build(torch.nn.Linear(4, 2), rows, task=causal_lm(), store=tmp_path / "i")
+    # An error of the model's own names the objects passed, not their stand-in target.
+    with pytest.raises(ConfigError) as info:
+        gd.Index.build(torch.nn.Linear(4, 2), [(torch.zeros(5), 1)], store=tmp_path / "i")
+    assert "and the model you passed (a torch.nn.modules.linear.Linear): RuntimeError" in str(
+        info.value
+    )
+    assert not (tmp_path / "i").exists()

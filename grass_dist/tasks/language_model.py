@@ -176,6 +176,11 @@ class CausalLMTask:
     def token_losses(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, T - 1) float32 loss of predicting token t + 1; 0 where the label is ignored."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
+        if not callable(getattr(model, "get_input_embeddings", None)):
+            raise ConfigError(
+                f"task causal_lm needs a transformers causal LM (AutoModelForCausalLM: "
+                f"get_input_embeddings(), output .logits); the model is a {type(model).__name__}"
+            )
         vocab = model.get_input_embeddings().num_embeddings
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= vocab:
