@@ -174,6 +174,17 @@ class ServiceError(GrassError):
         return f"HTTP {self.status}: {self.message}"
 
 
+class ServiceUnreachableError(ServiceError):
+    """No HTTP answer from the query service's URL (nothing listens there, or unreachable)."""
+
+    def __init__(self, message: str) -> None:
+        GrassError.__init__(self, message)
+        self.status, self.message = 0, message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class GroundTruthError(GrassError):
     """LDS ground truth is missing, inconsistent with the scores, or could not be built."""
 

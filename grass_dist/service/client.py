@@ -4,7 +4,8 @@
     client = Client("http://127.0.0.1:8000")
     client.query([{"input": image, "label": 3}], topk=5)[0]["proponents"]
 
-Arrays (numpy or torch) are sent as exact base64 tensors; lists and numbers as they are.
+Arrays (numpy or torch) are sent as exact base64 tensors; lists and numbers as they are. A
+dataset item `(input, label)` is sent as {"input", "label"}, the classification format.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from grass_dist.errors import ServiceError
+from grass_dist.errors import ServiceError, ServiceUnreachableError
 
 
 def encode(value: Any) -> Any:
@@ -52,7 +53,11 @@ class Client:
     ) -> list[dict[str, Any]]:
         """Top-k proponents/opponents per example: [{"proponents": [...], "opponents": [...]}]
         with entries {"train_row", "train_key", "score"}, best first."""
-        body: dict[str, Any] = {"examples": [encode(e) for e in examples]}
+        items = [
+            {"input": e[0], "label": e[1]} if isinstance(e, tuple | list) and len(e) == 2 else e
+            for e in examples
+        ]
+        body: dict[str, Any] = {"examples": [encode(e) for e in items]}
         if topk is not None:
             body["topk"] = topk
         if kind is not None:
@@ -60,7 +65,7 @@ class Client:
         return self._call("POST", "/query", json.dumps(body).encode())["results"]
 
     def health(self) -> dict[str, Any]:
-        """{"status": "ok", "train_rows", "layers", "cached", "kinds"}."""
+        """{"status": "ok", "train_rows", "layers", "cached", "kinds", "default_kind"}."""
         return self._call("GET", "/healthz")
 
     def _call(self, method: str, route: str, data: bytes | None = None) -> dict[str, Any]:
@@ -75,3 +80,8 @@ class Client:
             with contextlib.suppress(ValueError, AttributeError):  # not a JSON error body
                 detail = json.loads(detail).get("error", detail)
             raise ServiceError(e.code, detail) from None
+        except urllib.error.URLError as e:  # no HTTP answer at all
+            raise ServiceUnreachableError(
+                f"no answer from {self.url} ({e.reason}): is `python -m jobs.serve` running "
+                f"there (serve.host, serve.port, serve.route_prefix)?"
+            ) from None

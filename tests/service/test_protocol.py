@@ -34,6 +34,18 @@ def test_tensors_decode_from_nested_lists_and_exact_base64():
     assert decode_array(encode(label), label, "label").item() == 7
 
 
+def test_base64_takes_the_numbers_a_list_could_hold():
+    x = np.arange(6, dtype=np.float64).reshape(2, 3) / 7  # as numpy makes them
+    assert torch.equal(decode_array(encode(x), LIKE, "x"), torch.from_numpy(x).float())
+    assert decode_array(encode(np.int32(3)), torch.tensor(0), "label").item() == 3
+    assert decode_array(encode(torch.tensor(3, dtype=torch.int32)), torch.tensor(0), "l") == 3
+    with pytest.raises(BadRequestError, match="dtype 'float32', expected 'int64'"):
+        decode_array(encode(np.array(3.0, np.float32)), torch.tensor(0), "label")
+    big = encode(np.array([2**40], np.int64))
+    with pytest.raises(BadRequestError, match="beyond int32's range"):
+        decode_array(big, torch.zeros(1, dtype=torch.int32), "ids")
+
+
 @pytest.mark.parametrize(
     "value",
     [
@@ -42,7 +54,8 @@ def test_tensors_decode_from_nested_lists_and_exact_base64():
         [["a", "b", "c"], ["d", "e", "f"]],  # not numbers
         [[True, False, True]] * 2,  # booleans
         [[float("nan"), 0, 0], [0, 0, 0]],  # NaN
-        encode(np.zeros((2, 3), np.float64)),  # dtype
+        {**encode(np.zeros((2, 3), np.float32)), "dtype": "complex64"},  # dtype
+        {**encode(np.zeros((2, 3), np.float32)), "dtype": "no-such-type"},  # dtype
         {**encode(np.zeros((2, 3), np.float32)), "b64": "!!"},  # base64
         {**encode(np.zeros((2, 3), np.float32)), "shape": [3, 3]},  # byte count
         {**encode(np.zeros((2, 3), np.float32)), "extra": 1},  # unknown field

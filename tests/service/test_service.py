@@ -30,6 +30,7 @@ from grass_dist.errors import (
     FingerprintMismatchError,
     ServiceCheckError,
     ServiceError,
+    ServiceUnreachableError,
 )
 from grass_dist.gradients.computer import GradientComputer
 from grass_dist.scoring import results
@@ -121,6 +122,16 @@ def test_answers_equal_the_batch_jobs_top_k_cached_and_streamed(service):
         answers = Client(url).query(items, topk=10, kind="influence")
         assert len(answers) == 12
         assert_answers_equal_topk_table(answers, table)
+    # The dataset's own items, (input tensor, label tensor), as a user has them at hand.
+    query = build_dataset(job.cfg, "query")
+    as_items = Client(cached).query([query[i] for i in range(12)], topk=10, kind="influence")
+    assert as_items == answers
+
+
+def test_a_client_with_nothing_at_its_url_says_so():
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ServiceUnreachableError, match=f"no answer from {url} .*jobs.serve"):
+        Client(url).health()
 
 
 def test_damping_auto_serves_the_delta_the_batch_job_chose(service, auto_service):
