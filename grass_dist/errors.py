@@ -140,6 +140,10 @@ class ClusterUnreachableError(GrassError):
     """No Ray cluster answers at the configured cluster.address."""
 
 
+class RayStartError(GrassError):
+    """The embedded Ray could not be started."""
+
+
 class PlacementTimeoutError(GrassError):
     """No worker could be placed on the cluster for too long."""
 

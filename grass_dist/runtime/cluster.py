@@ -7,12 +7,13 @@ import os
 import socket
 import threading
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Any
 
 import ray
 
 from grass_dist.config import ClusterConfig
-from grass_dist.errors import ClusterUnreachableError
+from grass_dist.errors import ClusterUnreachableError, RayStartError
 from grass_dist.runtime.pool import ActorPool
 
 log = logging.getLogger(__name__)
@@ -43,13 +44,7 @@ def _start(cfg: ClusterConfig) -> None:
         notices = logging.getLogger(TOKEN_NOTICE_LOGGER)
         notices.addFilter(_drop_token_notice)
         try:
-            ray.init(
-                address="local",
-                num_cpus=cfg.num_cpus,
-                include_dashboard=False,
-                logging_level=logging.WARNING,
-                configure_logging=True,
-            )
+            _start_embedded(cfg)
         finally:
             notices.removeFilter(_drop_token_notice)
         log.info("started an embedded Ray with %s CPUs", ray.cluster_resources().get("CPU"))
@@ -60,6 +55,32 @@ def _start(cfg: ClusterConfig) -> None:
         except ConnectionError as e:
             raise _unreachable(cfg.address, str(e)) from None
         log.info("joined the Ray cluster at %s", cfg.address)
+
+
+def _start_embedded(cfg: ClusterConfig, attempts: int = 2) -> None:
+    """ray.init of a fresh local Ray; a start that fails (on a loaded machine its node can
+    time out starting, a bare Exception) is tried once more, then refused in words."""
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(
+                address="local",
+                num_cpus=cfg.num_cpus,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                configure_logging=True,
+            )
+            return
+        except Exception as e:
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            with suppress(Exception):
+                ray.shutdown()  # whatever part of it started
+            if attempt == attempts:
+                raise RayStartError(
+                    f"the embedded Ray did not start, {attempts} times ({why}). A loaded "
+                    f"machine can time out Ray's start: rerun when it is quieter, or start "
+                    f"Ray once yourself (`ray start --head`) and join it with cluster=ray"
+                ) from None
+            log.warning("the embedded Ray did not start (%s); starting it once more", why)
 
 
 # Ray's notice, on every start of a Ray with RAY_AUTH_MODE unset, that it turned token

@@ -192,3 +192,27 @@ def test_shards_split_rows_evenly_and_a_resume_plans_what_was_left():
     assert [(p.start, p.end) for p in grown] == [(200, 300)]
     assert plan_shards(1, 128, {}) == [ShardPlan(shard_id(0, 1), 0, 1)]
     assert plan_shards(0, 128, {}) == []
+
+
+def test_an_embedded_ray_that_does_not_start_is_tried_once_more_then_refused(monkeypatch):
+    from grass_dist.config import ClusterConfig
+    from grass_dist.errors import RayStartError
+    from grass_dist.runtime import cluster
+
+    calls = []
+
+    def init(**kwargs):
+        calls.append(kwargs["address"])
+        if calls.count("local") <= fail_times:
+            raise Exception("The current node timed out during startup.\nmore")  # as Ray does
+
+    monkeypatch.setattr(cluster.ray, "init", init)
+    monkeypatch.setattr(cluster.ray, "shutdown", lambda: calls.append("shutdown"))
+    fail_times = 1
+    cluster._start_embedded(ClusterConfig())
+    assert calls == ["local", "shutdown", "local"]
+    calls.clear()
+    fail_times = 2
+    with pytest.raises(RayStartError, match=r"did not start, 2 times \(The current node timed "):
+        cluster._start_embedded(ClusterConfig())
+    assert calls == ["local", "shutdown", "local", "shutdown"]
