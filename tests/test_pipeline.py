@@ -11,6 +11,7 @@ from grass_dist.build import build_dataset, build_model
 from grass_dist.errors import WorkerStartError
 from grass_dist.index import GradientIndex, Store
 from grass_dist.runtime.progress import read_progress
+from grass_dist.runtime.reducer import preconditioner_path
 from grass_dist.scoring import results
 from tests.conftest import compose_cfg
 from tests.helpers import layer_grad, per_sample_grads
@@ -195,3 +196,36 @@ def test_a_worker_whose_model_differs_from_the_drivers_is_refused(ray_session, t
             pipeline._pool(job)
     finally:
         pipeline.shutdown(job)
+
+
+def test_a_rescore_of_the_same_shards_reuses_the_stored_preconditioner(ray_session, tmp_path):
+    def scored(damping: float, name: str, shards: int | None = 0) -> dict:
+        job = pipeline.prepare(
+            compose_cfg(
+                tmp_path,
+                "scoring.dense=true",
+                f"precondition.damping={damping}",
+                f"run.name={name}",
+            ),
+            query=True,
+        )
+        with pipeline.running(job):
+            pipeline.run_index(job, max_shards=shards)  # this many more shards (None: all)
+            query = pipeline.query_phi(job)
+            out = pipeline.run_precondition(job)
+            pipeline.run_score(job, query)
+        return {**out, "dense": results.load_dense(job.index, name), "job": job}
+
+    built = scored(0.1, "built", shards=2)
+    again = scored(0.01, "again")  # the same two shards: no pass over the index
+    assert (built["reused"], again["reused"], again["ran_on"]) == (False, True, "store (reused)")
+    assert again["layers"] == built["layers"]
+    # Its scores are those of a preconditioner built afresh at that damping.
+    index = again["job"].index
+    index.store.delete(preconditioner_path("fisher"))
+    fresh = scored(0.01, "fresh")
+    assert fresh["reused"] is False
+    np.testing.assert_array_equal(again["dense"], fresh["dense"])
+    # Another shard committed: another Fisher sum.
+    grown = scored(0.01, "grown", shards=None)
+    assert grown["reused"] is False and grown["rows"] > fresh["rows"]

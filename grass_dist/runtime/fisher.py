@@ -6,7 +6,8 @@ workers (`runtime.executors`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -149,4 +150,13 @@ def build_fisher(
     done: dict[str, LayerFactor] = {}
     for part in ex.get(refs):
         done.update(part)
-    return Preconditioner({name: done[name] for name in layers}, n, delta)
+    return Preconditioner({name: done[name] for name in layers}, n, delta, fisher_source(records))
+
+
+def fisher_source(records: Iterable[ShardRecord]) -> str:
+    """What a Fisher sum is a function of: the committed shard files (ids, rows and sha256),
+    as a digest; a preconditioner saved with the same one needs no new pass over the index."""
+    h = hashlib.sha256()
+    for r in sorted(records, key=lambda r: r.shard_id):
+        h.update(f"{r.shard_id}:{r.start}:{r.end}:{r.rows}:{r.sha256};".encode())
+    return h.hexdigest()

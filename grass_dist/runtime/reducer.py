@@ -28,7 +28,7 @@ from grass_dist.index.retry import RetryPolicy
 from grass_dist.runtime.cluster import idle_cpus, map_tasks
 from grass_dist.runtime.executors import Executor
 from grass_dist.runtime.faults import FaultInjector, KillOnce
-from grass_dist.runtime.fisher import build_fisher, layer_map, start_process
+from grass_dist.runtime.fisher import build_fisher, fisher_source, layer_map, start_process
 from grass_dist.runtime.pool import ACTOR_LOST
 from grass_dist.runtime.scoring import (
     ScoreOptions,
@@ -36,7 +36,7 @@ from grass_dist.runtime.scoring import (
     fan_out_breakdown,
 )
 from grass_dist.scoring import results
-from grass_dist.scoring.precondition import Preconditioner
+from grass_dist.scoring.precondition import Preconditioner, stored_source
 from grass_dist.scoring.score import prepare_queries, whiteners_for
 from grass_dist.scoring.topk import decode
 
@@ -136,16 +136,33 @@ class Reducer:
         run on `workers` when the driver lends its idle workers, else as Ray tasks."""
         t0 = time.perf_counter()
         delta = float(damping) if isinstance(damping, int | float) else None
-        pre = build_fisher(self.index, self.parallelism, verify, delta, Executor(workers))
-        self.faults.reducer("precondition")
-        self.index.put_artifact(preconditioner_path(name), pre.to_buffer())
-        self.cached[name] = pre
+        path, source = preconditioner_path(name), fisher_source(self.index.committed().values())
+        reused = self._saved_source(path) == source
+        if reused:  # summed from the very shards committed now: no pass over the index
+            if name in self.cached and self.cached[name].source != source:
+                del self.cached[name]
+            pre = self.load_preconditioner(name)
+            self.faults.reducer("precondition")
+            log.info("preconditioner %r: reused, built from the shards committed now", name)
+        else:
+            pre = build_fisher(self.index, self.parallelism, verify, delta, Executor(workers))
+            self.faults.reducer("precondition")
+            self.index.put_artifact(path, pre.to_buffer())
+            self.cached[name] = pre
         return {
             "rows": pre.n,
             "layers": {n: f.trace for n, f in pre.layers.items()},
             "seconds": time.perf_counter() - t0,
-            "ran_on": _ran_on(workers),
+            "ran_on": "store (reused)" if reused else _ran_on(workers),
+            "reused": reused,
         }
+
+    def _saved_source(self, path: str) -> str | None:
+        """The `source` the stored preconditioner at `path` records (None: none stored)."""
+        if not self.index.has_artifact(path):
+            return None
+        with self.index.store.open(path) as f:
+            return stored_source(f)
 
     def load_preconditioner(self, name: str) -> Preconditioner:
         if name not in self.cached:

@@ -285,6 +285,7 @@ class Preconditioner:
     layers: dict[str, LayerFactor]
     n: int
     delta: float | None = None  # the damping whose Cholesky factors `to_bytes` stores
+    source: str = ""  # what H was summed from (`grass_dist.runtime.fisher.fisher_source`)
 
     @classmethod
     def from_fisher(cls, fisher: FisherSum) -> Preconditioner:
@@ -350,6 +351,8 @@ class Preconditioner:
         )
         delta = "" if self.delta is None else repr(self.delta)
         meta = {"format": FORMAT, "layers": ",".join(self.layers), "delta": delta}
+        if self.source:
+            meta["source"] = self.source
         # One metadata entry, so the same preconditioner is the same bytes wherever it is built.
         buf, views = safetensors_buffer(layout, {_META: json.dumps(meta, sort_keys=True)})
         views["n"][0] = self.n
@@ -380,7 +383,15 @@ class Preconditioner:
                 fisher = symmetric_(unpack_triangle(fisher))
                 chol = None if chol is None else unpack_triangle(chol, lower=True)
             layers[name] = LayerFactor(fisher, None, {} if chol is None else {delta: chol})
-        return cls(layers, n, delta)
+        return cls(layers, n, delta, meta.get("source", ""))
+
+
+def stored_source(f: Any) -> str:
+    """The `source` of a stored preconditioner, from the file object `f`'s header alone
+    ("" for one that records none)."""
+    size = int.from_bytes(f.read(8), "little")
+    meta = json.loads(f.read(size)).get("__metadata__") or {}
+    return json.loads(meta[_META]).get("source", "") if _META in meta else ""
 
 
 def _metadata(data: bytes) -> dict[str, str]:
