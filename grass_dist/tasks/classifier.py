@@ -17,6 +17,8 @@ from torch.utils.data._utils.collate import collate, default_collate_fn_map
 from grass_dist.errors import BadRequestError
 from grass_dist.service.codec import decode_array
 
+_NO_IGNORE = torch.iinfo(torch.int64).min  # a label no dataset holds
+
 # Field names of dict items, in order of preference (grass_dist.data.items reads them too).
 INPUT_FIELDS = ("input", "inputs", "x", "image", "pixel_values")
 LABEL_FIELDS = ("label", "labels", "y", "target")
@@ -73,11 +75,14 @@ class ClassificationTask:
     def per_sample_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """(B,) cross-entropy losses, float32."""
         _, labels = self.split(batch)
-        labels = labels.long()
-        if labels.numel() and int(labels.min()) < 0:
-            # cross_entropy would take -100 as "ignore" and give a zero loss and gradient.
-            raise IndexError(f"label {int(labels.min())} is negative: labels are class ids")
-        return F.cross_entropy(self.logits(model, batch).float(), labels, reduction="none")
+        # No label is "ignored": cross_entropy's default would give -100 a zero loss and
+        # gradient, so it is out of bounds like any other label outside the classes.
+        return F.cross_entropy(
+            self.logits(model, batch).float(),
+            labels.long(),
+            reduction="none",
+            ignore_index=_NO_IGNORE,
+        )
 
     def predict(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """(B,) predicted class ids."""

@@ -82,7 +82,7 @@ def test_a_negative_label_is_refused_not_ignored():
     # cross_entropy's ignore_index (-100) would make the loss and gradient zero.
     task, model = ClassificationTask(), torch.nn.Linear(4, 3)
     for label in (-100, -1):
-        with pytest.raises(IndexError, match=f"label {label} is negative"):
+        with pytest.raises(IndexError, match=f"Target {label} is out of bounds"):
             task.per_sample_loss(model, (torch.zeros(2, 4), torch.tensor([0, label])))
 
 

@@ -228,7 +228,10 @@ def test_bad_requests_get_4xx_and_the_service_keeps_serving(service):
         assert (code, "error" in answer) == (status, True), (body[:80], code, answer)
     # -100 is cross-entropy's "ignore": answered, it would be all-zero scores. Of several
     # examples, the ones that do not fit are named.
-    for label, said in ((-100, r"examples \[0\]: .*label -100 is negative"), (99, "examples [2]")):
+    for label, said in (
+        (-100, r"examples \[0\]: .*Target -100 is out of bounds"),
+        (99, "examples [2]"),
+    ):
         body = json.dumps(
             {"examples": [good, good, {**good, "label": label}][-1 if label < 0 else 0 :]}
         )
