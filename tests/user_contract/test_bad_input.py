@@ -153,7 +153,7 @@ CASES = {
     "store_url_a_file": (
         "index",
         ("store.url={case}/a_file",),
-        r"index store .*a_file.* is unavailable.*store\.url",
+        r"index store .*/a_file is a file, not a folder\. Fix: set store\.url",
     ),
     "store_protocol_unknown": (
         "index",
