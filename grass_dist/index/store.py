@@ -358,7 +358,6 @@ class Store:
                 )
         finally:
             self.delete(rel)
-            self.prune_folders("_probe")  # a local store keeps no empty folder of probes
         self._create_only_checked = True
 
     def _not_enforced(self, what: str) -> str:
