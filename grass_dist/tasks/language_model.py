@@ -64,11 +64,9 @@ def _row(item: Any) -> dict[str, torch.Tensor]:
 
 def _describe(tokenizer: Any) -> str:
     spec = tokenizer.spec() if hasattr(tokenizer, "spec") else {}
-    return (
-        "the UTF-8 byte tokenizer ('bytes')"
-        if spec.get("kind") == "bytes"
-        else (f"the tokenizer in {spec.get('path', type(tokenizer).__name__)}")
-    )
+    if spec.get("kind") == "bytes":
+        return "the UTF-8 byte tokenizer ('bytes')"
+    return f"the tokenizer in {spec.get('path', type(tokenizer).__name__)}"
 
 
 def _same_tokenizer(tokenizer: Any, saved: str) -> bool:
@@ -189,7 +187,11 @@ class CausalLMTask:
                 f"{vocab} (ids 0 to {vocab - 1}): the data's tokenizer does not match the "
                 f"model; use the model's tokenizer"
             )
-        context = context_length(model)
+        # The module walk only for a batch wider than the config's positions (rare).
+        config = getattr(model, "config", None)
+        stated = [getattr(config, f, None) for f in _CONTEXT_FIELDS]
+        wide = any(isinstance(n, int) and ids.shape[1] > n for n in stated)
+        context = context_length(model) if wide else None
         if context is not None and ids.shape[1] > context[1]:
             raise ConfigError(
                 f"a row has {ids.shape[1]} tokens, more than the model's context of "
