@@ -188,6 +188,11 @@ def _own_errors() -> Iterator[None]:
         raise
 
 
+def _rounded(timings: dict[str, float]) -> dict[str, float]:
+    """A job's stage timings as its summary shows them (as the jobs' `stage_seconds`)."""
+    return {stage: round(seconds, 3) for stage, seconds in timings.items()}
+
+
 def _url(store: Any) -> str:
     if not isinstance(store, (str, os.PathLike)):
         raise ConfigError(
@@ -255,7 +260,8 @@ class Index:
             job = pipeline.prepare(raw)
         with _own_errors(), pipeline.running(job):
             summary = pipeline.run_index(job)
-        return cls(raw, {**summary, "compression": pipeline.compression_summary(job)})
+        summary["compression"] = pipeline.compression_summary(job)
+        return cls(raw, {**summary, "stage_seconds": _rounded(job.timings)})
 
     @property
     def gradient_index(self) -> GradientIndex:
@@ -289,4 +295,5 @@ class Index:
             phi = pipeline.query_phi(job)
             summary = {"precondition": pipeline.run_precondition(job)}
             summary.update(pipeline.score_stage(job, phi))
+        summary["stage_seconds"] = _rounded(job.timings)
         return Attribution(job.index, name, summary, results.manifest(job.index, name)["files"])

@@ -178,7 +178,9 @@ class ClusterConfig:
     max_reducer_restarts: int = _f(2, "new reducers started for a stage whose reducer died")
     progress_interval_s: float = _f(2.0, "seconds between rewrites of the progress record")
     driver_shard: bool = _f(
-        True, "an embedded Ray's driver indexes shards until the first worker is ready (CPU)"
+        True,
+        "an embedded Ray's driver indexes shards until the first worker is ready, and "
+        "differentiates a query set of one shard_size without workers (CPU)",
     )
 
 

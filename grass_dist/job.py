@@ -71,6 +71,7 @@ class Job:
     _spares: list[Any] = field(default_factory=list)  # unstarted worker actors (prepare_started)
     _pool: ActorPool | None = None
     _local: LocalShard | None = None  # the driver's own shards (prepare_started)
+    _replica: assembly.Replica | None = None  # the driver's, for its own queries (query_phi)
     _reducer: ReducerHandle | None = None
 
     @contextmanager
@@ -166,7 +167,10 @@ def _prepare(
         skipped_records=getattr(train, "skipped_records", 0),
     )
     job.progress = JobProgress(index.store, job.job_id, job_cfg.cluster.progress_interval_s)
-    return job, assembly.Replica(model, task, compressors), train
+    replica = assembly.Replica(model, task, compressors)
+    if query and not create_index and local_shard.wanted(job_cfg):
+        job._replica = replica  # a scoring job may compute a few queries itself
+    return job, replica, train
 
 
 def prepare_started(

@@ -27,9 +27,10 @@ from grass_dist.runtime.cluster import (
     idle_cpus,
     map_tasks,
     start_worker_pool,
+    this_machine_only,
 )
 from grass_dist.runtime.executors import WorkersLostError
-from grass_dist.runtime.local_shard import DriverShard
+from grass_dist.runtime.local_shard import DriverShard, driver_phi
 from grass_dist.runtime.pool import ActorPool
 from grass_dist.runtime.reducer import ReducerHandle, ScoreRequest
 from grass_dist.runtime.scheduler import run_items
@@ -237,10 +238,18 @@ def run_precondition(job: Job) -> dict[str, Any]:
 
 
 def query_phi(job: Job, which: str = "query") -> PhiBlock:
-    """phi of every row of data.<which>, from the worker pool with the index's compressors."""
-    n = len(build_dataset(job.cfg, which))
+    """phi of every row of data.<which>, from the worker pool with the index's compressors;
+    or, for a query set of one chunk (`index.shard_size` rows) where no worker was started,
+    from the driver's replica (`local_shard.driver_phi`: the same bits)."""
+    replica, job._replica = job._replica, None  # needed here only
+    dataset = build_dataset(job.cfg, which)
+    n = len(dataset)
     chunk = job.cfg.index.shard_size
     spans = [(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]
+    if replica is not None and len(spans) == 1 and _no_workers_yet(job):
+        with job.stage(f"{which}_gradients"):
+            log.info("%s gradients: %d rows, computed by the driver", which, n)
+            return driver_phi(job.cfg, replica, dataset, 0, n)
     blocks: dict[tuple[int, int], PhiBlock] = {}
     with job.stage(f"{which}_gradients"):
         run_items(
@@ -258,6 +267,12 @@ def query_phi(job: Job, which: str = "query") -> PhiBlock:
         [k for p in parts for k in p.keys],
         {name: np.concatenate([p.phi[name] for p in parts]) for name in parts[0].phi},
     )
+
+
+def _no_workers_yet(job: Job) -> bool:
+    """No worker pool, started or on its way, and the cluster is this machine alone: the
+    driver's CPU computes as the workers' would (`local_shard.wanted` held at prepare)."""
+    return job._pool is None and not job._spares and this_machine_only()
 
 
 def run_score(job: Job, query: PhiBlock | None = None) -> dict[str, Any]:
@@ -346,6 +361,7 @@ def running(job: Job) -> Iterator[Job]:
 
 
 def shutdown(job: Job) -> None:
+    job._replica = None
     if job._local is not None:  # a job that ended before its index stage
         job._local.stop()
         job._local = None

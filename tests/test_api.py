@@ -235,3 +235,42 @@ def test_config_errors_name_the_arguments_that_set_their_keys(tmp_path):
     with pytest.raises(ConfigError, match=r"(?s)compression\.k\)\..*\(in the Python API: k= sets"):
         gd.Index.build(model, train, store=store, k=2.5)
     assert not (tmp_path / "i").exists()
+
+
+@pytest.mark.integration
+def test_a_small_query_set_is_computed_by_the_driver_as_a_worker_computes_it(
+    ray_session, tmp_path, caplog
+):
+    # Index.attribute starts no worker pool for a query set of one chunk (index.shard_size
+    # rows): the driver's replica computes it on a worker's thread count, to the same bits.
+    model = digits_mlp(hidden=[16], epochs=1, n_train=60, n_query=5, cache_dir=str(tmp_path))
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(100, 64, generator=gen), torch.randint(0, 10, (100,), generator=gen)
+    model.train()  # the caller's model as a notebook may hold it: training, a layer frozen
+    frozen = next(model.parameters())
+    frozen.requires_grad_(False)
+    index = gd.Index.build(model, TensorDataset(x[:60], y[:60]), store=str(tmp_path / "i"), k=16,
+                           workers=1, overrides=[f"run.output_dir={tmp_path}",
+                                                 "index.shard_size=32"])  # fmt: skip
+    query = TensorDataset(x[60:65], y[60:65])
+    with caplog.at_level(logging.INFO, logger="grass_dist"):
+        mine = index.attribute(query, dense=True, name="driver")
+    assert "query gradients: 5 rows, computed by the driver" in caplog.text
+    assert model.training and not frozen.requires_grad  # left as the caller had it
+    assert all(p.requires_grad for p in list(model.parameters())[1:])
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="grass_dist"):
+        theirs = index.attribute(
+            query, dense=True, name="workers", overrides=["cluster.driver_shard=false"]
+        )
+    assert "computed by the driver" not in caplog.text
+    np.testing.assert_array_equal(mine.dense(), theirs.dense())  # bit for bit
+
+    # More than one chunk of queries: the worker pool computes them, its chunks in parallel.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="grass_dist"):
+        many = index.attribute(TensorDataset(x[60:], y[60:]), dense=True, name="many")
+    assert "computed by the driver" not in caplog.text
+    # (In batches of other sizes: equal to rounding.)
+    np.testing.assert_allclose(many.dense()[:, :5], mine.dense(), rtol=1e-5, atol=1e-7)

@@ -136,3 +136,9 @@ def test_first_shard_benchmark_runs_tiny(tmp_path):
     timeline = [line for line in table.splitlines() if line.startswith("| digits | ")][-1]
     first, prepared = float(row.split("|")[2]), float(timeline.split("|")[2])
     assert 0 < prepared < first  # the summary's startup_seconds reached the table
+
+
+def test_api_attribute_benchmark_runs_tiny(tmp_path):
+    # The script exits non-zero if the driver's and the workers' queries score differently.
+    table = _table(tmp_path, "bench_api_attribute.py", "--tiny")
+    assert "| driver | " in table and "| workers | " in table

@@ -212,6 +212,15 @@ def start_worker_pool(
     )
 
 
+def this_machine_only() -> bool:
+    """Whether the job's cluster is this machine alone: no Ray yet (an embedded one would
+    start here), or a Ray of one node, the driver's."""
+    if not ray.is_initialized():
+        return True
+    alive = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    return alive == [ray.get_runtime_context().get_node_id()]
+
+
 def threads_for(cpus: float) -> int:
     """Torch threads for an actor given `cpus` logical CPUs (never more than the machine)."""
     return max(1, min(int(cpus), os.cpu_count() or 1))

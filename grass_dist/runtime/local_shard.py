@@ -18,6 +18,11 @@ batch projects more than `BUDGET_S` of work: with two workers and two shards, th
 shard would only delay the worker that computes the other. A shard that fails goes back
 to the workers too (they then fail it as they would have), and so does one stopped because
 the job ends.
+
+A few queries, too (`driver_phi`): where a job scores a query set of one chunk and has
+started no workers (the Python API's `Index.attribute`), the driver computes its phi the same
+way, rather than start a pool whose one busy worker would take seconds to start for
+milliseconds of work.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -32,11 +39,11 @@ import torch
 
 from grass_dist.assembly import Replica
 from grass_dist.config import JobConfig
-from grass_dist.gradients.computer import GradientComputer
+from grass_dist.gradients.computer import GradientComputer, PhiBlock
 from grass_dist.index import GradientIndex, ShardRecord
 from grass_dist.runtime.cluster import threads_for
 from grass_dist.runtime.overlap import Phases
-from grass_dist.runtime.worker import ShardPlan, index_rows
+from grass_dist.runtime.worker import ShardPlan, index_rows, phi_rows
 
 if TYPE_CHECKING:
     from grass_dist.job import Job
@@ -47,6 +54,34 @@ log = logging.getLogger(__name__)
 # shards, projected from its first batch: about what Ray's and the workers' start takes on a
 # small machine, so that such a shard competes with their start for a few seconds at most.
 BUDGET_S = 4.0
+
+
+@contextmanager
+def as_a_worker(cfg: JobConfig, replica: Replica) -> Iterator[GradientComputer]:
+    """The driver's `replica` computing as a CPU worker does: on a worker's thread count
+    (torch's kernels split their sums by threads). The driver's thread count is restored
+    after, and so is the model's state that computing changes (train/eval modes,
+    requires_grad): in the Python API it is the caller's own model."""
+    threads = torch.get_num_threads()
+    model = replica.model
+    modes = [(m, m.training) for m in model.modules()]
+    needs = [(p, p.requires_grad) for p in model.parameters()]
+    torch.set_num_threads(threads_for(cfg.cluster.cpus_per_worker))
+    try:
+        yield GradientComputer(model, replica.task, replica.compressors, "cpu")
+    finally:
+        torch.set_num_threads(threads)
+        for m, training in modes:
+            m.training = training
+        for p, need in needs:
+            p.requires_grad_(need)
+
+
+def driver_phi(cfg: JobConfig, replica: Replica, dataset: Any, start: int, end: int) -> PhiBlock:
+    """phi of rows [start, end) of `dataset`, computed by the driver as a worker would
+    (`as_a_worker`, `worker.phi_rows`): the same bits, without starting the workers."""
+    with as_a_worker(cfg, replica) as computer:
+        return phi_rows(computer, dataset, start, end, cfg.index.batch_size)
 
 
 class _Stopped(Exception):
@@ -166,11 +201,7 @@ class LocalShard:
         return True
 
     def _compute(self, plan: ShardPlan) -> ShardRecord:
-        r = self._replica
-        threads = torch.get_num_threads()
-        torch.set_num_threads(threads_for(self._cfg.cluster.cpus_per_worker))  # a worker's
-        try:
-            computer = GradientComputer(r.model, r.task, r.compressors, "cpu")
+        with as_a_worker(self._cfg, self._replica) as computer:
             return index_rows(
                 computer,
                 self._dataset,
@@ -180,8 +211,6 @@ class LocalShard:
                 Phases(),
                 on_batch=self._check,
             )
-        finally:
-            torch.set_num_threads(threads)
 
     def _check(self, rows: int) -> None:
         if self._stop.is_set():

@@ -111,6 +111,25 @@ def index_rows(
         )
 
 
+def phi_rows(
+    computer: GradientComputer,
+    dataset: Any,
+    start: int,
+    end: int,
+    batch_size: int,
+    phases: Phases | None = None,
+    key: str = "phi",
+) -> PhiBlock:
+    """phi of rows [start, end) of `dataset` through `computer`, returned rather than
+    stored, timed as `phases` load and compute: a worker's query call, and the driver's
+    (`runtime.local_shard.driver_phi`)."""
+    phases = Phases() if phases is None else phases
+    with phases.run(key, "load"):
+        loaded = computer.load_rows(dataset, range(start, end), batch_size)
+    with phases.run(key, "compute"):
+        return computer.phi_loaded(loaded)
+
+
 class GradientWorker:
     """Holds the model, task, datasets and compressors; computes and writes shards."""
 
@@ -208,13 +227,15 @@ class GradientWorker:
 
     def phi(self, which: str, start: int, end: int) -> PhiBlock:
         """phi of rows [start, end) of data.<which>, returned rather than stored."""
-        key = f"{which}:{start}-{end}"
-        with self.phases.run(key, "load"):
-            loaded = self.computer.load_rows(
-                self._dataset(which), range(start, end), self.job.index.batch_size
-            )
-        with self.phases.run(key, "compute"):
-            return self.computer.phi_loaded(loaded)
+        return phi_rows(
+            self.computer,
+            self._dataset(which),
+            start,
+            end,
+            self.job.index.batch_size,
+            self.phases,
+            f"{which}:{start}-{end}",
+        )
 
     def run(self, fn: Callable, *args: Any) -> Any:
         """fn(*args) in this process on its threads: a reducer stage's map call, run on this
