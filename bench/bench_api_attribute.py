@@ -1,19 +1,22 @@
-"""What one `Index.attribute` call of the Python API costs: queries by the driver or by workers.
+"""What one `Index.attribute` call of the Python API costs, and what it starts.
 
-    .venv/bin/python bench/bench_api_attribute.py                 # README's example, 5 pairs
+    .venv/bin/python bench/bench_api_attribute.py                 # README's example, 5 rounds
     .venv/bin/python bench/bench_api_attribute.py --reps 9
     .venv/bin/python bench/bench_api_attribute.py --tiny          # seconds
 
 A notebook builds an index once and then calls `index.attribute(...)` again and again (other
 queries, other dampings). Each call computes its queries' gradients, the preconditioner
-(read back from the store when the index is unchanged) and the scores. For a query set of
-one chunk (`index.shard_size` rows) the driver computes the queries' gradients itself, on a
-worker's thread count (`grass_dist.runtime.local_shard.driver_phi`); with
-`cluster.driver_shard=false` a worker pool starts for them, as for larger query sets. The
-two kinds of call run in turn in one process after one index build (README's Python API
-example: digits MLP, 300 training rows, k=64, one worker), after one uncounted call each;
-their dense scores are checked to be equal bit for bit. Writes
-bench/results/api_attribute.md.
+(read back from the store when the index is unchanged) and the scores. Three kinds of call:
+- `before`: as each call ran before: a worker pool started for the queries'
+  gradients (`cluster.driver_shard=false`), and a reducer process started for the
+  preconditioner and the scores (`index.close()` first stops the one kept);
+- `kept reducer`: the same, on the reducer process the Index keeps between calls;
+- `now`: the default: the kept reducer, and the driver computes the queries' gradients
+  itself (a query set of one chunk, `index.shard_size` rows), on a worker's thread count
+  (`grass_dist.runtime.local_shard.driver_phi`).
+They run in turn in one process after one index build (README's Python API example: digits
+MLP, 300 training rows, 20 queries, k=64, one worker), after one uncounted round; their
+dense scores are checked to be equal bit for bit. Writes bench/results/api_attribute.md.
 """
 
 from __future__ import annotations
@@ -33,7 +36,12 @@ sys.path.insert(0, str(ROOT))
 from bench.timing import write_result  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "api_attribute.md"
-MODES = {"driver": [], "workers": ["cluster.driver_shard=false"]}
+# name -> (close the kept reducer first, overrides)
+MODES = {
+    "before": (True, ["cluster.driver_shard=false"]),
+    "kept reducer": (False, ["cluster.driver_shard=false"]),
+    "now": (False, []),
+}
 
 
 def main() -> None:
@@ -74,21 +82,25 @@ def run(args: argparse.Namespace, work: str) -> None:
     stages: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
     dense: dict[str, np.ndarray] = {}
     for rep in range(args.reps + 1):  # the first round uncounted
-        for mode, overrides in MODES.items():
+        for mode, (close, overrides) in MODES.items():
+            if close:
+                index.close()
             t0 = time.perf_counter()
-            result = index.attribute(query, damping=0.1, topk=5, dense=True, name=mode,
-                                     overrides=overrides)  # fmt: skip
+            result = index.attribute(query, damping=0.1, topk=5, dense=True,
+                                     name=mode.replace(" ", "_"), overrides=overrides)  # fmt: skip
             wall = time.perf_counter() - t0
             dense[mode] = result.dense()
             if rep:
                 walls[mode].append(wall)
                 stages[mode].append(result.summary["stage_seconds"])
-    if not np.array_equal(dense["driver"], dense["workers"]):
-        raise SystemExit("the driver's and the workers' query gradients gave different scores")
+    index.close()
+    for mode in MODES:
+        if not np.array_equal(dense[mode], dense["before"]):
+            raise SystemExit(f"the {mode!r} call's scores differ from the 'before' call's")
 
-    base = statistics.median(walls["workers"])
+    base = statistics.median(walls["before"])
     lines = [
-        "# One `Index.attribute` call: queries by the driver or by a worker pool",
+        "# One `Index.attribute` call: what it starts",
         "",
         "Command: `python bench/bench_api_attribute.py"
         + (" --tiny" if args.tiny else f" --reps {args.reps}")
@@ -99,13 +111,15 @@ def run(args: argparse.Namespace, work: str) -> None:
         "",
         f"Work: README's Python API example (digits MLP [32], {n} training rows, {q} queries, "
         f"FactGraSS k={args.k}, workers=1, damping 0.1, top 5, dense scores); the index built "
-        f"once ({build_s:.1f} s), then {args.reps} timed calls of each kind in turn after one "
-        "uncounted call each. `driver`: the driver computes the query gradients (a query set "
-        "of one chunk, the default); `workers`: `cluster.driver_shard=false`, a worker pool "
-        "starts for them. Dense scores of both: equal bit for bit (checked). `x` = the "
-        "`workers` call's median wall / this row's.",
+        f"once ({build_s:.1f} s), then {args.reps} rounds of the three kinds of call in turn "
+        "after one uncounted round. `before`: a worker pool starts for the query gradients "
+        "(`cluster.driver_shard=false`) and a reducer process for the preconditioner and "
+        "scores (the kept one closed first), as every call did before; `kept reducer`: the "
+        "same on the reducer the Index keeps between calls; `now` (the default): the kept "
+        "reducer, and the driver computes the query gradients. Dense scores of all three: "
+        "equal bit for bit (checked). `x` = the `before` call's median wall / this row's.",
         "",
-        "| queries by | wall s (median) | wall s (runs) | x | median stage seconds |",
+        "| call | wall s (median) | wall s (runs) | x | median stage seconds |",
         "|---|---|---|---|---|",
     ]
     for mode in MODES:

@@ -244,6 +244,19 @@ class Index:
     def __init__(self, raw: dict[str, Any], summary: dict[str, Any] | None = None):
         self.raw = raw
         self.summary = summary or {}
+        # The reducer of the last `attribute` call, kept for the next (`close` stops it).
+        self._kept = pipeline.KeptReducer()
+
+    def close(self) -> None:
+        """Stop the reducer process that `attribute` keeps between calls (it also stops
+        with this object, and with Ray). The index and its results stay in the store."""
+        self._kept.close()
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @classmethod
     def build(cls, model: Any, train: Any, **settings: Any) -> Index:
@@ -280,7 +293,8 @@ class Index:
         overrides: Sequence[str] = (),
     ) -> Attribution:
         """Score every row of `query` against the index: preconditioner, (damping=auto:
-        choose delta on a validation split), scores. Results go to `results/<name>/`."""
+        choose delta on a validation split), scores. Results go to `results/<name>/`.
+        The reducer process stays up for the next call (`close`)."""
         raw = copy.deepcopy(self.raw)
         raw["data"]["query"] = as_node(query, "query")
         raw["precondition"] = {**raw.get("precondition", {}), "damping": damping}
@@ -291,7 +305,7 @@ class Index:
             raw = OmegaConf.to_container(merged, resolve=True)
         with _own_errors():
             job = pipeline.prepare(raw, create_index=False, query=True)
-        with _own_errors(), pipeline.running(job):
+        with _own_errors(), pipeline.running(job, self._kept):
             phi = pipeline.query_phi(job)
             summary = {"precondition": pipeline.run_precondition(job)}
             summary.update(pipeline.score_stage(job, phi))

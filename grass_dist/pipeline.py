@@ -343,10 +343,42 @@ def compression_summary(job: Job) -> dict[str, Any]:
     }
 
 
+class KeptReducer:
+    """A reducer kept running from one job to the next of one caller (the Python API's
+    `Index`, whose `attribute` calls are jobs): a job whose reducer would be started with
+    the same arguments (`ReducerHandle.serves`) uses it, and no process starts. The
+    reducer's cache holds the loaded preconditioner; its stages read everything else from
+    the store anew, and check the preconditioner against the shards committed now."""
+
+    def __init__(self) -> None:
+        self.handle: ReducerHandle | None = None
+
+    def lend(self, job: Job) -> None:
+        """Give `job` the kept reducer where it serves it; else stop it."""
+        handle, self.handle = self.handle, None
+        if handle is not None and handle.serves(job.cfg):
+            handle.cfg = job.cfg
+            job._reducer = handle
+        elif handle is not None:
+            handle.shutdown()
+
+    def take_back(self, job: Job) -> None:
+        self.handle, job._reducer = job._reducer, None
+
+    def close(self) -> None:
+        """Stop the kept reducer (a later job starts its own)."""
+        if self.handle is not None:
+            self.handle.shutdown()
+            self.handle = None
+
+
 @contextmanager
-def running(job: Job) -> Iterator[Job]:
+def running(job: Job, kept: KeptReducer | None = None) -> Iterator[Job]:
     """The job's stages run inside: its progress record ends done or failed, and its
-    workers, reducer and driver's shards stop, however it ends."""
+    workers, reducer and driver's shards stop, however it ends; the reducer stays up
+    for the caller's next job where `kept` holds it (it lends the job the one it kept)."""
+    if kept is not None:
+        kept.lend(job)
     try:
         yield job
     except BaseException as e:
@@ -357,6 +389,8 @@ def running(job: Job) -> Iterator[Job]:
         if job.progress is not None:
             job.progress.finish()
     finally:
+        if kept is not None:
+            kept.take_back(job)
         shutdown(job)
 
 

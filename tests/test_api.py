@@ -267,6 +267,21 @@ def test_a_small_query_set_is_computed_by_the_driver_as_a_worker_computes_it(
     assert "computed by the driver" not in caplog.text
     np.testing.assert_array_equal(mine.dense(), theirs.dense())  # bit for bit
 
+    # The calls shared one reducer process, kept between them; close() stops it, and the
+    # next call starts another, as does a call whose reducer would take other arguments.
+    kept = index._kept.handle
+    assert kept.started == 1 and "starting reducer" not in caplog.text
+    actor = kept.actor
+    index.close()
+    assert index._kept.handle is None
+    with pytest.raises(ray_session.exceptions.RayActorError):
+        ray_session.get(actor.__ray_ready__.remote(), timeout=60)
+    again = index.attribute(query, dense=True, name="again", overrides=["cluster.num_workers=3"])
+    np.testing.assert_array_equal(again.dense(), mine.dense())
+    other = index._kept.handle.actor
+    index.attribute(query, name="more", overrides=["cluster.num_workers=1"])  # 2 map tasks
+    assert index._kept.handle.actor._actor_id not in (actor._actor_id, other._actor_id)
+
     # More than one chunk of queries: the worker pool computes them, its chunks in parallel.
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="grass_dist"):

@@ -150,6 +150,18 @@ def test_a_factor_computed_here_or_loaded_applies_the_inverse_to_the_same_bits()
     assert torch.equal(here.inverse_apply(q, 0.1), loaded.inverse_apply(q, 0.1))
 
 
+def test_a_process_kept_up_across_dampings_holds_one_set_of_factors(train):
+    pre = Preconditioner.from_fisher(exact_fisher(train))
+    q = {n: torch.tensor(realistic_phi(3, k, 9)) for n, k in LAYERS.items()}
+    first = {n: f.inverse_apply(q[n], 0.1) for n, f in pre.factorise(0.1).layers.items()}
+    pre.keep_factors(0.5).factorise(0.5)
+    assert all(list(f.cholesky) == [0.5] for f in pre.layers.values())
+    pre.keep_factors(0.1).factorise(0.1)  # factorised again: the same bits as the first time
+    for name, f in pre.layers.items():
+        assert list(f.cholesky) == [0.1]
+        assert torch.equal(f.inverse_apply(q[name], 0.1), first[name])
+
+
 def test_format_1_files_give_the_answers_they_gave(train):
     """The old formula U diag(1 / (e + lambda)) U^T, on the stored eigenbasis, exactly."""
     fisher = exact_fisher(train)

@@ -178,7 +178,8 @@ class Reducer:
     def factorised(self, name: str, damping: float, ex: Executor | None = None) -> Preconditioner:
         """The preconditioner `name` with its factors at `damping` (layers in parallel calls
         of `ex` unless the store already holds them)."""
-        return self.load_preconditioner(name).factorise(damping, layer_map(self.parallelism, ex))
+        pre = self.load_preconditioner(name).keep_factors(damping)
+        return pre.factorise(damping, layer_map(self.parallelism, ex))
 
     def score(
         self,
@@ -259,6 +260,13 @@ class Reducer:
         return {**summary, "files": files, "ran_on": _ran_on(workers)}
 
 
+def _arguments(cfg: JobConfig) -> tuple[Any, ...]:
+    """A reducer's arguments for a job of `cfg`: index URL, store options, map tasks, the
+    store's retry policy, faults."""
+    tasks, retry = map_tasks(cfg.cluster), retry_policy(cfg.store)
+    return cfg.index_url, cfg.store.storage_options, tasks, retry, cfg.faults
+
+
 class ReducerHandle:
     """Driver side of the reducer: starts the actor, and a new one when it dies mid-stage.
 
@@ -272,6 +280,18 @@ class ReducerHandle:
         self.actor: Any = None
         self.started = 0
         self.warmed = 0  # map-task processes started ahead of the reducer's first tasks
+        self.ray_job: str | None = None  # the Ray session (its driver's job id) of `actor`
+
+    def serves(self, cfg: JobConfig) -> bool:
+        """Whether its running actor can serve a job of `cfg` too: started in this Ray
+        session with the same arguments (index, store options and retries, map tasks,
+        faults) as a reducer of `cfg` would be."""
+        return (
+            self.actor is not None
+            and ray.is_initialized()
+            and self.ray_job == ray.get_runtime_context().get_job_id()
+            and _arguments(self.cfg) == _arguments(cfg)
+        )
 
     def start(self, reason: str) -> None:
         """Start the reducer actor now, unless one runs (a stage starts one when needed)."""
@@ -281,18 +301,13 @@ class ReducerHandle:
     def _start(self, reason: str) -> None:
         self.started += 1
         log.info("starting reducer %d: %s", self.started, reason)
-        parallelism = map_tasks(self.cfg.cluster)
+        url, options, parallelism, retry, faults = _arguments(self.cfg)
         self.actor = (
             ray.remote(Reducer)
             .options(num_cpus=0, max_restarts=0)
-            .remote(
-                self.cfg.index_url,
-                self.cfg.store.storage_options,
-                parallelism,
-                retry=retry_policy(self.cfg.store),
-                faults=self.cfg.faults,
-            )
+            .remote(url, options, parallelism, retry=retry, faults=faults)
         )
+        self.ray_job = ray.get_runtime_context().get_job_id()
         if idle_cpus(self.cfg.cluster) >= 1:
             # Its map tasks' processes start now too, on the idle CPUs. Not when the job's
             # workers hold them all: they are lent to the stages, and processes for tasks

@@ -308,6 +308,13 @@ class Preconditioner:
         self.delta = delta
         return self
 
+    def keep_factors(self, delta: float) -> Preconditioner:
+        """Drop the Cholesky factors of every damping but `delta` (a k x k matrix per layer
+        each): a process that stays up across calls at many dampings holds one set."""
+        for f in self.layers.values():
+            f.cholesky = {d: L for d, L in f.cholesky.items() if d == delta}
+        return self
+
     def eigendecompose(self, layer_map: LayerMap = serial_map) -> Preconditioner:
         """Eigendecompose every layer's H (for sweeping many deltas); later applications of
         any delta go through the eigenbasis."""
