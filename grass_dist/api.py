@@ -27,6 +27,7 @@ import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,9 @@ from grass_dist.index import GradientIndex
 from grass_dist.scoring import results
 
 DEFAULT_TASK = {"_target_": "grass_dist.tasks.classification"}
+# The jobs' config groups: `compression="identity"` is `compression=identity` on their command
+# line, the preset's every field (identity also keeps non-Linear layers exact: other=identity).
+PRESETS = Path(__file__).resolve().parents[1] / "conf"
 
 
 # Modules kept at their old paths so that configs (and index fingerprints) keep their `_target_`.
@@ -124,7 +128,7 @@ def job_config(
         "model": as_node(model, "model"),
         "task": as_node(task, "task") if task is not None else dict(DEFAULT_TASK),
         "data": {"train": as_node(train, "data.train")},
-        "compression": {"method": compression, **({"k": k} if k is not None else {})},
+        "compression": {**compression_preset(compression), **({"k": k} if k is not None else {})},
         "store": {"url": _url(store), "storage_options": dict(storage_options or {})},
         "cluster": {"num_workers": workers},
     }
@@ -132,6 +136,16 @@ def job_config(
         merged = OmegaConf.merge(OmegaConf.create(raw), OmegaConf.from_dotlist(list(overrides)))
         raw = OmegaConf.to_container(merged, resolve=True)
     return raw
+
+
+def compression_preset(method: str) -> dict[str, Any]:
+    """The compression node of `compression=<method>` on a jobs command line: the fields of
+    conf/compression/<method>.yaml; {"method": method} for a method without a preset (the
+    config check then accepts or refuses it)."""
+    preset = PRESETS / "compression" / f"{method}.yaml" if isinstance(method, str) else None
+    if preset is None or not preset.is_file():
+        return {"method": method}
+    return {**OmegaConf.to_container(OmegaConf.load(preset)), "method": method}
 
 
 # The config key each argument of Index.build and Index.attribute sets: an error names the

@@ -69,6 +69,18 @@ def test_factories_and_config_nodes_become_the_jobs_nodes():
     assert job_config(digits_mlp, {"_target_": "x"}, store=Path("i"))["store"]["url"] == "i"
 
 
+@pytest.mark.parametrize(
+    "preset", sorted(p.stem for p in (ROOT / "conf" / "compression").glob("*.yaml"))
+)
+def test_a_compression_argument_is_the_jobs_preset_of_that_name(tmp_path, preset):
+    # compression="identity" keeps non-Linear layers exact too (its preset's other=identity).
+    jobs = JobConfig.from_cfg(resolve(compose_cfg(tmp_path, f"compression={preset}", small=False)))
+    api = JobConfig.from_cfg(job_config(digits_mlp, digits, compression=preset))
+    assert api.compression == jobs.compression
+    with_k = JobConfig.from_cfg(job_config(digits_mlp, digits, compression=preset, k=48))
+    assert with_k.compression.k == 48
+
+
 def test_a_factory_no_worker_can_import_is_refused_naming_what_to_pass():
     def local_model():
         return digits_mlp(hidden=[16])
