@@ -27,6 +27,7 @@ from grass_dist.scoring.precondition import (
     cholesky_factor,
     eigen_factor,
     gram,
+    relative_damping,
     serial_map,
 )
 from tests.synthetic import write_index
@@ -191,6 +192,35 @@ def test_a_singular_h_at_zero_damping_is_a_clear_error(path):
     with pytest.raises(ValueError, match="singular.*set precondition.damping > 0"):
         pre.precondition_queries(phi, 0.0)
     assert np.isfinite(pre.precondition_queries(phi, 1e-3)["a"]).all()
+
+
+def test_a_small_damping_that_rounding_leaves_indefinite_goes_through_the_clipped_eigenbasis():
+    # H summed in float32 from 30 rows of 200 dimensions has eigenvalues a rounding error
+    # below 0, which delta=1e-7 (the damping grid's first value) does not lift: the Cholesky
+    # factorisation fails although lambda > 0. H is PSD, so it is applied through its
+    # eigendecomposition clipped at 0, not refused as singular.
+    phi = {"a": realistic_phi(30, 200, seed=5)}
+    pre = Preconditioner.from_fisher(FisherSum.of(phi))
+    h = pre.layers["a"].fisher
+    damped = h + relative_damping(h, 1e-7) * torch.eye(200, dtype=h.dtype)
+    assert int(torch.linalg.cholesky_ex(damped)[1]) != 0  # the case at hand
+    assert isinstance(cholesky_factor(h, 1e-7), tuple)
+
+    got = pre.precondition_queries(phi, 1e-7)["a"]
+    e, u = np.linalg.eigh(h.numpy())  # an independent reference from the same H
+    inv = u @ np.diag(1.0 / (np.clip(e, 0, None) + relative_damping(h, 1e-7))) @ u.T
+    want = phi["a"].astype(np.float64) @ inv
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-6 * np.abs(want).max())
+    layer = pre.layers["a"]
+    w = layer.whitener(1e-7).numpy()
+    np.testing.assert_allclose(w @ w.T, inv, rtol=1e-4, atol=1e-7 * np.abs(inv).max())
+    # factorise (as the reducer does) and a stored and loaded copy give the same bits.
+    built = Preconditioner.from_fisher(FisherSum.of(phi)).factorise(1e-7)
+    loaded = Preconditioner.from_bytes(built.to_bytes())
+    for p in (built, loaded):
+        np.testing.assert_array_equal(p.precondition_queries(phi, 1e-7)["a"], got)
+    assert np.isfinite(built.precondition_queries(phi, 0.1)["a"]).all()  # other deltas too
 
 
 def test_float32_fisher_sum_matches_float64_on_realistic_data():

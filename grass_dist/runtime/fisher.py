@@ -63,7 +63,7 @@ def factor_layers(
     for j, name in enumerate(names):
         layer = out[name] = LayerFactor(fisher_matrix(parts[j * per : (j + 1) * per], n))
         if delta is not None:  # row-major (see cholesky_factor), as the store packs it
-            layer.cholesky[delta] = cholesky_factor(layer.fisher.to(device), delta).cpu()
+            layer.keep(delta, _on_cpu(cholesky_factor(layer.fisher.to(device), delta)))
     return out
 
 

@@ -119,11 +119,18 @@ def relative_damping(h: torch.Tensor, delta: float) -> float:
     return delta * float(torch.trace(h)) / h.shape[0]
 
 
-def cholesky_factor(h: torch.Tensor, delta: float) -> torch.Tensor:
+Factor = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # L, or (e, U) of `eigen_factor`
+
+
+def cholesky_factor(h: torch.Tensor, delta: float) -> Factor:
     """Lower L (k, k) with L L^T = H + lambda I; a clear error when that is singular.
 
     At lambda = 0 a rank-deficient H may factorise with pivots at rounding level instead of
-    failing, so pivots below k * eps * max diag(H) count as singular too.
+    failing, so pivots below k * eps * max diag(H) count as singular too. At lambda > 0 the
+    factorisation fails only by rounding: H, summed in float32 from fewer rows than its
+    dimensions, has eigenvalues a rounding error below 0 that a small lambda (delta 1e-7)
+    does not lift. H is positive semi-definite, so its eigendecomposition clipped at 0
+    (`eigen_factor`) is returned instead, which applies every lambda > 0 exactly.
     """
     lam = relative_damping(h, delta)
     damped = h.clone()  # the one (k, k) temporary: H + lambda I, no identity matrix
@@ -131,6 +138,8 @@ def cholesky_factor(h: torch.Tensor, delta: float) -> torch.Tensor:
     factor, info = torch.linalg.cholesky_ex(damped)
     del damped
     if int(info) != 0:
+        if lam > 0:
+            return eigen_factor(h)
         raise ConfigError(_SINGULAR)
     floor = h.shape[0] * torch.finfo(h.dtype).eps * float(h.diagonal().abs().max())
     if lam == 0 and float(factor.diagonal().min()) ** 2 <= floor:
@@ -250,18 +259,27 @@ class LayerFactor:
         """Absolute damping lambda = delta * trace(H) / k."""
         return delta * self.trace / self.k
 
-    def factor(self, delta: float) -> torch.Tensor:
-        """L with L L^T = H + lambda I for `delta` (factorised once per delta)."""
-        if delta not in self.cholesky:
-            self.cholesky[delta] = cholesky_factor(self.fisher, delta)
-        return self.cholesky[delta]
+    def keep(self, delta: float, factor: Factor) -> None:
+        """Keep `cholesky_factor`'s answer at `delta`: L for that delta, or the
+        eigendecomposition through which the layer applies every delta."""
+        if isinstance(factor, tuple):
+            self.eigen = factor
+        else:
+            self.cholesky[delta] = factor
+
+    def factor(self, delta: float) -> torch.Tensor | None:
+        """L with L L^T = H + lambda I for `delta` (factorised once per delta); None when the
+        layer applies its dampings through its eigendecomposition."""
+        if self.eigen is None and delta not in self.cholesky:
+            self.keep(delta, cholesky_factor(self.fisher, delta))
+        return None if self.eigen is not None else self.cholesky[delta]
 
     def inverse_apply(self, q: torch.Tensor, delta: float) -> torch.Tensor:
         """(Q, k) -> q (H + lambda I)^-1, float64."""
-        if self.eigen is None:
+        factor = self.factor(delta)
+        if factor is not None:
             # Two triangular solves on the row-major factor: cholesky_solve would copy it to
             # column-major first, 4x the solves' own time at k=4096 with 20 queries.
-            factor = self.factor(delta)
             y = torch.linalg.solve_triangular(factor, q.double().T, upper=False)
             return torch.linalg.solve_triangular(factor.mT, y, upper=True).T
         e, u = self.eigen
@@ -272,8 +290,8 @@ class LayerFactor:
 
     def whitener(self, delta: float) -> torch.Tensor:
         """W (k, k) with W W^T = (H + lambda I)^-1, so tau(i, i) = ||phi_i W||^2."""
-        if self.eigen is None:
-            factor = self.factor(delta)
+        factor = self.factor(delta)
+        if factor is not None:
             eye = torch.eye(self.k, dtype=factor.dtype)
             return torch.linalg.solve_triangular(factor, eye, upper=False).T  # L^-T
         e, u = self.eigen
@@ -304,7 +322,7 @@ class Preconditioner:
         they are what `to_bytes` stores next to H."""
         todo = self._fishers(lambda f: f.eigen is None and delta not in f.cholesky)
         for name, factor in layer_map(partial(cholesky_factor, delta=delta), todo).items():
-            self.layers[name].cholesky[delta] = factor
+            self.layers[name].keep(delta, factor)
         self.delta = delta
         return self
 
