@@ -107,7 +107,10 @@ def as_node(value: Any, where: str) -> dict[str, Any]:
         return {"_target_": _path(value.func, where), **value.keywords}
     if inspect.isfunction(value) or inspect.isclass(value):
         return {"_target_": _path(value, where)}
-    return assembly.register(value)
+    try:
+        return assembly.register(value)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def job_config(

@@ -147,9 +147,22 @@ def register(obj: Any) -> dict[str, Any]:
     caller's model stays as the caller left it.
     """
     digest = content_digest(obj)
-    _OBJECTS[digest] = copy.deepcopy(obj) if isinstance(obj, nn.Module) else obj
     kind = type(obj)
-    return {"_target_": IN_MEMORY, "sha256": digest, "type": f"{kind.__module__}.{kind.__name__}"}
+    name = f"{kind.__module__}.{kind.__name__}"
+    try:
+        _OBJECTS[digest] = copy.deepcopy(obj) if isinstance(obj, nn.Module) else obj
+    except Exception as e:  # noqa: BLE001 -- whatever the object's own state raises
+        raise _unpicklable(name, e) from None
+    return {"_target_": IN_MEMORY, "sha256": digest, "type": name}
+
+
+def _unpicklable(name: str, e: Exception) -> ConfigError:
+    return ConfigError(
+        f"the {name} you passed cannot be copied or pickled ({type(e).__name__}: {e}): "
+        f"grass_dist keeps a copy of a model and sends every object to Ray's workers "
+        f"pickled. Remove what cannot be pickled from it (a lock, an open file, a "
+        f"generator), or pass a factory that builds it on the workers"
+    )
 
 
 def in_memory(sha256: str, type: str) -> Any:  # noqa: A002 -- the node's field name
@@ -182,7 +195,15 @@ def ship(raw: dict[str, Any]) -> dict[str, Any]:
     """
     import ray
 
-    return {d: ray.put(in_memory(d, "object")) for d in sorted(in_memory_digests(raw))}
+    refs = {}
+    for digest in sorted(in_memory_digests(raw)):
+        obj = in_memory(digest, "object")
+        try:
+            refs[digest] = ray.put(obj)
+        except Exception as e:  # noqa: BLE001 -- whatever pickling the object raises
+            kind = type(obj)
+            raise _unpicklable(f"{kind.__module__}.{kind.__name__}", e) from None
+    return refs
 
 
 def in_memory_digests(raw: dict[str, Any]) -> set[str]:

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -237,6 +238,31 @@ def test_a_workers_refusal_reaches_the_caller_as_itself(ray_session, tmp_path):
     assert type(info.value) is ConfigError
     assert str(info.value).startswith("the preconditioner is singular at this damping")
     assert str(info.value).endswith("(in the Python API: damping= sets precondition.damping)")
+
+
+class _Locked(torch.nn.Linear):
+    def __init__(self) -> None:
+        super().__init__(4, 3)
+        self.lock = threading.Lock()  # state no pickle can hold
+
+
+class _LockedData(TensorDataset):
+    def __init__(self, *tensors: torch.Tensor) -> None:
+        super().__init__(*tensors)
+        self.lock = threading.Lock()
+
+
+@pytest.mark.integration
+def test_an_object_that_cannot_be_pickled_is_refused_naming_the_argument(ray_session, tmp_path):
+    train = TensorDataset(torch.rand(8, 4), torch.arange(8) % 3)
+    with pytest.raises(ConfigError, match=r"^model: the [\w.]*test_api\._Locked you passed "
+                       r"cannot be copied or pickled \(TypeError: cannot pickle"):  # fmt: skip
+        gd.Index.build(_Locked(), train, store=str(tmp_path / "i"))
+    locked = _LockedData(torch.rand(8, 4), torch.arange(8) % 3)
+    with pytest.raises(ConfigError, match=r"the [\w.]*test_api\._LockedData you passed "
+                       r"cannot be copied or pickled"):  # fmt: skip
+        gd.Index.build(torch.nn.Linear(4, 3), locked, store=str(tmp_path / "j"), workers=1,
+                       overrides=[f"run.output_dir={tmp_path}"])  # fmt: skip
 
 
 def test_config_errors_name_the_arguments_that_set_their_keys(tmp_path):

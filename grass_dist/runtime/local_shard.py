@@ -59,22 +59,14 @@ BUDGET_S = 4.0
 @contextmanager
 def as_a_worker(cfg: JobConfig, replica: Replica) -> Iterator[GradientComputer]:
     """The driver's `replica` computing as a CPU worker does: on a worker's thread count
-    (torch's kernels split their sums by threads). The driver's thread count is restored
-    after, and so is the model's state that computing changes (train/eval modes,
-    requires_grad): in the Python API it is the caller's own model."""
+    (torch's kernels split their sums by threads), the driver's own restored after. (In
+    the Python API the replica's model is the job's copy of the caller's.)"""
     threads = torch.get_num_threads()
-    model = replica.model
-    modes = [(m, m.training) for m in model.modules()]
-    needs = [(p, p.requires_grad) for p in model.parameters()]
     torch.set_num_threads(threads_for(cfg.cluster.cpus_per_worker))
     try:
-        yield GradientComputer(model, replica.task, replica.compressors, "cpu")
+        yield GradientComputer(replica.model, replica.task, replica.compressors, "cpu")
     finally:
         torch.set_num_threads(threads)
-        for m, training in modes:
-            m.training = training
-        for p, need in needs:
-            p.requires_grad_(need)
 
 
 def driver_phi(cfg: JobConfig, replica: Replica, dataset: Any, start: int, end: int) -> PhiBlock:
