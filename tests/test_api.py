@@ -25,6 +25,7 @@ from grass_dist.data import digits
 from grass_dist.errors import (
     BadRowsError,
     ConfigError,
+    DataMismatchError,
     FingerprintMismatchError,
     ResultsNotFoundError,
 )
@@ -238,6 +239,26 @@ def test_a_workers_refusal_reaches_the_caller_as_itself(ray_session, tmp_path):
     assert type(info.value) is ConfigError
     assert str(info.value).startswith("the preconditioner is singular at this damping")
     assert str(info.value).endswith("(in the Python API: damping= sets precondition.damping)")
+
+
+@pytest.mark.integration
+def test_an_in_memory_training_set_grows_and_a_changed_row_is_named(ray_session, tmp_path):
+    # As with the jobs' files: the index of the first 40 rows resumes for 70 rows, and a
+    # changed row is refused by its number and key, not as another dataset's fingerprint.
+    model = digits_mlp(hidden=[8], epochs=0, n_train=40, n_query=5, cache_dir=str(tmp_path))
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.rand(70, 64, generator=gen), torch.randint(0, 10, (70,), generator=gen)
+    settings = dict(store=str(tmp_path / "i"), k=8, workers=1,
+                    overrides=[f"run.output_dir={tmp_path}", "index.shard_size=20"])  # fmt: skip
+    first = gd.Index.build(model, TensorDataset(x[:40], y[:40]), **settings)
+    grown = gd.Index.build(model, TensorDataset(x, y), **settings)
+    assert (first.summary["rows"], grown.summary["rows"]) == (40, 30)
+    assert grown.summary["skipped_shards"] == 2
+    again = gd.Index.build(model, TensorDataset(x, y), **settings)
+    assert (again.summary["rows"], again.summary["skipped_shards"]) == (0, 4)
+    x[25, 3] += 1.0
+    with pytest.raises(DataMismatchError, match=r"first row 25 \(key '25'\)"):
+        gd.Index.build(model, TensorDataset(x, y), **settings)
 
 
 class _Locked(torch.nn.Linear):
