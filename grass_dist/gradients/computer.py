@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -51,12 +52,15 @@ class LoadedRows:
         row_ids: int64 (n,). keys: n sample keys.
         digests: uint8 (n, 32), each row's content digest (``grass_dist.data.content``).
         batches: (positions in row_ids, collated batch) per batch, in the task's order.
+        item: position in row_ids -> that row's item read again (to find, when a batch
+            fails, the rows it failed for).
     """
 
     row_ids: np.ndarray
     keys: list[str]
     digests: np.ndarray
     batches: list[tuple[list[int], Any]]
+    item: Callable[[int], Any] | None = None
 
 
 class GradientComputer:
@@ -106,6 +110,21 @@ class GradientComputer:
         with torch.no_grad():
             return {n: _compress(self.compressors[n], g) for n, g in grads.items()}
 
+    def _failing_alone(self, loaded: LoadedRows, group: list[int]) -> list[int]:
+        """The positions of `group` whose loss fails on its own, forward only: the rows
+        whose error failed their batch (none found where only their mix fails)."""
+        if loaded.item is None:
+            return []
+        bad = []
+        for j in group:
+            try:
+                with torch.no_grad():
+                    batch = self.task.to(self.task.collate([loaded.item(j)]), self.device)
+                    self.task.per_sample_loss(self.model, batch)
+            except Exception:  # noqa: BLE001 -- any error of the row's own is what is looked for
+                bad.append(j)
+        return bad
+
     def _batches(self, items: list, batch_size: int) -> list[list[int]]:
         """Positions of `items` per batch: the task's plan (e.g. by token budget) or chunks."""
         if hasattr(self.task, "plan_batches"):
@@ -133,6 +152,7 @@ class GradientComputer:
             keys=[sample_key(dataset, r) for r in rows],
             digests=row_digests(items),
             batches=batches,
+            item=lambda j: dataset[rows[j]],
         )
 
     def phi_loaded(
@@ -143,7 +163,8 @@ class GradientComputer:
         phi = {name: np.zeros((n, c.out_dim), np.float32) for name, c in self.compressors.items()}
         for group, batch in loaded.batches:
             try:
-                with _naming_rows(loaded.row_ids, group, "compute the loss of"):
+                alone = partial(self._failing_alone, loaded, group)
+                with _naming_rows(loaded.row_ids, group, "compute the loss of", alone):
                     blocks = self.phi_batch(batch)
             except NonFiniteLossError as e:
                 bad = [int(loaded.row_ids[group[j]]) for j in e.positions]
@@ -173,10 +194,16 @@ def _listed(rows: list[int], most: int = 10) -> str:
 
 
 @contextmanager
-def _naming_rows(row_ids: Sequence[int], group: list[int], doing: str) -> Iterator[None]:
+def _naming_rows(
+    row_ids: Sequence[int],
+    group: list[int],
+    doing: str,
+    alone: Callable[[], list[int]] | None = None,
+) -> Iterator[None]:
     """Turn the task's or model's own error on the batch `group` (positions in `row_ids`: a
-    label out of range, rows of other shapes) into a BadRowsError that names its rows; a
-    GrassError, or running out of memory, passes unchanged."""
+    label out of range, rows of other shapes) into a BadRowsError that names its rows: the
+    ones that fail on their own (`alone()`, positions), where some but not all do, else
+    the batch; a GrassError, or running out of memory, passes unchanged."""
     try:
         yield
     except GrassError:
@@ -184,8 +211,17 @@ def _naming_rows(row_ids: Sequence[int], group: list[int], doing: str) -> Iterat
     except torch.OutOfMemoryError:
         raise
     except (IndexError, KeyError, TypeError, ValueError, RuntimeError) as e:
-        rows = [int(row_ids[j]) for j in group]  # only on failure: off the per-batch path
         said = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else ""
+        failing = alone() if alone is not None else []
+        if 0 < len(failing) < len(group):
+            bad = sorted(int(row_ids[j]) for j in failing)
+            raise BadRowsError(
+                f"could not {doing} rows {_listed(bad)} ({len(bad)} of a batch of "
+                f"{len(group)}, each failing on its own): {type(e).__name__}: {said}. Check "
+                "these rows against the model and the task (shapes and types like row 0's, "
+                "labels within the model's classes)"
+            ) from e
+        rows = [int(row_ids[j]) for j in group]  # only on failure: off the per-batch path
         first, last = min(rows), max(rows)
         which = f"{first}..{last}" if rows == list(range(first, last + 1)) else None
         entries = f"; its entry i is row {first}+i" if which else ""

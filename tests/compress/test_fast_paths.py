@@ -167,15 +167,21 @@ def test_rows_with_a_non_finite_loss_are_named_though_their_gradients_are_zero(l
     )
 
 
-def test_a_row_the_task_or_model_cannot_take_is_refused_naming_its_batch():
+def test_a_row_the_task_or_model_cannot_take_is_refused_naming_it():
     model = _SqrtOfFc1()  # 4 inputs, 3 classes
     comps = build_compressors(CompressionConfig(k=4), resolve_layers(model, None))
     computer = GradientComputer(model, ClassificationTask(), comps)
     rows = [(torch.rand(4) + 0.1, torch.tensor(1)) for _ in range(6)]
     rows[4] = (torch.rand(4) + 0.1, torch.tensor(12))  # a label outside the model's classes
+    said = r"could not compute the loss of rows \[4\] \(1 of a batch of 3, each failing on its"
+    said += r" own\)"
+    with pytest.raises(BadRowsError, match=said + r": IndexError: Target 12 is out of bounds"):
+        computer.phi_rows(rows, range(6), 3)
+    rows[3] = rows[5] = rows[4]  # every row of the batch fails: the batch is named
     said = r"could not compute the loss of rows 3\.\.5 \(a batch of 3; its entry i is row 3\+i\)"
     with pytest.raises(BadRowsError, match=said + r": IndexError: Target 12 is out of bounds"):
         computer.phi_rows(rows, range(6), 3)
+    rows[3] = rows[5] = (torch.rand(4) + 0.1, torch.tensor(1))
     rows[4] = (torch.rand(2) + 0.1, torch.tensor(1))  # fewer features than row 0
     with pytest.raises(BadRowsError, match=r"could not collate rows 3\.\.5 .*RuntimeError: stack"):
         computer.phi_rows(rows, range(6), 3)
