@@ -47,8 +47,8 @@ class StoreAccessDeniedError(StoreUnavailableError):
 
     fix = (
         "Fix: check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE "
-        "in the environment of every node, or store.storage_options.key / .secret) and that "
-        "they may read, write and list this bucket and prefix."
+        "in the environment of every node; README: S3 credentials through environment "
+        "variables) and that they may read, write and list this bucket and prefix."
     )
 
     def __str__(self) -> str:

@@ -67,6 +67,16 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", ""))
 
 
+def _userinfo(url: str) -> list[str]:
+    """The credentials a URL carries before its '@' (user:password, and each part), which
+    an error of the library that parsed it may quote (e.g. as part of a bucket name)."""
+    netloc = urlsplit(url).netloc
+    if "@" not in netloc:
+        return []
+    info = netloc.rsplit("@", 1)[0]
+    return [part for part in {info, *info.split(":", 1)} if part]
+
+
 def _secret_strings(value: Any) -> list[str]:
     """All string leaves of ``storage_options`` long enough to be worth scrubbing."""
     if isinstance(value, dict):
@@ -188,7 +198,9 @@ class Store:
     def _error(self, what: str, exc: BaseException, seconds: float = 0.0) -> StoreUnavailableError:
         reason = f"{what}: {type(exc).__name__}: {exc}"
         url, endpoint = redact_url(self.url), self.endpoint
-        for secret in _secret_strings(self.storage_options):
+        secrets = _secret_strings(self.storage_options) + _userinfo(self.url)
+        secrets += _userinfo(self._endpoint_url() or "") if self.is_s3 else []
+        for secret in sorted(secrets, key=len, reverse=True):  # "key:secret" before "key"
             if secret != endpoint:  # the endpoint is shown anyway (minus any credentials)
                 reason = reason.replace(secret, "***")
         if endpoint is not None and is_access_denied(exc):

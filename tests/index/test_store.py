@@ -17,7 +17,7 @@ from grass_dist.errors import (
     StoreUnavailableError,
 )
 from grass_dist.index.retry import is_lost_race as _s3_lost_race
-from grass_dist.index.retry import is_unclear_refusal
+from grass_dist.index.retry import RetryPolicy, is_unclear_refusal
 from grass_dist.index.shards import read_shard, write_shard
 from grass_dist.index.store import Store, redact_url
 
@@ -112,6 +112,21 @@ def test_secret_in_low_level_error_is_scrubbed(tmp_path):
         del store.fs.cat_file
     assert "AKIAFAKE" not in str(info.value) and "s3cr3t-value" not in str(info.value)
     assert "access denied" in str(info.value)
+
+
+def test_credentials_in_the_url_are_scrubbed_from_the_libraries_errors():
+    # s3fs reads "KEY:SECRET@bucket" as the bucket's name, and botocore quotes it back.
+    store = Store(
+        "s3://AKIAFAKE:url-s3cr3t@grass-dist/p",
+        storage_options={"endpoint_url": "http://127.0.0.1:9"},
+        retry=RetryPolicy(1, 0.0, 0.0),
+    )
+    with pytest.raises(StoreUnavailableError) as info:
+        store.exists("index.json")
+    said = str(info.value)
+    assert "Invalid bucket name" in said  # the library's own words, kept
+    assert "url-s3cr3t" not in said and "AKIAFAKE" not in said
+    assert "***@grass-dist" in said
 
 
 def test_unknown_protocol_is_unavailable():
