@@ -16,8 +16,8 @@ from grass_dist.errors import (
     CreateOnlyUnsupportedError,
     StoreUnavailableError,
 )
-from grass_dist.index.retry import is_lost_race as _s3_lost_race
 from grass_dist.index.retry import RetryPolicy, is_unclear_refusal
+from grass_dist.index.retry import is_lost_race as _s3_lost_race
 from grass_dist.index.shards import read_shard, write_shard
 from grass_dist.index.store import Store, redact_url
 
