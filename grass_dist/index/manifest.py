@@ -55,6 +55,7 @@ CHECKPOINT_DIR = f"{MANIFEST_DIR}/checkpoints"
 CHECKPOINT_EVERY = 1000
 _NAME = re.compile(r"^(\d{10})\.json$")
 _FETCH_BATCH = 32  # versions read concurrently while catching up (S3 round trips overlap)
+_GAP_PROBE = 4  # versions looked for past the end of the log when an index is opened
 
 
 @dataclass(frozen=True)
@@ -242,21 +243,25 @@ class ManifestLog:
     def _refresh(self, catch_up: bool = True) -> ManifestState:
         if self._state is None:
             self._state, prefetched = _load_base(self.store)
-            self._catch_up(prefetched)
+            self._catch_up(prefetched, opening=True)
         elif catch_up:
             self._catch_up()
         return self._state
 
-    def _catch_up(self, prefetched: dict[int, bytes] | None = None) -> None:
-        """Apply every version after the cached one, up to the first that does not exist."""
+    def _catch_up(self, prefetched: dict[int, bytes] | None = None, opening: bool = False) -> None:
+        """Apply every version after the cached one, up to the first that does not exist
+        (where a later one does, the log lost a file: `_check_end`)."""
         state, prefetched = self._state, prefetched or {}
         assert state is not None
         self._blocked, batch = 0, 1
         while True:
             versions = list(range(state.version + 1, state.version + 1 + batch))
             raws = _fetch(self.store, versions, prefetched)
-            for version, raw in zip(versions, raws, strict=True):
-                if raw is None:  # the log ends here (a later one read early is a race, not a gap)
+            for i, (version, raw) in enumerate(zip(versions, raws, strict=True)):
+                if raw is None:  # the log ends here, unless a later version exists
+                    later = [v for v, r in zip(versions[i:], raws[i:], strict=True) if r]
+                    later += sorted(v for v in prefetched if v > version)  # listed at opening
+                    self._check_end(version, later, probe=opening)
                     return
                 try:
                     self._apply(version, raw)
@@ -264,6 +269,26 @@ class ManifestLog:
                     self._unreadable(version, exc)
                     return
             batch = min(2 * batch, _FETCH_BATCH)
+
+    def _check_end(self, missing: int, later: list[int], probe: bool) -> None:
+        """CorruptIndexError when version `missing` does not exist but a later one does:
+        versions are created in order, so it existed once and was deleted (by hand, or by a
+        lifecycle rule on the bucket), and reading on would silently leave out every shard
+        committed after it. `later`: versions seen to exist; with `probe` (a fresh open) a
+        few beyond are looked for too. A version created since it was found missing (a
+        committer racing this read) is no gap."""
+        if not later and probe:
+            ahead = range(missing + 1, missing + 1 + _GAP_PROBE)
+            later = [v for v in ahead if self.store.exists(manifest_path(v))][:1]
+        if not later or self.store.exists(manifest_path(missing)):
+            return
+        raise CorruptIndexError(
+            f"manifest {self.store.url_of(manifest_path(missing))} is missing, but version "
+            f"{later[0]} exists: a file of the index's commit log was lost (deleted by hand or "
+            "by a lifecycle rule on the bucket), and the shards committed from it on cannot be "
+            "read. Fix: restore that file (from a backup, or the bucket's object versions) and "
+            "rerun; or rebuild the index under a new store.url."
+        )
 
     def _apply(self, version: int, raw: bytes) -> None:
         assert self._state is not None

@@ -122,6 +122,48 @@ def test_an_unreadable_delta_under_newer_ones_is_an_error(url):
         latest(store)
 
 
+@pytest.mark.parametrize(("lost", "checkpoint_every"), [(3, 1000), (9, 4), (2, 1000)])
+def test_a_lost_version_under_newer_ones_is_an_error_not_a_shorter_index(
+    url, lost, checkpoint_every
+):
+    # Versions 1..10, version `lost` deleted: a reader that stopped at the gap would see
+    # lost - 1 commits and leave out the shards of every later one, silently. (With a
+    # checkpoint every 4 versions, readers start from version 8's: 9 is read, 5 is not.)
+    store = Store(url)
+    log = ManifestLog(store, checkpoint_every=checkpoint_every)
+    for i in range(10):
+        log.commit([_rec(i)])
+    kept = ManifestLog(store, checkpoint_every=checkpoint_every)
+    assert kept.snapshot()[0] == 10
+    store.delete(manifest_path(lost))
+    said = rf"manifest .*{lost:010d}\.json is missing, but version {lost + 1} exists"
+    for reader in (latest, lambda s: ManifestLog(s, checkpoint_every=checkpoint_every).state()):
+        with pytest.raises(CorruptIndexError, match=said):
+            reader(store)
+    with pytest.raises(CorruptIndexError, match=said):  # nor can a commit fill the gap
+        ManifestLog(store, checkpoint_every=checkpoint_every).commit([_rec(99)])
+    assert not store.exists(manifest_path(lost))
+    assert kept.snapshot()[0] == 10  # a reader that had read it keeps its state
+
+
+def test_a_version_a_checkpoint_covers_is_not_read_again(url):
+    store = Store(url)
+    log = ManifestLog(store, checkpoint_every=4)
+    for i in range(10):
+        log.commit([_rec(i)])
+    store.delete(manifest_path(5))
+    assert latest(store) == log.snapshot()
+
+
+def test_the_newest_version_lost_leaves_the_state_before_it(url):
+    # Nothing newer builds on it: indistinguishable from a commit never made, and no error.
+    store = Store(url)
+    for i in range(3):
+        commit(store, [_rec(i)])
+    store.delete(manifest_path(3))
+    assert latest(store)[0] == 2
+
+
 @pytest.mark.parametrize("checkpoint_every", [3, 1000])
 def test_readers_racing_a_committer_see_whole_commits_only(url, checkpoint_every):
     # Every commit adds exactly two shards, so a state at version v holds exactly 2v shards
