@@ -119,7 +119,8 @@ class GradientIndex:
             {"format_version": FORMAT_VERSION, "fingerprint": requested}, indent=1, sort_keys=True
         ).encode()
         for _ in range(5):
-            if not store.exists(INDEX_FILE) and store.create_only(INDEX_FILE, doc):
+            absent = not store.exists(INDEX_FILE) and not _lost_index_file(store)
+            if absent and store.create_only(INDEX_FILE, doc):
                 log.info("created gradient index at %s", store.url_of(""))
                 return cls(store, requested)
             try:
@@ -282,6 +283,26 @@ class GradientIndex:
     def has_artifact(self, rel: str) -> bool:
         """Whether the artifact exists."""
         return self.store.exists(rel)
+
+
+def _lost_index_file(store: Store) -> bool:
+    """False where index.json may be created: the store holds no commit log. With one (an
+    index whose index.json was deleted), CorruptIndexError: a new index.json would adopt
+    its committed shards under the new job's settings; True where index.json appeared
+    meanwhile (a racing creator: read it)."""
+    log_files = store.list(manifest.MANIFEST_DIR)
+    if not log_files:
+        return False
+    if store.exists(INDEX_FILE):
+        return True
+    raise CorruptIndexError(
+        f"{store.url_of(INDEX_FILE)} is missing, but the store holds an index's commit log "
+        f"({len(log_files)} entries under {manifest.MANIFEST_DIR}/): index.json was lost "
+        "(deleted by hand, or by a lifecycle rule on the bucket), and a new one would adopt "
+        "those shards under this job's settings. Fix: restore index.json (from a backup, or "
+        "the bucket's object versions); or use a new store.url (or delete this folder) to "
+        "build afresh."
+    )
 
 
 def _read_index(store: Store) -> dict[str, Any]:

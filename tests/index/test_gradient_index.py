@@ -188,6 +188,19 @@ def test_open_missing_index(url):
         GradientIndex.open(url)
 
 
+def test_a_lost_index_file_is_not_recreated_over_its_shards(url):
+    # Without index.json the next job would create one with its own fingerprint and adopt
+    # the committed shards (other k, other seed) as its own.
+    idx = GradientIndex.create_or_open(url, FP)
+    idx.commit([idx.write_shard("0000", 0, 10, *_rows(0, 10))])
+    idx.store.delete("index.json")
+    other = {**FP, "compression": {"method": "factgrass", "seed": 1}}
+    with pytest.raises(CorruptIndexError, match=r"index\.json is missing, but the store holds "
+                       r"an index's commit log \(1 entries under _manifests/\)"):  # fmt: skip
+        GradientIndex.create_or_open(url, other)
+    assert not idx.store.exists("index.json")
+
+
 def test_write_commit_iterate(url):
     idx = GradientIndex.create_or_open(url, FP)
     recs = [
