@@ -47,6 +47,16 @@ def process_start() -> float:
     return time.time() - age
 
 
+def exit_interrupted() -> None:
+    """Ctrl-C ends a job: say what is kept, exit 130 (a shell's code for SIGINT)."""
+    print(  # on a line of its own: a progress bar may hold the one before
+        "\ninterrupted: what the job committed to the index is kept; rerun the same command "
+        "to go on: committed shards are not computed again",
+        file=sys.stderr,
+    )
+    sys.exit(130)
+
+
 def job_start() -> float:
     """When the job started: its process's start for a `jobs/` entry point, else now."""
     return _PROCESS_STARTED if _PROCESS_STARTED is not None else time.time()
@@ -97,9 +107,11 @@ def door(name: str, cfg: DictConfig) -> dict[str, Any]:
         started = cluster.connect(embedded)
     try:
         return job.result()
-    except BaseException:
+    except BaseException as e:
         if started:
-            cluster.shutdown()
+            cluster.shutdown()  # its workers with it
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C reaches this thread, not the job's
+            exit_interrupted()
         raise
 
 

@@ -29,7 +29,7 @@ from grass_dist.fidelity import evaluate
 from grass_dist.index import GradientIndex, Store
 from grass_dist.index.gc import collect
 from grass_dist.index.gradient_index import INDEX_FILE
-from grass_dist.launch import job_start
+from grass_dist.launch import exit_interrupted, job_start
 from grass_dist.scoring import ensemble, results
 
 log = logging.getLogger("grass_dist")
@@ -131,13 +131,15 @@ def _refuse(e: GrassError) -> NoReturn:
 
 def _summarised(body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """The one wrapper of every job: run `body`; a GrassError exits 2 with its message,
-    otherwise the summary (with total_seconds, counted from `job_start()`) is printed as
-    JSON and returned."""
+    Ctrl-C exits 130 saying what is kept, otherwise the summary (with total_seconds,
+    counted from `job_start()`) is printed as JSON and returned."""
     t0 = job_start()
     try:
         summary = body()
     except GrassError as e:
         _refuse(e)
+    except KeyboardInterrupt:  # the job's stages stopped its workers on the way out
+        exit_interrupted()
     summary["total_seconds"] = round(time.time() - t0, 3)
     print(json.dumps(summary, indent=2, default=str))
     return summary

@@ -6,8 +6,12 @@ job exits 2 with one paragraph naming the fix, and leaves no Ray process running
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -66,6 +70,34 @@ def test_cli_names_the_row_whose_loss_is_nan_and_keeps_the_committed_shards(tmp_
     assert re.search(r"non-finite loss \(NaN or inf\) for rows \[70\] \(1 of a batch of", message)
     committed = GradientIndex.open(str(tmp_path / "index")).committed().values()
     assert all(not rec.start <= 70 < rec.end for rec in committed)
+
+
+def test_ctrl_c_says_what_is_kept_and_a_rerun_goes_on(tmp_path, user_pkg):
+    # Ctrl-C mid-index: no traceback, exit 130, and the rerun computes only what is missing.
+    given = [*_overrides(user_pkg, tmp_path), "faults.shard_delay_s=2", "cluster.num_workers=1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.index", *given],
+        cwd=tmp_path,
+        env=user_pkg.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    progress = tmp_path / "index" / "_manifests"
+    deadline = time.monotonic() + 240
+    while not (progress.exists() and any(progress.iterdir())) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C in its terminal sends
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: what the job committed")
+    kept = len(GradientIndex.open(str(tmp_path / "index")).committed())
+    assert kept >= 1
+    rerun = run_job("index", *given[:-2], user=user_pkg, cwd=tmp_path, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert json.loads(rerun.stdout)["index"]["skipped_shards"] == kept
 
 
 def test_cli_with_no_cluster_to_join_says_how_to_start_one(tmp_path, user_pkg):
