@@ -5,6 +5,7 @@ boundary and at most every `cluster.progress_interval_s` seconds while shards co
 another process can follow a running job:
 
     python -m grass_dist.runtime.progress <index url>      # newest job's record
+    python -m grass_dist.runtime.progress s3://b/idx --option endpoint_url=http://...
 """
 
 from __future__ import annotations
@@ -171,7 +172,52 @@ def read_progress(store: Store, job_id: str | None = None) -> dict[str, Any] | N
     return max(docs, key=lambda d: (d.get("updated", ""), d.get("started", "")), default=None)
 
 
+def with_age(doc: dict[str, Any], now: datetime | None = None) -> dict[str, Any]:
+    """`doc`, and for a job that says it is still going, `seconds_since_update`: a driver
+    killed outright (SIGKILL, a lost machine) leaves its record so, updated never again."""
+    if doc.get("state") in ("starting", "running") and doc.get("updated"):
+        now = now or datetime.now(timezone.utc)
+        age = (now - datetime.fromisoformat(doc["updated"])).total_seconds()
+        doc = {**doc, "seconds_since_update": round(age)}
+    return doc
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print a job's progress record (default: the newest) of the index at a URL."""
+    import argparse
+
+    from grass_dist.index.gradient_index import INDEX_FILE
+
+    p = argparse.ArgumentParser(
+        prog="python -m grass_dist.runtime.progress",
+        description="Print the progress record of the newest job (or --job) on an index. "
+        "S3 credentials come from the environment, as for the jobs.",
+    )
+    p.add_argument("url", help="the index's store.url, e.g. outputs/index or s3://bucket/idx")
+    p.add_argument("--job", help="a job id (the record's job_id) instead of the newest")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a store.storage_options entry, e.g. --option endpoint_url=http://127.0.0.1:8333",
+    )
+    args = p.parse_args(argv)
+    options = dict(o.split("=", 1) for o in args.option if "=" in o)
+    if len(options) != len(args.option):
+        p.error("--option takes KEY=VALUE")
+    try:
+        store = Store(args.url, options)
+        doc = read_progress(store, args.job)
+        if doc is None and not store.exists(INDEX_FILE):
+            sys.exit(f"error: no gradient index at {store.url_of('')} ({INDEX_FILE} not found)")
+    except StoreUnavailableError as e:
+        sys.exit(f"error: {e}")
+    if doc is None:
+        which = f"of job {args.job} " if args.job else ""
+        sys.exit(f"error: no progress record {which}under {store.url_of(PROGRESS_DIR)}")
+    print(json.dumps(with_age(doc), indent=1))
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m grass_dist.runtime.progress <index url>")
-    print(json.dumps(read_progress(Store(sys.argv[1])), indent=1))
+    main()

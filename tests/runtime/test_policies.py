@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import threading
+from datetime import datetime, timedelta
 
 import pytest
 from omegaconf import OmegaConf
@@ -16,7 +17,7 @@ from grass_dist.errors import ConfigError
 from grass_dist.index import ShardRecord, Store
 from grass_dist.runtime import scaling
 from grass_dist.runtime.overlap import Phases, overlap_seconds
-from grass_dist.runtime.progress import JobProgress, read_progress
+from grass_dist.runtime.progress import JobProgress, read_progress, with_age
 from grass_dist.runtime.worker import ShardPlan, plan_shards, shard_id
 from tests.conftest import compose_cfg
 
@@ -163,6 +164,35 @@ def test_progress_record_is_readable_by_another_process(tmp_path):
         check=True,
     )
     assert json.loads(out.stdout)["job_id"] == "new"
+
+
+def test_the_progress_command_says_what_is_wrong_in_one_line(tmp_path):
+    def progress(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "grass_dist.runtime.progress", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+    assert progress("--help").returncode == 0
+    typo = progress(str(tmp_path / "index_typo"))
+    assert typo.returncode == 1 and "Traceback" not in typo.stderr
+    assert typo.stderr.strip() == f"error: no gradient index at {tmp_path / 'index_typo'} " \
+        "(index.json not found)"  # fmt: skip
+    (tmp_path / "index.json").write_text("{}")
+    none = progress(str(tmp_path), "--job", "nope")
+    assert none.returncode == 1 and "no progress record of job nope under" in none.stderr
+    bad = progress(str(tmp_path), "--option", "endpoint_url")
+    assert bad.returncode == 2 and "--option takes KEY=VALUE" in bad.stderr
+
+
+def test_a_record_still_running_says_how_long_since_its_update(tmp_path):
+    # A driver killed outright leaves "running" for good: the reader sees its age.
+    store = Store(str(tmp_path))
+    progress = JobProgress(store, "job-1", bar=False)
+    progress.begin("index")
+    doc = read_progress(store)
+    later = datetime.fromisoformat(doc["updated"]) + timedelta(seconds=3600)
+    assert with_age(doc, later)["seconds_since_update"] == 3600
+    progress.finish()
+    assert "seconds_since_update" not in with_age(read_progress(store), later)
 
 
 def _records(spans):
