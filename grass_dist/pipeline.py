@@ -121,6 +121,7 @@ def run_index(
     job.progress.index_plan(len(plans) + skipped, skipped, job.n_train, rows)
     driver = DriverShard(job, local)
     reducer_early = precondition_next
+    dropped: list[str] = []  # shards another writer committed first (another job?)
 
     def start_reducer() -> None:
         nonlocal reducer_early
@@ -145,7 +146,9 @@ def run_index(
         driver.close()
 
         def commit(batch: list[tuple[ShardPlan, ShardResult]]) -> None:
-            version = job.index.commit([res.record for _, res in batch])
+            records = [res.record for _, res in batch]
+            version = job.index.commit(records)
+            dropped.extend(job.index.not_kept(records))
             if job.first_shard_s is None:
                 job.first_shard_committed()
             start_reducer()
@@ -171,12 +174,24 @@ def run_index(
         start_reducer()  # now if the driver already committed a shard
         index(driver.others(plans))
         index(driver.returned())  # the driver's, when it gave one back late
-    return {
+    out = {
         "computed_shards": len(plans),
         "skipped_shards": skipped,
         "rows": rows,
         "driver_shards": len(driver.counted),
     }
+    dropped += local.dropped if local is not None else []
+    if dropped:
+        log.warning(
+            "%d of the %d shards this job computed were committed meanwhile by another "
+            "writer of %s (another job on the same store.url?), so this job's attempts were "
+            "dropped (the index holds each shard once; `jobs.gc` removes their files)",
+            len(dropped),
+            len(plans),
+            job.index.store.url_of(""),
+        )
+        out["dropped_shards"] = len(dropped)
+    return out
 
 
 def run_repair(job: Job) -> dict[str, Any]:

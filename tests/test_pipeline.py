@@ -1,6 +1,7 @@
 """End-to-end stages on an embedded Ray: exactness, invariance, resume."""
 
 import contextlib
+import dataclasses
 
 import numpy as np
 import pytest
@@ -91,6 +92,28 @@ def test_resume_recomputes_only_missing_shards_and_matches_a_clean_run(ray_sessi
         doc = read_progress(again.index.store, again.job_id)
         assert doc["state"] == ("done" if error is None else "failed")
         assert doc.get("error") == (None if error is None else "ValueError: lost")
+
+
+def test_shards_another_writer_committed_first_are_reported_dropped(ray_session, tmp_path):
+    # Two jobs on one store.url: each shard is kept once, and the job whose attempts were
+    # ignored says so rather than report them computed into the index.
+    job = pipeline.prepare(compose_cfg(tmp_path, "cluster.driver_shard=false"))
+    other = GradientIndex.open(job.cfg.index_url)  # the other job's own view of the log
+    commit = job.index.commit
+
+    def racing(records, replace=None):
+        if not other.committed():  # the other job commits the first batch's shards first
+            other.commit([dataclasses.replace(r, attempt="other") for r in records])
+        return commit(records, replace)
+
+    job.index.commit = racing
+    try:
+        stats = pipeline.run_index(job)
+    finally:
+        pipeline.shutdown(job)
+    theirs = {sid for sid, r in job.index.committed().items() if r.attempt == "other"}
+    assert theirs and stats["dropped_shards"] == len(theirs)
+    assert stats["computed_shards"] == 3 and len(job.index.committed()) == 3
 
 
 def test_identity_influence_equals_direct_damped_fisher_influence(ray_session, tmp_path):

@@ -235,6 +235,11 @@ class GradientIndex:
         """
         return self.manifests.commit(list(records), replace=replace)
 
+    def not_kept(self, records: list[ShardRecord]) -> list[str]:
+        """Shard ids of `records`, just committed, whose commit was ignored: another
+        attempt (another writer's) was committed first (`ManifestLog.not_kept`)."""
+        return self.manifests.not_kept(records)
+
     def check_shard(self, record: ShardRecord) -> str | None:
         """Why a committed shard is bad (missing, altered, truncated, wrong rows), or None.
 

@@ -166,6 +166,17 @@ class ManifestLog:
             state = self._refresh()
             return state.version, dict(state.shards)
 
+    def not_kept(self, records: list[ShardRecord]) -> list[str]:
+        """Shard ids of `records` committed (as of this log's last commit or read) with
+        another attempt: their commit was ignored, another writer's came first."""
+        with self._lock:
+            shards = self._refresh(catch_up=False).shards
+        return [
+            r.shard_id
+            for r in records
+            if r.shard_id in shards and shards[r.shard_id].attempt != r.attempt
+        ]
+
     def commit(
         self,
         records: list[ShardRecord],

@@ -111,6 +111,7 @@ class LocalShard:
         self._plans = list(plans)
         self._taken: list[ShardPlan] = []  # started, in plan order
         self._committed: dict[str, tuple[ShardRecord, float]] = {}  # id -> record, time.time()
+        self.dropped: list[str] = []  # committed, but another writer's attempt came first
         self._lock = threading.Lock()  # the taking of plans against `close`
         self._closed = False
         self._stop = threading.Event()
@@ -181,6 +182,7 @@ class LocalShard:
         try:
             record = self._compute(plan)
             self._index.commit([record])  # written whole: worth keeping, stopped or not
+            self.dropped += self._index.not_kept([record])
         except _Stopped as e:
             log.info("shard %s goes to the workers: %s", plan.shard_id, e)
             return False
