@@ -173,7 +173,7 @@ def main() -> None:
     if args.tiny:
         args.ks, args.layers, args.rows, args.shard_rows, args.reps = [32, 64], [2, 4], 300, 100, 1
     torch.set_num_threads(1)
-    ray.init(num_cpus=args.cpus, include_dashboard=False, configure_logging=False)
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, configure_logging=False)
     start_ray_workers(args.cpus)
     costs, builds = {}, []
     for k in args.ks:
