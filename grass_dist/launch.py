@@ -111,6 +111,9 @@ def door(name: str, cfg: DictConfig) -> dict[str, Any]:
         if started:
             cluster.shutdown()  # its workers with it
         if isinstance(e, KeyboardInterrupt):  # Ctrl-C reaches this thread, not the job's
+            from grass_dist.runtime.progress import interrupt_running
+
+            interrupt_running()
             exit_interrupted()
         raise
 

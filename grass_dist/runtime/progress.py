@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
+import weakref
 from collections import Counter
 from datetime import datetime, timezone
 from typing import Any
@@ -26,6 +28,8 @@ from grass_dist.index import Store
 log = logging.getLogger(__name__)
 
 PROGRESS_DIR = "_progress"
+# The records of the jobs running in this process, for `interrupt_running`.
+_RUNNING: weakref.WeakSet[JobProgress] = weakref.WeakSet()
 
 
 def _now() -> str:
@@ -54,6 +58,9 @@ class JobProgress:
         self._t0 = time.monotonic()
         self._written = 0.0
         self._by_node: Counter[str] = Counter()
+        self._lock = threading.RLock()  # `finish` from another thread (Ctrl-C) against writes
+        self._finished = False
+        _RUNNING.add(self)
 
     @property
     def path(self) -> str:
@@ -63,13 +70,17 @@ class JobProgress:
         """Rewrite the record now (readers see the old or the new one, never a mix).
 
         A failed write is logged, not raised: progress must never be what fails a job.
+        Once the record says the job ended, nothing rewrites it.
         """
-        self.doc["updated"] = _now()
-        self._written = time.monotonic()
-        try:
-            self.store.write_bytes(self.path, json.dumps(self.doc, indent=1).encode())
-        except StoreUnavailableError as e:
-            log.warning("progress record %s not written: %s", self.store.url_of(self.path), e)
+        with self._lock:
+            if self._finished:
+                return
+            self.doc["updated"] = _now()
+            self._written = time.monotonic()
+            try:
+                self.store.write_bytes(self.path, json.dumps(self.doc, indent=1).encode())
+            except StoreUnavailableError as e:
+                log.warning("progress record %s not written: %s", self.store.url_of(self.path), e)
 
     def tick(self) -> None:
         """Rewrite the record if `interval_s` passed since the last write."""
@@ -96,13 +107,18 @@ class JobProgress:
     def finish(self, error: BaseException | None = None) -> None:
         """The job ended (with `error`, or done): so says the record, also for a job that ran
         no stage (every shard already committed) or failed between stages."""
-        self.doc["state"] = "failed" if error is not None else "done"
-        if error is not None:
-            self.doc.setdefault("error", f"{type(error).__name__}: {error}")
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-        self.write()
+        with self._lock:
+            if self._finished:
+                return
+            self.doc["state"] = "failed" if error is not None else "done"
+            if error is not None:
+                self.doc.setdefault("error", f"{type(error).__name__}: {error}")
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+            self.write()
+            self._finished = True
+        _RUNNING.discard(self)
 
     # ---- shards ------------------------------------------------------------------------
     def first_shard(self, seconds: float) -> None:
@@ -153,6 +169,14 @@ class JobProgress:
             self._bar.update(len(nodes))
             self._bar.set_postfix(rows_per_s=f"{rate:.0f}")
         self.tick()
+
+
+def interrupt_running() -> None:
+    """End the record of every job running in this process as failed by Ctrl-C: a job run
+    on a thread of its own (`grass_dist.launch.door`) is not told, and would say
+    "running" for good."""
+    for progress in list(_RUNNING):
+        progress.finish(KeyboardInterrupt("interrupted (Ctrl-C)"))
 
 
 def read_progress(store: Store, job_id: str | None = None) -> dict[str, Any] | None:

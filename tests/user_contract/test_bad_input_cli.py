@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from grass_dist.index import GradientIndex
+from grass_dist.runtime.progress import read_progress
 from tests.ray_procs import free_port
 from tests.user_contract.conftest import run_job
 from tests.user_contract.test_bad_input import _message, _overrides
@@ -93,8 +94,12 @@ def test_ctrl_c_says_what_is_kept_and_a_rerun_goes_on(tmp_path, user_pkg):
     assert proc.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     assert stderr.strip().splitlines()[-1].startswith("interrupted: what the job committed")
-    kept = len(GradientIndex.open(str(tmp_path / "index")).committed())
+    index = GradientIndex.open(str(tmp_path / "index"))
+    kept = len(index.committed())
     assert kept >= 1
+    record = read_progress(index.store)  # ended, though the job ran on a thread of its own
+    assert record["state"] == "failed", record
+    assert record["error"] == "KeyboardInterrupt: interrupted (Ctrl-C)"
     rerun = run_job("index", *given[:-2], user=user_pkg, cwd=tmp_path, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert json.loads(rerun.stdout)["index"]["skipped_shards"] == kept
