@@ -205,11 +205,6 @@ def _own_errors() -> Iterator[None]:
         raise
 
 
-def _rounded(timings: dict[str, float]) -> dict[str, float]:
-    """A job's stage timings as its summary shows them (as the jobs' `stage_seconds`)."""
-    return {stage: round(seconds, 3) for stage, seconds in timings.items()}
-
-
 def _url(store: Any) -> str:
     if not isinstance(store, (str, os.PathLike)):
         raise ConfigError(
@@ -291,7 +286,7 @@ class Index:
         with _own_errors(), pipeline.running(job):
             summary = pipeline.run_index(job)
         summary["compression"] = pipeline.compression_summary(job)
-        return cls(raw, {**summary, "stage_seconds": _rounded(job.timings)})
+        return cls(raw, {**summary, "stage_seconds": pipeline.stage_seconds(job)})
 
     @property
     def gradient_index(self) -> GradientIndex:
@@ -326,5 +321,5 @@ class Index:
             phi = pipeline.query_phi(job)
             summary = {"precondition": pipeline.run_precondition(job)}
             summary.update(pipeline.score_stage(job, phi))
-        summary["stage_seconds"] = _rounded(job.timings)
+        summary["stage_seconds"] = pipeline.stage_seconds(job)
         return Attribution(job.index, name, summary, results.manifest(job.index, name)["files"])

@@ -347,6 +347,11 @@ def score_stage(job: Job, query: PhiBlock) -> dict[str, Any]:
     return out
 
 
+def stage_seconds(job: Job) -> dict[str, float]:
+    """The job's stage timings as every door's summary shows them (`stage_seconds`)."""
+    return {stage: round(seconds, 3) for stage, seconds in job.timings.items()}
+
+
 def compression_summary(job: Job) -> dict[str, Any]:
     """What a summary says of the compression: method, k, and the layers kept whole."""
     c = job.cfg.compression

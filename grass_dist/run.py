@@ -165,7 +165,7 @@ def _run(
         summary["compression"] = pipeline.compression_summary(job)
         if job.skipped_records:
             summary["skipped_records"] = job.skipped_records  # data.train.on_bad_record=skip
-        summary["stage_seconds"] = {k: round(v, 3) for k, v in job.timings.items()}
+        summary["stage_seconds"] = pipeline.stage_seconds(job)
         summary["index_url"] = job.index.store.url_of("")
         return summary
 

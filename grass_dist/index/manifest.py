@@ -288,9 +288,10 @@ class ManifestLog:
         committed after it. `later`: versions seen to exist; with `probe` (a fresh open) a
         few beyond are looked for too. A version created since it was found missing (a
         committer racing this read) is no gap."""
-        if not later and probe:
-            ahead = range(missing + 1, missing + 1 + _GAP_PROBE)
-            later = [v for v in ahead if self.store.exists(manifest_path(v))][:1]
+        if not later and probe:  # read concurrently, as catching up reads
+            ahead = list(range(missing + 1, missing + 1 + _GAP_PROBE))
+            found = _fetch(self.store, ahead, {})
+            later = [v for v, raw in zip(ahead, found, strict=True) if raw is not None]
         if not later or self.store.exists(manifest_path(missing)):
             return
         raise CorruptIndexError(
