@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 # then connects, as grass_dist.launch.door): another thread's `connect` meanwhile waits for it.
 CONNECTING = threading.RLock()
 REACH_TIMEOUT_S = 10.0  # how long a joined cluster's head may take to accept a connection
+# HTTP/2's client preface and an empty SETTINGS frame: a Ray head (its GCS, or the Ray
+# client server behind ray://) is a gRPC server, which answers with a SETTINGS frame.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+_H2_SETTINGS = 0x04
 
 
 def connect(cfg: ClusterConfig) -> bool:
@@ -103,9 +107,11 @@ def _unreachable(address: str, why: str) -> ClusterUnreachableError:
 
 
 def check_reachable(address: str, timeout_s: float = REACH_TIMEOUT_S) -> None:
-    """ClusterUnreachableError unless something accepts connections at the head's address
-    (for 'auto', the cluster Ray would join), within `timeout_s`: Ray's own join waits
-    minutes on an address where nothing listens. Addresses of other schemes are left to Ray.
+    """ClusterUnreachableError unless a Ray head answers at its address (for 'auto', the
+    cluster Ray would join) within `timeout_s`: something accepts connections there and
+    speaks gRPC (HTTP/2) as Ray's head does. Ray's own join waits minutes on an address
+    where nothing listens, and for good on one where another server does (the dashboard's
+    port, say). Addresses of other schemes are left to Ray, as is a head that uses TLS.
     """
     target: str | None = address
     if address == "auto":
@@ -122,10 +128,48 @@ def check_reachable(address: str, timeout_s: float = REACH_TIMEOUT_S) -> None:
     if "://" in target or not sep or not port.isdigit():
         return
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+        connection = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s)
     except OSError as e:
         why = f"nothing accepted a connection at {target} within {timeout_s:g} s: {e}"
         raise _unreachable(address, why) from None
+    with connection:
+        if _tls():  # a TLS head answers our plaintext with an alert: leave it to Ray
+            return
+        answer = _first_frame(connection, timeout_s)
+    if answer is not None:
+        raise ClusterUnreachableError(
+            f"no Ray cluster to join at cluster.address={address}: something at {target} "
+            f"accepted a connection but is not a Ray head ({answer}), and Ray would wait "
+            f"for it for good. Fix: give the address `ray start --head` printed (port 6379 "
+            f"by default; the dashboard's 8265 is not it), or ray://HOST:10001 for the Ray "
+            f"client; or drop cluster=ray (cluster.address=null) to run on an embedded Ray"
+        )
+
+
+def _tls() -> bool:
+    return os.environ.get("RAY_USE_TLS", "0").strip().lower() in ("1", "true")
+
+
+def _first_frame(connection: socket.socket, timeout_s: float) -> str | None:
+    """None when the server at `connection` answers HTTP/2's preface with a SETTINGS frame,
+    as a gRPC server (Ray's head) does; else what it did instead, in words."""
+    received = b""
+    try:
+        connection.sendall(_H2_PREFACE)
+        while len(received) < 9:  # a frame header: length (3), type, flags, stream (4)
+            chunk = connection.recv(9 - len(received))
+            if not chunk:
+                break
+            received += chunk
+    except TimeoutError:
+        return f"it sent nothing within {timeout_s:g} s" if not received else "it stopped"
+    except OSError as e:
+        return f"it broke the connection ({e})"
+    if len(received) == 9 and received[3] == _H2_SETTINGS:
+        return None
+    if received.startswith(b"HTTP/") or received.lstrip().lower().startswith(b"<"):
+        return "it answered as an HTTP/1 server"  # a status line, or an HTML error page
+    return "it closed the connection" if not received else "it answered in another protocol"
 
 
 def shutdown() -> None:

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -138,6 +139,33 @@ def test_cli_with_nothing_listening_at_the_address_is_refused_at_once(tmp_path, 
     assert f"no Ray cluster to join at cluster.address={address}" in message
     assert "nothing accepted a connection" in message and "ray start --head" in message
     assert time.monotonic() - started < 60  # the process start and imports, not Ray's wait
+    assert not (tmp_path / "index").exists()
+
+
+@pytest.mark.parametrize("scheme", ["", "ray://"])
+def test_cli_with_another_server_at_the_address_is_refused_not_waited_for(
+    tmp_path, user_pkg, scheme
+):
+    # The dashboard's port given as the head's: Ray's join would wait for a GCS for good
+    # (bare address), or fail after half a minute with the store already written (ray://).
+    import http.server
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    address = f"{scheme}127.0.0.1:{server.server_address[1]}"
+    started = time.monotonic()
+    try:
+        overrides = [*_overrides(user_pkg, tmp_path), "cluster=ray", f"cluster.address={address}"]
+        proc = run_job("index", *overrides, user=user_pkg, cwd=tmp_path, timeout=300)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    message = _message(proc.stderr)
+    assert f"no Ray cluster to join at cluster.address={address}" in message
+    assert "accepted a connection but is not a Ray head" in message
+    assert "answered as an HTTP/1 server" in message and "8265" in message
+    assert time.monotonic() - started < 60
     assert not (tmp_path / "index").exists()
 
 
