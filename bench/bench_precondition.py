@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.timing import interleaved, machine_note  # noqa: E402
 from grass_dist.runtime.fisher import layer_map  # noqa: E402
+from grass_dist.scoring.fisher_sum import FisherSum  # noqa: E402
 from grass_dist.scoring.precondition import (  # noqa: E402
-    FisherSum,
     Preconditioner,
     cholesky_factor,
     eigen_factor,

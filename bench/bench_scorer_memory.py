@@ -46,7 +46,8 @@ sys.path.insert(0, str(ROOT))
 from grass_dist.index import GradientIndex  # noqa: E402
 from grass_dist.runtime.reducer import preconditioner_path  # noqa: E402
 from grass_dist.scoring import results  # noqa: E402
-from grass_dist.scoring.precondition import FisherSum, Preconditioner  # noqa: E402
+from grass_dist.scoring.fisher_sum import FisherSum  # noqa: E402
+from grass_dist.scoring.precondition import Preconditioner  # noqa: E402
 from grass_dist.scoring.score import concat, prepare_queries  # noqa: E402
 from tests.helpers import assert_topk_close  # noqa: E402
 from tests.memwatch import TreeMemory  # noqa: E402

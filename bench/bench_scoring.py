@@ -181,7 +181,8 @@ def _bench_service(args, tmp: str) -> list[str]:
     )
     from grass_dist.config import JobConfig, register_configs
     from grass_dist.runtime.reducer import preconditioner_path
-    from grass_dist.scoring.precondition import FisherSum, Preconditioner
+    from grass_dist.scoring.fisher_sum import FisherSum
+    from grass_dist.scoring.precondition import Preconditioner
     from grass_dist.service import app
 
     port = free_port()

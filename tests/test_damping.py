@@ -8,7 +8,8 @@ from grass_dist.errors import DampingSelectionError
 from grass_dist.fidelity import damping
 from grass_dist.gradients.computer import GradientComputer
 from grass_dist.index import GradientIndex
-from grass_dist.scoring.precondition import FisherSum, Preconditioner
+from grass_dist.scoring.fisher_sum import FisherSum
+from grass_dist.scoring.precondition import Preconditioner
 
 LAYERS = {"fc1": 6, "out": 4}
 

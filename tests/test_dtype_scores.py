@@ -11,7 +11,8 @@ from grass_dist.gradients.computer import GradientComputer
 from grass_dist.index import GradientIndex
 from grass_dist.models.digits import digits_mlp
 from grass_dist.runtime.scoring import ScoreOptions, score_records
-from grass_dist.scoring.precondition import FisherSum, Preconditioner
+from grass_dist.scoring.fisher_sum import FisherSum
+from grass_dist.scoring.precondition import Preconditioner
 from grass_dist.scoring.score import prepare_queries
 from grass_dist.tasks.classifier import ClassificationTask
 from tests.test_score import _assemble

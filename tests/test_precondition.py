@@ -13,6 +13,7 @@ from safetensors.torch import save as st_save
 
 from grass_dist.runtime.fisher import balanced_groups, build_fisher, fisher_source, layer_map
 from grass_dist.runtime.scoring import shard_groups
+from grass_dist.scoring.fisher_sum import FisherSum, gram
 from grass_dist.scoring.packing import (
     pack_triangle,
     safetensors_buffer,
@@ -20,13 +21,11 @@ from grass_dist.scoring.packing import (
     unpack_triangle,
 )
 from grass_dist.scoring.precondition import (
-    FisherSum,
     LayerFactor,
     Preconditioner,
     _metadata,
     cholesky_factor,
     eigen_factor,
-    gram,
     relative_damping,
     serial_map,
 )

@@ -8,7 +8,8 @@ import torch
 
 from grass_dist.runtime.scoring import ScoreOptions, breakdown_records, score_records
 from grass_dist.scoring import results
-from grass_dist.scoring.precondition import FisherSum, Preconditioner
+from grass_dist.scoring.fisher_sum import FisherSum
+from grass_dist.scoring.precondition import Preconditioner
 from grass_dist.scoring.score import prepare_queries, whiteners_for
 from grass_dist.scoring.topk import decode
 from tests.synthetic import phi_rows, read_all, write_index

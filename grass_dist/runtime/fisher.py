@@ -18,15 +18,8 @@ from grass_dist.index import GradientIndex, ShardRecord
 from grass_dist.runtime.cluster import threads_for
 from grass_dist.runtime.executors import Executor, local_device, release_memory
 from grass_dist.runtime.scoring import shard_groups
-from grass_dist.scoring.precondition import (
-    EMPTY_INDEX,
-    FisherSum,
-    LayerFactor,
-    LayerMap,
-    Preconditioner,
-    cholesky_factor,
-    fisher_matrix,
-)
+from grass_dist.scoring.fisher_sum import EMPTY_INDEX, FisherSum, fisher_matrix
+from grass_dist.scoring.precondition import LayerFactor, LayerMap, Preconditioner, cholesky_factor
 
 
 def fisher_part(index: GradientIndex, records: list[ShardRecord], verify: bool):

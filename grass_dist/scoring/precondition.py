@@ -1,9 +1,7 @@
-"""Per-layer empirical Fisher of the compressed gradients, its factorisations, damping.
+"""Per-layer empirical Fisher of the compressed gradients: its factorisations, damping and
+file format.
 
-H_l = (1/n) sum_i phi_il phi_il^T is a sum over rows, so it map-reduces over shards: each
-block of rows is float32 GEMMs over the upper triangle only, summed across blocks and
-shards in float64 and mirrored once at the end (about a third of the cost of full float64
-GEMMs; the rounding it adds is far below that of float32 scores).
+H_l = (1/n) sum_i phi_il phi_il^T map-reduces over shards (`grass_dist.scoring.fisher_sum`).
 
 (H_l + lambda_l I)^-1, lambda_l = delta * trace(H_l) / k_l, is applied through the Cholesky
 factor L of H_l + lambda_l I (two triangular solves); W = L^-T whitens for self-influence,
@@ -27,7 +25,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -37,8 +35,8 @@ import torch
 from safetensors.torch import load as st_load
 
 from grass_dist.errors import ConfigError
+from grass_dist.scoring.fisher_sum import EMPTY_INDEX, FisherSum, fisher_matrix
 from grass_dist.scoring.packing import (
-    mirror_upper,
     pack_triangle,
     packed_size,
     safetensors_buffer,
@@ -49,9 +47,6 @@ from grass_dist.scoring.packing import (
 FORMAT = "3"
 _READS = ("2", FORMAT)  # formats with H (format 1, eigenbasis only, is told by its keys)
 _META = "grass_dist"  # the one safetensors metadata key: the JSON of the fields below
-_GRAM_ROWS = 1024  # rows per float32 GEMM of the Fisher sum (bounds its rounding error)
-_GRAM_COLS = 512  # columns per strip of the Fisher sum's upper triangle
-EMPTY_INDEX = "cannot build a preconditioner from an empty index"
 _SINGULAR = (
     "the preconditioner is singular at this damping (H has zero eigenvalues and lambda = 0); "
     "set precondition.damping > 0"
@@ -63,55 +58,6 @@ LayerMap = Callable[[Callable[[torch.Tensor], Any], dict[str, torch.Tensor]], di
 def serial_map(fn: Callable[[torch.Tensor], Any], tensors: dict[str, torch.Tensor]) -> dict:
     """{name: fn(tensor)} one layer after another (runtime.fisher.layer_map runs in parallel)."""
     return {name: fn(t) for name, t in tensors.items()}
-
-
-def gram(x: np.ndarray) -> np.ndarray:
-    """x^T x (k, k) float64 of x (n, k), exact on and above the diagonal only (the lower
-    triangle is partial: read it through `mirror_upper`).
-
-    float32 GEMMs over blocks of _GRAM_ROWS rows, summed in float64; each multiplies a strip
-    of _GRAM_COLS columns by the columns from that strip on, so about (1 + _GRAM_COLS / k) / 2
-    of the flops of the full product.
-    """
-    g = RunningGram(x.shape[1])
-    g.add(x)
-    return g.result()
-
-
-class RunningGram:
-    """`gram` of rows that arrive in pieces of any size (e.g. one shard at a time).
-
-    Rows wait in one float32 buffer of _GRAM_ROWS rows and go through the GEMMs a full buffer
-    at a time, so the sums are those of `gram` of all the rows concatenated, bit for bit,
-    however they were split; and small pieces (128-row shards) still make large GEMMs, with
-    one float64 addition per _GRAM_ROWS rows instead of one per piece.
-    """
-
-    def __init__(self, k: int):
-        self.total = torch.zeros(k, k, dtype=torch.float64)
-        self._rows = torch.empty(_GRAM_ROWS, k, dtype=torch.float32)
-        self._fill = 0
-
-    def add(self, x: np.ndarray) -> None:
-        rows = self._rows.numpy()  # a view: copying into it converts to float32 on the way
-        lo = 0
-        while lo < x.shape[0]:
-            take = min(_GRAM_ROWS - self._fill, x.shape[0] - lo)
-            rows[self._fill : self._fill + take] = x[lo : lo + take]
-            self._fill, lo = self._fill + take, lo + take
-            if self._fill == _GRAM_ROWS:
-                self._flush()
-
-    def result(self) -> np.ndarray:
-        """The (k, k) float64 sums of every row added (upper triangle exact)."""
-        self._flush()
-        return self.total.numpy()
-
-    def _flush(self) -> None:
-        block = self._rows[: self._fill]
-        for a in range(0, block.shape[1], _GRAM_COLS):
-            self.total[a : a + _GRAM_COLS, a:] += block[:, a : a + _GRAM_COLS].T @ block[:, a:]
-        self._fill = 0
 
 
 def relative_damping(h: torch.Tensor, delta: float) -> float:
@@ -153,64 +99,6 @@ def eigen_factor(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(e ascending, clipped at 0; U columns) with H = U diag(e) U^T."""
     e, u = torch.linalg.eigh(h)
     return e.clamp_min(0.0), u
-
-
-@dataclass
-class FisherSum:
-    """Unnormalised sums phi^T phi per layer ((k, k) float64) over `n` rows; only entries on
-    and above the diagonal count (see `gram`), `matrix` gives the symmetric whole."""
-
-    sums: dict[str, np.ndarray]
-    n: int
-
-    @classmethod
-    def of(cls, phi: dict[str, np.ndarray]) -> FisherSum:
-        return cls.accumulate([phi])
-
-    @classmethod
-    def accumulate(cls, blocks: Iterable[dict[str, np.ndarray]]) -> FisherSum:
-        """The sum over blocks of rows (e.g. the shards of one map task): per layer one
-        `RunningGram`, so the same sums as `of` the blocks concatenated, bit for bit, with
-        one (k, k) float64 buffer per layer (134 MB at k=4096) and large GEMMs however
-        small the blocks.
-        """
-        grams: dict[str, RunningGram] = {}
-        n = 0
-        for phi in blocks:
-            for name, x in phi.items():
-                if name not in grams:
-                    grams[name] = RunningGram(x.shape[1])
-                grams[name].add(x)
-            n += next(iter(phi.values())).shape[0] if phi else 0
-        return cls({name: g.result() for name, g in grams.items()}, n)
-
-    def matrix(self, name: str) -> np.ndarray:
-        """Layer `name`'s symmetric (k, k) sum."""
-        return mirror_upper(self.sums[name])
-
-    def __add__(self, other: FisherSum) -> FisherSum:
-        if not self.sums:
-            return other
-        if not other.sums:
-            return self
-        return FisherSum({k: v + other.sums[k] for k, v in self.sums.items()}, self.n + other.n)
-
-
-def fisher_matrix(parts: Sequence[np.ndarray], n: int) -> torch.Tensor:
-    """H = (sum of `parts`) / n, symmetric (k, k) float64, from one layer's partial sums over
-    disjoint rows (each exact on and above the diagonal, as `gram` leaves them), added in
-    the order given: the same bits as `Preconditioner.from_fisher` of their `FisherSum`s
-    added in that order."""
-    if n == 0 or not parts:
-        raise ValueError(EMPTY_INDEX)
-    # A new array (the parts may be read-only): the first sum, or a copy of a lone part.
-    if len(parts) == 1:
-        total = np.array(parts[0], dtype=np.float64)
-    else:
-        total = np.add(parts[0], parts[1], dtype=np.float64)
-    for part in parts[2:]:
-        np.add(total, part, out=total)
-    return symmetric_(torch.from_numpy(total)).div_(n)
 
 
 def _map_tensors(state: dict[str, Any], fn: Callable) -> dict[str, Any]:
