@@ -31,7 +31,7 @@ from grass_dist.errors import BadRequestError, ConfigError, GrassError, ServiceC
 from grass_dist.runtime import cluster
 from grass_dist.runtime.cluster import connect, threads_for
 from grass_dist.service.client import encode
-from grass_dist.service.engine import QueryEngine
+from grass_dist.service.engine import BUILD_PRECONDITIONER, QueryEngine
 from grass_dist.service.protocol import QueryRequest, parse_query
 
 log = logging.getLogger("grass_dist")
@@ -147,14 +147,15 @@ def check(job: JobConfig) -> None:
     handler = QueryHandler(job, engine)
     example = encode(probe_example(engine.task, engine.template))
     kinds = engine.info()["kinds"]
-    if handler.default_kind not in kinds:
+    if engine.pre is None:
         log.warning(
-            "the default kind %r is unavailable (no preconditioner %r in the index), so a "
-            "request that names no kind gets HTTP 409: build it (python -m jobs.precondition "
-            "with this store.url) or set serve.kind to one of %s",
-            handler.default_kind,
-            job.precondition.name,
-            kinds,
+            "kind 'influence' is not served: %s; %s%s",
+            engine.unavailable,
+            BUILD_PRECONDITIONER,
+            ""
+            if handler.default_kind in kinds
+            else f". Meanwhile a request that names no kind gets HTTP 409 (serve.kind="
+            f"{handler.default_kind}): name one of {kinds} or set serve.kind",
         )
     for kind in kinds:
         body = json.dumps({"examples": [example], "topk": 1, "kind": kind}).encode()

@@ -37,7 +37,8 @@ from grass_dist.errors import (
     ResultsNotFoundError,
 )
 from grass_dist.gradients.computer import GradientComputer
-from grass_dist.index import GradientIndex
+from grass_dist.index import GradientIndex, ShardRecord
+from grass_dist.runtime.fisher import fisher_source
 from grass_dist.runtime.reducer import preconditioner_path
 from grass_dist.runtime.scoring import ScoreOptions, fan_out, score_records
 from grass_dist.scoring import results
@@ -55,6 +56,10 @@ from grass_dist.scoring.score import (
 from grass_dist.scoring.topk import decode
 
 log = logging.getLogger(__name__)
+BUILD_PRECONDITIONER = (
+    "run `python -m jobs.score` with this config (it builds the preconditioner from the "
+    "shards committed now) and restart the service"
+)
 # What a request's examples can make the loss raise: a 422 naming them, not a 500.
 _UNFIT = (BadRowsError, NonFiniteGradientError, IndexError, ValueError, RuntimeError)
 
@@ -149,15 +154,10 @@ class QueryEngine:
         self.template = train[0]
         self.layers = [name for name, _ in self.index.layers]
         self.records = sorted(self.index.committed().values(), key=lambda r: r.start)
+        self.pre, self.unavailable = self._preconditioner(self.records)
         if probe:
             self.records = self.records[:1]
         self.n_train = sum(r.rows for r in self.records)
-        path = preconditioner_path(job.precondition.name)
-        self.pre = (
-            Preconditioner.from_bytes(self.index.get_artifact(path))
-            if self.index.has_artifact(path)
-            else None
-        )
         # Only influence uses the damping, and only an index with a preconditioner offers it.
         self.damping = served_damping(job, self.index) if self.pre is not None else None
         if self.pre is not None:
@@ -170,6 +170,25 @@ class QueryEngine:
             t0 = time.perf_counter()
             self.cache = TrainCache.load(self.index, self.layers, job.index.verify)
             log.info("cached %d train rows in %.2f s", self.n_train, time.perf_counter() - t0)
+
+    def _preconditioner(self, records: list[ShardRecord]) -> tuple[Preconditioner | None, str]:
+        """The index's preconditioner, if it was summed from the shards committed now; else
+        None and why (a preconditioner from fewer shards would give other scores than the
+        batch job, which rebuilds it)."""
+        name = self.job.precondition.name
+        path = preconditioner_path(name)
+        if not self.index.has_artifact(path):
+            return None, f"the index has no preconditioner {name!r}"
+        pre = Preconditioner.from_bytes(self.index.get_artifact(path))
+        rows = sum(r.rows for r in records)
+        # A preconditioner written before sources were recorded is known by its rows alone.
+        if (pre.source == fisher_source(records)) if pre.source else (pre.n == rows):
+            return pre, ""
+        return None, (
+            f"the index's preconditioner {name!r} was summed from other shards than those "
+            f"committed now ({pre.n} rows; the index holds {rows}), so its influence scores "
+            f"would not be the batch job's"
+        )
 
     def info(self) -> dict[str, Any]:
         return {
@@ -195,8 +214,8 @@ class QueryEngine:
         """Top-k proponents and opponents of each item among all committed train rows."""
         if kind == "influence" and self.pre is None:
             raise BadRequestError(
-                f"kind 'influence' needs the preconditioner {self.job.precondition.name!r}, "
-                f"which this index lacks: use grad_dot or cosine, or build it first",
+                f"kind 'influence' is unavailable: {self.unavailable}. Use grad_dot or "
+                f"cosine, or {BUILD_PRECONDITIONER}",
                 409,
             )
         try:

@@ -25,6 +25,7 @@ from grass_dist import Client, pipeline
 from grass_dist.build import build_dataset, build_layer_compressors, build_model, build_task
 from grass_dist.config import JobConfig
 from grass_dist.errors import (
+    BadRequestError,
     ConfigError,
     DampingNotChosenError,
     FingerprintMismatchError,
@@ -343,3 +344,38 @@ def test_only_loopback_hosts_count_as_local():
     assert app._is_loopback("127.0.0.1") and app._is_loopback("::1")
     assert app._is_loopback("localhost")
     assert not app._is_loopback("0.0.0.0") and not app._is_loopback("10.1.2.3")
+
+
+def test_a_preconditioner_from_fewer_shards_than_the_index_now_holds_is_not_served(
+    ray_session, tmp_path
+):
+    # The index grew after its preconditioner was built: a service (re)started on it would
+    # have answered influence from the old H, unlike the batch job, which rebuilds it.
+    grown = ["model.n_train=60", "data.train.n_train=90"]
+    small = pipeline.prepare(compose_cfg(tmp_path, "model.n_train=60", "data.train.n_train=60"))
+    try:
+        pipeline.run_index(small)
+        pipeline.run_precondition(small)
+    finally:
+        pipeline.shutdown(small)
+    job = pipeline.prepare(compose_cfg(tmp_path, *grown))
+    try:
+        pipeline.run_index(job)
+        stale = engine.QueryEngine(job.cfg)
+        assert stale.pre is None and stale.info()["kinds"] == ["grad_dot", "cosine"]
+        assert "60 rows; the index holds 90" in stale.unavailable
+        items = stale.decode(query_items(job)[:2])
+        with pytest.raises(BadRequestError, match="jobs.score") as refused:
+            stale.query(items, topk=5, kind="influence")
+        assert refused.value.status == 409
+        # What the message says to do: jobs.score builds H from the shards committed now.
+        pipeline.run_precondition(job)
+        pipeline.run_score(job, pipeline.query_phi(job))
+    finally:
+        pipeline.shutdown(job)
+    served = engine.QueryEngine(job.cfg)
+    assert served.pre is not None and served.pre.n == 90
+    answers = served.query(served.decode(query_items(job)), topk=10, kind="influence")
+    assert_answers_equal_topk_table(
+        answers, results.load_table(job.index, "default", "topk").to_pandas()
+    )
