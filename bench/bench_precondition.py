@@ -6,8 +6,8 @@
 - before: the build as grass_dist made it until Cholesky (`before_build`, reproduced here):
   phi^T phi per shard in float64 GEMMs, then torch.linalg.eigh of each layer's H, one layer
   after another;
-- now: `FisherSum.accumulate` over the shards, as a map task does (float32 GEMMs of the
-  upper triangle over 1024-row blocks gathered across shards, summed in float64), then
+- now: `FisherSum.accumulate` over the shards, as a map task does (float64 GEMMs of the
+  upper triangle over 1024-row blocks gathered across shards), then
   `Preconditioner.factorise` (Cholesky of H + lambda I) with the layers as parallel Ray
   tasks (`runtime.fisher.layer_map`, --cpus tasks).
 
@@ -15,7 +15,7 @@ One synthetic phi (rows x k, power-law spectrum) stands for every layer: the cos
 depend on the values. Part 1 times each step for one layer (1 torch thread, so CPU time is
 the work done whatever else runs; interleaved, median of --reps). Part 2 times whole builds
 for every (k, L) whose work L * (k / 1024)^3 is at most --max-work; larger ones are given by
-the model of part 1 (before = L (fisher64 + eigh); now = L fisher32 + ceil(L / cpus)
+the model of part 1 (before = L (fisher64 + eigh); now = L fisher_now + ceil(L / cpus)
 cholesky), labelled as such. The Fisher sums run serially here in both: in a job they are
 spread over shards by the same map tasks before and now.
 """
@@ -75,7 +75,8 @@ def before_build(shards: list[np.ndarray], layers: list[str]) -> dict:
 
 
 def now_build(shards: list[np.ndarray], layers: list[str], cpus: int) -> Preconditioner:
-    """The build now: float32 Fisher sums, Cholesky with the layers as parallel Ray tasks."""
+    """The build now: upper-triangle Fisher sums, Cholesky with the layers as parallel Ray
+    tasks."""
     total = FisherSum.accumulate(dict.fromkeys(layers, s) for s in shards)
     return Preconditioner.from_fisher(total).factorise(DELTA, layer_map(cpus))
 
@@ -86,7 +87,7 @@ def per_layer(x: np.ndarray, shard_rows: int, reps: int) -> dict[str, float]:
     h = torch.from_numpy(sum(gram64(s) for s in shards) / len(x))
     steps = {
         "fisher64": lambda: [gram64(s) for s in shards],
-        "fisher32": lambda: FisherSum.accumulate({"x": s} for s in shards),
+        "fisher_now": lambda: FisherSum.accumulate({"x": s} for s in shards),
         "eigh": lambda: eigen_factor(h),
         "cholesky": lambda: cholesky_factor(h, DELTA),
     }
@@ -107,7 +108,7 @@ def start_ray_workers(cpus: int) -> None:
 def model(cost: dict[str, float], layers: int, cpus: int) -> tuple[float, float]:
     """(before, now) wall seconds of a build of `layers` layers from one layer's costs."""
     before = layers * (cost["fisher64_wall"] + cost["eigh_wall"])
-    now = layers * cost["fisher32_wall"] + math.ceil(layers / cpus) * cost["cholesky_wall"]
+    now = layers * cost["fisher_now_wall"] + math.ceil(layers / cpus) * cost["cholesky_wall"]
     return before, now
 
 
@@ -122,16 +123,16 @@ def markdown(args, costs: dict[int, dict], builds: list[dict]) -> str:
         "",
         f"## One layer (1 torch thread; median of {args.reps}, interleaved; seconds wall / CPU)",
         "",
-        "| k | Fisher before (float64) | Fisher now (float32, upper triangle) | eigh | Cholesky "
+        "| k | Fisher before (float64) | Fisher now (float64, upper triangle) | eigh | Cholesky "
         "| eigh / Cholesky (CPU) | Fisher before / now (CPU) |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for k, c in costs.items():
         cells = [f"{c[f'{s}_wall']:.3g} / {c[f'{s}_cpu']:.3g}" for s in
-                 ("fisher64", "fisher32", "eigh", "cholesky")]  # fmt: skip
+                 ("fisher64", "fisher_now", "eigh", "cholesky")]  # fmt: skip
         lines.append(
             f"| {k} | {' | '.join(cells)} | {c['eigh_cpu'] / c['cholesky_cpu']:.1f}x "
-            f"| {c['fisher64_cpu'] / c['fisher32_cpu']:.1f}x |"
+            f"| {c['fisher64_cpu'] / c['fisher_now_cpu']:.1f}x |"
         )
     lines += [
         "",
@@ -148,7 +149,7 @@ def markdown(args, costs: dict[int, dict], builds: list[dict]) -> str:
         )
     lines += [
         "",
-        "Model: before = L (fisher64 + eigh); now = L fisher32 + ceil(L / tasks) cholesky, "
+        "Model: before = L (fisher64 + eigh); now = L fisher_now + ceil(L / tasks) cholesky, "
         f"with tasks = {args.cpus} here (one layer's times from the first table). Rows "
         "scale the Fisher terms linearly; k scales Fisher as k^2 and factorisations as k^3.",
     ]

@@ -1,10 +1,14 @@
 """The per-layer Fisher sums of the compressed gradients, summed over any split of rows.
 
 H_l = (1/n) sum_i phi_il phi_il^T is a sum over rows, so it map-reduces over shards: each
-block of rows is float32 GEMMs over the upper triangle only, summed across blocks and
-shards in float64 and mirrored once at the end (about a third of the cost of full float64
-GEMMs; the rounding it adds is far below that of float32 scores). Its factorisations and
-file format are `grass_dist.scoring.precondition`'s.
+block of rows is float64 GEMMs over the upper triangle only, summed across blocks and
+shards and mirrored once at the end (about half the cost of the full product). The rows
+are float32, so every product is exact in float64 and only the sums round, at 1e-16.
+float32 sums would not do: their rounding (about 1e-7 of |H|) falls also on directions
+where H is zero (a layer with fewer rows than dimensions, or a softmax output layer, whose
+gradients sum to zero over the classes), and a small damping divides it by lambda: at
+delta = 1e-4 influence was 2 % off the exact value. Its factorisations and file format are
+`grass_dist.scoring.precondition`'s.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 
 from grass_dist.scoring.packing import mirror_upper, symmetric_
 
-_GRAM_ROWS = 1024  # rows per float32 GEMM of the Fisher sum (bounds its rounding error)
+_GRAM_ROWS = 1024  # rows per GEMM of the Fisher sum (small pieces still make large GEMMs)
 _GRAM_COLS = 512  # columns per strip of the Fisher sum's upper triangle
 EMPTY_INDEX = "cannot build a preconditioner from an empty index"
 
@@ -26,7 +30,7 @@ def gram(x: np.ndarray) -> np.ndarray:
     """x^T x (k, k) float64 of x (n, k), exact on and above the diagonal only (the lower
     triangle is partial: read it through `mirror_upper`).
 
-    float32 GEMMs over blocks of _GRAM_ROWS rows, summed in float64; each multiplies a strip
+    float64 GEMMs over blocks of _GRAM_ROWS rows, summed; each multiplies a strip
     of _GRAM_COLS columns by the columns from that strip on, so about (1 + _GRAM_COLS / k) / 2
     of the flops of the full product.
     """
@@ -38,7 +42,7 @@ def gram(x: np.ndarray) -> np.ndarray:
 class RunningGram:
     """`gram` of rows that arrive in pieces of any size (e.g. one shard at a time).
 
-    Rows wait in one float32 buffer of _GRAM_ROWS rows and go through the GEMMs a full buffer
+    Rows wait in one float64 buffer of _GRAM_ROWS rows and go through the GEMMs a full buffer
     at a time, so the sums are those of `gram` of all the rows concatenated, bit for bit,
     however they were split; and small pieces (128-row shards) still make large GEMMs, with
     one float64 addition per _GRAM_ROWS rows instead of one per piece.
@@ -46,11 +50,11 @@ class RunningGram:
 
     def __init__(self, k: int):
         self.total = torch.zeros(k, k, dtype=torch.float64)
-        self._rows = torch.empty(_GRAM_ROWS, k, dtype=torch.float32)
+        self._rows = torch.empty(_GRAM_ROWS, k, dtype=torch.float64)
         self._fill = 0
 
     def add(self, x: np.ndarray) -> None:
-        rows = self._rows.numpy()  # a view: copying into it converts to float32 on the way
+        rows = self._rows.numpy()  # a view: copying into it converts to float64 on the way
         lo = 0
         while lo < x.shape[0]:
             take = min(_GRAM_ROWS - self._fill, x.shape[0] - lo)
