@@ -49,7 +49,7 @@ from grass_dist.fidelity.exact import ExactInfluence, all_parameter_gradients  #
 from grass_dist.fidelity.metric import lds_from_predictions, predictions  # noqa: E402
 from grass_dist.gradients.capture import resolve_layers  # noqa: E402
 from grass_dist.index import Store  # noqa: E402
-from grass_dist.scoring.ensemble import ArtifactDir  # noqa: E402
+from grass_dist.scoring.results import ArtifactDir  # noqa: E402
 
 METHODS = [
     ("FactGraSS", "factgrass"),

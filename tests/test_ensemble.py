@@ -17,7 +17,7 @@ class _Train:
 
 
 def _member(url, scores: np.ndarray, self_inf: np.ndarray):
-    where = ensemble.ArtifactDir(Store(url))
+    where = results.ArtifactDir(Store(url))
     run_dir = results.new_run_dir("run")
     dense = [
         results.write_dense_part(
@@ -53,7 +53,7 @@ def test_average_is_the_mean_of_the_members_dense_scores(tmp_path):
     scores = [rng.standard_normal((10, 3)).astype(np.float32) for _ in range(3)]
     selfs = [rng.random(10) for _ in range(3)]
     members = [_member(str(tmp_path / f"m{c}"), scores[c], selfs[c]) for c in range(3)]
-    root = ensemble.ArtifactDir(Store(str(tmp_path / "root")))
+    root = results.ArtifactDir(Store(str(tmp_path / "root")))
     summary = ensemble.average(members, "run", root, topk=2, train=_Train())
     assert summary["ensemble_members"] == 3
     mean = np.mean(scores, axis=0)

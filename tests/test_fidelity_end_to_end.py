@@ -8,12 +8,13 @@ from omegaconf import OmegaConf
 from grass_dist import pipeline, run
 from grass_dist.build import build_dataset, build_task
 from grass_dist.config import JobConfig
+from grass_dist.errors import IndexNotFoundError
 from grass_dist.fidelity import evaluate, ground_truth
 from grass_dist.fidelity.metric import lds
 from grass_dist.index import GradientIndex, Store
 from grass_dist.models.digits import train_on
 from grass_dist.scoring import results
-from grass_dist.scoring.ensemble import ArtifactDir
+from grass_dist.scoring.results import ArtifactDir
 from tests.conftest import compose_cfg
 
 pytestmark = pytest.mark.integration
@@ -92,10 +93,17 @@ def test_ensemble_with_auto_damping_by_lds_and_no_second_gradient_pass(
     assert members[0].fingerprint["model"] != members[1].fingerprint["model"]  # seeds 0, 1
     dense = [results.load_dense(m, "default") for m in members]
     assert not np.allclose(dense[0], dense[1])
-    where = ArtifactDir(Store(url))
-    averaged = results.load_dense(where, "default")
+    # The averaged result set is read as README says, by the URL (there is no index.json).
+    averaged = results.load_dense(url, "default")
     np.testing.assert_allclose(averaged, (dense[0] + dense[1]) / 2, rtol=1e-6)
-    assert results.manifest(where, "default")["summary"]["damping_selection"] == selection
+    assert results.manifest(url, "default")["summary"]["damping_selection"] == selection
+    assert (
+        len(results.load_table(url, "default", "topk"))
+        == 2 * averaged.shape[1] * raw["scoring"]["topk"]
+    )
+    with pytest.raises(IndexNotFoundError, match=r"ensemble's folder.*ckpt_0.*load_dense\(url"):
+        GradientIndex.open(url)
+    where = ArtifactDir(Store(url))
 
     # jobs.lds evaluates the averaged dense scores: equal to the metric on the dense matrix,
     # and its held-out LDS equals the one the selection reported from its streaming pass.

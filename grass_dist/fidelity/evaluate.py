@@ -53,7 +53,7 @@ def attribute_ensemble(raw: dict[str, Any]) -> dict[str, Any]:
     finally:
         for job in jobs:
             pipeline.shutdown(job)
-    root = ensemble.ArtifactDir(assembly.open_store(cfg))
+    root = results.ArtifactDir(assembly.open_store(cfg))
     name = cfg.run.name
     out: dict[str, Any] = {"members": members}
     out["ensemble"] = ensemble.average(
@@ -118,7 +118,7 @@ def lds(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         ground_truth.check_buildable(job)  # a bad recipe is refused before Ray starts
     connect(job.cluster)
     gt, built = ground_truth.ensure(job, raw)
-    where = ensemble.ArtifactDir(assembly.open_store(job))
+    where = results.ArtifactDir(assembly.open_store(job))
     evaluations = {}
     for name in job.lds.results or [job.run.name]:
         try:

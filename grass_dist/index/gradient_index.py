@@ -143,6 +143,13 @@ class GradientIndex:
         try:
             return cls(store, _read_index(store))
         except FileNotFoundError as exc:
+            if store.exists(f"ckpt_0/{INDEX_FILE}"):
+                raise IndexNotFoundError(
+                    f"{store.url_of('')} is an ensemble's folder, not an index: its members' "
+                    f"indexes are {store.url_of('ckpt_0')} and on (ckpt_<c>). Read its averaged "
+                    f"results with grass_dist.scoring.results by the URL: load_table(url, "
+                    f"run_name, 'topk') or load_dense(url, run_name)"
+                ) from exc
             raise IndexNotFoundError(
                 f"no gradient index at {store.url_of('')} ({INDEX_FILE} not found). Fix: run "
                 "`python -m jobs.index` first, or point store.url at an existing index."

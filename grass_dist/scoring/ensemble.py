@@ -23,27 +23,10 @@ import torch
 from grass_dist.config import JobConfig
 from grass_dist.errors import ConfigError, ResultsNotFoundError
 from grass_dist.gradients.computer import sample_key
-from grass_dist.index import Store
 from grass_dist.scoring import results
 from grass_dist.scoring.tiles import TopK
 
 MEMBER_DIR = "ckpt_{}"
-
-
-class ArtifactDir:
-    """The artifact half of GradientIndex over a plain store folder (readers of results/)."""
-
-    def __init__(self, store: Store):
-        self.store = store
-
-    def put_artifact(self, rel: str, data: bytes) -> None:
-        self.store.write_bytes(rel, data)
-
-    def get_artifact(self, rel: str) -> bytes:
-        return self.store.read_bytes(rel)
-
-    def has_artifact(self, rel: str) -> bool:
-        return self.store.exists(rel)
 
 
 def is_ensemble(cfg: JobConfig) -> bool:
@@ -143,7 +126,7 @@ def _topk_table(props: TopK, opps: TopK, query_keys: list[str], train_keys: dict
 def average(members: list[Any], name: str, out: Any, topk: int, train: Any) -> dict[str, Any]:
     """Average the members' result sets `name` into `out`'s result set `name`.
 
-    `members` and `out` offer put/get/has_artifact (GradientIndex or ArtifactDir); `train`
+    `members` and `out` offer put/get/has_artifact (GradientIndex or results.ArtifactDir); `train`
     is the training set (for the keys of the top-k rows). Dense scores are averaged shard
     by shard; top-k and self-influence follow from the average.
     """

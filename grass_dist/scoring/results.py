@@ -67,6 +67,30 @@ def _from_bytes(data: bytes) -> pa.Table:
     return pq.read_table(io.BytesIO(data))
 
 
+class ArtifactDir:
+    """The artifact half of GradientIndex over a plain store folder: where an ensemble's
+    averaged result sets live (its members' indexes are below it, in ckpt_<c>/)."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def put_artifact(self, rel: str, data: bytes) -> None:
+        self.store.write_bytes(rel, data)
+
+    def get_artifact(self, rel: str) -> bytes:
+        return self.store.read_bytes(rel)
+
+    def has_artifact(self, rel: str) -> bool:
+        return self.store.exists(rel)
+
+
+Where = GradientIndex | ArtifactDir | str  # a str: the URL of an index or an ensemble's folder
+
+
+def _where(where: Where) -> GradientIndex | ArtifactDir:
+    return ArtifactDir(Store(where)) if isinstance(where, str) else where
+
+
 def results_dir(name: str) -> str:
     return f"{RESULTS}/{name}"
 
@@ -234,7 +258,10 @@ def _paths(files: dict[str, Any]) -> list[str]:
     return out
 
 
-def manifest(index: GradientIndex, name: str) -> dict[str, Any]:
+def manifest(where: Where, name: str) -> dict[str, Any]:
+    """The `_COMPLETE.json` of result set `name` of an index (or its URL, or the URL of an
+    ensemble's folder, which holds the averaged result sets but no index.json)."""
+    index = _where(where)
     rel = f"{results_dir(name)}/{COMPLETE}"
     if not index.has_artifact(rel):
         raise ResultsNotFoundError(
@@ -244,8 +271,10 @@ def manifest(index: GradientIndex, name: str) -> dict[str, Any]:
     return json.loads(index.get_artifact(rel))
 
 
-def load_table(index: GradientIndex, name: str, kind: str) -> pa.Table:
-    """`kind` is 'topk' or 'self_influence' (one row per train row, in train-row order)."""
+def load_table(where: Where, name: str, kind: str) -> pa.Table:
+    """`kind` is 'topk' or 'self_influence' (one row per train row, in train-row order), of
+    result set `name` of `where` (as for `manifest`)."""
+    index = _where(where)
     files = manifest(index, name)["files"]
     if kind not in files:
         raise ResultsNotFoundError(f"results {name!r} have no {kind} table (files: {list(files)})")
@@ -257,8 +286,10 @@ def load_table(index: GradientIndex, name: str, kind: str) -> pa.Table:
     return pa.concat_tables(tables).sort_by("train_row")
 
 
-def load_dense(index: GradientIndex, name: str) -> np.ndarray:
-    """The dense (n_train, n_query) float32 score matrix, rows in train-row order."""
+def load_dense(where: Where, name: str) -> np.ndarray:
+    """The dense (n_train, n_query) float32 score matrix, rows in train-row order, of result
+    set `name` of `where` (as for `manifest`)."""
+    index = _where(where)
     files = manifest(index, name)["files"]
     if "dense" not in files:
         raise ResultsNotFoundError(
