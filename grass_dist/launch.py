@@ -21,8 +21,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from contextlib import suppress
+from typing import Any, NoReturn
 
+import ray
 from omegaconf import DictConfig
 
 from grass_dist.config import ClusterConfig, JobConfig, resolve
@@ -104,18 +106,42 @@ def door(name: str, cfg: DictConfig) -> dict[str, Any]:
         return _job(name, cfg)
     with cluster.CONNECTING:  # the job's own `connect` waits for this thread's Ray
         job = _Background(_job, name, cfg)
-        started = cluster.connect(embedded)
+        try:
+            started = cluster.connect(embedded)
+        except KeyboardInterrupt:
+            _interrupted_while_starting()
     try:
         return job.result()
     except BaseException as e:
         if started:
             cluster.shutdown()  # its workers with it
         if isinstance(e, KeyboardInterrupt):  # Ctrl-C reaches this thread, not the job's
-            from grass_dist.runtime.progress import interrupt_running
-
-            interrupt_running()
+            _end_progress()
             exit_interrupted()
         raise
+
+
+def _end_progress() -> None:
+    from grass_dist.runtime.progress import interrupt_running
+
+    interrupt_running()
+
+
+def _interrupted_while_starting() -> NoReturn:
+    """Ctrl-C while this thread starts the embedded Ray (`CONNECTING` held): the job's
+    thread meanwhile prepares and may be committing the driver's first shards. Its progress
+    record ends, the Ray cut short stops, and the process ends here and now, as a kill
+    would (every commit is atomic, and the rerun goes on from the committed shards): were
+    the lock let go, the job's thread would start a Ray of its own while the interpreter
+    shuts down, which aborts the process."""
+    _end_progress()
+    with suppress(Exception):
+        ray.shutdown()  # whatever part of it had started
+    with suppress(SystemExit):
+        exit_interrupted()
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(130)
 
 
 def _job(name: str, cfg: DictConfig) -> dict[str, Any]:

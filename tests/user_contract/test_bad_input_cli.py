@@ -7,6 +7,7 @@ job exits 2 with one paragraph naming the fix, and leaves no Ray process running
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -102,6 +103,48 @@ def test_ctrl_c_says_what_is_kept_and_a_rerun_goes_on(tmp_path, user_pkg):
     assert record["state"] == "failed", record
     assert record["error"] == "KeyboardInterrupt: interrupted (Ctrl-C)"
     rerun = run_job("index", *given[:-2], user=user_pkg, cwd=tmp_path, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert json.loads(rerun.stdout)["index"]["skipped_shards"] == kept
+
+
+_HOLD_RAY_START = """
+import time
+import grass_dist.runtime.cluster as cluster
+
+def _held(cfg, *args, **kwargs):  # Ray's start, held: a Ctrl-C meanwhile lands in it
+    time.sleep(120)
+
+cluster._start_embedded = _held
+"""
+
+
+def test_ctrl_c_while_the_embedded_ray_starts_ends_the_job_as_any_ctrl_c(tmp_path, user_pkg):
+    # The driver commits its first shards while Ray starts on the main thread; a Ctrl-C
+    # there ended in a traceback (and an abort: the job's thread went on and started a Ray
+    # while the interpreter shut down).
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_HOLD_RAY_START)
+    env = user_pkg.env()
+    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(hook)])
+    given = _overrides(user_pkg, tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.index", *given], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    commits = tmp_path / "index" / "_manifests"
+    deadline = time.monotonic() + 120
+    while not (commits.exists() and any(commits.iterdir())) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "terminate called" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: what the job committed")
+    index = GradientIndex.open(str(tmp_path / "index"))
+    kept = len(index.committed())
+    assert kept >= 1
+    assert read_progress(index.store)["error"] == "KeyboardInterrupt: interrupted (Ctrl-C)"
+    rerun = run_job("index", *given, user=user_pkg, cwd=tmp_path, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert json.loads(rerun.stdout)["index"]["skipped_shards"] == kept
 
