@@ -78,6 +78,22 @@ def write_jsonl(path, records) -> str:
 GOOD = {"key": "g", "text": "a good document"}
 
 
+def test_empty_documents_in_files_are_left_out_with_a_warning_naming_them(tmp_path, caplog):
+    records = [{"text": "hello world"}, {"text": ""}, {"text": "   "}, {"text": "more"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "empty.txt").write_text("\n")
+    (tmp_path / "parts.txt").write_text("one\n\n\n\ntwo\n\n")  # blank pieces: no warning
+    with caplog.at_level("WARNING", logger="grass_dist.data.text"):
+        ds = text_files([str(tmp_path / "*")], separator="\n\n")
+    assert ds.keys == ["d.jsonl:0", "d.jsonl:3", "parts.txt:0", "parts.txt:2"]
+    assert ds.skipped_records == 0  # empty is not bad
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned == [
+        "left out 3 empty or blank document(s) of data.train (no token to predict): "
+        "d.jsonl:1, d.jsonl:2, empty.txt"
+    ]
+
+
 @pytest.mark.parametrize(
     ("bad", "why"),
     [

@@ -272,7 +272,8 @@ def read_documents(
             a string, or whose key repeats an earlier one (BadRecordError naming the file,
             line or row and field); "skip" leaves it out and lists why in `skipped`.
 
-    Empty documents are skipped (and not counted as bad).
+    Empty or blank documents are left out, not counted as bad: records and whole files with
+    a warning naming them; the blank pieces a separator leaves, silently.
     """
     check_mode(on_bad_record, "data.train.on_bad_record")
     files = expand_paths(paths)
@@ -283,6 +284,7 @@ def read_documents(
     keys: list[str] = []
     texts: list[str] = []
     skipped: list[str] = []
+    empty: list[str] = []
     first_seen: dict[str, str] = {}
     for path in files:
         fmt = file_format(path, format)
@@ -292,6 +294,8 @@ def read_documents(
                 body = f.read()
             docs = [body] if separator is None else body.split(separator)
             found = [(f"{name}:{n}", text, path) for n, text in enumerate(docs)]
+            if separator is not None and not body.strip():
+                empty.append(name)  # the whole file (its blank pieces pass silently)
         else:
             records = read_fields(path, fmt, fields, on_bad_record, "data.train.on_bad_record")
             skipped.extend(records.skipped)
@@ -301,6 +305,8 @@ def read_documents(
             ]
         for key, text, where in found:
             if not text.strip():
+                if fmt != "text" or separator is None:
+                    empty.append(key)
                 continue
             if key in first_seen:
                 problem = (
@@ -312,6 +318,12 @@ def read_documents(
             first_seen[key] = where
             keys.append(key)
             texts.append(text)
+    if empty:
+        log.warning(
+            "left out %d empty or blank document(s) of data.train (no token to predict): %s",
+            len(empty),
+            ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else ""),
+        )
     return keys, texts, skipped
 
 
