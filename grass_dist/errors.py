@@ -96,6 +96,15 @@ class ConfigError(GrassError, ValueError):
     """A configuration value is missing or invalid; the message names the field and the fix."""
 
 
+class BadTokensError(ConfigError):
+    """Token ids outside the model's vocabulary; `positions` are the batch entries holding
+    them (the computer names their rows)."""
+
+    def __init__(self, message: str, positions: list[int]):
+        super().__init__(message)
+        self.positions = positions
+
+
 class ModelMismatchError(GrassError):
     """A worker's model replica differs from the driver's."""
 

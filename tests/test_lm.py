@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from grass_dist.compress import build_compressors
 from grass_dist.config import CompressionConfig
 from grass_dist.data.prompts import IGNORE, PromptDataset
-from grass_dist.errors import ConfigError
+from grass_dist.errors import BadTokensError, ConfigError
 from grass_dist.gradients.capture import resolve_layers
 from grass_dist.gradients.computer import GradientComputer
 from grass_dist.models.hf import hf_causal_lm
@@ -257,6 +257,16 @@ def test_token_ids_outside_the_vocabulary_are_refused():
     )
     with pytest.raises(ConfigError, match="outside the model's vocabulary of 40"):
         CausalLMTask().per_sample_loss(model, batch)
+
+
+def test_a_later_row_with_token_ids_outside_the_vocabulary_is_named_by_row_and_key():
+    # Row 0 is checked before the index; a later row fails inside its batch, and is named.
+    class Rows(list):
+        keys = ["a", "b", "c", "d"]
+
+    rows = Rows(torch.tensor(ids) for ids in ([1, 2, 3], [4, 5, 6], [7, 99, 8], [9, 10, 11]))
+    with pytest.raises(BadTokensError, match=r"^rows \[2\] \(keys \['c'\]\): token id 99"):
+        computer(tiny_lm("gpt2")).phi_rows(rows, range(4), batch_size=4)
 
 
 def test_tiny_gpt2_trains_deterministically_caches_and_reloads(tmp_path, monkeypatch):

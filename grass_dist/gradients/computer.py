@@ -15,7 +15,13 @@ from torch import nn
 from grass_dist.compress import Compressor, LinearShape
 from grass_dist.data.content import row_digests
 from grass_dist.data.items import sample_key
-from grass_dist.errors import BadRowsError, GrassError, NonFiniteGradientError, NonFiniteLossError
+from grass_dist.errors import (
+    BadRowsError,
+    BadTokensError,
+    GrassError,
+    NonFiniteGradientError,
+    NonFiniteLossError,
+)
 from grass_dist.gradients.capture import LinearCapture
 from grass_dist.gradients.persample import FlatGradients, check_losses
 
@@ -166,6 +172,13 @@ class GradientComputer:
                 alone = partial(self._failing_alone, loaded, group)
                 with _naming_rows(loaded.row_ids, group, "compute the loss of", alone):
                     blocks = self.phi_batch(batch)
+            except BadTokensError as e:
+                bad = [j for j in e.positions if j < len(group)]
+                rows = [int(loaded.row_ids[group[j]]) for j in bad]
+                keys = [loaded.keys[group[j]] for j in bad]
+                raise BadTokensError(
+                    f"rows {_listed(rows)} (keys {_listed(keys)}): {e}", [group[j] for j in bad]
+                ) from None
             except NonFiniteLossError as e:
                 bad = [int(loaded.row_ids[group[j]]) for j in e.positions]
                 raise NonFiniteLossError(

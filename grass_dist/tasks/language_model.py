@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grass_dist.errors import ConfigError
+from grass_dist.errors import BadTokensError, ConfigError
 
 IGNORE = -100
 REDUCTIONS = ("sum", "mean")
@@ -182,10 +182,12 @@ class CausalLMTask:
         vocab = model.get_input_embeddings().num_embeddings
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= vocab:
-            raise ConfigError(
+            positions = ((ids < 0) | (ids >= vocab)).any(1).nonzero().flatten().tolist()
+            raise BadTokensError(
                 f"token id {low if low < 0 else high} is outside the model's vocabulary of "
                 f"{vocab} (ids 0 to {vocab - 1}): the data's tokenizer does not match the "
-                f"model; use the model's tokenizer"
+                f"model; use the model's tokenizer",
+                positions,
             )
         # The module walk only for a batch wider than the config's positions (rare).
         config = getattr(model, "config", None)
