@@ -69,7 +69,14 @@ def _from_list(value: Any, like: torch.Tensor, where: str) -> np.ndarray:
     if arr.dtype.kind == "b":
         raise _bad(where, "booleans are not numbers here")
     if arr.dtype.kind == "f" and not like.dtype.is_floating_point:
-        raise _bad(where, f"got fractional numbers, expected integers ({like.dtype})")
+        # A JSON client may write a whole number as 3.0: that is the integer 3.
+        whole = np.isfinite(arr) & (arr == np.round(arr))
+        if not whole.all():
+            first = arr[~whole].ravel()[0].item()
+            raise _bad(
+                where, f"got {first!r}, not a whole number: expected integers ({like.dtype})"
+            )
+        return arr.astype(np.int64)
     return arr
 
 

@@ -73,6 +73,10 @@ def test_fractional_labels_and_unknown_example_fields_are_refused():
     item = task.decode_example({"input": [0.0, 1, 2, 3], "label": 2}, TEMPLATE)
     assert torch.equal(item[0], torch.tensor([0.0, 1, 2, 3])) and item[1].item() == 2
     assert status_of(task.decode_example, {"input": [0.0] * 4, "label": 1.5}, TEMPLATE) == 422
+    whole = task.decode_example({"input": [0.0] * 4, "label": 2.0}, TEMPLATE)  # JSON's 2.0 is 2
+    assert whole[1].dtype == item[1].dtype and whole[1].item() == 2
+    with pytest.raises(BadRequestError, match=r"label: got 1\.5, not a whole number"):
+        task.decode_example({"input": [0.0] * 4, "label": 1.5}, TEMPLATE)
     assert status_of(task.decode_example, {"input": [0.0] * 4}, TEMPLATE) == 400
     extra = {"input": [0.0] * 4, "label": 1, "weight": 2}
     assert status_of(task.decode_example, extra, TEMPLATE) == 400
