@@ -360,7 +360,7 @@ class Store:
         """
         if self._create_only_checked:
             return
-        rel = f"_probe/create-only-{uuid.uuid4().hex}"
+        rel = f"_probe-create-only-{uuid.uuid4().hex}"  # at the top: no folder left behind
         try:
             if not self.create_only(rel, b"grass_dist create-only probe 1"):
                 raise self._error("create-only probe", OSError("a fresh probe object existed"))
@@ -460,7 +460,7 @@ class Store:
         """
         if self._is_local:
             self._check_local_folder()
-        rel = f"_probe/{uuid.uuid4().hex}"
+        rel = f"_probe-{uuid.uuid4().hex}"  # at the top: no folder left behind
         payload = b"grass_dist write probe"
         self.write_bytes(rel, payload)
         try:
