@@ -245,8 +245,9 @@ def by_proxy(
         which = "data.train" if train_labels is None else "data.query"
         raise DampingSelectionError(
             f"precondition.damping=auto found no LDS ground truth for this recipe and {which} "
-            "has no labels for the proxy (items are neither (input, label) pairs nor dicts "
-            "with a label field, and the dataset has no `labels`): build ground truth with "
+            "has no class labels for the proxy (it needs one scalar label per row: (input, "
+            "label) pairs, dicts with a scalar label field, or a dataset `labels`; a language "
+            "model's token labels are not class labels): build ground truth with "
             "python -m jobs.lds, or set precondition.damping to a number"
         )
 
