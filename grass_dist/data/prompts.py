@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from grass_dist.data.text import Field, expand_paths, file_format, read_fields
+from grass_dist.data.records import Field, expand_paths, file_format, read_fields
 from grass_dist.data.tokenizer import Tokenizer, load_tokenizer
 from grass_dist.errors import BadRecordError, ConfigError
 
