@@ -51,12 +51,16 @@ def process_start() -> float:
 
 def exit_interrupted() -> None:
     """Ctrl-C ends a job: say what is kept, exit 130 (a shell's code for SIGINT)."""
+    _say_interrupted()
+    sys.exit(130)
+
+
+def _say_interrupted() -> None:
     print(  # on a line of its own: a progress bar may hold the one before
         "\ninterrupted: what the job committed to the index is kept; rerun the same command "
         "to go on: committed shards are not computed again",
         file=sys.stderr,
     )
-    sys.exit(130)
 
 
 def job_start() -> float:
@@ -137,8 +141,7 @@ def _interrupted_while_starting() -> NoReturn:
     _end_progress()
     with suppress(Exception):
         ray.shutdown()  # whatever part of it had started
-    with suppress(SystemExit):
-        exit_interrupted()
+    _say_interrupted()
     sys.stderr.flush()
     sys.stdout.flush()
     os._exit(130)

@@ -173,11 +173,10 @@ class GradientComputer:
                 with _naming_rows(loaded.row_ids, group, "compute the loss of", alone):
                     blocks = self.phi_batch(batch)
             except BadTokensError as e:
-                bad = [j for j in e.positions if j < len(group)]
-                rows = [int(loaded.row_ids[group[j]]) for j in bad]
-                keys = [loaded.keys[group[j]] for j in bad]
+                rows = [int(loaded.row_ids[group[j]]) for j in e.positions]
+                keys = [loaded.keys[group[j]] for j in e.positions]
                 raise BadTokensError(
-                    f"rows {_listed(rows)} (keys {_listed(keys)}): {e}", [group[j] for j in bad]
+                    f"rows {_listed(rows)} (keys {_listed(keys)}): {e}", e.positions
                 ) from None
             except NonFiniteLossError as e:
                 bad = [int(loaded.row_ids[group[j]]) for j in e.positions]
