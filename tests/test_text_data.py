@@ -222,7 +222,7 @@ def test_pydoc_documents_and_subsets():
         pydoc_topics(n_docs=0)
 
 
-def test_prompts_from_items_and_files(tmp_path):
+def test_prompts_from_items_and_files(tmp_path, monkeypatch):
     ds = prompts(
         items=[{"prompt": "The answer is ", "completion": "42", "key": "q"}], max_length=64
     )
@@ -240,6 +240,12 @@ def test_prompts_from_items_and_files(tmp_path):
         path=str(tmp_path / "q.jsonl"), prompt_field="p", completion_field="c", per_token=True
     )
     assert len(from_file) == 5 and from_file.describe(0)["text"] == "Hello ⟦w⟧"
+    # Keys name the file as training documents' do, not by the path as given: the same
+    # from another working folder or with a relative path.
+    assert from_file.keys[:2] == ["q.jsonl:0/t0", "q.jsonl:0/t1"]
+    monkeypatch.chdir(tmp_path)
+    relative = prompts(path="q.jsonl", prompt_field="p", completion_field="c", per_token=True)
+    assert relative.keys == from_file.keys
     with pytest.raises(ConfigError, match="empty prompt and no start token"):
         prompts(items=[{"prompt": "", "completion": "b"}], add_bos=False)
     with pytest.raises(ConfigError, match="exactly one of"):

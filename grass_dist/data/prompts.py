@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from grass_dist.data.records import Field, expand_paths, file_format, read_fields
+from grass_dist.data.records import Field, expand_paths, file_format, file_names, read_fields
 from grass_dist.data.tokenizer import Tokenizer, load_tokenizer
 from grass_dist.errors import BadRecordError, ConfigError
 
@@ -135,7 +135,8 @@ def prompts(
         if key_field:
             fields.append(Field(key_field, "data.query.key_field", key=True))
         keys, pairs = [], []
-        for file in expand_paths(path):
+        files = expand_paths(path)
+        for file, name in zip(files, file_names(files), strict=True):
             fmt = file_format(file, format)
             if fmt == "text":
                 raise ConfigError(
@@ -144,7 +145,7 @@ def prompts(
                 )
             records = read_fields(file, fmt, fields)
             for row, values in zip(records.rows, records.values, strict=True):
-                keys.append(values[2] if key_field else f"{file}:{row}")
+                keys.append(values[2] if key_field else f"{name}:{row}")
                 pairs.append((values[0], values[1]))
     return PromptDataset(
         keys,

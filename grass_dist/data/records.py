@@ -36,6 +36,17 @@ def expand_paths(paths: str | Sequence[str]) -> list[str]:
     return files
 
 
+def file_names(files: Sequence[str]) -> list[str]:
+    """Each file's name in record keys ("<name>:<record>"): its path from the folder that
+    holds all of them, so the keys are the same whatever the working folder or the form of
+    the path (relative, absolute, with ~)."""
+    paths = [os.path.abspath(f) for f in files]
+    if not paths:
+        return []
+    root = os.path.commonpath([os.path.dirname(p) for p in paths])
+    return [os.path.relpath(p, root) for p in paths]
+
+
 def file_format(path: str, format: str | None) -> str:
     """jsonl | parquet | text: `format` if given, else from the file's extension."""
     fmt = format or FORMATS.get(os.path.splitext(path)[1].lower())

@@ -13,7 +13,6 @@ JSONL and Parquet records are checked when the dataset is built, before any grad
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from grass_dist.data.records import (
     check_mode,
     expand_paths,
     file_format,
+    file_names,
     read_fields,
     skip_bad,
 )
@@ -135,7 +135,7 @@ def read_documents(
         format: jsonl | parquet | text; None = from each file's extension.
         field: the text column of JSONL / Parquet files.
         key_field: a column of unique document ids (strings or integers); None =
-            "<file>:<record number>".
+            "<file>:<record number>", the file named from the folder holding all the files.
         separator: plain text files are split on it (e.g. a blank line "\\n\\n"); None = one
             document per file.
         on_bad_record: "error" refuses a record whose text or key is missing, null or not
@@ -147,7 +147,6 @@ def read_documents(
     """
     check_mode(on_bad_record, "data.train.on_bad_record")
     files = expand_paths(paths)
-    root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
     fields = [Field(field, "data.train.field")]
     if key_field:
         fields.append(Field(key_field, "data.train.key_field", key=True))
@@ -156,9 +155,8 @@ def read_documents(
     skipped: list[str] = []
     empty: list[str] = []
     first_seen: dict[str, str] = {}
-    for path in files:
+    for path, name in zip(files, file_names(files), strict=True):
         fmt = file_format(path, format)
-        name = os.path.relpath(os.path.abspath(path), root)
         if fmt == "text":
             with open(path, encoding="utf-8") as f:
                 body = f.read()
