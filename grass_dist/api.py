@@ -284,9 +284,8 @@ class Index:
             raw = copy.deepcopy(resolve(cfg))
             job = pipeline.prepare(raw)
         with _own_errors(), pipeline.running(job):
-            summary = pipeline.run_index(job)
-        summary["compression"] = pipeline.compression_summary(job)
-        return cls(raw, {**summary, "stage_seconds": pipeline.stage_seconds(job)})
+            stages = {"index": pipeline.run_index(job)}
+        return cls(raw, pipeline.job_summary(job, stages))
 
     @property
     def gradient_index(self) -> GradientIndex:
@@ -319,7 +318,7 @@ class Index:
             job = pipeline.prepare(raw, create_index=False, query=True)
         with _own_errors(), pipeline.running(job, self._kept):
             phi = pipeline.query_phi(job)
-            summary = {"precondition": pipeline.run_precondition(job)}
-            summary.update(pipeline.score_stage(job, phi))
-        summary["stage_seconds"] = pipeline.stage_seconds(job)
+            stages = {"precondition": pipeline.run_precondition(job)}
+            stages.update(pipeline.score_stage(job, phi))
+        summary = pipeline.job_summary(job, stages)
         return Attribution(job.index, name, summary, results.manifest(job.index, name)["files"])

@@ -156,18 +156,7 @@ def _run(
             cfg, create_index=create_index, query=query, started=job_start()
         )
         with pipeline.running(job):
-            summary = body(job)
-        if job.first_shard_s is not None:  # the wait for the first result on disk
-            summary["first_shard_seconds"] = round(job.first_shard_s, 3)
-        # Where the start-up went: its milestones, in order, in seconds from the job's start.
-        milestones = sorted(job.startup_s.items(), key=lambda item: item[1])
-        summary["startup_seconds"] = {name: round(at, 3) for name, at in milestones}
-        summary["compression"] = pipeline.compression_summary(job)
-        if job.skipped_records:
-            summary["skipped_records"] = job.skipped_records  # data.train.on_bad_record=skip
-        summary["stage_seconds"] = pipeline.stage_seconds(job)
-        summary["index_url"] = job.index.store.url_of("")
-        return summary
+            return pipeline.job_summary(job, body(job))
 
     return _summarised(staged)
 

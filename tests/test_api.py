@@ -158,8 +158,13 @@ def test_api_index_and_scores_equal_the_jobs(ray_session, tmp_path):
     result = index.attribute(query, damping=0.1, topk=5)
     by_api = index.gradient_index
 
-    assert index.summary["rows"] == 120
-    assert index.summary["compression"] == summary["compression"]  # as the job reports it
+    # The summaries are the jobs' own, key for key (`jobs.attribute` adds its later stages).
+    assert index.summary["index"]["rows"] == summary["index"]["rows"] == 120
+    assert index.summary["compression"] == summary["compression"]
+    assert index.summary["index_url"] == by_api.store.url_of("")
+    job_only = {"precondition", "score", "report", "index_bytes", "total_seconds"}
+    assert set(index.summary) == set(summary) - job_only
+    assert set(result.summary) >= {"precondition", "score", "stage_seconds", "compression"}
     rows_jobs, phi_jobs = _rows(by_jobs)
     rows_api, phi_api = _rows(by_api)
     np.testing.assert_array_equal(rows_api, rows_jobs)
@@ -253,10 +258,10 @@ def test_an_in_memory_training_set_grows_and_a_changed_row_is_named(ray_session,
                     overrides=[f"run.output_dir={tmp_path}", "index.shard_size=20"])  # fmt: skip
     first = gd.Index.build(model, TensorDataset(x[:40], y[:40]), **settings)
     grown = gd.Index.build(model, TensorDataset(x, y), **settings)
-    assert (first.summary["rows"], grown.summary["rows"]) == (40, 30)
-    assert grown.summary["skipped_shards"] == 2
     again = gd.Index.build(model, TensorDataset(x, y), **settings)
-    assert (again.summary["rows"], again.summary["skipped_shards"]) == (0, 4)
+    built = [s.summary["index"] for s in (first, grown, again)]
+    assert [b["rows"] for b in built] == [40, 30, 0]
+    assert [b["skipped_shards"] for b in built] == [0, 2, 4]
     x[25, 3] += 1.0
     with pytest.raises(DataMismatchError, match=r"first row 25 \(key '25'\)"):
         gd.Index.build(model, TensorDataset(x, y), **settings)

@@ -95,3 +95,9 @@ def test_job_records_whole_layers_in_fingerprint_and_summary(tmp_path):
     assert job.index.fingerprint == job.fingerprint
     summary = compression_summary(job)
     assert summary["whole_small_layers"] is True and summary["whole_layers"] == ["out"]
+    assert (summary["k"], summary["row_dims"]) == (200, 200 + 170)
+    # Identity keeps every layer whole: no k to speak of; each row stores both gradients.
+    exact = compression_summary(
+        pipeline.prepare(compose_cfg(tmp_path / "id", "compression=identity"))
+    )
+    assert (exact["method"], exact["k"], exact["row_dims"]) == ("identity", None, 1040 + 170)
