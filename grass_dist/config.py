@@ -179,9 +179,8 @@ class ClusterConfig:
     progress_interval_s: float = _f(2.0, "seconds between rewrites of the progress record")
     driver_shard: bool = _f(
         True,
-        "an embedded Ray's driver indexes shards until the first worker is ready, and, in a "
-        "scoring job that started no workers (the Python API's attribute calls), "
-        "differentiates a query set of one shard_size itself (CPU)",
+        "an embedded Ray's driver indexes shards until the first worker is ready, and "
+        "differentiates a query set of one shard_size itself while none is (CPU)",
     )
 
 

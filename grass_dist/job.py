@@ -168,8 +168,8 @@ def _prepare(
     )
     job.progress = JobProgress(index.store, job.job_id, job_cfg.cluster.progress_interval_s)
     replica = assembly.Replica(model, task, compressors)
-    if query and not create_index and local_shard.wanted(job_cfg):
-        job._replica = replica  # a scoring job may compute a few queries itself
+    if query and local_shard.wanted(job_cfg):
+        job._replica = replica  # the driver may compute a few queries itself (query_phi)
     return job, replica, train
 
 

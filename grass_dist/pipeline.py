@@ -7,6 +7,7 @@ that a door needs only this module), runs stages on it and ends with `shutdown`.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any, TypeVar
@@ -47,21 +48,27 @@ def _connect(job: Job) -> None:
     job.reached("ray")
 
 
-def _pool(job: Job, unless: Callable[[], bool] | None = None) -> ActorPool:
+def _started_pool(job: Job) -> ActorPool:
     """The worker pool, started on first use (from the job's early actors when it has
-    them); with none ready, waits until one is (the others join as they are placed), and
-    then the driver takes no more shards of its own; or until `unless()` says the caller
-    needs no worker after all (the driver computed them all)."""
+    them); its workers may still be starting."""
     if job._pool is None:
         _connect(job)
         objects = assembly.ship(job.raw)  # in-memory model/task/data, once per pool
         spares, job._spares = job._spares, []
         job._pool = start_worker_pool(job.cfg.cluster, job.raw, job.model_hash, objects, spares)
-    if not job._pool.ready and job._pool.wait_ready(1, unless) and job._local is not None:
-        job._local.close()
-    if job._pool.ready:
-        job.reached("first_worker")
     return job._pool
+
+
+def _pool(job: Job, unless: Callable[[], bool] | None = None) -> ActorPool:
+    """The worker pool (`_started_pool`); with none ready, waits until one is (the others
+    join as they are placed), and then the driver takes no more shards of its own; or until
+    `unless()` says the caller needs no worker after all (the driver computed them all)."""
+    pool = _started_pool(job)
+    if not pool.ready and pool.wait_ready(1, unless) and job._local is not None:
+        job._local.close()
+    if pool.ready:
+        job.reached("first_worker")
+    return pool
 
 
 def release_workers(job: Job) -> None:
@@ -174,6 +181,8 @@ def run_index(
         start_reducer()  # now if the driver already committed a shard
         index(driver.others(plans))
         index(driver.returned())  # the driver's, when it gave one back late
+    if pool.ready:
+        job._replica = None  # the workers compute the queries (query_phi): free the model
     out = {
         "computed_shards": len(plans),
         "skipped_shards": skipped,
@@ -208,20 +217,38 @@ def run_repair(job: Job) -> dict[str, Any]:
     return {"checked_shards": len(committed), "bad_shards": bad, "recomputed": fixed}
 
 
+# How long a reducer stage waits for workers already starting before it stops them and runs
+# on Ray tasks instead (a task's process would start in place of one: a few seconds).
+LEND_WAIT_S = 60.0
+
+
 def lendable_workers(job: Job, tasks_only: bool = False) -> list[Any]:
     """The job's workers to lend to a reducer stage: the ready ones, when the pool's
     workers (ready or still starting) claim every CPU of the cluster, so that its Ray tasks
     would only wait for them to stop and then start new processes in their place; unless
-    the stage needs tasks (`tasks_only`). Otherwise none, and the workers stop first so
-    that the stage's tasks get their CPUs."""
-    pool = job._pool
-    if pool is not None and not tasks_only:
+    the stage needs tasks (`tasks_only`). With none ready yet (the driver computed the
+    shards and queries while they started), the stage waits for the first (at most
+    `LEND_WAIT_S`), as a task's new process would start no sooner. Otherwise none, and the
+    workers stop first so that the stage's tasks get their CPUs."""
+    if not tasks_only and (job._pool is not None or job._spares):
+        pool = _started_pool(job)
         pool.admit()  # a worker may have become ready after the last shard was handed out
         claimed = len(pool.actors) + len(pool.starting)
-        if pool.actors and idle_cpus(job.cfg.cluster, claimed) < 1:
+        if idle_cpus(job.cfg.cluster, claimed) < 1 and _one_ready(job, pool):
             return pool.actors
     release_workers(job)
     return []
+
+
+def _one_ready(job: Job, pool: ActorPool) -> bool:
+    """Whether a worker of `pool` is ready, waiting up to `LEND_WAIT_S` for one to start."""
+    if not pool.ready and pool.starting:
+        deadline = time.monotonic() + LEND_WAIT_S
+        if not pool.wait_ready(1, unless=lambda: time.monotonic() > deadline):
+            log.info("no worker ready after %.0f s: the stage runs on Ray tasks", LEND_WAIT_S)
+    if pool.ready:
+        job.reached("first_worker")
+    return bool(pool.ready)
 
 
 def on_workers(job: Job, stage: Callable[[list[Any]], T], tasks_only: bool = False) -> T:
@@ -254,14 +281,14 @@ def run_precondition(job: Job) -> dict[str, Any]:
 
 def query_phi(job: Job, which: str = "query") -> PhiBlock:
     """phi of every row of data.<which>, from the worker pool with the index's compressors;
-    or, for a query set of one chunk (`index.shard_size` rows) where no worker was started,
+    or, for a query set of one chunk (`index.shard_size` rows) while no worker is ready,
     from the driver's replica (`local_shard.driver_phi`: the same bits)."""
     replica, job._replica = job._replica, None  # needed here only
     dataset = build_dataset(job.cfg, which)
     n = len(dataset)
     chunk = job.cfg.index.shard_size
     spans = [(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]
-    if replica is not None and len(spans) == 1 and _no_workers_yet(job):
+    if replica is not None and len(spans) == 1 and _no_worker_ready(job):
         with job.stage(f"{which}_gradients"):
             log.info("%s gradients: %d rows, computed by the driver", which, n)
             return driver_phi(job.cfg, replica, dataset, 0, n)
@@ -284,10 +311,15 @@ def query_phi(job: Job, which: str = "query") -> PhiBlock:
     )
 
 
-def _no_workers_yet(job: Job) -> bool:
-    """No worker pool, started or on its way, and the cluster is this machine alone: the
-    driver's CPU computes as the workers' would (`local_shard.wanted` held at prepare)."""
-    return job._pool is None and not job._spares and this_machine_only()
+def _no_worker_ready(job: Job) -> bool:
+    """No worker ready yet (none started, or all still starting), and the cluster is this
+    machine alone: the driver's CPU computes as the workers' would (`local_shard.wanted`
+    held at prepare)."""
+    if job._pool is not None:
+        job._pool.admit()
+        if job._pool.ready:
+            return False
+    return this_machine_only()
 
 
 def run_score(job: Job, query: PhiBlock | None = None) -> dict[str, Any]:

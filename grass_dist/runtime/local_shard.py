@@ -19,10 +19,10 @@ shard would only delay the worker that computes the other. A shard that fails go
 to the workers too (they then fail it as they would have), and so does one stopped because
 the job ends.
 
-A few queries, too (`driver_phi`): where a job scores a query set of one chunk and has
-started no workers (the Python API's `Index.attribute`), the driver computes its phi the same
-way, rather than start a pool whose one busy worker would take seconds to start for
-milliseconds of work.
+A few queries, too (`driver_phi`): where a job scores a query set of one chunk while no
+worker is ready (the Python API's `Index.attribute` starts none; a job's are still starting),
+the driver computes its phi the same way, rather than wait seconds for a worker to start
+for milliseconds of work.
 """
 
 from __future__ import annotations

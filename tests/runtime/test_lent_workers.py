@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -18,8 +19,10 @@ import ray
 from grass_dist import pipeline, run
 from grass_dist.config import JobConfig, resolve
 from grass_dist.index import GradientIndex
+from grass_dist.runtime import local_shard
 from grass_dist.runtime.cluster import worker_factory
 from grass_dist.runtime.executors import Executor, WorkersLostError
+from grass_dist.runtime.pool import ActorPool
 from grass_dist.runtime.reducer import ScoreRequest, preconditioner_path
 from grass_dist.scoring import results
 from tests.conftest import compose_cfg
@@ -103,3 +106,55 @@ def test_only_a_lent_workers_death_is_workers_lost(ray_session, tmp_path):
     with pytest.raises(ray.exceptions.WorkerCrashedError):  # a task's crash is not
         tasks = Executor([], max_retries=0)
         tasks.get(tasks.submit(0, os._exit, 3))
+
+
+def test_queries_the_driver_computed_while_the_workers_start_and_stages_that_wait_for_them(
+    ray_session, tmp_path, monkeypatch, caplog
+):
+    # The driver indexed every shard itself and its workers are still starting (their
+    # readiness held back here): it differentiates the one-chunk query set too, to a
+    # worker's bits, and the precondition stage waits for a starting worker rather than
+    # stopping them all to start Ray task processes in their place; unless none is ready
+    # within LEND_WAIT_S.
+    monkeypatch.setattr(local_shard, "BUDGET_S", float("inf"))  # however loaded the machine
+    caplog.set_level(logging.INFO, logger="grass_dist")
+    ready = threading.Event()
+    admit = ActorPool.admit
+    monkeypatch.setattr(ActorPool, "admit", lambda pool: admit(pool) if ready.is_set() else None)
+    for name, wait_s in (("lent", 60.0), ("tasks", 0.5)):
+        ready.clear()
+        monkeypatch.setattr(pipeline, "LEND_WAIT_S", wait_s)
+        cfg = compose_cfg(tmp_path, f"store.url={tmp_path / name}", *OUT, *EVERY_CPU)
+        job = pipeline.prepare_started(cfg, query=True)
+        try:
+            assert job._local is not None and len(job._local.result()) == 3
+            assert pipeline.run_index(job, precondition_next=True)["driver_shards"] == 3
+            mine = pipeline.query_phi(job)
+            assert f"query gradients: {len(mine.row_ids)} rows, computed by the driver" in (
+                caplog.text
+            )
+            caplog.clear()
+            if name == "lent":
+                threading.Timer(1.0, ready.set).start()  # a worker becomes ready meanwhile
+            out = pipeline.run_precondition(job)
+            if name == "lent":
+                assert out["ran_on"] in ("1 lent worker", "2 lent workers")
+                assert "first_worker" in job.startup_s
+                ready.set()
+                job._pool.wait_ready(1)
+                theirs = pipeline.query_phi(job)  # the driver's replica is used once
+                assert "computed by the driver" not in caplog.text
+                np.testing.assert_array_equal(mine.row_ids, theirs.row_ids)
+                for layer, phi in mine.phi.items():
+                    np.testing.assert_array_equal(phi, theirs.phi[layer])  # bit for bit
+            else:  # held past the wait: the workers stop and Ray tasks run the stage
+                assert out["ran_on"] == "ray tasks" and job._pool is None
+                assert "the stage runs on Ray tasks" in caplog.text
+        finally:
+            ready.set()
+            pipeline.shutdown(job)
+    saved = [
+        GradientIndex.open(str(tmp_path / n)).get_artifact(preconditioner_path("fisher"))
+        for n in ("lent", "tasks")
+    ]
+    assert saved[0] == saved[1]  # the same bits, wherever the map calls ran
