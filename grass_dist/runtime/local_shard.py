@@ -249,10 +249,9 @@ class DriverShard:
 
     def returned(self) -> list[ShardPlan]:
         """After the workers' shards: those of the driver's it gave back since `others`
-        (this waits for the driver)."""
-        if not self.awaited:
-            return []
-        done = self.local.result()
+        (this waits for the driver). Every commit of the driver's is counted by then, also
+        those made after the last count of the wait for workers, which they ended."""
+        done = self.local.result() if self.awaited else {}
         self.account()
         return [p for p in self.awaited if p.shard_id not in done]
 

@@ -183,6 +183,29 @@ def test_the_workers_take_the_other_shards_while_the_driver_finishes_its_own(
     assert ix["shards_done"] == 3 and ix["rows_done"] == 90
 
 
+def test_driver_commits_made_as_the_wait_for_workers_ends_are_counted(
+    ray_session, tmp_path, monkeypatch
+):
+    # The start-up wait counts the driver's commits, then asks whether it computed every
+    # shard; commits that land between the two end the wait uncounted, and the stage must
+    # still count them (summary, first shard, progress).
+    monkeypatch.setattr(local_shard, "BUDGET_S", float("inf"))  # its rows wait: no projection
+    job, data = _local_job(tmp_path)
+    computed = pipeline.DriverShard.computed
+
+    def all_in_since_the_count(self, plans):  # the commits land right after the count
+        data.go.set()
+        self.local.result()
+        return computed(self, plans)
+
+    monkeypatch.setattr(pipeline.DriverShard, "computed", all_in_since_the_count)
+    summary = _run_index(job)
+    assert summary == {"computed_shards": 3, "skipped_shards": 0, "rows": 90, "driver_shards": 3}
+    assert job.first_shard_s is not None
+    ix = read_progress(job.index.store, job.job_id)["index"]
+    assert ix["shards_done"] == 3 and ix["rows_done"] == 90
+
+
 def test_a_closed_driver_finishes_the_shard_in_hand_and_takes_no_other(tmp_path, monkeypatch):
     monkeypatch.setattr(local_shard, "BUDGET_S", float("inf"))  # its rows wait: no projection
     job, data = _local_job(tmp_path)
