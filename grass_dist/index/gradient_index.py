@@ -57,13 +57,34 @@ def _show(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _names(items: Any) -> list[str] | None:
+    """The "name"s of a list of named entries (the fingerprint's layers), else None."""
+    if not isinstance(items, list) or not all(isinstance(x, dict) and "name" in x for x in items):
+        return None
+    names = [str(x["name"]) for x in items]
+    return names if len(set(names)) == len(names) else None
+
+
 def fingerprint_diff(stored: Any, requested: Any, path: str = "") -> list[tuple[str, Any, Any]]:
-    """Differing leaves as (key path like ``layers[0].k``, stored, requested)."""
+    """Differing leaves as (key path like ``layers['fc1'].k``, stored, requested). Lists of
+    named entries are compared name by name, so an added, left-out or reordered layer is
+    named rather than shown as two long lists."""
     if isinstance(stored, dict) and isinstance(requested, dict):
         out: list[tuple[str, Any, Any]] = []
         for key in sorted(set(stored) | set(requested)):
             sub = f"{path}.{key}" if path else str(key)
             out += fingerprint_diff(stored.get(key, _MISSING), requested.get(key, _MISSING), sub)
+        return out
+    ours, theirs = _names(stored), _names(requested)
+    if ours is not None and theirs is not None and (ours or theirs):
+        was, now = dict(zip(ours, stored, strict=True)), dict(zip(theirs, requested, strict=True))
+        common = [n for n in ours if n in now]
+        out = []
+        if common != [n for n in theirs if n in was]:
+            out.append((f"{path} (order)", common, [n for n in theirs if n in was]))
+        for name in ours + [n for n in theirs if n not in was]:
+            sub = f"{path}[{name!r}]"
+            out += fingerprint_diff(was.get(name, _MISSING), now.get(name, _MISSING), sub)
         return out
     if isinstance(stored, list) and isinstance(requested, list) and len(stored) == len(requested):
         return [

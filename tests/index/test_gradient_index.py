@@ -20,7 +20,8 @@ from grass_dist.errors import (
     IndexNotFoundError,
     StoreUnavailableError,
 )
-from grass_dist.index import GradientIndex, ShardRecord, Store, commit, latest
+from grass_dist.index import GradientIndex, ShardRecord, Store, commit, fingerprint_diff, latest
+from grass_dist.index.gradient_index import _MISSING
 from grass_dist.index.manifest import manifest_path
 
 FP = {
@@ -153,7 +154,7 @@ def test_fingerprint_mismatch_names_differing_keys(url):
         GradientIndex.create_or_open(url, other)
     msg = str(info.value)
     assert "compressor.seed: stored=7 requested=8" in msg
-    assert "layers[1].k: stored=3 requested=4" in msg
+    assert "layers['fc2'].k: stored=3 requested=4" in msg
     assert "extra: stored=<missing>" in msg and "x" * 100 not in msg  # long values truncated
     assert "store.url" in msg and "model.name" not in msg
     assert "It holds no committed shard" in msg and "nothing is lost by deleting it" in msg
@@ -163,6 +164,20 @@ def test_fingerprint_mismatch_names_differing_keys(url):
     with pytest.raises(FingerprintMismatchError) as info:
         GradientIndex.create_or_open(url, other)
     assert "no committed shard" not in str(info.value)  # deleting it would lose rows
+
+
+def test_fingerprint_diff_names_the_layers_added_left_out_or_moved():
+    fc1, fc2 = {"name": "fc1", "k": 6}, {"name": "fc2", "k": 3}
+    big = {"name": "enc.self_attn.out_proj", "k": 144, "d_in": 8, "method": "factgrass"}
+    assert fingerprint_diff({"layers": [fc1, fc2]}, {"layers": [fc1, big, fc2]}) == [
+        ("layers['enc.self_attn.out_proj']", _MISSING, big)
+    ]
+    assert fingerprint_diff({"layers": [fc1, fc2]}, {"layers": [fc1]}) == [
+        ("layers['fc2']", fc2, _MISSING)
+    ]
+    assert fingerprint_diff({"layers": [fc1, fc2]}, {"layers": [fc2, fc1]}) == [
+        ("layers (order)", ["fc1", "fc2"], ["fc2", "fc1"])
+    ]
 
 
 def test_concurrent_create_or_open(tmp_path):
