@@ -256,8 +256,13 @@ def check_compressors(job: JobConfig, model: nn.Module) -> list[str]:
 def build_layer_compressors(
     job: JobConfig, model: nn.Module, index: GradientIndex | None = None
 ) -> dict[str, Compressor]:
-    """The compressors of the configured layers; learned ones load their state from `index`."""
-    shapes = resolve_layers(model, job.index.layers)
+    """The compressors of the configured layers (with index.layers=null, those of `index`,
+    which the driver chose by running the model: `capture.layers_that_run`); learned ones
+    load their state from `index`."""
+    names = job.index.layers
+    if names is None and index is not None:
+        names = [name for name, _ in index.layers]
+    shapes = resolve_layers(model, names)
     need = learned_layers(job.compression, shapes)
     states = learned_state.load_states(index, need) if need and index is not None else {}
     return build_compressors(job.compression, shapes, states)

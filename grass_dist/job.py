@@ -31,6 +31,8 @@ from grass_dist.build import (
 from grass_dist.config import JobConfig, resolve
 from grass_dist.data.content import row_digest
 from grass_dist.data.identity import check_committed_content, check_committed_rows
+from grass_dist.gradients.capture import layers_that_run
+from grass_dist.gradients.computer import module_calls
 from grass_dist.gradients.learned_state import save_states
 from grass_dist.index import GradientIndex
 from grass_dist.models.state import state_hash
@@ -125,6 +127,12 @@ def _prepare(
     task = build_task(job_cfg)
     train = build_dataset(job_cfg, "train")
     check_rows(job_cfg, model, task, train, "train")
+    # The layers to attribute, from the modules row 0's forward runs: every later check,
+    # the compressors and the fingerprint name them (workers read them from the index).
+    calls = module_calls(model, task, train[0])
+    job_cfg.index.layers = layers_that_run(model, job_cfg.index.layers, calls)
+    shown = job_cfg.index.layers[:8] + ["..."] * (len(job_cfg.index.layers) > 8)
+    log.info("attributing %d layers: %s", len(job_cfg.index.layers), ", ".join(shown))
     row_digest(train[0])  # ConfigError now for items without a stable content digest
     query_node = job_cfg.data.get("query")
     if not query and query_node is not None and unset_fields(query_node):

@@ -405,12 +405,13 @@ def job_summary(job: Job, stages: dict[str, Any]) -> dict[str, Any]:
 def compression_summary(job: Job) -> dict[str, Any]:
     """What a summary says of the compression: method, k per layer (none for identity,
     which keeps every layer's whole gradient), the numbers each row stores over all layers,
-    and the layers kept whole."""
+    the layers attributed and those kept whole."""
     c = job.cfg.compression
     return {
         "method": c.method,
         "k": None if c.method == "identity" else c.k,
         "row_dims": sum(k for _, k in job.index.layers),
+        "layers": [name for name, _ in job.index.layers],
         "whole_small_layers": c.whole_small_layers,
         "whole_layers": job.whole_layers,
     }

@@ -117,3 +117,30 @@ def bpe_tokenizer(texts: list[str], vocab_size: int = 300):
     return PreTrainedTokenizerFast(
         tokenizer_object=core, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
     )
+
+
+class AttnNet(nn.Module):
+    """A transformer encoder layer, mean-pooled to class logits, on (B, T, 8) inputs: its
+    attention's out_proj is an nn.Linear that nn.MultiheadAttention never calls as a module."""
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(x).mean(1))
+
+
+class TwiceNet(nn.Module):
+    """One Linear layer applied twice per forward (a shared block), then a head."""
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.block = nn.Linear(6, 6)
+        self.head = nn.Linear(6, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.block(torch.tanh(self.block(x)))))

@@ -8,6 +8,7 @@ differentiation target, autograd skips every weight-gradient GEMM.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -97,7 +98,99 @@ def resolve_layers(model: nn.Module, names: Iterable[str] | None) -> dict[str, L
             )
         else:
             shapes[name] = flat_shape(module)
+    _shared(shapes, modules)
     return shapes
+
+
+def _shared(shapes: dict[str, LayerShape], modules: dict[str, nn.Module]) -> None:
+    """Refuse two chosen layers that hold the same parameters (one inside the other, or a
+    weight shared between them): each parameter's gradient would be counted twice."""
+    owner: dict[int, str] = {}
+    for name in shapes:
+        for param in modules[name].parameters():
+            first = owner.setdefault(id(param), name)
+            if first == name:
+                continue
+            how = (
+                f"{name!r} lies inside {first!r}"
+                if name.startswith(f"{first}.") or first.startswith(f"{name}.")
+                else "they share weights"
+            )
+            raise ConfigError(
+                f"index.layers names {first!r} and {name!r}, which hold the same parameters "
+                f"({how}): their gradients would be counted twice. Name either the module "
+                f"or the layers inside it"
+            )
+
+
+@contextmanager
+def counting_calls(model: nn.Module) -> Iterator[Counter[str]]:
+    """Counts each named module's forward calls made inside the block."""
+    calls: Counter[str] = Counter()
+    handles = [
+        module.register_forward_hook(lambda _m, _a, _o, name=name: calls.update([name]))
+        for name, module in model.named_modules()
+        if name
+    ]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _did_not_run(names: list[str]) -> ConfigError:
+    return ConfigError(
+        f"layers {names} did not run in the forward pass: leave them out of index.layers, "
+        "or attribute with a model whose forward uses them"
+    )
+
+
+def _ran_twice(name: str) -> ConfigError:
+    return ConfigError(
+        f"layer {name!r} ran twice in one forward pass; shared layers are not supported by "
+        f"the factorised capture. Leave it out of index.layers, or name the module that "
+        f"calls it (its parameters then get per-sample gradients as a whole)."
+    )
+
+
+def layers_that_run(model: nn.Module, names: list[str] | None, calls: Counter[str]) -> list[str]:
+    """The layers to attribute, judged by `calls` (each module's calls in one row's forward,
+    `counting_calls`): `names` when each Linear-like one among them ran exactly once (the
+    factorised capture needs one call: else ConfigError, as a worker would raise it later);
+    for index.layers=null, the Linear layers `resolve_layers` chooses less those that do not
+    run once (nn.MultiheadAttention's out_proj, whose weight it uses without calling it; a
+    layer called twice), with a warning naming them and their enclosing modules."""
+    if names is not None:
+        shapes = resolve_layers(model, names)
+        linear = [n for n in shapes if isinstance(shapes[n], LinearShape)]
+        missing = [n for n in linear if calls[n] == 0]
+        if missing:
+            raise _did_not_run(missing)
+        twice = [n for n in linear if calls[n] > 1]
+        if twice:
+            raise _ran_twice(twice[0])
+        return list(shapes)
+    chosen = list(resolve_layers(model, None))
+    left = [n for n in chosen if calls[n] != 1]
+    if left:
+        parents = sorted({n.rpartition(".")[0] for n in left if "." in n})
+        log.warning(
+            "index.layers=null leaves out Linear layers that do not run exactly once as a "
+            "module in the forward pass, so their inputs cannot be captured: %s (calls: %s). "
+            "To attribute their weights, name their enclosing modules in index.layers%s",
+            left,
+            [calls[n] for n in left],
+            f" (e.g. {parents})" if parents else "",
+        )
+    kept = [n for n in chosen if calls[n] == 1]
+    if not kept:
+        raise ConfigError(
+            f"none of the model's Linear layers runs exactly once as a module in the forward "
+            f"pass (calls: {dict((n, calls[n]) for n in chosen)}); set index.layers to the "
+            f"modules to attribute (any module with parameters)"
+        )
+    return kept
 
 
 class LinearCapture:
@@ -112,10 +205,7 @@ class LinearCapture:
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             if name in self.outputs:
-                raise ConfigError(
-                    f"layer {name!r} ran twice in one forward pass; shared layers are not "
-                    f"supported by the factorised capture. Leave it out of index.layers."
-                )
+                raise _ran_twice(name)
             self.inputs[name] = args[0].detach()
             self.outputs[name] = output
 
@@ -140,10 +230,7 @@ class LinearCapture:
         """
         missing = [n for n in self.names if n not in self.outputs]
         if missing:
-            raise ConfigError(
-                f"layers {missing} did not run in the forward pass: leave them out of "
-                "index.layers, or attribute with a model whose forward uses them"
-            )
+            raise _did_not_run(missing)
         outs = [self.outputs[n] for n in self.names]
         grads = torch.autograd.grad(losses.sum(), outs, allow_unused=True)
         result = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from grass_dist.errors import (
     NonFiniteGradientError,
     NonFiniteLossError,
 )
-from grass_dist.gradients.capture import LinearCapture
+from grass_dist.gradients.capture import LinearCapture, counting_calls
 from grass_dist.gradients.persample import FlatGradients, check_losses
 
 
@@ -69,6 +70,27 @@ class LoadedRows:
     item: Callable[[int], Any] | None = None
 
 
+def as_computed(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` as the computer runs it: on `device`, in eval mode, every parameter requiring
+    grad. Layer outputs are the differentiation targets, so they must require grad; weight
+    gradients themselves are never computed (see capture.py)."""
+    model = model.to(device).eval()
+    model.requires_grad_(True)
+    return model
+
+
+def module_calls(model: nn.Module, task, item: Any) -> Counter[str]:
+    """How often each named module runs in the forward the computer makes of `item` (as
+    `as_computed`, with autograd on: a forward without it may take other paths, such as
+    PyTorch's fused transformer layers, which call no Linear module)."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    model = as_computed(model, device)
+    with torch.enable_grad(), counting_calls(model) as calls:
+        task.per_sample_loss(model, task.to(task.collate([item]), device))
+    return calls
+
+
 class GradientComputer:
     """Per-sample gradients of the chosen layers, compressed by each layer's compressor.
 
@@ -85,10 +107,7 @@ class GradientComputer:
         device: torch.device | str = "cpu",
     ):
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        # Layer outputs are the differentiation targets, so they must require grad;
-        # weight gradients themselves are never computed (see capture.py).
-        self.model.requires_grad_(True)
+        self.model = as_computed(model, self.device)
         self.task = task
         self.compressors = {n: c.to(self.device) for n, c in compressors.items()}
         linear = [n for n, c in compressors.items() if isinstance(c.shape, LinearShape)]
