@@ -74,14 +74,29 @@ def _leftover_fix(where: str, given: list[str], extra: list[str]) -> str:
     )
 
 
+def _unset_target(where: str) -> ConfigError:
+    return ConfigError(
+        f"{where}._target_ is not set: give the import path of your callable, e.g. "
+        f"{where}._target_=my_pkg.module.build"
+    )
+
+
+def check_targets_set(job: JobConfig, query: bool) -> None:
+    """Refuse a `_target_` the job builds (the queries' only when it scores them) that its
+    preset leaves unset (model=custom, data=custom), before Ray starts for the job."""
+    nodes = [(job.model, "model"), (job.task, "task"), (job.data.get("train"), "data.train")]
+    if query:
+        nodes.append((job.data.get("query"), "data.query"))
+    for node, where in nodes:
+        if isinstance(node, dict) and node.get("_target_") == _UNSET:
+            raise _unset_target(where)
+
+
 def locate_target(node: dict[str, Any], where: str) -> Callable[..., Any]:
     """The callable named by `node["_target_"]`; ConfigError when unset or not importable."""
     target = node.get("_target_")
     if target in (None, _UNSET):
-        raise ConfigError(
-            f"{where}._target_ is not set: give the import path of your callable, e.g. "
-            f"{where}._target_=my_pkg.module.build"
-        )
+        raise _unset_target(where)
     try:
         return get_object(str(target))
     except Exception as e:  # Hydra raises ImportError or a bare Exception for a bad path
@@ -92,9 +107,14 @@ def locate_target(node: dict[str, Any], where: str) -> Callable[..., Any]:
 
 
 def unset_fields(node) -> list[str]:
-    """Keys of a `_target_` node that its preset leaves `???` (mandatory, not yet given)."""
+    """Keys of a `_target_` node that its preset leaves `???` (mandatory, not yet given):
+    its arguments, and `_target_` itself (data=custom's)."""
     return [
-        k for k in node if k not in _HYDRA_KEYS and isinstance(node[k], str) and node[k] == _UNSET
+        k
+        for k in node
+        if (k == "_target_" or k not in _HYDRA_KEYS)
+        and isinstance(node[k], str)
+        and node[k] == _UNSET
     ]
 
 

@@ -25,6 +25,7 @@ from grass_dist.build import (
     build_task,
     check_compressors,
     check_rows,
+    check_targets_set,
     fingerprint,
     unset_fields,
 )
@@ -203,6 +204,7 @@ def prepare_started(
     started = time.time() if started is None else started
     raw = resolve(cfg)
     job_cfg = JobConfig.from_cfg(raw)
+    check_targets_set(job_cfg, query)
     if job_cfg.cluster.address is not None:
         # Joining a running cluster is quick, and a job submitted to one runs in a working
         # directory Ray manages for it: prepare first and connect later, as `prepare` does.

@@ -131,3 +131,31 @@ def test_custom_presets_hold_only_an_unset_target(tmp_path):
     job = JobConfig.from_cfg(cfg)
     with pytest.raises(ConfigError, match=r"model._target_ is not set: .*model._target_=my_pkg"):
         build_model(job)
+
+
+def test_an_index_job_needs_no_queries_and_a_scoring_job_says_so_before_ray(
+    user_pkg, tmp_path, monkeypatch, capsys
+):
+    # data=custom leaves data.query._target_ unset: `jobs.index` builds only the index and
+    # reads no queries; `jobs.attribute` refuses naming the field, before Ray starts.
+    import ray
+
+    from grass_dist import pipeline
+    from jobs import attribute
+
+    monkeypatch.syspath_prepend(str(user_pkg.root))
+    given = (
+        "model=custom",
+        "model._target_=my_pkg.models.load",
+        f"+model.path={user_pkg.checkpoint}",
+        "data=custom",
+        "data.train._target_=my_pkg.data.train_set",
+        f"store.url={tmp_path / 'index'}",
+        f"run.output_dir={tmp_path}",
+    )
+    job = pipeline.prepare(compose_cfg(tmp_path, *given, small=False))
+    assert job.n_train == 120
+    with pytest.raises(SystemExit) as exited:
+        attribute.main(compose_cfg(tmp_path, *given, small=False))
+    assert exited.value.code == 2 and not ray.is_initialized()
+    assert "error: data.query._target_ is not set" in capsys.readouterr().err
