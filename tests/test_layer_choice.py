@@ -99,3 +99,8 @@ def test_workers_attribute_the_layers_the_driver_chose(ray_session, tmp_path):
     np.testing.assert_array_equal(a, b)
     default.close()
     named.close()
+
+
+def test_a_model_that_is_one_linear_layer_is_its_own_layer():
+    model = torch.nn.Linear(4, 3)
+    assert layers_that_run(model, None, _calls(model, torch.randn(4))) == [""]

@@ -125,12 +125,12 @@ def _shared(shapes: dict[str, LayerShape], modules: dict[str, nn.Module]) -> Non
 
 @contextmanager
 def counting_calls(model: nn.Module) -> Iterator[Counter[str]]:
-    """Counts each named module's forward calls made inside the block."""
+    """Counts each module's forward calls made inside the block, by name ("" for the
+    model itself)."""
     calls: Counter[str] = Counter()
     handles = [
         module.register_forward_hook(lambda _m, _a, _o, name=name: calls.update([name]))
         for name, module in model.named_modules()
-        if name
     ]
     try:
         yield calls
