@@ -169,7 +169,7 @@ _ARGUMENTS = {
 }
 
 
-def _with_arguments(e: ConfigError) -> ConfigError:
+def _with_arguments(e: GrassError) -> GrassError:
     """`e`, its message followed by the arguments that set the config keys it names."""
     text = e.args[0] if e.args and isinstance(e.args[0], str) else None
     if text is None:
@@ -188,19 +188,18 @@ def _with_arguments(e: ConfigError) -> ConfigError:
 def _own_errors() -> Iterator[None]:
     """A GrassError raised in a Ray worker, raised here as itself: Ray wraps it in a
     RayTaskError whose text is the worker's traceback (the jobs print the cause too), twice
-    when a Ray task of a Ray actor raised it. A ConfigError also names the arguments."""
+    when a Ray task of a Ray actor raised it. One that names config keys also names the
+    arguments that set them."""
     try:
         yield
     except RayTaskError as e:
         cause = e
         while isinstance(cause, RayTaskError) and getattr(cause, "cause", None) is not None:
             cause = cause.cause
-        if isinstance(cause, ConfigError):
-            raise _with_arguments(cause) from None
         if isinstance(cause, GrassError):
-            raise cause from None
+            raise _with_arguments(cause) from None
         raise
-    except ConfigError as e:
+    except GrassError as e:
         _with_arguments(e)
         raise
 

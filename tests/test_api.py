@@ -368,3 +368,14 @@ def test_a_small_query_set_is_computed_by_the_driver_as_a_worker_computes_it(
     assert "computed by the driver" not in caplog.text
     # (In batches of other sizes: equal to rounding.)
     np.testing.assert_allclose(many.dense()[:, :5], mine.dense(), rtol=1e-5, atol=1e-7)
+
+
+def test_every_error_that_names_a_config_key_names_its_argument_too():
+    # Not only ConfigError: damping=auto's refusal of regression targets names
+    # precondition.damping, which `damping=` sets.
+    from grass_dist.api import _own_errors
+    from grass_dist.errors import DampingSelectionError
+
+    with pytest.raises(DampingSelectionError) as info, _own_errors():
+        raise DampingSelectionError("the labels are not whole numbers: set precondition.damping")
+    assert str(info.value).endswith("(in the Python API: damping= sets precondition.damping)")
