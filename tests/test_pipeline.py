@@ -214,7 +214,9 @@ def test_a_worker_whose_model_differs_from_the_drivers_is_refused(ray_session, t
     job = pipeline.prepare(compose_cfg(tmp_path))
     job.model_hash = "0" * 64  # as if the driver had built another model
     try:
-        said = "differ from the driver's .*sha256.*pass the trained model itself"
+        said = (
+            r"worker \d+ on node \S+ failed .*differ from the driver's .*sha256.*pass the trained"
+        )
         with pytest.raises(WorkerStartError, match=said):
             pipeline._pool(job)
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,14 @@ from grass_dist.runtime import scaling
 log = logging.getLogger(__name__)
 
 ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
+
+
+def _on_node(error_msg: str) -> str:
+    """' on node <ip>' from Ray's text of a call that raised in an actor, or of an actor that
+    died in its creation task (it starts `ray::Class.method() (pid=..., ip=...)`), so an
+    error names the node to fix; '' where it says none."""
+    found = re.search(r"\bip=([^,)\s]+)", error_msg)
+    return f" on node {found.group(1)}" if found else ""
 
 
 @dataclass
@@ -177,15 +186,17 @@ class ActorPool:
                 member.info = ray.get(ref)
             except ACTOR_LOST as e:
                 if getattr(e, "actor_init_failed", False):
-                    last = str(getattr(e, "error_msg", e)).strip().splitlines()[-1]
+                    said = str(getattr(e, "error_msg", e))
+                    last = said.strip().splitlines()[-1]
                     raise WorkerStartError(
-                        f"worker {member.worker_id} failed while starting: {last}"
+                        f"worker {member.worker_id}{_on_node(said)} failed while starting: {last}"
                     ) from None
                 self._spawn(f"replaces worker {member.worker_id}, lost while starting")
                 continue
             except RayTaskError as e:  # the start call raised
                 raise WorkerStartError(
-                    f"worker {member.worker_id} failed while starting: {e.cause or e}"
+                    f"worker {member.worker_id}{_on_node(str(e))} failed while starting: "
+                    f"{e.cause or e}"
                 ) from None
             self.ready.append(member)
             info = member.info

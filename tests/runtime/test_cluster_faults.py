@@ -432,7 +432,9 @@ class _Broken:
 
 def test_pool_fails_fast_on_broken_or_unplaceable_workers(cluster):
     broken = ActorPool(lambda i: _Broken.remote(), 1)
-    with pytest.raises(WorkerStartError, match="fix data.train._target_"):
+    # The node is named: on a cluster, the one whose environment needs the fix.
+    said = r"worker 0 on node \S+ failed while starting: .*fix data.train._target_"
+    with pytest.raises(WorkerStartError, match=said):
         broken.wait_ready(1)
     broken.shutdown()
     nowhere = ActorPool(
