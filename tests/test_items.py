@@ -140,3 +140,25 @@ def test_request_examples_decode_against_plain_tuples():
     assert task.per_sample_loss(torch.nn.Linear(64, 10), batch).shape == (2,)
     with pytest.raises(BadRequestError, match="shape"):
         task.decode_example({"input": [0.5] * 63, "label": 7}, template)
+
+
+@pytest.mark.parametrize(
+    ("value", "expect"),
+    [
+        (3, 3),
+        (True, True),
+        (np.int64(7), 7),
+        (torch.tensor(4), 4),  # int64
+        (np.array([2], dtype=np.uint8), 2),
+        ("cat", "cat"),
+        (-1.2988660335540771, None),  # a regression target
+        (2.0, None),  # whole, but a float: still a target
+        (np.float32(1.0), None),
+        (torch.tensor(0.5), None),
+        (torch.tensor([1, 2]), None),  # not a scalar
+        (None, None),
+    ],
+)
+def test_class_labels_are_integers_and_strings_never_floats(value, expect):
+    got = items.class_label(value)
+    assert got == expect and type(got) is type(expect)

@@ -33,8 +33,10 @@ def sample_key(dataset: Any, row: int) -> str:
     return str(keys[row]) if keys is not None and not callable(keys) else str(row)
 
 
-def _scalar(value: Any) -> Any | None:
-    """A label-like Python scalar (int, float, bool, str) or None for anything else."""
+def scalar(value: Any) -> Any | None:
+    """A label-like Python scalar (int, float, bool, str) or None for anything else; a
+    one-element tensor or array gives the Python type of its dtype's kind (int64 -> int,
+    float32 -> float)."""
     if isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, torch.Tensor) and value.numel() == 1:
@@ -47,9 +49,9 @@ def _scalar(value: Any) -> Any | None:
 def _label(item: Any) -> Any | None:
     """The scalar label of an `(input, label, ...)` item or of a dict's label field."""
     if isinstance(item, (tuple, list)):
-        return _scalar(item[1]) if len(item) > 1 else None
+        return scalar(item[1]) if len(item) > 1 else None
     if isinstance(item, dict):
-        return next((_scalar(item[k]) for k in LABEL_FIELDS if k in item), None)
+        return next((scalar(item[k]) for k in LABEL_FIELDS if k in item), None)
     return None
 
 
@@ -143,6 +145,18 @@ def label_of(dataset: Any, row: int) -> Any | None:
     return _label(dataset[int(row)])
 
 
+def class_label(value: Any) -> int | str | None:
+    """`value` as a class label to compare for equality, or None when it is not one.
+
+    Class labels are integers (a Python int or bool, a NumPy integer, a one-element integer
+    or bool tensor or array) and strings. Floats are regression targets, whole ones (2.0)
+    included: two targets are never compared for equality, so label agreement and the
+    report's same-label and wrong-prediction marks skip them.
+    """
+    value = scalar(value)
+    return value if isinstance(value, (int, str)) else None  # bool is an int
+
+
 def describe(dataset: Any, row: int) -> dict[str, Any]:
     """The report's view of one row: "key", and "label", "image" or "text" when known.
 
@@ -195,5 +209,5 @@ def labels(dataset: Any) -> np.ndarray | None:
             values.append(label_of(dataset, row))
             if values[-1] is None:
                 return None  # one unlabelled row is enough to refuse: skip reading the rest
-    values = [_scalar(v) for v in values]
+    values = [scalar(v) for v in values]
     return None if any(v is None for v in values) else np.asarray(values)
