@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -144,3 +147,26 @@ class TwiceNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.tanh(self.block(torch.tanh(self.block(x)))))
+
+
+CHROMIUM = shutil.which("chromium")
+
+
+def chromium_args(profile: Path) -> list[str]:
+    """Headless Chromium, offline and with its own profile folder, at 900 x 700."""
+    return [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+        "--no-first-run", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", f"--user-data-dir={profile}", "--window-size=900,700",
+    ]  # fmt: skip
+
+
+def rendered_dom(page: Path, profile: Path) -> str:
+    """The DOM of an HTML file as headless Chromium renders it."""
+    return subprocess.run(
+        [*chromium_args(profile), "--dump-dom", page.as_uri()],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout

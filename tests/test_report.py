@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 import struct
 import subprocess
 import zlib
@@ -16,8 +15,8 @@ from torch.utils.data import TensorDataset
 
 from grass_dist.data import digits
 from grass_dist.report import TOPK_COLUMNS, top_proponent_label_agreement, write_report
+from tests.helpers import CHROMIUM, chromium_args, rendered_dom
 
-CHROMIUM = shutil.which("chromium")
 EVIL_KEY = "<script>alert(1)</script>"
 
 
@@ -245,18 +244,8 @@ def test_report_renders_in_chromium(sets, tmp_path):
     train, query = sets
     html_path, png = tmp_path / "report.html", tmp_path / "report.png"
     write_report(html_path, make_topk(3, evil_row=2), train, query, predictions={0: 99})
-    base = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-        "--no-first-run", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=900,700",
-    ]  # fmt: skip
-    dom = subprocess.run(
-        [*base, "--dump-dom", html_path.as_uri()],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout
+    base = chromium_args(tmp_path / "profile")
+    dom = rendered_dom(html_path, tmp_path / "profile")
     cards = re.findall(r'<div class="card query-card[^"]*">(.*?)</div></div>', dom)
     assert len(cards) == 3 and all("<svg" in c and "<rect" in c for c in cards)
     assert len(re.findall(r'score <span class="score">-?[0-9.e-]+</span>', dom)) == 3 * 10
