@@ -4,12 +4,15 @@ Examples are drawn through `grass_dist.data.items.describe`: a dataset's own
 `describe(i)` when it has one, else what its items show (label, a picture or text), so
 plain `TensorDataset`s, lists of tuples or dicts and `datasets.Dataset`s all render.
 Images become inline SVG, so the file has no scripts, no external assets and no network
-URLs.
+URLs. Labels are compared (label agreement, same-label and wrong-prediction borders) only
+where they are class labels (`items.class_label`: integers and strings); float labels are
+regression targets, printed to 4 significant digits and never compared.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from html import escape
 from typing import Any
 
@@ -101,8 +104,17 @@ def _card(desc: dict, key: str, lines: list[str], classes: str = "") -> str:
     )
 
 
+def label_text(value: Any) -> str:
+    """A label or prediction as the page prints it: a float (a regression target) to 4
+    significant digits, anything else as it is."""
+    plain = items.scalar(value)
+    if isinstance(plain, float):
+        return f"{plain:.4g}"
+    return str(value if plain is None else plain)
+
+
 def _label_line(desc: dict) -> str:
-    return "" if desc.get("label") is None else f"label <b>{escape(str(desc['label']))}</b>"
+    return "" if desc.get("label") is None else f"label <b>{escape(label_text(desc['label']))}</b>"
 
 
 def _check_topk(topk: pd.DataFrame) -> None:
@@ -111,29 +123,94 @@ def _check_topk(topk: pd.DataFrame) -> None:
         raise ValueError(f"topk is missing columns {missing}; expected {list(TOPK_COLUMNS)}")
 
 
+def _top_pairs(topk: pd.DataFrame, train_set: Any, query_set: Any) -> dict[int, bool]:
+    """Query row -> whether its rank-0 proponent has its label, for the queries whose label
+    and whose rank-0 proponent's label are both class labels (`items.class_label`)."""
+    _check_topk(topk)
+    top = topk[(topk["kind"] == "proponent") & (topk["rank"] == 0)].drop_duplicates("query_row")
+    out = {}
+    for q, t in zip(top["query_row"].tolist(), top["train_row"].tolist(), strict=True):
+        want = items.class_label(items.label_of(query_set, q))
+        got = None if want is None else items.class_label(items.label_of(train_set, t))
+        if got is not None:
+            out[int(q)] = got == want
+    return out
+
+
 def top_proponent_label_agreement(
     topk: pd.DataFrame, train_set: Any, query_set: Any, rows: list[int] | None = None
-) -> float:
-    """Share of labelled queries whose rank-0 proponent has the query's label (NaN if none).
+) -> float | None:
+    """Share of queries whose rank-0 proponent has the query's class label.
+
+    Counted over the queries whose label and whose rank-0 proponent's label are class labels
+    (`items.class_label`: integers or strings, never floats); None when there are none,
+    e.g. a regression model's float targets or a language model's unlabelled text.
 
     Args:
         topk: the top-k table (see TOPK_COLUMNS); one rank-0 proponent per query.
         train_set, query_set: map-style datasets (labels read by `items.label_of`).
         rows: restrict to these query rows; None = every query in `topk`.
     """
-    _check_topk(topk)
-    top = topk[(topk["kind"] == "proponent") & (topk["rank"] == 0)]
-    if rows is not None:
-        top = top[top["query_row"].isin(list(rows))]
-    top = top.drop_duplicates("query_row")
-    if top.empty:
-        return float("nan")
-    pairs = [
-        (items.label_of(query_set, q), items.label_of(train_set, t))
-        for q, t in zip(top["query_row"], top["train_row"], strict=True)
-    ]
-    agree = [a == b for a, b in pairs if a is not None and b is not None]
-    return float(np.mean(agree)) if agree else float("nan")
+    pairs = _top_pairs(topk, train_set, query_set)
+    keep = None if rows is None else {int(q) for q in rows}
+    agree = [same for q, same in pairs.items() if keep is None or q in keep]
+    return float(np.mean(agree)) if agree else None
+
+
+@dataclass(frozen=True)
+class LabelStats:
+    """What the report's summary and the job's JSON summary say about labels.
+
+    Shares are None where no query qualifies (labels that are not class labels, no
+    predictions); each `n_*` is the number of queries its share is taken over.
+    """
+
+    agreement: float | None  # rank-0 proponent has the query's class label, all queries
+    n_agreement: int
+    agreement_correct: float | None  # the same over the queries the model predicts right
+    n_agreement_correct: int
+    accuracy: float | None  # prediction == class label, over the queries with both
+    n_accuracy: int
+
+
+def label_stats(
+    topk: pd.DataFrame, train_set: Any, query_set: Any, predictions: dict[int, Any] | None
+) -> LabelStats:
+    """Label agreement over all queries of `topk` and over those the model predicts
+    correctly, and the model's accuracy on them; see `top_proponent_label_agreement`."""
+    pairs = _top_pairs(topk, train_set, query_set)
+    queries = set(topk["query_row"].tolist())
+    classes = {
+        q: (items.class_label(items.label_of(query_set, q)), items.class_label(pred))
+        for q, pred in (predictions or {}).items()
+        if q in queries
+    }
+    judged = {q: want == got for q, (want, got) in classes.items() if None not in (want, got)}
+    right = [q for q, ok in judged.items() if ok]
+    on_right = [pairs[q] for q in right if q in pairs]
+    return LabelStats(
+        agreement=float(np.mean(list(pairs.values()))) if pairs else None,
+        n_agreement=len(pairs),
+        agreement_correct=float(np.mean(on_right)) if on_right else None,
+        n_agreement_correct=len(on_right),
+        accuracy=len(right) / len(judged) if judged else None,
+        n_accuracy=len(judged),
+    )
+
+
+def _agreement_legend(labels: LabelStats) -> str:
+    """The definition of the summary's label agreement, as README states it."""
+    correct = labels.agreement_correct is not None
+    over = " and over those the model predicts correctly" if correct else ""
+    fields = "report.top_proponent_label_agreement" + (
+        " and report.top_proponent_label_agreement_correct" if correct else ""
+    )
+    return (
+        "Label agreement: the share of queries whose top proponent (rank 0) has the query's "
+        f"label, over all scored queries{over} (the JSON summary's {fields}). Only class "
+        "labels are compared, integers and strings; float labels are regression targets and "
+        "get no agreement."
+    )
 
 
 def _summary(
@@ -142,23 +219,28 @@ def _summary(
     query_set: Any,
     shown: list[int],
     stage_times: dict[str, float] | None,
-    predictions: dict[int, int] | None,
+    predictions: dict[int, Any] | None,
 ) -> str:
-    queries = sorted(topk["query_row"].unique().tolist())
-    agreement = top_proponent_label_agreement(topk, train_set, query_set)
+    queries = topk["query_row"].nunique()
+    labels = label_stats(topk, train_set, query_set, predictions)
     stats = [
-        ("queries scored", f"{len(queries)} (showing {len(shown)})"),
+        ("queries scored", f"{queries} (showing {len(shown)})"),
         ("training rows", str(len(train_set))),
     ]
-    if not np.isnan(agreement):  # data without labels (a language model's text) has none
-        stats.append(("top proponent has the query's label", f"{agreement:.1%}"))
-    truth = {q: items.label_of(query_set, q) for q in queries if q in (predictions or {})}
-    scored = [q for q, label in truth.items() if label is not None]
-    if scored:
-        right = sum(predictions[q] == truth[q] for q in scored)
-        stats.append(("model accuracy on these queries", f"{right / len(scored):.1%}"))
+    if labels.agreement is not None:  # class labels only: never floats, nor unlabelled text
+        text = f"{labels.agreement:.1%} of {labels.n_agreement} queries"
+        if labels.agreement_correct is not None:
+            text += (
+                f"; {labels.agreement_correct:.1%} of the {labels.n_agreement_correct} "
+                "the model predicts correctly"
+            )
+        stats.append(("top proponent has the query's label", text))
+    if labels.accuracy is not None:
+        stats.append(("model accuracy on these queries", f"{labels.accuracy:.1%}"))
     rows = "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in stats)
     html = f'<h2>Summary</h2><table class="stats">{rows}</table>'
+    if labels.agreement is not None:
+        html += f'<p class="legend">{escape(_agreement_legend(labels))}</p>'
     if stage_times:
         rows = "".join(
             f"<tr><th>{escape(str(k))}</th><td>{float(v):.2f} s</td></tr>"
@@ -188,16 +270,18 @@ def _self_influence(self_influence: pd.DataFrame, train_set: Any) -> str:
 
 
 def _query(
-    group: pd.DataFrame, train_set: Any, query_set: Any, predictions: dict[int, int] | None
+    group: pd.DataFrame, train_set: Any, query_set: Any, predictions: dict[int, Any] | None
 ) -> str:
     q = int(group["query_row"].iloc[0])
     qdesc = items.describe(query_set, q)
+    label = items.class_label(qdesc.get("label"))  # None: no label, or a float target
     lines, classes = [_label_line(qdesc)], "query-card"
     if predictions is not None and q in predictions:
         pred = predictions[q]
-        wrong = qdesc.get("label") is not None and pred != qdesc["label"]
+        got = items.class_label(pred)
+        wrong = label is not None and got is not None and got != label
         span = '<span class="pred-wrong">' if wrong else "<span>"
-        lines.append(f"{span}predicted <b>{escape(str(pred))}</b></span>")
+        lines.append(f"{span}predicted <b>{escape(label_text(pred))}</b></span>")
         classes += " wrong" if wrong else ""
     strips = []
     for kind, name in (("proponent", "Proponents"), ("opponent", "Opponents")):
@@ -205,7 +289,7 @@ def _query(
         cards = []
         for t, key, score in zip(rows["train_row"], rows["train_key"], rows["score"], strict=True):
             desc = items.describe(train_set, t)
-            same = desc.get("label") is not None and desc["label"] == qdesc.get("label")
+            same = label is not None and items.class_label(desc.get("label")) == label
             score_line = f'score <span class="score">{float(score):.3g}</span>'
             cards.append(
                 _card(desc, key, [_label_line(desc), score_line], "same-label" if same else "")
@@ -228,7 +312,7 @@ def write_report(
     max_queries: int = 12,
     title: str = "grass_dist attribution report",
     stage_times: dict[str, float] | None = None,
-    predictions: dict[int, int] | None = None,
+    predictions: dict[int, Any] | None = None,
 ) -> str:
     """Render the attribution report as one self-contained HTML page.
 
@@ -241,7 +325,8 @@ def write_report(
         max_queries: the first this many query rows (ascending) get a section.
         title: page title.
         stage_times: stage name -> seconds, shown as a table.
-        predictions: query row -> predicted label; mistakes are highlighted.
+        predictions: query row -> predicted label; mistakes are highlighted where the
+            prediction and the query's label are class labels (`items.class_label`).
 
     Returns:
         The HTML text.
@@ -251,7 +336,8 @@ def write_report(
     parts = [_summary(topk, train_set, query_set, shown, stage_times, predictions)]
     if self_influence is not None and not self_influence.empty:
         parts.append(_self_influence(self_influence, train_set))
-    labelled = any(items.label_of(query_set, q) is not None for q in shown)
+    # Borders compare class labels only: a regression target never equals another.
+    labelled = any(items.class_label(items.label_of(query_set, q)) is not None for q in shown)
     colours = (
         " Green borders mark training examples with the query's label; red marks a query the "
         "model gets wrong."

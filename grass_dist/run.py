@@ -22,7 +22,6 @@ from grass_dist.build import (
     locate_target,
 )
 from grass_dist.config import JobConfig, resolve
-from grass_dist.data import items
 from grass_dist.data.identity import MarkChanged, changed_rows
 from grass_dist.errors import ConfigError, GrassError, IndexNotFoundError
 from grass_dist.fidelity import evaluate
@@ -35,12 +34,13 @@ from grass_dist.scoring import ensemble, results
 log = logging.getLogger("grass_dist")
 
 
-def _predictions(job: pipeline.Job, dataset) -> dict[int, int]:
+def _predictions(job: pipeline.Job, dataset) -> dict[int, Any]:
+    """Row -> the task's `predict` (a class id, or a regression task's float); {} without."""
     task = build_task(job.cfg)
     if not hasattr(task, "predict"):
         return {}
     model = build_model(job.cfg).eval()
-    out: dict[int, int] = {}
+    out: dict[int, Any] = {}
     for lo in range(0, len(dataset), 256):
         rows = range(lo, min(lo + 256, len(dataset)))
         batch = task.collate([dataset[i] for i in rows])
@@ -63,10 +63,11 @@ def make_report(job: pipeline.Job) -> dict[str, Any]:
     train, query = build_dataset(job.cfg, "train"), build_dataset(job.cfg, "query")
     preds = _predictions(job, query)
     changed = _changed_shown_rows(job.index, train, topk, self_inf)
+    shown_train = MarkChanged(train, changed) if changed else train
     html = report.write_report(
         None,
         topk,
-        MarkChanged(train, changed) if changed else train,
+        shown_train,
         query,
         self_influence=self_inf,
         stage_times=job.timings,
@@ -77,21 +78,13 @@ def make_report(job: pipeline.Job) -> dict[str, Any]:
     os.makedirs(job.cfg.run.output_dir, exist_ok=True)
     with open(local, "w", encoding="utf-8") as f:
         f.write(html)
-    correct = [q for q, p in preds.items() if items.label_of(query, q) == p]
-    # With predictions, judge the queries the model gets right; a task without `predict`
-    # (a user's own loss) is judged on every query, as the report's summary is.
-    judged = correct if preds else None
-    agreement = (
-        report.top_proponent_label_agreement(topk, train, query, rows=judged)
-        if judged is None or judged
-        else None
-    )
-    if agreement is not None and agreement != agreement:  # NaN: no query carries a label
-        agreement = None
+    # The report's summary states the same numbers, computed by the same function.
+    labels = report.label_stats(topk, shown_train, query, preds)
     return {
         "report": os.path.abspath(local),
-        "top_proponent_label_agreement": agreement,
-        "query_accuracy": len(correct) / len(query) if preds else None,
+        "top_proponent_label_agreement": labels.agreement,
+        "top_proponent_label_agreement_correct": labels.agreement_correct,
+        "query_accuracy": labels.accuracy,
         "changed_train_rows": changed,
     }
 

@@ -14,7 +14,13 @@ import torch
 from torch.utils.data import TensorDataset
 
 from grass_dist.data import digits
-from grass_dist.report import TOPK_COLUMNS, top_proponent_label_agreement, write_report
+from grass_dist.report import (
+    TOPK_COLUMNS,
+    label_stats,
+    label_text,
+    top_proponent_label_agreement,
+    write_report,
+)
 from tests.helpers import CHROMIUM, chromium_args, rendered_dom
 
 EVIL_KEY = "<script>alert(1)</script>"
@@ -120,7 +126,69 @@ def test_top_proponent_label_agreement(sets):
     assert top_proponent_label_agreement(topk, train, query) == 0.5
     assert top_proponent_label_agreement(topk, train, query, rows=[0, 2]) == 1.0
     assert top_proponent_label_agreement(topk, train, query, rows=[1]) == 0.0
-    assert np.isnan(top_proponent_label_agreement(topk, train, query, rows=[17]))
+    assert top_proponent_label_agreement(topk, train, query, rows=[17]) is None
+    # Over every query, and over the ones the model predicts correctly (0, 1, 2; 3 wrong):
+    # the page states both numbers, with the JSON fields that hold them.
+    predictions = {q: int(query.labels[q]) + (q == 3) for q in range(4)}
+    stats = label_stats(topk, train, query, predictions)
+    assert (stats.agreement, stats.n_agreement) == (0.5, 4)
+    assert (stats.agreement_correct, stats.n_agreement_correct) == (2 / 3, 3)
+    assert (stats.accuracy, stats.n_accuracy) == (0.75, 4)
+    html = write_report(None, topk, train, query, predictions=predictions)
+    assert "query&#x27;s label</th><td>50.0% of 4 queries; 66.7% of the 3 the model " in html
+    assert "report.top_proponent_label_agreement_correct" in html
+    assert "model accuracy on these queries</th><td>75.0%" in html
+
+
+class Targets:
+    """A regression set: a digit picture per row and a float target (`describe` or not)."""
+
+    def __init__(self, targets, describe: bool):
+        self.targets = targets
+        self.x = torch.rand(len(targets), 64, generator=torch.Generator().manual_seed(0))
+        if describe:
+            self.describe = lambda i: {"label": self.targets[i], "image": self.x[i].reshape(8, 8)}
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        return self.x[i], torch.tensor(self.targets[i], dtype=torch.float32)
+
+
+@pytest.mark.parametrize("describe", [False, True], ids=["items", "describe"])
+@pytest.mark.parametrize("whole", [False, True], ids=["continuous", "whole_floats"])
+def test_float_targets_get_no_agreement_nor_marks(describe, whole):
+    """MSE targets are never compared: not even equal ones, nor whole floats (2.0)."""
+    values = [float(v) for v in range(-3, 3)] if whole else [-1.2988660335540771, 0.1, 2.5]
+    targets = [values[i % len(values)] for i in range(200)]
+    train, query = Targets(targets, describe), Targets(targets, describe)
+    topk = make_topk(3)
+    top = (topk["kind"] == "proponent") & (topk["rank"] == 0)
+    topk.loc[top, "train_row"] = topk.loc[top, "query_row"]  # the same target: still no
+    assert top_proponent_label_agreement(topk, train, query) is None
+    predictions = {q: targets[q] for q in range(3)}  # a perfect regression, never "right"
+    stats = label_stats(topk, train, query, predictions)
+    assert stats.agreement is stats.agreement_correct is stats.accuracy is None
+    html = write_report(None, topk, train, query, predictions={0: 0.123456789})
+    body = html.partition("<body>")[2]  # past the stylesheet
+    assert "query&#x27;s label" not in body and "agreement" not in body
+    assert "Green borders" not in body and "model accuracy" not in body
+    assert "same-label" not in body and "wrong" not in body
+    labels = re.findall(r"label <b>([^<]*)</b>", body)
+    assert labels and all(re.fullmatch(r"-?\d+(\.\d+)?", v) for v in labels)
+    assert all(len(v.lstrip("-").replace(".", "").lstrip("0")) <= 4 for v in labels)
+    if not whole:
+        assert "label <b>-1.299</b>" in body and "-1.29886" not in body
+    assert "predicted <b>0.1235</b>" in body
+
+
+def test_label_text():
+    assert label_text(-1.2988660335540771) == "-1.299"
+    assert label_text(np.float32(1234567.0)) == "1.235e+06"
+    assert label_text(torch.tensor(0.5)) == "0.5" and label_text(2.0) == "2"
+    assert label_text(7) == "7" and label_text(torch.tensor(3)) == "3"
+    assert label_text("cat") == "cat" and label_text(np.int64(4)) == "4"
 
 
 def test_plain_datasets_render(sets):

@@ -3,8 +3,9 @@
 `user_pkg` writes a small package `my_pkg` into a temporary directory, the way a user
 would have it next to their project: a model factory that loads a checkpoint, plain
 `TensorDataset` / list-of-tuples / list-of-dicts datasets, a custom task and a retraining
-recipe. Nothing in it imports grass_dist. `run_job` runs `python -m jobs.<name>` in a
-subprocess with that package on PYTHONPATH, exactly as README documents.
+recipe, and a regression beside them (model, float targets, MSE task). Nothing in it
+imports grass_dist. `run_job` runs `python -m jobs.<name>` in a subprocess with that
+package on PYTHONPATH, exactly as README documents.
 """
 
 from __future__ import annotations
@@ -142,6 +143,50 @@ if __name__ == "__main__":
 '''
 
 
+_REGRESSION = '''
+"""A user's regression: an MLP's one output fitted by MSE to float targets (no checkpoint:
+seeded weights are the same on every worker)."""
+from collections import OrderedDict
+
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.utils.data import TensorDataset, default_collate
+
+
+def _rows(lo, n):
+    x = torch.tensor(load_digits().data[lo:lo + n], dtype=torch.float32) / 16.0
+    ink = (x.mean(1) - 0.3) / 0.05  # how much ink, standardised: e.g. -1.2988660335540771
+    return TensorDataset(x, ink)
+
+
+def train_set(n=120):
+    return _rows(0, n)
+
+
+def queries(n=10):
+    return _rows(1000, n)
+
+
+def model(hidden=16, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(OrderedDict(
+        fc1=nn.Linear(64, hidden), act=nn.ReLU(), out=nn.Linear(hidden, 1))).eval()
+
+
+class MSE:
+    def collate(self, items):
+        return default_collate(items)
+
+    def to(self, batch, device):
+        return [v.to(device) for v in batch]
+
+    def per_sample_loss(self, model, batch):
+        x, y = batch
+        return (model(x).squeeze(-1) - y) ** 2
+'''
+
+
 @dataclass
 class UserPackage:
     """Where the user's package and its trained checkpoint live."""
@@ -170,6 +215,7 @@ def user_pkg(tmp_path_factory) -> UserPackage:
         ("data", _DATA),
         ("tasks", _TASKS),
         ("train", _TRAIN),
+        ("regression", _REGRESSION),
     ):
         (pkg / f"{name}.py").write_text(textwrap.dedent(text).lstrip())
     ckpt = root / "ckpt.pt"

@@ -65,8 +65,9 @@ def test_readme_commands_run_with_the_users_model_data_task_and_recipe(user_pkg,
     # my_pkg.data.train_set() has 120 rows and queries() 10 (the callables' defaults).
     attributed = summaries["attribute"]
     assert attributed["index"]["rows"] == 120 and attributed["score"]["queries"] == 10
-    # The user's task has no `predict`: the summary judges every query, as the report does.
+    # The user's task has no `predict`: agreement over every query, none over correct ones.
     assert 0 <= attributed["report"]["top_proponent_label_agreement"] <= 1
+    assert attributed["report"]["top_proponent_label_agreement_correct"] is None
     index = GradientIndex.open(str(tmp_path / "outputs" / "index-mine"))
     assert load_dense(index, "default").shape == (120, 10)
     topk = load_table(index, "default", "topk").to_pandas()
