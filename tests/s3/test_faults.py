@@ -3,7 +3,12 @@ secret in anything the job writes or says."""
 
 from __future__ import annotations
 
+import os
 import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +20,7 @@ from grass_dist import pipeline, run
 from grass_dist.errors import StoreAccessDeniedError
 from grass_dist.index import GradientIndex
 from grass_dist.runtime.worker import plan_shards
+from tests.conftest import ROOT, SMALL
 from tests.s3.conftest import Backend, phi_of_rows, s3_backend
 
 pytestmark = pytest.mark.integration
@@ -111,3 +117,44 @@ def test_wrong_credentials_name_endpoint_and_bucket(seaweedfs, tmp_path, capfd):
         pipeline.prepare(cfg)
     for text in (err, str(denied.value), repr(denied.value.args)):
         assert wrong not in text and seaweedfs.secret_key not in text
+
+
+def test_credentials_given_as_overrides_reach_the_store_and_nothing_written(seaweedfs, tmp_path):
+    # README says to keep credentials in the environment; a user who gives them on the
+    # command line anyway gets a working job, a warning, and no copy of them in any file:
+    # the config Hydra saves under logs/, the index, Ray's logs, or what the job prints.
+    backend = s3_backend(seaweedfs)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    ray_tmp = Path(tempfile.mkdtemp(prefix="gd-ray-"))  # short: Ray's socket paths
+    env.update(PYTHONPATH=str(ROOT), RAY_TMPDIR=str(ray_tmp))
+    given = [
+        "store=s3",
+        f"store.url={backend.url}",
+        f"+store.storage_options.key={seaweedfs.access_key}",
+        f"+store.storage_options.secret={seaweedfs.secret_key}",
+        f"+store.storage_options.client_kwargs.endpoint_url={seaweedfs.endpoint}",
+        f"run.output_dir={tmp_path / 'outputs'}",
+        *SMALL,
+        "cluster.num_workers=1",
+    ]
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "jobs.index", *given],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "AWS_SECRET_ACCESS_KEY" in proc.stderr  # the warning
+        written = [("stdout+stderr", (proc.stdout + proc.stderr).encode())]
+        written += list(_everything_written(backend, tmp_path, ray_tmp))
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert any(where.endswith("index.json") for where, _ in written)
+    assert any("/_progress/" in where for where, _ in written)
+    assert any(where.endswith(".hydra/overrides.yaml") for where, _ in written)
+    assert any("session_" in where for where, _ in written)  # Ray's logs were scanned
+    for secret in (seaweedfs.access_key, seaweedfs.secret_key):
+        assert [where for where, data in written if secret.encode() in data] == []
