@@ -7,8 +7,22 @@ class GrassError(Exception):
     """Base class of every error grass_dist raises on purpose."""
 
 
+# What `Store.endpoint` says of an S3 store that names no endpoint (boto's default: AWS).
+DEFAULT_S3_ENDPOINT = "the default AWS S3 endpoint"
+
+
+def at_endpoint(endpoint: str | None) -> str:
+    """`` at endpoint http://...``, `` at the default AWS S3 endpoint``, or "" (no endpoint)."""
+    if not endpoint:
+        return ""
+    return f" at {endpoint}" if endpoint == DEFAULT_S3_ENDPOINT else f" at endpoint {endpoint}"
+
+
 class StoreUnavailableError(GrassError):
-    """The index store cannot be reached, read or written (args: redacted url, reason, endpoint)."""
+    """The index store cannot be reached, read or written (args: redacted url, reason, endpoint).
+
+    `problem()` says what failed and `fix` what a job's user can do; `str()` is both. A
+    command other than a job (the progress reader) gives `problem()` its own fix."""
 
     fix = (
         "Fix: check store.url / store.storage_options (endpoint, bucket, credentials, "
@@ -22,11 +36,14 @@ class StoreUnavailableError(GrassError):
 
     def where(self) -> str:
         """``index store 's3://b/p' at endpoint http://...`` (no credentials)."""
-        at = f" at endpoint {self.endpoint}" if self.endpoint else ""
-        return f"index store {self.url!r}{at}"
+        return f"index store {self.url!r}{at_endpoint(self.endpoint)}"
+
+    def problem(self) -> str:
+        """What failed, without the fix and without a final period."""
+        return f"{self.where()} is unavailable: {self.reason}"
 
     def __str__(self) -> str:
-        return f"{self.where()} is unavailable: {self.reason}. {self.fix}"
+        return f"{self.problem()}. {self.fix}"
 
 
 class StoreUnreachableError(StoreUnavailableError):
@@ -37,9 +54,18 @@ class StoreUnreachableError(StoreUnavailableError):
         "store.retries / store.backoff_s to ride out longer outages), then rerun the same "
         "command: committed shards are kept and only the missing ones are computed."
     )
+    # Added to `fix` when no endpoint is set: an S3-compatible server needs one.
+    no_endpoint = (
+        "No endpoint is set: for an S3-compatible server, set AWS_ENDPOINT_URL or "
+        "+store.storage_options.endpoint_url=http://HOST:PORT."
+    )
+
+    def problem(self) -> str:
+        return f"{self.where()} is unreachable: {self.reason}"
 
     def __str__(self) -> str:
-        return f"{self.where()} is unreachable: {self.reason}. {self.fix}"
+        hint = f" {self.no_endpoint}" if self.endpoint == DEFAULT_S3_ENDPOINT else ""
+        return f"{self.problem()}. {self.fix}{hint}"
 
 
 class StoreAccessDeniedError(StoreUnavailableError):
@@ -51,10 +77,10 @@ class StoreAccessDeniedError(StoreUnavailableError):
         "variables) and that they may read, write and list this bucket and prefix."
     )
 
-    def __str__(self) -> str:
+    def problem(self) -> str:
         bucket = _bucket(self.url)
         named = f" (bucket {bucket!r})" if bucket else ""
-        return f"access denied by the {self.where()}{named}: {self.reason}. {self.fix}"
+        return f"access denied by the {self.where()}{named}: {self.reason}"
 
 
 def _bucket(url: str) -> str | None:

@@ -32,11 +32,13 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
 from grass_dist.errors import (
+    DEFAULT_S3_ENDPOINT,
     ConfigError,
     CreateOnlyUnsupportedError,
     StoreAccessDeniedError,
     StoreUnavailableError,
     StoreUnreachableError,
+    at_endpoint,
 )
 from grass_dist.index.retry import (
     RetryPolicy,
@@ -161,7 +163,7 @@ class Store:
         if not self.is_s3:
             return None
         url = self._endpoint_url()
-        return redact_url(url) if url else "the default AWS S3 endpoint"
+        return redact_url(url) if url else DEFAULT_S3_ENDPOINT
 
     # ---- internals -------------------------------------------------------------------
     def _fs_options(self) -> dict[str, Any]:
@@ -373,7 +375,7 @@ class Store:
         self._create_only_checked = True
 
     def _not_enforced(self, what: str) -> str:
-        at = f" at endpoint {self.endpoint}" if self.endpoint else ""
+        at = at_endpoint(self.endpoint)
         return (
             f"the index store {self.url_of('')!r}{at} does not enforce create-only writes "
             f"({what}), so two jobs committing at once could both write the same manifest "

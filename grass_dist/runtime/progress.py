@@ -22,7 +22,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-from grass_dist.errors import StoreUnavailableError
+from grass_dist.errors import (
+    DEFAULT_S3_ENDPOINT,
+    StoreAccessDeniedError,
+    StoreUnavailableError,
+    StoreUnreachableError,
+)
 from grass_dist.index import Store
 
 log = logging.getLogger(__name__)
@@ -206,6 +211,37 @@ def with_age(doc: dict[str, Any], now: datetime | None = None) -> dict[str, Any]
     return doc
 
 
+def reader_fix(error: StoreUnavailableError) -> str:
+    """What the user of this read-only command can do about `error` (the jobs' fixes speak
+    of store.* settings, every node and reruns, none of which applies here)."""
+    endpoint = (
+        "set AWS_ENDPOINT_URL=http://HOST:PORT or pass --option endpoint_url=http://HOST:PORT"
+    )
+    if isinstance(error, StoreAccessDeniedError):
+        fix = (
+            "Fix: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in this "
+            "environment to credentials that may list and read this bucket and prefix"
+        )
+        if error.endpoint == DEFAULT_S3_ENDPOINT:
+            fix += f"; for an index on an S3-compatible server, also {endpoint}"
+        return fix + "."
+    if isinstance(error, StoreUnreachableError):
+        if error.endpoint == DEFAULT_S3_ENDPOINT:
+            return (
+                f"Fix: for an index on an S3-compatible server, {endpoint} (the endpoint the "
+                "jobs get from store.storage_options); else check that this machine reaches "
+                "AWS S3."
+            )
+        return (
+            f"Fix: check that {error.endpoint or 'the store'} is up and reachable from this "
+            f"machine; for another endpoint, {endpoint}."
+        )
+    return (
+        "Fix: check the URL, the --option values and that this machine reaches the store "
+        f"(for an S3-compatible server, {endpoint})."
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Print a job's progress record (default: the newest) of the index at a URL."""
     import argparse
@@ -236,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
         if doc is None and not store.exists(INDEX_FILE):
             sys.exit(f"error: no gradient index at {store.url_of('')} ({INDEX_FILE} not found)")
     except StoreUnavailableError as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e.problem()}. {reader_fix(e)}")
     if doc is None:
         which = f"of job {args.job} " if args.job else ""
         sys.exit(f"error: no progress record {which}under {store.url_of(PROGRESS_DIR)}")

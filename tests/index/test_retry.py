@@ -113,6 +113,38 @@ def test_dead_endpoint_is_unreachable_with_endpoint_attempts_and_no_secret():
     assert pickle.loads(pickle.dumps(info.value)).args == info.value.args  # crosses Ray
 
 
+class _UnreachableS3:
+    protocol = ("s3", "s3a")
+
+    def cat_file(self, path):
+        raise EndpointConnectionError(endpoint_url="https://bucket.s3.amazonaws.com/")
+
+    def invalidate_cache(self, path=None):
+        """Like every fsspec filesystem's (Store drops s3fs's cached listings before reads)."""
+
+
+def test_an_s3_store_without_endpoint_is_named_at_the_default_endpoint(monkeypatch):
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    store = Store("s3://bucket/prefix", {}, RetryPolicy(0))
+    store._fs, store._root = _UnreachableS3(), "bucket/prefix"
+    with pytest.raises(StoreUnreachableError) as info:
+        store.read_bytes("index.json")
+    text = str(info.value)
+    assert text.startswith(
+        "index store 's3://bucket/prefix' at the default AWS S3 endpoint is unreachable: "
+    )
+    assert "at endpoint the" not in text
+    assert "No endpoint is set: for an S3-compatible server, set AWS_ENDPOINT_URL" in text
+    assert "rerun the same command" in text  # still a job's advice
+    named = StoreUnreachableError("s3://b/p", "refused", "http://127.0.0.1:9")
+    assert str(named).startswith("index store 's3://b/p' at endpoint http://127.0.0.1:9 is")
+    assert "No endpoint is set" not in str(named)
+    assert " at the default AWS S3 endpoint (bucket 'b')" in str(
+        StoreAccessDeniedError("s3://b/p", "NoCredentialsError", store.endpoint)
+    )
+
+
 class _DenyingS3:
     protocol = ("s3", "s3a")
 

@@ -10,11 +10,13 @@ import threading
 from datetime import datetime, timedelta
 
 import pytest
+from botocore.exceptions import EndpointConnectionError, NoCredentialsError
 from omegaconf import OmegaConf
 
 from grass_dist.config import FaultsConfig, JobConfig
 from grass_dist.errors import ConfigError
 from grass_dist.index import ShardRecord, Store
+from grass_dist.runtime import progress as progress_cli
 from grass_dist.runtime import scaling
 from grass_dist.runtime.overlap import Phases, overlap_seconds
 from grass_dist.runtime.progress import JobProgress, read_progress, with_age
@@ -181,6 +183,53 @@ def test_the_progress_command_says_what_is_wrong_in_one_line(tmp_path):
     assert none.returncode == 1 and "no progress record of job nope under" in none.stderr
     bad = progress(str(tmp_path), "--option", "endpoint_url")
     assert bad.returncode == 2 and "--option takes KEY=VALUE" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("options", "cause", "says", "fix"),
+    [
+        (
+            [],
+            EndpointConnectionError(endpoint_url="https://bucket.s3.amazonaws.com/"),
+            "error: index store 's3://bucket/idx' at the default AWS S3 endpoint is "
+            "unreachable: cannot list '_progress': EndpointConnectionError",
+            "Fix: for an index on an S3-compatible server, set AWS_ENDPOINT_URL=http://HOST:PORT"
+            " or pass --option endpoint_url=http://HOST:PORT",
+        ),
+        (
+            ["--option", "endpoint_url=http://127.0.0.1:9"],
+            EndpointConnectionError(endpoint_url="http://127.0.0.1:9"),
+            "error: index store 's3://bucket/idx' at endpoint http://127.0.0.1:9 is unreachable",
+            "Fix: check that http://127.0.0.1:9 is up and reachable from this machine",
+        ),
+        (
+            [],
+            NoCredentialsError(),
+            "error: access denied by the index store 's3://bucket/idx' at the default AWS S3 "
+            "endpoint (bucket 'bucket'): cannot list '_progress': NoCredentialsError",
+            "Fix: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in this "
+            "environment",
+        ),
+    ],
+    ids=["no_endpoint", "endpoint_down", "no_credentials"],
+)
+def test_the_progress_command_gives_a_readers_fix_for_an_s3_store(
+    monkeypatch, options, cause, says, fix
+):
+    # A read-only command: no store.* settings, nodes or reruns in its advice.
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+
+    def unreachable(store, rel_dir):
+        raise store._error(f"cannot list {rel_dir!r}", cause, 1.0)
+
+    monkeypatch.setattr(Store, "list", unreachable)
+    with pytest.raises(SystemExit) as info:
+        progress_cli.main(["s3://bucket/idx", *options])
+    message = str(info.value.code)
+    assert message.startswith(says) and fix in message
+    for jobs_only in ("at endpoint the", "rerun", "store.retries", "every node", "committed"):
+        assert jobs_only not in message
 
 
 def test_a_record_still_running_says_how_long_since_its_update(tmp_path):
