@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -242,6 +243,19 @@ def reader_fix(error: StoreUnavailableError) -> str:
     )
 
 
+def _print(text: str) -> None:
+    """Print `text`; a reader that closed the pipe (`... | head -1`) ends the command quietly,
+    with the status of a command ended by SIGPIPE in a shell (128 + 13). SIGPIPE itself
+    stays ignored, as Python leaves it: its default would also kill the process on a
+    broken S3 connection, which must raise (and be retried) instead."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # The interpreter flushes stdout again at exit: point it at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Print a job's progress record (default: the newest) of the index at a URL."""
     import argparse
@@ -276,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     if doc is None:
         which = f"of job {args.job} " if args.job else ""
         sys.exit(f"error: no progress record {which}under {store.url_of(PROGRESS_DIR)}")
-    print(json.dumps(with_age(doc), indent=1))
+    _print(json.dumps(with_age(doc), indent=1))
 
 
 if __name__ == "__main__":

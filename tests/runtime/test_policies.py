@@ -4,6 +4,7 @@ the shard plan."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -230,6 +231,25 @@ def test_the_progress_command_gives_a_readers_fix_for_an_s3_store(
     assert message.startswith(says) and fix in message
     for jobs_only in ("at endpoint the", "rerun", "store.retries", "every node", "committed"):
         assert jobs_only not in message
+
+
+def test_the_progress_command_piped_into_a_closed_reader_exits_quietly(tmp_path):
+    # `... | head -1` closes the pipe early: no BrokenPipeError traceback, a shell's SIGPIPE
+    # status. The read end is closed before the command writes, so this is no race.
+    JobProgress(Store(str(tmp_path)), "job-1", bar=False).write()
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "grass_dist.runtime.progress", str(tmp_path)],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        os.close(write)
+    _, err = proc.communicate(timeout=120)
+    assert (proc.returncode, err) == (141, "")
 
 
 def test_a_record_still_running_says_how_long_since_its_update(tmp_path):
