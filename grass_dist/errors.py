@@ -139,6 +139,11 @@ class NonFiniteGradientError(GrassError):
     """A compressed gradient contains NaN or inf."""
 
 
+class StorageOverflowError(NonFiniteGradientError):
+    """Some rows' compressed gradients are finite in float32 but not in index.dtype (larger
+    than its largest value, 65504 for float16), so storing them would write inf."""
+
+
 class BadRowsError(GrassError):
     """The task or model failed on some data rows: their content, not the config."""
 

@@ -29,6 +29,7 @@ from grass_dist.errors import (
     DataMismatchError,
     FingerprintMismatchError,
     ResultsNotFoundError,
+    StorageOverflowError,
 )
 from grass_dist.index import GradientIndex
 from grass_dist.models.digits import digits_mlp
@@ -245,6 +246,46 @@ def test_a_workers_refusal_reaches_the_caller_as_itself(ray_session, tmp_path):
     assert type(info.value) is ConfigError
     assert str(info.value).startswith("the preconditioner is singular at this damping")
     assert str(info.value).endswith("(in the Python API: damping= sets precondition.damping)")
+
+
+@pytest.mark.integration
+def test_gradients_too_large_for_float16_stop_the_build_and_bfloat16_holds_them(
+    ray_session, tmp_path
+):
+    # Rows 40..43 have inputs 1e6 times larger and a label the model gets wrong, so their
+    # gradients reach ~1e6: finite in float32, inf in float16 (at most 65504).
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    x[40:44] *= 1e6
+    with torch.no_grad():
+        y[40:44] = (model(x[40:44]).argmax(1) + 1) % 3
+    train = TensorDataset(x, y)
+    settings = dict(k=8, workers=1)
+    sizes = [f"run.output_dir={tmp_path}", "index.shard_size=32"]
+    with pytest.raises(StorageOverflowError) as refused:
+        gd.Index.build(model, train, store=str(tmp_path / "f16"), **settings,
+                       overrides=[*sizes, "index.dtype=float16"])  # fmt: skip
+    said = str(refused.value)
+    assert said.startswith("rows [40, 41, 42, 43] (keys ['40', '41', '42', '43']) have ")
+    assert "index.dtype=float16 holds at most 65504" in said
+    assert (
+        "Fix: rebuild the index with index.dtype=bfloat16 (or float32) in a new store.url" in said
+    )
+    # Nothing of the refused shard (rows 32..63) was written; one committed before is whole.
+    f16 = GradientIndex.open(str(tmp_path / "f16"))
+    assert [(r.start, r.end) for r in f16.committed().values()] in ([], [(0, 32)])
+    written = {p.parent.name for p in (tmp_path / "f16" / "shards").glob("*/*")}
+    assert written <= {"000000000000-000000000032"}
+    for _, data in f16.iter_committed():
+        assert all(np.isfinite(v).all() for v in data.phi.values())
+
+    index = gd.Index.build(model, train, store=str(tmp_path / "bf16"), **settings,
+                           overrides=[*sizes, "index.dtype=bfloat16"])  # fmt: skip
+    assert index.summary["index"]["rows"] == 64
+    rows, phi = _rows(index.gradient_index)
+    assert rows.tolist() == list(range(64)) and np.abs(phi["0"][40:44]).max() > 65504
+    assert all(np.isfinite(v).all() for v in phi.values())
 
 
 @pytest.mark.integration

@@ -6,6 +6,11 @@
 Each shard attempt is serialised in memory, hashed (sha256 goes into the manifest) and put
 in one request, so a shard file is either absent or complete.
 
+Every value must survive the cast to the storage dtype: a row whose float32 gradient is
+larger than the dtype's largest value (65504 for float16) would be stored as inf and make
+the preconditioner of the whole index fail, so `write_shard` refuses it, naming the rows,
+and writes nothing.
+
 Compression: zstd with byte-stream-split encoding. Projected gradients are high-entropy
 floats, so a plain codec gains little, but splitting each value's bytes lets zstd squeeze the
 sign/exponent bytes: measured ~10-20% smaller than raw for float32 and bfloat16, with
@@ -23,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from grass_dist.data.content import DIGEST_BYTES
-from grass_dist.errors import CorruptShardError
+from grass_dist.errors import CorruptShardError, StorageOverflowError
 from grass_dist.index.store import Store
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -31,6 +36,9 @@ _META_DTYPE = b"grass_dist.dtype"
 _META_LAYERS = b"grass_dist.layers"
 _DIGESTS = "row_sha256"
 _RESERVED = ("row_id", "key", _DIGESTS)
+# The largest finite value of each storage dtype, and the settings that hold larger ones.
+_LARGEST = {"float32": "3.4e38", "float16": "65504", "bfloat16": "3.39e38"}
+_WIDER = {"float16": "index.dtype=bfloat16 (or float32)", "bfloat16": "index.dtype=float32"}
 
 
 @dataclass
@@ -67,15 +75,24 @@ def _bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-def _encode(x: np.ndarray, dtype: str) -> pa.Array:
-    """(n, k) float array -> FixedSizeListArray[k] of the storage type (vectorised)."""
-    n, k = x.shape
+def _cast(x: np.ndarray, dtype: str) -> np.ndarray:
+    """(n, k) float array -> the (n, k) values as stored: float32 or float16, or for
+    bfloat16 its raw uint16 bits. A value too large for the dtype becomes inf (no warning:
+    `write_shard` checks the result)."""
     if dtype == "bfloat16":
         # pyarrow has no bfloat16 type: keep the raw bits; the schema metadata says so.
-        flat = _float32_to_bf16_bits(x.reshape(-1))
+        return _float32_to_bf16_bits(x)
+    with np.errstate(over="ignore"):
+        return np.ascontiguousarray(x, dtype=np.dtype(dtype))
+
+
+def _finite_rows(stored: np.ndarray, dtype: str) -> np.ndarray:
+    """bool (n,): whether every value of each row of `_cast`'s (n, k) output is finite."""
+    if dtype == "bfloat16":  # exponent bits all ones: inf or NaN
+        finite = (stored & np.uint16(0x7F80)) != np.uint16(0x7F80)
     else:
-        flat = np.ascontiguousarray(x, dtype=np.dtype(dtype)).reshape(-1)
-    return pa.FixedSizeListArray.from_arrays(pa.array(flat), k)
+        finite = np.isfinite(stored)
+    return finite.all(axis=1)
 
 
 def _decode(col: pa.ChunkedArray, n: int, dtype: str) -> np.ndarray:
@@ -86,6 +103,61 @@ def _decode(col: pa.ChunkedArray, n: int, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
         flat = _bf16_bits_to_float32(flat)
     return flat.astype(np.float32, copy=False).reshape(n, k)
+
+
+def _listed(values: list, most: int = 10) -> str:
+    return (
+        f"{values[:most]}"
+        if len(values) <= most
+        else f"{values[:most]} and {len(values) - most} more"
+    )
+
+
+def check_storable(
+    row_ids: np.ndarray,
+    keys: list[str],
+    phi: dict[str, np.ndarray],
+    stored: dict[str, np.ndarray],
+    dtype: str,
+) -> None:
+    """StorageOverflowError naming the rows whose values in `phi` are finite but not once
+    cast to `dtype` (`stored`, from `_cast`): larger than the dtype holds. (NaN or inf
+    already in `phi` is the gradient computer's to refuse, which names its cause.)
+
+    A finite `stored` layer costs one pass over its values; the rows are looked for only
+    when one is not.
+    """
+    bad = np.zeros(int(row_ids.shape[0]), dtype=bool)
+    layers, largest = [], 0.0
+    for name, values in stored.items():
+        lost = ~_finite_rows(values, dtype)
+        if lost.any():
+            x = np.asarray(phi[name], dtype=np.float64)
+            lost &= np.isfinite(x).all(axis=1)
+        if lost.any():
+            bad |= lost
+            layers.append(name)
+            largest = max(largest, float(np.abs(x[lost]).max()))
+    if not layers:
+        return
+    rows = [int(r) for r in row_ids[bad]]
+    keys_bad = [keys[i] for i in np.flatnonzero(bad)]
+    raise StorageOverflowError(
+        f"rows {_listed(rows)} (keys {_listed(keys_bad)}) have compressed gradients in "
+        f"layers {layers} as large as {largest:.4g}, but index.dtype={dtype} holds at most "
+        f"{_LARGEST[dtype]}: stored, they would be inf and no preconditioner could be built "
+        f"from the index. Nothing of their shard was written; shards committed before are "
+        f"kept. Fix: {overflow_fix(dtype)}."
+    )
+
+
+def overflow_fix(dtype: str) -> str:
+    """How to index gradients too large for storage dtype `dtype`: a wider dtype, in a new
+    store (the dtype is part of the index's fingerprint)."""
+    wider = _WIDER.get(dtype)
+    if wider is None:
+        return "scale the task's loss down, and rebuild the index in a new store.url"
+    return f"rebuild the index with {wider} in a new store.url (an index keeps its dtype)"
 
 
 def _encode_digests(digests: np.ndarray, n: int) -> pa.Array:
@@ -122,6 +194,10 @@ def write_shard(
         dtype: storage dtype, one of float32 / float16 / bfloat16.
         digests: uint8 (n, 32), each row's content digest; None writes no digest column.
 
+    Raises:
+        StorageOverflowError: some rows are finite but too large for `dtype`; nothing is
+            written (`check_storable`).
+
     Returns:
         (nbytes, sha256 hex digest) of the written file.
     """
@@ -140,14 +216,18 @@ def write_shard(
     if digests is not None:
         columns[_DIGESTS] = _encode_digests(digests, n)
     layers: list[list[object]] = []
+    stored: dict[str, np.ndarray] = {}
     for name, x in phi.items():
         x = np.asarray(x)
         if name in _RESERVED:
             raise ValueError(f"layer name {name!r} clashes with a reserved column")
         if x.ndim != 2 or x.shape[0] != n:
             raise ValueError(f"phi[{name!r}] must have shape ({n}, k), got {x.shape}")
-        columns[name] = _encode(x, dtype)
+        stored[name] = _cast(x, dtype)
         layers.append([name, int(x.shape[1])])
+    check_storable(row_ids, keys, phi, stored, dtype)
+    for name, k in layers:
+        columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(stored[name].reshape(-1)), k)
     meta = {_META_DTYPE: dtype.encode(), _META_LAYERS: json.dumps(layers).encode()}
     table = pa.table(columns).replace_schema_metadata(meta)
     sink = pa.BufferOutputStream()

@@ -6,6 +6,7 @@ import errno
 import os
 import pickle
 import uuid
+import warnings
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from grass_dist.errors import (
     ConfigError,
     CorruptShardError,
     CreateOnlyUnsupportedError,
+    StorageOverflowError,
     StoreUnavailableError,
 )
 from grass_dist.index.retry import RetryPolicy, is_unclear_refusal
@@ -288,6 +290,32 @@ def test_bfloat16_rounding_edge_cases(url):
     assert got[:4].tolist() == [1.0, -2.5, np.inf, -np.inf] and np.isnan(got[4])
     assert got[5] == 0.0 and got[6] == 1.0  # ties round to even
     assert np.isfinite(got[7])
+
+
+def test_gradients_too_large_for_the_storage_dtype_are_refused_naming_rows_and_fix(url):
+    # float16 holds at most 65504: a larger float32 gradient would be stored as inf (with
+    # only numpy's RuntimeWarning) and fail the preconditioner of the whole index.
+    store = Store(url)
+    phi = _phi(6)
+    phi["model.fc1"][[1, 4], 3] = [7.0e4, -2.5e5]  # finite in float32
+    phi["model.fc1"][2, 0] = 65519.0  # rounds down to 65504: stored
+    row_ids, keys = np.arange(100, 106), [f"ex-{i}" for i in range(6)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused by name, not by a numpy warning
+        with pytest.raises(StorageOverflowError) as refused:
+            write_shard(store, "shards/s0/a.parquet", row_ids, keys, phi, "float16")
+    said = str(refused.value)
+    assert said.startswith("rows [101, 104] (keys ['ex-1', 'ex-4']) have compressed gradients")
+    assert "in layers ['model.fc1'] as large as 2.5e+05" in said
+    assert "index.dtype=float16 holds at most 65504" in said
+    assert said.endswith(
+        "Fix: rebuild the index with index.dtype=bfloat16 (or float32) in a new store.url "
+        "(an index keeps its dtype)."
+    )
+    assert not store.exists("shards/s0/a.parquet")
+    for dtype in ("bfloat16", "float32"):  # the dtypes the fix names hold them
+        write_shard(store, f"{dtype}.parquet", row_ids, keys, phi, dtype)
+        assert np.isfinite(read_shard(store, f"{dtype}.parquet").phi["model.fc1"]).all()
 
 
 def test_empty_shard(url):
