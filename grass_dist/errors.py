@@ -144,6 +144,11 @@ class StorageOverflowError(NonFiniteGradientError):
     than its largest value, 65504 for float16), so storing them would write inf."""
 
 
+class NonFiniteShardError(CorruptIndexError):
+    """A committed shard holds NaN or inf gradients (written before the storage cast was
+    checked): no preconditioner can be built from it."""
+
+
 class BadRowsError(GrassError):
     """The task or model failed on some data rows: their content, not the config."""
 

@@ -3,6 +3,7 @@ the store formats (including files written before format 2), the float32 Fisher 
 the parallel per-layer factorisation and the Ray build of the whole preconditioner."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -11,7 +12,15 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from grass_dist.runtime.fisher import balanced_groups, build_fisher, fisher_source, layer_map
+from grass_dist.errors import NonFiniteShardError
+from grass_dist.index import GradientIndex, shards
+from grass_dist.runtime.fisher import (
+    balanced_groups,
+    build_fisher,
+    fisher_part,
+    fisher_source,
+    layer_map,
+)
 from grass_dist.runtime.scoring import shard_groups
 from grass_dist.scoring.fisher_sum import FisherSum
 from grass_dist.scoring.packing import (
@@ -29,7 +38,7 @@ from grass_dist.scoring.precondition import (
     relative_damping,
     serial_map,
 )
-from tests.synthetic import write_index
+from tests.synthetic import phi_rows, write_index
 
 LAYERS = {"a": 12, "b": 7}
 DELTAS = (0.0, 1e-3, 0.3)
@@ -341,6 +350,49 @@ def test_an_empty_index_has_no_preconditioner(ray_session, tmp_path):
     url = str(tmp_path / "index")
     index = write_index(url, 0, {"a": 4}, shard_rows=10)
     with pytest.raises(ValueError, match="empty index"):
+        build_fisher(index, 2, True, 0.1)
+
+
+def _index_with_an_overflowed_shard(url: str, monkeypatch) -> GradientIndex:
+    """A float16 index of 300 rows whose shard 000000200 holds inf, as the writer stored a
+    gradient larger than 65504 before it checked the cast."""
+    index = write_index(url, 200, LAYERS, shard_rows=100, dtype="float16")
+    with monkeypatch.context() as older:
+        older.setattr(shards, "check_storable", lambda *args: None, raising=False)
+        phi = phi_rows(200, 300, LAYERS)
+        phi["b"][7, 2] = 1e6
+        rows = np.arange(200, 300)
+        keys = [f"row-{r}" for r in rows]
+        index.commit([index.write_shard("000000200", 200, 300, rows, keys, phi)])
+    return index
+
+
+def test_a_shard_holding_inf_is_named_with_the_fix_before_any_factorisation(tmp_path, monkeypatch):
+    index = _index_with_an_overflowed_shard(str(tmp_path / "index"), monkeypatch)
+    records = sorted(index.committed().values(), key=lambda r: r.start)
+    fisher_part(index, records[:2], True)  # the shards before it are fine
+    with pytest.raises(NonFiniteShardError) as refused:
+        fisher_part(index, records, True)
+    said = str(refused.value)
+    assert re.search(
+        r"holds NaN or inf gradients in shard 000000200 \(rows 200\.\.299, file .*"
+        r"shards/000000200/\w+\.parquet\)",
+        said,
+    )
+    assert "index.dtype=float16" in said
+    assert said.endswith(
+        "Fix: rebuild the index with index.dtype=bfloat16 (or float32) in a new store.url "
+        "(an index keeps its dtype)."
+    )
+
+
+@pytest.mark.integration
+def test_a_shard_holding_inf_stops_the_preconditioner_on_ray_as_itself(
+    ray_session, tmp_path, monkeypatch
+):
+    # Not torch's "linalg.eigh: The algorithm failed to converge" from a factorisation task.
+    index = _index_with_an_overflowed_shard(str(tmp_path / "index"), monkeypatch)
+    with pytest.raises(NonFiniteShardError, match=r"in shard 000000200 \(rows 200\.\.299"):
         build_fisher(index, 2, True, 0.1)
 
 

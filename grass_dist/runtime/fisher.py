@@ -7,14 +7,16 @@ workers (`runtime.executors`).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import ray
 import torch
 
+from grass_dist.errors import NonFiniteShardError
 from grass_dist.index import GradientIndex, ShardRecord
+from grass_dist.index.shards import overflow_fix
 from grass_dist.runtime.cluster import threads_for
 from grass_dist.runtime.executors import Executor, local_device, release_memory
 from grass_dist.runtime.scoring import shard_groups
@@ -25,10 +27,42 @@ from grass_dist.scoring.precondition import LayerFactor, LayerMap, Preconditione
 def fisher_part(index: GradientIndex, records: list[ShardRecord], verify: bool):
     """One map call's partial sums phi^T phi over `records`: one return per layer of the
     index, in its column order (so each goes to its own factorisation call)."""
-    total = FisherSum.accumulate(index.read(record, verify=verify).phi for record in records)
+    total = FisherSum.accumulate(finite_phi(index, records, verify))
     release_memory()
     sums = tuple(total.sums[name] for name, _ in index.layers)
     return sums if len(sums) > 1 else sums[0]
+
+
+def finite_phi(
+    index: GradientIndex, records: list[ShardRecord], verify: bool
+) -> Iterator[dict[str, np.ndarray]]:
+    """The phi of each of `records` in turn; once all are read, NonFiniteShardError naming
+    those that hold NaN or inf (an index written before the storage cast was checked: its
+    float16 shards hold inf where a gradient exceeded 65504), which would otherwise fail the
+    factorisation with no word of the shard.
+
+    A float64 sum is finite exactly when every float32 value is (it cannot overflow), so the
+    check is one pass over the rows, beside the Fisher sum's k passes.
+    """
+    bad = []
+    for record in records:
+        phi = index.read(record, verify=verify).phi
+        with np.errstate(invalid="ignore"):  # inf - inf: NaN, as it should
+            finite = all(np.isfinite(x.sum(dtype=np.float64)) for x in phi.values())
+        if not finite:
+            bad.append(record)
+        yield phi
+    if bad:
+        shards = "; ".join(
+            f"shard {r.shard_id} (rows {r.start}..{r.end - 1}, file {index.store.url_of(r.file)})"
+            for r in bad
+        )
+        raise NonFiniteShardError(
+            f"the gradient index at {index.store.url_of('')} holds NaN or inf gradients in "
+            f"{shards}, so no preconditioner can be built from it (index.dtype={index.dtype} "
+            f"written by a version that did not check the storage cast). Fix: "
+            f"{overflow_fix(index.dtype)}."
+        )
 
 
 @ray.remote
