@@ -23,6 +23,7 @@ from grass_dist.data.identity import data_identity
 from grass_dist.errors import ConfigError, GrassError
 from grass_dist.gradients import learned_state
 from grass_dist.gradients.capture import resolve_layers
+from grass_dist.gradients.computer import all_finite
 from grass_dist.index import GradientIndex
 from grass_dist.index.gradient_index import FORMAT_VERSION
 from grass_dist.models.state import state_hash
@@ -185,7 +186,38 @@ def build_model(job: JobConfig) -> nn.Module:
             f"model._target_={job.model['_target_']!r} returned an object of type "
             f"{type(model).__name__}, not a torch nn.Module; make it return the model to attribute"
         )
+    check_weights(model, _named("model", job.model))
     return model
+
+
+def check_weights(model: nn.Module, named: str) -> None:
+    """ConfigError naming the first parameters with NaN or inf, and buffers with NaN, of
+    `model` (called `named`): each of its losses and gradients would be NaN or inf, and the
+    job would blame every row of the first batch as if the data were bad.
+
+    Buffers may hold inf on purpose (an attention mask of -inf), NaN never (a batch norm's
+    running variance after training diverged). One sum per tensor, as `all_finite`.
+    """
+    bad = [n for n, p in model.named_parameters() if not _finite(p, allow_inf=False)]
+    bad += [f"{n} (buffer)" for n, b in model.named_buffers() if not _finite(b, allow_inf=True)]
+    if not bad:
+        return
+    listed = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    raise ConfigError(
+        f"{named} has NaN or inf weights in {listed}: every loss and gradient it gives would "
+        f"be NaN or inf. Fix: load the checkpoint you mean to attribute (check the model's "
+        f"path), or check whether its training diverged (a loss that went NaN)"
+    )
+
+
+def _finite(t: torch.Tensor, allow_inf: bool) -> bool:
+    """Whether floating tensor `t` holds no NaN (and, unless `allow_inf`, no inf)."""
+    if not t.is_floating_point() or t.is_meta:
+        return True
+    t = t.detach()
+    if allow_inf:
+        return not bool(torch.isnan(t).any())
+    return all_finite(t)
 
 
 # What every process calls on a task (grass_dist.gradients.computer); the rest is optional.

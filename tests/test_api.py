@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import torch
 from torch.utils.data import TensorDataset
 
@@ -331,6 +332,21 @@ def test_an_object_that_cannot_be_pickled_is_refused_naming_the_argument(ray_ses
                        r"cannot be copied or pickled"):  # fmt: skip
         gd.Index.build(torch.nn.Linear(4, 3), locked, store=str(tmp_path / "j"), workers=1,
                        overrides=[f"run.output_dir={tmp_path}"])  # fmt: skip
+
+
+def test_a_model_with_nan_weights_is_refused_naming_them_before_anything_is_written(tmp_path):
+    # Not "rows [0..9] and 54 more (64 of a batch of 64)" from a worker, as if the data were bad.
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    with torch.no_grad():
+        model[2].weight[1, 1] = float("nan")
+    train = TensorDataset(torch.rand(8, 4), torch.arange(8) % 3)
+    ray_before = ray.is_initialized()  # the module's tests share one Ray once it started
+    said = r"^the model you passed \(a [\w.]*Sequential\) has NaN or inf weights in 2\.weight: "
+    with pytest.raises(ConfigError, match=said + r".* Fix: load the checkpoint"):
+        gd.Index.build(model, train, store=str(tmp_path / "i"), workers=1,
+                       overrides=[f"run.output_dir={tmp_path}"])  # fmt: skip
+    assert not (tmp_path / "i").exists()
+    assert ray.is_initialized() == ray_before
 
 
 def test_config_errors_name_the_arguments_that_set_their_keys(tmp_path):

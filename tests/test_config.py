@@ -5,9 +5,16 @@ import sys
 
 import pytest
 import ray
+import torch
 
 from grass_dist import pipeline
-from grass_dist.build import build_dataset, build_layer_compressors, build_model, build_task
+from grass_dist.build import (
+    build_dataset,
+    build_layer_compressors,
+    build_model,
+    build_task,
+    check_weights,
+)
 from grass_dist.config import JobConfig
 from grass_dist.errors import ConfigError, FingerprintMismatchError
 from tests.conftest import CONF, ROOT, compose_cfg
@@ -66,6 +73,30 @@ def _fails_before_work(tmp_path, error, match, *overrides):
     with pytest.raises(error, match=match):
         pipeline.prepare(compose_cfg(tmp_path, *overrides))
     assert not ray.is_initialized()
+
+
+def test_weights_with_nan_or_inf_are_refused_by_name_and_masks_of_inf_are_not():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    model.register_buffer("mask", torch.full((2, 2), float("-inf")).triu(1))  # on purpose
+    check_weights(model, "the model")
+    with torch.no_grad():
+        model[0].bias[2] = float("inf")
+        model[1].running_var[0] = float("nan")
+    model[0].weight.data = model[0].weight.data.half()
+    model[0].weight.data[0, 0] = 60000.0  # finite, though a float16 sum of it overflows
+    with pytest.raises(ConfigError) as refused:
+        check_weights(model, "the model")
+    assert str(refused.value) == (
+        "the model has NaN or inf weights in 0.bias, 1.running_var (buffer): every loss and "
+        "gradient it gives would be NaN or inf. Fix: load the checkpoint you mean to "
+        "attribute (check the model's path), or check whether its training diverged (a loss "
+        "that went NaN)"
+    )
+    many = torch.nn.Sequential(*(torch.nn.Linear(2, 2) for _ in range(7)))
+    for layer in many:
+        layer.weight.data.fill_(float("nan"))
+    with pytest.raises(ConfigError, match=r"in 0\.weight, 1\.weight, .*, 4\.weight and 2 more: "):
+        check_weights(many, "the model")
 
 
 def test_unknown_layer_name(tmp_path):

@@ -39,6 +39,15 @@ def load(path, hidden=24):
     model = build(hidden)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()
+
+
+def diverged(path, hidden=24):
+    """The checkpoint as a run whose loss went NaN would have saved it."""
+    model = load(path, hidden)
+    with torch.no_grad():
+        model.fc1.weight[3, 5] = float("nan")
+        model.out.bias[0] = float("inf")
+    return model
 '''
 
 _DATA = '''

@@ -330,6 +330,12 @@ CASES = {
         r"model\._target_='my_pkg\.data\.train_set' returned an object of type TensorDataset, "
         r"not a torch nn\.Module",
     ),
+    "model_weights_nan": (
+        "index",
+        ("model._target_=my_pkg.models.diverged",),
+        r"model\._target_='my_pkg\.models\.diverged' has NaN or inf weights in fc1\.weight, "
+        r"out\.bias: .*Fix: load the checkpoint you mean to attribute.*training diverged",
+    ),
     "task_not_a_task": (
         "attribute",
         ("task=custom", "task._target_=my_pkg.data.train_set"),
