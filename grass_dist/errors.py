@@ -260,3 +260,12 @@ class ShardCollectedError(GrassError):
 
 class ResultsCollectedError(GrassError):
     """A scoring run's files were removed (by gc) before the run was published."""
+
+
+def listed(values: list, most: int = 10) -> str:
+    """The first `most` of `values` for a message, and how many more there are."""
+    return (
+        f"{values[:most]}"
+        if len(values) <= most
+        else f"{values[:most]} and {len(values) - most} more"
+    )

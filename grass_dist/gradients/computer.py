@@ -22,6 +22,7 @@ from grass_dist.errors import (
     GrassError,
     NonFiniteGradientError,
     NonFiniteLossError,
+    listed,
 )
 from grass_dist.gradients.capture import LinearCapture, counting_calls
 from grass_dist.gradients.persample import FlatGradients, check_losses
@@ -195,12 +196,12 @@ class GradientComputer:
                 rows = [int(loaded.row_ids[group[j]]) for j in e.positions]
                 keys = [loaded.keys[group[j]] for j in e.positions]
                 raise BadTokensError(
-                    f"rows {_listed(rows)} (keys {_listed(keys)}): {e}", e.positions
+                    f"rows {listed(rows)} (keys {listed(keys)}): {e}", e.positions
                 ) from None
             except NonFiniteLossError as e:
                 bad = [int(loaded.row_ids[group[j]]) for j in e.positions]
                 raise NonFiniteLossError(
-                    f"non-finite loss (NaN or inf) for rows {_listed(bad)} ({len(bad)} of a "
+                    f"non-finite loss (NaN or inf) for rows {listed(bad)} ({len(bad)} of a "
                     f"batch of {len(group)}): their gradients would be meaningless. Check the "
                     f"model's output and the labels on these examples (NaN/inf inputs or "
                     f"outputs, labels out of range, or a diverged checkpoint)",
@@ -218,10 +219,6 @@ class GradientComputer:
             if on_batch is not None:
                 on_batch(len(group))
         return PhiBlock(row_ids=loaded.row_ids, keys=loaded.keys, phi=phi)
-
-
-def _listed(rows: list[int], most: int = 10) -> str:
-    return f"{rows[:most]}" if len(rows) <= most else f"{rows[:most]} and {len(rows) - most} more"
 
 
 @contextmanager
@@ -247,7 +244,7 @@ def _naming_rows(
         if 0 < len(failing) < len(group):
             bad = sorted(int(row_ids[j]) for j in failing)
             raise BadRowsError(
-                f"could not {doing} rows {_listed(bad)} ({len(bad)} of a batch of "
+                f"could not {doing} rows {listed(bad)} ({len(bad)} of a batch of "
                 f"{len(group)}, each failing on its own): {type(e).__name__}: {said}. Check "
                 "these rows against the model and the task (shapes and types like row 0's, "
                 "labels within the model's classes)"
@@ -257,7 +254,7 @@ def _naming_rows(
         which = f"{first}..{last}" if rows == list(range(first, last + 1)) else None
         entries = f"; its entry i is row {first}+i" if which else ""
         raise BadRowsError(
-            f"could not {doing} rows {which or _listed(sorted(rows))} (a batch of {len(rows)}"
+            f"could not {doing} rows {which or listed(sorted(rows))} (a batch of {len(rows)}"
             f"{entries}): {type(e).__name__}: {said}. Check these rows against the model and "
             "the task (shapes and types like row 0's, labels within the model's classes)"
         ) from e

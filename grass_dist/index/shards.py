@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from grass_dist.data.content import DIGEST_BYTES
-from grass_dist.errors import CorruptShardError, StorageOverflowError
+from grass_dist.errors import CorruptShardError, StorageOverflowError, listed
 from grass_dist.index.store import Store
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -105,14 +105,6 @@ def _decode(col: pa.ChunkedArray, n: int, dtype: str) -> np.ndarray:
     return flat.astype(np.float32, copy=False).reshape(n, k)
 
 
-def _listed(values: list, most: int = 10) -> str:
-    return (
-        f"{values[:most]}"
-        if len(values) <= most
-        else f"{values[:most]} and {len(values) - most} more"
-    )
-
-
 def check_storable(
     row_ids: np.ndarray,
     keys: list[str],
@@ -143,7 +135,7 @@ def check_storable(
     rows = [int(r) for r in row_ids[bad]]
     keys_bad = [keys[i] for i in np.flatnonzero(bad)]
     raise StorageOverflowError(
-        f"rows {_listed(rows)} (keys {_listed(keys_bad)}) have compressed gradients in "
+        f"rows {listed(rows)} (keys {listed(keys_bad)}) have compressed gradients in "
         f"layers {layers} as large as {largest:.4g}, but index.dtype={dtype} holds at most "
         f"{_LARGEST[dtype]}: stored, they would be inf and no preconditioner could be built "
         f"from the index. Nothing of their shard was written; shards committed before are "
