@@ -105,13 +105,32 @@ class Executor:
         return _TASKS[self.fresh_process].options(**options).remote(fn, threads, *args)
 
     def get(self, refs):
-        """ray.get(refs); a lent worker's death is `WorkersLostError`."""
+        """ray.get(refs); a lent worker's death is `WorkersLostError`. When one call
+        failed, the others' errors are collected too (`settle`)."""
         try:
             return ray.get(refs)
         except ACTOR_LOST as e:
+            settle(refs)
             if not self.workers:
                 raise
             raise WorkersLostError(
                 f"a worker lent to this stage died ({type(e).__name__}): the stage runs "
                 "again on Ray tasks"
             ) from None
+        except Exception:
+            settle(refs)
+            raise
+
+
+def settle(refs: Any, wait_s: float = 5.0) -> None:
+    """After one of `refs` failed its stage: cancel the calls not yet done and collect what
+    the others raised, as Ray would otherwise print each such error again ("Unhandled
+    error") whenever its reference is dropped, in a later call's output."""
+    refs = list(refs) if isinstance(refs, (list, tuple)) else [refs]
+    for ref in refs:
+        with contextlib.suppress(Exception):  # actor calls and finished ones: nothing to do
+            ray.cancel(ref)
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=wait_s)
+    for ref in done:
+        with contextlib.suppress(Exception):
+            ray.get(ref, timeout=0)

@@ -8,9 +8,11 @@ to Ray tasks, with the same answers again.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -158,3 +160,17 @@ def test_queries_the_driver_computed_while_the_workers_start_and_stages_that_wai
         for n in ("lent", "tasks")
     ]
     assert saved[0] == saved[1]  # the same bits, wherever the map calls ran
+
+
+def test_a_failed_stage_leaves_no_error_for_ray_to_print_later(ray_session, capfd, caplog):
+    # Every call failed; the stage raises the first error. Ray prints an error nobody
+    # collected ("Unhandled error") when its reference is dropped, in whatever output
+    # comes next (a notebook's next call): the stage collects them all.
+    ex = Executor([])
+    refs = [ex.submit(i, int, f"no {i}") for i in range(3)]
+    with pytest.raises(ValueError, match="no"):
+        ex.get(refs)
+    del refs
+    gc.collect()
+    time.sleep(2)
+    assert "Unhandled error" not in capfd.readouterr().err + caplog.text
