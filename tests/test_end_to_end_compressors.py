@@ -80,7 +80,7 @@ def test_selective_masks_are_stored_and_loaded_by_fresh_workers(ray_session, tmp
     monkeypatch.setattr(learned_state, "fit_states", no_fit)
     again = pipeline.prepare(cfg)
     assert again.fingerprint == index.fingerprint
-    with pytest.raises(FingerprintMismatchError, match=r"layers\[0\].selective.epochs"):
+    with pytest.raises(FingerprintMismatchError, match=r"layers\['fc1'\].selective.epochs"):
         pipeline.prepare(compose_cfg(tmp_path, *SELECTIVE, "compression.selective.epochs=31"))
     out_sha = next(d["state_sha256"] for d in index.fingerprint["layers"] if d["name"] == "out")
     out_state = learned_state.state_path("out", out_sha)
