@@ -40,6 +40,7 @@ from grass_dist.config import JobConfig, resolve
 from grass_dist.errors import ConfigError, GrassError, ResultsNotFoundError
 from grass_dist.index import GradientIndex
 from grass_dist.scoring import results
+from grass_dist.summary import job_summary
 
 DEFAULT_TASK = {"_target_": "grass_dist.tasks.classification"}
 # The jobs' config groups: `compression="identity"` is `compression=identity` on their command
@@ -284,7 +285,7 @@ class Index:
             job = pipeline.prepare(raw)
         with _own_errors(), pipeline.running(job):
             stages = {"index": pipeline.run_index(job)}
-        return cls(raw, pipeline.job_summary(job, stages))
+        return cls(raw, job_summary(job, stages))
 
     @property
     def gradient_index(self) -> GradientIndex:
@@ -319,5 +320,5 @@ class Index:
             phi = pipeline.query_phi(job)
             stages = {"precondition": pipeline.run_precondition(job)}
             stages.update(pipeline.score_stage(job, phi))
-        summary = pipeline.job_summary(job, stages)
+        summary = job_summary(job, stages)
         return Attribution(job.index, name, summary, results.manifest(job.index, name)["files"])

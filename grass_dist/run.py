@@ -30,6 +30,7 @@ from grass_dist.index.gc import collect
 from grass_dist.index.gradient_index import INDEX_FILE
 from grass_dist.launch import exit_interrupted, job_start
 from grass_dist.scoring import ensemble, results
+from grass_dist.summary import job_summary
 
 log = logging.getLogger("grass_dist")
 
@@ -149,7 +150,7 @@ def _run(
             cfg, create_index=create_index, query=query, started=job_start()
         )
         with pipeline.running(job):
-            return pipeline.job_summary(job, body(job))
+            return job_summary(job, body(job))
 
     return _summarised(staged)
 

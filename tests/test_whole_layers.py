@@ -22,7 +22,7 @@ from grass_dist.config import CompressionConfig
 from grass_dist.errors import ConfigError
 from grass_dist.gradients.capture import resolve_layers
 from grass_dist.gradients.computer import GradientComputer
-from grass_dist.pipeline import compression_summary
+from grass_dist.summary import compression_summary
 from grass_dist.tasks.classifier import ClassificationTask
 from tests.conftest import compose_cfg
 from tests.helpers import ConvNet, layer_grad, mlp, module_grad, per_sample_grads
