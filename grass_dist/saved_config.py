@@ -18,7 +18,10 @@ files to the same folder with every credential replaced by `***`:
   `hydra.job.override_dirname`), every occurrence of such a value of 4 characters or more.
 
 The job itself gets the config unchanged, and warns that its credentials were seen on the
-command line or in a config file.
+command line or in a config file. A sweep (`-m`) has Hydra's sweeper save the whole sweep's
+config to `<hydra.sweep.dir>/multirun.yaml` itself, before its first job starts; the
+callback rewrites that file the same way as each job starts, and its launcher's log lines
+(`#0 : <overrides>`) pass through `Scrubbed`, a logging filter on the launcher's logger.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
@@ -104,9 +108,17 @@ class SavedConfig(Callback):
     def __init__(self, subdir: str | None = ".hydra") -> None:
         self.subdir = subdir
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # The launcher logs each job's overrides through its module's logger (Hydra
+        # reconfigures the handlers around every job, but leaves this logger's filters).
+        launcher = logging.getLogger(str(config.hydra.launcher._target_).rpartition(".")[0])
+        for old in [f for f in launcher.filters if isinstance(f, Scrubbed)]:
+            launcher.removeFilter(old)
+        launcher.addFilter(Scrubbed(list(_found(config).values())))
+
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         tree = OmegaConf.to_container(config, resolve=False)
-        found = credentials({k: v for k, v in tree.items() if k != "hydra"})
+        found = _found(config)
         if self.subdir is not None:
             folder = Path(config.hydra.runtime.output_dir) / self.subdir
             folder.mkdir(parents=True, exist_ok=True)
@@ -118,9 +130,45 @@ class SavedConfig(Callback):
             }
             for name, part in files.items():
                 (folder / name).write_text(OmegaConf.to_yaml(OmegaConf.create(part)))
+        if config.hydra.mode == RunMode.MULTIRUN:
+            _redact_file(Path(config.hydra.sweep.dir) / "multirun.yaml", list(found.values()))
         if found:
             given = list(config.hydra.overrides.task)
             log.warning(_warning(sorted(found), redact(given, list(found.values())) != given))
+
+
+def _found(config: DictConfig) -> dict[str, str]:
+    """The credentials of a job's config (its own part, not Hydra's)."""
+    tree = OmegaConf.to_container(config, resolve=False)
+    return credentials({k: v for k, v in tree.items() if k != "hydra"})
+
+
+class Scrubbed(logging.Filter):
+    """Rewrites each record's message with the credentials as `***`: the given values, and
+    any `<...storage_options...credential>=<value>` override among its words."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self.secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        said = record.getMessage()
+        clean = " ".join(_scrub(word, self.secrets) for word in said.split(" "))
+        if clean != said:
+            record.msg, record.args = clean, None
+        return True
+
+
+def _redact_file(path: Path, secrets: list[str]) -> None:
+    """Rewrite the saved config at `path` (if any) with its credentials, and `secrets`
+    wherever they occur, as `***`."""
+    if not path.exists():
+        return
+    tree = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    found = credentials({k: v for k, v in tree.items() if k != "hydra"})
+    clean = redact(tree, sorted({*secrets, *found.values()}))
+    if clean != tree:
+        path.write_text(OmegaConf.to_yaml(OmegaConf.create(clean)))
 
 
 def _warning(paths: list[str], on_command_line: bool) -> str:

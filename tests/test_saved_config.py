@@ -84,7 +84,7 @@ def test_redact_replaces_every_credential_under_storage_options_and_its_value_el
     assert clean["hydra"]["job"]["override_dirname"] == "+store.storage_options.secret=***,x=1"
 
 
-def _gc(tmp_path: Path, *secrets: str) -> subprocess.CompletedProcess:
+def _gc(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env["PYTHONPATH"] = str(ROOT)
     given = [
@@ -94,7 +94,7 @@ def _gc(tmp_path: Path, *secrets: str) -> subprocess.CompletedProcess:
         f"+store.storage_options.password={SHORT}",
     ]
     return subprocess.run(
-        [sys.executable, "-m", "jobs.gc", f"run.output_dir={tmp_path}", *given],
+        [sys.executable, "-m", "jobs.gc", *args, f"run.output_dir={tmp_path}", *given],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -124,3 +124,17 @@ def test_credentials_given_as_overrides_are_written_nowhere(tmp_path):
     assert leaks == []
     overrides = [p for p in saved if p.name == "overrides.yaml"]
     assert all("password=***" in p.read_text() for p in overrides)  # short, yet not kept
+
+
+def test_a_sweep_saves_its_config_without_the_credentials(tmp_path):
+    # `-m`: Hydra's sweeper writes multirun.yaml itself, before the callback's first job.
+    pipeline.prepare(compose_cfg(tmp_path))
+    sweep = tmp_path / "sweep"
+    proc = _gc(tmp_path, "-m", f"hydra.sweep.dir={sweep}", "run.name=a,b")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = sweep / "multirun.yaml"
+    assert "store.storage_options.key=***" in saved.read_text()
+    assert len(list(sweep.glob("*/.hydra/config.yaml"))) == 2  # the sweep's two jobs
+    written = [p.stdout + p.stderr for p in [proc]]
+    written += [p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file()]
+    assert [s for text in written for s in (AKID, SECRET, TOKEN) if s in text] == []
