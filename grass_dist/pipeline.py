@@ -291,7 +291,7 @@ def query_phi(job: Job, which: str = "query") -> PhiBlock:
     if replica is not None and len(spans) == 1 and _no_worker_ready(job):
         with job.stage(f"{which}_gradients"):
             log.info("%s gradients: %d rows, computed by the driver", which, n)
-            return driver_phi(job.cfg, replica, dataset, 0, n)
+            return driver_phi(job.cfg, replica, dataset, 0, n, which)
     blocks: dict[tuple[int, int], PhiBlock] = {}
     with job.stage(f"{which}_gradients"):
         run_items(

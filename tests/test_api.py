@@ -234,7 +234,8 @@ def test_a_workers_refusal_reaches_the_caller_as_itself(ray_session, tmp_path):
                        overrides=[f"run.output_dir={tmp_path}"])  # fmt: skip
     said = str(info.value)
     assert type(info.value) is BadRowsError
-    assert re.search(r"loss of rows \[50\] \(1 of a batch of \d+, each failing on its own\)", said)
+    said_rows = r"loss of data\.train rows \[50\] \(1 of a batch of \d+, each failing on its own\)"
+    assert re.search(said_rows, said)
     assert "IndexError: Target 12 is out of bounds. Check these rows" in said
 
     # Raised in a Ray task of the reducer actor (wrapped twice): 610 gradient dimensions, 40
@@ -242,6 +243,10 @@ def test_a_workers_refusal_reaches_the_caller_as_itself(ray_session, tmp_path):
     index = gd.Index.build(model, TensorDataset(x[:40], y[:40]), store=str(tmp_path / "j"),
                            compression="identity", workers=1,
                            overrides=[f"run.output_dir={tmp_path}"])  # fmt: skip
+    y_query = y[:3].clone()
+    y_query[1] = 12  # the query set's own rows are named as its
+    with pytest.raises(BadRowsError, match=r"loss of data\.query rows \[1\] \(1 of a batch of 3"):
+        index.attribute(TensorDataset(x[:3], y_query), damping=1.0)
     with pytest.raises(ConfigError) as info:
         index.attribute(TensorDataset(x[:3], y[:3]), damping=0.0)
     assert type(info.value) is ConfigError

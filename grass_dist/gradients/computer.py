@@ -62,6 +62,7 @@ class LoadedRows:
         batches: (positions in row_ids, collated batch) per batch, in the task's order.
         item: position in row_ids -> that row's item read again (to find, when a batch
             fails, the rows it failed for).
+        source: what the rows are called in messages ("data.query rows", or "rows").
     """
 
     row_ids: np.ndarray
@@ -69,6 +70,7 @@ class LoadedRows:
     digests: np.ndarray
     batches: list[tuple[list[int], Any]]
     item: Callable[[int], Any] | None = None
+    source: str = "rows"
 
 
 def as_computed(model: nn.Module, device: torch.device) -> nn.Module:
@@ -164,14 +166,16 @@ class GradientComputer:
         """phi for the given dataset rows, in row order, from batches of <= `batch_size` rows."""
         return self.phi_loaded(self.load_rows(dataset, rows, batch_size))
 
-    def load_rows(self, dataset, rows: Sequence[int], batch_size: int) -> LoadedRows:
+    def load_rows(
+        self, dataset, rows: Sequence[int], batch_size: int, source: str = "rows"
+    ) -> LoadedRows:
         """Read `rows`, digest their content and collate them into the task's batches (no
-        model work)."""
+        model work). `source` names the rows in errors, e.g. "data.query rows"."""
         rows = list(rows)
         items = [dataset[r] for r in rows]
         batches = []
         for group in self._batches(items, batch_size):
-            with _naming_rows(rows, group, "collate"):
+            with _naming_rows(rows, group, "collate", source):
                 batches.append((group, self.task.collate([items[j] for j in group])))
         return LoadedRows(
             row_ids=np.asarray(rows, dtype=np.int64),
@@ -179,6 +183,7 @@ class GradientComputer:
             digests=row_digests(items),
             batches=batches,
             item=lambda j: dataset[rows[j]],
+            source=source,
         )
 
     def phi_loaded(
@@ -190,30 +195,32 @@ class GradientComputer:
         for group, batch in loaded.batches:
             try:
                 alone = partial(self._failing_alone, loaded, group)
-                with _naming_rows(loaded.row_ids, group, "compute the loss of", alone):
+                with _naming_rows(
+                    loaded.row_ids, group, "compute the loss of", loaded.source, alone
+                ):
                     blocks = self.phi_batch(batch)
             except BadTokensError as e:
                 rows = [int(loaded.row_ids[group[j]]) for j in e.positions]
                 keys = [loaded.keys[group[j]] for j in e.positions]
                 raise BadTokensError(
-                    f"rows {listed(rows)} (keys {listed(keys)}): {e}", e.positions
+                    f"{loaded.source} {listed(rows)} (keys {listed(keys)}): {e}", e.positions
                 ) from None
             except NonFiniteLossError as e:
                 bad = [int(loaded.row_ids[group[j]]) for j in e.positions]
                 raise NonFiniteLossError(
-                    f"non-finite loss (NaN or inf) for rows {listed(bad)} ({len(bad)} of a "
-                    f"batch of {len(group)}): their gradients would be meaningless. Check the "
-                    f"model's output and the labels on these examples (NaN/inf inputs or "
-                    f"outputs, labels out of range, or a diverged checkpoint)",
+                    f"non-finite loss (NaN or inf) for {loaded.source} {listed(bad)} "
+                    f"({len(bad)} of a batch of {len(group)}): their gradients would be "
+                    f"meaningless. Check the model's output and the labels on these examples "
+                    f"(NaN/inf inputs or outputs, labels out of range, or a diverged checkpoint)",
                     bad,
                 ) from None
             for name, block in blocks.items():
                 if not all_finite(block):
                     bad = sorted(int(loaded.row_ids[j]) for j in group)
                     raise NonFiniteGradientError(
-                        f"non-finite gradients in layer {name!r} for rows {bad[0]}..{bad[-1]} "
-                        f"(a batch of {len(bad)}): check the model's loss on these examples "
-                        f"(NaN/inf inputs or labels, or a diverged checkpoint)"
+                        f"non-finite gradients in layer {name!r} for {loaded.source} "
+                        f"{bad[0]}..{bad[-1]} (a batch of {len(bad)}): check the model's loss "
+                        f"on these examples (NaN/inf inputs or labels, or a diverged checkpoint)"
                     )
                 phi[name][group] = block.cpu().numpy()
             if on_batch is not None:
@@ -226,6 +233,7 @@ def _naming_rows(
     row_ids: Sequence[int],
     group: list[int],
     doing: str,
+    source: str = "rows",
     alone: Callable[[], list[int]] | None = None,
 ) -> Iterator[None]:
     """Turn the task's or model's own error on the batch `group` (positions in `row_ids`: a
@@ -244,7 +252,7 @@ def _naming_rows(
         if 0 < len(failing) < len(group):
             bad = sorted(int(row_ids[j]) for j in failing)
             raise BadRowsError(
-                f"could not {doing} rows {listed(bad)} ({len(bad)} of a batch of "
+                f"could not {doing} {source} {listed(bad)} ({len(bad)} of a batch of "
                 f"{len(group)}, each failing on its own): {type(e).__name__}: {said}. Check "
                 "these rows against the model and the task (shapes and types like row 0's, "
                 "labels within the model's classes)"
@@ -254,7 +262,7 @@ def _naming_rows(
         which = f"{first}..{last}" if rows == list(range(first, last + 1)) else None
         entries = f"; its entry i is row {first}+i" if which else ""
         raise BadRowsError(
-            f"could not {doing} rows {which or listed(sorted(rows))} (a batch of {len(rows)}"
+            f"could not {doing} {source} {which or listed(sorted(rows))} (a batch of {len(rows)}"
             f"{entries}): {type(e).__name__}: {said}. Check these rows against the model and "
             "the task (shapes and types like row 0's, labels within the model's classes)"
         ) from e

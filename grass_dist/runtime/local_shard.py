@@ -69,11 +69,14 @@ def as_a_worker(cfg: JobConfig, replica: Replica) -> Iterator[GradientComputer]:
         torch.set_num_threads(threads)
 
 
-def driver_phi(cfg: JobConfig, replica: Replica, dataset: Any, start: int, end: int) -> PhiBlock:
-    """phi of rows [start, end) of `dataset`, computed by the driver as a worker would
-    (`as_a_worker`, `worker.phi_rows`): the same bits, without starting the workers."""
+def driver_phi(
+    cfg: JobConfig, replica: Replica, dataset: Any, start: int, end: int, which: str = "query"
+) -> PhiBlock:
+    """phi of rows [start, end) of `dataset` (data.<which>), computed by the driver as a
+    worker would (`as_a_worker`, `worker.phi_rows`): the same bits, without starting the
+    workers."""
     with as_a_worker(cfg, replica) as computer:
-        return phi_rows(computer, dataset, start, end, cfg.index.batch_size)
+        return phi_rows(computer, dataset, start, end, cfg.index.batch_size, which=which)
 
 
 class _Stopped(Exception):

@@ -100,7 +100,9 @@ def index_rows(
     driver's own shards (`runtime.local_shard`)."""
     sid = plan.shard_id
     with phases.run(sid, "load"):
-        loaded = computer.load_rows(dataset, range(plan.start, plan.end), batch_size)
+        loaded = computer.load_rows(
+            dataset, range(plan.start, plan.end), batch_size, "data.train rows"
+        )
     with phases.run(sid, "compute"):
         if before_compute is not None:
             before_compute()
@@ -119,13 +121,14 @@ def phi_rows(
     batch_size: int,
     phases: Phases | None = None,
     key: str = "phi",
+    which: str = "query",
 ) -> PhiBlock:
     """phi of rows [start, end) of `dataset` through `computer`, returned rather than
     stored, timed as `phases` load and compute: a worker's query call, and the driver's
-    (`runtime.local_shard.driver_phi`)."""
+    (`runtime.local_shard.driver_phi`). Errors name the rows as data.<which>'s."""
     phases = Phases() if phases is None else phases
     with phases.run(key, "load"):
-        loaded = computer.load_rows(dataset, range(start, end), batch_size)
+        loaded = computer.load_rows(dataset, range(start, end), batch_size, f"data.{which} rows")
     with phases.run(key, "compute"):
         return computer.phi_loaded(loaded)
 
@@ -235,6 +238,7 @@ class GradientWorker:
             self.job.index.batch_size,
             self.phases,
             f"{which}:{start}-{end}",
+            which,
         )
 
     def run(self, fn: Callable, *args: Any) -> Any:

@@ -70,7 +70,8 @@ def test_cli_names_the_row_whose_loss_is_nan_and_keeps_the_committed_shards(tmp_
     proc = run_job("index", *given, user=user_pkg, cwd=tmp_path, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     message = _message(proc.stderr)
-    assert re.search(r"non-finite loss \(NaN or inf\) for rows \[70\] \(1 of a batch of", message)
+    said = r"non-finite loss \(NaN or inf\) for data\.train rows \[70\] \(1 of a batch of"
+    assert re.search(said, message)
     committed = GradientIndex.open(str(tmp_path / "index")).committed().values()
     assert all(not rec.start <= 70 < rec.end for rec in committed)
 
