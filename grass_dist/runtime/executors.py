@@ -122,15 +122,11 @@ class Executor:
             raise
 
 
-def settle(refs: Any, wait_s: float = 5.0) -> None:
-    """After one of `refs` failed its stage: cancel the calls not yet done and collect what
-    the others raised, as Ray would otherwise print each such error again ("Unhandled
-    error") whenever its reference is dropped, in a later call's output."""
-    refs = list(refs) if isinstance(refs, (list, tuple)) else [refs]
-    for ref in refs:
-        with contextlib.suppress(Exception):  # actor calls and finished ones: nothing to do
-            ray.cancel(ref)
-    done, _ = ray.wait(refs, num_returns=len(refs), timeout=wait_s)
-    for ref in done:
-        with contextlib.suppress(Exception):
-            ray.get(ref, timeout=0)
+def settle(refs: Any) -> None:
+    """After one of `refs` failed its stage: each gets a future that takes its result or
+    error whenever it comes, and nobody asks it; Ray would otherwise print each other error
+    ("Unhandled error") when its reference is dropped, in a later call's output. Nothing
+    waits and nothing is cancelled: a `ray.cancel` that races the task's completion can
+    crash the calling process in Ray ("Tried to complete task that was not pending")."""
+    for ref in refs if isinstance(refs, (list, tuple)) else [refs]:
+        ref.future()

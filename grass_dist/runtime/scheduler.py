@@ -22,6 +22,7 @@ import ray
 from ray.exceptions import RayTaskError
 
 from grass_dist.errors import ShardFailedError
+from grass_dist.runtime.executors import settle
 from grass_dist.runtime.pool import ACTOR_LOST, ActorPool
 
 log = logging.getLogger(__name__)
@@ -98,15 +99,6 @@ def run_items(
             if on_tick is not None:
                 on_tick()
     except BaseException:
-        _settle(inflight)
+        settle(list(inflight))
+        inflight.clear()
         raise
-
-
-def _settle(inflight: dict[ray.ObjectRef, Any]) -> None:
-    """Take the refs left in flight when the run fails off Ray's hands: a second failed item
-    would otherwise be logged as an "Unhandled error" with its traceback once its ref is freed
-    (here: when the caller drops the first error's traceback). A future reads each result
-    whenever it comes, and nobody asks it."""
-    for ref in inflight:
-        ref.future()
-    inflight.clear()
