@@ -150,6 +150,7 @@ def test_ctrl_c_while_the_embedded_ray_starts_ends_the_job_as_any_ctrl_c(tmp_pat
     assert json.loads(rerun.stdout)["index"]["skipped_shards"] == kept
 
 
+@pytest.mark.alone
 def test_cli_with_no_cluster_to_join_says_how_to_start_one(tmp_path, user_pkg):
     # cluster=ray joins the cluster that `ray start` left this machine's address for: with
     # none (an empty RAY_TMPDIR, no RAY_ADDRESS), the job says so and how to go on. Ray's
