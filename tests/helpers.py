@@ -7,6 +7,7 @@ import subprocess
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -170,3 +171,17 @@ def rendered_dom(page: Path, profile: Path) -> str:
         text=True,
         timeout=120,
     ).stdout
+
+
+def assert_answers_equal_topk_table(answers, table) -> None:
+    """Service answers (one per query row) equal a batch job's top-k table."""
+    for q, answer in enumerate(answers):
+        for kind, label in (("proponent", "proponents"), ("opponent", "opponents")):
+            want = table[(table["query_row"] == q) & (table["kind"] == kind)]
+            want = want.sort_values("rank")
+            got = answer[label]
+            assert [g["train_row"] for g in got] == want["train_row"].tolist()
+            assert [g["train_key"] for g in got] == want["train_key"].tolist()
+            np.testing.assert_allclose(
+                [g["score"] for g in got], want["score"], rtol=1e-5, atol=1e-7
+            )

@@ -91,3 +91,17 @@ def decode_array(value: Any, like: torch.Tensor, where: str) -> torch.Tensor:
     if out.is_floating_point() and not torch.isfinite(out).all():
         raise _bad(where, "contains NaN or infinity")
     return out
+
+
+def decode_tokens(value: Any, where: str) -> torch.Tensor:
+    """A JSON list of token ids (or a 1-D integer base64 tensor) of any length -> a 1-D
+    int64 tensor; BadRequestError (422) otherwise."""
+    if isinstance(value, list):
+        length = len(value)
+    elif isinstance(value, dict) and isinstance(value.get("shape"), list):
+        length = value["shape"][0] if len(value["shape"]) == 1 else -1
+    else:
+        raise _bad(where, "expected a list of token ids")
+    if not isinstance(length, int) or length < 0:
+        raise _bad(where, f"shape {value.get('shape')!s:.80}, expected one dimension")
+    return decode_array(value, torch.zeros(length, dtype=torch.long), where)

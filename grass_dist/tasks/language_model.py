@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grass_dist.errors import BadTokensError, ConfigError
+from grass_dist.errors import BadRequestError, BadTokensError, ConfigError
+from grass_dist.service.codec import decode_tokens
 
 IGNORE = -100
 REDUCTIONS = ("sum", "mean")
@@ -157,7 +158,8 @@ class CausalLMTask:
             raise ConfigError(
                 f"data.{which}.max_length={longest} is longer than the model's context of "
                 f"{context[1]} positions ({context[0]}): set data.{which}.max_length="
-                f"{context[1]} or less (longer documents are cut or split, see data.long)"
+                f"{context[1]} or less (longer training documents are cut or split: "
+                "data.train.long)"
             )
         ours, theirs = getattr(dataset, "tokenizer", None), saved_tokenizer(model)
         if ours is None or theirs is None or _same_tokenizer(ours, theirs):
@@ -233,6 +235,36 @@ class CausalLMTask:
             return total
         counts = (batch["labels"][:, 1:] != IGNORE) & (batch["attention_mask"][:, 1:] != 0)
         return total / counts.sum(1).clamp(min=1)
+
+    def decode_example(self, example: Any, template: Any) -> dict[str, torch.Tensor]:
+        """A request example {"input_ids": [token ids], "labels": [the same, or -100 where a
+        token carries no loss]} (labels optional: default input_ids) -> an item; any length
+        (`template` is unused: a training row's length says nothing of a query's). Raises
+        BadRequestError (422) naming the field."""
+        fields = {"input_ids", "labels"}
+        if not isinstance(example, Mapping) or "input_ids" not in example or set(example) - fields:
+            got = sorted(example) if isinstance(example, Mapping) else type(example).__name__
+            raise BadRequestError(
+                f"an example is an object with the fields ['input_ids'] and optionally "
+                f"['labels'] (token ids; labels -100 where a token carries no loss), got {got}"
+            )
+        ids = decode_tokens(example["input_ids"], "input_ids")
+        labels = decode_tokens(example.get("labels", example["input_ids"]), "labels")
+        if len(labels) != len(ids):
+            raise BadRequestError(f"labels: {len(labels)} of them for {len(ids)} input_ids", 422)
+        if len(ids) < 2:
+            raise BadRequestError(
+                f"input_ids: {len(ids)} token(s); an example needs at least 2 (a context and a "
+                "target)",
+                422,
+            )
+        if not (labels[1:] != IGNORE).any():
+            raise BadRequestError(
+                "labels: no token after the first has a label other than -100, so the example "
+                "has no loss and every score would be 0",
+                422,
+            )
+        return {"input_ids": ids, "labels": labels}
 
     def spec(self) -> dict[str, Any]:
         return {"task": "causal_lm", "loss": f"next_token_cross_entropy_{self.reduction}"}

@@ -12,6 +12,7 @@ from grass_dist.service.client import encode
 from grass_dist.service.codec import decode_array
 from grass_dist.service.protocol import parse_query
 from grass_dist.tasks.classifier import ClassificationTask
+from grass_dist.tasks.language_model import CausalLMTask
 
 LIKE = torch.zeros(2, 3)
 TEMPLATE = (torch.zeros(4), torch.tensor(0))
@@ -80,6 +81,31 @@ def test_fractional_labels_and_unknown_example_fields_are_refused():
     assert status_of(task.decode_example, {"input": [0.0] * 4}, TEMPLATE) == 400
     extra = {"input": [0.0] * 4, "label": 1, "weight": 2}
     assert status_of(task.decode_example, extra, TEMPLATE) == 400
+
+
+def test_a_language_models_examples_are_token_ids_of_any_length():
+    task, template = CausalLMTask(), {"input_ids": torch.arange(8), "labels": torch.arange(8)}
+    item = task.decode_example({"input_ids": [5, 6, 7]}, template)  # labels: the input ids
+    assert (
+        torch.equal(item["input_ids"], torch.tensor([5, 6, 7]))
+        and item["labels"].dtype == torch.long
+    )
+    assert torch.equal(item["labels"], item["input_ids"])
+    prompt = task.decode_example({"input_ids": [5, 6, 7], "labels": [-100, -100, 7]}, template)
+    assert prompt["labels"].tolist() == [-100, -100, 7]
+    sent = encode({"input_ids": np.arange(12, dtype=np.int32)})  # base64, as the client sends
+    assert task.decode_example(sent, template)["input_ids"].tolist() == list(range(12))
+    for bad, status in [
+        ({"text": "hi"}, 400),
+        ({"input_ids": [1, 2], "mask": [1, 1]}, 400),
+        ({"input_ids": [1, 2], "labels": [1]}, 422),  # lengths differ
+        ({"input_ids": [1]}, 422),  # no target
+        ({"input_ids": [1, 2, 3], "labels": [1, -100, -100]}, 422),  # no loss: scores all 0
+        ({"input_ids": [1.5, 2]}, 422),
+        ({"input_ids": "1 2 3"}, 422),
+        ({"input_ids": encode(np.zeros((2, 2), np.int64))}, 422),
+    ]:
+        assert status_of(task.decode_example, bad, template) == status, bad
 
 
 def test_a_negative_label_is_refused_not_ignored():

@@ -37,7 +37,7 @@ from grass_dist.gradients.computer import GradientComputer
 from grass_dist.scoring import results
 from grass_dist.service import app, engine
 from tests.conftest import compose_cfg
-from tests.helpers import assert_topk_close
+from tests.helpers import assert_answers_equal_topk_table, assert_topk_close
 from tests.ray_procs import free_port
 from tests.synthetic import read_all
 
@@ -86,20 +86,6 @@ def auto_service(service):
 def query_items(job):
     query = build_dataset(job.cfg, "query")
     return [{"input": query[i][0], "label": int(query[i][1])} for i in range(len(query))]
-
-
-def assert_answers_equal_topk_table(answers, table) -> None:
-    """Service answers (one per query row) equal a batch job's top-k table."""
-    for q, answer in enumerate(answers):
-        for kind, label in (("proponent", "proponents"), ("opponent", "opponents")):
-            want = table[(table["query_row"] == q) & (table["kind"] == kind)]
-            want = want.sort_values("rank")
-            got = answer[label]
-            assert [g["train_row"] for g in got] == want["train_row"].tolist()
-            assert [g["train_key"] for g in got] == want["train_key"].tolist()
-            np.testing.assert_allclose(
-                [g["score"] for g in got], want["score"], rtol=1e-5, atol=1e-7
-            )
 
 
 def test_health_reports_the_index(service):
