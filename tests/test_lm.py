@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -339,3 +341,16 @@ def test_lm_presets_compose_and_build(tmp_path, overrides):
     assert all(p.shape == (2, 16) for p in block.phi.values())
     fp = fingerprint(job, model, comps, task, train)
     assert fp["task"]["loss"] == "next_token_cross_entropy_sum"
+
+
+def test_a_prompt_too_long_for_max_length_is_cut_from_its_start_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="grass_dist"):
+        fits = PromptDataset(["a"], ["short "], ["end"], max_length=16)
+    assert len(fits[0]["input_ids"]) == 1 + len("short end") and caplog.text == ""
+    with caplog.at_level(logging.WARNING, logger="grass_dist"):
+        cut = PromptDataset(["a", "long"], ["short ", "x" * 40 + " y "], ["end"] * 2, max_length=16)
+    ids, labels = cut[1]["input_ids"], cut[1]["labels"]
+    assert len(ids) == 16 and (labels != IGNORE).sum() == len("end")  # the completion whole
+    assert bytes(ids[:13].tolist()).decode() == ("x" * 40 + " y ")[-13:]  # no start token
+    assert "1 prompt(s) lost their first tokens" in caplog.text and "['long']" in caplog.text
+    assert "data.query.max_length=16" in caplog.text

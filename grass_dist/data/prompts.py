@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -13,6 +14,8 @@ from grass_dist.data.tokenizer import Tokenizer, load_tokenizer
 from grass_dist.errors import BadRecordError, ConfigError
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, start token, padding)
+
+log = logging.getLogger(__name__)
 
 
 class PromptDataset(Dataset):
@@ -44,6 +47,7 @@ class PromptDataset(Dataset):
         start = [self.tokenizer.bos_id] if add_bos and self.tokenizer.bos_id is not None else []
         self._pairs: list[tuple[list[int], list[int]]] = []
         self.max_length = int(max_length)
+        cut: list[str] = []
         for key, prompt, completion in zip(keys, prompts, completions, strict=True):
             # Encoded as one text, as the model read such text in training.
             before, target = self.tokenizer.encode_pair(prompt, completion)
@@ -53,12 +57,24 @@ class PromptDataset(Dataset):
                     f"data.query.max_length - 1 = {max_length - 1}"
                 )
             context = (start + before)[-(max_length - len(target)) :]
+            if len(context) < len(start + before):
+                cut.append(str(key))
             if not context:
                 raise ConfigError(
                     f"query {key!r} has an empty prompt and no start token, so its first "
                     f"completion token has no context: give a prompt or data.query.add_bos=true"
                 )
             self._pairs.append((context, target))
+        if cut:
+            log.warning(
+                "data.query: %d prompt(s) lost their first tokens (and the start token) to "
+                "fit data.query.max_length=%d with their completions, e.g. %s: they are scored "
+                "with the shorter prompt. Raise data.query.max_length (up to the model's "
+                "context) to keep them whole",
+                len(cut),
+                max_length,
+                cut[:5],
+            )
         self._rows = [
             (q, j)
             for q, (_, target) in enumerate(self._pairs)
