@@ -6,11 +6,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
-from grass_dist import pipeline, run
+from grass_dist import Client, pipeline, run
 from grass_dist.build import build_dataset
+from grass_dist.errors import ServiceError
 from grass_dist.scoring import results
+from grass_dist.service import app
 from tests.conftest import compose_cfg
+from tests.helpers import assert_answers_equal_topk_table
+from tests.ray_procs import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +43,7 @@ def _cfg(tmp_path, name, *overrides):
     )
 
 
-def test_text_example_end_to_end_and_bfloat16_scores_track_float32(ray_session, tmp_path):
+def test_text_example_end_to_end_and_bfloat16_scores_track_float32(ray_session, tmp_path, capsys):
     summary = run.attribute(_cfg(tmp_path, "f32"))
     assert summary["index"]["rows"] == 40 and summary["score"]["queries"] == 6
     job32 = pipeline.prepare(_cfg(tmp_path, "f32"), create_index=False)
@@ -52,6 +57,30 @@ def test_text_example_end_to_end_and_bfloat16_scores_track_float32(ray_session, 
     top = best[best["query_key"] == "for"].iloc[0]
     shown = train.describe(int(top["train_row"]))["text"][:40]
     assert shown.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;") in html
+
+    # The service answers the queries, sent as token ids (any length), as the batch job did.
+    serve = _cfg(tmp_path, "f32", f"serve.port={free_port()}", "serve.cpus_per_replica=0.5")
+    url = app.start(OmegaConf.to_container(serve, resolve=True))
+    try:
+        query = build_dataset(job32.cfg, "query")
+        assert len({len(query[i]["input_ids"]) for i in range(6)}) > 1
+        client = Client(url)
+        answers = client.query([query[i] for i in range(6)], topk=3)  # tensors, as base64
+        as_lists = [{k: v.tolist() for k, v in query[i].items()} for i in range(6)]
+        assert client.query(as_lists, topk=3) == answers
+        with pytest.raises(ServiceError, match=r"labels: no token after the first has a label"):
+            client.query([{**as_lists[0], "labels": [-100] * len(as_lists[0]["labels"])}])
+        with pytest.raises(ServiceError, match=r"fields \['input_ids'\] and optionally"):
+            client.query([{"text": "for x in y"}])
+    finally:
+        app.stop()
+    assert_answers_equal_topk_table(answers, topk)
+
+    # damping=auto has nothing to choose by for a language model: say so, not "run jobs.lds".
+    auto = _cfg(tmp_path, "f32", "precondition.damping=auto", "run.name=auto")
+    with pytest.raises(SystemExit, match="2"):
+        run.score(auto)
+    assert "a language model (task causal_lm) has neither" in capsys.readouterr().err
 
     bf16 = _cfg(tmp_path, "bf16", "model.dtype=bfloat16", "cluster.num_workers=1")
     run.attribute(bf16)

@@ -31,7 +31,7 @@ import numpy as np
 import ray
 import torch
 
-from grass_dist.build import build_dataset
+from grass_dist.build import build_dataset, build_task
 from grass_dist.config import JobConfig
 from grass_dist.data import items
 from grass_dist.errors import DampingSelectionError, GroundTruthError
@@ -243,12 +243,18 @@ def by_proxy(
     query_labels = items.labels(build_dataset(cfg, "query"))
     if train_labels is None or query_labels is None:
         which = "data.train" if train_labels is None else "data.query"
+        if getattr(build_task(cfg), "spec", dict)().get("task") == "causal_lm":
+            raise DampingSelectionError(
+                "precondition.damping=auto needs class labels (the label proxy) or LDS ground "
+                "truth, and a language model (task causal_lm) has neither: jobs.lds retrains "
+                "classifiers only. Set precondition.damping to a number (e.g. 0.1; "
+                "docs/language_models.md)"
+            )
         raise DampingSelectionError(
             f"precondition.damping=auto found no LDS ground truth for this recipe and {which} "
             "has no class labels for the proxy (it needs one scalar label per row: (input, "
-            "label) pairs, dicts with a scalar label field, or a dataset `labels`; a language "
-            "model's token labels are not class labels): build ground truth with "
-            "python -m jobs.lds, or set precondition.damping to a number"
+            "label) pairs, dicts with a scalar label field, or a dataset `labels`): build "
+            "ground truth with python -m jobs.lds, or set precondition.damping to a number"
         )
 
     def agreement(rows: np.ndarray, deltas: list[float]) -> np.ndarray:
