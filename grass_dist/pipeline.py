@@ -327,6 +327,17 @@ def run_score(job: Job, query: PhiBlock | None = None) -> dict[str, Any]:
     if query is None:
         query = query_phi(job)
     req = ScoreRequest.of(job.cfg)
+    if 2 * req.topk > job.n_train:
+        both = 2 * min(req.topk, job.n_train) - job.n_train
+        log.warning(
+            "scoring.topk=%d of %d training rows: each query's proponents and opponents share "
+            "%d rows (a row ranked both among its most and its least helpful); set "
+            "scoring.topk to %d or less to keep them apart",
+            req.topk,
+            job.n_train,
+            both,
+            job.n_train // 2,
+        )
     with job.stage("score"):
         return on_workers(
             job,

@@ -409,6 +409,21 @@ def test_a_small_query_set_is_computed_by_the_driver_as_a_worker_computes_it(
     assert "computed by the driver" not in caplog.text
     np.testing.assert_array_equal(mine.dense(), theirs.dense())  # bit for bit
 
+    # A top-k past half the training set: the two lists share rows, and the log says so.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="grass_dist"):
+        wide = index.attribute(query, topk=40, name="wide").topk()
+    assert (
+        "scoring.topk=40 of 60 training rows: each query's proponents and opponents "
+        in (caplog.text)
+        and "share 20 rows" in caplog.text
+    )
+    q0 = wide[wide["query_row"] == 0]
+    shared = set(q0[q0["kind"] == "proponent"]["train_row"]) & set(
+        q0[q0["kind"] == "opponent"]["train_row"]
+    )
+    assert len(shared) == 20
+
     # The calls shared one reducer process, kept between them; close() stops it, and the
     # next call starts another, as does a call whose reducer would take other arguments.
     kept = index._kept.handle
