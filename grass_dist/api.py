@@ -39,6 +39,7 @@ from grass_dist import assembly, pipeline
 from grass_dist.config import JobConfig, resolve
 from grass_dist.errors import ConfigError, GrassError, ResultsNotFoundError
 from grass_dist.index import GradientIndex
+from grass_dist.job import KeptReducer
 from grass_dist.scoring import results
 from grass_dist.summary import job_summary
 
@@ -257,7 +258,7 @@ class Index:
         self.raw = raw
         self.summary = summary or {}
         # The reducer of the last `attribute` call, kept for the next (`close` stops it).
-        self._kept = pipeline.KeptReducer()
+        self._kept = KeptReducer()
 
     def close(self) -> None:
         """Stop the reducer process that `attribute` keeps between calls (it also stops

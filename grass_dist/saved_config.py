@@ -114,11 +114,12 @@ class SavedConfig(Callback):
         launcher = logging.getLogger(str(config.hydra.launcher._target_).rpartition(".")[0])
         for old in [f for f in launcher.filters if isinstance(f, Scrubbed)]:
             launcher.removeFilter(old)
-        launcher.addFilter(Scrubbed(list(_found(config).values())))
+        tree = OmegaConf.to_container(config, resolve=False)
+        launcher.addFilter(Scrubbed(list(_found(tree).values())))
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         tree = OmegaConf.to_container(config, resolve=False)
-        found = _found(config)
+        found = _found(tree)
         if self.subdir is not None:
             folder = Path(config.hydra.runtime.output_dir) / self.subdir
             folder.mkdir(parents=True, exist_ok=True)
@@ -137,9 +138,8 @@ class SavedConfig(Callback):
             log.warning(_warning(sorted(found), redact(given, list(found.values())) != given))
 
 
-def _found(config: DictConfig) -> dict[str, str]:
-    """The credentials of a job's config (its own part, not Hydra's)."""
-    tree = OmegaConf.to_container(config, resolve=False)
+def _found(tree: dict[str, Any]) -> dict[str, str]:
+    """The credentials of a job's config tree (its own part, not Hydra's)."""
     return credentials({k: v for k, v in tree.items() if k != "hydra"})
 
 
@@ -165,8 +165,7 @@ def _redact_file(path: Path, secrets: list[str]) -> None:
     if not path.exists():
         return
     tree = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    found = credentials({k: v for k, v in tree.items() if k != "hydra"})
-    clean = redact(tree, sorted({*secrets, *found.values()}))
+    clean = redact(tree, sorted({*secrets, *_found(tree).values()}))
     if clean != tree:
         path.write_text(OmegaConf.to_yaml(OmegaConf.create(clean)))
 
