@@ -174,9 +174,18 @@ def _instantiate(node: dict[str, Any], where: str) -> Any:
         if isinstance(e.__cause__, GrassError):  # the callable's own refusal says it best
             raise e.__cause__ from None
         raise ConfigError(
-            f"could not build '{where}' from _target_={node.get('_target_')!r}: {e}. Check the "
-            f"import path and the arguments under '{where}'."
+            f"could not build '{where}' from _target_={node.get('_target_')!r}: {_why(e)}. "
+            f"Check the import path and the arguments under '{where}'."
         ) from e
+
+
+def _why(e: InstantiationException) -> str:
+    """What went wrong in the callable, in its own words: Hydra's text gives the cause's
+    repr, which drops what an OSError names (FileNotFoundError(2, '...'), not the path)."""
+    cause = e.__cause__
+    if cause is None:
+        return str(e)
+    return f"{type(cause).__name__}: {cause}".rstrip(": ")
 
 
 def build_model(job: JobConfig) -> nn.Module:

@@ -10,8 +10,10 @@ or any gradient is computed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import difflib
+import functools
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -245,6 +247,12 @@ class JobConfig:
     @classmethod
     def from_cfg(cls, cfg: DictConfig | dict) -> JobConfig:
         cfg = OmegaConf.create(resolve(cfg))  # groups are merged one by one: resolve first
+        unknown = [str(k) for k in cfg if k not in {f.name for f in fields(cls)}]
+        if unknown:  # `+topk=3` adds a key no job reads
+            raise ConfigError(
+                f"{'; '.join(map(_not_a_setting, unknown))}: {_SETTINGS_ARE}; new keys are "
+                f"not accepted"
+            )
         typed = {}
         for name, schema in _GROUPS.items():
             node = cfg.get(name, {}) or {}
@@ -289,11 +297,63 @@ def _merge_error(group: str, e: OmegaConfBaseException) -> str:
     reason = str(getattr(e, "msg", None) or e).splitlines()[0]
     key = getattr(e, "full_key", None)
     field_name = f"{group}.{key}" if key else group
+    meant = "" if field_name in settings() else _meant(field_name, "; ")
     return (
-        f"config group '{group}': {reason} (field {field_name}). Fix: use the fields of "
+        f"config group '{group}': {reason} (field {field_name}{meant}). "
+        f"Fix: use the fields of "
         f"'{group}' that grass_dist/config.py lists (each with its help), with values of "
         "their type; new keys are not accepted"
     )
+
+
+@functools.cache
+def settings(schema: type = JobConfig, prefix: str = "") -> dict[str, bool]:
+    """Every setting of `schema` by its dotted name (nested groups' fields included), True
+    where it holds free-form keys (model, data, task, a dict such as store.storage_options,
+    an Any such as lds.train), where `+name.key=value` adds one."""
+    hints = get_type_hints(schema)
+    names: dict[str, bool] = {}
+    for f in fields(schema):
+        hint, name = hints[f.name], prefix + f.name
+        if is_dataclass(hint):
+            names.update(settings(hint, name + "."))
+        else:
+            names[name] = hint is Any or getattr(hint, "__origin__", None) is dict
+    return names
+
+
+def near_settings(key: str) -> list[str]:
+    """The settings a dotted `key` that is none probably meant: near in spelling, or with
+    the same last part (a field named without its group), at most three."""
+    names = settings()
+    leaf = key.rsplit(".", 1)[-1]
+    near = difflib.get_close_matches(key, names, n=3, cutoff=0.8)
+    near += [n for n in names if n.rsplit(".", 1)[-1] == leaf and n not in near]
+    return near[:3]
+
+
+def _meant(key: str, before: str) -> str:
+    near = near_settings(key)
+    return f"{before}did you mean {' or '.join(near)}?" if near else ""
+
+
+def unknown_setting(key: str) -> str | None:
+    """What to do about a dotted `key` that the command line could not override: None when
+    it lies under a free-form setting (`+key=value` adds it, as Hydra says), else a line
+    saying it is no setting, what was probably meant, and that `+` would not add it."""
+    names = settings()
+    parts = key.split(".")
+    if any(names.get(".".join(parts[:i])) for i in range(1, len(parts) + 1)):
+        return None
+    return f"{_not_a_setting(key)}, and `+{key}=...` would be refused too: {_SETTINGS_ARE}"
+
+
+_SETTINGS_ARE = "the settings are the fields of grass_dist/config.py, each with its help"
+
+
+def _not_a_setting(key: str) -> str:
+    meant = _meant(key, " (") + ")" * bool(near_settings(key))
+    return f"{key} is not a setting of grass_dist{meant}"
 
 
 def resolve(cfg: DictConfig | dict) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import gc
 import importlib
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -27,7 +28,7 @@ from typing import Any, NoReturn
 import ray
 from omegaconf import DictConfig
 
-from grass_dist.config import ClusterConfig, JobConfig, resolve
+from grass_dist.config import ClusterConfig, JobConfig, resolve, unknown_setting
 from grass_dist.errors import GrassError
 from grass_dist.runtime import cluster
 
@@ -87,11 +88,24 @@ def cli(main: Callable[[], Any]) -> None:
         main()
     except SystemExit as e:
         if e.code == 1 and isinstance(e.__context__, CompactHydraException):
+            _correct_hydra(str(e.__context__))
             sys.exit(2)
         raise
     finally:
         cluster.shutdown()
         gc.freeze()
+
+
+def _correct_hydra(message: str) -> None:
+    """After Hydra's refusal of an override it could not apply: Hydra's advice, to add the
+    key with `+`, is right for the free-form nodes (model, data, task) and config groups,
+    but a misspelt setting would only be refused again; say so, with what was meant."""
+    found = re.search(r"Could not override '([^']+)'", message)
+    if found is None or "defaults list" in message:
+        return
+    line = unknown_setting(found.group(1))
+    if line is not None:
+        print(f"error: {line}", file=sys.stderr)
 
 
 def door(name: str, cfg: DictConfig) -> dict[str, Any]:

@@ -324,6 +324,24 @@ CASES = {
         ("model._target_=my_pkg.nope.load",),
         r"model\._target_='my_pkg\.nope\.load' cannot be imported",
     ),
+    "key_added_at_the_top": (
+        "attribute",
+        ("+topk=3",),
+        r"topk is not a setting of grass_dist \(did you mean scoring\.topk or serve\.topk\?\).*"
+        r"new keys are not accepted",
+    ),
+    "key_added_to_a_group": (
+        "attribute",
+        ("+cluster.num_worker=3",),
+        r"Key 'num_worker' not in 'ClusterConfig' \(field cluster\.num_worker; did you mean "
+        r"cluster\.num_workers",
+    ),
+    "model_checkpoint_missing": (
+        "attribute",
+        ("model.path={case}/nope.pt",),
+        r"could not build 'model' from _target_='my_pkg\.models\.load': FileNotFoundError: "
+        r".*No such file or directory: '[^']*/nope\.pt'",
+    ),
     "model_not_a_module": (
         "attribute",
         ("model._target_=my_pkg.data.train_set", "~model.path"),

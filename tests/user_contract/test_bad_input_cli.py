@@ -215,12 +215,26 @@ def test_cli_with_another_server_at_the_address_is_refused_not_waited_for(
 
 
 def test_cli_exits_2_when_hydra_refuses_the_command_line(tmp_path, user_pkg):
-    # A misspelt key is refused by Hydra itself, before any grass_dist code runs.
+    # A misspelt key is refused by Hydra itself, before any grass_dist code runs. Hydra
+    # advises `+compresion.k=64`, which would be refused in turn: the last word is ours,
+    # with the setting that was meant.
     proc = run_job("index", "compresion.k=64", user=user_pkg, cwd=tmp_path, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Could not override 'compresion.k'" in proc.stderr
     assert "Traceback" not in proc.stderr
+    said = r"compresion\.k is not a setting of grass_dist \(did you mean compression\.k\?\)"
+    assert re.search(
+        said + r", and `\+compresion\.k=\.\.\.` would be refused too", _message(proc.stderr)
+    )
     assert not (tmp_path / "outputs" / "index").exists()
+
+
+def test_cli_leaves_hydras_advice_alone_where_a_plus_adds_the_key(tmp_path, user_pkg):
+    # model=custom's node is free-form: `+model.path=...` is the fix Hydra gives, and right.
+    proc = run_job("index", "model.path=/x.pt", user=user_pkg, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "To append to your config use +model.path=/x.pt" in proc.stderr
+    assert "not a setting" not in proc.stderr
 
 
 def test_cli_serve_on_a_taken_port_names_it_before_anything_starts(tmp_path, user_pkg):
