@@ -18,7 +18,7 @@ from grass_dist.errors import ConfigError
 from grass_dist.gradients.capture import layers_that_run
 from grass_dist.gradients.computer import module_calls
 from grass_dist.tasks.classifier import ClassificationTask
-from tests.helpers import AttnNet, TwiceNet
+from tests.helpers import AttnNet, ConvNet, TwiceNet
 
 TASK = ClassificationTask()
 
@@ -104,3 +104,40 @@ def test_workers_attribute_the_layers_the_driver_chose(ray_session, tmp_path):
 def test_a_model_that_is_one_linear_layer_is_its_own_layer():
     model = torch.nn.Linear(4, 3)
     assert layers_that_run(model, None, _calls(model, torch.randn(4))) == [""]
+
+
+class _Tied(torch.nn.Module):
+    """Two Linear layers that share one weight, and an untied head."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = (torch.nn.Linear(4, 4) for _ in range(3))
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.b(torch.tanh(self.a(x))))
+
+
+def test_the_default_warns_of_the_convolutions_and_tied_layers_it_leaves_out(caplog):
+    # A CNN's user (TRAK, kronfluence attribute convolutions) must hear that index.layers=
+    # null attributes only its Linear head; the norm is left out without a word.
+    conv = ConvNet()
+    x = torch.randn(1, 5, 5)
+    with caplog.at_level(logging.WARNING, logger="grass_dist"):
+        assert layers_that_run(conv, None, _calls(conv, x)) == ["head"]
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert "leaves out the convolutions ['conv'] (Conv2d, 18% of the model's parameters)" in said
+    assert "index.layers" in said and "norm" not in said
+    # Named, they are attributed and nothing is said.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="grass_dist"):
+        assert layers_that_run(conv, ["conv", "head"], _calls(conv, x)) == ["conv", "head"]
+    assert not caplog.records
+
+    tied = _Tied()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="grass_dist"):
+        assert layers_that_run(tied, None, _calls(tied, torch.randn(4))) == ["head"]
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert "leaves out Linear layers whose weight another module shares" in said
+    assert said.endswith("['a', 'b']")

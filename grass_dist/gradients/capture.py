@@ -67,8 +67,6 @@ def resolve_layers(model: nn.Module, names: Iterable[str] | None) -> dict[str, L
     tied = _tied_to(model)
     if names is None:
         chosen = [n for n in linear if n not in tied]
-        if tied:
-            log.info("index.layers=null leaves out layers with tied weights: %s", sorted(tied))
         if not chosen:
             raise ConfigError(
                 "the model has no nn.Linear layers to capture; set index.layers to the names "
@@ -184,6 +182,7 @@ def layers_that_run(model: nn.Module, names: list[str] | None, calls: Counter[st
             f" (e.g. {parents})" if parents else "",
         )
     kept = [n for n in chosen if calls[n] == 1]
+    _warn_left_out(model)
     if not kept:
         raise ConfigError(
             f"none of the model's Linear layers runs exactly once as a module in the forward "
@@ -191,6 +190,41 @@ def layers_that_run(model: nn.Module, names: list[str] | None, calls: Counter[st
             f"modules to attribute (any module with parameters)"
         )
     return kept
+
+
+def _warn_left_out(model: nn.Module) -> None:
+    """index.layers=null attributes untied Linear layers only: warn of the layers of the
+    model it leaves out that a user would expect attributed (by other tools, or as the
+    layers that hold the model's weights): Linear layers with tied weights (an LM head tied
+    to its embedding) and convolutions, with their share of the model's parameters and
+    how to attribute them. Norms and embeddings are left out without a word, as is usual."""
+    total = sum(p.numel() for p in model.parameters()) or 1
+    tied = sorted(_tied_to(model))
+    if tied:
+        log.warning(
+            "index.layers=null leaves out Linear layers whose weight another module shares "
+            "(tied weights; the factorised capture would see only this layer's share of its "
+            "gradient): %s",
+            tied,
+        )
+    convs = {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, nn.modules.conv._ConvNd) and next(m.parameters(), None) is not None
+    }
+    if convs:
+        share = sum(p.numel() for m in convs.values() for p in m.parameters()) / total
+        kinds = sorted({type(m).__name__ for m in convs.values()})
+        log.warning(
+            "index.layers=null attributes Linear layers only and leaves out the convolutions "
+            "%s (%s, %.0f%% of the model's parameters). To attribute them, name them in "
+            "index.layers together with the Linear layers (in the Python API: "
+            "overrides=['index.layers=[...]']); they are compressed as whole modules "
+            "(compression.other)",
+            sorted(convs),
+            ", ".join(kinds),
+            100 * share,
+        )
 
 
 class LinearCapture:
