@@ -185,3 +185,17 @@ def assert_answers_equal_topk_table(answers, table) -> None:
             np.testing.assert_allclose(
                 [g["score"] for g in got], want["score"], rtol=1e-5, atol=1e-7
             )
+
+
+class PlainCE:
+    """A user's own task as README asks for one (collate, to, per_sample_loss), without
+    the service's `decode_example` hook: cross-entropy on (input, label) items."""
+
+    def collate(self, items):
+        return torch.utils.data.default_collate(items)
+
+    def to(self, batch, device):
+        return [v.to(device) for v in batch]
+
+    def per_sample_loss(self, model, batch):
+        return F.cross_entropy(model(batch[0]), batch[1].long(), reduction="none")

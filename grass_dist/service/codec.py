@@ -105,3 +105,40 @@ def decode_tokens(value: Any, where: str) -> torch.Tensor:
     if not isinstance(length, int) or length < 0:
         raise _bad(where, f"shape {value.get('shape')!s:.80}, expected one dimension")
     return decode_array(value, torch.zeros(length, dtype=torch.long), where)
+
+
+def decodable(template: Any) -> bool:
+    """Whether `decode_like` can shape examples like the training item `template`."""
+    if isinstance(template, dict):
+        return bool(_fields(template))
+    return isinstance(template, (tuple, list)) and len(template) == 2
+
+
+def _fields(item: dict) -> dict[str, torch.Tensor]:
+    """A dict item's numeric fields (tensors, arrays, numbers) as tensors, by name."""
+    numeric = (torch.Tensor, np.ndarray, np.number, int, float)
+    return {
+        k: torch.as_tensor(v)
+        for k, v in item.items()
+        if isinstance(v, numeric) and not isinstance(v, bool)
+    }
+
+
+def decode_like(example: Any, template: Any) -> Any:
+    """A request example -> a dataset item shaped like the training item `template`: dict
+    items take their own numeric fields by name, (input, label) pairs take {"input": ...,
+    "label": ...}; each value as `decode_array` reads it. BadRequestError (naming the field)
+    on anything else. A task serves through it unless it has its own `decode_example`."""
+    if isinstance(template, dict):
+        fields = _fields(template)
+    else:
+        # Plain (input, label) items may hold numpy inputs or int labels, not tensors.
+        fields = {"input": torch.as_tensor(template[0]), "label": torch.as_tensor(template[1])}
+    if not isinstance(example, dict):
+        raise BadRequestError(f"an example is an object with fields {sorted(fields)}")
+    if set(example) != set(fields):
+        raise BadRequestError(
+            f"an example has the fields {sorted(example)}; expected {sorted(fields)}"
+        )
+    out = {k: decode_array(example[k], like, k) for k, like in fields.items()}
+    return out if isinstance(template, dict) else (out["input"], out["label"])

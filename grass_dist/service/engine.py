@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,7 @@ from grass_dist.scoring.score import (
     score_stream,
 )
 from grass_dist.scoring.topk import decode
+from grass_dist.service.codec import decodable, decode_like
 
 log = logging.getLogger(__name__)
 BUILD_PRECONDITIONER = (
@@ -64,13 +66,20 @@ BUILD_PRECONDITIONER = (
 _UNFIT = (BadRowsError, NonFiniteGradientError, IndexError, ValueError, RuntimeError)
 
 
-def require_decoder(job: JobConfig, task) -> None:
-    """Refuse a task that cannot turn request examples into dataset items."""
-    if not hasattr(task, "decode_example"):
-        raise ConfigError(
-            f"task {job.task['_target_']} has no decode_example(example, template): "
-            f"implement it to turn request examples into dataset items"
-        )
+def example_decoder(job: JobConfig, task, template: Any) -> Callable[[Any, Any], Any]:
+    """How request examples become dataset items: the task's `decode_example(example,
+    template)`, else examples shaped like the training items (codec.decode_like: dicts
+    with numeric fields, or (input, label) pairs); ConfigError for a task with neither."""
+    if hasattr(task, "decode_example"):
+        return task.decode_example
+    if decodable(template):
+        return decode_like
+    raise ConfigError(
+        f"task {job.task['_target_']} has no decode_example(example, template), and its "
+        f"training items ({type(template).__name__}) are neither dicts of tensors nor "
+        f"(input, label) pairs that a request example could be shaped like: implement "
+        f"decode_example to turn request examples into dataset items"
+    )
 
 
 def open_checked(job: JobConfig, train) -> tuple[GradientIndex, assembly.Replica]:
@@ -148,10 +157,10 @@ class QueryEngine:
         self.job = job
         train = build_dataset(job, "train")
         self.index, parts = open_checked(job, train)
-        require_decoder(job, parts.task)
         self.task = parts.task
         self.computer = GradientComputer(parts.model, parts.task, parts.compressors)
         self.template = train[0]
+        self._decode = example_decoder(job, parts.task, self.template)
         self.layers = [name for name, _ in self.index.layers]
         self.records = sorted(self.index.committed().values(), key=lambda r: r.start)
         self.pre, self.unavailable = self._preconditioner(self.records)
@@ -204,7 +213,7 @@ class QueryEngine:
         items = []
         for i, example in enumerate(examples):
             try:
-                items.append(self.task.decode_example(example, self.template))
+                items.append(self._decode(example, self.template))
             except BadRequestError as e:
                 sep = "." if re.match(r"\w+: ", e.message) else ": "  # a field's message
                 raise BadRequestError(f"examples[{i}]{sep}{e.message}", e.status) from None

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data._utils.collate import collate, default_collate_fn_map
 
-from grass_dist.errors import BadRequestError
-from grass_dist.service.codec import decode_array
+from grass_dist.service.codec import decode_like
 
 _NO_IGNORE = torch.iinfo(torch.int64).min  # a label no dataset holds
 
@@ -91,21 +90,8 @@ class ClassificationTask:
 
     def decode_example(self, example: Any, template: Any) -> Any:
         """A request example -> an item `collate` accepts, shaped like the training item
-        `template`. Tuple items take {"input": tensor, "label": int}; dict items take their
-        own field names. Raises BadRequestError (naming the field) on anything else."""
-        if isinstance(template, dict):
-            fields = {k: v for k, v in template.items() if torch.is_tensor(v)}
-        else:
-            # Plain (input, label) items may hold numpy inputs or int labels, not tensors.
-            fields = {"input": torch.as_tensor(template[0]), "label": torch.as_tensor(template[1])}
-        if not isinstance(example, dict):
-            raise BadRequestError(f"an example is an object with fields {sorted(fields)}")
-        if set(example) != set(fields):
-            raise BadRequestError(
-                f"an example has the fields {sorted(example)}; expected {sorted(fields)}"
-            )
-        out = {k: decode_array(example[k], like, k) for k, like in fields.items()}
-        return out if isinstance(template, dict) else (out["input"], out["label"])
+        `template` (grass_dist.service.codec.decode_like)."""
+        return decode_like(example, template)
 
     def spec(self) -> dict[str, Any]:
         return {"task": "classification", "loss": "cross_entropy_sum"}

@@ -365,3 +365,27 @@ def test_a_preconditioner_from_fewer_shards_than_the_index_now_holds_is_not_serv
     assert_answers_equal_topk_table(
         answers, results.load_table(job.index, "default", "topk").to_pandas()
     )
+
+
+def test_a_task_without_decode_example_is_served_examples_shaped_like_its_items(
+    ray_session, tmp_path
+):
+    # README asks a task for collate, to and per_sample_loss only: a user's own task is
+    # served too, its examples shaped like its training items, as the built-in task's are.
+    job = pipeline.prepare(compose_cfg(tmp_path, "task._target_=tests.helpers.PlainCE"))
+    try:
+        pipeline.run_index(job)
+        pipeline.run_precondition(job)
+        pipeline.run_score(job, pipeline.query_phi(job))
+    finally:
+        pipeline.shutdown(job)
+    served = engine.QueryEngine(job.cfg)
+    answers = served.query(served.decode(query_items(job)), topk=10, kind="influence")
+    assert_answers_equal_topk_table(
+        answers, results.load_table(job.index, "default", "topk").to_pandas()
+    )
+    with pytest.raises(BadRequestError, match=r"examples\[0\]: an example has the fields \['x'\]"):
+        served.decode([{"x": [1.0]}])
+    # Items a request could not be shaped like need the task's own decode_example.
+    with pytest.raises(ConfigError, match=r"has no decode_example.*\(tuple\) are neither"):
+        engine.example_decoder(job.cfg, build_task(job.cfg), (1, 2, 3))
