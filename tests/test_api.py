@@ -224,6 +224,24 @@ def test_readme_python_api_runs_as_written(tmp_path):
 
 
 @pytest.mark.integration
+def test_labels_that_are_no_class_ids_are_refused_not_cut(ray_session, tmp_path):
+    # Regression targets given to the default (classification) task: .long() made 1.7 the
+    # class 1 and the scores those of other labels, without a word. Whole floats are ids.
+    x, y = torch.rand(70, 4), (torch.arange(70) % 3).float()
+    y[50] = 1.7
+    build = functools.partial(gd.Index.build, torch.nn.Linear(4, 3), k=8, workers=1,
+                              overrides=[f"run.output_dir={tmp_path}"])  # fmt: skip
+    said = r"data\.train rows \[50\] \(1 of a batch .*label 1\.7 is not a whole number: the "
+    with pytest.raises(BadRowsError, match=said + "classification task takes class ids"):
+        build(TensorDataset(x, y), store=str(tmp_path / "i"))
+    one_hot = torch.nn.functional.one_hot(torch.arange(70) % 3).float()
+    with pytest.raises(ConfigError, match=r"row 0 of data\.train .*have shape \[1, 3\], not one "):
+        build(TensorDataset(x, one_hot), store=str(tmp_path / "j"))
+    y[50] = 1.0
+    assert build(TensorDataset(x, y), store=str(tmp_path / "k")).summary["index"]["rows"] == 70
+
+
+@pytest.mark.integration
 def test_a_workers_refusal_reaches_the_caller_as_itself(ray_session, tmp_path):
     # Ray wraps a worker's exception in RayTaskError, whose text is the worker's traceback.
     model = digits_mlp(hidden=[8], epochs=0, n_train=40, n_query=5, cache_dir=str(tmp_path))

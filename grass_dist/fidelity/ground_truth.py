@@ -38,7 +38,7 @@ from grass_dist.fidelity import retrain
 from grass_dist.gradients.computer import sample_key
 from grass_dist.index import Store
 from grass_dist.runtime.seeding import derive_seed, generator
-from grass_dist.tasks.classifier import ClassificationTask
+from grass_dist.tasks.classifier import ClassificationTask, class_ids
 
 log = logging.getLogger(__name__)
 
@@ -123,13 +123,13 @@ def model_outputs(model: torch.nn.Module, task: Any, dataset: Any, output: str) 
     with torch.no_grad():
         for lo in range(0, len(dataset), _BATCH):
             batch = task.collate([dataset[i] for i in range(lo, min(lo + _BATCH, len(dataset)))])
-            _, labels = task.split(batch)
+            labels = class_ids(task.split(batch)[1])
             logits = task.logits(model, batch).double()
-            picked = logits.gather(1, labels.long()[:, None])[:, 0]
+            picked = logits.gather(1, labels[:, None])[:, 0]
             if output == "logprob":
                 out.append(picked - torch.logsumexp(logits, 1))
             else:
-                others = logits.scatter(1, labels.long()[:, None], float("-inf"))
+                others = logits.scatter(1, labels[:, None], float("-inf"))
                 out.append(picked - torch.logsumexp(others, 1))
     return torch.cat(out).numpy()
 

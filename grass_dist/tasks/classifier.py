@@ -49,6 +49,28 @@ def default_collate(items: list) -> Any:
     return collate(items, collate_fn_map=_COLLATE_FNS)
 
 
+def class_ids(labels: Any) -> torch.Tensor:
+    """A batch's labels as int64 class ids. ValueError for labels that are none: a label
+    that is not a whole number (a regression target: `.long()` would cut 0.7 to 0 without
+    a word) or a vector per row (one-hot or class probabilities)."""
+    labels = torch.as_tensor(labels)
+    if labels.ndim != 1:
+        raise ValueError(
+            f"the labels of a batch have shape {list(labels.shape)}, not one class id per row "
+            f"(one-hot or probability vectors?): the classification task takes class ids; "
+            f"for other targets give your own task (task._target_)"
+        )
+    if labels.is_floating_point():
+        fraction = labels != labels.round()  # NaN included
+        if fraction.any():
+            raise ValueError(
+                f"label {labels[fraction][0].item():g} is not a whole number: the "
+                f"classification task takes class ids (a regression target needs a task of "
+                f"your own, e.g. a squared-error loss: task._target_)"
+            )
+    return labels.long()
+
+
 class ClassificationTask:
     """Cross-entropy of the true label; items are (input, label) pairs or dicts."""
 
@@ -78,7 +100,7 @@ class ClassificationTask:
         # gradient, so it is out of bounds like any other label outside the classes.
         return F.cross_entropy(
             self.logits(model, batch).float(),
-            labels.long(),
+            class_ids(labels),
             reduction="none",
             ignore_index=_NO_IGNORE,
         )
