@@ -182,13 +182,32 @@ def shutdown() -> None:
     """
     if not ray.is_initialized():
         return
-    # Ray's private node handle, set when this process started the Ray; read defensively so
-    # that a Ray without it only loses the shortcut.
-    node = getattr(getattr(ray, "_private", None), "worker", None)
-    node = getattr(node, "_global_node", None)
+    node = _own_node()
     if node is not None and node.is_head() and hasattr(node, "kill_monitor"):
         node.kill_monitor(check_alive=False)
     ray.shutdown()
+
+
+def _own_node() -> Any:
+    """Ray's private handle of the node this process started (None when it joined one),
+    read defensively so that a Ray without it only loses what it serves."""
+    node = getattr(getattr(ray, "_private", None), "worker", None)
+    return getattr(node, "_global_node", None)
+
+
+def embedded_lost() -> bool:
+    """Whether a process of the Ray this process started has exited (its GCS, raylet, log
+    monitor, ...; one `kill_monitor` stopped does not count). Ray's processes share this
+    process's process group, so a signal to the whole group (`kill -TERM -- -PGID`,
+    systemd's KillMode=control-group) stops them with it: nothing can be asked of that Ray
+    any more, and a call that waits on it (deleting a Serve application) waits for good.
+    False where it cannot tell."""
+    node = _own_node()
+    try:
+        dead = node.dead_processes() if node is not None else []
+    except Exception:  # noqa: BLE001 - a Ray without it: as if alive
+        return False
+    return bool(dead)
 
 
 def worker_request(cfg: ClusterConfig) -> dict[str, float]:

@@ -15,10 +15,12 @@ import ipaddress
 import json
 import logging
 import math
+import os
 import signal
 import socket
+import sys
 import threading
-from typing import Any
+from typing import Any, NoReturn
 
 import ray
 import torch
@@ -200,7 +202,7 @@ def start(raw_job: dict[str, Any]) -> str:
             "reachable from other machines",
             s.host,
         )
-    if connect(job.cluster) and job.cluster.address is None:
+    if connect_keeping_sigterm(job.cluster) and job.cluster.address is None:
         _STARTED["ray"] = True
     check_room(job)
     serve.start(http_options={"host": s.host, "port": s.port})
@@ -219,6 +221,24 @@ def start(raw_job: dict[str, Any]) -> str:
     url = f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
     log.info("attribution service for %s at %s", job.index_url, url)
     return url
+
+
+def connect_keeping_sigterm(settings: Any) -> bool:
+    """`connect`, leaving this process's SIGTERM as the caller set it: `ray.init` makes
+    SIGTERM exit with status 15 from wherever the main thread is, and Ray's failure-signal
+    handler prints a native stack for it and, for an embedded Ray that the same signal
+    stops (sent to the whole process group), aborts the process seconds later. SIGTERM is
+    how a service is stopped: `serve_forever` handles it, as Ctrl-C."""
+    constants = getattr(getattr(ray, "_private", None), "ray_constants", None)
+    if constants is not None and hasattr(constants, "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"):
+        constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True  # read as this process connects
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        return connect(settings)
+    finally:
+        if main and handler is not None:
+            signal.signal(signal.SIGTERM, handler)
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -258,12 +278,41 @@ def stop() -> None:
     """Delete the applications `start` deployed (their replicas finish the requests they
     hold), leaving any other Serve application of a joined cluster running, then stop the
     embedded Ray `start` started. (`serve.shutdown()` would end every application of the
-    cluster, and on Ray's own shutdown it logs a failed graceful_shutdown task.)"""
-    while _STARTED["apps"]:
-        serve.delete(_STARTED["apps"].pop())
+    cluster, and on Ray's own shutdown it logs a failed graceful_shutdown task.)
+
+    An embedded Ray whose processes stopped with this one (`cluster.embedded_lost`: a
+    signal to the whole process group) can delete nothing: the process then ends at once,
+    status 0, as the signal asked, rather than wait on that Ray for good."""
+    deleting = threading.Thread(target=_delete_apps, name="serve-stop", daemon=True)
+    deleting.start()
+    while deleting.is_alive():
+        deleting.join(_LOST_POLL_S)
+        if _STARTED["ray"] and cluster.embedded_lost():
+            _end_without_ray()
     if _STARTED["ray"]:
         _STARTED["ray"] = False
+        if cluster.embedded_lost():
+            _end_without_ray()
         cluster.shutdown()
+
+
+_LOST_POLL_S = 0.2  # how often `stop` looks whether the embedded Ray is still there
+
+
+def _delete_apps() -> None:
+    while _STARTED["apps"]:
+        serve.delete(_STARTED["apps"].pop())
+
+
+def _end_without_ray() -> NoReturn:
+    log.warning(
+        "the embedded Ray's processes stopped together with this one (a signal to the whole "
+        "process group, e.g. kill -TERM -- -PGID or systemd's KillMode=control-group; send "
+        "it to this process alone to stop the service step by step): the service ends now"
+    )
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)
 
 
 def serve_forever(raw_job: dict[str, Any]) -> None:

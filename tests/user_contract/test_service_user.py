@@ -82,15 +82,12 @@ def wait_until_serving(proc: subprocess.Popen, url: str, log: Path, timeout: flo
     raise AssertionError(f"jobs.serve did not answer in {timeout} s:\n{log.read_text()[-3000:]}")
 
 
-def test_serve_with_damping_auto_answers_like_the_batch_job(
-    user_pkg: UserPackage, tmp_path, monkeypatch
-):
-    monkeypatch.syspath_prepend(str(user_pkg.root))
-    batch = run_job("attribute", *SMALL, *AUTO, user=user_pkg, cwd=tmp_path)
-    assert batch.returncode == 0, batch.stderr[-3000:]
-
+def start_service(
+    user_pkg: UserPackage, tmp_path: Path, log_name: str, **popen: object
+) -> tuple[subprocess.Popen, str, Path]:
+    """`python -m jobs.serve` on the batch job's config: (process, URL, its log)."""
     port = free_port()
-    log = tmp_path / "serve.log"
+    log = tmp_path / log_name
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "jobs.serve", *SMALL, *AUTO, f"serve.port={port}"],
@@ -99,8 +96,19 @@ def test_serve_with_damping_auto_answers_like_the_batch_job(
             stdout=out,
             stderr=subprocess.STDOUT,
             text=True,
+            **popen,
         )
-    url = f"http://127.0.0.1:{port}"
+    return proc, f"http://127.0.0.1:{port}", log
+
+
+def test_serve_with_damping_auto_answers_like_the_batch_job(
+    user_pkg: UserPackage, tmp_path, monkeypatch
+):
+    monkeypatch.syspath_prepend(str(user_pkg.root))
+    batch = run_job("attribute", *SMALL, *AUTO, user=user_pkg, cwd=tmp_path)
+    assert batch.returncode == 0, batch.stderr[-3000:]
+
+    proc, url, log = start_service(user_pkg, tmp_path, "serve.log")
     try:
         wait_until_serving(proc, url, log, timeout=240)
         answer = call(f"{url}/query", {"examples": [first_query()], "topk": 5})
@@ -128,3 +136,21 @@ def test_serve_with_damping_auto_answers_like_the_batch_job(
     assert [g["train_row"] for g in got] == want["train_row"].tolist()
     assert [g["train_key"] for g in got] == want["train_key"].tolist()
     np.testing.assert_allclose([g["score"] for g in got], want["score"], rtol=1e-4, atol=1e-6)
+
+    # systemd (KillMode=control-group) and `kill -TERM -- -PGID` signal the whole process
+    # group, the embedded Ray's processes with it: the service cannot delete its application
+    # from a Ray that is going away, and must neither wait on it for good (it did, 60 s
+    # until Ray's client gave up) nor abort with a native stack (Ray's signal handler).
+    proc, url, log = start_service(user_pkg, tmp_path, "serve_group.log", start_new_session=True)
+    try:
+        wait_until_serving(proc, url, log, timeout=240)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    said = log.read_text()
+    assert proc.returncode == 0, said[-3000:]
+    assert "SIGTERM received" not in said and "Traceback" not in said
+    assert "stopped together with this one" in said
