@@ -19,6 +19,7 @@ is used; otherwise an embedded one starts on first use.
 from __future__ import annotations
 
 import copy
+import difflib
 import functools
 import importlib
 import inspect
@@ -93,6 +94,12 @@ def as_node(value: Any, where: str) -> dict[str, Any]:
     class, functools.partial) by import path and keywords, any other object in memory."""
     if isinstance(value, DictConfig):
         value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, (str, bytes, os.PathLike)):
+        raise ConfigError(
+            f"{where} is the {type(value).__name__} {value!r}: give the object itself, a "
+            f"factory (a function or class, or functools.partial of one), or a config node "
+            f"such as {{'_target_': {str(value)!r}, ...}}"
+        )
     if isinstance(value, dict):
         if "_target_" not in value:
             raise ConfigError(
@@ -141,6 +148,12 @@ def job_config(
         merged = OmegaConf.merge(OmegaConf.create(raw), OmegaConf.from_dotlist(list(overrides)))
         raw = OmegaConf.to_container(merged, resolve=True)
     return raw
+
+
+# What Index.build takes by keyword: job_config's settings.
+_BUILD_SETTINGS = tuple(
+    name for name, p in inspect.signature(job_config).parameters.items() if p.kind is p.KEYWORD_ONLY
+)
 
 
 def compression_preset(method: str) -> dict[str, Any]:
@@ -276,6 +289,15 @@ class Index:
         """Index every row of `train`; resumes an index already at `store` with the same
         fingerprint. `settings` are job_config's: task, compression, k, store,
         storage_options, workers, overrides."""
+        unknown = sorted(set(settings) - set(_BUILD_SETTINGS))
+        if unknown:
+            near = [n for u in unknown for n in difflib.get_close_matches(u, _BUILD_SETTINGS, 1)]
+            raise TypeError(
+                f"Index.build() got unexpected keyword arguments {unknown}"
+                + (f" (did you mean {', '.join(near)}?)" if near else "")
+                + f"; it takes model, train and {', '.join(_BUILD_SETTINGS)}, and other "
+                f'settings as overrides=["key=value", ...] (the fields of grass_dist/config.py)'
+            )
         return cls.from_config(job_config(model, train, **settings))
 
     @classmethod

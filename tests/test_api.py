@@ -372,6 +372,19 @@ def test_a_model_with_nan_weights_is_refused_naming_them_before_anything_is_writ
     assert ray.is_initialized() == ray_before
 
 
+def test_a_misspelt_argument_or_a_path_for_the_model_is_named_as_the_caller_wrote_it(tmp_path):
+    # Not "job_config() got an unexpected keyword argument", nor "model._target_=
+    # 'grass_dist.assembly.in_memory' returned an object of type str".
+    model, train = torch.nn.Linear(4, 3), TensorDataset(torch.rand(8, 4), torch.arange(8) % 3)
+    store = str(tmp_path / "i")
+    said = r"^Index\.build\(\) got unexpected keyword arguments \['kk'\] \(did you mean k\?\); "
+    with pytest.raises(TypeError, match=said + "it takes model, train and task, "):
+        gd.Index.build(model, train, store=store, kk=8)
+    with pytest.raises(ConfigError, match=r"^model is the str 'my_pkg\.MLP': give the object"):
+        gd.Index.build("my_pkg.MLP", train, store=store)
+    assert not (tmp_path / "i").exists()
+
+
 def test_config_errors_name_the_arguments_that_set_their_keys(tmp_path):
     model, train = torch.nn.Linear(4, 3), TensorDataset(torch.rand(8, 4), torch.arange(8) % 3)
     store = str(tmp_path / "i")
