@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -98,13 +99,23 @@ def locate_target(node: dict[str, Any], where: str) -> Callable[..., Any]:
     target = node.get("_target_")
     if target in (None, _UNSET):
         raise _unset_target(where)
+    hydra_log = logging.getLogger("hydra.utils")  # logs the error it then raises
+    hydra_log.addFilter(_silent)
     try:
         return get_object(str(target))
     except Exception as e:  # Hydra raises ImportError or a bare Exception for a bad path
+        cause = e.__cause__
+        why = f"{type(cause).__name__}: {cause}" if cause else str(e).strip().splitlines()[0]
         raise ConfigError(
-            f"{where}._target_={target!r} cannot be imported ({e}); check the import path and "
-            f"that its package is on PYTHONPATH of every node"
+            f"{where}._target_={target!r} cannot be imported ({why}); check the import path "
+            f"and that its package is on PYTHONPATH of every node"
         ) from None
+    finally:
+        hydra_log.removeFilter(_silent)
+
+
+def _silent(record: logging.LogRecord) -> bool:
+    return False
 
 
 def unset_fields(node) -> list[str]:

@@ -14,6 +14,7 @@ from grass_dist.build import (
     build_model,
     build_task,
     check_weights,
+    locate_target,
 )
 from grass_dist.config import JobConfig
 from grass_dist.errors import ConfigError, FingerprintMismatchError
@@ -132,6 +133,13 @@ def test_missing_target(tmp_path):
     _fails_before_work(
         tmp_path, ConfigError, r"'data.train' needs a '_target_'", "~data.train._target_"
     )
+
+
+def test_a_target_that_cannot_be_imported_is_said_once(caplog):
+    # Hydra logs its own ERROR before it raises: the user read the same failure twice.
+    with pytest.raises(ConfigError, match=r"cannot be imported \(ModuleNotFoundError: No module"):
+        locate_target({"_target_": "no_such_pkg.load"}, "model")
+    assert not [r for r in caplog.records if r.name.startswith("hydra")]
 
 
 def test_unknown_config_key(tmp_path):

@@ -322,7 +322,8 @@ CASES = {
     "model_module_missing": (
         "attribute",
         ("model._target_=my_pkg.nope.load",),
-        r"model\._target_='my_pkg\.nope\.load' cannot be imported",
+        r"model\._target_='my_pkg\.nope\.load' cannot be imported \(ModuleNotFoundError: No "
+        r"module named 'my_pkg\.nope'\); check the import path",
     ),
     "key_added_at_the_top": (
         "attribute",
