@@ -1,15 +1,20 @@
 """damping=auto eigendecomposes H once: sweeps read phi, never recompute or refactorise."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
+from grass_dist.build import IN_MEMORY
+from grass_dist.config import JobConfig
 from grass_dist.errors import DampingSelectionError
 from grass_dist.fidelity import damping
 from grass_dist.gradients.computer import GradientComputer
 from grass_dist.index import GradientIndex
 from grass_dist.scoring.fisher_sum import FisherSum
 from grass_dist.scoring.precondition import Preconditioner
+from tests.conftest import compose_cfg
 
 LAYERS = {"fc1": 6, "out": 4}
 
@@ -85,11 +90,18 @@ def test_validation_split_and_choice():
         damping.best_delta([float("nan")], [1.0])
 
 
-def test_the_label_proxy_refuses_what_it_cannot_judge():
+def test_the_label_proxy_refuses_what_it_cannot_judge(tmp_path):
+    named = JobConfig.from_cfg(compose_cfg(tmp_path))  # model and data by import path
     classes = {"data.train": np.array([0, 3, 1]), "data.query": np.array([2.0, 1.0])}
-    damping.check_class_labels(classes)  # integers, and floats that are whole numbers
-    with pytest.raises(DampingSelectionError, match=r"data.query's labels are not whole.*0\.25"):
-        damping.check_class_labels({**classes, "data.query": np.array([1.0, 0.25])})
+    damping.check_class_labels(classes, named)  # integers, and floats that are whole numbers
+    fractions = {**classes, "data.query": np.array([1.0, 0.25])}
+    with pytest.raises(DampingSelectionError, match=r"data.query's labels are not whole.*0\.25"
+                       r".*: build ground truth with python -m jobs\.lds, or set "):  # fmt: skip
+        damping.check_class_labels(fractions, named)
+    # jobs.lds cannot name objects given to the Python API: only the number is offered.
+    in_memory = dataclasses.replace(named, model={"_target_": IN_MEMORY})
+    with pytest.raises(DampingSelectionError, match=r"targets\?\): set precondition\.damping"):
+        damping.check_class_labels(fractions, in_memory)
     damping.check_proxy_signal([0.0, 0.1, 0.0], 4, 10)
     damping.check_proxy_signal([0.5, 0.5], 4, 10)  # a tie: best_delta takes the larger delta
     with pytest.raises(DampingSelectionError, match="no delta.*4 validation queries. top 10"):

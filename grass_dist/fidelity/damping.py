@@ -31,7 +31,7 @@ import numpy as np
 import ray
 import torch
 
-from grass_dist.build import build_dataset, build_task
+from grass_dist.build import IN_MEMORY, build_dataset, build_task
 from grass_dist.config import JobConfig
 from grass_dist.data import items
 from grass_dist.errors import DampingSelectionError, GroundTruthError
@@ -203,7 +203,16 @@ def _agreement(top: TopK, train_labels, query_labels, n_delta: int) -> list[floa
     return [float(hit[d * q : (d + 1) * q].mean()) for d in range(n_delta)]
 
 
-def check_class_labels(labels: dict[str, np.ndarray]) -> None:
+def _fixes(cfg: JobConfig) -> str:
+    """What a user can do instead of the label proxy: jobs.lds builds ground truth for a
+    recipe it can name (not for objects given to the Python API in memory)."""
+    nodes = [cfg.model, *(cfg.data or {}).values()]
+    named = all(isinstance(n, dict) and n.get("_target_") != IN_MEMORY for n in nodes)
+    lds = "build ground truth with python -m jobs.lds, or " if named else ""
+    return f"{lds}set precondition.damping to a number"
+
+
+def check_class_labels(labels: dict[str, np.ndarray], cfg: JobConfig) -> None:
     """DampingSelectionError unless every label is a class (a whole number, or not a float):
     the proxy compares labels for equality, which regression targets never are."""
     for which, values in labels.items():
@@ -212,8 +221,7 @@ def check_class_labels(labels: dict[str, np.ndarray]) -> None:
                 f"precondition.damping=auto found no LDS ground truth for this recipe, and "
                 f"the label proxy needs class labels, but {which}'s labels are not whole "
                 f"numbers (e.g. {values[np.mod(values, 1) != 0][0]:g}; regression targets?): "
-                "build ground truth with python -m jobs.lds, or set precondition.damping to "
-                "a number"
+                f"{_fixes(cfg)}"
             )
 
 
@@ -253,8 +261,8 @@ def by_proxy(
         raise DampingSelectionError(
             f"precondition.damping=auto found no LDS ground truth for this recipe and {which} "
             "has no class labels for the proxy (it needs one scalar label per row: (input, "
-            "label) pairs, dicts with a scalar label field, or a dataset `labels`): build "
-            "ground truth with python -m jobs.lds, or set precondition.damping to a number"
+            f"label) pairs, dicts with a scalar label field, or a dataset `labels`): "
+            f"{_fixes(cfg)}"
         )
 
     def agreement(rows: np.ndarray, deltas: list[float]) -> np.ndarray:
@@ -262,7 +270,7 @@ def by_proxy(
         per_member = [_agreement(t, train_labels, query_labels[rows], len(deltas)) for t in tops]
         return np.mean(per_member, axis=0)
 
-    check_class_labels({"data.train": train_labels, "data.query": query_labels})
+    check_class_labels({"data.train": train_labels, "data.query": query_labels}, cfg)
     values = agreement(val, grid).tolist()
     check_proxy_signal(values, len(val), topk)
     best = best_delta(values, grid)
