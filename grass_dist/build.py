@@ -269,6 +269,9 @@ def build_dataset(job: JobConfig, which: str):
             f"return e.g. a list or a torch TensorDataset"
         )
     if len(dataset) == 0:
+        if node.get("_target_") == IN_MEMORY:
+            named = _named("training set" if which == "train" else f"{which} set", node)
+            raise ConfigError(f"{named} is empty (0 rows)")
         raise ConfigError(
             f"data.{which}._target_={node['_target_']!r} built an empty dataset (0 rows); "
             f"check the arguments under data.{which} (its size, split or path)"

@@ -382,6 +382,10 @@ def test_a_misspelt_argument_or_a_path_for_the_model_is_named_as_the_caller_wrot
         gd.Index.build(model, train, store=store, kk=8)
     with pytest.raises(ConfigError, match=r"^model is the str 'my_pkg\.MLP': give the object"):
         gd.Index.build("my_pkg.MLP", train, store=store)
+    empty = TensorDataset(torch.rand(0, 4), torch.zeros(0))
+    said = r"^the training set you passed \(a [\w.]*TensorDataset\) is empty \(0 rows\)$"
+    with pytest.raises(ConfigError, match=said):
+        gd.Index.build(model, empty, store=store)
     assert not (tmp_path / "i").exists()
 
 
