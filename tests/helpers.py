@@ -199,3 +199,15 @@ class PlainCE:
 
     def per_sample_loss(self, model, batch):
         return F.cross_entropy(model(batch[0]), batch[1].long(), reduction="none")
+
+
+class Outputs(torch.nn.Module):
+    """A model that returns its logits in a dict (as Hugging Face models do), or a tuple."""
+
+    def __init__(self, inner: torch.nn.Module, how: str):
+        super().__init__()
+        self.inner, self.how = inner, how
+
+    def forward(self, x: torch.Tensor):
+        logits = self.inner(x)
+        return {"logits": logits, "hidden": x} if self.how == "dict" else (logits, x)

@@ -38,6 +38,7 @@ from grass_dist.models.state import state_hash
 from grass_dist.scoring import results
 from grass_dist.tasks.classifier import ClassificationTask
 from tests.conftest import ROOT, compose_cfg
+from tests.helpers import Outputs
 
 # The jobs' command line of the equivalence test, and the same settings for the API.
 SIZES = ["data.train.n_train=120", "compression.k=16", "cluster.num_workers=1", "scoring.topk=5"]
@@ -239,6 +240,27 @@ def test_labels_that_are_no_class_ids_are_refused_not_cut(ray_session, tmp_path)
         build(TensorDataset(x, one_hot), store=str(tmp_path / "j"))
     y[50] = 1.0
     assert build(TensorDataset(x, y), store=str(tmp_path / "k")).summary["index"]["rows"] == 70
+
+
+@pytest.mark.integration
+def test_a_model_that_returns_its_logits_in_a_dict_is_attributed_as_the_bare_one(
+    ray_session, tmp_path
+):
+    inner = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    x, y = torch.rand(40, 4), torch.arange(40) % 3
+    train, query = TensorDataset(x, y), TensorDataset(x[:5], y[:5])
+    dense = {}
+    for name, model in (("bare", inner), ("dict", Outputs(inner, "dict"))):
+        # Identity compression: the layers' names differ ("0" and "inner.0"), and so would
+        # the projections seeded by them.
+        index = gd.Index.build(model, train, store=str(tmp_path / name), workers=1,
+                               compression="identity",
+                               overrides=[f"run.output_dir={tmp_path}"])  # fmt: skip
+        dense[name] = index.attribute(query, dense=True).dense()
+    np.testing.assert_allclose(dense["dict"], dense["bare"], rtol=1e-6, atol=1e-6)
+    said = r"the model returned a tuple, neither a tensor of logits nor an output with a 'logits'"
+    with pytest.raises(ConfigError, match=said):
+        gd.Index.build(Outputs(inner, "tuple"), train, store=str(tmp_path / "t"), workers=1)
 
 
 @pytest.mark.integration

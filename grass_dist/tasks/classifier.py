@@ -90,8 +90,20 @@ class ClassificationTask:
         return [v.to(device) if torch.is_tensor(v) else v for v in batch]
 
     def logits(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The model's logits of the batch: its output, or that output's `logits` field (a
+        dict, or a Hugging Face ModelOutput)."""
         inputs, _ = self.split(batch)
-        return model(inputs)
+        out = model(inputs)
+        if torch.is_tensor(out):
+            return out
+        found = out.get("logits") if isinstance(out, dict) else getattr(out, "logits", None)
+        if torch.is_tensor(found):
+            return found
+        raise TypeError(
+            f"the model returned a {type(out).__name__}, neither a tensor of logits nor an "
+            f"output with a 'logits' field: the classification task needs the logits; for "
+            f"other outputs give your own task (task._target_)"
+        )
 
     def per_sample_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """(B,) cross-entropy losses, float32."""
