@@ -231,7 +231,8 @@ CASES = {
     "unknown_key": (
         "attribute",
         ("+scoring.topk_k=3",),
-        r"config group 'scoring': Key 'topk_k' not in 'ScoringConfig' \(field scoring\.topk_k\)",
+        r"config group 'scoring': Key 'topk_k' not in 'ScoringConfig' \(field scoring\.topk_k; "
+        r"did you mean scoring\.topk\?\)",
     ),
     "ensemble_size_zero": (
         "attribute",
