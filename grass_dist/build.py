@@ -104,10 +104,8 @@ def locate_target(node: dict[str, Any], where: str) -> Callable[..., Any]:
     try:
         return get_object(str(target))
     except Exception as e:  # Hydra raises ImportError or a bare Exception for a bad path
-        cause = e.__cause__
-        why = f"{type(cause).__name__}: {cause}" if cause else str(e).strip().splitlines()[0]
         raise ConfigError(
-            f"{where}._target_={target!r} cannot be imported ({why}); check the import path "
+            f"{where}._target_={target!r} cannot be imported ({_why(e)}); check the import path "
             f"and that its package is on PYTHONPATH of every node"
         ) from None
     finally:
@@ -190,12 +188,13 @@ def _instantiate(node: dict[str, Any], where: str) -> Any:
         ) from e
 
 
-def _why(e: InstantiationException) -> str:
-    """What went wrong in the callable, in its own words: Hydra's text gives the cause's
-    repr, which drops what an OSError names (FileNotFoundError(2, '...'), not the path)."""
+def _why(e: Exception) -> str:
+    """What went wrong under Hydra, in the cause's own words: Hydra's text gives the
+    cause's repr, which drops what an OSError names (FileNotFoundError(2, '...'), not the
+    path), over several lines."""
     cause = e.__cause__
     if cause is None:
-        return str(e)
+        return (str(e).strip().splitlines() or [type(e).__name__])[0]
     return f"{type(cause).__name__}: {cause}".rstrip(": ")
 
 

@@ -247,7 +247,8 @@ class JobConfig:
     @classmethod
     def from_cfg(cls, cfg: DictConfig | dict) -> JobConfig:
         cfg = OmegaConf.create(resolve(cfg))  # groups are merged one by one: resolve first
-        unknown = [str(k) for k in cfg if k not in {f.name for f in fields(cls)}]
+        names = {f.name for f in fields(cls)}
+        unknown = [str(k) for k in cfg if k not in names]
         if unknown:  # `+topk=3` adds a key no job reads
             raise ConfigError(
                 f"{'; '.join(map(_not_a_setting, unknown))}: {_SETTINGS_ARE}; new keys are "
@@ -297,7 +298,7 @@ def _merge_error(group: str, e: OmegaConfBaseException) -> str:
     reason = str(getattr(e, "msg", None) or e).splitlines()[0]
     key = getattr(e, "full_key", None)
     field_name = f"{group}.{key}" if key else group
-    meant = "" if field_name in settings() else _meant(field_name, "; ")
+    meant = "" if field_name in settings() else _meant(field_name, "; {}")
     return (
         f"config group '{group}': {reason} (field {field_name}{meant}). "
         f"Fix: use the fields of "
@@ -332,9 +333,10 @@ def near_settings(key: str) -> list[str]:
     return near[:3]
 
 
-def _meant(key: str, before: str) -> str:
+def _meant(key: str, form: str) -> str:
+    """`form` around 'did you mean ...?' for the settings near `key`; '' for none."""
     near = near_settings(key)
-    return f"{before}did you mean {' or '.join(near)}?" if near else ""
+    return form.format(f"did you mean {' or '.join(near)}?") if near else ""
 
 
 def unknown_setting(key: str) -> str | None:
@@ -352,8 +354,7 @@ _SETTINGS_ARE = "the settings are the fields of grass_dist/config.py, each with 
 
 
 def _not_a_setting(key: str) -> str:
-    meant = _meant(key, " (") + ")" * bool(near_settings(key))
-    return f"{key} is not a setting of grass_dist{meant}"
+    return f"{key} is not a setting of grass_dist{_meant(key, ' ({})')}"
 
 
 def resolve(cfg: DictConfig | dict) -> dict[str, Any]:
