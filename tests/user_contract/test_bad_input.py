@@ -5,6 +5,12 @@ real entry point: the job must exit with status 2, print one paragraph that name
 field and the fix (no traceback), start no Ray, and leave the store as it was. The rows
 call `jobs.<job>.main(cfg)` in this process (Hydra passes a composed config straight
 through); test_bad_input_cli.py runs some as a user's shell would.
+
+The rows name a running Ray cluster (`cluster.address`, a real head started once for the
+module), which a job joins only after every check passed. With no address, the default, a
+job that passes the config checks starts its embedded Ray beside the model, data and store
+checks, and a refusal there waits for that start (seconds) to stop it: a few rows of each
+kind of check run that way too (EMBEDDED).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from hydra.errors import ConfigCompositionException
 
 from grass_dist import pipeline
 from tests.conftest import compose_cfg
+from tests.ray_procs import isolated_ray_env
 
 # The user's own model (a checkpoint loaded by my_pkg.models.load: layers fc1, act, out)
 # and datasets, small; `{ckpt}` and `{case}` are filled in per row.
@@ -365,6 +372,25 @@ CASES = {
 }
 
 
+# Rows refused by the model, data and store checks that also run on the embedded default.
+EMBEDDED = ("model_not_a_module", "train_set_empty", "store_protocol_unknown")
+
+
+@pytest.fixture(scope="module")
+def head():
+    """The address of a running Ray cluster (its head only) that the rows may name."""
+    from ray.cluster_utils import Cluster
+
+    with isolated_ray_env():
+        cluster = Cluster(
+            initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False}
+        )
+        try:
+            yield cluster.address
+        finally:
+            cluster.shutdown()
+
+
 def _snapshot(root: Path) -> dict[str, bytes] | None:
     """Every file under `root` with its bytes (None when `root` does not exist)."""
     if not root.exists():
@@ -403,8 +429,20 @@ def _refused(job: str, cfg, capsys) -> str:
 
 @pytest.mark.parametrize(("job", "given", "match"), CASES.values(), ids=CASES.keys())
 def test_bad_input_exits_2_before_ray_and_writes_nothing(
+    tmp_path, user_pkg, monkeypatch, capsys, head, job, given, match
+):
+    given = (f"cluster.address={head}", *given)
+    _exits_2_and_writes_nothing(tmp_path, user_pkg, monkeypatch, capsys, job, given, match)
+
+
+@pytest.mark.parametrize(("job", "given", "match"), [CASES[row] for row in EMBEDDED], ids=EMBEDDED)
+def test_bad_input_exits_2_while_the_embedded_ray_starts_and_writes_nothing(
     tmp_path, user_pkg, monkeypatch, capsys, job, given, match
 ):
+    _exits_2_and_writes_nothing(tmp_path, user_pkg, monkeypatch, capsys, job, given, match)
+
+
+def _exits_2_and_writes_nothing(tmp_path, user_pkg, monkeypatch, capsys, job, given, match):
     monkeypatch.syspath_prepend(str(user_pkg.root))
     (tmp_path / "a_file").write_text("a file, not a folder")
     before = {p: _snapshot(p) for p in (tmp_path / "index", tmp_path / "a_file")}
@@ -415,7 +453,7 @@ def test_bad_input_exits_2_before_ray_and_writes_nothing(
 
 
 def test_score_refuses_another_model_and_leaves_the_index_as_it_was(
-    tmp_path, user_pkg, monkeypatch, capsys
+    tmp_path, user_pkg, monkeypatch, capsys, head
 ):
     monkeypatch.syspath_prepend(str(user_pkg.root))
     store = tmp_path / "index"
@@ -425,7 +463,8 @@ def test_score_refuses_another_model_and_leaves_the_index_as_it_was(
     state = torch.load(user_pkg.checkpoint, weights_only=True)
     state["out.bias"] += 1.0  # the user retrained: another model
     torch.save(state, tmp_path / "retrained.pt")
-    given = _overrides(user_pkg, tmp_path, f"model.path={tmp_path / 'retrained.pt'}")
+    retrained = f"model.path={tmp_path / 'retrained.pt'}"
+    given = _overrides(user_pkg, tmp_path, f"cluster.address={head}", retrained)
     message = _refused("score", compose_cfg(tmp_path, *given, small=False), capsys)
     assert re.search(r"error: the gradient index at .* different fingerprint", message)
     assert "model.state_sha256" in message
@@ -433,7 +472,9 @@ def test_score_refuses_another_model_and_leaves_the_index_as_it_was(
     assert _snapshot(store) == before
 
 
-def test_a_malformed_text_record_is_refused_before_ray(tmp_path, user_pkg, monkeypatch, capsys):
+def test_a_malformed_text_record_is_refused_before_ray(
+    tmp_path, user_pkg, monkeypatch, capsys, head
+):
     monkeypatch.syspath_prepend(str(user_pkg.root))
     corpus, queries = tmp_path / "corpus.jsonl", tmp_path / "q.jsonl"
     corpus.write_text('{"text": "one doc"}\n{"txt": "a misspelt field"}\n')
@@ -444,6 +485,7 @@ def test_a_malformed_text_record_is_refused_before_ray(tmp_path, user_pkg, monke
         f"data.train.paths=[{corpus}]",
         f"data.query.path={queries}",
         f"store.url={tmp_path / 'index'}",
+        f"cluster.address={head}",
     )
     cfg = compose_cfg(
         tmp_path, *(o.replace("{ckpt}", str(user_pkg.checkpoint)) for o in given), small=False
