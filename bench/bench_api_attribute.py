@@ -9,11 +9,13 @@ queries, other dampings). Each call computes its queries' gradients, the precond
 (read back from the store when the index is unchanged) and the scores. Three kinds of call:
 - `before`: as each call ran before: a worker pool started for the queries'
   gradients (`cluster.driver_shard=false`), and a reducer process started for the
-  preconditioner and the scores (`index.close()` first stops the one kept);
+  preconditioner and the scores (`cluster.driver_reduce_mib=0`; `index.close()` first
+  stops the one kept);
 - `kept reducer`: the same, on the reducer process the Index keeps between calls;
-- `now`: the default: the kept reducer, and the driver computes the queries' gradients
-  itself (a query set of one chunk, `index.shard_size` rows), on a worker's thread count
-  (`grass_dist.runtime.local_shard.driver_phi`).
+- `now`: the default: the driver computes the queries' gradients itself (a query set of one
+  chunk, `index.shard_size` rows), on a worker's thread count
+  (`grass_dist.runtime.local_shard.driver_phi`), and reduces this small index itself (the
+  reducer is an object of the calling process, kept between calls).
 They run in turn in one process after one index build (README's Python API example: digits
 MLP, 300 training rows, 20 queries, k=64, one worker), after one uncounted round; their
 dense scores are checked to be equal bit for bit. Writes bench/results/api_attribute.md.
@@ -39,8 +41,8 @@ from bench.timing import write_result  # noqa: E402
 RESULTS = ROOT / "bench" / "results" / "api_attribute.md"
 # name -> (close the kept reducer first, overrides)
 MODES = {
-    "before": (True, ["cluster.driver_shard=false"]),
-    "kept reducer": (False, ["cluster.driver_shard=false"]),
+    "before": (True, ["cluster.driver_shard=false", "cluster.driver_reduce_mib=0"]),
+    "kept reducer": (False, ["cluster.driver_shard=false", "cluster.driver_reduce_mib=0"]),
     "now": (False, []),
 }
 ROW = "now, in a row"  # `now` calls one after another
@@ -125,12 +127,13 @@ def run(args: argparse.Namespace, work: str) -> None:
         f"once ({build_s:.1f} s), then {args.reps} rounds of the three kinds of call in turn "
         "after one uncounted round. `before`: a worker pool starts for the query gradients "
         "(`cluster.driver_shard=false`) and a reducer process for the preconditioner and "
-        "scores (the kept one closed first), as every call did before; `kept reducer`: the "
-        "same on the reducer the Index keeps between calls; `now` (the default): the kept "
-        "reducer, and the driver computes the query gradients. Then `now, in a row`: as "
+        "scores (`cluster.driver_reduce_mib=0`; the kept one closed first), as every call "
+        "did before; `kept reducer`: the same on the reducer process the Index keeps between "
+        "calls; `now` (the default): the driver computes the query gradients and reduces "
+        "this small index itself. Then `now, in a row`: as "
         "many `now` calls one after another, as a notebook makes them (in the rounds, each "
-        "`now` call follows a `before` call, which starts and stops a worker and a reducer: "
-        "Ray's idle processes for the scorer tasks may have gone with them). Dense scores of "
+        "`now` call follows the two others, whose worker and reducer processes come and go "
+        "and take the CPU meanwhile). Dense scores of "
         "every call: equal bit for bit (checked). `x` = the `before` call's median wall / "
         "this row's.",
         "",

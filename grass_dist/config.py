@@ -184,6 +184,11 @@ class ClusterConfig:
         "an embedded Ray's driver indexes shards until the first worker is ready, and "
         "differentiates a query set of one shard_size itself while none is (CPU)",
     )
+    driver_reduce_mib: float = _f(
+        64.0,
+        "the driver builds the preconditioner and scores itself, with no reducer process, "
+        "when the index's gradients and preconditioner take at most this many MiB (0: never)",
+    )
 
 
 @dataclass

@@ -42,7 +42,7 @@ from grass_dist.runtime.cluster import check_reachable, connect, worker_factory
 from grass_dist.runtime.local_shard import LocalShard
 from grass_dist.runtime.pool import ActorPool
 from grass_dist.runtime.progress import JobProgress
-from grass_dist.runtime.reducer import ReducerHandle
+from grass_dist.runtime.reducer import ReducerHandle, reduces_in_driver
 from grass_dist.runtime.worker import plan_shards
 
 log = logging.getLogger("grass_dist")
@@ -92,6 +92,10 @@ class Job:
         if self.progress is not None:
             self.progress.end(name, self.timings[name])
         log.info("stage %s took %.2f s", name, self.timings[name])
+
+    def reduces_in_driver(self) -> bool:
+        """Whether this job's reducer is an object of the driver (`reduces_in_driver`)."""
+        return reduces_in_driver(self.cfg, dict(self.index.layers), self.n_train)
 
     def reached(self, milestone: str, at: float | None = None) -> None:
         """Record, the first time only, when (time.time(), default now) the job's start-up
@@ -290,7 +294,7 @@ class KeptReducer:
     def lend(self, job: Job) -> None:
         """Give `job` the kept reducer where it serves it; else stop it."""
         handle, self.handle = self.handle, None
-        if handle is not None and handle.serves(job.cfg):
+        if handle is not None and handle.serves(job.cfg, job.reduces_in_driver()):
             handle.cfg = job.cfg
             job._reducer = handle
         elif handle is not None:

@@ -83,7 +83,7 @@ def release_workers(job: Job) -> None:
 def _reducer(job: Job) -> ReducerHandle:
     if job._reducer is None:
         _connect(job)
-        job._reducer = ReducerHandle(job.cfg)
+        job._reducer = ReducerHandle(job.cfg, job.reduces_in_driver())
     return job._reducer
 
 
@@ -255,7 +255,7 @@ def on_workers(job: Job, stage: Callable[[list[Any]], T], tasks_only: bool = Fal
     """stage(workers): a reducer stage on the job's lent workers (`lendable_workers`); if
     one of them dies, the workers stop and the stage runs again on Ray tasks (it starts
     over from the store: the committed shards, the saved preconditioner)."""
-    workers = lendable_workers(job, tasks_only)
+    workers = [] if _reducer(job).in_driver else lendable_workers(job, tasks_only)
     if workers:
         said = (
             "the idle worker runs" if len(workers) == 1 else f"the {len(workers)} idle workers run"

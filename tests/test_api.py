@@ -329,9 +329,11 @@ def test_a_small_query_set_is_computed_by_the_driver_as_a_worker_computes_it(
     model.train()  # the caller's model as a notebook may hold it: training, a layer frozen
     frozen = next(model.parameters())
     frozen.requires_grad_(False)
+    # A reducer process, as for an index past cluster.driver_reduce_mib.
     index = gd.Index.build(model, TensorDataset(x[:60], y[:60]), store=str(tmp_path / "i"), k=16,
                            workers=1, overrides=[f"run.output_dir={tmp_path}",
-                                                 "index.shard_size=32"])  # fmt: skip
+                                                 "index.shard_size=32",
+                                                 "cluster.driver_reduce_mib=0"])  # fmt: skip
     query = TensorDataset(x[60:65], y[60:65])
     with caplog.at_level(logging.INFO, logger="grass_dist"):
         mine = index.attribute(query, dense=True, name="driver")

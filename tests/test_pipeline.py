@@ -5,6 +5,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import ray
 import torch
 
 from grass_dist import pipeline, run
@@ -184,15 +185,17 @@ def test_job_summary_times_its_first_committed_shard(ray_session, tmp_path, caps
 def test_the_reducer_starts_during_the_index_and_its_task_processes_only_on_idle_cpus(
     ray_session, tmp_path
 ):
-    # The session has 4 CPUs. Workers taking 1 of them leave room for the reducer's map
-    # task processes too; workers holding all 4 are lent to its stages instead, so no task
-    # process starts. Either way the reducer starts during the index (after its first
-    # shard) and the precondition stage runs on it.
+    # A reducer process (cluster.driver_reduce_mib=0: this index is small enough for the
+    # driver). The session has 4 CPUs. Workers taking 1 of them leave room for the
+    # reducer's map task processes too; workers holding all 4 are lent to its stages
+    # instead, so no task process starts. Either way the reducer starts during the index
+    # (after its first shard) and the precondition stage runs on it.
     for name, overrides, warmed in (
         ("idle", [], 2),
         ("busy", ["cluster.num_workers=2", "cluster.cpus_per_worker=2"], 0),
     ):
-        job = pipeline.prepare(compose_cfg(tmp_path, f"store.url={tmp_path / name}", *overrides))
+        given = (f"store.url={tmp_path / name}", "cluster.driver_reduce_mib=0", *overrides)
+        job = pipeline.prepare(compose_cfg(tmp_path, *given))
         try:
             pipeline.run_index(job, precondition_next=True)
             assert job._reducer is not None and job._reducer.started == 1
@@ -208,6 +211,35 @@ def test_the_reducer_starts_during_the_index_and_its_task_processes_only_on_idle
         assert job._reducer is None
     finally:
         pipeline.shutdown(job)
+
+
+def test_a_small_index_is_reduced_by_the_driver_to_the_bits_of_a_reducer_process(
+    ray_session, tmp_path
+):
+    # Both jobs score the same index (the second adds no shard) and the same queries.
+    base = ("scoring.dense=true", "scoring.self_influence=true", "precondition.damping=0.05")
+    out = {}
+    for name, limit in (("driver", 64), ("process", 0)):
+        given = (*base, f"cluster.driver_reduce_mib={limit}", f"run.name={name}")
+        job = pipeline.prepare(compose_cfg(tmp_path, *given), query=True)
+        with pipeline.running(job):
+            pipeline.run_index(job, precondition_next=True)
+            query = pipeline.query_phi(job)
+            pre = pipeline.run_precondition(job)
+            scored = pipeline.run_score(job, query)
+            in_driver = job._reducer.in_driver
+            actor = job._reducer.actor
+        out[name] = (pre, scored, results.load_dense(job.index, name), job)
+        if name == "driver":
+            assert in_driver and not isinstance(actor, ray.actor.ActorHandle)
+            assert pre["ran_on"] == scored["ran_on"] == "the driver"
+        else:
+            assert not in_driver and isinstance(actor, ray.actor.ActorHandle)
+            assert pre["reused"]  # the driver's preconditioner, from the same shards
+    np.testing.assert_array_equal(out["driver"][2], out["process"][2])
+    for kind in ("topk", "self_influence"):
+        tables = [results.load_table(o[3].index, name, kind) for name, o in out.items()]
+        assert tables[0].equals(tables[1]), kind
 
 
 def test_a_worker_whose_model_differs_from_the_drivers_is_refused(ray_session, tmp_path):

@@ -10,6 +10,10 @@ grouping and their order are the same, and so are the answers, bit for bit.
 
 A lent worker that dies fails the stage with `WorkersLostError`; the driver then stops the
 workers and runs the stage again on Ray tasks (`grass_dist.pipeline`).
+
+A reducer that runs in the driver (a small index: `runtime.reducer.reduces_in_driver`) makes
+the same calls in its own process, one after another (`Executor(inline=True)`): a stage of
+milliseconds then waits for no process to start.
 """
 
 from __future__ import annotations
@@ -47,6 +51,16 @@ def run_call(fn: Callable, threads: int, *args):
         release_memory()
 
 
+def _run_here(fn: Callable, threads: int, *args):
+    """`run_call` in this process, whose torch thread count is restored after the call."""
+    before = torch.get_num_threads()
+    try:
+        args = tuple(ray.get(a) if isinstance(a, ray.ObjectRef) else a for a in args)
+        return run_call(fn, threads, *args)
+    finally:
+        torch.set_num_threads(before)
+
+
 def local_device() -> str:
     """'cuda' where this process sees a GPU (Ray shows a task or actor only its own), else
     'cpu'."""
@@ -59,22 +73,29 @@ _TASKS = {False: ray.remote(run_call), True: ray.remote(max_calls=1)(run_call)}
 
 class Executor:
     """Runs map calls as Ray tasks, or round-robin on `workers` (GradientWorker actors lent
-    by the driver, whose `run(fn, *args)` calls fn on the worker's own threads). A fan-out
-    makes the same calls either way: how many depends on the stage, not on where they run."""
+    by the driver, whose `run(fn, *args)` calls fn on the worker's own threads), or with
+    `inline` in this process, each as it is submitted, on the threads a task would have. A
+    fan-out makes the same calls either way: how many depends on the stage, not on where
+    they run."""
 
     def __init__(
-        self, workers: Sequence[Any] = (), max_retries: int = 3, fresh_process: bool = False
+        self,
+        workers: Sequence[Any] = (),
+        max_retries: int = 3,
+        fresh_process: bool = False,
+        inline: bool = False,
     ):
-        self.workers = list(workers)
+        self.workers = [] if inline else list(workers)
         self.max_retries = max_retries
         self.fresh_process = fresh_process  # tasks only: end each task's process
+        self.inline = inline
 
     @property
     def lent(self) -> bool:
         return bool(self.workers)
 
     def with_retries(self, max_retries: int, fresh_process: bool = False) -> Executor:
-        return Executor(self.workers, max_retries, fresh_process)
+        return Executor(self.workers, max_retries, fresh_process, self.inline)
 
     def submit(
         self,
@@ -89,6 +110,9 @@ class Executor:
         """Call `i` of a fan-out: fn(*args) on worker i (mod the lent workers), else as a Ray
         task of `cpus` CPUs (and one GPU with `gpu`) on `threads` torch threads (default:
         one per CPU) -> its ref (`num_returns` refs)."""
+        if self.inline:
+            out = _run_here(fn, threads or threads_for(cpus), *args)
+            return out if num_returns == 1 else list(out)
         if self.workers:
             actor = self.workers[i % len(self.workers)]
             return actor.run.options(num_returns=num_returns).remote(fn, *args)
@@ -105,8 +129,11 @@ class Executor:
         return _TASKS[self.fresh_process].options(**options).remote(fn, threads, *args)
 
     def get(self, refs):
-        """ray.get(refs); a lent worker's death is `WorkersLostError`. When one call
-        failed, the others' errors are collected too (`settle`)."""
+        """ray.get(refs) (inline: the results themselves); a lent worker's death is
+        `WorkersLostError`. When one call failed, the others' errors are collected too
+        (`settle`)."""
+        if self.inline:
+            return refs
         try:
             return ray.get(refs)
         except ACTOR_LOST as e:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,10 +105,12 @@ def _ran_on(workers: Sequence[Any]) -> str:
 
 
 class Reducer:
-    """One per job; `parallelism` is how many map tasks it fans out to.
+    """One per job; `parallelism` is how many map calls it fans out to.
 
     The driver starts a new reducer when one dies; it resumes from the store (the saved
-    preconditioner, the committed shards), since this actor holds nothing else.
+    preconditioner, the committed shards), since this actor holds nothing else. With
+    `inline` it is an object of the driver's instead (a small index, `reduces_in_driver`),
+    which makes the same map calls in its own process.
     """
 
     def __init__(
@@ -118,11 +120,17 @@ class Reducer:
         parallelism: int = 4,
         retry: RetryPolicy | None = None,
         faults: FaultsConfig | None = None,
+        inline: bool = False,
     ):
         self.index = GradientIndex.open(index_url, storage_options, retry)
         self.parallelism = parallelism
+        self.inline = inline
         self.cached: dict[str, Preconditioner] = {}
         self.faults = FaultInjector(faults or FaultsConfig(), self.index.store)
+
+    def _executor(self, workers: Sequence[Any], *how: Any) -> Executor:
+        """Where a stage's map calls run: here (inline), on lent `workers`, or Ray tasks."""
+        return Executor(workers, *how, inline=self.inline)
 
     def build_preconditioner(
         self,
@@ -145,7 +153,8 @@ class Reducer:
             self.faults.reducer("precondition")
             log.info("preconditioner %r: reused, built from the shards committed now", name)
         else:
-            pre = build_fisher(self.index, self.parallelism, verify, delta, Executor(workers))
+            ex = self._executor(workers)
+            pre = build_fisher(self.index, self.parallelism, verify, delta, ex)
             self.faults.reducer("precondition")
             self.index.put_artifact(path, pre.to_buffer())
             self.cached[name] = pre
@@ -153,7 +162,7 @@ class Reducer:
             "rows": pre.n,
             "layers": {n: f.trace for n, f in pre.layers.items()},
             "seconds": time.perf_counter() - t0,
-            "ran_on": "store (reused)" if reused else _ran_on(workers),
+            "ran_on": "store (reused)" if reused else self._ran_on(workers),
             "reused": reused,
         }
 
@@ -198,7 +207,7 @@ class Reducer:
         self_influence, dense, parallelism = req.self_influence, req.dense, req.parallelism
         t0 = time.perf_counter()
         fresh = req.fresh_process(len(query.row_ids))
-        ex = Executor(workers, req.max_retries, fresh)
+        ex = self._executor(workers, req.max_retries, fresh)
         pre = (
             self.factorised(req.precondition_name, damping, ex)
             if kind == "influence" or self_influence
@@ -257,7 +266,10 @@ class Reducer:
             "seconds": time.perf_counter() - t0,
         }
         results.complete(self.index, result_name, files, summary)
-        return {**summary, "files": files, "ran_on": _ran_on(workers)}
+        return {**summary, "files": files, "ran_on": self._ran_on(workers)}
+
+    def _ran_on(self, workers: Sequence[Any]) -> str:
+        return "the driver" if self.inline else _ran_on(workers)
 
 
 def _arguments(cfg: JobConfig) -> tuple[Any, ...]:
@@ -267,47 +279,66 @@ def _arguments(cfg: JobConfig) -> tuple[Any, ...]:
     return cfg.index_url, cfg.store.storage_options, tasks, retry, cfg.faults
 
 
+def reduces_in_driver(cfg: JobConfig, layers: dict[str, int], rows: int) -> bool:
+    """Whether a job's reducer is an object of the driver rather than an actor: when the
+    index's gradients (`rows` x the `layers`' dimensions, float32) and its preconditioner
+    (a float64 k x k matrix per layer) take at most `cluster.driver_reduce_mib`, and no
+    fault is to kill the reducer. Its stages then take milliseconds, and an actor's process
+    would take seconds to start."""
+    if cfg.faults.kill_reducer_during is not None:
+        return False
+    need = 4 * rows * sum(layers.values()) + 8 * sum(k * k for k in layers.values())
+    return need <= cfg.cluster.driver_reduce_mib * (1 << 20)
+
+
 class ReducerHandle:
-    """Driver side of the reducer: starts the actor, and a new one when it dies mid-stage.
+    """Driver side of the reducer: starts the actor, and a new one when it dies mid-stage;
+    or, `in_driver`, holds the reducer as an object of this process (`reduces_in_driver`).
 
     A stage retried on a new reducer starts again from the store: the committed shards, and
     the saved preconditioner when scoring. Results become visible only through their
     `_COMPLETE.json`, so a reducer that dies mid-write leaves nothing half-read.
     """
 
-    def __init__(self, cfg: JobConfig):
+    def __init__(self, cfg: JobConfig, in_driver: bool = False):
         self.cfg = cfg
-        self.actor: Any = None
+        self.in_driver = in_driver
+        self.actor: Any = None  # the actor, or the Reducer itself in_driver
         self.started = 0
         self.warmed = 0  # map-task processes started ahead of the reducer's first tasks
         self.ray_job: str | None = None  # the Ray session (its driver's job id) of `actor`
 
-    def serves(self, cfg: JobConfig) -> bool:
-        """Whether its running actor can serve a job of `cfg` too: started in this Ray
-        session with the same arguments (index, store options and retries, map tasks,
-        faults) as a reducer of `cfg` would be."""
+    def serves(self, cfg: JobConfig, in_driver: bool) -> bool:
+        """Whether its running reducer can serve a job of `cfg` too: of the same kind
+        (`in_driver`), started in this Ray session with the same arguments (index, store
+        options and retries, map tasks, faults) as a reducer of `cfg` would be."""
         return (
             self.actor is not None
+            and self.in_driver == in_driver
             and ray.is_initialized()
             and self.ray_job == ray.get_runtime_context().get_job_id()
             and _arguments(self.cfg) == _arguments(cfg)
         )
 
     def start(self, reason: str) -> None:
-        """Start the reducer actor now, unless one runs (a stage starts one when needed)."""
+        """Start the reducer now, unless one runs (a stage starts one when needed)."""
         if self.actor is None:
             self._start(reason)
 
     def _start(self, reason: str) -> None:
         self.started += 1
-        log.info("starting reducer %d: %s", self.started, reason)
         url, options, parallelism, retry, faults = _arguments(self.cfg)
+        self.ray_job = ray.get_runtime_context().get_job_id()
+        if self.in_driver:
+            log.info("the driver reduces the index itself (cluster.driver_reduce_mib)")
+            self.actor = Reducer(url, options, parallelism, retry, faults, inline=True)
+            return
+        log.info("starting reducer %d: %s", self.started, reason)
         self.actor = (
             ray.remote(Reducer)
             .options(num_cpus=0, max_restarts=0)
             .remote(url, options, parallelism, retry=retry, faults=faults)
         )
-        self.ray_job = ray.get_runtime_context().get_job_id()
         if idle_cpus(self.cfg.cluster) >= 1:
             # Its map tasks' processes start now too, on the idle CPUs. Not when the job's
             # workers hold them all: they are lent to the stages, and processes for tasks
@@ -325,26 +356,27 @@ class ReducerHandle:
     ) -> dict[str, Any]:
         """`Reducer.build_preconditioner`, on a new reducer if this one dies; raises
         `WorkersLostError` if one of the lent `workers` dies."""
-        return self._retried(
-            "precondition",
-            lambda a: a.build_preconditioner.remote(name, verify, damping, workers=workers),
-        )
+        return self._retried("build_preconditioner", name, verify, damping, workers=workers)
 
     def score(
         self, query: PhiBlock, req: ScoreRequest, workers: Sequence[Any] = ()
     ) -> dict[str, Any]:
         """`Reducer.score`, on a new reducer if this one dies; raises `WorkersLostError` if
         one of the lent `workers` dies."""
-        return self._retried("score", lambda a: a.score.remote(query, req, workers=workers))
+        return self._retried("score", query, req, workers=workers)
 
-    def _retried(self, stage: str, call: Callable[[Any], Any]) -> Any:
-        """ray.get(call(actor)), retried on a new reducer if this one dies."""
+    def _retried(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """The reducer's `method(*args, **kwargs)`, retried on a new reducer if this one
+        dies (an actor's; one in the driver dies with it)."""
+        stage = "precondition" if method == "build_preconditioner" else method
         attempts = self.cfg.cluster.max_reducer_restarts + 1
         for attempt in range(1, attempts + 1):
             if self.actor is None:
                 self._start(f"stage {stage} needs one")
+            if self.in_driver:
+                return getattr(self.actor, method)(*args, **kwargs)
             try:
-                return ray.get(call(self.actor))
+                return ray.get(getattr(self.actor, method).remote(*args, **kwargs))
             except ACTOR_LOST as e:
                 self.actor = None
                 if attempt == attempts:
@@ -364,7 +396,9 @@ class ReducerHandle:
         raise AssertionError("unreachable")
 
     def shutdown(self) -> None:
-        if self.actor is not None:
+        if self.in_driver:
+            self.actor = None
+        elif self.actor is not None:
             with contextlib.suppress(Exception):
                 ray.kill(self.actor, no_restart=True)
             self.actor = None

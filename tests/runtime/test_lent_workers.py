@@ -34,7 +34,14 @@ pytestmark = pytest.mark.integration
 # The session has 4 CPUs: two workers of 2 CPUs hold them all, two of 0.5 (SMALL) leave
 # three idle.
 EVERY_CPU = ("cluster.num_workers=2", "cluster.cpus_per_worker=2")
-OUT = ("scoring.dense=true", "scoring.self_influence=true", "precondition.damping=0.01")
+# A reducer process, whose stages the workers are lent to (these indexes are small enough
+# for the driver to reduce itself, with no process and no lending).
+OUT = (
+    "scoring.dense=true",
+    "scoring.self_influence=true",
+    "precondition.damping=0.01",
+    "cluster.driver_reduce_mib=0",
+)
 
 
 def _stored(url: str, name: str) -> dict:
