@@ -21,6 +21,7 @@ from grass_dist.runtime import progress as progress_cli
 from grass_dist.runtime import scaling
 from grass_dist.runtime.overlap import Phases, overlap_seconds
 from grass_dist.runtime.progress import JobProgress, read_progress, with_age
+from grass_dist.runtime.reducer import reduces_in_driver
 from grass_dist.runtime.worker import ShardPlan, plan_shards, shard_id
 from tests.conftest import compose_cfg
 
@@ -315,3 +316,22 @@ def test_an_embedded_ray_that_does_not_start_is_tried_once_more_then_refused(mon
     with pytest.raises(RayStartError, match=r"did not start, 2 times \(The current node timed "):
         cluster._start_embedded(ClusterConfig())
     assert calls == ["local", "shutdown", "local", "shutdown"]
+
+
+def test_the_driver_reduces_an_index_up_to_driver_reduce_mib_and_never_one_a_fault_kills(tmp_path):
+    def cfg(*overrides: str) -> JobConfig:
+        return JobConfig.from_cfg(
+            OmegaConf.to_container(compose_cfg(tmp_path, *overrides), resolve=True)
+        )
+
+    # 1000 rows x 3 layers of k=256: 3 MiB of float32 rows and 1.5 MiB of k x k float64.
+    layers = {"fc1": 256, "fc2": 256, "out": 256}
+    need = 4 * 1000 * 768 + 8 * 3 * 256 * 256
+    assert reduces_in_driver(cfg(), layers, 1000)
+    assert reduces_in_driver(cfg(f"cluster.driver_reduce_mib={need / 2**20}"), layers, 1000)
+    assert not reduces_in_driver(cfg(f"cluster.driver_reduce_mib={need / 2**20}"), layers, 1001)
+    assert not reduces_in_driver(cfg("cluster.driver_reduce_mib=0"), layers, 1)
+    # k = 4096 on two layers: 256 MiB of matrices, whatever the rows.
+    assert not reduces_in_driver(cfg(), {"a": 4096, "b": 4096}, 10)
+    # A fault that kills the reducer would kill the driver.
+    assert not reduces_in_driver(cfg("faults.kill_reducer_during=score"), layers, 10)
