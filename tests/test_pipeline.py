@@ -216,30 +216,35 @@ def test_the_reducer_starts_during_the_index_and_its_task_processes_only_on_idle
 def test_a_small_index_is_reduced_by_the_driver_to_the_bits_of_a_reducer_process(
     ray_session, tmp_path
 ):
-    # Both jobs score the same index (the second adds no shard) and the same queries.
+    # The same job twice, each on its own store (an index is the same bits either way).
     base = ("scoring.dense=true", "scoring.self_influence=true", "precondition.damping=0.05")
     out = {}
     for name, limit in (("driver", 64), ("process", 0)):
-        given = (*base, f"cluster.driver_reduce_mib={limit}", f"run.name={name}")
+        given = (*base, f"cluster.driver_reduce_mib={limit}", f"store.url={tmp_path / name}")
         job = pipeline.prepare(compose_cfg(tmp_path, *given), query=True)
         with pipeline.running(job):
             pipeline.run_index(job, precondition_next=True)
             query = pipeline.query_phi(job)
             pre = pipeline.run_precondition(job)
             scored = pipeline.run_score(job, query)
-            in_driver = job._reducer.in_driver
-            actor = job._reducer.actor
-        out[name] = (pre, scored, results.load_dense(job.index, name), job)
+            in_driver, actor = job._reducer.in_driver, job._reducer.actor
+        assert not pre["reused"]
         if name == "driver":
             assert in_driver and not isinstance(actor, ray.actor.ActorHandle)
             assert pre["ran_on"] == scored["ran_on"] == "the driver"
         else:
             assert not in_driver and isinstance(actor, ray.actor.ActorHandle)
-            assert pre["reused"]  # the driver's preconditioner, from the same shards
-    np.testing.assert_array_equal(out["driver"][2], out["process"][2])
+        index = job.index
+        out[name] = {
+            "preconditioner": index.get_artifact(preconditioner_path("fisher")),
+            "dense": results.load_dense(index, "default"),
+            **{k: results.load_table(index, "default", k) for k in ("topk", "self_influence")},
+        }
+    driver, process = out["driver"], out["process"]
+    assert driver["preconditioner"] == process["preconditioner"]
+    np.testing.assert_array_equal(driver["dense"], process["dense"])
     for kind in ("topk", "self_influence"):
-        tables = [results.load_table(o[3].index, name, kind) for name, o in out.items()]
-        assert tables[0].equals(tables[1]), kind
+        assert driver[kind].equals(process[kind]), kind
 
 
 def test_a_worker_whose_model_differs_from_the_drivers_is_refused(ray_session, tmp_path):
