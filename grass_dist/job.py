@@ -42,7 +42,7 @@ from grass_dist.runtime.cluster import check_reachable, connect, worker_factory
 from grass_dist.runtime.local_shard import LocalShard
 from grass_dist.runtime.pool import ActorPool
 from grass_dist.runtime.progress import JobProgress
-from grass_dist.runtime.reducer import ReducerHandle, reduces_in_driver
+from grass_dist.runtime.reducer_handle import ReducerHandle, reduces_in_driver
 from grass_dist.runtime.worker import plan_shards
 
 log = logging.getLogger("grass_dist")

@@ -33,7 +33,8 @@ from grass_dist.runtime.cluster import (
 from grass_dist.runtime.executors import WorkersLostError
 from grass_dist.runtime.local_shard import DriverShard, driver_phi
 from grass_dist.runtime.pool import ActorPool
-from grass_dist.runtime.reducer import ReducerHandle, ScoreRequest
+from grass_dist.runtime.reducer import ScoreRequest
+from grass_dist.runtime.reducer_handle import ReducerHandle
 from grass_dist.runtime.scheduler import run_items
 from grass_dist.runtime.worker import ShardPlan, ShardResult, plan_shards
 from grass_dist.scoring import results

@@ -21,7 +21,7 @@ from grass_dist.runtime import progress as progress_cli
 from grass_dist.runtime import scaling
 from grass_dist.runtime.overlap import Phases, overlap_seconds
 from grass_dist.runtime.progress import JobProgress, read_progress, with_age
-from grass_dist.runtime.reducer import reduces_in_driver
+from grass_dist.runtime.reducer_handle import reduces_in_driver
 from grass_dist.runtime.worker import ShardPlan, plan_shards, shard_id
 from tests.conftest import compose_cfg
 
