@@ -30,7 +30,7 @@ from grass_dist.runtime.cluster import (
     start_worker_pool,
     this_machine_only,
 )
-from grass_dist.runtime.executors import WorkersLostError
+from grass_dist.runtime.executors import Executor, WorkersLostError
 from grass_dist.runtime.local_shard import DriverShard, driver_phi
 from grass_dist.runtime.pool import ActorPool
 from grass_dist.runtime.reducer import ScoreRequest
@@ -350,7 +350,11 @@ def run_score(job: Job, query: PhiBlock | None = None) -> dict[str, Any]:
 def members_of(jobs: list[Job], queries: list[PhiBlock]) -> list[damping.Member]:
     return [
         damping.Member(
-            j.index, damping.load_preconditioner(j.index, j.cfg.precondition.name), q, j.cfg
+            j.index,
+            damping.load_preconditioner(j.index, j.cfg.precondition.name),
+            q,
+            j.cfg,
+            Executor(inline=j.reduces_in_driver()),
         )
         for j, q in zip(jobs, queries, strict=True)
     ]

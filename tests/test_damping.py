@@ -12,6 +12,7 @@ from grass_dist.errors import DampingSelectionError
 from grass_dist.fidelity import damping
 from grass_dist.gradients.computer import GradientComputer
 from grass_dist.index import GradientIndex
+from grass_dist.runtime.executors import Executor
 from grass_dist.scoring.fisher_sum import FisherSum
 from grass_dist.scoring.precondition import Preconditioner
 from tests.conftest import compose_cfg
@@ -75,6 +76,27 @@ def test_sweep_scores_every_delta_from_one_eigendecomposition(tmp_path, monkeypa
         np.testing.assert_allclose(got, masks @ want, rtol=1e-4, atol=1e-4)
         want_top = np.argsort(-want, axis=0, kind="stable")[:3].T
         np.testing.assert_array_equal(top.rows[d * 5 : (d + 1) * 5].numpy(), want_top)
+
+
+def test_the_sweep_gives_the_same_bits_as_ray_tasks_and_in_this_process(tmp_path, ray_session):
+    """A small index's driver runs the sweep itself (Executor(inline=True)): the same calls,
+    grouping and merge as the Ray tasks of a larger one, so the same sums and rankings."""
+    index, phi = _index(tmp_path, n=40)
+    pre = Preconditioner.from_fisher(FisherSum.of(phi)).factorise(0.1).eigendecompose()
+    rng = np.random.default_rng(2)
+    query = {name: rng.standard_normal((3, k)).astype(np.float32) for name, k in LAYERS.items()}
+    cols = damping.stacked_queries(pre, query, [1e-2, 1.0], "influence")
+    masks = rng.random((5, 40)) < 0.5
+    for kept, topk in ((masks, 1), (None, 4)):
+        tasks = damping.sweep(index, cols, kept, topk, 3, Executor())
+        here = damping.sweep(index, cols, kept, topk, 3, Executor(inline=True))
+        if kept is not None:
+            assert tasks.sums.shape == (5, 6)
+            np.testing.assert_array_equal(here.sums, tasks.sums)
+        else:
+            assert tasks.top.rows.shape == (6, 4)
+            assert torch.equal(here.top.rows, tasks.top.rows)
+            assert torch.equal(here.top.values, tasks.top.values)
 
 
 def test_validation_split_and_choice():

@@ -13,6 +13,7 @@ from grass_dist.fidelity import evaluate, ground_truth
 from grass_dist.fidelity.metric import lds
 from grass_dist.index import GradientIndex, Store
 from grass_dist.models.digits import train_on
+from grass_dist.runtime import executors
 from grass_dist.scoring import results
 from grass_dist.scoring.results import ArtifactDir
 from tests.conftest import compose_cfg
@@ -119,7 +120,17 @@ def test_ensemble_with_auto_damping_by_lds_and_no_second_gradient_pass(
     assert where.has_artifact("results/default/lds.json")
 
 
-def test_auto_damping_without_ground_truth_uses_the_label_proxy(ray_session, root):
+class NoTasks(dict):
+    """executors._TASKS that refuses every map call sent to a Ray task."""
+
+    def __getitem__(self, fresh_process):
+        raise AssertionError("a map call was sent to a Ray task")
+
+
+def test_auto_damping_without_ground_truth_uses_the_label_proxy(ray_session, root, monkeypatch):
+    # A 90-row index is reduced by the driver (cluster.driver_reduce_mib): its damping
+    # sweep's eigendecomposition and streaming pass run there too, with no task process.
+    monkeypatch.setattr(executors, "_TASKS", NoTasks())
     # Member 0 of the ensemble is the plain model (seed 0); lds.seed=7 has no ground truth.
     proxy = _raw(
         root,

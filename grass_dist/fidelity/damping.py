@@ -1,12 +1,13 @@
 """precondition.damping=auto: choose delta from a grid without recomputing anything.
 
 The preconditioner keeps H_l; eigendecomposed once (H_l = U diag(e) U^T, layers in parallel
-Ray tasks), (H_l + lambda I)^-1 for any delta is U diag(1 / (e + lambda)) U^T: no second
-gradient pass and no refactorisation per delta. A seeded
-validation split of the queries (precondition.validation, 10 % by default) is
-preconditioned once per delta of precondition.grid; one streaming pass over the index
-scores it against every training row for all deltas at once, and the best delta is
-used for the held-out queries, where it is reported.
+map calls: Ray tasks, or the driver's own process for an index it reduces itself),
+(H_l + lambda I)^-1 for any delta is U diag(1 / (e + lambda)) U^T: no second gradient pass
+and no refactorisation per delta. A seeded validation split of the queries
+(precondition.validation, 10 % by default) is preconditioned once per delta of
+precondition.grid; one streaming pass over the index, as the same kind of map calls, scores
+it against every training row for all deltas at once, and the best delta is used for the
+held-out queries, where it is reported.
 
 Objective:
 - **LDS** when ground truth for the job's recipe exists (`python -m jobs.lds`): the mean
@@ -40,6 +41,7 @@ from grass_dist.fidelity.metric import lds_from_predictions
 from grass_dist.gradients.computer import PhiBlock
 from grass_dist.index import GradientIndex, ShardRecord
 from grass_dist.runtime.cluster import connect, map_tasks
+from grass_dist.runtime.executors import Executor
 from grass_dist.runtime.fisher import layer_map
 from grass_dist.runtime.reducer import preconditioner_path
 from grass_dist.runtime.seeding import generator
@@ -109,24 +111,26 @@ def sweep_records(
     return SweepPartial(sums, top)
 
 
-_sweep_task = ray.remote(sweep_records)
-
-
 def sweep(
     index: GradientIndex,
     columns: dict[str, np.ndarray],
     masks: np.ndarray | None,
     topk: int,
     parallelism: int,
+    executor: Executor,
     verify: bool = True,
 ) -> SweepPartial:
-    """`sweep_records` over every committed shard, fanned out as Ray tasks and merged."""
+    """`sweep_records` over every committed shard, fanned out as `executor`'s map calls
+    (Ray tasks, or in this process for an index the driver reduces) and merged."""
     records = sorted(index.committed().values(), key=lambda r: r.start)
     groups = [records[i::parallelism] for i in range(min(parallelism, len(records)))]
-    cols_ref = ray.put(columns)
-    masks_ref = ray.put(masks)
-    parts = ray.get(
-        [_sweep_task.remote(index, g, cols_ref, masks_ref, topk, verify) for g in groups]
+    cols = columns if executor.inline else ray.put(columns)
+    kept = masks if executor.inline else ray.put(masks)
+    parts = executor.get(
+        [
+            executor.submit(i, sweep_records, index, g, cols, kept, topk, verify)
+            for i, g in enumerate(groups)
+        ]
     )
     merged = parts[0]
     for part in parts[1:]:
@@ -155,8 +159,18 @@ def _subset(phi: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarra
 class Member:
     """One attributed model: its index, preconditioner and query phi (an ensemble has C)."""
 
-    def __init__(self, index: GradientIndex, pre: Preconditioner, query: PhiBlock, cfg: JobConfig):
+    def __init__(
+        self,
+        index: GradientIndex,
+        pre: Preconditioner,
+        query: PhiBlock,
+        cfg: JobConfig,
+        executor: Executor | None = None,
+    ):
         self.index, self.pre, self.query, self.cfg = index, pre, query, cfg
+        # Where its map calls run: Ray tasks, or this process where the driver reduces the
+        # index (`Job.reduces_in_driver`), so a small job starts no task process for them.
+        self.executor = executor or Executor()
 
     def predictions(
         self, rows: np.ndarray, grid: list[float], masks: np.ndarray | None, topk: int
@@ -164,7 +178,9 @@ class Member:
         """Subset sums (or top proponents) of query `rows` for every delta of `grid`."""
         cols = stacked_queries(self.pre, _subset(self.query.phi, rows), grid, self.cfg.scoring.kind)
         parallelism = map_tasks(self.cfg.cluster)
-        return sweep(self.index, cols, masks, topk, parallelism, self.cfg.index.verify)
+        return sweep(
+            self.index, cols, masks, topk, parallelism, self.executor, self.cfg.index.verify
+        )
 
 
 def by_lds(
@@ -301,7 +317,7 @@ def choose(members: list[Member], cfg: JobConfig, n_train: int) -> dict[str, Any
     connect(cfg.cluster)
     val, test = validation_split(len(members[0].query.keys), p.validation, p.validation_seed)
     for member in members:  # one eigendecomposition serves every delta of the grid
-        member.pre.eigendecompose(layer_map(map_tasks(cfg.cluster)))
+        member.pre.eigendecompose(layer_map(map_tasks(cfg.cluster), member.executor))
     gt = gt_mod.lookup(cfg)
     grid = [float(d) for d in p.grid]
     if gt is not None:
