@@ -6,7 +6,8 @@ and, for the jobs that compute, an embedded Ray (its processes: seconds more). `
 the config, then starts Ray on this thread while the job imports and prepares on another, so
 neither waits for the other; a malformed config never starts Ray. `cli` stops Ray as the job
 returns and skips the interpreter's final walk over every object (seconds, after the summary
-is printed).
+is printed). Ctrl-C and SIGTERM end a job wherever it is (`stop_now`): its progress record
+says why, Ray stops, and the process exits 130 or 143 at once.
 
 This module imports no torch: only Hydra, OmegaConf, Ray and the config.
 """
@@ -18,6 +19,7 @@ import importlib
 import logging
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -50,18 +52,58 @@ def process_start() -> float:
     return time.time() - age
 
 
-def exit_interrupted() -> None:
-    """Ctrl-C ends a job: say what is kept, exit 130 (a shell's code for SIGINT)."""
-    _say_interrupted()
-    sys.exit(130)
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, as a `jobs/` process receives it (`kill`, `ray job stop`, a scheduler
+    preempting it): it ends the job as Ctrl-C does, with status 143."""
 
 
-def _say_interrupted() -> None:
+def _terminated(signum: int, frame: Any) -> NoReturn:
+    raise Terminated("stopped (SIGTERM)")
+
+
+def exit_interrupted(e: KeyboardInterrupt) -> NoReturn:
+    """Ctrl-C (or SIGTERM) ends a job: in a `jobs/` process, `stop_now`; elsewhere (a job
+    door called from Python) SystemExit with the shell's status for the signal."""
+    if _PROCESS_STARTED is not None:
+        stop_now(e)
+    _say_interrupted(e)
+    sys.exit(_status(e))
+
+
+def _status(e: KeyboardInterrupt) -> int:
+    return 143 if isinstance(e, Terminated) else 130  # 128 + SIGTERM, 128 + SIGINT
+
+
+def _say_interrupted(e: KeyboardInterrupt) -> None:
+    what = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"
     print(  # on a line of its own: a progress bar may hold the one before
-        "\ninterrupted: what the job committed to the index is kept; rerun the same command "
+        f"\n{what}: what the job committed to the index is kept; rerun the same command "
         "to go on: committed shards are not computed again",
         file=sys.stderr,
     )
+
+
+def stop_now(e: KeyboardInterrupt) -> NoReturn:
+    """End a `jobs/` process on Ctrl-C or SIGTERM, wherever its job is: the records of the
+    jobs running here end, Ray stops, what is kept is said, and the process exits with the
+    signal's status at once. Every commit is atomic and a rerun goes on from the committed
+    shards, so a shard half written is only recomputed. The interpreter's own exit would
+    wait for the job's threads, and a thread stopped inside torch then aborts the process
+    with a native stack; and a job thread that saw its Ray stop must not start another
+    (`cluster.STOPPING`, and Ray's own start on first use turned off)."""
+    cluster.STOPPING.set()
+    with suppress(ImportError):  # nor may Ray start one on a job thread's next Ray call
+        importlib.import_module("ray._private.auto_init_hook").enable_auto_connect = False
+    _end_progress(e)
+    with suppress(Exception):  # Ray cut short while starting, or whose processes the same
+        if not cluster.shutdown_unless_lost():  # signal stopped (sent to the whole group)
+            ray.shutdown()
+    _say_interrupted(e)
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(Exception):
+            stream.flush()
+    logging.shutdown()
+    os._exit(_status(e))
 
 
 def job_start() -> float:
@@ -83,6 +125,7 @@ def cli(main: Callable[[], Any]) -> None:
 
     global _PROCESS_STARTED
     _PROCESS_STARTED = process_start()
+    signal.signal(signal.SIGTERM, _terminated)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         main()
@@ -91,6 +134,8 @@ def cli(main: Callable[[], Any]) -> None:
             _correct_hydra(str(e.__context__))
             sys.exit(2)
         raise
+    except KeyboardInterrupt as e:  # outside a job's stages: composing, importing
+        stop_now(e)
     finally:
         cluster.shutdown()
         gc.freeze()
@@ -126,39 +171,24 @@ def door(name: str, cfg: DictConfig) -> dict[str, Any]:
         job = _Background(_job, name, cfg)
         try:
             started = cluster.connect(embedded)
-        except KeyboardInterrupt:
-            _interrupted_while_starting()
+        except KeyboardInterrupt as e:  # the lock is held until the process ends
+            stop_now(e)
     try:
         return job.result()
-    except BaseException as e:
+    except KeyboardInterrupt as e:  # Ctrl-C and SIGTERM reach this thread, not the job's
+        stop_now(e)
+    except BaseException:
         if started:
             cluster.shutdown()  # its workers with it
-        if isinstance(e, KeyboardInterrupt):  # Ctrl-C reaches this thread, not the job's
-            _end_progress()
-            exit_interrupted()
         raise
 
 
-def _end_progress() -> None:
+def _end_progress(e: KeyboardInterrupt) -> None:
+    """End the progress record of every job running here: a job run on a thread of its
+    own is not told, and would say "running" for good."""
     from grass_dist.runtime.progress import interrupt_running
 
-    interrupt_running()
-
-
-def _interrupted_while_starting() -> NoReturn:
-    """Ctrl-C while this thread starts the embedded Ray (`CONNECTING` held): the job's
-    thread meanwhile prepares and may be committing the driver's first shards. Its progress
-    record ends, the Ray cut short stops, and the process ends here and now, as a kill
-    would (every commit is atomic, and the rerun goes on from the committed shards): were
-    the lock let go, the job's thread would start a Ray of its own while the interpreter
-    shuts down, which aborts the process."""
-    _end_progress()
-    with suppress(Exception):
-        ray.shutdown()  # whatever part of it had started
-    _say_interrupted()
-    sys.stderr.flush()
-    sys.stdout.flush()
-    os._exit(130)
+    interrupt_running(e)
 
 
 def _job(name: str, cfg: DictConfig) -> dict[str, Any]:

@@ -132,8 +132,8 @@ def _summarised(body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         summary = body()
     except GrassError as e:
         _refuse(e)
-    except KeyboardInterrupt:  # the job's stages stopped its workers on the way out
-        exit_interrupted()
+    except KeyboardInterrupt as e:  # the job's stages stopped its workers on the way out
+        exit_interrupted(e)
     summary["total_seconds"] = round(time.time() - t0, 3)
     print(json.dumps(summary, indent=2, default=str))
     return summary

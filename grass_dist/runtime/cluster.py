@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import ray
@@ -21,6 +22,9 @@ log = logging.getLogger(__name__)
 # Held while a thread starts Ray (`connect`, or a caller that starts other threads first and
 # then connects, as grass_dist.launch.door): another thread's `connect` meanwhile waits for it.
 CONNECTING = threading.RLock()
+# Set once this process is stopping (Ctrl-C or SIGTERM, grass_dist.launch): a job thread
+# that is still running must not start a Ray of its own while the job's Ray stops.
+STOPPING = threading.Event()
 REACH_TIMEOUT_S = 10.0  # how long a joined cluster's head may take to accept a connection
 # HTTP/2's client preface and an empty SETTINGS frame: a Ray head (its GCS, or the Ray
 # client server behind ray://) is a gRPC server, which answers with a SETTINGS frame.
@@ -38,8 +42,32 @@ def connect(cfg: ClusterConfig) -> bool:
     with CONNECTING:
         if ray.is_initialized():
             return False
-        _start(cfg)
+        if STOPPING.is_set():
+            raise RuntimeError("not starting Ray: this process is stopping")
+        with keeping_sigterm():
+            _start(cfg)
     return True
+
+
+@contextmanager
+def keeping_sigterm() -> Iterator[None]:
+    """Ray's start, leaving a SIGTERM handler that this process set itself (the `jobs/`
+    entry points' and the service's) in place. `ray.init` on the main thread replaces it
+    with one that exits with status 15 from wherever the main thread is, and Ray's native
+    failure-signal handler prints a stack for the signal (and, for an embedded Ray the same
+    signal stops, sent to the whole process group, aborts the process seconds later): a
+    process with a handler of its own gets neither. One without (a Python API user's) keeps
+    Ray's."""
+    handler = signal.getsignal(signal.SIGTERM)
+    own = callable(handler)  # SIG_DFL and SIG_IGN are not
+    constants = getattr(getattr(ray, "_private", None), "ray_constants", None)
+    if own and hasattr(constants, "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"):
+        constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True  # read as this process connects
+    try:
+        yield
+    finally:
+        if own and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handler)
 
 
 def _start(cfg: ClusterConfig) -> None:
@@ -208,6 +236,21 @@ def embedded_lost() -> bool:
     except Exception:  # noqa: BLE001 - a Ray without it: as if alive
         return False
     return bool(dead)
+
+
+def shutdown_unless_lost(poll_s: float = 0.2) -> bool:
+    """`shutdown`, unless the embedded Ray is or turns out lost (`embedded_lost`), which
+    would hold it for good: then this returns True at once, with Ray's shutdown left to the
+    process's exit. False once Ray stopped."""
+    if embedded_lost():
+        return True
+    stopping = threading.Thread(target=shutdown, name="ray-shutdown", daemon=True)
+    stopping.start()
+    while stopping.is_alive():
+        stopping.join(poll_s)
+        if embedded_lost():
+            return True
+    return False
 
 
 def worker_request(cfg: ClusterConfig) -> dict[str, float]:

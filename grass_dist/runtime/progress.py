@@ -104,7 +104,7 @@ class JobProgress:
         self.doc["state"] = state
         self.doc["stages"][stage].update(state=state, seconds=round(seconds, 3))
         if error is not None:
-            self.doc["error"] = f"{type(error).__name__}: {error}"
+            self.doc["error"] = _said(error)
         if self._bar is not None and (stage == self._bar_stage or error is not None):
             self._bar.close()  # not when start_workers, which overlaps it, ends first
             self._bar = None
@@ -118,7 +118,7 @@ class JobProgress:
                 return
             self.doc["state"] = "failed" if error is not None else "done"
             if error is not None:
-                self.doc.setdefault("error", f"{type(error).__name__}: {error}")
+                self.doc.setdefault("error", _said(error))
             if self._bar is not None:
                 self._bar.close()
                 self._bar = None
@@ -177,12 +177,19 @@ class JobProgress:
         self.tick()
 
 
-def interrupt_running() -> None:
-    """End the record of every job running in this process as failed by Ctrl-C: a job run
-    on a thread of its own (`grass_dist.launch.door`) is not told, and would say
-    "running" for good."""
+def _said(error: BaseException) -> str:
+    """'<type>: <message>'; Ctrl-C's KeyboardInterrupt, which has none, says what it was."""
+    if isinstance(error, KeyboardInterrupt) and not str(error):
+        return "KeyboardInterrupt: interrupted (Ctrl-C)"
+    return f"{type(error).__name__}: {error}"
+
+
+def interrupt_running(error: KeyboardInterrupt) -> None:
+    """End the record of every job running in this process as failed by `error` (Ctrl-C,
+    or SIGTERM: grass_dist.launch.Terminated): a job run on a thread of its own
+    (`grass_dist.launch.door`) is not told, and would say "running" for good."""
     for progress in list(_RUNNING):
-        progress.finish(KeyboardInterrupt("interrupted (Ctrl-C)"))
+        progress.finish(error)
 
 
 def read_progress(store: Store, job_id: str | None = None) -> dict[str, Any] | None:

@@ -202,7 +202,7 @@ def start(raw_job: dict[str, Any]) -> str:
             "reachable from other machines",
             s.host,
         )
-    if connect_keeping_sigterm(job.cluster) and job.cluster.address is None:
+    if connect(job.cluster) and job.cluster.address is None:
         _STARTED["ray"] = True
     check_room(job)
     serve.start(http_options={"host": s.host, "port": s.port})
@@ -221,24 +221,6 @@ def start(raw_job: dict[str, Any]) -> str:
     url = f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
     log.info("attribution service for %s at %s", job.index_url, url)
     return url
-
-
-def connect_keeping_sigterm(settings: Any) -> bool:
-    """`connect`, leaving this process's SIGTERM as the caller set it: `ray.init` makes
-    SIGTERM exit with status 15 from wherever the main thread is, and Ray's failure-signal
-    handler prints a native stack for it and, for an embedded Ray that the same signal
-    stops (sent to the whole process group), aborts the process seconds later. SIGTERM is
-    how a service is stopped: `serve_forever` handles it, as Ctrl-C."""
-    constants = getattr(getattr(ray, "_private", None), "ray_constants", None)
-    if constants is not None and hasattr(constants, "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"):
-        constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True  # read as this process connects
-    main = threading.current_thread() is threading.main_thread()
-    handler = signal.getsignal(signal.SIGTERM) if main else None
-    try:
-        return connect(settings)
-    finally:
-        if main and handler is not None:
-            signal.signal(signal.SIGTERM, handler)
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -291,9 +273,8 @@ def stop() -> None:
             _end_without_ray()
     if _STARTED["ray"]:
         _STARTED["ray"] = False
-        if cluster.embedded_lost():
+        if cluster.shutdown_unless_lost(_LOST_POLL_S):
             _end_without_ray()
-        cluster.shutdown()
 
 
 _LOST_POLL_S = 0.2  # how often `stop` looks whether the embedded Ray is still there

@@ -6,13 +6,8 @@ job exits 2 with one paragraph naming the fix, and leaves no Ray process running
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -21,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from grass_dist.index import GradientIndex
-from grass_dist.runtime.progress import read_progress
 from tests.ray_procs import free_port
 from tests.user_contract.conftest import run_job
 from tests.user_contract.test_bad_input import _message, _overrides
@@ -74,80 +68,6 @@ def test_cli_names_the_row_whose_loss_is_nan_and_keeps_the_committed_shards(tmp_
     assert re.search(said, message)
     committed = GradientIndex.open(str(tmp_path / "index")).committed().values()
     assert all(not rec.start <= 70 < rec.end for rec in committed)
-
-
-def test_ctrl_c_says_what_is_kept_and_a_rerun_goes_on(tmp_path, user_pkg):
-    # Ctrl-C mid-index: no traceback, exit 130, and the rerun computes only what is missing.
-    given = [*_overrides(user_pkg, tmp_path), "faults.shard_delay_s=2", "cluster.num_workers=1"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.index", *given],
-        cwd=tmp_path,
-        env=user_pkg.env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    progress = tmp_path / "index" / "_manifests"
-    deadline = time.monotonic() + 240
-    while not (progress.exists() and any(progress.iterdir())) and time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)  # what Ctrl-C in its terminal sends
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr[-3000:]
-    assert "Traceback" not in stderr, stderr[-3000:]
-    assert stderr.strip().splitlines()[-1].startswith("interrupted: what the job committed")
-    index = GradientIndex.open(str(tmp_path / "index"))
-    kept = len(index.committed())
-    assert kept >= 1
-    record = read_progress(index.store)  # ended, though the job ran on a thread of its own
-    assert record["state"] == "failed", record
-    assert record["error"] == "KeyboardInterrupt: interrupted (Ctrl-C)"
-    rerun = run_job("index", *given[:-2], user=user_pkg, cwd=tmp_path, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert json.loads(rerun.stdout)["index"]["skipped_shards"] == kept
-
-
-_HOLD_RAY_START = """
-import time
-import grass_dist.runtime.cluster as cluster
-
-def _held(cfg, *args, **kwargs):  # Ray's start, held: a Ctrl-C meanwhile lands in it
-    time.sleep(120)
-
-cluster._start_embedded = _held
-"""
-
-
-def test_ctrl_c_while_the_embedded_ray_starts_ends_the_job_as_any_ctrl_c(tmp_path, user_pkg):
-    # The driver commits its first shards while Ray starts on the main thread; a Ctrl-C
-    # there ended in a traceback (and an abort: the job's thread went on and started a Ray
-    # while the interpreter shut down).
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(_HOLD_RAY_START)
-    env = user_pkg.env()
-    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(hook)])
-    given = _overrides(user_pkg, tmp_path)
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.index", *given], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    commits = tmp_path / "index" / "_manifests"
-    deadline = time.monotonic() + 120
-    while not (commits.exists() and any(commits.iterdir())) and time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr[-3000:]
-    assert "Traceback" not in stderr and "terminate called" not in stderr, stderr[-3000:]
-    assert stderr.strip().splitlines()[-1].startswith("interrupted: what the job committed")
-    index = GradientIndex.open(str(tmp_path / "index"))
-    kept = len(index.committed())
-    assert kept >= 1
-    assert read_progress(index.store)["error"] == "KeyboardInterrupt: interrupted (Ctrl-C)"
-    rerun = run_job("index", *given, user=user_pkg, cwd=tmp_path, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert json.loads(rerun.stdout)["index"]["skipped_shards"] == kept
 
 
 @pytest.mark.alone

@@ -1,0 +1,188 @@
+"""Stopping a running job as users and schedulers do: Ctrl-C in its terminal, `kill`,
+`ray job stop`, a scheduler's SIGTERM to the job alone or to its whole process group.
+
+Whatever stops it, the job says what is kept, exits with the shell's status for the signal
+(130 for SIGINT, 143 for SIGTERM) and no traceback or native stack, its progress record
+says why it ended, its committed shards stay, nothing it started keeps running, and a rerun
+goes on from where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from grass_dist.index import GradientIndex
+from grass_dist.runtime.progress import read_progress
+from tests.user_contract.conftest import run_job
+from tests.user_contract.test_bad_input import _overrides
+
+
+def _wait_for_a_commit(proc: subprocess.Popen, index: Path, timeout: float, err: Path) -> None:
+    commits = index / "_manifests"
+    deadline = time.monotonic() + timeout
+    while not (commits.exists() and any(commits.iterdir())):
+        assert proc.poll() is None, err.read_text()[-3000:]
+        assert time.monotonic() < deadline, "no shard committed in time"
+        time.sleep(0.1)
+
+
+def _in_session(sid: int) -> list[str]:
+    """Command lines of the live processes of session `sid` (a job started in a session of
+    its own, with every process it starts)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if fields[0] != "Z" and int(fields[3]) == sid:  # state, session
+                found.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except (OSError, ValueError, IndexError):
+            continue  # not a process, or it just exited
+    return found
+
+
+# What stops it -> (signal, to the whole process group?, exit status, its last line's start,
+# the progress record's error).
+STOPS = {
+    "ctrl_c_in_its_terminal": (
+        signal.SIGINT, True, 130, "interrupted", "KeyboardInterrupt: interrupted (Ctrl-C)"
+    ),
+    "kill_or_ray_job_stop": (
+        signal.SIGTERM, False, 143, "stopped by SIGTERM", "Terminated: stopped (SIGTERM)"
+    ),
+    "sigterm_to_the_group": (
+        signal.SIGTERM, True, 143, "stopped by SIGTERM", "Terminated: stopped (SIGTERM)"
+    ),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def lm_cache(tmp_path_factory) -> Path:
+    """The language-model example's model cache, shared by this module's jobs (trained for
+    two steps by the first)."""
+    return tmp_path_factory.mktemp("lm_cache")
+
+
+@pytest.mark.parametrize(("sig", "group", "status", "said", "record"), STOPS.values(), ids=STOPS)
+def test_a_signal_while_the_driver_computes_ends_the_job_cleanly(
+    tmp_path, lm_cache, sig, group, status, said, record
+):
+    # The language-model example: its driver computes shards of 100 documents, seconds each,
+    # inside torch, on a thread of its own while Ray's processes and the workers start. The
+    # signal comes as it computes its second. Exiting the interpreter with that thread inside
+    # torch aborted the process (status 134 with a native stack), and SIGTERM, replaced by
+    # Ray's handler, left the progress record "running".
+    index = tmp_path / "index"
+    given = [
+        "+example=tiny_gpt2", "model.steps=2", "data.train.n_docs=400",
+        f"model.cache_dir={lm_cache}", f"store.url={index}", f"run.output_dir={tmp_path}",
+    ]  # fmt: skip
+    err = tmp_path / "stderr.txt"
+    with err.open("w") as stderr:
+        command = [sys.executable, "-m", "jobs.index", *given]
+        proc = subprocess.Popen(
+            command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True
+        )
+        try:
+            _wait_for_a_commit(proc, index, 300, err)
+            time.sleep(1)
+            if group:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
+            assert proc.wait(timeout=60) == status, err.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = err.read_text()
+    for noise in ("Traceback", "terminate called", "logging.cc", "SIGTERM received"):
+        assert noise not in text, text[-3000:]
+    assert text.strip().splitlines()[-1].startswith(f"{said}: what the job committed"), text
+    kept = GradientIndex.open(str(index))
+    assert len(kept.committed()) >= 1
+    assert read_progress(kept.store)["error"] == record
+    deadline = time.monotonic() + 30
+    while _in_session(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _in_session(proc.pid) == []  # Ray's processes and the workers are gone too
+
+
+def test_ctrl_c_says_what_is_kept_and_a_rerun_goes_on(tmp_path, user_pkg):
+    # Ctrl-C mid-index: no traceback, exit 130, and the rerun computes only what is missing.
+    given = [*_overrides(user_pkg, tmp_path), "faults.shard_delay_s=2", "cluster.num_workers=1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.index", *given],
+        cwd=tmp_path,
+        env=user_pkg.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    progress = tmp_path / "index" / "_manifests"
+    deadline = time.monotonic() + 240
+    while not (progress.exists() and any(progress.iterdir())) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C in its terminal sends
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: what the job committed")
+    index = GradientIndex.open(str(tmp_path / "index"))
+    kept = len(index.committed())
+    assert kept >= 1
+    record = read_progress(index.store)  # ended, though the job ran on a thread of its own
+    assert record["state"] == "failed", record
+    assert record["error"] == "KeyboardInterrupt: interrupted (Ctrl-C)"
+    rerun = run_job("index", *given[:-2], user=user_pkg, cwd=tmp_path, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert json.loads(rerun.stdout)["index"]["skipped_shards"] == kept
+
+
+_HOLD_RAY_START = """
+import time
+import grass_dist.runtime.cluster as cluster
+
+def _held(cfg, *args, **kwargs):  # Ray's start, held: a Ctrl-C meanwhile lands in it
+    time.sleep(120)
+
+cluster._start_embedded = _held
+"""
+
+
+def test_ctrl_c_while_the_embedded_ray_starts_ends_the_job_as_any_ctrl_c(tmp_path, user_pkg):
+    # The driver commits its first shards while Ray starts on the main thread; a Ctrl-C
+    # there ended in a traceback (and an abort: the job's thread went on and started a Ray
+    # while the interpreter shut down).
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_HOLD_RAY_START)
+    env = user_pkg.env()
+    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(hook)])
+    given = _overrides(user_pkg, tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.index", *given], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    commits = tmp_path / "index" / "_manifests"
+    deadline = time.monotonic() + 120
+    while not (commits.exists() and any(commits.iterdir())) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "terminate called" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: what the job committed")
+    index = GradientIndex.open(str(tmp_path / "index"))
+    kept = len(index.committed())
+    assert kept >= 1
+    assert read_progress(index.store)["error"] == "KeyboardInterrupt: interrupted (Ctrl-C)"
+    rerun = run_job("index", *given, user=user_pkg, cwd=tmp_path, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert json.loads(rerun.stdout)["index"]["skipped_shards"] == kept
