@@ -2,8 +2,8 @@
 
 Types and unknown keys are refused by OmegaConf when the groups are merged
 (`grass_dist.config`); these checks refuse the values no job can run with: ranges, NaN and
-inf, names used as folders, targets, layers and compression sizes. Each message names the
-field and the fix.
+inf, names used as folders, targets, layers, compression sizes and half-given S3
+credentials. Each message names the field and the fix.
 """
 
 from __future__ import annotations
@@ -57,6 +57,9 @@ def validate(job: JobConfig) -> None:
     st = job.store
     if st.retries < 0 or st.backoff_s < 0 or st.backoff_max_s < 0:
         raise ConfigError("store.retries, store.backoff_s and store.backoff_max_s must be >= 0")
+    urls = (st.url, job.index.url, job.lds.url)
+    if any(isinstance(u, str) and u.strip().lower().startswith(("s3://", "s3a://")) for u in urls):
+        _validate_s3_credentials(st.storage_options)
     _validate_cluster(job.cluster)
     _validate_faults(job.faults)
     sc = job.scoring
@@ -310,6 +313,32 @@ def _validate_names(job: JobConfig) -> None:
                 "workers and reducer (other processes) cannot see: use a local path or an "
                 "s3:// URL"
             )
+
+
+# s3fs's credential options: a key and its secret, and a session token that goes with both.
+_S3_CREDENTIALS = ("key", "secret", "token")
+
+
+def _validate_s3_credentials(options: Any) -> None:
+    """Refuse part of a credential (a key without its secret, the reverse, or a token
+    without both): botocore would fail on the first request, with a fix that names the
+    environment. The message names the options given, never their values."""
+    if not isinstance(options, dict):
+        return
+    given = [n for n in _S3_CREDENTIALS if options.get(n) not in (None, "")]
+    lacks = [n for n in ("key", "secret") if n not in given]
+    if not given or not lacks:
+        return
+    token = "token" in given
+    adds = " ".join(f"+store.storage_options.{n}=..." for n in lacks)
+    raise ConfigError(
+        f"store.storage_options gives {' and '.join(given)} but not {' and '.join(lacks)}: "
+        f"give {'key, secret and token' if token else 'both'} ({adds}) or "
+        f"{'none of them' if token else 'neither'} (credentials then come from the environment "
+        f"of every node: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+        f"{' / AWS_SESSION_TOKEN' if token else ''}, AWS_PROFILE or ~/.aws; README: S3 "
+        f"credentials through environment variables)"
+    )
 
 
 def _validate_layers(layers: list[str] | None) -> None:

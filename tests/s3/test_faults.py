@@ -15,12 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import s3fs
+import torch
+from torch.utils.data import TensorDataset
 
+import grass_dist as gd
+import jobs.index
 from grass_dist import pipeline, run
-from grass_dist.errors import StoreAccessDeniedError
+from grass_dist.errors import ConfigError, StoreAccessDeniedError
 from grass_dist.index import GradientIndex
 from grass_dist.runtime.worker import plan_shards
-from tests.conftest import ROOT, SMALL
+from tests.conftest import ROOT, SMALL, compose_cfg
 from tests.s3.conftest import Backend, phi_of_rows, s3_backend
 
 pytestmark = pytest.mark.integration
@@ -117,6 +121,58 @@ def test_wrong_credentials_name_endpoint_and_bucket(seaweedfs, tmp_path, capfd):
         pipeline.prepare(cfg)
     for text in (err, str(denied.value), repr(denied.value.args)):
         assert wrong not in text and seaweedfs.secret_key not in text
+
+
+@pytest.mark.parametrize(
+    ("given", "lacks", "fix"),
+    [
+        (("secret",), "key", "give both (+store.storage_options.key=...) or neither ("),
+        (("key",), "secret", "give both (+store.storage_options.secret=...) or neither ("),
+        (
+            ("key", "token"),
+            "secret",
+            "give key, secret and token (+store.storage_options.secret=...) or none of them (",
+        ),
+    ],
+)
+def test_half_given_credentials_are_refused_before_the_store_is_touched(
+    seaweedfs, tmp_path, capfd, given, lacks, fix
+):
+    # Not botocore's PartialCredentialsError at the first request, whose fix pointed at the
+    # environment variables (which may be set already).
+    backend = s3_backend(seaweedfs)
+    values = {"key": seaweedfs.access_key, "secret": seaweedfs.secret_key}
+    values["token"] = secrets.token_urlsafe(24)
+    cfg = compose_cfg(
+        tmp_path,
+        "store=s3",
+        f"store.url={backend.url}",
+        f"store.storage_options.endpoint_url={seaweedfs.endpoint}",
+        *(f"+store.storage_options.{name}={values[name]}" for name in given),
+    )
+    with pytest.raises(SystemExit) as refused:
+        jobs.index.main(cfg)
+    out, err = capfd.readouterr()
+    assert refused.value.code == 2
+    said = f"error: store.storage_options gives {' and '.join(given)} but not {lacks}: {fix}"
+    assert said in err, err[-3000:]
+    assert "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY" in err and "Traceback" not in err
+    assert [name for name in given if values[name] in out + err] == []
+    assert list(_everything_written(backend)) == []
+
+
+def test_the_python_api_refuses_a_key_without_its_secret(seaweedfs, tmp_path):
+    backend = s3_backend(seaweedfs)
+    model, train = torch.nn.Linear(4, 3), TensorDataset(torch.rand(8, 4), torch.arange(8) % 3)
+    options = {"endpoint_url": seaweedfs.endpoint, "key": seaweedfs.access_key}
+    with pytest.raises(ConfigError) as refused:
+        gd.Index.build(model, train, store=backend.url, storage_options=options, workers=1,
+                       overrides=[f"run.output_dir={tmp_path}"])  # fmt: skip
+    said = str(refused.value)
+    assert said.startswith("store.storage_options gives key but not secret: give both (")
+    assert said.endswith("(in the Python API: storage_options= sets store.storage_options)")
+    assert seaweedfs.access_key not in said
+    assert list(_everything_written(backend)) == []
 
 
 def test_credentials_given_as_overrides_reach_the_store_and_nothing_written(seaweedfs, tmp_path):

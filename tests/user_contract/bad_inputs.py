@@ -306,6 +306,20 @@ CASES = {
         r"model\._target_='my_pkg\.nope\.load' cannot be imported \(ModuleNotFoundError: No "
         r"module named 'my_pkg\.nope'\); check the import path",
     ),
+    "model_attribute_misspelt": (
+        "attribute",
+        ("model._target_=my_pkg.models.laod",),
+        r"model\._target_='my_pkg\.models\.laod' cannot be imported: module my_pkg\.models has "
+        r"no attribute laod \(did you mean load\?\); fix the name, e\.g\. "
+        r"model\._target_=my_pkg\.models\.load$",
+    ),
+    "model_attribute_missing": (
+        "index",
+        ("model._target_=my_pkg.models.nope",),
+        r"model\._target_='my_pkg\.models\.nope' cannot be imported: module my_pkg\.models has "
+        r"no attribute nope \(its callables: (\w+, )*build, (\w+, )*load(, \w+)*\); set "
+        r"model\._target_ to one of them, or define nope in my_pkg\.models$",
+    ),
     "key_added_at_the_top": (
         "attribute",
         ("+topk=3",),
