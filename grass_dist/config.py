@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import difflib
 import functools
-from dataclasses import dataclass, field, fields, is_dataclass
+import json
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
@@ -356,6 +357,35 @@ def unknown_setting(key: str) -> str | None:
 
 
 _SETTINGS_ARE = "the settings are the fields of grass_dist/config.py, each with its help"
+
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def setting_help(key: str, schema: type = JobConfig) -> str:
+    """'<key> takes <the kind of value> (default <default>): <its help>' for a dotted
+    setting `key`; for none, where the settings are."""
+    *groups, leaf = key.split(".")
+    for group in groups:
+        schema = get_type_hints(schema).get(group) if is_dataclass(schema) else None
+        if schema is None or not is_dataclass(schema):
+            return _SETTINGS_ARE
+    found = {f.name: f for f in fields(schema)}.get(leaf)
+    hint = get_type_hints(schema)[leaf] if found is not None else None
+    if hint is None or is_dataclass(hint):
+        return _SETTINGS_ARE
+    origin, args = getattr(hint, "__origin__", None), getattr(hint, "__args__", ())
+    if origin is dict:
+        kind = f"keys and values (+{key}.NAME=VALUE adds one)"
+    elif origin is list:
+        kind = "a list, e.g. [1,2]"
+    else:  # a type, or an optional one
+        kind = _KINDS.get(hint) or next((_KINDS[a] for a in args if a in _KINDS), "a value")
+    if found.default_factory is not MISSING:
+        kind += f" (default {json.dumps(found.default_factory(), default=str)})"
+    elif found.default is not MISSING:
+        kind += f" (default {json.dumps(found.default, default=str)})"
+    said = found.metadata.get("help")
+    return f"{key} takes {kind}" + (f": {said}" if said else "")
 
 
 def _not_a_setting(key: str) -> str:

@@ -14,6 +14,7 @@ This module imports no torch: only Hydra, OmegaConf, Ray and the config.
 
 from __future__ import annotations
 
+import difflib
 import gc
 import importlib
 import logging
@@ -25,17 +26,39 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import suppress
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
 import ray
 from omegaconf import DictConfig
 
-from grass_dist.config import ClusterConfig, JobConfig, resolve, unknown_setting
+from grass_dist.config import ClusterConfig, JobConfig, resolve, setting_help, unknown_setting
 from grass_dist.errors import GrassError
 from grass_dist.runtime import cluster
 
 # When this process started, set by `cli`: a `jobs/` entry point's times count from it.
 _PROCESS_STARTED: float | None = None
+
+# The process's own stdout, for what a `jobs/` process answers there (its JSON summary):
+# `cli` points sys.stdout at stderr for everything else. Ray forwards its processes' output
+# lines to sys.stdout ("(raylet) A worker died or was killed ...", a user's print() in a
+# worker), which would otherwise come before the summary and break `| jq`.
+_ANSWERS: TextIO | None = None
+
+
+_ANSWERED = threading.Event()  # the job printed its answer: it is done, whatever comes
+
+
+def answers() -> TextIO:
+    """Where a `jobs/` process prints what it answers: its stdout, however `cli` set
+    sys.stdout."""
+    return _ANSWERS if _ANSWERS is not None else sys.stdout
+
+
+def answer(text: str) -> None:
+    """Print a job's answer, its JSON summary (`answers`): the job is done."""
+    print(text, file=answers(), flush=True)
+    _ANSWERED.set()
+
 
 # What a door runs: `grass_dist.run.<door>(cfg)`.
 _JOBS_MODULE = "grass_dist.run"
@@ -86,7 +109,8 @@ def _say_interrupted(e: KeyboardInterrupt) -> None:
 def stop_now(e: KeyboardInterrupt) -> NoReturn:
     """End a `jobs/` process on Ctrl-C or SIGTERM, wherever its job is: the records of the
     jobs running here end, Ray stops, what is kept is said, and the process exits with the
-    signal's status at once. Every commit is atomic and a rerun goes on from the committed
+    signal's status at once (0 when the job had printed its answer: the signal only cut
+    its way out short). Every commit is atomic and a rerun goes on from the committed
     shards, so a shard half written is only recomputed. The interpreter's own exit would
     wait for the job's threads, and a thread stopped inside torch then aborts the process
     with a native stack; and a job thread that saw its Ray stop must not start another
@@ -98,12 +122,18 @@ def stop_now(e: KeyboardInterrupt) -> NoReturn:
     with suppress(Exception):  # Ray cut short while starting, or whose processes the same
         if not cluster.shutdown_unless_lost():  # signal stopped (sent to the whole group)
             ray.shutdown()
+    if _ANSWERED.is_set():  # the signal only cut its way out short
+        _exit_now(0)
     _say_interrupted(e)
-    for stream in (sys.stdout, sys.stderr):
+    _exit_now(_status(e))
+
+
+def _exit_now(status: int) -> NoReturn:
+    for stream in (answers(), sys.stdout, sys.stderr):
         with suppress(Exception):
             stream.flush()
     logging.shutdown()
-    os._exit(_status(e))
+    os._exit(status)
 
 
 def job_start() -> float:
@@ -120,37 +150,71 @@ def cli(main: Callable[[], Any]) -> None:
     However the job ends, Ray stops now rather than in its exit hook, and the objects left
     are frozen: the process is about to end, so nothing needs collecting, and the
     interpreter's final collection over torch's and the job's objects took 1-2 s.
+    sys.stdout is stderr while the job runs (`answers`). SIGTERM ends a job as Ctrl-C does
+    (`Terminated`, `stop_now`).
     """
     from hydra.errors import CompactHydraException
 
-    global _PROCESS_STARTED
+    global _PROCESS_STARTED, _ANSWERS
     _PROCESS_STARTED = process_start()
+    _ANSWERS, sys.stdout = sys.stdout, sys.stderr
     signal.signal(signal.SIGTERM, _terminated)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         main()
     except SystemExit as e:
         if e.code == 1 and isinstance(e.__context__, CompactHydraException):
-            _correct_hydra(str(e.__context__))
+            refusal = e.__context__  # its reason, where it has one, is what it was raised from
+            _correct_hydra("\n".join(str(x) for x in (refusal, refusal.__cause__) if x))
             sys.exit(2)
         raise
     except KeyboardInterrupt as e:  # outside a job's stages: composing, importing
         stop_now(e)
     finally:
-        cluster.shutdown()
+        # The job ended and said how: a signal now would only turn that into a traceback
+        # (or a lost Ray into a wait), so the process ignores both as it stops Ray and exits.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        cluster.shutdown_unless_lost()
         gc.freeze()
 
 
 def _correct_hydra(message: str) -> None:
-    """After Hydra's refusal of an override it could not apply: Hydra's advice, to add the
-    key with `+`, is right for the free-form nodes (model, data, task) and config groups,
-    but a misspelt setting would only be refused again; say so, with what was meant."""
-    found = re.search(r"Could not override '([^']+)'", message)
-    if found is None or "defaults list" in message:
-        return
-    line = unknown_setting(found.group(1))
+    """After Hydra's refusal of a command line (its own text, printed above): the one
+    `error:` paragraph every refused job ends with, naming the fix."""
+    line = _hydra_refusal(message)
     if line is not None:
         print(f"error: {line}", file=sys.stderr)
+
+
+def _hydra_refusal(message: str) -> str | None:
+    """What to do about Hydra's refusal `message`: a preset that is none (with the group's
+    presets), a value of the wrong type (with the setting's help), a key Hydra could not
+    override. Hydra's advice there, to add the key with `+`, is right for the free-form
+    nodes (model, data, task), but a misspelt setting would only be refused again."""
+    missing = re.search(r"Could not find '([^'/]+)/([^']+)'", message)
+    if missing is not None:
+        group, name = missing.groups()
+        options = re.findall(r"^\t(\S+)$", message.partition("Available options")[2], re.M)
+        near = difflib.get_close_matches(name, options, 1)
+        meant = f" (did you mean {group}={near[0]}?)" if near else ""
+        return (
+            f"{group}={name} is not a preset of {group}{meant}; its presets are "
+            f"{', '.join(options)} (the files of conf/{group}/)"
+        )
+    merging = re.search(r"Error merging override ([^=\s]+)=(.*)\n(.+)", message)
+    if merging is not None:
+        key, value, why = merging.groups()
+        return f"{key}={value} is refused ({why.strip()}); {setting_help(key)}"
+    found = re.search(r"Could not override '([^']+)'", message)
+    if found is None or "defaults list" in message:
+        return None
+    key = found.group(1)
+    added = re.search(r"To append to your config use (\+\S+)", message)
+    return unknown_setting(key) or (
+        f"{key} is not in the config yet: its node takes free-form keys (the arguments of "
+        f"its _target_), added with a + as Hydra says: {added.group(1) if added else '+' + key}"
+    )
 
 
 def door(name: str, cfg: DictConfig) -> dict[str, Any]:

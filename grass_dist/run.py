@@ -28,7 +28,7 @@ from grass_dist.fidelity import evaluate
 from grass_dist.index import GradientIndex, Store
 from grass_dist.index.gc import collect
 from grass_dist.index.gradient_index import INDEX_FILE
-from grass_dist.launch import exit_interrupted, job_start
+from grass_dist.launch import answer, exit_interrupted, job_start
 from grass_dist.scoring import ensemble, results
 from grass_dist.summary import job_summary
 
@@ -135,7 +135,7 @@ def _summarised(body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     except KeyboardInterrupt as e:  # the job's stages stopped its workers on the way out
         exit_interrupted(e)
     summary["total_seconds"] = round(time.time() - t0, 3)
-    print(json.dumps(summary, indent=2, default=str))
+    answer(json.dumps(summary, indent=2, default=str))
     return summary
 
 

@@ -28,6 +28,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from grass_dist import launch
 from grass_dist.config import JobConfig
 from grass_dist.errors import BadRequestError, ConfigError, GrassError, ServiceCheckError
 from grass_dist.runtime import cluster
@@ -309,7 +310,11 @@ def serve_forever(raw_job: dict[str, Any]) -> None:
         url = start(raw_job)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: done.set())
-        print(f"serving {url}/query (health: {url}/healthz); Ctrl-C stops", flush=True)
+        print(
+            f"serving {url}/query (health: {url}/healthz); Ctrl-C stops",
+            file=launch.answers(),
+            flush=True,
+        )
         done.wait()
     except KeyboardInterrupt:
         log.info("stopped while starting")

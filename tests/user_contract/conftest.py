@@ -41,6 +41,13 @@ def load(path, hidden=24):
     return model.eval()
 
 
+def chatty(path, hidden=24):
+    """The checkpoint's model, printing as it runs (a user's debugging print)."""
+    model = load(path, hidden)
+    model.register_forward_hook(lambda m, args, out: print(f"forward of a batch of {len(out)}"))
+    return model
+
+
 def diverged(path, hidden=24):
     """The checkpoint as a run whose loss went NaN would have saved it."""
     model = load(path, hidden)

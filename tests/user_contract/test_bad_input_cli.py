@@ -155,6 +155,40 @@ def test_cli_leaves_hydras_advice_alone_where_a_plus_adds_the_key(tmp_path, user
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "To append to your config use +model.path=/x.pt" in proc.stderr
     assert "not a setting" not in proc.stderr
+    assert re.search(r"model\.path is not in the config yet.*: \+model\.path=/x\.pt$",
+                     _message(proc.stderr))  # fmt: skip
+
+
+HYDRA_REFUSALS = {
+    "misspelt_preset": (
+        "model=digits_mpl",
+        r"model=digits_mpl is not a preset of model \(did you mean model=digits_mlp\?\); its "
+        r"presets are custom, digits_cnn, digits_mlp, .* \(the files of conf/model/\)",
+    ),
+    "unknown_preset_added": (
+        "+compression=nope",
+        r"compression=nope is not a preset of compression; its presets are factgrass, ",
+    ),
+    "wrong_type": (
+        "compression.k=many",
+        r"compression\.k=many is refused \(Value 'many' of type 'str' could not be converted "
+        r"to Integer\); compression\.k takes an integer \(default 256\): compressed size",
+    ),
+    "not_a_bool": (
+        "cluster.driver_shard=maybe",
+        r"cluster\.driver_shard=maybe is refused \(.*not a valid bool.*\); "
+        r"cluster\.driver_shard takes true or false \(default true\)",
+    ),
+}
+
+
+@pytest.mark.parametrize(("given", "said"), HYDRA_REFUSALS.values(), ids=HYDRA_REFUSALS)
+def test_cli_ends_each_of_hydras_refusals_with_the_fix(tmp_path, user_pkg, given, said):
+    # Hydra's own text stays (its list of presets, its conversion error); the last word is
+    # the one paragraph every refusal ends with.
+    proc = run_job("index", given, user=user_pkg, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert re.search(said, _message(proc.stderr)), proc.stderr[-3000:]
 
 
 def test_cli_serve_on_a_taken_port_names_it_before_anything_starts(tmp_path, user_pkg):

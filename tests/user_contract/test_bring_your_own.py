@@ -23,6 +23,7 @@ from grass_dist.index import GradientIndex
 from grass_dist.scoring.results import load_dense, load_table
 from tests.conftest import compose_cfg
 from tests.user_contract.conftest import ROOT, run_job
+from tests.user_contract.test_bad_input import _overrides
 
 pytestmark = pytest.mark.integration
 
@@ -45,9 +46,8 @@ def readme_commands() -> list[tuple[str, list[str]]]:
 
 
 def _summary(stdout: str) -> dict:
-    """The JSON summary a job prints last (from its opening brace on a line of its own)."""
-    lines = stdout.splitlines()
-    return json.loads("\n".join(lines[lines.index("{") :]))
+    """The JSON summary a job prints, alone on stdout (README: `| jq .index`)."""
+    return json.loads(stdout)
 
 
 def test_readme_commands_run_with_the_users_model_data_task_and_recipe(user_pkg, tmp_path):
@@ -79,6 +79,23 @@ def test_readme_commands_run_with_the_users_model_data_task_and_recipe(user_pkg,
     )
     assert math.isfinite(record["all_queries"]["lds"])
     assert record["ground_truth"] == ground_truth["digest"]
+
+
+def test_stdout_holds_the_summary_alone_when_a_worker_dies_and_the_model_prints(user_pkg, tmp_path):
+    # Ray forwards what its processes print to the driver's stdout: "(raylet) A worker died
+    # or was killed ..." when a worker is lost, a user's print() in a worker's model. The
+    # job's stdout is for its summary (`| jq .index`), so that goes to stderr.
+    overrides = [
+        *_overrides(user_pkg, tmp_path),
+        "model._target_=my_pkg.models.chatty",
+        "cluster.driver_shard=false",
+        "faults.kill_worker_after_rows=40",
+    ]
+    done = run_job("index", *overrides, user=user_pkg, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["index"]["rows"] == 90
+    assert "A worker died or was killed" in done.stderr  # said, where logs go
+    assert "forward of a batch of" in done.stderr
 
 
 def test_a_leftover_preset_argument_stops_the_job_naming_it_and_its_removal(user_pkg, tmp_path):

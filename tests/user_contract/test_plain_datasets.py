@@ -45,8 +45,8 @@ def _data(train: str, query: str) -> tuple[str, ...]:
 
 
 def _summary(stdout: str) -> dict:
-    """The job's JSON summary: the last top-level object printed on stdout."""
-    return json.loads(stdout[("\n" + stdout).rindex("\n{\n") :])
+    """The job's JSON summary, alone on stdout (README: `| jq .index`)."""
+    return json.loads(stdout)
 
 
 def _check_report(path: Path) -> None:
