@@ -110,6 +110,13 @@ def locate_target(node: dict[str, Any], where: str) -> Callable[..., Any]:
         missing = _missing_attribute(str(target))
         if missing is not None:
             raise _no_attribute(target, where, *missing) from None
+        needed = _missing_dependency(str(target), e)
+        if needed is not None:
+            raise ConfigError(
+                f"{where}._target_={target!r} cannot be imported: its code imports {needed!r}, "
+                f"which is not installed in this environment ({_why(e)}); install it (e.g. "
+                f"pip install {needed.split('.')[0]}) where the job runs, on every node"
+            ) from None
         raise ConfigError(
             f"{where}._target_={target!r} cannot be imported ({_why(e)}); check the import path "
             f"and that its package is on PYTHONPATH of every node"
@@ -152,6 +159,17 @@ def _missing_attribute(target: str) -> tuple[str, ModuleType, str, str] | None:
                 return None
         return owner, obj, part, rest
     return None
+
+
+def _missing_dependency(target: str, e: Exception) -> str | None:
+    """The module that `target`'s own code imports and that is not installed (the module
+    not found is not `target` itself nor a package on its path); None otherwise."""
+    cause = e.__cause__
+    gone = getattr(cause, "name", None) if isinstance(cause, ModuleNotFoundError) else None
+    parts = target.split(".")
+    if gone is None or gone in {".".join(parts[:i]) for i in range(1, len(parts) + 1)}:
+        return None
+    return gone
 
 
 def _no_attribute(

@@ -306,6 +306,14 @@ CASES = {
         r"model\._target_='my_pkg\.nope\.load' cannot be imported \(ModuleNotFoundError: No "
         r"module named 'my_pkg\.nope'\); check the import path",
     ),
+    "model_module_needs_a_missing_package": (
+        "index",
+        ("model._target_=my_pkg.plots.model",),
+        r"model\._target_='my_pkg\.plots\.model' cannot be imported: its code imports "
+        r"'seaborn_for_plots', which is not installed in this environment \(ModuleNotFound"
+        r"Error: No module named 'seaborn_for_plots'\); install it \(e\.g\. pip install "
+        r"seaborn_for_plots\) where the job runs, on every node$",
+    ),
     "model_attribute_misspelt": (
         "attribute",
         ("model._target_=my_pkg.models.laod",),

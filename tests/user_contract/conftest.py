@@ -232,6 +232,8 @@ def user_pkg(tmp_path_factory) -> UserPackage:
         ("tasks", _TASKS),
         ("train", _TRAIN),
         ("regression", _REGRESSION),
+        # A module of the user's that needs a package this environment lacks.
+        ("plots", "import seaborn_for_plots\n\n\ndef model():\n    pass\n"),
     ):
         (pkg / f"{name}.py").write_text(textwrap.dedent(text).lstrip())
     ckpt = root / "ckpt.pt"
