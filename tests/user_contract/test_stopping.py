@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,13 +26,45 @@ from tests.user_contract.conftest import run_job
 from tests.user_contract.test_bad_input import _overrides
 
 
-def _wait_for_a_commit(proc: subprocess.Popen, index: Path, timeout: float, err: Path) -> None:
+def _wait_for_a_commit(
+    proc: subprocess.Popen, index: Path, timeout: float, said: Callable[[], str]
+) -> None:
+    """Until the job has committed a shard to `index`; `said()` is its output, shown if it
+    ended first."""
     commits = index / "_manifests"
     deadline = time.monotonic() + timeout
     while not (commits.exists() and any(commits.iterdir())):
-        assert proc.poll() is None, err.read_text()[-3000:]
+        assert proc.poll() is None, said()[-3000:]
         assert time.monotonic() < deadline, "no shard committed in time"
         time.sleep(0.1)
+
+
+def _from_pipe(proc: subprocess.Popen) -> Callable[[], str]:
+    return lambda: proc.communicate()[1]
+
+
+def _ended_by_ctrl_c(proc: subprocess.Popen, index: Path) -> int:
+    """Checks a job stopped by Ctrl-C: status 130, no traceback or native stack, the line
+    saying what is kept, its progress record ended; returns how many shards it kept."""
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    for noise in ("Traceback", "terminate called", "logging.cc"):
+        assert noise not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: what the job committed")
+    kept = GradientIndex.open(str(index))
+    assert len(kept.committed()) >= 1
+    record = read_progress(kept.store)  # ended, though the job ran on a thread of its own
+    assert record["state"] == "failed", record
+    assert record["error"] == "KeyboardInterrupt: interrupted (Ctrl-C)"
+    return len(kept.committed())
+
+
+def _all_gone(sid: int, within: float = 30) -> list[str]:
+    """The processes of session `sid` still alive after up to `within` seconds."""
+    deadline = time.monotonic() + within
+    while _in_session(sid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return _in_session(sid)
 
 
 def _in_session(sid: int) -> list[str]:
@@ -88,7 +121,7 @@ def test_a_signal_while_the_driver_computes_ends_the_job_cleanly(
             command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True
         )
         try:
-            _wait_for_a_commit(proc, index, 300, err)
+            _wait_for_a_commit(proc, index, 300, err.read_text)
             time.sleep(1)
             if group:
                 os.killpg(proc.pid, sig)
@@ -105,10 +138,7 @@ def test_a_signal_while_the_driver_computes_ends_the_job_cleanly(
     kept = GradientIndex.open(str(index))
     assert len(kept.committed()) >= 1
     assert read_progress(kept.store)["error"] == record
-    deadline = time.monotonic() + 30
-    while _in_session(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert _in_session(proc.pid) == []  # Ray's processes and the workers are gone too
+    assert _all_gone(proc.pid) == []  # Ray's processes and the workers are gone too
 
 
 def test_ctrl_c_says_what_is_kept_and_a_rerun_goes_on(tmp_path, user_pkg):
@@ -124,26 +154,10 @@ def test_ctrl_c_says_what_is_kept_and_a_rerun_goes_on(tmp_path, user_pkg):
         text=True,
         start_new_session=True,
     )
-    progress = tmp_path / "index" / "_manifests"
-    deadline = time.monotonic() + 240
-    while not (progress.exists() and any(progress.iterdir())) and time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.2)
+    _wait_for_a_commit(proc, tmp_path / "index", 240, _from_pipe(proc))
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in its terminal sends
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr[-3000:]
-    assert "Traceback" not in stderr and "logging.cc" not in stderr, stderr[-3000:]
-    assert stderr.strip().splitlines()[-1].startswith("interrupted: what the job committed")
-    index = GradientIndex.open(str(tmp_path / "index"))
-    kept = len(index.committed())
-    assert kept >= 1
-    record = read_progress(index.store)  # ended, though the job ran on a thread of its own
-    assert record["state"] == "failed", record
-    assert record["error"] == "KeyboardInterrupt: interrupted (Ctrl-C)"
-    deadline = time.monotonic() + 30
-    while _in_session(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert _in_session(proc.pid) == []
+    kept = _ended_by_ctrl_c(proc, tmp_path / "index")
+    assert _all_gone(proc.pid) == []
     rerun = run_job("index", *given[:-2], user=user_pkg, cwd=tmp_path, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert json.loads(rerun.stdout)["index"]["skipped_shards"] == kept
@@ -172,20 +186,9 @@ def test_ctrl_c_while_the_embedded_ray_starts_ends_the_job_as_any_ctrl_c(tmp_pat
     given = _overrides(user_pkg, tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "jobs.index", *given], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    commits = tmp_path / "index" / "_manifests"
-    deadline = time.monotonic() + 120
-    while not (commits.exists() and any(commits.iterdir())) and time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.1)
+    _wait_for_a_commit(proc, tmp_path / "index", 120, _from_pipe(proc))
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr[-3000:]
-    assert "Traceback" not in stderr and "terminate called" not in stderr, stderr[-3000:]
-    assert stderr.strip().splitlines()[-1].startswith("interrupted: what the job committed")
-    index = GradientIndex.open(str(tmp_path / "index"))
-    kept = len(index.committed())
-    assert kept >= 1
-    assert read_progress(index.store)["error"] == "KeyboardInterrupt: interrupted (Ctrl-C)"
+    kept = _ended_by_ctrl_c(proc, tmp_path / "index")
     rerun = run_job("index", *given, user=user_pkg, cwd=tmp_path, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert json.loads(rerun.stdout)["index"]["skipped_shards"] == kept
