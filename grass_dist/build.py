@@ -182,8 +182,18 @@ def _instantiate(node: dict[str, Any], where: str) -> Any:
             raise e.__cause__ from None
         raise ConfigError(
             f"could not build '{where}' from _target_={node.get('_target_')!r}: {_why(e)}. "
-            f"Check the import path and the arguments under '{where}'."
+            f"{_fix(e, node, where)}"
         ) from e
+
+
+def _fix(e: Exception, node: dict[str, Any], where: str) -> str:
+    """What to check: the target (found, see `locate_target`) raised, so its arguments;
+    else Hydra failed before the call (a nested _target_), so the import paths too."""
+    if e.__cause__ is None:
+        return f"Check the import paths and the arguments under '{where}'."
+    named = [k for k in node if not k.startswith("_")]
+    listed = f" ({', '.join(named)})" if named else ""
+    return f"The call raised it: check the arguments under '{where}'{listed}."
 
 
 def _why(e: Exception) -> str:

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from grass_dist.errors import ConfigError
+
 N_DIGITS = 1797
 SPLITS = ("train", "query")
 
@@ -114,9 +116,9 @@ def digits(
     where = f"data.{split}"
     for name, value in (("n_train", n_train), ("n_query", n_query)):
         if not 1 <= value <= N_DIGITS - 1:
-            raise ValueError(f"{where}.{name}={value} must be in [1, {N_DIGITS - 1}]")
+            raise ConfigError(f"{where}.{name}={value} must be in [1, {N_DIGITS - 1}]")
     if n_train + n_query > N_DIGITS:
-        raise ValueError(
+        raise ConfigError(
             f"{where}.n_train + {where}.n_query = {n_train + n_query}, but digits has only "
             f"{N_DIGITS} images: choose n_train + n_query in [2, {N_DIGITS}]"
         )
