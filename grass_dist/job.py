@@ -38,7 +38,7 @@ from grass_dist.gradients.learned_state import save_states
 from grass_dist.index import GradientIndex
 from grass_dist.models.state import state_hash
 from grass_dist.runtime import local_shard
-from grass_dist.runtime.cluster import check_reachable, connect, worker_factory
+from grass_dist.runtime.cluster import CONNECTING, check_reachable, connect, worker_factory
 from grass_dist.runtime.local_shard import LocalShard
 from grass_dist.runtime.pool import ActorPool
 from grass_dist.runtime.progress import JobProgress
@@ -227,6 +227,7 @@ def prepare_started(
             try:
                 # What the first call of a worker reads: the first shard's, else the queries'.
                 datasets = ("train",) if create_index else ("query",) * query
+                _refused_while_ray_starts(preparing)
                 connect(job_cfg.cluster)
                 ray_up = time.time()
                 spares = _early_workers(job_cfg, raw, preparing, datasets)
@@ -242,6 +243,16 @@ def prepare_started(
             raise
     job._spares = spares
     return job
+
+
+def _refused_while_ray_starts(preparing: Future, poll_s: float = 0.05) -> None:
+    """Wait while another thread of this process starts its Ray (the `jobs/` door holds
+    `CONNECTING` meanwhile), but raise `preparing`'s refusal as soon as it fails: a job
+    refused by its checks says so then, not once Ray is up (seconds later)."""
+    while not CONNECTING.acquire(timeout=poll_s):
+        if preparing.done() and preparing.exception() is not None:
+            preparing.result()
+    CONNECTING.release()
 
 
 def _prepare_local(raw: dict[str, Any], create_index: bool, query: bool, started: float) -> Job:

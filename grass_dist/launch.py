@@ -4,10 +4,11 @@
 job's modules (torch, the model code: seconds) with the checks of its model, data and store,
 and, for the jobs that compute, an embedded Ray (its processes: seconds more). `door` checks
 the config, then starts Ray on this thread while the job imports and prepares on another, so
-neither waits for the other; a malformed config never starts Ray. `cli` stops Ray as the job
-returns and skips the interpreter's final walk over every object (seconds, after the summary
-is printed). Ctrl-C and SIGTERM end a job wherever it is (`stop_now`): its progress record
-says why, Ray stops, and the process exits 130 or 143 at once.
+neither waits for the other; a malformed config never starts Ray, and a job refused by its
+checks while Ray starts exits then, with the Ray processes started so far. `cli` stops Ray
+as the job returns and skips the interpreter's final walk over every object (seconds, after
+the summary is printed). Ctrl-C and SIGTERM end a job wherever it is (`stop_now`): its
+progress record says why, Ray stops, and the process exits 130 or 143 at once.
 
 This module imports no torch: only Hydra, OmegaConf, Ray and the config.
 """
@@ -24,8 +25,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from typing import Any, NoReturn, TextIO
 
 import ray
@@ -234,7 +235,8 @@ def door(name: str, cfg: DictConfig) -> dict[str, Any]:
     with cluster.CONNECTING:  # the job's own `connect` waits for this thread's Ray
         job = _Background(_job, name, cfg)
         try:
-            started = cluster.connect(embedded)
+            with job.exiting_on_refusal():
+                started = cluster.connect(embedded)
         except KeyboardInterrupt as e:  # the lock is held until the process ends
             stop_now(e)
     try:
@@ -245,6 +247,20 @@ def door(name: str, cfg: DictConfig) -> dict[str, Any]:
         if started:
             cluster.shutdown()  # its workers with it
         raise
+
+
+def _refusal_status(e: BaseException) -> int | None:
+    """The exit status of a job's refusal (`grass_dist.run` printed its reason and raised
+    SystemExit(2)), else None."""
+    return e.code if isinstance(e, SystemExit) and e.code == 2 else None
+
+
+def _exit_refused(status: int) -> NoReturn:
+    """End the process of a job refused while its Ray starts, with the processes of the
+    Ray started so far."""
+    cluster.STOPPING.set()
+    cluster.stop_half_started()
+    _exit_now(status)
 
 
 def _end_progress(e: KeyboardInterrupt) -> None:
@@ -271,10 +287,16 @@ def _embedded_cluster(cfg: DictConfig) -> ClusterConfig | None:
 
 class _Background:
     """`fn(*args)` on a daemon thread; `result()` waits for it and returns or raises what it
-    did (SystemExit included: a refusal exits 2 from the job's thread through this one)."""
+    did (SystemExit included: a refusal exits 2 from the job's thread through this one).
+    A refusal while the main thread is in an `exiting_on_refusal()` block (Ray's start,
+    which cannot be cut short: its waits are in Ray's native code) ends the process at
+    once, with the Ray processes started so far: the refusal has said why, and nothing was
+    written."""
 
     def __init__(self, fn: Callable[..., Any], *args: Any):
         self._outcome: tuple[bool, Any] | None = None
+        self._guard = threading.Lock()
+        self._exits = False  # the main thread is in an exiting_on_refusal() block
         self._thread = threading.Thread(target=self._run, args=(fn, *args), name="job", daemon=True)
         self._thread.start()
 
@@ -283,6 +305,23 @@ class _Background:
             self._outcome = (True, fn(*args))
         except BaseException as e:  # noqa: BLE001 -- handed to the waiting thread
             self._outcome = (False, e)
+            with self._guard:
+                if self._exits and _refusal_status(e) is not None:
+                    _exit_refused(_refusal_status(e))
+
+    @contextmanager
+    def exiting_on_refusal(self) -> Iterator[None]:
+        """A block of the main thread that the job's refusal ends with the process, in a
+        `jobs/` process (`cli`); elsewhere (a door called from Python) a plain block."""
+        with self._guard:
+            self._exits = _PROCESS_STARTED is not None
+            if self._exits and self._outcome and _refusal_status(self._outcome[1]) is not None:
+                _exit_refused(_refusal_status(self._outcome[1]))
+        try:
+            yield
+        finally:
+            with self._guard:
+                self._exits = False
 
     def result(self) -> Any:
         self._thread.join()

@@ -4,6 +4,7 @@ thread hands back what it raised; workers build their data while the driver prep
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -81,3 +82,44 @@ def test_a_worker_builds_the_datasets_it_is_given_as_it_is_created(tmp_path):
     assert sorted(worker.datasets) == ["query", "train"]
     assert len(worker.datasets["train"]) == raw["data"]["train"]["n_train"]
     assert GradientWorker(raw, None, threads=1).datasets == {}
+
+
+# A Ray whose start never ends, as a loaded machine's can take seconds in Ray's native
+# code: it leaves a process with one of its own (a raylet and its agent), writes their pids.
+_SLOW_RAY = """
+import runpy, subprocess, sys, threading
+from grass_dist.runtime import cluster
+
+def start(cfg):
+    script = "echo $$ >> {pids}; sleep 300 & echo $! >> {pids}; exec sleep 301"
+    subprocess.Popen(["bash", "-c", script])
+    threading.Event().wait()
+
+cluster._start = start
+sys.argv = ["jobs.attribute", *sys.argv[1:]]
+runpy.run_module("jobs.attribute", run_name="__main__")
+"""
+
+
+def test_a_job_refused_while_ray_starts_exits_then_with_the_processes_started(tmp_path):
+    # The refusal is the job's answer: neither it nor the exit waits for Ray's start to end
+    # (which, here, never does), and what that start left running stops with the process.
+    pids = tmp_path / "pids"
+    proc = subprocess.run(
+        [sys.executable, "-c", _SLOW_RAY.format(pids=pids), "data.train.n_train=0"]
+        + [f"run.output_dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.rstrip().endswith("error: data.train.n_train=0 must be in [1, 1796]")
+    left = [int(p) for p in pids.read_text().split()]
+    assert len(left) == 2
+    for _ in range(100):  # orphans, reaped by init once killed
+        if not any(cluster._running(pid) for pid in left):
+            break
+        time.sleep(0.1)
+    assert not any(cluster._running(pid) for pid in left)
+    assert {p.name for p in tmp_path.iterdir()} <= {"pids", "logs"}  # no index written
