@@ -344,7 +344,8 @@ CASES = {
         "attribute",
         ("model.path={case}/nope.pt",),
         r"could not build 'model' from _target_='my_pkg\.models\.load': FileNotFoundError: "
-        r".*No such file or directory: '[^']*/nope\.pt'",
+        r".*No such file or directory: '[^']*/nope\.pt'\. The call raised it: check the "
+        r"arguments under 'model' \(path\)",
     ),
     "model_not_a_module": (
         "attribute",
