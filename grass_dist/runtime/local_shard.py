@@ -15,9 +15,12 @@ where that pays. A shard that spares the workers a round of shards (with one wor
 shard; with two workers and three shards left, the first) is finished however long it
 takes: the job ends a round sooner. Any other shard goes back to the workers when its first
 batch projects more than `BUDGET_S` of work: with two workers and two shards, the driver's
-shard would only delay the worker that computes the other. A shard that fails goes back
-to the workers too (they then fail it as they would have), and so does one stopped because
-the job ends.
+shard would only delay the worker that computes the other. A shard that the rows
+themselves make fail (a NaN loss or gradient, rows the task cannot batch, items it does not
+take: `REFUSALS`) fails the job as a worker's would, without waiting for one to compute it
+again: it runs the same code on the same bits. A shard that fails otherwise goes back to the
+workers (the driver's process is not a worker's), and so does one stopped because the job
+ends.
 
 A few queries, too (`driver_phi`): where a job scores a query set of one chunk while no
 worker is ready (the Python API's `Index.attribute` starts none; a job's are still starting),
@@ -39,6 +42,7 @@ import torch
 
 from grass_dist.assembly import Replica
 from grass_dist.config import JobConfig
+from grass_dist.errors import BadRowsError, ConfigError, NonFiniteGradientError
 from grass_dist.gradients.computer import GradientComputer, PhiBlock
 from grass_dist.index import GradientIndex, ShardRecord
 from grass_dist.runtime.cluster import threads_for
@@ -54,6 +58,10 @@ log = logging.getLogger(__name__)
 # shards, projected from its first batch: about what Ray's and the workers' start takes on a
 # small machine, so that such a shard competes with their start for a few seconds at most.
 BUDGET_S = 4.0
+
+# What the rows of a shard raise through a worker's code, on any process alike: the driver's
+# shard that raises one of these fails the job (`LocalShard.refusal`).
+REFUSALS = (NonFiniteGradientError, BadRowsError, ConfigError)
 
 
 @contextmanager
@@ -115,6 +123,7 @@ class LocalShard:
         self._taken: list[ShardPlan] = []  # started, in plan order
         self._committed: dict[str, tuple[ShardRecord, float]] = {}  # id -> record, time.time()
         self.dropped: list[str] = []  # committed, but another writer's attempt came first
+        self.refusal: Exception | None = None  # the rows' own failure (REFUSALS): the job's
         self._lock = threading.Lock()  # the taking of plans against `close`
         self._closed = False
         self._stop = threading.Event()
@@ -189,6 +198,9 @@ class LocalShard:
         except _Stopped as e:
             log.info("shard %s goes to the workers: %s", plan.shard_id, e)
             return False
+        except REFUSALS as e:
+            self.refusal = e  # the job's error now: it takes no other shard
+            return False
         except Exception as e:  # noqa: BLE001 -- a worker computes it again (and fails as it should)
             log.info("the driver's shard %s failed (%s): the workers compute it", plan.shard_id, e)
             return False
@@ -259,16 +271,19 @@ class DriverShard:
         return [p for p in self.awaited if p.shard_id not in done]
 
     def account(self) -> None:
-        """Count the driver's commits once each (first shard, progress)."""
+        """Count the driver's commits once each (first shard, progress); then raise the
+        rows' refusal of a shard of the driver's (`LocalShard.refusal`): the job's error."""
         if self.local is None:
             return
+        refusal = self.local.refusal  # read first: the commits made before it are counted
         new = {s: c for s, c in self.local.committed().items() if s not in self.counted}
-        if not new:
-            return
-        self.counted.update(new)
-        first = min(at for _, at in new.values()) - self.job.started
-        if self.job.first_shard_s is None or first < self.job.first_shard_s:
-            self.job.first_shard_committed(first)
-        node = ray.get_runtime_context().get_node_id()
-        rows = sum(record.rows for record, _ in new.values())
-        self.job.progress.shards_done(rows, [node] * len(new))
+        if new:
+            self.counted.update(new)
+            first = min(at for _, at in new.values()) - self.job.started
+            if self.job.first_shard_s is None or first < self.job.first_shard_s:
+                self.job.first_shard_committed(first)
+            node = ray.get_runtime_context().get_node_id()
+            rows = sum(record.rows for record, _ in new.values())
+            self.job.progress.shards_done(rows, [node] * len(new))
+        if refusal is not None:
+            raise refusal

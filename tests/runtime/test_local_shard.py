@@ -6,10 +6,12 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from grass_dist import assembly, pipeline
 from grass_dist.build import build_dataset, build_model, build_task
 from grass_dist.config import JobConfig, resolve
+from grass_dist.errors import NonFiniteLossError
 from grass_dist.index import GradientIndex
 from grass_dist.job import Job
 from grass_dist.runtime import local_shard
@@ -122,10 +124,11 @@ def test_with_the_drivers_shard_committed_the_reducer_starts_with_the_index_stag
 
 
 class _Gated:
-    """A dataset whose reads wait for `go`, or fail with `error`."""
+    """A dataset whose reads wait for `go`, or fail with `error`; row `nan_row` holds a NaN."""
 
-    def __init__(self, inner, error: Exception | None = None):
+    def __init__(self, inner, error: Exception | None = None, nan_row: int | None = None):
         self.inner, self.error, self.go = inner, error, threading.Event()
+        self.nan_row = nan_row
 
     def __len__(self):
         return len(self.inner)
@@ -134,18 +137,19 @@ class _Gated:
         if self.error is not None:
             raise self.error
         self.go.wait()
-        return self.inner[i]
+        x, y = self.inner[i]
+        return (torch.full_like(x, float("nan")), y) if i == self.nan_row else (x, y)
 
 
-def _local_job(tmp_path, *overrides, error: Exception | None = None):
+def _local_job(tmp_path, *overrides, error: Exception | None = None, nan_row: int | None = None):
     """A job without the doors' start-up, and a LocalShard of its shards whose rows wait
-    for `go` (or fail with `error`)."""
+    for `go` (or fail with `error`; row `nan_row` holds a NaN)."""
     job = pipeline.prepare(compose_cfg(tmp_path, "index.batch_size=1", *overrides))  # batches
     model = build_model(job.cfg)
     task = build_task(job.cfg)
     train = build_dataset(job.cfg, "train")
     compressors = assembly.driver_compressors(job.cfg, model, task, train)
-    data = _Gated(train, error)
+    data = _Gated(train, error, nan_row)
     plans = plan_shards(job.n_train, job.cfg.index.shard_size, {})
     replica = assembly.Replica(model, task, compressors)
     job._local = LocalShard(job.cfg, replica, data, job.index, plans)
@@ -257,6 +261,23 @@ def test_a_driver_shard_stopped_or_failed_goes_to_the_workers(ray_session, tmp_p
     summary = _run_index(job)
     assert summary == {"computed_shards": 3, "skipped_shards": 0, "rows": 90, "driver_shards": 0}
     assert sorted(_shards(job.cfg.index_url)) == [p.shard_id for p in plan_shards(90, 32, {})]
+
+
+def test_a_driver_shard_whose_row_has_a_nan_loss_fails_the_job_without_waiting_for_a_worker(
+    ray_session, tmp_path
+):
+    # A worker runs the same code on the same bits and would fail the same way: the driver's
+    # refusal is the job's error as soon as the index stage looks, not after a worker's start.
+    job, data = _local_job(tmp_path, nan_row=40)
+    data.go.set()
+    while job._local.running():
+        time.sleep(0.01)
+    with pytest.raises(NonFiniteLossError, match=r"data\.train rows \[40\]"):
+        _run_index(job)
+    assert "first_worker" not in job.startup_s
+    first = plan_shards(90, 32, {})[0]
+    assert job.index.committed().keys() == {first.shard_id}  # the shard before it stays
+    assert job.first_shard_s is not None  # and counted
 
 
 def test_only_an_embedded_cpu_job_without_faults_indexes_on_the_driver(tmp_path):
