@@ -15,7 +15,7 @@ from typing import Any
 import ray
 
 from grass_dist.config import ClusterConfig
-from grass_dist.errors import ClusterUnreachableError, RayStartError
+from grass_dist.errors import ClusterUnreachableError, ConfigError, RayStartError
 from grass_dist.runtime.pool import ActorPool
 
 log = logging.getLogger(__name__)
@@ -335,6 +335,26 @@ def worker_options(cfg: ClusterConfig) -> dict[str, Any]:
     return opts
 
 
+def check_placeable(cfg: ClusterConfig) -> None:
+    """ConfigError when the Ray this process started (one node, which no node joins) has
+    less of a resource than one worker asks for: no worker could ever start, and the job
+    would wait `cluster.placement_timeout_s` for one. A joined cluster may grow: not checked."""
+    node = _own_node()
+    if node is None or not node.is_head():
+        return
+    have = ray.cluster_resources()
+    for name, amount in worker_request(cfg).items():
+        if amount > have.get(name, 0):
+            setting = {"CPU": "cpus_per_worker", "GPU": "gpus_per_worker"}.get(name)
+            key = f"cluster.{setting}" if setting else f"cluster.worker_resources.{name}"
+            raise ConfigError(
+                f"{key}={amount:g} asks each worker for {amount:g} {name}, more than the "
+                f"embedded Ray has ({have.get(name, 0):g}), so no worker could start: ask for "
+                f"at most that, or run on a cluster whose nodes have more (cluster=ray; "
+                f"README: Run on a cluster)"
+            )
+
+
 def worker_factory(
     cfg: ClusterConfig,
     job: dict[str, Any],
@@ -348,6 +368,7 @@ def worker_factory(
     # torch, and the model code, load here and not when this module is imported: see `connect`.
     from grass_dist.runtime.worker import GradientWorker
 
+    check_placeable(cfg)
     actor_cls = ray.remote(GradientWorker).options(**worker_options(cfg))
     threads = threads_for(cfg.cpus_per_worker)
     return lambda i: actor_cls.remote(job, None, threads, i, objects, datasets)

@@ -58,6 +58,27 @@ def test_cli_refuses_and_leaves_no_ray_running(tmp_path, user_pkg, job, override
     assert not (tmp_path / "index").exists()
 
 
+def test_cli_refuses_workers_that_the_embedded_ray_could_never_place(tmp_path, user_pkg):
+    # Such a worker never starts: the job waited cluster.placement_timeout_s (default ten
+    # minutes) with Ray's autoscaler lines as the only sign of it.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="gd-ray-"))
+    given = _overrides(
+        user_pkg, tmp_path, "cluster.cpus_per_worker=64", "cluster.placement_timeout_s=30"
+    )
+    env = user_pkg.env(RAY_TMPDIR=str(ray_tmp))
+    try:
+        proc = run_job("index", *given, user=user_pkg, cwd=tmp_path, env=env, timeout=300)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    said = (
+        r"^error: cluster\.cpus_per_worker=64 asks each worker for 64 CPU, more than the "
+        r"embedded Ray has \(\d+\), so no worker could start"
+    )
+    assert re.search(said, _message(proc.stderr))
+    assert _processes_naming(ray_tmp) == []
+
+
 def test_cli_names_the_row_whose_loss_is_nan_and_keeps_the_committed_shards(tmp_path, user_pkg):
     # Row 0 is checked before the index is created; row 70 only as its shard is indexed.
     given = _overrides(user_pkg, tmp_path, "+data.train.nan_row=70")
@@ -173,6 +194,11 @@ HYDRA_REFUSALS = {
         "compression.k=many",
         r"compression\.k=many is refused \(Value 'many' of type 'str' could not be converted "
         r"to Integer\); compression\.k takes an integer \(default 256\): compressed size",
+    ),
+    "not_a_list": (
+        "index.layers=fc1",
+        r"index\.layers=fc1 is refused \(.*\); index\.layers takes a list, e\.g\. \[a,b\] "
+        r"\(default null\)",
     ),
     "not_a_bool": (
         "cluster.driver_shard=maybe",
