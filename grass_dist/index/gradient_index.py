@@ -38,6 +38,9 @@ from grass_dist.index.store import Store
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.json"
+# The _target_ by which a fingerprint records an object given in memory (grass_dist.assembly).
+_IN_MEMORY = "grass_dist.assembly.in_memory"
+PROGRESS_DIR = "_progress"  # <job id>.json: each job's progress (grass_dist.runtime.progress)
 FORMAT_VERSION = 1
 _RESERVED_DIRS = (f"{manifest.MANIFEST_DIR}/", "shards/")
 _SHARD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -362,6 +365,43 @@ def _read_index(store: Store) -> dict[str, Any]:
     return fingerprint
 
 
+def _no_commit_yet(store: Store) -> str:
+    """What an index without a committed shard means: a job stopped before its first
+    commit, whose index may go, or one that started and writes it now, whose may not."""
+    url = store.url_of("")
+    running = _running_job(store)
+    if running is not None:
+        job_id, updated = running
+        return (
+            f"It holds no committed shard yet, and job {job_id} is writing it (its progress "
+            f"record says it runs, updated {updated}): do not delete it while that job runs; "
+            f"wait for it, or use another store.url."
+        )
+    return (
+        f"It holds no committed shard: a job stopped before its first commit, or one that "
+        f"started moments ago is writing it (its progress record comes seconds after: "
+        f"`python -m grass_dist.runtime.progress {url}`). Once no job writes it, nothing is "
+        f"lost by deleting it: remove {url} and rerun."
+    )
+
+
+def _running_job(store: Store) -> tuple[str, str] | None:
+    """(job id, when its record was updated) of the newest job whose progress record says
+    it is starting or running, if any (one killed outright says so for good)."""
+    try:
+        names = [n for n in store.list(PROGRESS_DIR) if n.endswith(".json")]
+    except FileNotFoundError:
+        return None
+    for name in sorted(names, reverse=True):  # job ids start with their start time
+        try:
+            doc = json.loads(store.read_bytes(f"{PROGRESS_DIR}/{name}"))
+        except (FileNotFoundError, ValueError):
+            continue
+        if doc.get("state") in ("starting", "running"):
+            return str(doc.get("job_id", name.removesuffix(".json"))), str(doc.get("updated"))
+    return None
+
+
 def _check_fingerprint(store: Store, stored: dict[str, Any], requested: dict[str, Any]) -> None:
     diffs = fingerprint_diff(stored, requested)
     if not diffs:
@@ -369,12 +409,19 @@ def _check_fingerprint(store: Store, stored: dict[str, Any], requested: dict[str
     lines = "\n".join(f"  {path}: stored={_show(a)} requested={_show(b)}" for path, a, b in diffs)
     empty = ""
     if ManifestLog(store).snapshot()[0] == 0:
-        empty = (
-            f"\nIt holds no committed shard (a job stopped before its first commit), so "
-            f"nothing is lost by deleting it: remove {store.url_of('')} and rerun."
+        empty = f"\n{_no_commit_yet(store)}"
+    fix = (
+        "use a new store.url (or index.url) for these settings, or rerun with the same "
+        "model/compression/data settings as the existing index."
+    )
+    if _IN_MEMORY in json.dumps(stored) and _IN_MEMORY not in json.dumps(requested):
+        fix = (
+            "this index was built from Python objects (the Python API's Index.build given a "
+            "model or dataset in memory), which no config can name: score it in that Python "
+            "session with Index.attribute, or build the index from factories (README: Python "
+            "API) to score it with the jobs."
         )
     raise FingerprintMismatchError(
         f"the gradient index at {store.url_of('')} was built with a different fingerprint:\n"
-        f"{lines}\nFix: use a new store.url (or index.url) for these settings, or rerun with "
-        f"the same model/compression/data settings as the existing index.{empty}"
+        f"{lines}\nFix: {fix}{empty}"
     )

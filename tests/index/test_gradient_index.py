@@ -23,6 +23,7 @@ from grass_dist.errors import (
 from grass_dist.index import GradientIndex, ShardRecord, Store, commit, fingerprint_diff, latest
 from grass_dist.index.gradient_index import _MISSING
 from grass_dist.index.manifest import manifest_path
+from grass_dist.runtime.progress import JobProgress
 
 FP = {
     "model": {"name": "mlp", "hash": "abc123"},
@@ -164,6 +165,38 @@ def test_fingerprint_mismatch_names_differing_keys(url):
     with pytest.raises(FingerprintMismatchError) as info:
         GradientIndex.create_or_open(url, other)
     assert "no committed shard" not in str(info.value)  # deleting it would lose rows
+
+
+def test_a_mismatch_on_an_index_a_running_job_writes_says_not_to_delete_it(url):
+    # Two jobs started together on one new store.url: the loser of the race must not be told
+    # that deleting the index loses nothing while the winner is about to commit to it.
+    GradientIndex.create_or_open(url, FP)
+    other = json.loads(json.dumps(FP))
+    other["compressor"]["seed"] = 8
+    winner = JobProgress(Store(url), "20261203-120000-abcdef", bar=False)
+    winner.begin("index")
+    with pytest.raises(FingerprintMismatchError) as info:
+        GradientIndex.create_or_open(url, other)
+    msg = str(info.value)
+    assert "job 20261203-120000-abcdef is writing it" in msg and "do not delete it" in msg
+    assert "nothing is lost" not in msg
+    winner.finish(RuntimeError("stopped"))
+    with pytest.raises(FingerprintMismatchError) as info:
+        GradientIndex.create_or_open(url, other)
+    assert "Once no job writes it, nothing is lost by deleting it" in str(info.value)
+
+
+def test_a_mismatch_with_an_index_built_from_objects_says_to_score_it_in_python(url):
+    # The Python API records an object it was given by content; a job's config names a
+    # factory, and no rerun "with the same settings" can name that object.
+    node = {"_target_": "grass_dist.assembly.in_memory", "sha256": "ab" * 32, "type": "model"}
+    GradientIndex.create_or_open(url, {**FP, "model": node})
+    with pytest.raises(FingerprintMismatchError) as info:
+        GradientIndex.create_or_open(url, FP)
+    msg = str(info.value)
+    assert "Fix: this index was built from Python objects" in msg
+    assert "score it in that Python session with Index.attribute" in msg
+    assert "rerun with the same" not in msg
 
 
 def test_fingerprint_diff_names_the_layers_added_left_out_or_moved():
