@@ -66,7 +66,7 @@ def test_local_files_jsonl_parquet_and_text(tmp_path):
     assert [paras.describe(i)["text"] for i in range(len(paras))] == ["first para", "second para"]
     with pytest.raises(ConfigError, match=r"no column 'text' \(data.train.field\)"):
         text_files(str(tmp_path / "b.parquet"))
-    with pytest.raises(ConfigError, match="matches no local file"):
+    with pytest.raises(ConfigError, match=r"^data\.train\.paths: '.*nothing\*\.jsonl' matches no"):
         text_files(str(tmp_path / "nothing*.jsonl"))
 
 
@@ -157,6 +157,8 @@ def test_query_records_without_a_completion_are_refused(tmp_path):
         prompts(path=path)
     with pytest.raises(BadRecordError, match=r"data.query.items\[1\].completion is None"):
         prompts(items=[{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": None}])
+    with pytest.raises(ConfigError, match=r"^data\.query\.path: '.*nope\.jsonl' matches no local"):
+        prompts(path=str(tmp_path / "nope.jsonl"))
 
 
 def test_jobs_index_exits_2_on_a_bad_record_before_any_gradient(tmp_path):

@@ -151,7 +151,7 @@ def prompts(
         if key_field:
             fields.append(Field(key_field, "data.query.key_field", key=True))
         keys, pairs = [], []
-        files = expand_paths(path)
+        files = expand_paths(path, "data.query.path")
         for file, name in zip(files, file_names(files), strict=True):
             fmt = file_format(file, format)
             if fmt == "text":

@@ -24,14 +24,18 @@ BAD_RECORD_MODES = ("error", "skip")
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "text"}
 
 
-def expand_paths(paths: str | Sequence[str]) -> list[str]:
-    """Local files matching the paths or glob patterns, sorted within each pattern."""
+def expand_paths(paths: str | Sequence[str], setting: str) -> list[str]:
+    """Local files matching the paths or glob patterns, sorted within each pattern; a
+    pattern that matches none is refused naming `setting`, where it came from."""
     patterns = [paths] if isinstance(paths, str) else [str(p) for p in paths]
     files = []
     for pattern in patterns:
         found = sorted(glob.glob(os.path.expanduser(pattern)))
         if not found:
-            raise ConfigError(f"data paths: {pattern!r} matches no local file")
+            raise ConfigError(
+                f"{setting}: {pattern!r} matches no local file (a relative path starts at "
+                f"the working folder, {os.getcwd()}); give the path or glob of existing files"
+            )
         files.extend(found)
     return files
 

@@ -146,7 +146,7 @@ def read_documents(
     a warning naming them; the blank pieces a separator leaves, silently.
     """
     check_mode(on_bad_record, "data.train.on_bad_record")
-    files = expand_paths(paths)
+    files = expand_paths(paths, "data.train.paths")
     fields = [Field(field, "data.train.field")]
     if key_field:
         fields.append(Field(key_field, "data.train.key_field", key=True))
