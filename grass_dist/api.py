@@ -144,10 +144,24 @@ def job_config(
         "store": {"url": _url(store), "storage_options": dict(storage_options or {})},
         "cluster": {"num_workers": workers},
     }
-    if overrides:
-        merged = OmegaConf.merge(OmegaConf.create(raw), OmegaConf.from_dotlist(list(overrides)))
-        raw = OmegaConf.to_container(merged, resolve=True)
-    return raw
+    return with_overrides(raw, overrides)
+
+
+def with_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """`raw` with dotted `key=value` settings merged in, as on a jobs command line. A single
+    string would be read as a list of its characters: refused, as is an item without `=`."""
+    if isinstance(overrides, (str, bytes)) or not all(
+        isinstance(o, str) and "=" in o for o in overrides
+    ):
+        example = overrides if isinstance(overrides, str) and "=" in overrides else "key=value"
+        raise ConfigError(
+            f"overrides={overrides!r}: give a list of 'key=value' strings, e.g. "
+            f"overrides=[{example!r}]"
+        )
+    if not overrides:
+        return raw
+    merged = OmegaConf.merge(OmegaConf.create(raw), OmegaConf.from_dotlist(list(overrides)))
+    return OmegaConf.to_container(merged, resolve=True)
 
 
 # What Index.build takes by keyword: job_config's settings.
@@ -334,9 +348,7 @@ class Index:
         raw["precondition"] = {**raw.get("precondition", {}), "damping": damping}
         raw["scoring"] = {**raw.get("scoring", {}), "kind": kind, "topk": topk, "dense": dense}
         raw["run"] = {**raw.get("run", {}), "name": name}
-        if overrides:
-            merged = OmegaConf.merge(OmegaConf.create(raw), OmegaConf.from_dotlist(list(overrides)))
-            raw = OmegaConf.to_container(merged, resolve=True)
+        raw = with_overrides(raw, overrides)
         with _own_errors():
             job = pipeline.prepare(raw, create_index=False, query=True)
         with _own_errors(), pipeline.running(job, self._kept):

@@ -143,3 +143,17 @@ def test_every_error_that_names_a_config_key_names_its_argument_too():
     with pytest.raises(DampingSelectionError) as info, _own_errors():
         raise DampingSelectionError("the labels are not whole numbers: set precondition.damping")
     assert str(info.value).endswith("(in the Python API: damping= sets precondition.damping)")
+
+
+def test_overrides_given_as_one_string_are_refused_with_the_list_to_give(tmp_path):
+    # A string is a sequence too: each of its characters was refused as a setting.
+    model, train = torch.nn.Linear(4, 3), TensorDataset(torch.rand(8, 4), torch.arange(8) % 3)
+    with pytest.raises(ConfigError) as refused:
+        gd.Index.build(model, train, store=str(tmp_path / "i"), overrides="index.shard_size=4")
+    assert str(refused.value).startswith(
+        "overrides='index.shard_size=4': give a list of 'key=value' strings, e.g. "
+        "overrides=['index.shard_size=4']"
+    )
+    with pytest.raises(ConfigError, match=r"overrides=\['index.shard_size'\]: give a list of"):
+        gd.Index.build(model, train, store=str(tmp_path / "i"), overrides=["index.shard_size"])
+    assert not (tmp_path / "i").exists()
