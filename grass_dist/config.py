@@ -14,7 +14,8 @@ import difflib
 import functools
 import json
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
-from typing import Any, get_type_hints
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -373,11 +374,14 @@ def setting_help(key: str, schema: type = JobConfig) -> str:
     hint = get_type_hints(schema)[leaf] if found is not None else None
     if hint is None or is_dataclass(hint):
         return _SETTINGS_ARE
-    origin, args = getattr(hint, "__origin__", None), getattr(hint, "__args__", ())
+    origin, args = get_origin(hint), get_args(hint)
+    inner = [a for a in args if a is not type(None)]
+    if origin in (Union, UnionType) and len(inner) == 1 and get_origin(inner[0]):
+        origin, args = get_origin(inner[0]), get_args(inner[0])  # list[str] | None
     if origin is dict:
         kind = f"keys and values (+{key}.NAME=VALUE adds one)"
     elif origin is list:
-        kind = "a list, e.g. [1,2]"
+        kind = "a list, e.g. [a,b]" if args == (str,) else "a list, e.g. [1,2]"
     else:  # a type, or an optional one
         kind = _KINDS.get(hint) or next((_KINDS[a] for a in args if a in _KINDS), "a value")
     if found.default_factory is not MISSING:
