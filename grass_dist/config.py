@@ -412,8 +412,9 @@ def resolve(cfg: DictConfig | dict) -> dict[str, Any]:
         raise ConfigError(
             f"{key} could not be resolved ({str(getattr(e, 'msg', e)).splitlines()[0]}). "
             f"The presets selected do not fit together (e.g. model=digits_mlp takes its sizes "
-            f"from data=digits): select matching presets (model=custom with data=custom), or "
-            f"set {key} yourself"
+            f"from data=digits): select matching presets (model=custom with data=custom; a "
+            f"language model on your own text: model=hf_causal_lm with data=text_files, "
+            f"docs/language_models.md), or set {key} yourself"
         ) from None
 
 

@@ -165,7 +165,9 @@ def test_presets_that_do_not_fit_together_are_named(tmp_path, user_pkg, monkeypa
     cfg = compose_cfg(tmp_path, *given, small=False)
     message = _refused("attribute", cfg, capsys)
     assert re.search(
-        r"model\.n_train could not be resolved .*\(model=custom with data=custom\)", message
+        r"model\.n_train could not be resolved .*\(model=custom with data=custom; a language "
+        r"model on your own text: model=hf_causal_lm with data=text_files",
+        message,
     )
     assert not ray.is_initialized()
     assert not (tmp_path / "index").exists()
