@@ -157,3 +157,15 @@ def test_overrides_given_as_one_string_are_refused_with_the_list_to_give(tmp_pat
     with pytest.raises(ConfigError, match=r"overrides=\['index.shard_size'\]: give a list of"):
         gd.Index.build(model, train, store=str(tmp_path / "i"), overrides=["index.shard_size"])
     assert not (tmp_path / "i").exists()
+
+
+def test_token_items_given_to_the_default_task_point_to_the_language_model_task(tmp_path):
+    # A causal LM's items built without task=: the classification task's error alone said
+    # only which fields it lacks.
+    items = [{"input_ids": torch.arange(8), "labels": torch.arange(8)} for _ in range(6)]
+    with pytest.raises(ConfigError) as refused:
+        gd.Index.build(torch.nn.Embedding(8, 4), items, store=str(tmp_path / "i"), workers=1)
+    said = str(refused.value)
+    assert "got ['input_ids', 'labels'] (token ids: a language model's items, which the " in said
+    assert "in Python task=causal_lm() from grass_dist.tasks_lm)" in said
+    assert not (tmp_path / "i").exists()

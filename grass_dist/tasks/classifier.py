@@ -27,9 +27,15 @@ def _pick(batch: dict, keys: tuple[str, ...], what: str) -> Any:
     for k in keys:
         if k in batch:
             return batch[k]
+    hint = (
+        " (token ids: a language model's items, which the causal_lm task takes: task=causal_lm "
+        "on the command line; in Python task=causal_lm() from grass_dist.tasks_lm)"
+        if "input_ids" in batch
+        else ""
+    )
     raise KeyError(
         f"dataset items are dicts without an {what} field: expected one of {keys}, "
-        f"got {sorted(batch)}"
+        f"got {sorted(batch)}{hint}"
     )
 
 
