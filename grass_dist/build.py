@@ -208,6 +208,12 @@ def _why(e: Exception) -> str:
 
 def build_model(job: JobConfig) -> nn.Module:
     model = _instantiate(job.model, "model")
+    if not isinstance(model, nn.Module) and job.model.get("_target_") == IN_MEMORY:
+        swapped = hasattr(model, "__getitem__") and hasattr(model, "__len__")
+        raise ConfigError(
+            f"the model you passed is a {type(model).__name__}, not a torch nn.Module"
+            + (": a dataset? Index.build takes the model first, then train" if swapped else "")
+        )
     if not isinstance(model, nn.Module):
         raise ConfigError(
             f"model._target_={job.model['_target_']!r} returned an object of type "

@@ -169,3 +169,14 @@ def test_token_items_given_to_the_default_task_point_to_the_language_model_task(
     assert "got ['input_ids', 'labels'] (token ids: a language model's items, which the " in said
     assert "in Python task=causal_lm() from grass_dist.tasks_lm)" in said
     assert not (tmp_path / "i").exists()
+
+
+def test_a_dataset_passed_as_the_model_is_named_so(tmp_path):
+    model, train = torch.nn.Linear(4, 3), TensorDataset(torch.rand(8, 4), torch.arange(8) % 3)
+    with pytest.raises(ConfigError) as refused:
+        gd.Index.build(train, model, store=str(tmp_path / "i"), workers=1)
+    assert str(refused.value).startswith(
+        "the model you passed is a TensorDataset, not a torch nn.Module: a dataset? "
+        "Index.build takes the model first, then train"
+    )
+    assert "grass_dist.assembly" not in str(refused.value)
