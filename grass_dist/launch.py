@@ -34,7 +34,7 @@ from omegaconf import DictConfig
 
 from grass_dist.config import ClusterConfig, JobConfig, resolve, setting_help, unknown_setting
 from grass_dist.errors import GrassError
-from grass_dist.runtime import cluster
+from grass_dist.runtime import cluster, processes
 
 # When this process started, set by `cli`: a `jobs/` entry point's times count from it.
 _PROCESS_STARTED: float | None = None
@@ -259,7 +259,7 @@ def _exit_refused(status: int) -> NoReturn:
     """End the process of a job refused while its Ray starts, with the processes of the
     Ray started so far."""
     cluster.STOPPING.set()
-    cluster.stop_half_started()
+    processes.stop_half_started()
     _exit_now(status)
 
 

@@ -13,7 +13,7 @@ from grass_dist.compress.registry import REGISTRY
 from grass_dist.config import JobConfig, resolve
 from grass_dist.config_checks import COMPRESSION_METHODS
 from grass_dist.errors import ConfigError
-from grass_dist.runtime import cluster
+from grass_dist.runtime import cluster, processes
 from grass_dist.runtime.worker import GradientWorker
 from tests.conftest import ROOT, compose_cfg
 
@@ -88,7 +88,7 @@ def test_a_worker_builds_the_datasets_it_is_given_as_it_is_created(tmp_path):
 # code: it leaves a process with one of its own (a raylet and its agent), writes their pids.
 _SLOW_RAY = """
 import runpy, subprocess, sys, threading
-from grass_dist.runtime import cluster
+from grass_dist.runtime import cluster, processes
 
 def start(cfg):
     script = "echo $$ >> {pids}; sleep 300 & echo $! >> {pids}; exec sleep 301"
@@ -118,8 +118,8 @@ def test_a_job_refused_while_ray_starts_exits_then_with_the_processes_started(tm
     left = [int(p) for p in pids.read_text().split()]
     assert len(left) == 2
     for _ in range(100):  # orphans, reaped by init once killed
-        if not any(cluster._running(pid) for pid in left):
+        if not any(processes.running(pid) for pid in left):
             break
         time.sleep(0.1)
-    assert not any(cluster._running(pid) for pid in left)
+    assert not any(processes.running(pid) for pid in left)
     assert {p.name for p in tmp_path.iterdir()} <= {"pids", "logs"}  # no index written
