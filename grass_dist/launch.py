@@ -249,18 +249,18 @@ def door(name: str, cfg: DictConfig) -> dict[str, Any]:
         raise
 
 
-def _refusal_status(e: BaseException) -> int | None:
-    """The exit status of a job's refusal (`grass_dist.run` printed its reason and raised
-    SystemExit(2)), else None."""
-    return e.code if isinstance(e, SystemExit) and e.code == 2 else None
+def _refusal(e: BaseException) -> bool:
+    """Whether `e` is a job's refusal: `grass_dist.run` printed its reason and raised
+    SystemExit(2)."""
+    return isinstance(e, SystemExit) and e.code == 2
 
 
-def _exit_refused(status: int) -> NoReturn:
-    """End the process of a job refused while its Ray starts, with the processes of the
-    Ray started so far."""
+def _exit_refused() -> NoReturn:
+    """End the process of a job refused while its Ray starts (status 2), with the processes
+    of the Ray started so far."""
     cluster.STOPPING.set()
     processes.stop_half_started()
-    _exit_now(status)
+    _exit_now(2)
 
 
 def _end_progress(e: KeyboardInterrupt) -> None:
@@ -306,8 +306,8 @@ class _Background:
         except BaseException as e:  # noqa: BLE001 -- handed to the waiting thread
             self._outcome = (False, e)
             with self._guard:
-                if self._exits and _refusal_status(e) is not None:
-                    _exit_refused(_refusal_status(e))
+                if self._exits and _refusal(e):
+                    _exit_refused()
 
     @contextmanager
     def exiting_on_refusal(self) -> Iterator[None]:
@@ -315,8 +315,8 @@ class _Background:
         `jobs/` process (`cli`); elsewhere (a door called from Python) a plain block."""
         with self._guard:
             self._exits = _PROCESS_STARTED is not None
-            if self._exits and self._outcome and _refusal_status(self._outcome[1]) is not None:
-                _exit_refused(_refusal_status(self._outcome[1]))
+            if self._exits and self._outcome and _refusal(self._outcome[1]):
+                _exit_refused()
         try:
             yield
         finally:

@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 INDEX_FILE = "index.json"
 # The _target_ by which a fingerprint records an object given in memory (grass_dist.assembly).
 _IN_MEMORY = "grass_dist.assembly.in_memory"
-PROGRESS_DIR = "_progress"  # <job id>.json: each job's progress (grass_dist.runtime.progress)
 FORMAT_VERSION = 1
 _RESERVED_DIRS = (f"{manifest.MANIFEST_DIR}/", "shards/")
 _SHARD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -368,14 +367,15 @@ def _read_index(store: Store) -> dict[str, Any]:
 def _no_commit_yet(store: Store) -> str:
     """What an index without a committed shard means: a job stopped before its first
     commit, whose index may go, or one that started and writes it now, whose may not."""
+    from grass_dist.runtime.progress import read_progress  # it imports this package
+
     url = store.url_of("")
-    running = _running_job(store)
-    if running is not None:
-        job_id, updated = running
+    newest = read_progress(store)  # one killed outright says it runs for good: its time shows
+    if newest is not None and newest.get("state") in ("starting", "running"):
         return (
-            f"It holds no committed shard yet, and job {job_id} is writing it (its progress "
-            f"record says it runs, updated {updated}): do not delete it while that job runs; "
-            f"wait for it, or use another store.url."
+            f"It holds no committed shard yet, and job {newest.get('job_id')} is writing it (its "
+            f"progress record says it runs, updated {newest.get('updated')}): do not delete it "
+            f"while that job runs; wait for it, or use another store.url."
         )
     return (
         f"It holds no committed shard: a job stopped before its first commit, or one that "
@@ -383,23 +383,6 @@ def _no_commit_yet(store: Store) -> str:
         f"`python -m grass_dist.runtime.progress {url}`). Once no job writes it, nothing is "
         f"lost by deleting it: remove {url} and rerun."
     )
-
-
-def _running_job(store: Store) -> tuple[str, str] | None:
-    """(job id, when its record was updated) of the newest job whose progress record says
-    it is starting or running, if any (one killed outright says so for good)."""
-    try:
-        names = [n for n in store.list(PROGRESS_DIR) if n.endswith(".json")]
-    except FileNotFoundError:
-        return None
-    for name in sorted(names, reverse=True):  # job ids start with their start time
-        try:
-            doc = json.loads(store.read_bytes(f"{PROGRESS_DIR}/{name}"))
-        except (FileNotFoundError, ValueError):
-            continue
-        if doc.get("state") in ("starting", "running"):
-            return str(doc.get("job_id", name.removesuffix(".json"))), str(doc.get("updated"))
-    return None
 
 
 def _check_fingerprint(store: Store, stored: dict[str, Any], requested: dict[str, Any]) -> None:

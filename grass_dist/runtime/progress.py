@@ -30,10 +30,10 @@ from grass_dist.errors import (
     StoreUnreachableError,
 )
 from grass_dist.index import Store
-from grass_dist.index.gradient_index import PROGRESS_DIR
 
 log = logging.getLogger(__name__)
 
+PROGRESS_DIR = "_progress"
 # The records of the jobs running in this process, for `interrupt_running`.
 _RUNNING: weakref.WeakSet[JobProgress] = weakref.WeakSet()
 
