@@ -36,11 +36,11 @@ from bench.models import CausalLMTask, digits_mlp_shape, gpt, linear_names  # no
 from bench.timing import interleaved, machine_note, write_result  # noqa: E402
 from grass_dist.compress import build_compressors  # noqa: E402
 from grass_dist.config import CompressionConfig  # noqa: E402
-from grass_dist.data.content import row_digests  # noqa: E402
 from grass_dist.data.identity import check_committed_content  # noqa: E402
 from grass_dist.gradients.capture import resolve_layers  # noqa: E402
 from grass_dist.gradients.computer import GradientComputer, LoadedRows  # noqa: E402
 from grass_dist.index import GradientIndex  # noqa: E402
+from grass_dist.index.content import row_digests  # noqa: E402
 from grass_dist.tasks.classifier import ClassificationTask  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "content_fingerprint.md"

@@ -30,12 +30,12 @@ from grass_dist.build import (
     unset_fields,
 )
 from grass_dist.config import JobConfig, resolve
-from grass_dist.data.content import row_digest
 from grass_dist.data.identity import check_committed_content, check_committed_rows
 from grass_dist.gradients.capture import layers_that_run
 from grass_dist.gradients.computer import module_calls
 from grass_dist.gradients.learned_state import save_states
 from grass_dist.index import GradientIndex
+from grass_dist.index.content import row_digest
 from grass_dist.models.state import state_hash
 from grass_dist.runtime import local_shard
 from grass_dist.runtime.cluster import CONNECTING, check_reachable, connect, worker_factory

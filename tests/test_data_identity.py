@@ -13,7 +13,6 @@ import torch
 
 from grass_dist import pipeline, run
 from grass_dist.data import digits, items
-from grass_dist.data.content import row_digest, row_digests, shard_digest
 from grass_dist.data.identity import (
     MarkChanged,
     changed_rows,
@@ -24,6 +23,7 @@ from grass_dist.data.identity import (
 from grass_dist.errors import ConfigError, DataMismatchError
 from grass_dist.gradients.computer import GradientComputer
 from grass_dist.index import GradientIndex, ShardRecord
+from grass_dist.index.content import row_digest, row_digests, shard_digest
 from grass_dist.report import write_report
 from grass_dist.tasks.language_model import CausalLMTask
 from tests.conftest import ROOT, compose_cfg

@@ -17,7 +17,7 @@ or the index would silently mix gradients of two datasets. Two checks tell them 
    Datasets without ``keys`` use the row number as key, so only check 1 protects them.
 3. **Committed content still matches.** ``check_committed_content`` runs before a job that
    writes the index computes anything: it digests every committed row of the current data
-   (``grass_dist.data.content``) and compares each shard's digest with the one its worker
+   (``grass_dist.index.content``) and compares each shard's digest with the one its worker
    stored in the manifest. A row edited in place under the same key, in any shard, is
    refused with the keys of the first differing rows. Shards written before content
    digests have none to compare; only checks 1 and 2 cover them.
@@ -37,11 +37,11 @@ from typing import Any
 
 import numpy as np
 
-from grass_dist.data.content import row_digest, row_digests, shard_digest
 from grass_dist.data.items import describe
 from grass_dist.errors import CorruptShardError, DataMismatchError
 from grass_dist.gradients.computer import sample_key
 from grass_dist.index import GradientIndex, ShardRecord
+from grass_dist.index.content import row_digest, row_digests, shard_digest
 
 log = logging.getLogger(__name__)
 

@@ -9,13 +9,11 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
 from grass_dist import assembly, pipeline
@@ -25,6 +23,7 @@ from grass_dist.errors import GroundTruthError, ResultsNotFoundError
 from grass_dist.fidelity import damping, ground_truth
 from grass_dist.fidelity.metric import lds_from_predictions
 from grass_dist.gradients.computer import PhiBlock
+from grass_dist.index.shards import table_from_bytes
 from grass_dist.runtime.cluster import connect
 from grass_dist.scoring import ensemble, results
 
@@ -82,7 +81,7 @@ def predictions_of(where: Any, name: str, gt: ground_truth.GroundTruth) -> np.nd
         )
     yhat = np.zeros_like(gt.y)
     for rel in done["files"]["dense"]:
-        table = pq.read_table(io.BytesIO(where.get_artifact(rel)))
+        table = table_from_bytes(where.get_artifact(rel))
         rows = table["train_row"].to_numpy()
         scores = table["scores"].combine_chunks().flatten().to_numpy().reshape(len(rows), -1)
         yhat += gt.masks[:, rows].astype(np.float64) @ scores.astype(np.float64)

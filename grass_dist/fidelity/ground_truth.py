@@ -37,6 +37,7 @@ from grass_dist.errors import ConfigError, GroundTruthError
 from grass_dist.fidelity import retrain
 from grass_dist.gradients.computer import sample_key
 from grass_dist.index import Store
+from grass_dist.index.shards import table_from_bytes
 from grass_dist.runtime.seeding import derive_seed, generator
 from grass_dist.tasks.classifier import ClassificationTask, class_ids
 
@@ -227,7 +228,7 @@ def load(store: Store, key: str) -> GroundTruth | None:
     if not store.exists(f"{key}/{SPEC}"):
         return None
     spec = json.loads(store.read_bytes(f"{key}/{SPEC}"))
-    table = pq.read_table(io.BytesIO(store.read_bytes(f"{key}/{FILE}")))
+    table = table_from_bytes(store.read_bytes(f"{key}/{FILE}"))
     m, q, s, n = spec["subsets"], spec["queries"], spec["seeds"], spec["n_train"]
     masks = np.zeros((m, n), dtype=bool)
     for j, rows in enumerate(table["rows"].to_pylist()):

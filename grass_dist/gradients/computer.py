@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from grass_dist.compress import Compressor, LinearShape
-from grass_dist.data.content import row_digests
 from grass_dist.data.items import sample_key
 from grass_dist.errors import (
     BadRowsError,
@@ -26,6 +25,7 @@ from grass_dist.errors import (
 )
 from grass_dist.gradients.capture import LinearCapture, counting_calls
 from grass_dist.gradients.persample import FlatGradients, check_losses
+from grass_dist.index.content import row_digests
 
 
 @dataclass
@@ -58,7 +58,7 @@ class LoadedRows:
 
     Attributes:
         row_ids: int64 (n,). keys: n sample keys.
-        digests: uint8 (n, 32), each row's content digest (``grass_dist.data.content``).
+        digests: uint8 (n, 32), each row's content digest (``grass_dist.index.content``).
         batches: (positions in row_ids, collated batch) per batch, in the task's order.
         item: position in row_ids -> that row's item read again (to find, when a batch
             fails, the rows it failed for).

@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 
-from grass_dist.data.content import shard_digest
 from grass_dist.errors import (
     CorruptIndexError,
     CorruptShardError,
@@ -30,6 +29,7 @@ from grass_dist.errors import (
     StoreUnavailableError,
 )
 from grass_dist.index import manifest, shards
+from grass_dist.index.content import shard_digest
 from grass_dist.index.manifest import ManifestLog, ShardRecord
 from grass_dist.index.retry import RetryPolicy
 from grass_dist.index.shards import ShardData
@@ -226,7 +226,7 @@ class GradientIndex:
             shard_id: stable id of training rows [start, end), e.g. ``"000042"``.
             row_ids: int64, shape (n,). keys: n sample keys.
             phi: layer name -> array (n, k_l); must match ``self.layers`` exactly.
-            digests: uint8 (n, 32), the rows' content digests (``grass_dist.data.content``);
+            digests: uint8 (n, 32), the rows' content digests (``grass_dist.index.content``);
                 stored per row, and over the shard in the record's ``data_sha256``.
         """
         if not _SHARD_ID.match(shard_id):

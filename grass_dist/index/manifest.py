@@ -62,7 +62,7 @@ _GAP_PROBE = 4  # versions looked for past the end of the log when an index is o
 class ShardRecord:
     """One committed shard: training rows [start, end), stored in ``file`` (relative path).
 
-    ``data_sha256`` digests the rows' content (``grass_dist.data.content.shard_digest``);
+    ``data_sha256`` digests the rows' content (``grass_dist.index.content.shard_digest``);
     "" for shards written before content digests.
     """
 

@@ -1,7 +1,7 @@
 """Parquet shard files: ``row_id``, ``key``, ``row_sha256`` and one column per layer.
 
 ``row_sha256`` (fixed_size_binary[32]) holds each row's content digest
-(``grass_dist.data.content``); files written before it lack the column.
+(``grass_dist.index.content``); files written before it lack the column.
 
 Each shard attempt is serialised in memory, hashed (sha256 goes into the manifest) and put
 in one request, so a shard file is either absent or complete.
@@ -27,8 +27,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from grass_dist.data.content import DIGEST_BYTES
 from grass_dist.errors import CorruptShardError, StorageOverflowError, listed
+from grass_dist.index.content import DIGEST_BYTES
 from grass_dist.index.store import Store
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -60,6 +60,16 @@ class ShardData:
 
     def __len__(self) -> int:
         return int(self.row_ids.shape[0])
+
+
+def table_from_bytes(data: bytes, columns: list[str] | None = None) -> pa.Table:
+    """The table of a Parquet file held in `data`, read without pre-buffering.
+
+    `pq.read_table` pre-buffers on Arrow's IO threads, which then hold the Python bytes; one
+    releasing them while the interpreter exits aborts the process after the caller's work is
+    done ("terminate called without an active exception", apache/arrow#34314).
+    """
+    return pq.ParquetFile(pa.BufferReader(data)).read(columns=columns)
 
 
 def _float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:

@@ -12,17 +12,16 @@ Averaging streams shard by shard: no stage holds an n_train x n_query matrix.
 from __future__ import annotations
 
 import copy
-import io
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from grass_dist.config import JobConfig
 from grass_dist.errors import ConfigError, ResultsNotFoundError
 from grass_dist.gradients.computer import sample_key
+from grass_dist.index.shards import table_from_bytes
 from grass_dist.scoring import results
 from grass_dist.scoring.tiles import TopK
 
@@ -59,7 +58,7 @@ def member_configs(raw: dict[str, Any], cfg: JobConfig) -> list[dict[str, Any]]:
 
 
 def _read(where: Any, rel: str) -> pa.Table:
-    return pq.read_table(io.BytesIO(where.get_artifact(rel)))
+    return table_from_bytes(where.get_artifact(rel))
 
 
 def _dense_by_shard(where: Any, name: str) -> dict[str, str]:

@@ -24,7 +24,6 @@ unlisted; `jobs.gc` removes such folders once nothing in them changed for `gc.gr
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
@@ -43,7 +42,7 @@ from grass_dist.errors import (
 )
 from grass_dist.index import GradientIndex, Store
 from grass_dist.index.gc import unchanged_for
-from grass_dist.scoring.score import key_positions
+from grass_dist.index.shards import table_from_bytes
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +60,6 @@ SELF_INFLUENCE_SCHEMA = pa.schema(
         ("grad_norm_sq", pa.float64()),
     ]
 )
-
-
-def _from_bytes(data: bytes) -> pa.Table:
-    return pq.read_table(io.BytesIO(data))
 
 
 class ArtifactDir:
@@ -279,8 +274,8 @@ def load_table(where: Where, name: str, kind: str) -> pa.Table:
     if kind not in files:
         raise ResultsNotFoundError(f"results {name!r} have no {kind} table (files: {list(files)})")
     if isinstance(files[kind], str):
-        return _from_bytes(index.get_artifact(files[kind]))
-    tables = [_from_bytes(index.get_artifact(rel)) for rel in files[kind]]
+        return table_from_bytes(index.get_artifact(files[kind]))
+    tables = [table_from_bytes(index.get_artifact(rel)) for rel in files[kind]]
     if not tables:
         return SELF_INFLUENCE_SCHEMA.empty_table()
     return pa.concat_tables(tables).sort_by("train_row")
@@ -295,10 +290,21 @@ def load_dense(where: Where, name: str) -> np.ndarray:
         raise ResultsNotFoundError(
             f"results {name!r} have no dense scores: rerun with scoring.dense=true"
         )
-    tables = [_from_bytes(index.get_artifact(rel)) for rel in files["dense"]]
+    tables = [table_from_bytes(index.get_artifact(rel)) for rel in files["dense"]]
     table = pa.concat_tables(tables).sort_by("train_row")
     n_query = table.schema.field("scores").type.list_size
     return table["scores"].combine_chunks().flatten().to_numpy().reshape(-1, n_query)
+
+
+def key_positions(key_rows: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Positions of `rows` in the sorted `key_rows` (which must contain every one of them)."""
+    n = len(key_rows)
+    if len(rows) == 0 or (n and key_rows[0] == 0 and key_rows[-1] == n - 1):
+        return rows  # none wanted, or sorted + unique rows 0..n-1: each at its own position
+    pos = np.searchsorted(key_rows, rows).clip(0, max(n - 1, 0))
+    if n == 0 or not np.array_equal(key_rows[pos], rows):
+        raise ValueError("train_keys does not cover every ranked train row")
+    return pos
 
 
 def topk_tables(

@@ -26,6 +26,7 @@ import pyarrow as pa
 import torch
 
 from grass_dist.scoring.precondition import Preconditioner
+from grass_dist.scoring.results import key_positions
 from grass_dist.scoring.topk import MAX_ROW, TopKPair, decode, merge_keys, query_block
 
 log = logging.getLogger(__name__)
@@ -112,17 +113,6 @@ def join_keys(a: TrainKeys, b: TrainKeys) -> TrainKeys:
     rows = np.concatenate([a[0], b[0]])
     rows, first = np.unique(rows, return_index=True)
     return rows, pa.concat_arrays([a[1], b[1]]).take(pa.array(first))
-
-
-def key_positions(key_rows: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Positions of `rows` in the sorted `key_rows` (which must contain every one of them)."""
-    n = len(key_rows)
-    if len(rows) == 0 or (n and key_rows[0] == 0 and key_rows[-1] == n - 1):
-        return rows  # none wanted, or sorted + unique rows 0..n-1: each at its own position
-    pos = np.searchsorted(key_rows, rows).clip(0, max(n - 1, 0))
-    if n == 0 or not np.array_equal(key_rows[pos], rows):
-        raise ValueError("train_keys does not cover every ranked train row")
-    return pos
 
 
 def keys_of_rows(keys: TrainKeys, rows: np.ndarray) -> TrainKeys:

@@ -15,11 +15,11 @@ with the manifest, reading a shard file only to name the rows that differ.
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-import torch
 
 from grass_dist.errors import ConfigError
 
@@ -28,7 +28,8 @@ DIGEST_BYTES = 32  # sha256
 
 def _feed(h: Any, value: Any) -> None:
     # Every value is tagged with its kind, so (1, "1"), [[1], 2] and [1, [2]] stay apart.
-    if isinstance(value, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor means torch is loaded; readers never load it
+    if torch is not None and isinstance(value, torch.Tensor):
         if value.dtype == torch.bfloat16:  # numpy has no bfloat16: digest the raw bits
             value = value.detach().view(torch.int16)
         value = value.numpy(force=True)  # detached, on the CPU
