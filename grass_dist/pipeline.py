@@ -330,13 +330,15 @@ def run_score(job: Job, query: PhiBlock | None = None) -> dict[str, Any]:
     req = ScoreRequest.of(job.cfg)
     if 2 * req.topk > job.n_train:
         both = 2 * min(req.topk, job.n_train) - job.n_train
+        whole = f"; each list holds all {job.n_train} rows" if req.topk > job.n_train else ""
         log.warning(
             "scoring.topk=%d of %d training rows: each query's proponents and opponents share "
-            "%d rows (a row ranked both among its most and its least helpful); set "
+            "%d rows (a row ranked both among its most and its least helpful)%s; set "
             "scoring.topk to %d or less to keep them apart",
             req.topk,
             job.n_train,
             both,
+            whole,
             job.n_train // 2,
         )
     with job.stage("score"):

@@ -364,6 +364,16 @@ def test_a_small_query_set_is_computed_by_the_driver_as_a_worker_computes_it(
     )
     assert len(shared) == 20
 
+    # A top-k past the whole training set: each list is the whole set, and the log says so.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="grass_dist"):
+        whole = index.attribute(query, topk=100, name="whole").topk()
+    assert (
+        "share 60 rows (a row ranked both among its most and its least helpful); each "
+        "list holds all 60 rows" in caplog.text
+    )
+    assert (whole.groupby(["query_row", "kind"]).size() == 60).all()
+
     # The calls shared one reducer process, kept between them; close() stops it, and the
     # next call starts another, as does a call whose reducer would take other arguments.
     kept = index._kept.handle
