@@ -44,8 +44,10 @@ def test_truncate_and_split_rows():
     targets = [t for i in blocks for t in split[i]["input_ids"][1:].tolist()]
     assert targets == full[1:]
     assert all(2 <= len(split[i]["input_ids"]) <= 8 for i in range(len(split)))
-    with pytest.raises(ConfigError, match="data.long"):
+    with pytest.raises(ConfigError, match=r"long='wrap' is not .* \(in a job: data.train.long\)"):
         TextDataset(["a"], ["x"], long="wrap")
+    with pytest.raises(ConfigError, match=r"max_length=1 must be >= 2, .*data.train.max_length"):
+        TextDataset(["a"], ["x"], max_length=1)
 
 
 def test_local_files_jsonl_parquet_and_text(tmp_path):

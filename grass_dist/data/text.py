@@ -63,9 +63,15 @@ class TextDataset(Dataset):
         add_bos: bool = True,
     ):
         if long not in LONG_MODES:
-            raise ConfigError(f"data.long={long!r}; choose one of {list(LONG_MODES)}")
+            raise ConfigError(
+                f"long={long!r} is not a way to fit long documents; choose one of "
+                f"{list(LONG_MODES)} (in a job: data.train.long)"
+            )
         if max_length < 2:
-            raise ConfigError(f"data.max_length={max_length} must be >= 2 (a context and a target)")
+            raise ConfigError(
+                f"max_length={max_length} must be >= 2, a context and a target (in a job: "
+                "data.train.max_length)"
+            )
         if len(keys) != len(texts) or len(set(keys)) != len(keys):
             raise ConfigError("text documents need one unique key each")
         empty = [str(k) for k, t in zip(keys, texts, strict=True) if not str(t).strip()]
