@@ -2,10 +2,10 @@
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
+from grass_dist.index.shards import table_from_bytes
 from grass_dist.runtime.scoring import ScoreOptions, breakdown_records, score_records
 from grass_dist.scoring import results
 from grass_dist.scoring.fisher_sum import FisherSum
@@ -80,7 +80,7 @@ def test_every_kind_matches_its_float64_definition(setup, kind, tmp_path):
     # Self-influence streams to one part per shard, each row with its key.
     assert len(parts["self_influence"]) == len(records)
     diag = pa.concat_tables(
-        pq.read_table(pa.BufferReader(index.get_artifact(p))) for p in parts["self_influence"]
+        table_from_bytes(index.get_artifact(p)) for p in parts["self_influence"]
     ).sort_by("train_row")
     assert diag["train_row"].to_pylist() == list(range(300))
     assert diag["train_key"].to_pylist() == [f"row-{r}" for r in range(300)]
@@ -95,7 +95,7 @@ def _damped(x: torch.Tensor, damping: float) -> torch.Tensor:
 
 
 def _assemble(index, parts) -> np.ndarray:
-    tables = [pq.read_table(pa.BufferReader(index.get_artifact(p))) for p in parts]
+    tables = [table_from_bytes(index.get_artifact(p)) for p in parts]
     table = pa.concat_tables(tables).sort_by("train_row")
     assert table["train_row"].to_pylist() == list(range(300))  # every row exactly once
     q = table.schema.field("scores").type.list_size
@@ -132,7 +132,7 @@ def test_small_shards_scored_as_one_block_give_each_shard_its_own_parts(setup):
         f"r/b/self_influence/{r.shard_id}.parquet" for r in records
     )
     diag = pa.concat_tables(
-        pq.read_table(pa.BufferReader(index.get_artifact(p))) for p in parts["self_influence"]
+        table_from_bytes(index.get_artifact(p)) for p in parts["self_influence"]
     ).sort_by("train_row")
     assert diag["train_key"].to_pylist() == [f"row-{r}" for r in range(300)]
     t = {n: torch.tensor(x, dtype=torch.float64) for n, x in train.items()}
