@@ -142,3 +142,10 @@ def test_api_attribute_benchmark_runs_tiny(tmp_path):
     # The script exits non-zero if its kinds of call score differently.
     table = _table(tmp_path, "bench_api_attribute.py", "--tiny")
     assert all(f"| {call} | " in table for call in ("before", "kept reducer", "now"))
+
+
+def test_read_results_benchmark_runs_tiny(tmp_path):
+    table = _table(tmp_path, "bench_read_results.py", "--tiny")
+    for read in ("top-k", "dense"):
+        assert f"| README's {read} read | " in table
+        assert f"| README's {read} read, torch imported first | " in table
