@@ -31,7 +31,7 @@ from grass_dist.runtime.cluster import (
     this_machine_only,
 )
 from grass_dist.runtime.executors import Executor, WorkersLostError
-from grass_dist.runtime.local_shard import DriverShard, driver_phi
+from grass_dist.runtime.local_shard import DriverShard, LocalShard, driver_phi
 from grass_dist.runtime.pool import ActorPool
 from grass_dist.runtime.reducer import ScoreRequest
 from grass_dist.runtime.reducer_handle import ReducerHandle
@@ -106,14 +106,7 @@ def run_index(
     local, job._local = job._local, None
     if local is not None and max_shards is not None:
         local.stop()  # what it committed counts as this job's; it takes no more
-    committed = job.index.committed()
-    if local is not None:  # the driver's shards, committed or not, are this job's to compute
-        for plan in local.taken():  # after `committed()`: a shard taken since is not in it
-            committed.pop(plan.shard_id, None)
-    plans = plan_shards(job.n_train, job.cfg.index.shard_size, committed)
-    skipped = len(committed)
-    if max_shards is not None:
-        plans = plans[:max_shards]
+    plans, skipped = _to_compute(job, local, max_shards)
     rows = sum(p.rows for p in plans)
     log.info(
         "index: %d shards to compute, skipping %d already committed (resume) in %s; progress in %s",
@@ -127,70 +120,17 @@ def run_index(
         return {"computed_shards": 0, "skipped_shards": skipped, "rows": 0, "driver_shards": 0}
     _connect(job)  # a commit of the driver's is counted on its node
     job.progress.index_plan(len(plans) + skipped, skipped, job.n_train, rows)
-    driver = DriverShard(job, local)
-    reducer_early = precondition_next
-    dropped: list[str] = []  # shards another writer committed first (another job?)
-
-    def start_reducer() -> None:
-        nonlocal reducer_early
-        if reducer_early and job.first_shard_s is not None:  # its start delays no shard
-            reducer_early = False
-            _reducer(job).start("started early, to be ready when the index is")
-
-    def on_tick() -> None:
-        driver.account()
-        start_reducer()
-        job.progress.tick()
-
-    def waiting() -> bool:
-        """While no worker is ready: the driver's commits count as they come; True once it
-        has committed every shard (the stage then needs no worker)."""
-        on_tick()
-        return driver.computed(plans)
-
-    with job.stage("start_workers"):
-        pool = _pool(job, unless=waiting)
-    with job.stage("index"):
-        driver.close()
-
-        def commit(batch: list[tuple[ShardPlan, ShardResult]]) -> None:
-            records = [res.record for _, res in batch]
-            version = job.index.commit(records)
-            dropped.extend(job.index.not_kept(records))
-            if job.first_shard_s is None:
-                job.first_shard_committed()
-            start_reducer()
-            done = ", ".join(f"{p.shard_id} (worker {r.worker_id})" for p, r in batch)
-            log.debug("committed %s in manifest version %d", done, version)
-            job.progress.shards_done(
-                sum(p.rows for p, _ in batch), [res.node_id for _, res in batch]
-            )
-            driver.account()
-
-        def index(todo: list[ShardPlan]) -> None:
-            run_items(
-                pool,
-                todo,
-                lambda a, p: a.index_shard.remote(p),
-                commit,
-                describe=lambda p: f"shard {p.shard_id}",
-                max_inflight=job.cfg.cluster.max_inflight_per_worker,
-                max_retries=job.cfg.cluster.max_shard_retries,
-                on_tick=on_tick,
-            )
-
-        start_reducer()  # now if the driver already committed a shard
-        index(driver.others(plans))
-        index(driver.returned())  # the driver's, when it gave one back late
-    if pool.ready:
+    stage = _IndexStage(job, DriverShard(job, local), reducer_early=precondition_next)
+    stage.run(plans)
+    if stage.pool.ready:
         job._replica = None  # the workers compute the queries (query_phi): free the model
     out = {
         "computed_shards": len(plans),
         "skipped_shards": skipped,
         "rows": rows,
-        "driver_shards": len(driver.counted),
+        "driver_shards": len(stage.driver.counted),
     }
-    dropped += local.dropped if local is not None else []
+    dropped = stage.dropped + (local.dropped if local is not None else [])
     if dropped:
         log.warning(
             "%d of the %d shards this job computed were committed meanwhile by another "
@@ -202,6 +142,83 @@ def run_index(
         )
         out["dropped_shards"] = len(dropped)
     return out
+
+
+def _to_compute(
+    job: Job, local: LocalShard | None, max_shards: int | None
+) -> tuple[list[ShardPlan], int]:
+    """The shards this job computes (the first `max_shards`), and how many it skips as
+    committed before it: the driver's own, committed or not, are among the first."""
+    committed = job.index.committed()
+    if local is not None:
+        for plan in local.taken():  # after `committed()`: a shard taken since is not in it
+            committed.pop(plan.shard_id, None)
+    plans = plan_shards(job.n_train, job.cfg.index.shard_size, committed)
+    return (plans if max_shards is None else plans[:max_shards]), len(committed)
+
+
+class _IndexStage:
+    """The index stage of `run_index`: the workers start while the driver indexes shards of
+    its own (`driver`); then the workers index the rest, each commit counted as it lands,
+    and the reducer starts once the first shard is in (with `reducer_early`)."""
+
+    def __init__(self, job: Job, driver: DriverShard, reducer_early: bool):
+        self.job, self.driver, self.reducer_early = job, driver, reducer_early
+        self.dropped: list[str] = []  # shards another writer committed first (another job?)
+        self.pool: ActorPool | None = None
+
+    def run(self, plans: list[ShardPlan]) -> None:
+        """Index `plans`: the driver's own shards, then the workers' (and any the driver
+        took but gave back late)."""
+
+        def waiting() -> bool:
+            """While no worker is ready: the driver's commits count as they come; True once
+            it has committed every shard (the stage then needs no worker)."""
+            self.tick()
+            return self.driver.computed(plans)
+
+        with self.job.stage("start_workers"):
+            self.pool = _pool(self.job, unless=waiting)
+        with self.job.stage("index"):
+            self.driver.close()
+            self.start_reducer()  # now if the driver already committed a shard
+            self.index(self.driver.others(plans))
+            self.index(self.driver.returned())
+
+    def start_reducer(self) -> None:
+        if self.reducer_early and self.job.first_shard_s is not None:  # it delays no shard
+            self.reducer_early = False
+            _reducer(self.job).start("started early, to be ready when the index is")
+
+    def tick(self) -> None:
+        self.driver.account()
+        self.start_reducer()
+        self.job.progress.tick()
+
+    def index(self, todo: list[ShardPlan]) -> None:
+        run_items(
+            self.pool,
+            todo,
+            lambda a, p: a.index_shard.remote(p),
+            self.commit,
+            describe=lambda p: f"shard {p.shard_id}",
+            max_inflight=self.job.cfg.cluster.max_inflight_per_worker,
+            max_retries=self.job.cfg.cluster.max_shard_retries,
+            on_tick=self.tick,
+        )
+
+    def commit(self, batch: list[tuple[ShardPlan, ShardResult]]) -> None:
+        job = self.job
+        records = [res.record for _, res in batch]
+        version = job.index.commit(records)
+        self.dropped.extend(job.index.not_kept(records))
+        if job.first_shard_s is None:
+            job.first_shard_committed()
+        self.start_reducer()
+        done = ", ".join(f"{p.shard_id} (worker {r.worker_id})" for p, r in batch)
+        log.debug("committed %s in manifest version %d", done, version)
+        job.progress.shards_done(sum(p.rows for p, _ in batch), [res.node_id for _, res in batch])
+        self.driver.account()
 
 
 def run_repair(job: Job) -> dict[str, Any]:
