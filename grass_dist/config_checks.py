@@ -315,25 +315,41 @@ def _validate_names(job: JobConfig) -> None:
             )
 
 
-# s3fs's credential options: a key and its secret, and a session token that goes with both.
-_S3_CREDENTIALS = ("key", "secret", "token")
+# The credential options s3fs takes (a key and its secret, and a session token that goes
+# with both), and the same three as botocore's client arguments under client_kwargs.
+_S3_CREDENTIALS = {
+    "store.storage_options": ("key", "secret", "token"),
+    "store.storage_options.client_kwargs": (
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+    ),
+}
 
 
 def _validate_s3_credentials(options: Any) -> None:
     """Refuse part of a credential (a key without its secret, the reverse, or a token
-    without both): botocore would fail on the first request, with a fix that names the
-    environment. The message names the options given, never their values."""
+    without both), in storage_options or in its client_kwargs: botocore would fail on the
+    first request, with a fix that names the environment. The message names the options
+    given, never their values."""
     if not isinstance(options, dict):
         return
-    given = [n for n in _S3_CREDENTIALS if options.get(n) not in (None, "")]
-    lacks = [n for n in ("key", "secret") if n not in given]
+    for where, names in _S3_CREDENTIALS.items():
+        node = options if where == "store.storage_options" else options.get("client_kwargs")
+        if isinstance(node, dict):
+            _refuse_half_credential(where, names, node)
+
+
+def _refuse_half_credential(where: str, names: tuple[str, str, str], node: dict) -> None:
+    given = [n for n in names if node.get(n) not in (None, "")]
+    lacks = [n for n in names[:2] if n not in given]
     if not given or not lacks:
         return
-    token = "token" in given
-    adds = " ".join(f"+store.storage_options.{n}=..." for n in lacks)
+    token = names[2] in given
+    adds = " ".join(f"+{where}.{n}=..." for n in lacks)
     raise ConfigError(
-        f"store.storage_options gives {' and '.join(given)} but not {' and '.join(lacks)}: "
-        f"give {'key, secret and token' if token else 'both'} ({adds}) or "
+        f"{where} gives {' and '.join(given)} but not {' and '.join(lacks)}: "
+        f"give {', '.join(names[:2]) + ' and ' + names[2] if token else 'both'} ({adds}) or "
         f"{'none of them' if token else 'neither'} (credentials then come from the environment "
         f"of every node: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
         f"{' / AWS_SESSION_TOKEN' if token else ''}, AWS_PROFILE or ~/.aws; README: S3 "

@@ -172,3 +172,43 @@ def test_cli_prints_the_message_and_exits_2(tmp_path):
     assert proc.returncode == 2
     assert "error: compression.k=0 must be a positive integer" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "given, said",
+    [
+        (
+            {"aws_access_key_id": "AKIDGIVEN"},
+            "store.storage_options.client_kwargs gives aws_access_key_id but not "
+            "aws_secret_access_key: give both "
+            "(+store.storage_options.client_kwargs.aws_secret_access_key=...) or neither (",
+        ),
+        (
+            {"aws_secret_access_key": "SECRETGIVEN", "aws_session_token": "TOKENGIVEN"},
+            "store.storage_options.client_kwargs gives aws_secret_access_key and "
+            "aws_session_token but not aws_access_key_id: give aws_access_key_id, "
+            "aws_secret_access_key and aws_session_token",
+        ),
+    ],
+)
+def test_half_a_credential_under_client_kwargs_is_refused_without_its_value(tmp_path, given, said):
+    # s3fs hands client_kwargs to botocore, which takes credentials there too: half of one
+    # fails as it does at the top level of storage_options, on the first request.
+    cfg = compose_cfg(
+        tmp_path,
+        "store=s3",
+        "store.url=s3://bucket/index",
+        *(f"+store.storage_options.client_kwargs.{k}={v}" for k, v in given.items()),
+    )
+    with pytest.raises(ConfigError) as refused:
+        JobConfig.from_cfg(cfg)
+    assert str(refused.value).startswith(said)
+    assert not any(value in str(refused.value) for value in given.values())
+    whole = {"aws_access_key_id": "AKIDGIVEN", "aws_secret_access_key": "SECRETGIVEN"}
+    cfg = compose_cfg(
+        tmp_path,
+        "store=s3",
+        "store.url=s3://bucket/index",
+        *(f"+store.storage_options.client_kwargs.{k}={v}" for k, v in whole.items()),
+    )
+    assert JobConfig.from_cfg(cfg).store.storage_options["client_kwargs"] == whole
