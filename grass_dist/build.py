@@ -26,12 +26,10 @@ from grass_dist.gradients import learned_state
 from grass_dist.gradients.capture import resolve_layers
 from grass_dist.gradients.computer import all_finite
 from grass_dist.index import GradientIndex
+from grass_dist.index.fingerprint import IN_MEMORY
 from grass_dist.index.gradient_index import FORMAT_VERSION
 from grass_dist.models.state import state_hash
 from grass_dist.target_errors import unimportable
-
-# The `_target_` of an object given to the Python API in memory (grass_dist.assembly).
-IN_MEMORY = "grass_dist.assembly.in_memory"
 
 # Keys Hydra reads itself; everything else under a node is an argument of its _target_.
 _HYDRA_KEYS = frozenset({"_target_", "_args_", "_recursive_", "_convert_", "_partial_"})

@@ -21,7 +21,7 @@ from grass_dist.errors import (
     StoreUnavailableError,
 )
 from grass_dist.index import GradientIndex, ShardRecord, Store, commit, fingerprint_diff, latest
-from grass_dist.index.gradient_index import _MISSING
+from grass_dist.index.fingerprint import _MISSING
 from grass_dist.index.manifest import manifest_path
 from grass_dist.runtime.progress import JobProgress
 
