@@ -52,22 +52,35 @@ def connect(cfg: ClusterConfig) -> bool:
 @contextmanager
 def keeping_sigterm() -> Iterator[None]:
     """Ray's start, leaving a SIGTERM handler that this process set itself (the `jobs/`
-    entry points' and the service's) in place. `ray.init` on the main thread replaces it
-    with one that exits with status 15 from wherever the main thread is, and Ray's native
-    failure-signal handler prints a stack for the signal (and, for an embedded Ray the same
-    signal stops, sent to the whole process group, aborts the process seconds later): a
-    process with a handler of its own gets neither. One without (a Python API user's) keeps
-    Ray's."""
+    entry points' and the service's) in place, during the start too. `ray.init` on the main
+    thread replaces it with one that exits with status 15 from wherever the main thread is
+    (leaving the Ray processes started so far running), its node with another, and Ray's
+    native failure-signal handler prints a stack for the signal (and, for an embedded Ray
+    the same signal stops, sent to the whole process group, aborts the process seconds
+    later): a process with a handler of its own gets none of them. One without (a Python
+    API user's) keeps Ray's."""
     handler = signal.getsignal(signal.SIGTERM)
     own = callable(handler)  # SIG_DFL and SIG_IGN are not
-    constants = getattr(getattr(ray, "_private", None), "ray_constants", None)
+    private = getattr(ray, "_private", None)
+    constants = getattr(private, "ray_constants", None)
     if own and hasattr(constants, "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"):
         constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True  # read as this process connects
+    # ...and while it starts: `ray.init` and its node set theirs through this function.
+    utils = getattr(private, "utils", None)
+    setter = getattr(utils, "set_sigterm_handler", None) if own else None
+    if setter is not None:
+        utils.set_sigterm_handler = _keep_sigterm
     try:
         yield
     finally:
+        if setter is not None:
+            utils.set_sigterm_handler = setter
         if own and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, handler)
+
+
+def _keep_sigterm(handler: Any) -> None:
+    """Ray's `set_sigterm_handler` while `keeping_sigterm`: the process's own handler stays."""
 
 
 def _start(cfg: ClusterConfig) -> None:

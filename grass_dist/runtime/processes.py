@@ -11,23 +11,39 @@ from contextlib import suppress
 
 def stop_half_started(grace_s: float = 3.0, poll_s: float = 0.02) -> None:
     """Kill the processes of an embedded Ray whose start another thread of this process is
-    still in: neither that `ray.init` nor Ray's shutdown can stop a Ray that has not
-    finished starting, and its raylet, in its own start, does not stop on SIGTERM. Every
-    process below this one (Ray's GCS, raylet, monitors, and the raylet's agents, which
-    would outlive a raylet that died) gets SIGKILL, until none is left or `grace_s` passed.
-    Such a Ray holds nothing yet: no job ran on it."""
+    still in (or was cut short in): neither that `ray.init` nor Ray's shutdown can stop a
+    Ray that has not finished starting, and its raylet, in its own start, does not stop on
+    SIGTERM. Every process below this one (Ray's GCS, raylet, monitors, and the raylet's
+    agents, which would outlive a raylet that died) gets SIGKILL, until none is left or
+    `grace_s` passed. Each is stopped (SIGSTOP) before any is killed: an agent the raylet
+    forks just as it is killed would otherwise pass to init, out of sight below this
+    process, and run on. Such a Ray holds nothing yet: no job ran on it."""
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
         with suppress(ChildProcessError):  # reap this process's children that died
             while os.waitpid(-1, os.WNOHANG)[0]:
                 pass
-        alive = [pid for pid in _descendants(os.getpid()) if running(pid)]
+        alive = _frozen_descendants()
         if not alive:
             return
-        for pid in alive:  # the raylet may have started another agent meanwhile
+        for pid in alive:
             with suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(poll_s)
+
+
+def _frozen_descendants() -> list[int]:
+    """The live processes below this one, each stopped (SIGSTOP), with those they forked
+    before they stopped: a stopped process forks no more, and its children stay below it."""
+    frozen: set[int] = set()
+    while True:
+        found = {pid for pid in _descendants(os.getpid()) if running(pid)} - frozen
+        if not found:
+            return sorted(frozen)
+        for pid in found:
+            with suppress(OSError):
+                os.kill(pid, signal.SIGSTOP)
+        frozen |= found
 
 
 def _descendants(root: int) -> list[int]:

@@ -192,3 +192,59 @@ def test_ctrl_c_while_the_embedded_ray_starts_ends_the_job_as_any_ctrl_c(tmp_pat
     rerun = run_job("index", *given, user=user_pkg, cwd=tmp_path, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert json.loads(rerun.stdout)["index"]["skipped_shards"] == kept
+
+
+_MARK_RAY_START = """
+import os
+import pathlib
+import grass_dist.runtime.cluster as cluster
+
+_real = cluster._start_embedded
+
+def _marked(cfg, *args, **kwargs):  # Ray's real start, saying where it is
+    marks = pathlib.Path(os.environ["RAY_START_MARKS"])
+    (marks / "starting").touch()
+    _real(cfg, *args, **kwargs)
+    (marks / "started").touch()
+
+cluster._start_embedded = _marked
+"""
+
+
+def test_sigterm_while_the_embedded_ray_starts_ends_the_job_as_any_sigterm(tmp_path, user_pkg):
+    # `ray.init` sets a SIGTERM handler of its own as it starts (sys.exit(15)), and its node
+    # another: a SIGTERM then ended the job with status 15 and no word, and the processes
+    # Ray had started so far (its dashboard and runtime-env agents) kept running.
+    hook, marks = tmp_path / "hook", tmp_path / "marks"
+    hook.mkdir()
+    marks.mkdir()
+    (hook / "sitecustomize.py").write_text(_MARK_RAY_START)
+    env = user_pkg.env(RAY_START_MARKS=str(marks))
+    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(hook)])
+    given = _overrides(user_pkg, tmp_path)
+    err = tmp_path / "stderr.txt"
+    with err.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "jobs.index", *given], cwd=tmp_path,
+                                env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+                                start_new_session=True)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 120
+            # Ray is starting once its raylet runs, seconds before `ray.init` returns.
+            while not any("raylet" in c for c in _in_session(proc.pid)):
+                assert proc.poll() is None, err.read_text()[-3000:]
+                assert time.monotonic() < deadline, "Ray's raylet never started"
+                time.sleep(0.05)
+            assert (marks / "starting").exists()
+            proc.send_signal(signal.SIGTERM)  # `kill`: the job's process alone
+            assert proc.wait(timeout=60) == 143, err.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = err.read_text()
+    assert not (marks / "started").exists(), "the signal came after Ray's start: " + text
+    for noise in ("Traceback", "terminate called", "logging.cc", "SIGTERM received"):
+        assert noise not in text, text[-3000:]
+    assert text.strip().splitlines()[-1].startswith("stopped by SIGTERM: what the job committed")
+    assert _all_gone(proc.pid) == []  # nothing Ray had started keeps running
+    rerun = run_job("index", *given, user=user_pkg, cwd=tmp_path, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
