@@ -238,8 +238,6 @@ def door(name: str, cfg: DictConfig) -> dict[str, Any]:
             with job.exiting_on_refusal():
                 started = cluster.connect(embedded)
         except KeyboardInterrupt as e:  # the lock is held until the process ends
-            if not ray.is_initialized():  # cut short: Ray's shutdown cannot stop it
-                processes.stop_half_started()
             stop_now(e)
     try:
         return job.result()

@@ -15,6 +15,7 @@ import ray
 
 from grass_dist.config import ClusterConfig
 from grass_dist.errors import ClusterUnreachableError, ConfigError, RayStartError
+from grass_dist.runtime import processes
 from grass_dist.runtime.pool import ActorPool
 
 log = logging.getLogger(__name__)
@@ -104,8 +105,11 @@ def _start(cfg: ClusterConfig) -> None:
 
 def _start_embedded(cfg: ClusterConfig, attempts: int = 2) -> None:
     """ray.init of a fresh local Ray; a start that fails (on a loaded machine its node can
-    time out starting, a bare Exception) is tried once more, then refused in words."""
+    time out starting, a bare Exception) is tried once more, then refused in words. A
+    start that fails or is cut short (Ctrl-C, SIGTERM: raised on) leaves no process of it
+    running."""
     for attempt in range(1, attempts + 1):
+        before = processes.children()
         try:
             ray.init(
                 address="local",
@@ -115,10 +119,11 @@ def _start_embedded(cfg: ClusterConfig, attempts: int = 2) -> None:
                 configure_logging=True,
             )
             return
-        except Exception as e:
+        except BaseException as e:
+            _stop_cut_short(before)
+            if not isinstance(e, Exception):
+                raise
             why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            with suppress(Exception):
-                ray.shutdown()  # whatever part of it started
             if attempt == attempts:
                 raise RayStartError(
                     f"the embedded Ray did not start, {attempts} times ({why}). A loaded "
@@ -126,6 +131,15 @@ def _start_embedded(cfg: ClusterConfig, attempts: int = 2) -> None:
                     f"Ray once yourself (`ray start --head`) and join it with cluster=ray"
                 ) from None
             log.warning("the embedded Ray did not start (%s); starting it once more", why)
+
+
+def _stop_cut_short(before: set[int]) -> None:
+    """Stop what a `ray.init` that failed or was cut short started: the processes below this
+    one but not below its children `before` the start (Ray's shutdown cannot stop a Ray
+    that has not finished starting), then Ray's state in this process."""
+    processes.stop_half_started(spare=before)
+    with suppress(Exception):
+        ray.shutdown()  # whatever part of it started
 
 
 # Ray's notice, on every start of a Ray with RAY_AUTH_MODE unset, that it turned token

@@ -6,38 +6,52 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Collection
 from contextlib import suppress
 
 
-def stop_half_started(grace_s: float = 3.0, poll_s: float = 0.02) -> None:
+def stop_half_started(
+    grace_s: float = 3.0, poll_s: float = 0.02, spare: Collection[int] = ()
+) -> None:
     """Kill the processes of an embedded Ray whose start another thread of this process is
     still in (or was cut short in): neither that `ray.init` nor Ray's shutdown can stop a
     Ray that has not finished starting, and its raylet, in its own start, does not stop on
     SIGTERM. Every process below this one (Ray's GCS, raylet, monitors, and the raylet's
     agents, which would outlive a raylet that died) gets SIGKILL, until none is left or
-    `grace_s` passed. Each is stopped (SIGSTOP) before any is killed: an agent the raylet
-    forks just as it is killed would otherwise pass to init, out of sight below this
-    process, and run on. Such a Ray holds nothing yet: no job ran on it."""
+    `grace_s` passed; but not the children in `spare` (those this process had before the
+    start: `children()`) nor what runs below them. Each is stopped (SIGSTOP) before any is
+    killed: an agent the raylet forks just as it is killed would otherwise pass to init,
+    out of sight below this process, and run on. Such a Ray holds nothing yet: no job ran
+    on it."""
     deadline = time.monotonic() + grace_s
+    killed: set[int] = set()
     while time.monotonic() < deadline:
-        with suppress(ChildProcessError):  # reap this process's children that died
-            while os.waitpid(-1, os.WNOHANG)[0]:
-                pass
-        alive = _frozen_descendants()
+        for pid in killed:  # reap those of them that are this process's children, only
+            with suppress(ChildProcessError):  # (another's Popen would lose its status)
+                os.waitpid(pid, os.WNOHANG)
+        alive = _frozen_descendants(set(spare))
         if not alive:
             return
         for pid in alive:
             with suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+        killed |= set(alive)
         time.sleep(poll_s)
 
 
-def _frozen_descendants() -> list[int]:
-    """The live processes below this one, each stopped (SIGSTOP), with those they forked
-    before they stopped: a stopped process forks no more, and its children stay below it."""
+def children() -> set[int]:
+    """This process's live children now (what `stop_half_started` is to spare)."""
+    return {pid for pid in _below(os.getpid(), depth=1) if running(pid)}
+
+
+def _frozen_descendants(spare: set[int]) -> list[int]:
+    """The live processes below this one, except those in `spare` and below them, each
+    stopped (SIGSTOP), with those they forked before they stopped: a stopped process forks
+    no more, and its children stay below it."""
     frozen: set[int] = set()
     while True:
-        found = {pid for pid in _descendants(os.getpid()) if running(pid)} - frozen
+        below = _below(os.getpid(), spare=spare)
+        found = {pid for pid in below if running(pid)} - frozen
         if not found:
             return sorted(frozen)
         for pid in found:
@@ -46,19 +60,20 @@ def _frozen_descendants() -> list[int]:
         frozen |= found
 
 
-def _descendants(root: int) -> list[int]:
-    """The processes below `root` in the process tree (Linux's /proc; none elsewhere)."""
+def _below(root: int, spare: Collection[int] = (), depth: int | None = None) -> list[int]:
+    """The processes below `root` in the process tree, at most `depth` levels down (Linux's
+    /proc; none elsewhere), leaving out those in `spare` and everything below them."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
         if entry.isdigit():
             parent = _parent(int(entry))
             if parent is not None:
                 children.setdefault(parent, []).append(int(entry))
-    found, todo = [], [root]
-    while todo:
-        below = children.get(todo.pop(), [])
+    found, level, todo = [], 0, [root]
+    while todo and (depth is None or level < depth):
+        below = [pid for parent in todo for pid in children.get(parent, []) if pid not in spare]
         found += below
-        todo += below
+        todo, level = below, level + 1
     return found
 
 

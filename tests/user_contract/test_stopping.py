@@ -248,3 +248,57 @@ def test_sigterm_while_the_embedded_ray_starts_ends_the_job_as_any_sigterm(tmp_p
     assert _all_gone(proc.pid) == []  # nothing Ray had started keeps running
     rerun = run_job("index", *given, user=user_pkg, cwd=tmp_path, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+
+
+_API_CTRL_C_IN_RAY_START = """
+import _thread, json, os, sys, threading, time
+from pathlib import Path
+import grass_dist as gd
+from grass_dist.data import digits
+from grass_dist.models.digits import digits_mlp
+
+def below():  # live processes below this one, by command line
+    found, todo = [], [os.getpid()]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").iterdir():
+            for pid in (task / "children").read_text().split():
+                stat = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+                if stat[0] not in "ZX":
+                    found.append(Path(f"/proc/{pid}/cmdline").read_bytes().decode())
+                todo.append(int(pid))
+    return found
+
+def ctrl_c_once_the_raylet_runs():
+    while not any("raylet" in c for c in below()):
+        time.sleep(0.05)
+    _thread.interrupt_main()  # what Ctrl-C does to a notebook's or a script's main thread
+
+train = digits("train", n_train=120, n_query=8)
+model = digits_mlp(hidden=[16], epochs=1, n_train=120, n_query=8)
+threading.Thread(target=ctrl_c_once_the_raylet_runs, daemon=True).start()
+try:
+    gd.Index.build(model, train, store=sys.argv[1], k=16, workers=1)
+    outcome = "built"
+except KeyboardInterrupt:
+    outcome = "interrupted"
+time.sleep(2)  # what would be left is still there then
+left = below()
+index = gd.Index.build(model, train, store=sys.argv[1], k=16, workers=1)
+print(json.dumps({"outcome": outcome, "left": left, "rows": index.summary["index"]["rows"]}))
+"""
+
+
+def test_ctrl_c_while_the_api_starts_ray_leaves_nothing_running(tmp_path):
+    # A Python API call starts its embedded Ray on the caller's thread, under Ray's own
+    # signal handling. Interrupted there, it left the Ray processes started so far running
+    # (its GCS, raylet and agents), and the next call started another Ray beside them.
+    script = tmp_path / "build.py"
+    script.write_text(_API_CTRL_C_IN_RAY_START)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "index")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = json.loads(done.stdout.strip().splitlines()[-1])
+    assert said["outcome"] == "interrupted", said  # the Ctrl-C came while Ray started
+    assert said["left"] == [], said
+    assert said["rows"] == 120  # the call after it built the index

@@ -1,0 +1,68 @@
+"""Stopping what a Ray start cut short left: the processes it started, frozen before any is
+killed, and none of those the process had before."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from grass_dist.runtime import processes
+
+# A parent that forks a child every 10 ms for good: killed while it forks, a child it made
+# just then would pass to init and run on unless the parent was stopped first.
+_FORKER = """
+import subprocess, sys, time
+child = [sys.executable, "-c", "import time; time.sleep(60)", *sys.argv[1:]]
+kids = []
+while True:
+    kids.append(subprocess.Popen(child))
+    time.sleep(0.01)
+"""
+
+
+def _orphans(token: str) -> list[int]:
+    """Live processes passed to init whose command line holds `token`."""
+    found = []
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue  # just exited
+        if token.encode() in command and processes._parent(pid) == 1 and processes.running(pid):
+            found.append(pid)
+    return found
+
+
+def _alive(pids):
+    return [pid for pid in pids if processes.running(pid)]
+
+
+def test_stop_half_started_kills_what_came_after_and_spares_what_was_there():
+    kept = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    ended = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])  # not waited for
+    try:
+        before = processes.children()
+        assert kept.pid in before
+        while processes.running(ended.pid):
+            time.sleep(0.01)
+        token = f"forked-by-{os.getpid()}-{time.time_ns()}"  # names its children's commands
+        forker = subprocess.Popen([sys.executable, "-c", _FORKER, token])
+        deadline = time.monotonic() + 30
+        while len(processes._below(forker.pid)) < 5:  # forking by now
+            assert time.monotonic() < deadline, "the forker never forked"
+            time.sleep(0.05)
+        seen = processes._below(forker.pid)
+        processes.stop_half_started(spare=before)
+        forker.wait(timeout=10)
+        assert _alive(seen) == []
+        assert processes._below(os.getpid(), spare=before) == []  # no child of it left
+        orphans = _orphans(token)
+        assert orphans == []  # none passed to init
+        assert processes.running(kept.pid)  # what was there before is left alone
+        assert ended.wait(timeout=10) == 3  # and its status is its owner's to collect
+    finally:
+        kept.kill()
+        kept.wait()
