@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from grass_dist.runtime import processes
+
 
 @dataclass
 class Timing:
@@ -86,19 +88,10 @@ def write_result(out: str | Path, lines: list[str]) -> None:
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def process_table() -> dict[int, tuple[int, float]]:
-    """pid -> (parent pid, own user+system CPU seconds) of every process, from /proc."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:  # exited while we looked
-            continue
-        table[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
-    return table
+def cpu_seconds(pid: int) -> float | None:
+    """Own user+system CPU seconds of process `pid` (from /proc), None once it is gone."""
+    fields = processes.stat(pid)
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS if fields else None
 
 
 class TreeCPU:
@@ -114,16 +107,10 @@ class TreeCPU:
         self._thread.start()
 
     def _sample(self) -> None:
-        table = process_table()
-        children: dict[int, list[int]] = {}
-        for pid, (ppid, _) in table.items():
-            children.setdefault(ppid, []).append(pid)
-        todo = [self.root]
-        while todo:
-            pid = todo.pop()
-            if pid in table:
-                self.last[pid] = table[pid][1]
-            todo.extend(children.get(pid, []))
+        for pid in [self.root, *processes.below(self.root)]:
+            seconds = cpu_seconds(pid)
+            if seconds is not None:
+                self.last[pid] = seconds
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

@@ -41,7 +41,7 @@ def stop_half_started(
 
 def children() -> set[int]:
     """This process's live children now (what `stop_half_started` is to spare)."""
-    return {pid for pid in _below(os.getpid(), depth=1) if running(pid)}
+    return {pid for pid in below(os.getpid(), depth=1) if running(pid)}
 
 
 def _frozen_descendants(spare: set[int]) -> list[int]:
@@ -50,8 +50,7 @@ def _frozen_descendants(spare: set[int]) -> list[int]:
     no more, and its children stay below it."""
     frozen: set[int] = set()
     while True:
-        below = _below(os.getpid(), spare=spare)
-        found = {pid for pid in below if running(pid)} - frozen
+        found = {pid for pid in below(os.getpid(), spare=spare) if running(pid)} - frozen
         if not found:
             return sorted(frozen)
         for pid in found:
@@ -60,7 +59,7 @@ def _frozen_descendants(spare: set[int]) -> list[int]:
         frozen |= found
 
 
-def _below(root: int, spare: Collection[int] = (), depth: int | None = None) -> list[int]:
+def below(root: int, spare: Collection[int] = (), depth: int | None = None) -> list[int]:
     """The processes below `root` in the process tree, at most `depth` levels down (Linux's
     /proc; none elsewhere), leaving out those in `spare` and everything below them."""
     children: dict[int, list[int]] = {}
@@ -71,13 +70,13 @@ def _below(root: int, spare: Collection[int] = (), depth: int | None = None) -> 
                 children.setdefault(parent, []).append(int(entry))
     found, level, todo = [], 0, [root]
     while todo and (depth is None or level < depth):
-        below = [pid for parent in todo for pid in children.get(parent, []) if pid not in spare]
-        found += below
-        todo, level = below, level + 1
+        level_below = [pid for up in todo for pid in children.get(up, []) if pid not in spare]
+        found += level_below
+        todo, level = level_below, level + 1
     return found
 
 
-def _stat(pid: int) -> list[str] | None:
+def stat(pid: int) -> list[str] | None:
     """The fields of /proc/<pid>/stat after the command name, or None once it is gone."""
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
@@ -87,11 +86,11 @@ def _stat(pid: int) -> list[str] | None:
 
 
 def _parent(pid: int) -> int | None:
-    fields = _stat(pid)
+    fields = stat(pid)
     return int(fields[1]) if fields else None
 
 
 def running(pid: int) -> bool:
     """Whether process `pid` exists and has not exited (a zombie has)."""
-    fields = _stat(pid)
+    fields = stat(pid)
     return fields is not None and fields[0] not in ("Z", "X")

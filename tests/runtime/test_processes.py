@@ -51,14 +51,14 @@ def test_stop_half_started_kills_what_came_after_and_spares_what_was_there():
         token = f"forked-by-{os.getpid()}-{time.time_ns()}"  # names its children's commands
         forker = subprocess.Popen([sys.executable, "-c", _FORKER, token])
         deadline = time.monotonic() + 30
-        while len(processes._below(forker.pid)) < 5:  # forking by now
+        while len(processes.below(forker.pid)) < 5:  # forking by now
             assert time.monotonic() < deadline, "the forker never forked"
             time.sleep(0.05)
-        seen = processes._below(forker.pid)
+        seen = processes.below(forker.pid)
         processes.stop_half_started(spare=before)
         forker.wait(timeout=10)
         assert _alive(seen) == []
-        assert processes._below(os.getpid(), spare=before) == []  # no child of it left
+        assert processes.below(os.getpid(), spare=before) == []  # no child of it left
         orphans = _orphans(token)
         assert orphans == []  # none passed to init
         assert processes.running(kept.pid)  # what was there before is left alone
