@@ -163,20 +163,7 @@ def read_documents(
     first_seen: dict[str, str] = {}
     for path, name in zip(files, file_names(files), strict=True):
         fmt = file_format(path, format)
-        if fmt == "text":
-            with open(path, encoding="utf-8") as f:
-                body = f.read()
-            docs = [body] if separator is None else body.split(separator)
-            found = [(f"{name}:{n}", text, path) for n, text in enumerate(docs)]
-            if separator is not None and not body.strip():
-                empty.append(name)  # the whole file (its blank pieces pass silently)
-        else:
-            records = read_fields(path, fmt, fields, on_bad_record, "data.train.on_bad_record")
-            skipped.extend(records.skipped)
-            found = [
-                (v[1] if key_field else f"{name}:{n}", v[0], f"{path}, {where}")
-                for n, where, v in zip(records.rows, records.where, records.values, strict=True)
-            ]
+        found = _file_documents(path, name, fmt, fields, separator, on_bad_record, skipped, empty)
         for key, text, where in found:
             if not text.strip():
                 if fmt != "text" or separator is None:
@@ -199,6 +186,36 @@ def read_documents(
             ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else ""),
         )
     return keys, texts, skipped
+
+
+def _file_documents(
+    path: str,
+    name: str,
+    fmt: str,
+    fields: list[Field],
+    separator: str | None,
+    on_bad_record: str,
+    skipped: list[str],
+    empty: list[str],
+) -> list[tuple[str, str, str]]:
+    """(key, text, where) of each document of one file, in record order, before the blank
+    and repeated ones are left out; the records refused as bad go to `skipped` (or raise),
+    a text file that is blank as a whole to `empty`. `fields` is the text field, then the
+    key field where there is one."""
+    if fmt == "text":
+        with open(path, encoding="utf-8") as f:
+            body = f.read()
+        docs = [body] if separator is None else body.split(separator)
+        if separator is not None and not body.strip():
+            empty.append(name)  # the whole file (its blank pieces pass silently)
+        return [(f"{name}:{n}", text, path) for n, text in enumerate(docs)]
+    records = read_fields(path, fmt, fields, on_bad_record, "data.train.on_bad_record")
+    skipped.extend(records.skipped)
+    keyed = len(fields) > 1
+    return [
+        (v[1] if keyed else f"{name}:{n}", v[0], f"{path}, {where}")
+        for n, where, v in zip(records.rows, records.where, records.values, strict=True)
+    ]
 
 
 def text_files(
