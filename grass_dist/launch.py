@@ -123,6 +123,7 @@ def stop_now(e: KeyboardInterrupt) -> NoReturn:
     with suppress(Exception):  # Ray cut short while starting, or whose processes the same
         if not cluster.shutdown_unless_lost():  # signal stopped (sent to the whole group)
             ray.shutdown()
+    processes.stop_half_started()  # what outlived a Ray lost so (this process adopts orphans)
     if _ANSWERED.is_set():  # the signal only cut its way out short
         _exit_now(0)
     _say_interrupted(e)
@@ -160,6 +161,7 @@ def cli(main: Callable[[], Any]) -> None:
     _PROCESS_STARTED = process_start()
     _ANSWERS, sys.stdout = sys.stdout, sys.stderr
     signal.signal(signal.SIGTERM, _terminated)
+    processes.adopt_orphans()  # what Ray leaves when stopped stays in reach (`stop_now`)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         main()

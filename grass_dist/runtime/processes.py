@@ -3,8 +3,10 @@ start is cut short, which neither `ray.init` nor Ray's shutdown can stop yet."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
+import sys
 import time
 from collections.abc import Collection
 from contextlib import suppress
@@ -37,6 +39,23 @@ def stop_half_started(
                 os.kill(pid, signal.SIGKILL)
         killed |= set(alive)
         time.sleep(poll_s)
+
+
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+
+
+def adopt_orphans() -> bool:
+    """Make this process the one that orphans below it pass to (Linux's child subreaper)
+    rather than init, so that `stop_half_started` still finds them: an agent that Ray's
+    raylet forked just after a signal to the whole process group (which it then never got)
+    outlived the raylet, passed to init, and ran on. For a `jobs/` process, which ends with
+    its job; whether it took."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def children() -> set[int]:

@@ -3,6 +3,7 @@ killed, and none of those the process had before."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -66,3 +67,31 @@ def test_stop_half_started_kills_what_came_after_and_spares_what_was_there():
     finally:
         kept.kill()
         kept.wait()
+
+
+# A process that adopts orphans; its child starts a grandchild and exits at once, as a raylet
+# killed just after it forked an agent. The grandchild must stay below it, and be stopped.
+_ADOPTER = """
+import json, subprocess, sys, time
+from grass_dist.runtime import processes
+assert processes.adopt_orphans()
+sleeper = "import time; time.sleep(60)"
+starter = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {sleeper!r}])"
+middle = subprocess.Popen([sys.executable, "-c", starter])
+middle.wait()
+deadline = time.monotonic() + 30
+while not processes.children() and time.monotonic() < deadline:
+    time.sleep(0.02)
+orphan = sorted(processes.children())
+processes.stop_half_started()
+print(json.dumps([orphan, [pid for pid in orphan if processes.running(pid)]]))
+"""
+
+
+def test_an_adopting_process_keeps_its_orphans_in_reach():
+    done = subprocess.run([sys.executable, "-c", _ADOPTER], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    adopted, left = json.loads(done.stdout)
+    assert len(adopted) == 1  # the grandchild came to the adopter, not to init
+    assert left == []  # and was stopped
