@@ -16,15 +16,15 @@ def stop_half_started(
     grace_s: float = 3.0, poll_s: float = 0.02, spare: Collection[int] = ()
 ) -> None:
     """Kill the processes of an embedded Ray whose start another thread of this process is
-    still in (or was cut short in): neither that `ray.init` nor Ray's shutdown can stop a
-    Ray that has not finished starting, and its raylet, in its own start, does not stop on
-    SIGTERM. Every process below this one (Ray's GCS, raylet, monitors, and the raylet's
-    agents, which would outlive a raylet that died) gets SIGKILL, until none is left or
-    `grace_s` passed; but not the children in `spare` (those this process had before the
-    start: `children()`) nor what runs below them. Each is stopped (SIGSTOP) before any is
-    killed: an agent the raylet forks just as it is killed would otherwise pass to init,
-    out of sight below this process, and run on. Such a Ray holds nothing yet: no job ran
-    on it."""
+    still in, or was cut short in, or that a signal to the whole group left lost (what of
+    it outlived the shutdown, `grass_dist.launch.stop_now`): neither that `ray.init` nor
+    Ray's shutdown can stop a Ray that has not finished starting, and its raylet, in its
+    own start, does not stop on SIGTERM. Every process below this one (Ray's GCS, raylet,
+    monitors, and the raylet's agents, which would outlive a raylet that died) gets
+    SIGKILL, until none is left or `grace_s` passed; but not the children in `spare`
+    (those this process had before the start: `children()`) nor what runs below them.
+    Each is stopped (SIGSTOP) before any is killed: an agent the raylet forks just as it is
+    killed would otherwise pass to init, out of sight below this process, and run on."""
     deadline = time.monotonic() + grace_s
     killed: set[int] = set()
     while time.monotonic() < deadline:
