@@ -38,7 +38,13 @@ from grass_dist.index import GradientIndex
 from grass_dist.index.content import row_digest
 from grass_dist.models.state import state_hash
 from grass_dist.runtime import local_shard
-from grass_dist.runtime.cluster import CONNECTING, check_reachable, connect, worker_factory
+from grass_dist.runtime.cluster import (
+    CONNECTING,
+    check_placeable,
+    check_reachable,
+    connect,
+    worker_factory,
+)
 from grass_dist.runtime.local_shard import LocalShard
 from grass_dist.runtime.pool import ActorPool
 from grass_dist.runtime.progress import JobProgress
@@ -115,9 +121,9 @@ def prepare(cfg: DictConfig | dict, *, create_index: bool = True, query: bool = 
     """Validate everything and open (or create) the index; no Ray, no gradients.
 
     The checks run in order of cost, and all of them before the first write to the store:
-    config, model, task, data (non-empty, row 0 through the task and model; data.query too
-    when `query` or configured), layers and compressors, then the store. Only then may
-    learned masks be fitted.
+    config (and that its Ray could place a worker), model, task, data (non-empty, row 0
+    through the task and model; data.query too when `query` or configured), layers and
+    compressors, then the store. Only then may learned masks be fitted.
     """
     return _prepare(cfg, create_index, query)[0]
 
@@ -128,6 +134,7 @@ def _prepare(
     """`prepare`'s job, and the driver's replica and training data."""
     raw = resolve(cfg)
     job_cfg = JobConfig.from_cfg(raw)
+    check_placeable(job_cfg.cluster)  # workers its Ray could never place
     model = build_model(job_cfg)
     task = build_task(job_cfg)
     train = build_dataset(job_cfg, "train")
@@ -209,6 +216,7 @@ def prepare_started(
     raw = resolve(cfg)
     job_cfg = JobConfig.from_cfg(raw)
     check_targets_set(job_cfg, query)
+    check_placeable(job_cfg.cluster)  # before Ray starts, as `_prepare` checks again
     if job_cfg.cluster.address is not None:
         # Joining a running cluster is quick, and a job submitted to one runs in a working
         # directory Ray manages for it: prepare first and connect later, as `prepare` does.

@@ -280,11 +280,13 @@ def shutdown_unless_lost(poll_s: float = 0.2) -> bool:
     return False
 
 
-def worker_request(cfg: ClusterConfig) -> dict[str, float]:
+def worker_request(cfg: ClusterConfig, have: dict[str, float] | None = None) -> dict[str, float]:
     """Resources one GradientWorker asks for: CPUs, `gpus_per_worker` GPUs when the cluster
-    has GPUs (the default 1 puts at most one worker on each GPU), and custom resources."""
+    (`have`, default Ray's) has GPUs (the default 1 puts at most one worker on each GPU), and
+    custom resources."""
     request = {"CPU": cfg.cpus_per_worker, **(cfg.worker_resources or {})}
-    if ray.cluster_resources().get("GPU", 0) > 0 and cfg.gpus_per_worker > 0:
+    have = ray.cluster_resources() if have is None else have
+    if have.get("GPU", 0) > 0 and cfg.gpus_per_worker > 0:
         request["GPU"] = cfg.gpus_per_worker
     return request
 
@@ -306,14 +308,15 @@ def worker_options(cfg: ClusterConfig) -> dict[str, Any]:
 
 
 def check_placeable(cfg: ClusterConfig) -> None:
-    """ConfigError when the Ray this process started (one node, which no node joins) has
-    less of a resource than one worker asks for: no worker could ever start, and the job
-    would wait `cluster.placement_timeout_s` for one. A joined cluster may grow: not checked."""
-    node = _own_node()
-    if node is None or not node.is_head():
+    """ConfigError when the Ray this process started or will start (one node, which no node
+    joins) has less of a resource than one worker asks for: no worker could ever start, and
+    the job would wait `cluster.placement_timeout_s` for one. Before that Ray starts its CPUs
+    are known (`cluster.num_cpus`, else the machine's) and its GPUs not yet: they are
+    checked once it runs. A joined cluster may grow: not checked."""
+    have = _embedded_resources(cfg)
+    if have is None:
         return
-    have = ray.cluster_resources()
-    for name, amount in worker_request(cfg).items():
+    for name, amount in worker_request(cfg, have).items():
         if amount > have.get(name, 0):
             setting = {"CPU": "cpus_per_worker", "GPU": "gpus_per_worker"}.get(name)
             key = f"cluster.{setting}" if setting else f"cluster.worker_resources.{name}"
@@ -323,6 +326,19 @@ def check_placeable(cfg: ClusterConfig) -> None:
                 f"at most that, or run on a cluster whose nodes have more (cluster=ray; "
                 f"README: Run on a cluster)"
             )
+
+
+def _embedded_resources(cfg: ClusterConfig) -> dict[str, float] | None:
+    """The resources of the Ray this process started, or of the one it will start (its
+    CPUs only: see `check_placeable`); None for a cluster it joined or will join."""
+    if ray.is_initialized():
+        node = _own_node()
+        return ray.cluster_resources() if node is not None and node.is_head() else None
+    if cfg.address is not None:
+        return None
+    if cfg.num_cpus is not None:
+        return {"CPU": float(cfg.num_cpus)}
+    return {"CPU": float(ray._private.utils.get_num_cpus())}  # what ray.init would count
 
 
 def worker_factory(

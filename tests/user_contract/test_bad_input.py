@@ -96,6 +96,28 @@ def test_bad_input_exits_2_while_the_embedded_ray_starts_and_writes_nothing(
     _exits_2_and_writes_nothing(tmp_path, user_pkg, monkeypatch, capsys, job, given, match)
 
 
+@pytest.mark.parametrize(
+    ("given", "match"),
+    [
+        (
+            ("cluster.cpus_per_worker=64",),
+            r"cluster\.cpus_per_worker=64 asks each worker for 64 CPU",
+        ),
+        (
+            ("cluster.worker_resources={slot:1}",),
+            r"cluster\.worker_resources\.slot=1 asks .* \(0\)",
+        ),
+    ],
+    ids=["cpus", "custom"],
+)
+def test_workers_the_embedded_ray_could_never_place_are_refused_before_it_starts(
+    tmp_path, user_pkg, monkeypatch, capsys, given, match
+):
+    # Its CPUs are known before it starts (cluster.num_cpus, else the machine's), and it has
+    # no custom resource: refused then, with no index created and no Ray started.
+    _exits_2_and_writes_nothing(tmp_path, user_pkg, monkeypatch, capsys, "index", given, match)
+
+
 def _exits_2_and_writes_nothing(tmp_path, user_pkg, monkeypatch, capsys, job, given, match):
     monkeypatch.syspath_prepend(str(user_pkg.root))
     (tmp_path / "a_file").write_text("a file, not a folder")

@@ -77,6 +77,7 @@ def test_cli_refuses_workers_that_the_embedded_ray_could_never_place(tmp_path, u
     )
     assert re.search(said, _message(proc.stderr))
     assert _processes_naming(ray_tmp) == []
+    assert not (tmp_path / "index").exists()  # refused before the store is written
 
 
 def test_cli_names_the_row_whose_loss_is_nan_and_keeps_the_committed_shards(tmp_path, user_pkg):
