@@ -211,10 +211,18 @@ cluster._start_embedded = _marked
 """
 
 
-def test_sigterm_while_the_embedded_ray_starts_ends_the_job_as_any_sigterm(tmp_path, user_pkg):
+@pytest.mark.parametrize(
+    ("sig", "status", "said"),
+    [(signal.SIGTERM, 143, "stopped by SIGTERM"), (signal.SIGINT, 130, "interrupted")],
+    ids=["sigterm", "sigint"],
+)
+def test_a_signal_while_the_embedded_ray_starts_ends_the_job_as_any_signal(
+    tmp_path, user_pkg, sig, status, said
+):
     # `ray.init` sets a SIGTERM handler of its own as it starts (sys.exit(15)), and its node
     # another: a SIGTERM then ended the job with status 15 and no word, and the processes
-    # Ray had started so far (its dashboard and runtime-env agents) kept running.
+    # Ray had started so far (its dashboard and runtime-env agents) kept running. The Ray
+    # really starts here (test_ctrl_c_while_the_embedded_ray_starts_... holds a fake one).
     hook, marks = tmp_path / "hook", tmp_path / "marks"
     hook.mkdir()
     marks.mkdir()
@@ -235,8 +243,8 @@ def test_sigterm_while_the_embedded_ray_starts_ends_the_job_as_any_sigterm(tmp_p
                 assert time.monotonic() < deadline, "Ray's raylet never started"
                 time.sleep(0.05)
             assert (marks / "starting").exists()
-            proc.send_signal(signal.SIGTERM)  # `kill`: the job's process alone
-            assert proc.wait(timeout=60) == 143, err.read_text()[-3000:]
+            proc.send_signal(sig)  # `kill`: the job's process alone
+            assert proc.wait(timeout=60) == status, err.read_text()[-3000:]
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -244,7 +252,7 @@ def test_sigterm_while_the_embedded_ray_starts_ends_the_job_as_any_sigterm(tmp_p
     assert not (marks / "started").exists(), "the signal came after Ray's start: " + text
     for noise in ("Traceback", "terminate called", "logging.cc", "SIGTERM received"):
         assert noise not in text, text[-3000:]
-    assert text.strip().splitlines()[-1].startswith("stopped by SIGTERM: what the job committed")
+    assert text.strip().splitlines()[-1].startswith(f"{said}: what the job committed")
     assert _all_gone(proc.pid) == []  # nothing Ray had started keeps running
     rerun = run_job("index", *given, user=user_pkg, cwd=tmp_path, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
