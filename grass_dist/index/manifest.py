@@ -220,16 +220,7 @@ class ManifestLog:
                 if not delta and not doomed:
                     return state.version
                 version = state.version + 1
-                doc: dict[str, Any] = {
-                    "version": version,
-                    "records": {sid: rec.to_dict() for sid, rec in sorted(delta.items())},
-                    "created": datetime.now(timezone.utc).isoformat(),
-                }
-                if replaced:
-                    doc["replaced"] = replaced
-                if doomed:
-                    doc["collected"] = doomed
-                data = _dumps(doc, indent=1)
+                data = _manifest_doc(version, delta, replaced, doomed)
                 if self.store.create_only(manifest_path(version), data):
                     self._apply(version, data)  # exactly what readers parse
                     if version % self.checkpoint_every == 0:
@@ -237,14 +228,19 @@ class ManifestLog:
                     return version
                 _backoff(attempt)  # lost the race: another committer wrote `version` first
                 self._catch_up()
+        raise self._gave_up(len(records), max_attempts)
+
+    def _gave_up(self, n_records: int, max_attempts: int) -> Exception:
+        """Why `commit` gave up after `max_attempts` tries: the newest manifest stayed
+        unreadable, or other writers kept committing first."""
         if self._blocked:
-            raise CorruptIndexError(
+            return CorruptIndexError(
                 f"manifest {self.store.url_of(manifest_path(self._blocked))} is unreadable, so "
                 "new shards cannot be committed on top of it. Fix: inspect or restore that "
                 "file, then rerun."
             )
-        raise CommitConflictError(
-            f"could not commit {len(records)} shard(s) to {redact_url(self.store.url)} after "
+        return CommitConflictError(
+            f"could not commit {n_records} shard(s) to {redact_url(self.store.url)} after "
             f"{max_attempts} attempts: other writers kept committing first. Fix: rerun the job "
             "(committed shards are kept), or use fewer concurrent committers (batch commits "
             "in the driver)."
@@ -489,6 +485,23 @@ def _entry(shard_id: str, record: dict[str, Any]) -> str:
 def _dumps(doc: dict[str, Any], indent: int | None = None) -> bytes:
     # default=: numpy integers (np.int64 starts/ends from callers) become plain ints.
     return json.dumps(doc, indent=indent, sort_keys=True, default=_builtin).encode()
+
+
+def _manifest_doc(
+    version: int, delta: Mapping[str, ShardRecord], replaced: dict[str, str], doomed: list[str]
+) -> bytes:
+    """The bytes of manifest `version`: its new records (by shard id), the shards it
+    replaces (repair) and the files it marks collected (gc)."""
+    doc: dict[str, Any] = {
+        "version": version,
+        "records": {sid: rec.to_dict() for sid, rec in sorted(delta.items())},
+        "created": datetime.now(timezone.utc).isoformat(),
+    }
+    if replaced:
+        doc["replaced"] = replaced
+    if doomed:
+        doc["collected"] = doomed
+    return _dumps(doc, indent=1)
 
 
 def _backoff(attempt: int) -> None:

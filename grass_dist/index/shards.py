@@ -217,7 +217,21 @@ def write_shard(
     }
     if digests is not None:
         columns[_DIGESTS] = _encode_digests(digests, n)
-    layers: list[list[object]] = []
+    layers, stored = _stored_layers(phi, n, dtype)
+    check_storable(row_ids, keys, phi, stored, dtype)
+    for name, k in layers:
+        columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(stored[name].reshape(-1)), k)
+    data = _parquet_bytes(pa.table(columns), layers, dtype)
+    store.write_bytes(rel_path, data)
+    return len(data), hashlib.sha256(data).hexdigest()
+
+
+def _stored_layers(
+    phi: dict[str, np.ndarray], n: int, dtype: str
+) -> tuple[list[tuple[str, int]], dict[str, np.ndarray]]:
+    """[(layer, k)] in `phi`'s order, and each layer's (n, k) rows cast to `dtype`
+    (`_cast`); a layer of another shape, or named as a reserved column, is refused."""
+    layers: list[tuple[str, int]] = []
     stored: dict[str, np.ndarray] = {}
     for name, x in phi.items():
         x = np.asarray(x)
@@ -226,15 +240,17 @@ def write_shard(
         if x.ndim != 2 or x.shape[0] != n:
             raise ValueError(f"phi[{name!r}] must have shape ({n}, k), got {x.shape}")
         stored[name] = _cast(x, dtype)
-        layers.append([name, int(x.shape[1])])
-    check_storable(row_ids, keys, phi, stored, dtype)
-    for name, k in layers:
-        columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(stored[name].reshape(-1)), k)
+        layers.append((name, int(x.shape[1])))
+    return layers, stored
+
+
+def _parquet_bytes(table: pa.Table, layers: list[tuple[str, int]], dtype: str) -> bytes:
+    """`table` as a shard file: the storage dtype and layer list in its schema metadata,
+    zstd-compressed, the layers' floats byte-stream split, statistics for row_id only."""
     meta = {_META_DTYPE: dtype.encode(), _META_LAYERS: json.dumps(layers).encode()}
-    table = pa.table(columns).replace_schema_metadata(meta)
     sink = pa.BufferOutputStream()
     pq.write_table(
-        table,
+        table.replace_schema_metadata(meta),
         sink,
         compression="zstd",
         use_dictionary=False,  # keys are unique per row
@@ -242,9 +258,7 @@ def write_shard(
         use_byte_stream_split=[f"{name}.list.element" for name, _ in layers],
         write_statistics=["row_id"],
     )
-    data = sink.getvalue().to_pybytes()
-    store.write_bytes(rel_path, data)
-    return len(data), hashlib.sha256(data).hexdigest()
+    return sink.getvalue().to_pybytes()
 
 
 def read_shard(

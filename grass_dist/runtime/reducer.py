@@ -15,13 +15,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import ray
 
 from grass_dist.config import FaultsConfig, JobConfig
 from grass_dist.errors import PreconditionerNotFoundError
 from grass_dist.gradients.computer import PhiBlock
 from grass_dist.index import GradientIndex
+from grass_dist.index.manifest import ShardRecord
 from grass_dist.index.retry import RetryPolicy
 from grass_dist.runtime.executors import Executor
 from grass_dist.runtime.faults import FaultInjector, KillOnce
@@ -33,7 +33,7 @@ from grass_dist.runtime.scoring import (
 )
 from grass_dist.scoring import results
 from grass_dist.scoring.precondition import Preconditioner, stored_source
-from grass_dist.scoring.score import prepare_queries, whiteners_for
+from grass_dist.scoring.score import QuerySide, ScorePartial, prepare_queries, whiteners_for
 from grass_dist.scoring.topk import decode
 
 log = logging.getLogger(__name__)
@@ -88,9 +88,33 @@ class ScoreRequest:
         )
 
 
-def _by_layer(terms: np.ndarray, layers: list[str]) -> dict[str, np.ndarray]:
-    """(Q, k, L) per-layer terms -> {layer: (Q, k)}."""
-    return {name: terms[..., j] for j, name in enumerate(layers)}
+def _topk_tables(
+    index: GradientIndex,
+    records: list[ShardRecord],
+    query: PhiBlock,
+    prepared: QuerySide,
+    merged: ScorePartial,
+    breakdown: tuple[ScoreOptions, int, Executor] | None,
+) -> dict[str, Any]:
+    """The proponent and opponent tables of the scorers' `merged` partial; with `breakdown`
+    (options, parallelism, executor) each ranked pair's per-layer terms too, computed by
+    scorer calls that read the ranked rows again. The ranked rows' keys came with the
+    partials, from the scorers' reads."""
+    ranked = {
+        name: tuple(x.numpy() for x in decode(keys, sign))
+        for name, keys, sign in (
+            ("proponent", merged.proponents, 1),
+            ("opponent", merged.opponents, -1),
+        )
+    }
+    terms = None
+    if breakdown is not None:
+        layers = [name for name, _, _ in prepared.layers]
+        terms = {}
+        for name, (_, rows) in ranked.items():
+            per_layer = fan_out_breakdown(index, records, prepared, rows, *breakdown)  # (Q, k, L)
+            terms[name] = {layer: per_layer[..., j] for j, layer in enumerate(layers)}
+    return results.topk_tables(query.row_ids, query.keys, ranked, merged.train_keys, terms)
 
 
 def _ran_on(workers: Sequence[Any], inline: bool) -> str:
@@ -203,55 +227,39 @@ class Reducer:
         group of shards, on `workers` when the driver lends its idle workers, else as Ray
         tasks; `fault` injects a crash for recovery tests (see runtime/faults.py).
         """
-        result_name, kind, topk, damping = req.result_name, req.kind, req.topk, req.damping
-        self_influence, dense, parallelism = req.self_influence, req.dense, req.parallelism
+        kind, damping = req.kind, req.damping
         t0 = time.perf_counter()
         fresh = req.fresh_process(len(query.row_ids))
         ex = self._executor(workers, req.max_retries, fresh)
         pre = (
             self.factorised(req.precondition_name, damping, ex)
-            if kind == "influence" or self_influence
+            if kind == "influence" or req.self_influence
             else None
         )
         prepared = prepare_queries(query.phi, kind, pre, damping)
         layers = [name for name, _, _ in prepared.layers]
         records = sorted(self.index.committed().values(), key=lambda r: r.start)
-        run_dir = results.new_run_dir(result_name)
+        run_dir = results.new_run_dir(req.result_name)
         opts = ScoreOptions(
-            topk, req.tile_rows, req.verify, req.cpus_per_task, req.max_retries, fresh
+            req.topk, req.tile_rows, req.verify, req.cpus_per_task, req.max_retries, fresh
         )
+        parallelism = req.parallelism
         if parallelism is None:
             parallelism = max(1, int(ray.cluster_resources().get("CPU", 1) // req.cpus_per_task))
-        whiteners = whiteners_for(pre, layers, damping) if self_influence else None
+        whiteners = whiteners_for(pre, layers, damping) if req.self_influence else None
         merged, parts = fan_out(
             self.index, records, prepared, opts, parallelism, whiteners,
-            run_dir if dense else None, fault, run_dir if self_influence else None, ex,
+            run_dir if req.dense else None, fault, run_dir if req.self_influence else None, ex,
         )  # fmt: skip
         score_seconds = time.perf_counter() - t0
-        ranked = {
-            name: tuple(x.numpy() for x in decode(keys, sign))
-            for name, keys, sign in (
-                ("proponent", merged.proponents, 1),
-                ("opponent", merged.opponents, -1),
-            )
-        }
-        terms = None
-        if req.breakdown:
-            terms = {
-                name: _by_layer(
-                    fan_out_breakdown(self.index, records, prepared, rows, opts, parallelism, ex),
-                    layers,
-                )
-                for name, (_, rows) in ranked.items()
-            }
-        # The ranked rows' keys came with the partials, from the scorers' reads.
-        tables = results.topk_tables(query.row_ids, query.keys, ranked, merged.train_keys, terms)
+        breakdown = (opts, parallelism, ex) if req.breakdown else None
+        tables = _topk_tables(self.index, records, query, prepared, merged, breakdown)
         files: dict[str, Any] = {
             "topk": results.write_tables(self.index, run_dir, "topk.parquet", tables)
         }
-        if self_influence:
+        if req.self_influence:
             files["self_influence"] = sorted(parts["self_influence"])
-        if dense:
+        if req.dense:
             files["dense"] = sorted(parts["dense"])
         self.faults.reducer("score")  # files written, _COMPLETE.json not yet
         n_train = sum(r.rows for r in records)
@@ -260,10 +268,10 @@ class Reducer:
             "train_rows": n_train,
             "kind": kind,
             "damping": damping,
-            "topk": topk,
+            "topk": req.topk,
             "scorer_tasks": min(parallelism, len(records)),
             "pairs_per_second": len(query.row_ids) * n_train / max(score_seconds, 1e-9),
             "seconds": time.perf_counter() - t0,
         }
-        results.complete(self.index, result_name, files, summary)
+        results.complete(self.index, req.result_name, files, summary)
         return {**summary, "files": files, "ran_on": _ran_on(workers, self.inline)}

@@ -45,60 +45,92 @@ def run_items(
 
     Items must be hashable (attempts are counted per item).
     """
-    pending: deque[T] = deque(items)
-    inflight: dict[ray.ObjectRef, tuple[T, Any]] = {}
-    failures: dict[T, int] = {}
-
-    def load(actor: Any) -> int:
-        return sum(1 for _, a in inflight.values() if a is actor)
-
+    run = _Dispatch(pool, items, submit, describe, max_inflight, max_retries)
     try:
-        while pending or inflight:
+        while run.pending or run.inflight:
             pool.tick()
-            while pending and pool.actors:
-                actor = min(pool.actors, key=load)  # one item at a time to the least loaded
-                busy = load(actor)
-                if busy >= max_inflight or (busy and len(pending) <= len(pool.starting)):
-                    break  # full, or the rest is for the workers starting: none idles at the end
-                item = pending.popleft()
-                inflight[submit(actor, item)] = (item, actor)
-            waitables = [*inflight, *pool.waitables()]
+            run.fill()
+            waitables = [*run.inflight, *pool.waitables()]
             if waitables:
                 ray.wait(waitables, num_returns=1, timeout=tick_s)
             else:
                 time.sleep(tick_s)  # nothing placed yet; the pool's tick raises on timeout
-            ready, _ = ray.wait(list(inflight), num_returns=len(inflight), timeout=0)
-            done = []
-            for ref in ready:
-                item, actor = inflight.pop(ref)
-                try:
-                    done.append((item, ray.get(ref)))
-                except ACTOR_LOST as e:
-                    failures[item] = failures.get(item, 0) + 1
-                    who = pool.where(actor)
-                    if failures[item] > max_retries:
-                        raise ShardFailedError(
-                            f"{describe(item)} failed {failures[item]} times because its worker "
-                            f"died ({type(e).__name__}); raise cluster.max_shard_retries or check "
-                            f"the worker logs"
-                        ) from e
-                    log.warning(
-                        "retrying %s on another worker (attempt %d of %d): %s died (%s)",
-                        describe(item),
-                        failures[item] + 1,
-                        max_retries + 1,
-                        who,
-                        type(e).__name__,
-                    )
-                    pool.lost(actor, e)
-                    pending.appendleft(item)
-                except RayTaskError as e:
-                    raise e.as_instanceof_cause() from None
+            done = run.collect()
             if done:
                 on_done(done)
             if on_tick is not None:
                 on_tick()
     except BaseException:
-        settle(list(inflight))
-        inflight.clear()
+        settle(list(run.inflight))
+        run.inflight.clear()
         raise
+
+
+class _Dispatch:
+    """`run_items`' state: the items waiting, those in flight (with their actors) and the
+    attempts of each item whose worker died."""
+
+    def __init__(
+        self,
+        pool: ActorPool,
+        items: Sequence[T],
+        submit: Callable[[Any, T], ray.ObjectRef],
+        describe: Callable[[T], str],
+        max_inflight: int,
+        max_retries: int,
+    ):
+        self.pool, self.submit, self.describe = pool, submit, describe
+        self.max_inflight, self.max_retries = max_inflight, max_retries
+        self.pending: deque[T] = deque(items)
+        self.inflight: dict[ray.ObjectRef, tuple[T, Any]] = {}
+        self.failures: dict[T, int] = {}
+
+    def load(self, actor: Any) -> int:
+        return sum(1 for _, a in self.inflight.values() if a is actor)
+
+    def fill(self) -> None:
+        """Submit items, one at a time to the least loaded ready worker, while one has room."""
+        while self.pending and self.pool.actors:
+            actor = min(self.pool.actors, key=self.load)
+            busy = self.load(actor)
+            if busy >= self.max_inflight or (busy and len(self.pending) <= len(self.pool.starting)):
+                break  # full, or the rest is for the workers starting: none idles at the end
+            item = self.pending.popleft()
+            self.inflight[self.submit(actor, item)] = (item, actor)
+
+    def collect(self) -> list[tuple[T, Any]]:
+        """The items finished by now, with their results; an item whose worker died goes
+        back to the front of the queue (`retry`), and an error of the work itself is raised."""
+        ready, _ = ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=0)
+        done = []
+        for ref in ready:
+            item, actor = self.inflight.pop(ref)
+            try:
+                done.append((item, ray.get(ref)))
+            except ACTOR_LOST as e:
+                self.retry(item, actor, e)
+            except RayTaskError as e:
+                raise e.as_instanceof_cause() from None
+        return done
+
+    def retry(self, item: T, actor: Any, e: Exception) -> None:
+        """`item`'s worker died: replace it and queue the item first, or fail the job once
+        the item's worker died more than `max_retries` times."""
+        self.failures[item] = self.failures.get(item, 0) + 1
+        who = self.pool.where(actor)
+        if self.failures[item] > self.max_retries:
+            raise ShardFailedError(
+                f"{self.describe(item)} failed {self.failures[item]} times because its worker "
+                f"died ({type(e).__name__}); raise cluster.max_shard_retries or check "
+                f"the worker logs"
+            ) from e
+        log.warning(
+            "retrying %s on another worker (attempt %d of %d): %s died (%s)",
+            self.describe(item),
+            self.failures[item] + 1,
+            self.max_retries + 1,
+            who,
+            type(e).__name__,
+        )
+        self.pool.lost(actor, e)
+        self.pending.appendleft(item)

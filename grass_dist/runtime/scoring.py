@@ -133,55 +133,16 @@ def score_records(
     shard's rows of one tile, named by the shard and the part's first row in it.
     """
     layers = [name for name, _, _ in query.layers]
-    files: list[str] = []
-    diag_files: list[str] = []
-    spans: list[ShardSpan] = []  # the shards of the block being scored
-    seen: dict[int, str] = {}  # train keys of the rows read, up to _KEPT_KEYS
+    out = _Parts(index, dense_dir, diag_dir, fault)
 
     def blocks() -> Iterator[Block]:
         for batch in block_batches(records, min(opts.tile_rows, _BLOCK_ROWS)):
-            block, block_spans = read_block(index, batch, layers, opts.verify)
-            spans[:] = block_spans
-            if len(seen) + len(block.rows) <= _KEPT_KEYS:
-                seen.update(zip(block.rows.tolist(), block.keys, strict=True))
+            block, out.spans = read_block(index, batch, layers, opts.verify)
+            if len(out.seen) + len(block.rows) <= _KEPT_KEYS:
+                out.seen.update(zip(block.rows.tolist(), block.keys, strict=True))
             yield block
             if fault is not None:
                 fault.reached("after_shard")
-
-    def sink(block: Block, start: int, rows: np.ndarray, scores: torch.Tensor) -> None:
-        end = start + len(rows)
-        for span in spans:
-            lo, hi = max(span.lo, start), min(span.hi, end)
-            if lo >= hi:
-                continue
-            part = scores[:, lo - start : hi - start].numpy()
-            files.append(
-                results.write_dense_part(
-                    index,
-                    dense_dir,
-                    span.shard_id,
-                    lo - span.lo,
-                    rows[lo - start : hi - start],
-                    part,
-                )
-            )
-            if fault is not None:
-                fault.reached("after_dense_part")
-
-    def diag_sink(block: Block, self_inf: np.ndarray, norm_sq: np.ndarray) -> None:
-        for span in spans:
-            part = slice(span.lo, span.hi)
-            diag_files.append(
-                results.write_self_influence_part(
-                    index,
-                    diag_dir,
-                    span.shard_id,
-                    block.rows[part],
-                    block.keys[part],
-                    self_inf[part],
-                    norm_sq[part],
-                )
-            )
 
     partial = score_stream(
         query,
@@ -190,11 +151,64 @@ def score_records(
         opts.tile_rows,
         expected_rows=sum(r.rows for r in records),
         whiteners=whiteners,
-        dense_sink=sink if dense_dir else None,
-        diag_sink=diag_sink if diag_dir else None,
+        dense_sink=out.dense if dense_dir else None,
+        diag_sink=out.diag if diag_dir else None,
     )
-    partial.train_keys = _ranked_keys(index, records, partial.rows(), seen, opts.verify)
-    return partial, {"dense": files, "self_influence": diag_files}
+    partial.train_keys = _ranked_keys(index, records, partial.rows(), out.seen, opts.verify)
+    return partial, {"dense": out.dense_files, "self_influence": out.diag_files}
+
+
+class _Parts:
+    """The per-shard result parts of one scorer's blocks, written as `score_stream` hands
+    over each block's scores (`dense`) and self-influence (`diag`): `spans` are the shards
+    of the block being scored, and `seen` the train keys of the rows read (up to
+    `_KEPT_KEYS`)."""
+
+    def __init__(
+        self,
+        index: GradientIndex,
+        dense_dir: str | None,
+        diag_dir: str | None,
+        fault: KillOnce | None,
+    ):
+        self.index, self.dense_dir, self.diag_dir, self.fault = index, dense_dir, diag_dir, fault
+        self.spans: list[ShardSpan] = []
+        self.seen: dict[int, str] = {}
+        self.dense_files: list[str] = []
+        self.diag_files: list[str] = []
+
+    def dense(self, block: Block, start: int, rows: np.ndarray, scores: torch.Tensor) -> None:
+        """The scores of block columns [start, start + len(rows)), one part per shard in them."""
+        end = start + len(rows)
+        for span in self.spans:
+            lo, hi = max(span.lo, start), min(span.hi, end)
+            if lo >= hi:
+                continue
+            part = scores[:, lo - start : hi - start].numpy()
+            shard_rows = rows[lo - start : hi - start]
+            self.dense_files.append(
+                results.write_dense_part(
+                    self.index, self.dense_dir, span.shard_id, lo - span.lo, shard_rows, part
+                )
+            )
+            if self.fault is not None:
+                self.fault.reached("after_dense_part")
+
+    def diag(self, block: Block, self_inf: np.ndarray, norm_sq: np.ndarray) -> None:
+        """The block's self-influence and squared norms, one part per shard."""
+        for span in self.spans:
+            part = slice(span.lo, span.hi)
+            self.diag_files.append(
+                results.write_self_influence_part(
+                    self.index,
+                    self.diag_dir,
+                    span.shard_id,
+                    block.rows[part],
+                    block.keys[part],
+                    self_inf[part],
+                    norm_sq[part],
+                )
+            )
 
 
 def _ranked_keys(
