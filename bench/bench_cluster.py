@@ -40,6 +40,7 @@ from bench.cluster_model import commit_table, measure_commits, model_section  # 
 from grass_dist import pipeline  # noqa: E402
 from grass_dist.config import register_configs  # noqa: E402
 from grass_dist.data.digits import DigitsDataset, digits  # noqa: E402
+from grass_dist.runtime import job_actors  # noqa: E402
 from grass_dist.runtime.overlap import overlap_seconds  # noqa: E402
 from grass_dist.runtime.pool import ActorPool  # noqa: E402
 from grass_dist.runtime.worker import ShardPlan, shard_id  # noqa: E402
@@ -82,7 +83,7 @@ def job_cfg(out: Path, name: str, rows: int, *overrides: str):
 
 def started(job: pipeline.Job, workers: int) -> ActorPool:
     """The job's worker pool with all `workers` ready (startup is not benchmarked)."""
-    pool = pipeline._pool(job)
+    pool = job_actors.ready_pool(job)
     pool.wait_ready(workers)
     return pool
 

@@ -1,91 +1,40 @@
 """The driver's stages on Ray: index, precondition, queries, score, repair.
 
 A door takes a job from `prepare` or `prepare_started` (grass_dist.job, re-exported here so
-that a door needs only this module), runs stages on it and ends with `shutdown`.
+that a door needs only this module), runs stages on it and ends with `shutdown`. The job's
+Ray, worker pool and reducer are started on first use by grass_dist.runtime.job_actors.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
-from grass_dist import assembly
 from grass_dist.build import build_dataset
 from grass_dist.config import JobConfig
 from grass_dist.fidelity import damping
 from grass_dist.gradients.computer import PhiBlock
-from grass_dist.job import Job, KeptReducer, stop_early
+from grass_dist.job import Job, KeptReducer
 from grass_dist.job import prepare as prepare  # re-exported: a door needs only this module
 from grass_dist.job import prepare_started as prepare_started
+from grass_dist.runtime import job_actors as actors
 from grass_dist.runtime import repair
-from grass_dist.runtime.cluster import (
-    connect,
-    idle_cpus,
-    map_tasks,
-    start_worker_pool,
-    this_machine_only,
-)
-from grass_dist.runtime.executors import Executor, WorkersLostError
+from grass_dist.runtime.cluster import map_tasks, this_machine_only
+from grass_dist.runtime.executors import Executor
+from grass_dist.runtime.job_actors import on_workers as on_workers  # re-exported, as prepare
+from grass_dist.runtime.job_actors import release_workers as release_workers
 from grass_dist.runtime.local_shard import DriverShard, LocalShard, driver_phi
 from grass_dist.runtime.pool import ActorPool
 from grass_dist.runtime.reducer import ScoreRequest
-from grass_dist.runtime.reducer_handle import ReducerHandle
 from grass_dist.runtime.scheduler import run_items
 from grass_dist.runtime.worker import ShardPlan, ShardResult, plan_shards
 from grass_dist.scoring import results
 
 log = logging.getLogger("grass_dist")
-T = TypeVar("T")
-
-
-def _connect(job: Job) -> None:
-    """Start or join the job's Ray (`cluster.connect`); the job's `ray` start-up milestone."""
-    connect(job.cfg.cluster)
-    job.reached("ray")
-
-
-def _started_pool(job: Job) -> ActorPool:
-    """The worker pool, started on first use (from the job's early actors when it has
-    them); its workers may still be starting."""
-    if job._pool is None:
-        _connect(job)
-        objects = assembly.ship(job.raw)  # in-memory model/task/data, once per pool
-        spares, job._spares = job._spares, []
-        job._pool = start_worker_pool(job.cfg.cluster, job.raw, job.model_hash, objects, spares)
-    return job._pool
-
-
-def _pool(job: Job, unless: Callable[[], bool] | None = None) -> ActorPool:
-    """The worker pool (`_started_pool`); with none ready, waits until one is (the others
-    join as they are placed), and then the driver takes no more shards of its own; or until
-    `unless()` says the caller needs no worker after all (the driver computed them all)."""
-    pool = _started_pool(job)
-    if not pool.ready and pool.wait_ready(1, unless) and job._local is not None:
-        job._local.close()
-    if pool.ready:
-        job.reached("first_worker")
-    return pool
-
-
-def release_workers(job: Job) -> None:
-    """Stop the worker pool (and unused early actors) so their CPUs/GPUs go to Ray tasks."""
-    stop_early(job._spares, ours=False)
-    job._spares = []
-    if job._pool is not None:
-        job._pool.shutdown()
-        job._pool = None
-
-
-def _reducer(job: Job) -> ReducerHandle:
-    if job._reducer is None:
-        _connect(job)
-        job._reducer = ReducerHandle(job.cfg, job.reduces_in_driver())
-    return job._reducer
 
 
 def run_index(
@@ -118,7 +67,7 @@ def run_index(
     if not plans:
         job.progress.index_plan(skipped, skipped, job.n_train, 0)
         return {"computed_shards": 0, "skipped_shards": skipped, "rows": 0, "driver_shards": 0}
-    _connect(job)  # a commit of the driver's is counted on its node
+    actors.connect_job(job)  # a commit of the driver's is counted on its node
     job.progress.index_plan(len(plans) + skipped, skipped, job.n_train, rows)
     stage = _IndexStage(job, DriverShard(job, local), reducer_early=precondition_next)
     stage.run(plans)
@@ -178,7 +127,7 @@ class _IndexStage:
             return self.driver.computed(plans)
 
         with self.job.stage("start_workers"):
-            self.pool = _pool(self.job, unless=waiting)
+            self.pool = actors.ready_pool(self.job, unless=waiting)
         with self.job.stage("index"):
             self.driver.close()
             self.start_reducer()  # now if the driver already committed a shard
@@ -188,7 +137,7 @@ class _IndexStage:
     def start_reducer(self) -> None:
         if self.reducer_early and self.job.first_shard_s is not None:  # it delays no shard
             self.reducer_early = False
-            _reducer(self.job).start("started early, to be ready when the index is")
+            actors.job_reducer(self.job).start("started early, to be ready when the index is")
 
     def tick(self) -> None:
         self.driver.account()
@@ -224,76 +173,24 @@ class _IndexStage:
 def run_repair(job: Job) -> dict[str, Any]:
     """Check every committed shard; recompute and re-commit only the bad ones."""
     with job.stage("repair"):
-        _connect(job)
+        actors.connect_job(job)
         committed, bad = repair.scan(job.index, map_tasks(job.cfg.cluster))
         log.info("repair: %d committed shards checked, %d bad", len(committed), len(bad))
         fixed = (
-            repair.recompute(job.index, _pool(job), [committed[s] for s in bad], job.cfg.cluster)
+            repair.recompute(
+                job.index, actors.ready_pool(job), [committed[s] for s in bad], job.cfg.cluster
+            )
             if bad
             else {}
         )
     return {"checked_shards": len(committed), "bad_shards": bad, "recomputed": fixed}
 
 
-# How long a reducer stage waits for workers already starting before it stops them and runs
-# on Ray tasks instead (a task's process would start in place of one: a few seconds).
-LEND_WAIT_S = 60.0
-
-
-def lendable_workers(job: Job, tasks_only: bool = False) -> list[Any]:
-    """The job's workers to lend to a reducer stage: the ready ones, when the pool's
-    workers (ready or still starting) claim every CPU of the cluster, so that its Ray tasks
-    would only wait for them to stop and then start new processes in their place; unless
-    the stage needs tasks (`tasks_only`). With none ready yet (the driver computed the
-    shards and queries while they started), the stage waits for the first (at most
-    `LEND_WAIT_S`), as a task's new process would start no sooner. Otherwise none, and the
-    workers stop first so that the stage's tasks get their CPUs."""
-    if not tasks_only and (job._pool is not None or job._spares):
-        pool = _started_pool(job)
-        pool.admit()  # a worker may have become ready after the last shard was handed out
-        claimed = len(pool.actors) + len(pool.starting)
-        if idle_cpus(job.cfg.cluster, claimed) < 1 and _one_ready(job, pool):
-            return pool.actors
-    release_workers(job)
-    return []
-
-
-def _one_ready(job: Job, pool: ActorPool) -> bool:
-    """Whether a worker of `pool` is ready, waiting up to `LEND_WAIT_S` for one to start."""
-    if not pool.ready and pool.starting:
-        deadline = time.monotonic() + LEND_WAIT_S
-        if not pool.wait_ready(1, unless=lambda: time.monotonic() > deadline):
-            log.info("no worker ready after %.0f s: the stage runs on Ray tasks", LEND_WAIT_S)
-    if pool.ready:
-        job.reached("first_worker")
-    return bool(pool.ready)
-
-
-def on_workers(job: Job, stage: Callable[[list[Any]], T], tasks_only: bool = False) -> T:
-    """stage(workers): a reducer stage on the job's lent workers (`lendable_workers`); if
-    one of them dies, the workers stop and the stage runs again on Ray tasks (it starts
-    over from the store: the committed shards, the saved preconditioner)."""
-    workers = [] if _reducer(job).in_driver else lendable_workers(job, tasks_only)
-    if workers:
-        said = (
-            "the idle worker runs" if len(workers) == 1 else f"the {len(workers)} idle workers run"
-        )
-        log.info("%s the stage's map calls", said)
-    try:
-        return stage(workers)
-    except WorkersLostError as e:
-        if not workers:
-            raise
-        log.warning("%s", e)
-        release_workers(job)
-        return stage([])
-
-
 def run_precondition(job: Job) -> dict[str, Any]:
     with job.stage("precondition"):
         p, verify = job.cfg.precondition, job.cfg.index.verify
         return on_workers(
-            job, lambda lent: _reducer(job).precondition(p.name, verify, p.damping, lent)
+            job, lambda lent: actors.job_reducer(job).precondition(p.name, verify, p.damping, lent)
         )
 
 
@@ -313,7 +210,7 @@ def query_phi(job: Job, which: str = "query") -> PhiBlock:
     blocks: dict[tuple[int, int], PhiBlock] = {}
     with job.stage(f"{which}_gradients"):
         run_items(
-            _pool(job),
+            actors.ready_pool(job),
             spans,
             lambda a, s: a.phi.remote(which, *s),
             blocks.update,
@@ -361,7 +258,7 @@ def run_score(job: Job, query: PhiBlock | None = None) -> dict[str, Any]:
     with job.stage("score"):
         return on_workers(
             job,
-            lambda lent: _reducer(job).score(query, req, lent),
+            lambda lent: actors.job_reducer(job).score(query, req, lent),
             tasks_only=req.fresh_process(len(query.row_ids)),
         )
 

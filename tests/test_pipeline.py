@@ -12,6 +12,7 @@ from grass_dist import pipeline, run
 from grass_dist.build import build_dataset, build_model
 from grass_dist.errors import WorkerStartError
 from grass_dist.index import GradientIndex, Store
+from grass_dist.runtime import job_actors
 from grass_dist.runtime.progress import read_progress
 from grass_dist.runtime.reducer import preconditioner_path
 from grass_dist.scoring import results
@@ -255,7 +256,7 @@ def test_a_worker_whose_model_differs_from_the_drivers_is_refused(ray_session, t
             r"worker \d+ on node \S+ failed .*differ from the driver's .*sha256.*pass the trained"
         )
         with pytest.raises(WorkerStartError, match=said):
-            pipeline._pool(job)
+            job_actors.ready_pool(job)
     finally:
         pipeline.shutdown(job)
 

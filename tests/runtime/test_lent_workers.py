@@ -21,7 +21,7 @@ import ray
 from grass_dist import pipeline, run
 from grass_dist.config import JobConfig, resolve
 from grass_dist.index import GradientIndex
-from grass_dist.runtime import local_shard
+from grass_dist.runtime import job_actors, local_shard
 from grass_dist.runtime.cluster import worker_factory
 from grass_dist.runtime.executors import Executor, WorkersLostError
 from grass_dist.runtime.pool import ActorPool
@@ -79,7 +79,7 @@ def test_a_lent_worker_that_dies_sends_the_stage_back_to_ray_tasks(ray_session, 
         query = pipeline.query_phi(job)
         pipeline.run_precondition(job)
         req = ScoreRequest.of(job.cfg)
-        clean = pipeline.on_workers(job, lambda w: pipeline._reducer(job).score(query, req, w))
+        clean = pipeline.on_workers(job, lambda w: job_actors.job_reducer(job).score(query, req, w))
         assert clean["ran_on"] == "2 lent workers"
         lent_to: list[list] = []
 
@@ -87,7 +87,7 @@ def test_a_lent_worker_that_dies_sends_the_stage_back_to_ray_tasks(ray_session, 
             lent_to.append(list(workers))
             if workers:  # dies as the stage starts: its calls fail on the reducer
                 ray.kill(workers[0], no_restart=True)
-            return pipeline._reducer(job).score(query, ScoreRequest.of(job.cfg), workers)
+            return job_actors.job_reducer(job).score(query, ScoreRequest.of(job.cfg), workers)
 
         job.cfg.run.name = "after_loss"
         with caplog.at_level(logging.WARNING, logger="grass_dist"):
@@ -132,7 +132,7 @@ def test_queries_the_driver_computed_while_the_workers_start_and_stages_that_wai
     monkeypatch.setattr(ActorPool, "admit", lambda pool: admit(pool) if ready.is_set() else None)
     for name, wait_s in (("lent", 60.0), ("tasks", 0.5)):
         ready.clear()
-        monkeypatch.setattr(pipeline, "LEND_WAIT_S", wait_s)
+        monkeypatch.setattr(job_actors, "LEND_WAIT_S", wait_s)
         cfg = compose_cfg(tmp_path, f"store.url={tmp_path / name}", *OUT, *EVERY_CPU)
         job = pipeline.prepare_started(cfg, query=True)
         try:

@@ -14,7 +14,7 @@ from grass_dist.config import JobConfig, resolve
 from grass_dist.errors import NonFiniteLossError
 from grass_dist.index import GradientIndex
 from grass_dist.job import Job
-from grass_dist.runtime import local_shard
+from grass_dist.runtime import job_actors, local_shard
 from grass_dist.runtime.local_shard import LocalShard
 from grass_dist.runtime.progress import read_progress
 from grass_dist.runtime.worker import plan_shards
@@ -72,7 +72,7 @@ def test_the_drivers_shards_are_a_workers_shards_bit_for_bit(
     plans = plan_shards(90, 32, {})
     assert job._local.taken() == plans and done.keys() == {p.shard_id for p in plans}
     assert job.index.committed() == {sid: record for sid, (record, _) in done.items()}
-    started = pipeline._pool
+    started = job_actors.ready_pool
     done_then = []  # the progress record's shards done when the wait for a worker ended
 
     def pool(job, unless=None):
@@ -80,7 +80,7 @@ def test_the_drivers_shards_are_a_workers_shards_bit_for_bit(
         done_then.append(job.progress.doc["index"]["shards_done"])
         return started_pool
 
-    monkeypatch.setattr(pipeline, "_pool", pool)
+    monkeypatch.setattr(job_actors, "ready_pool", pool)
     try:
         summary = pipeline.run_index(job)
         assert not job._pool.ready  # the index stage waited for no worker
@@ -108,9 +108,9 @@ def test_with_the_drivers_shard_committed_the_reducer_starts_with_the_index_stag
     job = pipeline.prepare_started(compose_cfg(tmp_path, f"store.url={tmp_path / 'r'}"))
     assert job._local is not None and len(job._local.result()) == 3
     committed_then = []
-    start = pipeline.ReducerHandle.start
+    start = job_actors.ReducerHandle.start
     monkeypatch.setattr(
-        pipeline.ReducerHandle,
+        job_actors.ReducerHandle,
         "start",
         lambda self, why: committed_then.append(len(job.index.committed())) or start(self, why),
     )
