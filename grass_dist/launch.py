@@ -226,10 +226,10 @@ def door(name: str, cfg: DictConfig) -> dict[str, Any]:
 
     Ray starts only for a config that passes its checks and names no cluster (a job joining
     one connects later, as `pipeline.prepare_started` explains); a config that fails them
-    reaches `run.<name>`, which refuses it. The job runs on a daemon thread (Ray's processes
-    die with the thread that started them, so this one starts Ray and waits there); its
-    `connect` waits for this Ray. A Ray started here is stopped when the job raises or exits
-    (a refusal exits 2), as `pipeline.prepare_started` stops one it started.
+    is refused first, as `run.<name>` would refuse it. The job runs on a daemon thread
+    (Ray's processes die with the thread that started them, so this one starts Ray and waits
+    there); its `connect` waits for this Ray. A Ray started here is stopped when the job
+    raises or exits (a refusal exits 2), as `pipeline.prepare_started` stops one it started.
     """
     embedded = _embedded_cluster(cfg)
     if embedded is None:
@@ -278,13 +278,25 @@ def _job(name: str, cfg: DictConfig) -> dict[str, Any]:
 
 
 def _embedded_cluster(cfg: DictConfig) -> ClusterConfig | None:
-    """`cfg`'s cluster settings when it passes the config checks and asks for an embedded
-    Ray (cluster.address null), else None."""
+    """`cfg`'s cluster settings when it asks for an embedded Ray (cluster.address null),
+    else None. A config that fails its checks is refused here (`refuse`), before the job's
+    modules import torch: a mistyped value is refused in about a second, not three; so are
+    workers that the embedded Ray could never place (`cluster.check_placeable`)."""
     try:
         settings = JobConfig.from_cfg(resolve(cfg)).cluster
-    except GrassError:
-        return None  # refused by run.<name>, with its message, before Ray
+        cluster.check_placeable(settings)
+    except GrassError as e:
+        refuse(e)
     return settings if settings.address is None else None
+
+
+def refuse(e: GrassError) -> NoReturn:
+    """Print the error's one paragraph (no traceback) and exit with status 2."""
+    # A worker's error arrives wrapped in Ray's RayTaskError, whose text is the remote
+    # stack trace: print the cause's own message instead.
+    cause = getattr(e, "cause", None)
+    print(f"error: {cause if isinstance(cause, GrassError) else e}", file=sys.stderr)
+    sys.exit(2)
 
 
 class _Background:

@@ -6,10 +6,9 @@ import json
 import logging
 import os
 import re
-import sys
 import time
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -28,7 +27,7 @@ from grass_dist.fidelity import evaluate
 from grass_dist.index import GradientIndex, Store
 from grass_dist.index.gc import collect
 from grass_dist.index.gradient_index import INDEX_FILE
-from grass_dist.launch import answer, exit_interrupted, job_start
+from grass_dist.launch import answer, exit_interrupted, job_start, refuse
 from grass_dist.scoring import ensemble, results
 from grass_dist.summary import job_summary
 
@@ -114,15 +113,6 @@ def _index_bytes(job: pipeline.Job) -> int:
     return sum(r.nbytes for r in job.index.committed().values())
 
 
-def _refuse(e: GrassError) -> NoReturn:
-    """Print the error's one paragraph (no traceback) and exit with status 2."""
-    # A worker's error arrives wrapped in Ray's RayTaskError, whose text is the remote
-    # stack trace: print the cause's own message instead.
-    cause = getattr(e, "cause", None)
-    print(f"error: {cause if isinstance(cause, GrassError) else e}", file=sys.stderr)
-    sys.exit(2)
-
-
 def _summarised(body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """The one wrapper of every job: run `body`; a GrassError exits 2 with its message,
     Ctrl-C exits 130 saying what is kept, otherwise the summary (with total_seconds,
@@ -131,7 +121,7 @@ def _summarised(body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     try:
         summary = body()
     except GrassError as e:
-        _refuse(e)
+        refuse(e)
     except KeyboardInterrupt as e:  # the job's stages stopped its workers on the way out
         exit_interrupted(e)
     summary["total_seconds"] = round(time.time() - t0, 3)
@@ -172,7 +162,7 @@ def _is_ensemble(raw: dict[str, Any]) -> bool:
                 raise ConfigError(f"ensemble member {c} (model with its overrides): {e}") from None
         return True
     except GrassError as e:
-        _refuse(e)
+        refuse(e)
 
 
 def attribute(cfg: DictConfig) -> dict[str, Any]:
@@ -184,7 +174,7 @@ def attribute(cfg: DictConfig) -> dict[str, Any]:
     try:
         raw = resolve(cfg)
     except GrassError as e:
-        _refuse(e)
+        refuse(e)
     if _is_ensemble(raw):
         return _summarised(lambda: evaluate.attribute_ensemble(raw))
 
@@ -277,4 +267,4 @@ def serve(cfg: DictConfig) -> None:
     try:
         serve_forever(resolve(cfg))
     except GrassError as e:
-        _refuse(e)
+        refuse(e)

@@ -138,6 +138,13 @@ def test_first_shard_benchmark_runs_tiny(tmp_path):
     assert 0 < prepared < first  # the summary's startup_seconds reached the table
 
 
+def test_refusals_benchmark_runs_tiny(tmp_path):
+    # The script exits non-zero unless each case exits 2, says why and leaves its store alone.
+    table = _table(tmp_path, "bench_refusals.py", "--repeats 1 --cases config placement")
+    placement = next(line for line in table.splitlines() if line.startswith("| placement | "))
+    assert placement.endswith("| 0 of 1 |")  # refused before the embedded Ray started
+
+
 def test_api_attribute_benchmark_runs_tiny(tmp_path):
     # The script exits non-zero if its kinds of call score differently.
     table = _table(tmp_path, "bench_api_attribute.py", "--tiny")

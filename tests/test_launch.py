@@ -1,6 +1,7 @@
 """A job's start-up: the config is checked without torch, so Ray can start first; the job's
 thread hands back what it raised; workers build their data while the driver prepares."""
 
+import re
 import subprocess
 import sys
 import threading
@@ -10,9 +11,8 @@ import pytest
 
 from grass_dist import launch
 from grass_dist.compress.registry import REGISTRY
-from grass_dist.config import JobConfig, resolve
+from grass_dist.config import resolve
 from grass_dist.config_checks import COMPRESSION_METHODS
-from grass_dist.errors import ConfigError
 from grass_dist.runtime import cluster, processes
 from grass_dist.runtime.worker import GradientWorker
 from tests.conftest import ROOT, compose_cfg
@@ -42,11 +42,36 @@ def test_a_door_checks_its_config_and_reaches_ray_without_importing_torch():
     assert done.stdout.strip() == "[]"
 
 
-def test_a_bad_compression_method_is_refused_with_the_methods_there_are(tmp_path):
+def test_a_door_refuses_a_bad_value_before_torch_imports():
+    # A mistyped value is refused as soon as the config is checked: importing the job's
+    # modules (torch among them) first took two seconds more.
+    code = (
+        "import sys, jobs.index\n"
+        "from hydra import compose, initialize_config_dir\n"
+        "from grass_dist import launch\n"
+        "from grass_dist.config import register_configs\n"
+        "register_configs()\n"
+        f"with initialize_config_dir(config_dir={str(ROOT / 'conf')!r}, version_base='1.3'):\n"
+        "    cfg = compose('config', overrides=['compression.k=0'])\n"
+        "try:\n"
+        "    launch.door('index', cfg)\n"
+        "except SystemExit as e:\n"
+        "    print(e.code, 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert done.stdout.strip() == "2 False", done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("error: compression.k=0 must be")
+
+
+def test_a_bad_compression_method_is_refused_with_the_methods_there_are(tmp_path, capsys):
     cfg = compose_cfg(tmp_path, "compression.method=nope", small=False)
-    assert launch._embedded_cluster(cfg) is None  # no Ray: run.<door> refuses it
-    with pytest.raises(ConfigError, match=r"compression.method='nope' is unknown.*factgrass"):
-        JobConfig.from_cfg(resolve(cfg))
+    with pytest.raises(SystemExit) as refused:
+        launch._embedded_cluster(cfg)  # before Ray, as run.<door> would refuse it
+    assert refused.value.code == 2
+    said = r"^error: compression.method='nope' is unknown.*factgrass"
+    assert re.search(said, capsys.readouterr().err)
 
 
 def test_a_job_thread_hands_back_its_result_its_error_and_its_exit():
