@@ -32,7 +32,8 @@ from typing import Any, NoReturn, TextIO
 import ray
 from omegaconf import DictConfig
 
-from grass_dist.config import ClusterConfig, JobConfig, resolve, setting_help, unknown_setting
+from grass_dist.config import ClusterConfig, JobConfig, resolve
+from grass_dist.config_help import setting_help, unknown_setting
 from grass_dist.errors import GrassError
 from grass_dist.runtime import cluster, processes
 
