@@ -22,6 +22,9 @@ Garbage collection (``grass_dist.index.gc``) goes through the same log: before i
 uncommitted attempt files it commits a version naming them (``collected``). A later commit
 refuses those files, and every earlier one is in the state gc checked, so no manifest version
 ever lists a deleted file.
+
+The records, the state they add up to and the bytes of a version are
+grass_dist.index.manifest_state's.
 """
 
 from __future__ import annotations
@@ -34,9 +37,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
 
 from grass_dist.errors import (
     CommitConflictError,
@@ -44,98 +45,28 @@ from grass_dist.errors import (
     ShardCollectedError,
     StoreUnavailableError,
 )
+from grass_dist.index.manifest_state import (
+    CHECKPOINT_DIR,
+    MANIFEST_DIR,
+    ManifestState,
+    ShardRecord,
+    checkpoint_path,
+    entry_text,
+    json_bytes,
+    manifest_doc,
+    manifest_path,
+    merge,
+)
 from grass_dist.index.store import Store, redact_url
 
 log = logging.getLogger(__name__)
 
-MANIFEST_DIR = "_manifests"
-CHECKPOINT_DIR = f"{MANIFEST_DIR}/checkpoints"
 # Opening an index reads at most this many deltas; a checkpoint's cost (the whole state) is
 # spread over this many commits.
 CHECKPOINT_EVERY = 1000
 _NAME = re.compile(r"^(\d{10})\.json$")
 _FETCH_BATCH = 32  # versions read concurrently while catching up (S3 round trips overlap)
 _GAP_PROBE = 4  # versions looked for past the end of the log when an index is opened
-
-
-@dataclass(frozen=True)
-class ShardRecord:
-    """One committed shard: training rows [start, end), stored in ``file`` (relative path).
-
-    ``data_sha256`` digests the rows' content (``grass_dist.index.content.shard_digest``);
-    "" for shards written before content digests.
-    """
-
-    shard_id: str
-    start: int
-    end: int
-    rows: int
-    file: str
-    sha256: str
-    nbytes: int
-    attempt: str
-    data_sha256: str = ""
-
-    @classmethod
-    def from_dict(cls, d: dict[str, object]) -> ShardRecord:
-        """Build from a manifest entry (extra keys from newer writers are ignored, fields
-        newer than the writer take their defaults)."""
-        fields = cls.__dataclass_fields__
-        return cls(**{name: d[name] for name in fields if name in d})  # type: ignore[arg-type]
-
-    def to_dict(self) -> dict[str, Any]:
-        """The manifest entry (field by field; ``asdict`` is several times slower)."""
-        return {name: getattr(self, name) for name in self.__dataclass_fields__}
-
-
-def manifest_path(version: int) -> str:
-    """Relative path of manifest ``version`` (a delta, or a cumulative manifest of old)."""
-    return f"{MANIFEST_DIR}/{version:010d}.json"
-
-
-def checkpoint_path(version: int) -> str:
-    """Relative path of the checkpoint (whole state) at ``version``."""
-    return f"{CHECKPOINT_DIR}/{version:010d}.json"
-
-
-@dataclass
-class ManifestState:
-    """The committed state at ``version``.
-
-    ``retired`` holds the files of attempts that a repair replaced (older versions list them,
-    so gc keeps them); ``collected`` the files gc removed, which no commit may list.
-    """
-
-    version: int = 0
-    shards: dict[str, ShardRecord] = field(default_factory=dict)
-    retired: set[str] = field(default_factory=set)
-    collected: set[str] = field(default_factory=set)
-
-    def apply(self, version: int, doc: dict[str, Any]) -> None:
-        """Apply manifest ``version`` (a delta, or a whole state); parse errors change nothing."""
-        if "shards" in doc:  # a checkpoint, or a cumulative manifest of an older grass_dist
-            self.shards = {sid: ShardRecord.from_dict(r) for sid, r in doc["shards"].items()}
-            self.retired = set(doc.get("retired", []))
-            self.collected = set(doc.get("collected", []))
-        else:
-            records = {sid: ShardRecord.from_dict(r) for sid, r in doc["records"].items()}
-            collected = list(doc.get("collected", []))
-            for sid, rec in records.items():
-                old = self.shards.get(sid)
-                if old is not None and old.file != rec.file:
-                    self.retired.add(old.file)
-                self.shards[sid] = rec
-            self.collected.update(collected)
-        self.version = version
-
-    def files(self) -> set[str]:
-        """Every file some manifest version up to this one lists (current and retired)."""
-        return {rec.file for rec in self.shards.values()} | self.retired
-
-    def copy(self) -> ManifestState:
-        return ManifestState(
-            self.version, dict(self.shards), set(self.retired), set(self.collected)
-        )
 
 
 class ManifestLog:
@@ -213,14 +144,14 @@ class ManifestLog:
                     _backoff(attempt)
                     self._catch_up()
                     continue
-                delta, replaced, gone = _merge(state, records, replace or {})
+                delta, replaced, gone = merge(state, records, replace or {})
                 if gone:
                     raise ShardCollectedError(_collected_message(self.store, gone))
                 doomed = sorted(collect - state.files() - state.collected) if collect else []
                 if not delta and not doomed:
                     return state.version
                 version = state.version + 1
-                data = _manifest_doc(version, delta, replaced, doomed)
+                data = manifest_doc(version, delta, replaced, doomed)
                 if self.store.create_only(manifest_path(version), data):
                     self._apply(version, data)  # exactly what readers parse
                     if version % self.checkpoint_every == 0:
@@ -306,7 +237,7 @@ class ManifestLog:
             self._entries = {}
         else:
             for sid, entry in doc["records"].items():
-                self._entries[sid] = _entry(sid, entry)
+                self._entries[sid] = entry_text(sid, entry)
 
     def _unreadable(self, version: int, exc: Exception) -> None:
         where = self.store.url_of(manifest_path(version))
@@ -326,7 +257,7 @@ class ManifestLog:
         assert state is not None
         for sid, rec in state.shards.items():
             if sid not in entries:  # loaded with the base state, not from a delta
-                entries[sid] = _entry(sid, rec.to_dict())
+                entries[sid] = entry_text(sid, rec.to_dict())
         rest = {
             "version": state.version,
             "retired": sorted(state.retired),
@@ -334,7 +265,7 @@ class ManifestLog:
             "created": datetime.now(timezone.utc).isoformat(),
         }
         shards = ",".join(entries[sid] for sid in state.shards)
-        data = b'{"shards":{' + shards.encode() + b"}," + _dumps(rest)[1:]
+        data = b'{"shards":{' + shards.encode() + b"}," + json_bytes(rest)[1:]
         # Create-only: a checkpoint is a pure function of the log, so an existing one is equal.
         try:
             self.store.create_only(checkpoint_path(state.version), data)
@@ -380,35 +311,6 @@ def legacy_files(store: Store) -> set[str]:
                 return files
             files.update(str(rec["file"]) for rec in doc["shards"].values())
         first += _FETCH_BATCH
-
-
-def _merge(
-    state: ManifestState, records: list[ShardRecord], replace: Mapping[str, str]
-) -> tuple[dict[str, ShardRecord], dict[str, str], list[ShardRecord]]:
-    """(records to commit, shard_id -> attempt they replace, records whose file gc removed)."""
-    delta: dict[str, ShardRecord] = {}
-    replaced: dict[str, str] = {}
-    gone: list[ShardRecord] = []
-    for rec in records:
-        kept = delta.get(rec.shard_id) or state.shards.get(rec.shard_id)
-        if kept is not None and kept.attempt == rec.attempt:
-            continue
-        if kept is not None and replace.get(rec.shard_id) != kept.attempt:
-            log.info(
-                "shard %s already committed (attempt %s); ignoring duplicate attempt %s",
-                rec.shard_id,
-                kept.attempt,
-                rec.attempt,
-            )
-            continue
-        if rec.file in state.collected:
-            gone.append(rec)
-            continue
-        if kept is not None:
-            log.info("shard %s: attempt %s replaces %s", rec.shard_id, rec.attempt, kept.attempt)
-            replaced[rec.shard_id] = kept.attempt
-        delta[rec.shard_id] = rec
-    return delta, replaced, gone
 
 
 def _collected_message(store: Store, gone: list[ShardRecord]) -> str:
@@ -478,39 +380,6 @@ def _fetch(store: Store, versions: list[int], prefetched: dict[int, bytes]) -> l
         return list(pool.map(one, versions))
 
 
-def _entry(shard_id: str, record: dict[str, Any]) -> str:
-    return f"{json.dumps(shard_id)}:{json.dumps(record, sort_keys=True, default=_builtin)}"
-
-
-def _dumps(doc: dict[str, Any], indent: int | None = None) -> bytes:
-    # default=: numpy integers (np.int64 starts/ends from callers) become plain ints.
-    return json.dumps(doc, indent=indent, sort_keys=True, default=_builtin).encode()
-
-
-def _manifest_doc(
-    version: int, delta: Mapping[str, ShardRecord], replaced: dict[str, str], doomed: list[str]
-) -> bytes:
-    """The bytes of manifest `version`: its new records (by shard id), the shards it
-    replaces (repair) and the files it marks collected (gc)."""
-    doc: dict[str, Any] = {
-        "version": version,
-        "records": {sid: rec.to_dict() for sid, rec in sorted(delta.items())},
-        "created": datetime.now(timezone.utc).isoformat(),
-    }
-    if replaced:
-        doc["replaced"] = replaced
-    if doomed:
-        doc["collected"] = doomed
-    return _dumps(doc, indent=1)
-
-
 def _backoff(attempt: int) -> None:
     # Jittered, growing sleep so N racing committers spread out instead of colliding again.
     time.sleep(random.uniform(0, min(0.002 * (attempt + 1), 0.05)))
-
-
-def _builtin(value: object) -> object:
-    item = getattr(value, "item", None)  # numpy scalars
-    if callable(item):
-        return item()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
