@@ -216,7 +216,6 @@ def prepare_started(
     raw = resolve(cfg)
     job_cfg = JobConfig.from_cfg(raw)
     check_targets_set(job_cfg, query)
-    check_placeable(job_cfg.cluster)  # before Ray starts, as `_prepare` checks again
     if job_cfg.cluster.address is not None:
         # Joining a running cluster is quick, and a job submitted to one runs in a working
         # directory Ray manages for it: prepare first and connect later, as `prepare` does.
