@@ -114,6 +114,41 @@ def test_training_is_deterministic(tmp_path):
     assert state_hash(a) == state_hash(b) != state_hash(c)
 
 
+def test_the_initial_weights_are_pytorchs_default_drawn_from_the_generator():
+    # The reference: the same meta-built model materialised by `to_empty` (which imports
+    # sympy, 0.4-0.9 s of a job's start) and initialised as nn.Linear / nn.Conv2d reset it.
+    def reference(model: torch.nn.Module, generator: torch.Generator) -> torch.nn.Module:
+        model = model.to_empty(device="cpu")
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                torch.nn.init.kaiming_uniform_(module.weight, a=5**0.5, generator=generator)
+                bound = 1.0 / module.weight[0].numel() ** 0.5
+                torch.nn.init.uniform_(module.bias, -bound, bound, generator=generator)
+        return model
+
+    def built(init) -> list[dict[str, torch.Tensor]]:
+        real, zoo._init = zoo._init, init
+        try:
+            mlp = zoo._mlp([32, 16], torch.Generator().manual_seed(3))
+            cnn = zoo._cnn([4, 8], 16, torch.Generator().manual_seed(3))
+        finally:
+            zoo._init = real
+        return [mlp.state_dict(), cnn.state_dict()]
+
+    for ours, theirs in zip(built(zoo._init), built(reference), strict=True):
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+        assert all(t.device.type == "cpu" for t in ours.values())
+    code = (
+        "import sys, torch\n"
+        "from grass_dist.models import digits\n"
+        "digits._mlp([8], torch.Generator().manual_seed(0))\n"
+        "print('sympy' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stderr[-2000:]
+
+
 def test_state_hash_sees_every_weight(tmp_path):
     model = digits_mlp(hidden=[8], epochs=1, cache_dir=str(tmp_path))
     before = state_hash(model)
