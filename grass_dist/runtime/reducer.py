@@ -68,6 +68,19 @@ class ScoreRequest:
         memory); only tasks can, so such a stage never runs on lent workers."""
         return n_queries * self.topk * 64 > _FRESH_PROCESS_BYTES
 
+    def options(self, n_queries: int) -> ScoreOptions:
+        """How each scorer call runs, for `n_queries` queries."""
+        return ScoreOptions(
+            self.topk, self.tile_rows, self.verify, self.cpus_per_task, self.max_retries,
+            self.fresh_process(n_queries),
+        )  # fmt: skip
+
+    def scorer_calls(self) -> int:
+        """`parallelism`, by default the cluster's CPUs / `cpus_per_task`."""
+        if self.parallelism is not None:
+            return self.parallelism
+        return max(1, int(ray.cluster_resources().get("CPU", 1) // self.cpus_per_task))
+
     @classmethod
     def of(cls, job: JobConfig) -> ScoreRequest:
         sc = job.scoring
@@ -229,8 +242,8 @@ class Reducer:
         """
         kind, damping = req.kind, req.damping
         t0 = time.perf_counter()
-        fresh = req.fresh_process(len(query.row_ids))
-        ex = self._executor(workers, req.max_retries, fresh)
+        opts, parallelism = req.options(len(query.row_ids)), req.scorer_calls()
+        ex = self._executor(workers, req.max_retries, opts.fresh_process)
         pre = (
             self.factorised(req.precondition_name, damping, ex)
             if kind == "influence" or req.self_influence
@@ -240,12 +253,6 @@ class Reducer:
         layers = [name for name, _, _ in prepared.layers]
         records = sorted(self.index.committed().values(), key=lambda r: r.start)
         run_dir = results.new_run_dir(req.result_name)
-        opts = ScoreOptions(
-            req.topk, req.tile_rows, req.verify, req.cpus_per_task, req.max_retries, fresh
-        )
-        parallelism = req.parallelism
-        if parallelism is None:
-            parallelism = max(1, int(ray.cluster_resources().get("CPU", 1) // req.cpus_per_task))
         whiteners = whiteners_for(pre, layers, damping) if req.self_influence else None
         merged, parts = fan_out(
             self.index, records, prepared, opts, parallelism, whiteners,
@@ -255,12 +262,9 @@ class Reducer:
         breakdown = (opts, parallelism, ex) if req.breakdown else None
         tables = _topk_tables(self.index, records, query, prepared, merged, breakdown)
         files: dict[str, Any] = {
-            "topk": results.write_tables(self.index, run_dir, "topk.parquet", tables)
+            "topk": results.write_tables(self.index, run_dir, "topk.parquet", tables),
+            **{k: sorted(parts[k]) for k in ("self_influence", "dense") if getattr(req, k)},
         }
-        if req.self_influence:
-            files["self_influence"] = sorted(parts["self_influence"])
-        if req.dense:
-            files["dense"] = sorted(parts["dense"])
         self.faults.reducer("score")  # files written, _COMPLETE.json not yet
         n_train = sum(r.rows for r in records)
         summary = {
