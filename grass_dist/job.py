@@ -38,14 +38,9 @@ from grass_dist.index import GradientIndex
 from grass_dist.index.content import row_digest
 from grass_dist.models.state import state_hash
 from grass_dist.runtime import local_shard
-from grass_dist.runtime.cluster import (
-    CONNECTING,
-    check_placeable,
-    check_reachable,
-    connect,
-    worker_factory,
-)
+from grass_dist.runtime.cluster import CONNECTING, check_reachable, connect
 from grass_dist.runtime.local_shard import LocalShard
+from grass_dist.runtime.placement import check_placeable, worker_factory
 from grass_dist.runtime.pool import ActorPool
 from grass_dist.runtime.progress import JobProgress
 from grass_dist.runtime.reducer_handle import ReducerHandle, reduces_in_driver

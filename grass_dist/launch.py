@@ -35,7 +35,7 @@ from omegaconf import DictConfig
 from grass_dist.config import ClusterConfig, JobConfig, resolve
 from grass_dist.config_help import setting_help, unknown_setting
 from grass_dist.errors import GrassError
-from grass_dist.runtime import cluster, processes
+from grass_dist.runtime import cluster, placement, processes
 
 # When this process started, set by `cli`: a `jobs/` entry point's times count from it.
 _PROCESS_STARTED: float | None = None
@@ -282,10 +282,10 @@ def _embedded_cluster(cfg: DictConfig) -> ClusterConfig | None:
     """`cfg`'s cluster settings when it asks for an embedded Ray (cluster.address null),
     else None. A config that fails its checks is refused here (`refuse`), before the job's
     modules import torch: a mistyped value is refused in about a second, not three; so are
-    workers that the embedded Ray could never place (`cluster.check_placeable`)."""
+    workers that the embedded Ray could never place (`placement.check_placeable`)."""
     try:
         settings = JobConfig.from_cfg(resolve(cfg)).cluster
-        cluster.check_placeable(settings)
+        placement.check_placeable(settings)
     except GrassError as e:
         refuse(e)
     return settings if settings.address is None else None

@@ -102,21 +102,6 @@ def test_a_factory_no_worker_can_import_is_refused_naming_what_to_pass():
         assert "pass the object it builds instead" in str(info.value)
 
 
-def test_workers_the_callers_ray_could_never_place_are_refused_before_the_index(tmp_path):
-    # No Ray runs: the one Index.build would start has this machine's CPUs, and no 64.
-    store = tmp_path / "index"
-    said = r"cluster\.cpus_per_worker=64 asks each worker for 64 CPU, more than the embedded Ray"
-    with pytest.raises(ConfigError, match=said):
-        gd.Index.build(
-            digits_mlp(hidden=[8], epochs=0, n_train=40, n_query=5, cache_dir=str(tmp_path)),
-            digits("train", n_train=40, n_query=5),
-            store=store,
-            overrides=["cluster.cpus_per_worker=64"],
-        )
-    assert not store.exists()
-    assert not ray.is_initialized()
-
-
 class _Weighted:
     """A user's task without spec(): the classification loss times `weight`."""
 

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import grass_dist as gd
+from grass_dist.data import digits
 from grass_dist.errors import BadRowsError, ConfigError
 from grass_dist.models.digits import digits_mlp
 
@@ -180,3 +181,20 @@ def test_a_dataset_passed_as_the_model_is_named_so(tmp_path):
         "Index.build takes the model first, then train"
     )
     assert "grass_dist.assembly" not in str(refused.value)
+
+
+def test_workers_the_callers_ray_could_never_place_are_refused_before_the_index(tmp_path):
+    # The Ray Index.build would start has this machine's CPUs, and no 64 (nor has the one
+    # the module's earlier tests may have started): refused before the store or a Ray.
+    ray_before = ray.is_initialized()
+    store = tmp_path / "index"
+    said = r"cluster\.cpus_per_worker=64 asks each worker for 64 CPU, more than the embedded Ray"
+    with pytest.raises(ConfigError, match=said):
+        gd.Index.build(
+            digits_mlp(hidden=[8], epochs=0, n_train=40, n_query=5, cache_dir=str(tmp_path)),
+            digits("train", n_train=40, n_query=5),
+            store=store,
+            overrides=["cluster.cpus_per_worker=64"],
+        )
+    assert not store.exists()
+    assert ray.is_initialized() == ray_before

@@ -7,16 +7,15 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
 import ray
 
 from grass_dist.config import ClusterConfig
-from grass_dist.errors import ClusterUnreachableError, ConfigError, RayStartError
+from grass_dist.errors import ClusterUnreachableError, RayStartError
 from grass_dist.runtime import processes
-from grass_dist.runtime.pool import ActorPool
 
 log = logging.getLogger(__name__)
 
@@ -237,13 +236,13 @@ def shutdown() -> None:
     """
     if not ray.is_initialized():
         return
-    node = _own_node()
+    node = own_node()
     if node is not None and node.is_head() and hasattr(node, "kill_monitor"):
         node.kill_monitor(check_alive=False)
     ray.shutdown()
 
 
-def _own_node() -> Any:
+def own_node() -> Any:
     """Ray's private handle of the node this process started (None when it joined one),
     read defensively so that a Ray without it only loses what it serves."""
     node = getattr(getattr(ray, "_private", None), "worker", None)
@@ -257,7 +256,7 @@ def embedded_lost() -> bool:
     systemd's KillMode=control-group) stops them with it: nothing can be asked of that Ray
     any more, and a call that waits on it (deleting a Serve application) waits for good.
     False where it cannot tell."""
-    node = _own_node()
+    node = own_node()
     try:
         dead = node.dead_processes() if node is not None else []
     except Exception:  # noqa: BLE001 - a Ray without it: as if alive
@@ -278,108 +277,6 @@ def shutdown_unless_lost(poll_s: float = 0.2) -> bool:
         if embedded_lost():
             return True
     return False
-
-
-def worker_request(cfg: ClusterConfig, have: dict[str, float] | None = None) -> dict[str, float]:
-    """Resources one GradientWorker asks for: CPUs, `gpus_per_worker` GPUs when the cluster
-    (`have`, default Ray's) has GPUs (the default 1 puts at most one worker on each GPU), and
-    custom resources."""
-    request = {"CPU": cfg.cpus_per_worker, **(cfg.worker_resources or {})}
-    have = ray.cluster_resources() if have is None else have
-    if have.get("GPU", 0) > 0 and cfg.gpus_per_worker > 0:
-        request["GPU"] = cfg.gpus_per_worker
-    return request
-
-
-def worker_options(cfg: ClusterConfig) -> dict[str, Any]:
-    """Ray actor options for one GradientWorker (threaded: see runtime/overlap.py)."""
-    request = worker_request(cfg)
-    custom = {k: v for k, v in request.items() if k not in ("CPU", "GPU")}
-    opts: dict[str, Any] = {
-        "num_cpus": request["CPU"],
-        "max_restarts": 0,  # the pool replaces dead workers itself, with logged reasons
-        "max_concurrency": cfg.max_inflight_per_worker,
-    }
-    if "GPU" in request:
-        opts["num_gpus"] = request["GPU"]
-    if custom:
-        opts["resources"] = custom
-    return opts
-
-
-def check_placeable(cfg: ClusterConfig) -> None:
-    """ConfigError when the Ray this process started or will start (one node, which no node
-    joins) has less of a resource than one worker asks for: no worker could ever start, and
-    the job would wait `cluster.placement_timeout_s` for one. Before that Ray starts its CPUs
-    are known (`cluster.num_cpus`, else the machine's) and its GPUs not yet: they are
-    checked once it runs. A joined cluster may grow: not checked."""
-    have = _embedded_resources(cfg)
-    if have is None:
-        return
-    for name, amount in worker_request(cfg, have).items():
-        if amount > have.get(name, 0):
-            setting = {"CPU": "cpus_per_worker", "GPU": "gpus_per_worker"}.get(name)
-            key = f"cluster.{setting}" if setting else f"cluster.worker_resources.{name}"
-            raise ConfigError(
-                f"{key}={amount:g} asks each worker for {amount:g} {name}, more than the "
-                f"embedded Ray has ({have.get(name, 0):g}), so no worker could start: ask for "
-                f"at most that, or run on a cluster whose nodes have more (cluster=ray; "
-                f"README: Run on a cluster)"
-            )
-
-
-def _embedded_resources(cfg: ClusterConfig) -> dict[str, float] | None:
-    """The resources of the Ray this process started, or of the one it will start (its
-    CPUs only: see `check_placeable`); None for a cluster it joined or will join."""
-    if ray.is_initialized():
-        node = _own_node()
-        return ray.cluster_resources() if node is not None and node.is_head() else None
-    if cfg.address is not None:
-        return None
-    if cfg.num_cpus is not None:
-        return {"CPU": float(cfg.num_cpus)}
-    return {"CPU": float(ray._private.utils.get_num_cpus())}  # what ray.init would count
-
-
-def worker_factory(
-    cfg: ClusterConfig,
-    job: dict[str, Any],
-    objects: dict[str, ray.ObjectRef] | None = None,
-    datasets: tuple[str, ...] = (),
-) -> Callable[[int], Any]:
-    """`factory(worker_id)`: a GradientWorker actor for `job`, created but not yet started
-    (its `start(model_hash)` builds the replica); `objects` are the job's in-memory objects
-    (grass_dist.assembly.ship); `datasets` ('train', 'query') are built as the actor is
-    created, before its first shard asks for them."""
-    # torch, and the model code, load here and not when this module is imported: see `connect`.
-    from grass_dist.runtime.worker import GradientWorker
-
-    check_placeable(cfg)
-    actor_cls = ray.remote(GradientWorker).options(**worker_options(cfg))
-    threads = threads_for(cfg.cpus_per_worker)
-    return lambda i: actor_cls.remote(job, None, threads, i, objects, datasets)
-
-
-def start_worker_pool(
-    cfg: ClusterConfig,
-    job: dict[str, Any],
-    model_hash: str,
-    objects: dict[str, ray.ObjectRef] | None = None,
-    spares: list[Any] | None = None,
-) -> ActorPool:
-    """Start `cfg.num_workers` GradientWorker actors (growing to `cfg.max_workers`), using
-    `spares` (made by `worker_factory` for the same job, e.g. while the driver prepared it)
-    first."""
-    return ActorPool(
-        worker_factory(cfg, job, objects),
-        cfg.num_workers,
-        start=lambda actor: actor.start.remote(model_hash),
-        spares=spares,
-        max_size=cfg.max_workers,
-        request=worker_request(cfg),
-        scale_check_s=cfg.scale_check_s,
-        placement_timeout_s=cfg.placement_timeout_s,
-    )
 
 
 def this_machine_only() -> bool:

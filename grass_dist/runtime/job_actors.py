@@ -14,8 +14,9 @@ from typing import Any, TypeVar
 
 from grass_dist import assembly
 from grass_dist.job import Job, stop_early
-from grass_dist.runtime.cluster import connect, idle_cpus, start_worker_pool
+from grass_dist.runtime.cluster import connect, idle_cpus
 from grass_dist.runtime.executors import WorkersLostError
+from grass_dist.runtime.placement import start_worker_pool
 from grass_dist.runtime.pool import ActorPool
 from grass_dist.runtime.reducer_handle import ReducerHandle
 

@@ -22,8 +22,8 @@ from grass_dist import pipeline, run
 from grass_dist.config import JobConfig, resolve
 from grass_dist.index import GradientIndex
 from grass_dist.runtime import job_actors, local_shard
-from grass_dist.runtime.cluster import worker_factory
 from grass_dist.runtime.executors import Executor, WorkersLostError
+from grass_dist.runtime.placement import worker_factory
 from grass_dist.runtime.pool import ActorPool
 from grass_dist.runtime.reducer import ScoreRequest, preconditioner_path
 from grass_dist.scoring import results
