@@ -255,15 +255,18 @@ class Attribution:
 
     def topk(self) -> pd.DataFrame:
         """Per query, its `topk` proponents and opponents: one row per (query, rank, sign)."""
-        return results.load_table(self._ours(), self.name, "topk").to_pandas()
+        with _own_errors():
+            return results.load_table(self._ours(), self.name, "topk").to_pandas()
 
     def dense(self) -> np.ndarray:
         """Every score, (n_train, n_query); written when attribute(..., dense=True)."""
-        return results.load_dense(self._ours(), self.name)
+        with _own_errors():
+            return results.load_dense(self._ours(), self.name)
 
     def self_influence(self) -> pd.DataFrame:
         """tau(i, i) and the squared gradient norm of every training row."""
-        return results.load_table(self._ours(), self.name, "self_influence").to_pandas()
+        with _own_errors():
+            return results.load_table(self._ours(), self.name, "self_influence").to_pandas()
 
     def _ours(self) -> GradientIndex:
         """The index, once sure that result set `name` still holds this run."""
@@ -279,9 +282,19 @@ class Attribution:
 
 
 class Index:
-    """A gradient index and the job config that built it."""
+    """A gradient index and the job config that built it: made by `Index.build` (objects
+    or factories) or `Index.from_config` (a job config), which also reopen an index built
+    before with the same arguments (nothing is recomputed)."""
 
     def __init__(self, raw: dict[str, Any], summary: dict[str, Any] | None = None):
+        """The index of `raw`, a resolved job config (what `build` and `from_config` pass);
+        to open an index, call one of those."""
+        if not isinstance(raw, dict):
+            raise TypeError(
+                f"Index({raw!r}) takes a resolved job config, not {type(raw).__name__}: to open "
+                "an index, call Index.build(model, train, store=...) with the arguments that "
+                "built it (nothing is recomputed) or Index.from_config(cfg)"
+            )
         self.raw = raw
         self.summary = summary or {}
         # The reducer of the last `attribute` call, kept for the next (`close` stops it).
@@ -301,8 +314,9 @@ class Index:
     @classmethod
     def build(cls, model: Any, train: Any, **settings: Any) -> Index:
         """Index every row of `train`; resumes an index already at `store` with the same
-        fingerprint. `settings` are job_config's: task, compression, k, store,
-        storage_options, workers, overrides."""
+        fingerprint. `settings` are `job_config`'s keyword arguments, with its defaults (the
+        signature shows them): task (None: the jobs' classification task), compression,
+        k (None: the jobs' compression.k), store, storage_options, workers, overrides."""
         unknown = sorted(set(settings) - set(_BUILD_SETTINGS))
         if unknown:
             near = [n for u in unknown for n in difflib.get_close_matches(u, _BUILD_SETTINGS, 1)]
@@ -357,3 +371,13 @@ class Index:
             stages.update(pipeline.score_stage(job, phi))
         summary = job_summary(job, stages)
         return Attribution(job.index, name, summary, results.manifest(job.index, name)["files"])
+
+
+# `help(Index.build)` shows the settings it takes, with their defaults, not `**settings`.
+Index.build.__func__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [
+        inspect.Parameter("cls", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        *inspect.signature(job_config).parameters.values(),
+    ],
+    return_annotation="Index",
+)

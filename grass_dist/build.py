@@ -318,7 +318,7 @@ def check_rows(job: JobConfig, model: nn.Module, task, dataset, which: str) -> N
     except Exception as e:
         raise ConfigError(
             f"row 0 of data.{which} does not fit {_named('task', job.task)} and "
-            f"{_named('model', job.model)}: {type(e).__name__}: {e}. Check that "
+            f"{_named('model', job.model)}: {type(e).__name__}: {str(e).rstrip('.')}. Check that "
             f"data.{which} returns the items the task collates and the model takes"
         ) from None
     finally:

@@ -202,6 +202,9 @@ def test_api_index_and_scores_equal_the_jobs(ray_session, tmp_path):
     with pytest.raises(ResultsNotFoundError, match="replaced by a later run"):
         result.topk()
     assert not later.topk()["score"].equals(ours["score"])
+    # A read the call did not write names the argument that writes it.
+    with pytest.raises(ResultsNotFoundError, match=r"(?s)scoring\.dense=true.*dense= sets"):
+        later.dense()
 
 
 @pytest.mark.integration

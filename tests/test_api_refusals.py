@@ -5,6 +5,7 @@ can be, and a worker's or the reducer's refusal reaches the caller as itself."""
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 import threading
 
@@ -14,6 +15,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import grass_dist as gd
+from grass_dist.api import _BUILD_SETTINGS
 from grass_dist.data import digits
 from grass_dist.errors import BadRowsError, ConfigError
 from grass_dist.models.digits import digits_mlp
@@ -118,10 +120,20 @@ def test_a_misspelt_argument_or_a_path_for_the_model_is_named_as_the_caller_wrot
         gd.Index.build(model, train, store=store, kk=8)
     with pytest.raises(ConfigError, match=r"^model is the str 'my_pkg\.MLP': give the object"):
         gd.Index.build("my_pkg.MLP", train, store=store)
+    # An index is opened by building it again, not by its path; help() shows how.
+    with pytest.raises(TypeError, match=r"not str: to open an index, call Index\.build\("):
+        gd.Index(store)
+    settings = inspect.signature(gd.Index.build).parameters
+    assert list(settings)[:2] == ["model", "train"] and settings["store"].default == "outputs/index"
+    assert set(settings) == {"model", "train", *_BUILD_SETTINGS}
     empty = TensorDataset(torch.rand(0, 4), torch.zeros(0))
     said = r"^the training set you passed \(a [\w.]*TensorDataset\) is empty \(0 rows\)$"
     with pytest.raises(ConfigError, match=said):
         gd.Index.build(model, empty, store=store)
+    no_class = TensorDataset(torch.rand(8, 4), torch.full((8,), 3))
+    said = r"IndexError: Target 3 is out of bounds\. Check that data\.train returns the items"
+    with pytest.raises(ConfigError, match=said):
+        gd.Index.build(model, no_class, store=store)
     assert not (tmp_path / "i").exists()
 
 

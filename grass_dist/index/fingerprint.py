@@ -112,9 +112,9 @@ def check_fingerprint(store: Store, stored: dict[str, Any], requested: dict[str,
     if IN_MEMORY in json.dumps(stored) and IN_MEMORY not in json.dumps(requested):
         fix = (
             "this index was built from Python objects (the Python API's Index.build given a "
-            "model or dataset in memory), which no config can name: score it in that Python "
-            "session with Index.attribute, or build the index from factories (README: Python "
-            "API) to score it with the jobs."
+            "model or dataset in memory), which no config can name: score it with Index.attribute, "
+            "from any process once Index.build with the same objects reopened it, or build "
+            "the index from factories (README: Python API) to score it with the jobs."
         )
     raise FingerprintMismatchError(
         f"the gradient index at {store.url_of('')} was built with a different fingerprint:\n"

@@ -66,6 +66,15 @@ BUILD_PRECONDITIONER = (
 _UNFIT = (BadRowsError, NonFiniteGradientError, IndexError, ValueError, RuntimeError)
 
 
+def _said(e: BaseException) -> str:
+    """What went wrong in a request's examples, in their terms: a BadRowsError's cause (its
+    own words number the rows of a batch, which the client never saw), else `e`."""
+    if isinstance(e, BadRowsError) and e.__cause__ is not None:
+        cause = e.__cause__
+        return f"{type(cause).__name__}: {str(cause).strip()}"
+    return str(e)
+
+
 def example_decoder(job: JobConfig, task, template: Any) -> Callable[[Any, Any], Any]:
     """How request examples become dataset items: the task's `decode_example(example,
     template)`, else examples shaped like the training items (codec.decode_like: dicts
@@ -232,7 +241,7 @@ class QueryEngine:
         except _UNFIT as e:
             bad = self._unfit(items) if len(items) > 1 else [0]
             which = f"examples {bad}" if bad else "these examples"
-            raise BadRequestError(f"could not compute the loss of {which}: {e}", 422) from e
+            raise BadRequestError(f"could not compute the loss of {which}: {_said(e)}", 422) from e
         query = prepare_queries(phi, kind, self.pre, self.damping or 0.0)
         partial = self._score(query, min(topk, max(1, self.n_train)))
         return self._answer(partial, len(items))

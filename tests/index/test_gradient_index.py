@@ -195,7 +195,7 @@ def test_a_mismatch_with_an_index_built_from_objects_says_to_score_it_in_python(
         GradientIndex.create_or_open(url, FP)
     msg = str(info.value)
     assert "Fix: this index was built from Python objects" in msg
-    assert "score it in that Python session with Index.attribute" in msg
+    assert "score it with Index.attribute, from any process once Index.build" in msg
     assert "rerun with the same" not in msg
 
 
