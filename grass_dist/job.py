@@ -266,7 +266,8 @@ def _prepare_local(raw: dict[str, Any], create_index: bool, query: bool, started
     if create_index and local_shard.wanted(job.cfg):
         plans = plan_shards(job.n_train, job.cfg.index.shard_size, job.index.committed())
         if plans:
-            job._local = LocalShard(job.cfg, replica, train, job.index, plans)
+            landing = job.progress.held()
+            job._local = LocalShard(job.cfg, replica, train, job.index, plans, landing)
     return job
 
 

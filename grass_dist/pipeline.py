@@ -23,7 +23,7 @@ from grass_dist.job import prepare as prepare  # re-exported: a door needs only 
 from grass_dist.job import prepare_started as prepare_started
 from grass_dist.runtime import job_actors as actors
 from grass_dist.runtime import repair
-from grass_dist.runtime.cluster import map_tasks, this_machine_only
+from grass_dist.runtime.cluster import STOPPING, map_tasks, this_machine_only
 from grass_dist.runtime.executors import Executor
 from grass_dist.runtime.job_actors import on_workers as on_workers  # re-exported, as prepare
 from grass_dist.runtime.job_actors import release_workers as release_workers
@@ -159,14 +159,18 @@ class _IndexStage:
     def commit(self, batch: list[tuple[ShardPlan, ShardResult]]) -> None:
         job = self.job
         records = [res.record for _, res in batch]
-        version = job.index.commit(records)
-        self.dropped.extend(job.index.not_kept(records))
-        if job.first_shard_s is None:
-            job.first_shard_committed()
+        with job.progress.held():  # a commit and its count land as one (see LocalShard)
+            if STOPPING.is_set():
+                return  # the process stops and its record is ended: the shards go uncommitted
+            version = job.index.commit(records)
+            self.dropped.extend(job.index.not_kept(records))
+            if job.first_shard_s is None:
+                job.first_shard_committed()
+            nodes = [res.node_id for _, res in batch]
+            job.progress.shards_done(sum(p.rows for p, _ in batch), nodes)
         self.start_reducer()
         done = ", ".join(f"{p.shard_id} (worker {r.worker_id})" for p, r in batch)
         log.debug("committed %s in manifest version %d", done, version)
-        job.progress.shards_done(sum(p.rows for p, _ in batch), [res.node_id for _, res in batch])
         self.driver.account()
 
 

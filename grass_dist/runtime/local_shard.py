@@ -33,8 +33,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -45,7 +45,7 @@ from grass_dist.config import JobConfig
 from grass_dist.errors import BadRowsError, ConfigError, NonFiniteGradientError
 from grass_dist.gradients.computer import GradientComputer, PhiBlock
 from grass_dist.index import GradientIndex, ShardRecord
-from grass_dist.runtime.cluster import threads_for
+from grass_dist.runtime.cluster import STOPPING, threads_for
 from grass_dist.runtime.overlap import Phases
 from grass_dist.runtime.worker import ShardPlan, index_rows, phi_rows
 
@@ -106,7 +106,10 @@ def wanted(cfg: JobConfig) -> bool:
 
 class LocalShard:
     """`plans`' rows of `dataset`, front first, through the driver's `replica` into `index`,
-    on a daemon thread started now, until `close` or `stop`."""
+    on a daemon thread started now, until `close` or `stop`, or the process stops
+    (`cluster.STOPPING`). Each commit and its `on_commit` run holding `landing` (the job's
+    progress record's lock: a record that Ctrl-C ends waits for a commit in hand, and no
+    commit starts after it)."""
 
     def __init__(
         self,
@@ -115,8 +118,10 @@ class LocalShard:
         dataset: Any,
         index: GradientIndex,
         plans: list[ShardPlan],
+        landing: AbstractContextManager[Any] | None = None,
     ):
         self._cfg, self._index = cfg, index
+        self._landing = landing if landing is not None else nullcontext()
         self._replica: Replica | None = replica
         self._dataset = dataset
         self._plans = list(plans)
@@ -124,6 +129,7 @@ class LocalShard:
         self._committed: dict[str, tuple[ShardRecord, float]] = {}  # id -> record, time.time()
         self.dropped: list[str] = []  # committed, but another writer's attempt came first
         self.refusal: Exception | None = None  # the rows' own failure (REFUSALS): the job's
+        self.on_commit: Callable[[], None] | None = None  # after each commit, on its thread
         self._lock = threading.Lock()  # the taking of plans against `close`
         self._closed = False
         self._stop = threading.Event()
@@ -173,8 +179,8 @@ class LocalShard:
         without it, else `BUDGET_S` of projected work."""
         with self._lock:
             left = len(self._plans) - len(self._taken)
-            if self._closed or self._stop.is_set() or not left:
-                return None
+            if self._closed or self._stop.is_set() or STOPPING.is_set() or not left:
+                return None  # STOPPING: the process was told to stop (Ctrl-C, SIGTERM)
             plan = self._plans[len(self._taken)]
             self._taken.append(plan)
         spares_a_round = (left - 1) % max(self._cfg.cluster.num_workers, 1) == 0
@@ -193,8 +199,8 @@ class LocalShard:
         t0 = self._t0 = time.perf_counter()
         try:
             record = self._compute(plan)
-            self._index.commit([record])  # written whole: worth keeping, stopped or not
-            self.dropped += self._index.not_kept([record])
+            with self._landing:
+                self._land(plan, record)
         except _Stopped as e:
             log.info("shard %s goes to the workers: %s", plan.shard_id, e)
             return False
@@ -204,10 +210,20 @@ class LocalShard:
         except Exception as e:  # noqa: BLE001 -- a worker computes it again (and fails as it should)
             log.info("the driver's shard %s failed (%s): the workers compute it", plan.shard_id, e)
             return False
-        with self._lock:
-            self._committed[plan.shard_id] = (record, time.time())
         log.info("the driver indexed shard %s in %.2f s", plan.shard_id, time.perf_counter() - t0)
         return True
+
+    def _land(self, plan: ShardPlan, record: ShardRecord) -> None:
+        """Commit `plan`'s written `record` (worth keeping, however the job ends) and say so
+        (`on_commit`); not once the process stops: its progress record is ended."""
+        if STOPPING.is_set():
+            raise _Stopped("the job ends")
+        self._index.commit([record])
+        self.dropped += self._index.not_kept([record])
+        with self._lock:
+            self._committed[plan.shard_id] = (record, time.time())
+        if self.on_commit is not None:
+            self.on_commit()
 
     def _compute(self, plan: ShardPlan) -> ShardRecord:
         with as_a_worker(self._cfg, self._replica) as computer:
@@ -222,7 +238,7 @@ class LocalShard:
             )
 
     def _check(self, rows: int) -> None:
-        if self._stop.is_set():
+        if self._stop.is_set() or STOPPING.is_set():
             raise _Stopped("the job ends")
         self._rows += rows
         if self._budget is not None and self._rows == rows:  # the first batch: project
@@ -233,14 +249,18 @@ class LocalShard:
 
 class DriverShard:
     """The index stage's view of the driver's own shards (`LocalShard`, or None): the
-    driver's commits counted in the job's first shard and progress (on the stage's thread,
-    which owns them) and, once it is closed, which plans the workers take."""
+    driver's commits counted in the job's first shard and progress as each lands (on the
+    driver's thread: a record ended by Ctrl-C meanwhile counts every commit before it) and,
+    once it is closed, which plans the workers take."""
 
     def __init__(self, job: Job, local: LocalShard | None):
         self.job, self.local = job, local
         self.mine: list[ShardPlan] = []  # the driver's, once closed
         self.awaited: list[ShardPlan] = []  # the driver's, not yet committed, at `others`
         self.counted: set[str] = set()  # the driver's commits counted so far
+        self._node = ray.get_runtime_context().get_node_id()  # where the driver computes
+        if local is not None:
+            local.on_commit = self._count
         self.account()
 
     def close(self) -> None:
@@ -271,19 +291,25 @@ class DriverShard:
         return [p for p in self.awaited if p.shard_id not in done]
 
     def account(self) -> None:
-        """Count the driver's commits once each (first shard, progress); then raise the
-        rows' refusal of a shard of the driver's (`LocalShard.refusal`): the job's error."""
+        """Count the driver's commits not counted yet; then raise the rows' refusal of a
+        shard of the driver's (`LocalShard.refusal`): the job's error."""
         if self.local is None:
             return
         refusal = self.local.refusal  # read first: the commits made before it are counted
-        new = {s: c for s, c in self.local.committed().items() if s not in self.counted}
-        if new:
+        self._count()
+        if refusal is not None:
+            raise refusal
+
+    def _count(self) -> None:
+        """Count the driver's commits once each (first shard, progress), on the driver's
+        thread or the stage's."""
+        with self.job.progress.held():
+            new = {s: c for s, c in self.local.committed().items() if s not in self.counted}
+            if not new:
+                return
             self.counted.update(new)
             first = min(at for _, at in new.values()) - self.job.started
             if self.job.first_shard_s is None or first < self.job.first_shard_s:
                 self.job.first_shard_committed(first)
-            node = ray.get_runtime_context().get_node_id()
             rows = sum(record.rows for record, _ in new.values())
-            self.job.progress.shards_done(rows, [node] * len(new))
-        if refusal is not None:
-            raise refusal
+            self.job.progress.shards_done(rows, [self._node] * len(new))

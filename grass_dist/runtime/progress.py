@@ -88,6 +88,11 @@ class JobProgress:
             except StoreUnavailableError as e:
                 log.warning("progress record %s not written: %s", self.store.url_of(self.path), e)
 
+    def held(self) -> threading.RLock:
+        """The record's lock: held around a commit and its count, they land as one, and an
+        ending record (`finish`, as Ctrl-C stops the job) waits for a commit in hand."""
+        return self._lock
+
     def tick(self) -> None:
         """Rewrite the record if `interval_s` passed since the last write."""
         if time.monotonic() - self._written >= self.interval_s:
@@ -129,8 +134,9 @@ class JobProgress:
     # ---- shards ------------------------------------------------------------------------
     def first_shard(self, seconds: float) -> None:
         """The job's first shard was committed `seconds` after the job started."""
-        self.doc["first_shard_s"] = round(seconds, 3)
-        self.write()
+        with self._lock:
+            self.doc["first_shard_s"] = round(seconds, 3)
+            self.write()
 
     def index_plan(
         self, shards_total: int, skipped: int, rows_total: int, rows_todo: int, stage: str = "index"
@@ -161,20 +167,22 @@ class JobProgress:
         self.write()
 
     def shards_done(self, rows: int, nodes: list[str]) -> None:
-        """`len(nodes)` more shards (`rows` rows) committed, computed on `nodes`."""
-        ix = self.doc["index"]
-        self._by_node.update(nodes)
-        ix["shards_done"] += len(nodes)
-        ix["rows_done"] += rows
-        elapsed = max(time.monotonic() - self._t0, 1e-9)
-        rate = ix["rows_done"] / elapsed
-        ix["rows_per_s"] = round(rate, 2)
-        ix["eta_s"] = round((ix["rows_todo"] - ix["rows_done"]) / rate, 2) if rate > 0 else None
-        ix["shards_by_node"] = dict(self._by_node)
-        if self._bar is not None:
-            self._bar.update(len(nodes))
-            self._bar.set_postfix(rows_per_s=f"{rate:.0f}")
-        self.tick()
+        """`len(nodes)` more shards (`rows` rows) committed, computed on `nodes` (from the
+        driver's thread or the index stage's)."""
+        with self._lock:
+            ix = self.doc["index"]
+            self._by_node.update(nodes)
+            ix["shards_done"] += len(nodes)
+            ix["rows_done"] += rows
+            elapsed = max(time.monotonic() - self._t0, 1e-9)
+            rate = ix["rows_done"] / elapsed
+            ix["rows_per_s"] = round(rate, 2)
+            ix["eta_s"] = round((ix["rows_todo"] - ix["rows_done"]) / rate, 2) if rate > 0 else None
+            ix["shards_by_node"] = dict(self._by_node)
+            if self._bar is not None:
+                self._bar.update(len(nodes))
+                self._bar.set_postfix(rows_per_s=f"{rate:.0f}")
+            self.tick()
 
 
 def _said(error: BaseException) -> str:

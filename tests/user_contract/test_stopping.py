@@ -163,6 +163,36 @@ def test_ctrl_c_says_what_is_kept_and_a_rerun_goes_on(tmp_path, user_pkg):
     assert json.loads(rerun.stdout)["index"]["skipped_shards"] == kept
 
 
+def test_ctrl_c_as_the_driver_commits_shard_after_shard_leaves_a_record_that_counts_them(
+    tmp_path, user_pkg
+):
+    # The driver commits a two-row shard every few tens of milliseconds, also once the index
+    # stage counts them. After a Ctrl-C it went on committing while Ray stopped, and a shard
+    # was counted only when the stage's thread next looked: the ended record said 79 shards
+    # where the index held 119.
+    given = [*_overrides(user_pkg, tmp_path), "data.train.n=1200", "index.shard_size=2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.index", *given],
+        cwd=tmp_path,
+        env=user_pkg.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    index = tmp_path / "index"
+    _wait_for_a_commit(proc, index, 240, _from_pipe(proc))
+    store = GradientIndex.open(str(index)).store
+    while (read_progress(store) or {}).get("index") is None:  # the stage counts from here
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGINT)
+    kept = _ended_by_ctrl_c(proc, index)
+    assert kept < 600  # stopped while it indexed
+    assert read_progress(store)["index"]["shards_done"] == kept
+
+
 _HOLD_RAY_START = """
 import time
 import grass_dist.runtime.cluster as cluster
