@@ -127,7 +127,9 @@ class NoTasks(dict):
         raise AssertionError("a map call was sent to a Ray task")
 
 
-def test_auto_damping_without_ground_truth_uses_the_label_proxy(ray_session, root, monkeypatch):
+def test_auto_damping_without_ground_truth_uses_the_label_proxy(
+    ray_session, root, monkeypatch, caplog
+):
     # A 90-row index is reduced by the driver (cluster.driver_reduce_mib): its damping
     # sweep's eigendecomposition and streaming pass run there too, with no task process.
     monkeypatch.setattr(executors, "_TASKS", NoTasks())
@@ -140,8 +142,12 @@ def test_auto_damping_without_ground_truth_uses_the_label_proxy(ray_session, roo
         "lds.seed=7",
         "run.name=proxy",
     )
+    caplog.set_level("INFO", logger="grass_dist.fidelity.damping")
     summary = run.score(OmegaConf.create(proxy))
     assert summary["damping"]["objective"] == "label_agreement@10"
+    # It says where it looked: a ground truth built for other lds.* settings is elsewhere.
+    where = ground_truth.location(JobConfig.from_cfg(proxy))
+    assert f"no LDS ground truth at {where}, where `jobs.lds`" in caplog.text
     assert summary["damping"]["chosen"] in (1e-2, 1.0)
     assert 0 <= summary["damping"]["heldout"]["label_agreement@10"] <= 1
     index = GradientIndex.open(f"{root}/ensemble/ckpt_0")

@@ -324,7 +324,12 @@ def choose(members: list[Member], cfg: JobConfig, n_train: int) -> dict[str, Any
         _check_ground_truth(gt, members[0].query, n_train)
         out = by_lds(members, gt, val, test, grid, cfg.lds.bootstrap)
     else:
-        log.info("damping=auto: no LDS ground truth for this recipe; using the label proxy")
+        log.info(
+            "damping=auto: no LDS ground truth at %s, where `jobs.lds` with this job's model, "
+            "data, task and lds.* settings (lds.train included) would build it; choosing by "
+            "the label proxy",
+            gt_mod.location(cfg),
+        )
         out = by_proxy(members, cfg, val, test, grid, p.proxy_topk)
     log.info("damping=auto chose delta=%g by %s", out["chosen"], out["objective"])
     return {"grid": grid, "validation_queries": len(val), "heldout_queries": len(test), **out}

@@ -243,6 +243,11 @@ def lookup(job: JobConfig) -> GroundTruth | None:
     return load(lds_store(job), digest(recipe(job)))
 
 
+def location(job: JobConfig) -> str:
+    """The URL where the job's ground truth is, or would be once built (for messages)."""
+    return lds_store(job).url_of(digest(recipe(job)))
+
+
 def ensure(job: JobConfig, raw: dict[str, Any]) -> tuple[GroundTruth, bool]:
     """The job's ground truth, built (on the connected Ray) only if not cached.
 

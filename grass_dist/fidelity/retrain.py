@@ -51,6 +51,13 @@ def check(job: JobConfig) -> None:
             f"lds.train._target_={node['_target_']!r} takes {len(positional)} positional "
             f"argument(s); a retraining recipe is called as fn(dataset, seed, **args)"
         )
+    if len(positional) >= _SUPPLIED and "seed" not in positional[1].name:
+        # The seed (up to 2**31) would land in it: epochs=2**31 trains for good, silently.
+        raise ConfigError(
+            f"lds.train._target_={node['_target_']!r} would take the retraining seed as its "
+            f"argument {positional[1].name!r}: a retraining recipe is called as fn(dataset, "
+            f"seed, **args); make its second parameter the seed"
+        )
     check_arguments(fn, node, "lds.train", supplied=_SUPPLIED)
 
 

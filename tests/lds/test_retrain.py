@@ -32,6 +32,10 @@ def fit_one_argument(dataset):
     return nn.Linear(64, 10)
 
 
+def fit_without_seed(dataset, epochs=5):
+    return nn.Linear(64, 10)
+
+
 def not_a_model(dataset, seed):
     return "weights.pt"
 
@@ -58,6 +62,7 @@ def test_the_recipe_gets_a_subset_of_the_training_data_a_seed_and_its_arguments(
         ([f"+lds.train._target_={HERE}.fit", "+lds.train.widht=3"], r"~lds\.train\.widht"),
         ([f"+lds.train._target_={HERE}.fit_needs_lr"], r"needs argument lr: add \+lds.train.lr="),
         ([f"+lds.train._target_={HERE}.fit_one_argument"], r"fn\(dataset, seed, \*\*args\)"),
+        ([f"+lds.train._target_={HERE}.fit_without_seed"], r"seed as its argument 'epochs'"),
         ([f"+lds.train._target_={HERE}.nowhere"], r"lds.train._target_=.* cannot be imported"),
     ],
 )
