@@ -130,6 +130,9 @@ def test_a_misspelt_argument_or_a_path_for_the_model_is_named_as_the_caller_wrot
     said = r"^the training set you passed \(a [\w.]*TensorDataset\) is empty \(0 rows\)$"
     with pytest.raises(ConfigError, match=said):
         gd.Index.build(model, empty, store=store)
+    unlabelled = TensorDataset(torch.rand(8, 4))
+    with pytest.raises(ConfigError, match=r"TypeError: the items are not \(input, label\) pairs"):
+        gd.Index.build(model, unlabelled, store=store)
     no_class = TensorDataset(torch.rand(8, 4), torch.full((8,), 3))
     said = r"IndexError: Target 3 is out of bounds\. Check that data\.train returns the items"
     with pytest.raises(ConfigError, match=said):

@@ -109,7 +109,15 @@ def check_fingerprint(store: Store, stored: dict[str, Any], requested: dict[str,
         "use a new store.url (or index.url) for these settings, or rerun with the same "
         "model/compression/data settings as the existing index."
     )
-    if IN_MEMORY in json.dumps(stored) and IN_MEMORY not in json.dumps(requested):
+    if [path for path, _, _ in diffs] == ["model.state_sha256"]:
+        fix = (
+            "the model's weights differ from those the index was built with, its settings "
+            "alike: another checkpoint or other model arguments (use a new store.url for "
+            "them), or a model factory that builds other weights on every call (random "
+            "initial weights, or training inside it), whose index no later run can match: "
+            "make model._target_ load saved weights, then use a new store.url."
+        )
+    elif IN_MEMORY in json.dumps(stored) and IN_MEMORY not in json.dumps(requested):
         fix = (
             "this index was built from Python objects (the Python API's Index.build given a "
             "model or dataset in memory), which no config can name: score it with Index.attribute, "

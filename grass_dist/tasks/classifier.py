@@ -87,6 +87,14 @@ class ClassificationTask:
         """A collated batch -> (inputs, labels)."""
         if isinstance(batch, dict):
             return _pick(batch, INPUT_FIELDS, "input"), _pick(batch, LABEL_FIELDS, "label")
+        if not isinstance(batch, (list, tuple)) or len(batch) < 2:  # e.g. bare input tensors
+            kind = type(batch).__name__
+            kind += f" of {len(batch)}" if isinstance(batch, (list, tuple)) else ""
+            raise TypeError(
+                f"the items are not (input, label) pairs or dicts with input and label keys "
+                f"(a batch of them collates to a {kind}): the classification task needs a "
+                f"label per row; for items without labels give your own task (task._target_)"
+            )
         inputs, labels = batch[0], batch[1]
         return inputs, labels
 

@@ -186,6 +186,19 @@ def test_a_mismatch_on_an_index_a_running_job_writes_says_not_to_delete_it(url):
     assert "Once no job writes it, nothing is lost by deleting it" in str(info.value)
 
 
+def test_a_mismatch_in_the_weights_alone_names_a_factory_that_is_not_deterministic(url):
+    # The settings are the same and only the weights differ: another checkpoint, or a
+    # factory that initialises at random, whose index "the same settings" can never match.
+    model = {"target": "my_pkg.models.build", "state_sha256": "ab" * 32}
+    GradientIndex.create_or_open(url, {**FP, "model": model})
+    with pytest.raises(FingerprintMismatchError) as info:
+        GradientIndex.create_or_open(url, {**FP, "model": {**model, "state_sha256": "cd" * 32}})
+    msg = str(info.value)
+    assert "Fix: the model's weights differ from those the index was built with" in msg
+    assert "a model factory that builds other weights on every call" in msg
+    assert "rerun with the same" not in msg
+
+
 def test_a_mismatch_with_an_index_built_from_objects_says_to_score_it_in_python(url):
     # The Python API records an object it was given by content; a job's config names a
     # factory, and no rerun "with the same settings" can name that object.
