@@ -73,7 +73,7 @@ def cholesky_factor(h: torch.Tensor, delta: float) -> Factor:
 
     At lambda = 0 a rank-deficient H may factorise with pivots at rounding level instead of
     failing, so pivots below k * eps * max diag(H) count as singular too. At lambda > 0 the
-    factorisation fails only by rounding: H, summed in float32 from fewer rows than its
+    factorisation fails only by rounding: H, summed in float64 from fewer rows than its
     dimensions, has eigenvalues a rounding error below 0 that a small lambda (delta 1e-7)
     does not lift. H is positive semi-definite, so its eigendecomposition clipped at 0
     (`eigen_factor`) is returned instead, which applies every lambda > 0 exactly.
