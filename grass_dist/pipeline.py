@@ -23,7 +23,7 @@ from grass_dist.job import prepare as prepare  # re-exported: a door needs only 
 from grass_dist.job import prepare_started as prepare_started
 from grass_dist.runtime import job_actors as actors
 from grass_dist.runtime import repair
-from grass_dist.runtime.cluster import STOPPING, map_tasks, this_machine_only
+from grass_dist.runtime.cluster import STOPPING, idle_cpus, map_tasks, this_machine_only
 from grass_dist.runtime.executors import Executor
 from grass_dist.runtime.job_actors import on_workers as on_workers  # re-exported, as prepare
 from grass_dist.runtime.job_actors import release_workers as release_workers
@@ -178,6 +178,10 @@ def run_repair(job: Job) -> dict[str, Any]:
     """Check every committed shard; recompute and re-commit only the bad ones."""
     with job.stage("repair"):
         actors.connect_job(job)
+        if job._spares and idle_cpus(job.cfg.cluster, len(job._spares)) < 1:
+            # The scan runs on Ray tasks: they would wait for good for the CPUs that the
+            # early workers hold (the index stage starts its pool afterwards).
+            actors.release_workers(job)
         committed, bad = repair.scan(job.index, map_tasks(job.cfg.cluster))
         log.info("repair: %d committed shards checked, %d bad", len(committed), len(bad))
         fixed = (

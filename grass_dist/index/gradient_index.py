@@ -117,7 +117,8 @@ class GradientIndex:
                 ) from exc
             raise IndexNotFoundError(
                 f"no gradient index at {store.url_of('')} ({INDEX_FILE} not found). Fix: run "
-                "`python -m jobs.index` first, or point store.url at an existing index."
+                "`python -m jobs.index` with the same store.url (or index.url) first, or point "
+                "store.url at an existing index."
             ) from exc
 
     # ---- fingerprint-derived facts -----------------------------------------------------
@@ -231,8 +232,7 @@ class GradientIndex:
         if len(data) != record.rows:
             raise CorruptShardError(
                 f"shard file {self.store.url_of(record.file)} has {len(data)} rows, the "
-                f"manifest says {record.rows}. Fix: rerun `python -m jobs.index "
-                "index.repair=true` to recompute it."
+                f"manifest says {record.rows}. {shards.repair_fix(self.store)}"
             )
         return data
 

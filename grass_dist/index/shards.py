@@ -261,6 +261,14 @@ def _parquet_bytes(table: pa.Table, layers: list[tuple[str, int]], dtype: str) -
     return sink.getvalue().to_pybytes()
 
 
+def repair_fix(store: Store) -> str:
+    """How a bad shard of the index in `store` is recomputed: the command, for that index."""
+    return (
+        f"Fix: recompute it with `python -m jobs.index index.repair=true` and the job's other "
+        f"settings, its index {store.url_of('')} included (store.url or index.url)."
+    )
+
+
 def read_shard(
     store: Store,
     rel_path: str,
@@ -273,7 +281,7 @@ def read_shard(
         CorruptShardError: file missing, unparsable, or its sha256 differs from the expected.
     """
     where = store.url_of(rel_path)
-    fix = "Fix: rerun `python -m jobs.index index.repair=true` to recompute it."
+    fix = repair_fix(store)
     try:
         data = store.read_buffer(rel_path)
     except FileNotFoundError as exc:

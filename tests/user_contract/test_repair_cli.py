@@ -1,0 +1,43 @@
+"""A corrupt shard found and repaired as a user meets it: `jobs.score` refuses the index
+naming the shard and the command that recomputes it, and that command, run as written with
+the job's settings, recomputes that shard alone."""
+
+from __future__ import annotations
+
+import json
+
+from grass_dist.index import GradientIndex
+from tests.user_contract.conftest import run_job
+from tests.user_contract.test_bad_input import _message, _overrides
+
+
+def test_a_corrupt_shard_is_named_and_the_repair_it_names_recomputes_it(tmp_path, user_pkg):
+    # The default pool of two workers on two CPUs: the repair's scan runs on Ray tasks, which
+    # waited for good for the CPUs that the job's early workers held (the command hung).
+    given = [
+        *(o for o in _overrides(user_pkg, tmp_path) if not o.startswith("cluster.num_workers")),
+        "cluster.num_workers=2",
+        "cluster.num_cpus=2",
+    ]
+    built = run_job("index", *given, user=user_pkg, cwd=tmp_path, timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+    index = GradientIndex.open(str(tmp_path / "index"))
+    record = min(index.committed().values(), key=lambda r: r.start)
+    path = tmp_path / "index" / record.file
+    path.write_bytes(path.read_bytes()[:100])  # a shard cut short
+
+    refused = run_job("score", *given, user=user_pkg, cwd=tmp_path, timeout=300)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    said = _message(refused.stderr)
+    assert f"shard file {index.store.url_of(record.file)} is corrupt" in said
+    assert "`python -m jobs.index index.repair=true`" in said
+    assert f"its index {index.store.url_of('')} included" in said
+
+    repaired = run_job("index", *given, "index.repair=true", user=user_pkg, cwd=tmp_path,
+                       timeout=300)  # fmt: skip
+    assert repaired.returncode == 0, repaired.stderr[-3000:]
+    summary = json.loads(repaired.stdout)
+    assert list(summary["repair"]["bad_shards"]) == [record.shard_id]
+    assert summary["index"]["computed_shards"] == 0
+    scored = run_job("score", *given, user=user_pkg, cwd=tmp_path, timeout=300)
+    assert scored.returncode == 0, scored.stderr[-3000:]
