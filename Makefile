@@ -9,15 +9,17 @@ TORCH ?= torch==2.13.0
 
 .PHONY: run test lint clean
 
+# Set-up talks on stderr and the job prints its summary alone on stdout: `make run | jq .index`.
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test]"
-	touch $(STAMP)
+	@echo "setting up $(VENV): python, pip, $(TORCH), grass_dist[test]" >&2
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) >&2
+	@$(PY) -m pip install -q --upgrade pip >&2
+	@$(PY) -m pip install -q "$(TORCH)" >&2
+	@$(PY) -m pip install -q -e ".[test]" >&2
+	@touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m jobs.attribute $(ARGS)
+	@$(PY) -m jobs.attribute $(ARGS)
 
 # The suite runs on TEST_WORKERS processes, one test file each at a time (a file's tests
 # share its Ray); then, alone, the few tests that need no other Ray running on the machine.

@@ -71,8 +71,8 @@ def _said(e: BaseException) -> str:
     own words number the rows of a batch, which the client never saw), else `e`."""
     if isinstance(e, BadRowsError) and e.__cause__ is not None:
         cause = e.__cause__
-        return f"{type(cause).__name__}: {str(cause).strip()}"
-    return str(e)
+        return f"{type(cause).__name__}: {str(cause).strip().rstrip('.')}"
+    return str(e).strip().rstrip(".")
 
 
 def example_decoder(job: JobConfig, task, template: Any) -> Callable[[Any, Any], Any]:
@@ -241,7 +241,12 @@ class QueryEngine:
         except _UNFIT as e:
             bad = self._unfit(items) if len(items) > 1 else [0]
             which = f"examples {bad}" if bad else "these examples"
-            raise BadRequestError(f"could not compute the loss of {which}: {_said(e)}", 422) from e
+            raise BadRequestError(
+                f"could not compute the loss of {which}: {_said(e)}. Check them against the "
+                f"model and the task (shapes and types like the training items', labels within "
+                f"the model's classes)",
+                422,
+            ) from e
         query = prepare_queries(phi, kind, self.pre, self.damping or 0.0)
         partial = self._score(query, min(topk, max(1, self.n_train)))
         return self._answer(partial, len(items))

@@ -225,6 +225,7 @@ def test_bad_requests_get_4xx_and_the_service_keeps_serving(service):
         code, answer = post(f"{cached}/query", body.encode())
         assert code == 422 and re.search(said if label < 0 else re.escape(said), answer["error"])
         assert "rows" not in answer["error"], answer  # the client sent examples, not rows
+        assert answer["error"].endswith("labels within the model's classes)"), answer
     assert post(f"{cached}/query", b"", method="GET")[0] == 405
     assert post(f"{cached}/nowhere", b"{}")[0] == 404
     with pytest.raises(ServiceError) as info:
