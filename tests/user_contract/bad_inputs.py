@@ -149,7 +149,8 @@ CASES = {
     "score_without_index": (
         "score",
         (),
-        r"no gradient index at .*Fix: run `python -m jobs\.index` first",
+        r"no gradient index at .*Fix: run `python -m jobs\.index` with the same store\.url "
+        r"\(or index\.url\) first",
     ),
     # cluster, scoring, ensemble, faults
     "worker_resources_negative": (

@@ -39,6 +39,20 @@ def _wait_for_a_commit(
         time.sleep(0.1)
 
 
+def _index_job(given: list[str], cwd: Path, user_pkg) -> subprocess.Popen:
+    """`python -m jobs.index given...` with the user's package, in a session of its own
+    (so that a signal can go to its whole process group, as a terminal's does)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "jobs.index", *given],
+        cwd=cwd,
+        env=user_pkg.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
 def _from_pipe(proc: subprocess.Popen) -> Callable[[], str]:
     return lambda: proc.communicate()[1]
 
@@ -145,15 +159,7 @@ def test_ctrl_c_says_what_is_kept_and_a_rerun_goes_on(tmp_path, user_pkg):
     # Ctrl-C mid-index: no traceback, exit 130, and the rerun computes only what is missing.
     # A terminal sends SIGINT to its foreground process group: the job and Ray's processes.
     given = [*_overrides(user_pkg, tmp_path), "faults.shard_delay_s=2", "cluster.num_workers=1"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.index", *given],
-        cwd=tmp_path,
-        env=user_pkg.env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = _index_job(given, tmp_path, user_pkg)
     _wait_for_a_commit(proc, tmp_path / "index", 240, _from_pipe(proc))
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in its terminal sends
     kept = _ended_by_ctrl_c(proc, tmp_path / "index")
@@ -171,15 +177,7 @@ def test_ctrl_c_as_the_driver_commits_shard_after_shard_leaves_a_record_that_cou
     # was counted only when the stage's thread next looked: the ended record said 79 shards
     # where the index held 119.
     given = [*_overrides(user_pkg, tmp_path), "data.train.n=1200", "index.shard_size=2"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.index", *given],
-        cwd=tmp_path,
-        env=user_pkg.env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = _index_job(given, tmp_path, user_pkg)
     index = tmp_path / "index"
     _wait_for_a_commit(proc, index, 240, _from_pipe(proc))
     store = GradientIndex.open(str(index)).store
