@@ -214,8 +214,9 @@ class LocalShard:
         return True
 
     def _land(self, plan: ShardPlan, record: ShardRecord) -> None:
-        """Commit `plan`'s written `record` (worth keeping, however the job ends) and say so
-        (`on_commit`); not once the process stops: its progress record is ended."""
+        """Commit `plan`'s written `record` and say so (`on_commit`): also for a job that
+        ends early (`stop`), whose shard is worth keeping; not once the process stops
+        (Ctrl-C, SIGTERM), whose progress record is ended."""
         if STOPPING.is_set():
             raise _Stopped("the job ends")
         self._index.commit([record])
