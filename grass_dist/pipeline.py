@@ -163,9 +163,10 @@ class _IndexStage:
             if STOPPING.is_set():
                 return  # the process stops and its record is ended: the shards go uncommitted
             version = job.index.commit(records)
-            self.dropped.extend(job.index.not_kept(records))
-            if job.first_shard_s is None:
-                job.first_shard_committed()
+            dropped = job.index.not_kept(records)
+            self.dropped.extend(dropped)
+            if job.first_shard_s is None and len(dropped) < len(records):
+                job.first_shard_committed()  # a shard of this job's is in the index
             nodes = [res.node_id for _, res in batch]
             job.progress.shards_done(sum(p.rows for p, _ in batch), nodes)
         self.start_reducer()

@@ -96,15 +96,19 @@ def test_resume_recomputes_only_missing_shards_and_matches_a_clean_run(ray_sessi
         assert doc.get("error") == (None if error is None else "ValueError: lost")
 
 
-def test_shards_another_writer_committed_first_are_reported_dropped(ray_session, tmp_path):
+@pytest.mark.parametrize("theirs_first", ["first batch", "every shard"])
+def test_shards_another_writer_committed_first_are_reported_dropped(
+    ray_session, tmp_path, theirs_first
+):
     # Two jobs on one store.url: each shard is kept once, and the job whose attempts were
-    # ignored says so rather than report them computed into the index.
+    # ignored says so rather than report them computed into the index; a job none of whose
+    # shards was kept committed no first shard.
     job = pipeline.prepare(compose_cfg(tmp_path, "cluster.driver_shard=false"))
     other = GradientIndex.open(job.cfg.index_url)  # the other job's own view of the log
     commit = job.index.commit
 
     def racing(records, replace=None):
-        if not other.committed():  # the other job commits the first batch's shards first
+        if theirs_first == "every shard" or not other.committed():
             other.commit([dataclasses.replace(r, attempt="other") for r in records])
         return commit(records, replace)
 
@@ -116,6 +120,14 @@ def test_shards_another_writer_committed_first_are_reported_dropped(ray_session,
     theirs = {sid for sid, r in job.index.committed().items() if r.attempt == "other"}
     assert theirs and stats["dropped_shards"] == len(theirs)
     assert stats["computed_shards"] == 3 and len(job.index.committed()) == 3
+    record = read_progress(job.index.store, job.job_id)
+    if theirs_first == "every shard":
+        assert len(theirs) == 3
+        assert job.first_shard_s is None and "first_shard_s" not in record
+    else:
+        assert job.first_shard_s is not None and record["first_shard_s"] == round(
+            job.first_shard_s, 3
+        )
 
 
 def test_identity_influence_equals_direct_damped_fisher_influence(ray_session, tmp_path):

@@ -135,7 +135,9 @@ def test_per_row_outputs_stream_to_parts_and_read_back_as_one_table(reducer):
 @pytest.mark.parametrize("kind", ["cosine", "influence"])
 def test_layer_breakdown_columns_sum_to_the_score_through_the_reducer(reducer, kind):
     index, actor = reducer
-    out = _score(actor, f"bd-{kind}", kind=kind, dense=False, breakdown=True, topk=5)
+    out = _score(
+        actor, f"bd-{kind}", kind=kind, dense=False, breakdown=True, topk=5, self_influence=False
+    )
     table = results.load_table(index, f"bd-{kind}", "topk").to_pandas()
     assert out["files"]["topk"].endswith("topk.parquet") and len(table) == 2 * 7 * 5
     total = table["score.a"] + table["score.b"]
@@ -143,6 +145,9 @@ def test_layer_breakdown_columns_sum_to_the_score_through_the_reducer(reducer, k
     assert (table["score.a"] != 0).all() and (table["score.b"] != 0).all()
     if kind == "cosine":
         assert table["score"].abs().max() <= 1.0 + 1e-6
+    # The summary names a damping only where a preconditioner was applied (no self-influence).
+    summary = results.manifest(index, f"bd-{kind}")["summary"]
+    assert (summary["damping"] is None) == (kind == "cosine")
     best = table[(table["kind"] == "proponent") & (table["rank"] == 0)]
     worst = table[(table["kind"] == "opponent") & (table["rank"] == 0)]
     assert (best["score"].to_numpy() > worst["score"].to_numpy()).all()

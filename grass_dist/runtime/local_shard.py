@@ -309,8 +309,11 @@ class DriverShard:
             if not new:
                 return
             self.counted.update(new)
-            first = min(at for _, at in new.values()) - self.job.started
-            if self.job.first_shard_s is None or first < self.job.first_shard_s:
-                self.job.first_shard_committed(first)
+            kept = [at for s, (_, at) in new.items() if s not in self.local.dropped]
+            first = min(kept, default=None)  # not a shard another writer committed first
+            if first is not None and (
+                self.job.first_shard_s is None or first - self.job.started < self.job.first_shard_s
+            ):
+                self.job.first_shard_committed(first - self.job.started)
             rows = sum(record.rows for record, _ in new.values())
             self.job.progress.shards_done(rows, [self._node] * len(new))

@@ -271,7 +271,7 @@ class Reducer:
             "queries": len(query.row_ids),
             "train_rows": n_train,
             "kind": kind,
-            "damping": damping,
+            "damping": damping if pre is not None else None,  # grad_dot, cosine: unused
             "topk": req.topk,
             "scorer_tasks": min(parallelism, len(records)),
             "pairs_per_second": len(query.row_ids) * n_train / max(score_seconds, 1e-9),
