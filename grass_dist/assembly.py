@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,7 @@ from grass_dist.gradients.learned_state import fit_states, load_states
 from grass_dist.index import GradientIndex, Store
 from grass_dist.index.gradient_index import INDEX_FILE
 from grass_dist.index.retry import RetryPolicy
-from grass_dist.models.state import state_hash
+from grass_dist.models.state import settings_hash, state_hash
 
 # sha256 -> object, filled by `register` (driver) and `receive` (workers).
 _OBJECTS: dict[str, Any] = {}
@@ -126,18 +127,40 @@ def _feed(h: Any, value: Any) -> None:
 
 
 def content_digest(obj: Any) -> str:
-    """sha256 of what `obj` computes with: a model's state, a dataset's rows (every one, in
-    order), anything else's pickle."""
+    """sha256 of what `obj` computes with: a model's state and settings (`settings_hash`),
+    a dataset's rows (every one, in order), anything else's pickle."""
     if isinstance(obj, nn.Module):
-        return hashlib.sha256(f"{type(obj).__qualname__}:{state_hash(obj)}".encode()).hexdigest()
+        ident = f"{type(obj).__qualname__}:{state_hash(obj)}:{settings_hash(obj)}"
+        return hashlib.sha256(ident.encode()).hexdigest()
     h = hashlib.sha256()
     if hasattr(obj, "__getitem__") and hasattr(obj, "__len__"):
-        h.update(f"rows{len(obj)}".encode())
-        for i in range(len(obj)):
-            _feed(h, obj[i])
+        n = len(obj)
+        h.update(f"rows{n}".encode())
+        for i in range(n):
+            _feed(h, _row(obj, i, n))
     else:
         _feed(h, obj)
     return h.hexdigest()
+
+
+def _row(dataset: Any, i: int, n: int) -> Any:
+    """`dataset[i]`, or a ConfigError saying that a map-style dataset of `n` rows returns
+    one for every i < n."""
+    try:
+        return dataset[i]
+    except Exception as e:  # noqa: BLE001 -- whatever the dataset's own __getitem__ raises
+        kind = type(dataset).__name__
+        hint = (
+            " (a pandas DataFrame is indexed by column: pass its rows, e.g. a TensorDataset "
+            "of its columns as tensors)"
+            if kind == "DataFrame"
+            else ""
+        )
+        raise ConfigError(
+            f"row {i} of the {kind} you passed could not be read ({type(e).__name__}: {e}): "
+            f"it says it has {n} rows (len), so [0] .. [{n - 1}] must each return a row"
+            f"{hint}"
+        ) from None
 
 
 def register(obj: Any) -> dict[str, Any]:
@@ -146,9 +169,15 @@ def register(obj: Any) -> dict[str, Any]:
     A model is kept as a copy: computing gradients sets its mode and device, and the
     caller's model stays as the caller left it.
     """
-    digest = content_digest(obj)
     kind = type(obj)
     name = f"{kind.__module__}.{kind.__name__}"
+    if isinstance(obj, Iterator):
+        raise ConfigError(
+            f"the {name} you passed is an iterator (a generator?), which can be read once and "
+            f"has no length: give a list of its items (list(...)) or a map-style dataset "
+            f"(__getitem__ and __len__)"
+        )
+    digest = content_digest(obj)
     try:
         _OBJECTS[digest] = copy.deepcopy(obj) if isinstance(obj, nn.Module) else obj
     except Exception as e:  # noqa: BLE001 -- whatever the object's own state raises
@@ -199,11 +228,30 @@ def ship(raw: dict[str, Any]) -> dict[str, Any]:
     for digest in sorted(in_memory_digests(raw)):
         obj = in_memory(digest, "object")
         try:
-            refs[digest] = ray.put(obj)
+            refs[digest] = ray.put(shippable(obj))
         except Exception as e:  # noqa: BLE001 -- whatever pickling the object raises
             kind = type(obj)
             raise _unpicklable(f"{kind.__module__}.{kind.__name__}", e) from None
     return refs
+
+
+def shippable(value: Any) -> Any:
+    """`value` (lists, tuples and dicts of rows), with each tensor that views a larger
+    storage copied out of it. Pickled, a view carries its whole storage: a list of rows
+    `[(x[i], y[i]) for i in ...]` would carry `x` once per row, quadratic in its length."""
+    if torch.is_tensor(value):
+        own = value.numel() * value.element_size()
+        if value.layout == torch.strided and value.untyped_storage().nbytes() > own:
+            return value.clone(memory_format=torch.contiguous_format)
+        return value
+    if isinstance(value, list):
+        return [shippable(v) for v in value]
+    if isinstance(value, tuple):
+        items = [shippable(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    if isinstance(value, dict) and type(value) is dict:
+        return {k: shippable(v) for k, v in value.items()}
+    return value
 
 
 def in_memory_digests(raw: dict[str, Any]) -> set[str]:

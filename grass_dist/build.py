@@ -28,7 +28,7 @@ from grass_dist.gradients.computer import all_finite
 from grass_dist.index import GradientIndex
 from grass_dist.index.fingerprint import IN_MEMORY
 from grass_dist.index.gradient_index import FORMAT_VERSION
-from grass_dist.models.state import state_hash
+from grass_dist.models.state import settings_hash, state_hash
 from grass_dist.target_errors import unimportable
 
 # Keys Hydra reads itself; everything else under a node is an argument of its _target_.
@@ -298,10 +298,39 @@ def _named(part: str, node: dict[str, Any]) -> str:
     return f"{part}._target_={node.get('_target_')!r}"
 
 
+def check_keys(dataset, which: str) -> None:
+    """A dataset's `keys` (grass_dist.data.items.sample_key), if it has them, name each row
+    once: one per row and no two alike, or results would name rows wrongly (or a worker
+    fail on a row without a key)."""
+    keys = getattr(dataset, "keys", None)
+    if keys is None or callable(keys):  # no keys (rows go by number), or a dict's keys()
+        return
+    fix = (
+        "give one distinct key per row, in row order, or no `keys` attribute (rows are "
+        "then keyed by number)"
+    )
+    try:
+        n = len(keys)
+    except TypeError:
+        raise ConfigError(
+            f"data.{which}'s `keys` attribute is a {type(keys).__name__}, not a sequence: {fix}"
+        ) from None
+    if n != len(dataset):
+        raise ConfigError(f"data.{which} has {len(dataset)} rows but {n} keys: {fix}")
+    first: dict[str, int] = {}
+    for row, key in enumerate(keys):
+        if first.setdefault(str(key), row) != row:
+            raise ConfigError(
+                f"data.{which}'s keys are not distinct: rows {first[str(key)]} and {row} both "
+                f"have key {str(key)!r} (results name training rows by key): {fix}"
+            )
+
+
 def check_rows(job: JobConfig, model: nn.Module, task, dataset, which: str) -> None:
     """Row 0 of data.<which> through the task and the model, forward only (no gradient):
     items the task cannot collate, or the model cannot take, fail here with the fields to
     check instead of inside a worker after Ray started."""
+    check_keys(dataset, which)
     if hasattr(task, "check_data"):
         task.check_data(model, dataset, which)
     param = next(model.parameters(), None)
@@ -378,7 +407,11 @@ def fingerprint(
     """
     return {
         "format_version": FORMAT_VERSION,
-        "model": {"target": job.model["_target_"], "state_sha256": state_hash(model)},
+        "model": {
+            "target": job.model["_target_"],
+            "state_sha256": state_hash(model),
+            "settings_sha256": settings_hash(model),
+        },
         "task": task.spec() if hasattr(task, "spec") else _task_identity(job.task),
         "compression": {"method": job.compression.method, "seed": job.compression.seed},
         "layers": [{"name": n, **c.spec()} for n, c in compressors.items()],

@@ -122,13 +122,21 @@ class ConfigError(GrassError, ValueError):
     """A configuration value is missing or invalid; the message names the field and the fix."""
 
 
-class BadTokensError(ConfigError):
-    """Token ids outside the model's vocabulary; `positions` are the batch entries holding
-    them (the computer names their rows)."""
+class _AtPositions:
+    """An error about some entries of a batch, `positions` (the computer names their rows);
+    raised in Ray workers, so it pickles with both of its arguments."""
 
     def __init__(self, message: str, positions: list[int]):
         super().__init__(message)
         self.positions = positions
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.positions))
+
+
+class BadTokensError(_AtPositions, ConfigError):
+    """Token ids outside the model's vocabulary; `positions` are the batch entries holding
+    them."""
 
 
 class ModelMismatchError(GrassError):
@@ -153,16 +161,9 @@ class BadRowsError(GrassError):
     """The task or model failed on some data rows: their content, not the config."""
 
 
-class NonFiniteLossError(NonFiniteGradientError):
+class NonFiniteLossError(_AtPositions, NonFiniteGradientError):
     """Some examples' loss is NaN or inf; `positions` are theirs in the batch. (Their
     gradients may still be finite, e.g. zero where the model's output was replaced by NaN.)"""
-
-    def __init__(self, message: str, positions: list[int]):
-        super().__init__(message)
-        self.positions = positions
-
-    def __reduce__(self):  # raised in Ray workers: pickled with both arguments
-        return (type(self), (str(self), self.positions))
 
 
 class ShardFailedError(GrassError):

@@ -251,25 +251,34 @@ def run_score(job: Job, query: PhiBlock | None = None) -> dict[str, Any]:
     if query is None:
         query = query_phi(job)
     req = ScoreRequest.of(job.cfg)
-    if 2 * req.topk > job.n_train:
-        both = 2 * min(req.topk, job.n_train) - job.n_train
-        whole = f"; each list holds all {job.n_train} rows" if req.topk > job.n_train else ""
-        log.warning(
-            "scoring.topk=%d of %d training rows: each query's proponents and opponents share "
-            "%d rows (a row ranked both among its most and its least helpful)%s; set "
-            "scoring.topk to %d or less to keep them apart",
-            req.topk,
-            job.n_train,
-            both,
-            whole,
-            job.n_train // 2,
-        )
+    overlap = topk_overlap(req.topk, job.n_train)
+    if overlap is not None:
+        log.warning(overlap)
     with job.stage("score"):
         return on_workers(
             job,
             lambda lent: actors.job_reducer(job).score(query, req, lent),
             tasks_only=req.fresh_process(len(query.row_ids)),
         )
+
+
+def topk_overlap(topk: int, n_train: int) -> str | None:
+    """What a user is told when each query's `topk` proponents and `topk` opponents must
+    share rows of the `n_train`; None when they need not."""
+    if 2 * topk <= n_train:
+        return None
+    both = 2 * min(topk, n_train) - n_train
+    whole = f"; each list holds all {n_train} rows" if topk > n_train else ""
+    apart = (
+        f"set scoring.topk to {n_train // 2} or less to keep them apart"
+        if n_train >= 2
+        else "with one training row, both lists are that row"
+    )
+    return (
+        f"scoring.topk={topk} of {n_train} training rows: each query's proponents and "
+        f"opponents share {both} rows (a row ranked both among its most and its least "
+        f"helpful){whole}; {apart}"
+    )
 
 
 def members_of(jobs: list[Job], queries: list[PhiBlock]) -> list[damping.Member]:

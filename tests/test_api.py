@@ -140,6 +140,43 @@ def test_a_task_without_spec_enters_the_fingerprint_by_content(tmp_path):
     }
 
 
+class _Tempered(torch.nn.Module):
+    """A user's model whose forward depends on plain attributes beside its weights."""
+
+    def __init__(self, temperature: float = 1.0, activation: str = "tanh"):
+        super().__init__()
+        torch.manual_seed(0)
+        self.hidden, self.out = torch.nn.Linear(64, 8), torch.nn.Linear(8, 10)
+        self.temperature, self.activation = temperature, activation
+
+    def forward(self, x):
+        act = torch.tanh if self.activation == "tanh" else torch.relu
+        return self.out(act(self.hidden(x))) / self.temperature
+
+
+def test_a_models_plain_settings_enter_the_fingerprint_with_its_weights(tmp_path):
+    # The same weights with another temperature or activation compute other gradients: not
+    # the index built before (it was reused, silently), nor the object registered for it.
+    train = digits("train", n_train=40, n_query=5)
+    here = [f"run.output_dir={tmp_path}"]
+
+    def prepare(model, store=tmp_path / "index"):
+        return pipeline.prepare(job_config(model, train, k=8, store=str(store), overrides=here))
+
+    first = prepare(_Tempered())
+    assert state_hash(_Tempered(5.0, "relu")) == state_hash(_Tempered())
+    assert prepare(_Tempered()).fingerprint == first.fingerprint  # the same model reopens
+    for other in (_Tempered(5.0), _Tempered(activation="relu")):
+        said = r"model\.settings_sha256: stored=.*\nFix: the model's weights are those the index"
+        with pytest.raises(FingerprintMismatchError, match=said):
+            prepare(other)
+    hot = prepare(_Tempered(5.0), tmp_path / "hot")
+    node, hot_node = first.raw["model"], hot.raw["model"]
+    assert node["sha256"] != hot_node["sha256"]
+    assert assembly.in_memory(node["sha256"], "model").temperature == 1.0
+    assert assembly.in_memory(hot_node["sha256"], "model").temperature == 5.0
+
+
 @pytest.mark.integration
 def test_api_index_and_scores_equal_the_jobs(ray_session, tmp_path):
     root = logging.getLogger()

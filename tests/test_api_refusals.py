@@ -16,6 +16,7 @@ from torch.utils.data import TensorDataset
 
 import grass_dist as gd
 from grass_dist.api import _BUILD_SETTINGS
+from grass_dist.build import check_keys
 from grass_dist.data import digits
 from grass_dist.errors import BadRowsError, ConfigError
 from grass_dist.models.digits import digits_mlp
@@ -213,3 +214,59 @@ def test_workers_the_callers_ray_could_never_place_are_refused_before_the_index(
         )
     assert not store.exists()
     assert ray.is_initialized() == ray_before
+
+
+class _Keyed(TensorDataset):
+    """A user's dataset whose rows go by its own keys."""
+
+    def __init__(self, keys, *tensors: torch.Tensor) -> None:
+        super().__init__(*tensors)
+        self.keys = keys
+
+
+class _Overcounted(TensorDataset):
+    """len() says more rows than __getitem__ has."""
+
+    def __len__(self) -> int:
+        return super().__len__() + 3
+
+
+def test_training_sets_that_cannot_be_read_row_by_row_are_refused_naming_why(tmp_path):
+    # Raised before: TypeError (cannot pickle 'generator'), IndexError, KeyError: 0, and for
+    # keys, an IndexError in a worker after the index was created (or, for keys alike, a
+    # top-k that named every row the same).
+    x, y = torch.rand(12, 4), torch.arange(12) % 3
+    pandas = pytest.importorskip("pandas")
+    cases = [
+        ((row for row in TensorDataset(x, y)), r"is an iterator \(a generator\?\), which can be "),
+        (_Overcounted(x, y), r"row 12 of the _Overcounted you passed could not be read \("),
+        (pandas.DataFrame({"a": [1.0, 2.0], "b": [0, 1]}), r"KeyError: 0\).*indexed by column"),
+        (_Keyed([f"r{i}" for i in range(10)], x, y), r"data\.train has 12 rows but 10 keys: "),
+        (_Keyed(["a"] * 12, x, y), r"rows 0 and 1 both have key 'a' \(results name training"),
+    ]
+    for train, said in cases:
+        store = tmp_path / "i"
+        with pytest.raises(ConfigError, match=said) as refused:
+            gd.Index.build(torch.nn.Linear(4, 3), train, store=str(store), k=8, workers=1)
+        assert "data.train" in str(refused.value)  # the argument, by the key it sets
+        assert not store.exists()
+    check_keys(_Keyed([f"r{i}" for i in range(12)], x, y), "train")  # one key per row: kept
+    check_keys(_Keyed(range(12), x, y), "train")
+
+
+def test_items_the_default_task_cannot_read_say_what_to_give_instead(tmp_path):
+    # Raised before: "collates to a list of 1" for an array of rows (it was a Tensor),
+    # IndexError for token lists, "too many dimensions 'str'" for class names.
+    x = torch.rand(12, 4)
+    cases = [
+        (torch.nn.Linear(4, 3), x.numpy(), r"collates to a Tensor\) \(rows of one array or "
+         r"tensor: give inputs and labels as TensorDataset\(inputs, labels\)\)"),
+        (torch.nn.Embedding(8, 4), [[1, 2, 3, 4, 5]] * 12, r"lists of 5 integers, not \(input, "
+         r"label\) pairs: token ids\? .*task=causal_lm\(\) from grass_dist\.tasks_lm"),
+        (torch.nn.Linear(4, 3), [(row, "cat") for row in x], r"the labels are strings \('cat'\): "
+         r"the classification task takes class ids"),
+    ]  # fmt: skip
+    for model, train, said in cases:
+        with pytest.raises(ConfigError, match=said):
+            gd.Index.build(model, train, store=str(tmp_path / "i"), k=8, workers=1)
+        assert not (tmp_path / "i").exists()

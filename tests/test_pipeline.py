@@ -304,3 +304,15 @@ def test_a_rescore_of_the_same_shards_reuses_the_stored_preconditioner(ray_sessi
     # Another shard committed: another Fisher sum.
     grown = scored(0.01, "grown", shards=None)
     assert grown["reused"] is False and grown["rows"] > fresh["rows"]
+
+
+def test_a_topk_past_half_the_rows_is_told_a_topk_that_keeps_the_lists_apart():
+    assert pipeline.topk_overlap(5, 10) is None
+    said = pipeline.topk_overlap(40, 60)
+    assert "share 20 rows" in said and said.endswith(
+        "set scoring.topk to 30 or less to keep them apart"
+    )
+    # One training row: no top-k keeps them apart (topk=0 is refused), and none is offered.
+    one = pipeline.topk_overlap(2, 1)
+    assert "each list holds all 1 rows" in one and "scoring.topk to" not in one
+    assert one.endswith("with one training row, both lists are that row")

@@ -15,6 +15,9 @@ from grass_dist.index.store import Store
 # job configs and index fingerprints record it.
 IN_MEMORY = "grass_dist.assembly.in_memory"
 _MISSING = object()
+# Entries an index written before they were part of the fingerprint does not hold: such an
+# index is compared without them (what they would say of it cannot be known).
+_ADDED_SINCE = frozenset({"model.settings_sha256"})
 
 
 def canonical(fingerprint: dict[str, Any]) -> dict[str, Any]:
@@ -98,7 +101,11 @@ def _no_commit_yet(store: Store) -> str:
 def check_fingerprint(store: Store, stored: dict[str, Any], requested: dict[str, Any]) -> None:
     """FingerprintMismatchError naming every differing setting, unless `requested` is what
     the index at `store` was built with, and the fix: an index without a commit may go."""
-    diffs = fingerprint_diff(stored, requested)
+    diffs = [
+        (path, a, b)
+        for path, a, b in fingerprint_diff(stored, requested)
+        if not (path in _ADDED_SINCE and a is _MISSING)
+    ]
     if not diffs:
         return
     lines = "\n".join(f"  {path}: stored={show(a)} requested={show(b)}" for path, a, b in diffs)
@@ -116,6 +123,13 @@ def check_fingerprint(store: Store, stored: dict[str, Any], requested: dict[str,
             "them), or a model factory that builds other weights on every call (random "
             "initial weights, or training inside it), whose index no later run can match: "
             "make model._target_ load saved weights, then use a new store.url."
+        )
+    elif [path for path, _, _ in diffs] == ["model.settings_sha256"]:
+        fix = (
+            "the model's weights are those the index was built with, but its settings "
+            "differ: a submodule, or a plain attribute of one that its forward may read (a "
+            "temperature, an activation's name, a size), so it computes other gradients. Use "
+            "a new store.url for this model, or build it as the index was built."
         )
     elif IN_MEMORY in json.dumps(stored) and IN_MEMORY not in json.dumps(requested):
         fix = (

@@ -227,12 +227,21 @@ class GradientIndex:
     def read(
         self, record: ShardRecord, layers: list[str] | None = None, verify: bool = True
     ) -> ShardData:
-        """Read a committed shard, checking its sha256 (if ``verify``) and row count."""
+        """Read a committed shard, checking its sha256 (if ``verify``), and that it holds
+        the record's rows, ``start`` .. ``end - 1`` in order: a manifest that names another
+        shard's file (edited, or restored from elsewhere) would add its rows twice."""
         data = shards.read_shard(self.store, record.file, layers, record.sha256 if verify else None)
         if len(data) != record.rows:
             raise CorruptShardError(
                 f"shard file {self.store.url_of(record.file)} has {len(data)} rows, the "
                 f"manifest says {record.rows}. {shards.repair_fix(self.store)}"
+            )
+        rows = np.asarray(data.row_ids)
+        if rows.size and (rows[0] != record.start or not np.array_equal(rows, _span(record))):
+            raise CorruptShardError(
+                f"shard file {self.store.url_of(record.file)} holds rows {rows[0]}..{rows[-1]}, "
+                f"not shard {record.shard_id}'s rows {record.start}..{record.end - 1} (its "
+                f"manifest entry names another shard's file?). {shards.repair_fix(self.store)}"
             )
         return data
 
@@ -304,3 +313,8 @@ def _read_index(store: Store) -> dict[str, Any]:
             f"{FORMAT_VERSION}. Fix: use a new store.url, or the grass_dist that wrote it."
         )
     return fingerprint
+
+
+def _span(record: ShardRecord) -> np.ndarray:
+    """The row ids a shard's file holds: its record's, in order."""
+    return np.arange(record.start, record.end, dtype=np.int64)

@@ -59,6 +59,11 @@ def class_ids(labels: Any) -> torch.Tensor:
     """A batch's labels as int64 class ids. ValueError for labels that are none: a label
     that is not a whole number (a regression target: `.long()` would cut 0.7 to 0 without
     a word) or a vector per row (one-hot or class probabilities)."""
+    if isinstance(labels, (list, tuple)) and labels and isinstance(labels[0], str):
+        raise ValueError(
+            f"the labels are strings ({labels[0]!r}): the classification task takes class "
+            f"ids, integers 0..C-1 in the model's output order; map each class name to its id"
+        )
     labels = torch.as_tensor(labels)
     if labels.ndim != 1:
         raise ValueError(
@@ -81,6 +86,13 @@ class ClassificationTask:
     """Cross-entropy of the true label; items are (input, label) pairs or dicts."""
 
     def collate(self, items: list) -> Any:
+        first = items[0]
+        if isinstance(first, list) and len(first) != 2 and all(isinstance(t, int) for t in first):
+            raise TypeError(
+                f"the items are lists of {len(first)} integers, not (input, label) pairs: "
+                f"token ids? A language model's items take the causal_lm task: task=causal_lm "
+                f"on the command line; in Python task=causal_lm() from grass_dist.tasks_lm"
+            )
         return default_collate(items)
 
     def split(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,15 +102,23 @@ class ClassificationTask:
         if not isinstance(batch, (list, tuple)) or len(batch) < 2:  # e.g. bare input tensors
             kind = type(batch).__name__
             kind += f" of {len(batch)}" if isinstance(batch, (list, tuple)) else ""
+            whole = (
+                " (rows of one array or tensor: give inputs and labels as "
+                "TensorDataset(inputs, labels))"
+                if torch.is_tensor(batch)
+                else ""
+            )
             raise TypeError(
                 f"the items are not (input, label) pairs or dicts with input and label keys "
-                f"(a batch of them collates to a {kind}): the classification task needs a "
-                f"label per row; for items without labels give your own task (task._target_)"
+                f"(a batch of them collates to a {kind}){whole}: the classification task needs "
+                f"a label per row; for items without labels give your own task (task._target_)"
             )
         inputs, labels = batch[0], batch[1]
         return inputs, labels
 
     def to(self, batch: Any, device: torch.device) -> Any:
+        if torch.is_tensor(batch):  # items without labels (split says so)
+            return batch.to(device)
         if isinstance(batch, dict):
             return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         return [v.to(device) if torch.is_tensor(v) else v for v in batch]

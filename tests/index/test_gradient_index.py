@@ -199,6 +199,18 @@ def test_a_mismatch_in_the_weights_alone_names_a_factory_that_is_not_determinist
     assert "rerun with the same" not in msg
 
 
+def test_an_index_written_before_the_models_settings_were_fingerprinted_still_opens(url):
+    # Its fingerprint holds the weights' hash alone: compared without the settings' hash,
+    # which an index written since holds and compares.
+    model = {"target": "my_pkg.models.build", "state_sha256": "ab" * 32}
+    GradientIndex.create_or_open(url, {**FP, "model": model})
+    now = {**FP, "model": {**model, "settings_sha256": "ef" * 32}}
+    assert GradientIndex.create_or_open(url, now).fingerprint["model"] == model
+    GradientIndex.create_or_open(url + "-new", now)
+    with pytest.raises(FingerprintMismatchError, match=r"model\.settings_sha256: stored="):
+        GradientIndex.create_or_open(url + "-new", {**FP, "model": model})
+
+
 def test_a_mismatch_with_an_index_built_from_objects_says_to_score_it_in_python(url):
     # The Python API records an object it was given by content; a job's config names a
     # factory, and no rerun "with the same settings" can name that object.
@@ -315,6 +327,22 @@ def test_read_checks_sha_and_row_count(url):
     idx.store.write_bytes(rec.file, idx.store.read_bytes(rec.file)[:-10])
     with pytest.raises(CorruptShardError, match=rec.file):
         idx.read(rec)
+
+
+def test_a_record_that_names_another_shards_file_is_refused_not_read_twice(url):
+    # A manifest entry edited (or restored from elsewhere) to name shard 0001's file, sha256
+    # and all: every check passed, and rows 4..7 were scored twice and rows 0..3 never.
+    idx = GradientIndex.create_or_open(url, FP)
+    first = idx.write_shard("0000", 0, 4, *_rows(0, 4))
+    second = idx.write_shard("0001", 4, 8, *_rows(4, 8))
+    moved = {k: getattr(second, k) for k in ("file", "sha256", "nbytes", "attempt")}
+    edited = ShardRecord(**{**first.__dict__, **moved})
+    said = r"holds rows 4\.\.7, not shard 0000's rows 0\.\.3 \(its manifest entry names another"
+    for verify in (True, False):
+        with pytest.raises(CorruptShardError, match=said):
+            idx.read(edited, verify=verify)
+    assert "not shard 0000's rows 0..3" in idx.check_shard(edited)  # what repair recomputes
+    assert idx.check_shard(first) is None and idx.read(second).row_ids.tolist() == [4, 5, 6, 7]
 
 
 def test_pickle_round_trip(url):
