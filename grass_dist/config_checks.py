@@ -13,6 +13,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from grass_dist.errors import ConfigError
+from grass_dist.urls import userinfo, without_userinfo
 
 if TYPE_CHECKING:
     from grass_dist.config import (
@@ -307,6 +308,14 @@ def _validate_names(job: JobConfig) -> None:
         if url is not None and not url.strip():
             raise ConfigError(f"{where} is empty; set a URL, or null to use store.url")
     for where, url in (("store.url", job.store.url), ("index.url", job.index.url)):
+        if url is not None and userinfo(url) is not None:
+            raise ConfigError(
+                f"{where} holds credentials before an '@' ({without_userinfo(url, '***')}), "
+                f"which the store does not read there and which logs would show: give "
+                f"{where}={without_userinfo(url)}, and the credentials as AWS_ACCESS_KEY_ID "
+                f"and AWS_SECRET_ACCESS_KEY in the environment of every node (README: S3 "
+                f"credentials through environment variables)"
+            )
         if url is not None and url.strip().lower().startswith("memory://"):
             raise ConfigError(
                 f"{where}={url} is a filesystem in one process's memory, which the job's "

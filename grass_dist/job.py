@@ -31,6 +31,7 @@ from grass_dist.build import (
 )
 from grass_dist.config import JobConfig, resolve
 from grass_dist.data.identity import check_committed_content, check_committed_rows
+from grass_dist.errors import IndexNotFoundError
 from grass_dist.gradients.capture import layers_that_run
 from grass_dist.gradients.computer import module_calls
 from grass_dist.gradients.learned_state import save_states
@@ -171,6 +172,8 @@ def _prepare(
     check_committed_rows(index, train)  # growing data.train is fine, changing it is not
     if create_index:  # a job that adds shards must add them to the same data
         check_committed_content(index, train)
+    else:
+        check_scorable(index, len(train))
     job = Job(
         job_cfg,
         raw,
@@ -186,6 +189,32 @@ def _prepare(
     if query and local_shard.wanted(job_cfg):
         job._replica = replica  # the driver may compute a few queries itself (query_phi)
     return job, replica, train
+
+
+def check_scorable(index: GradientIndex, n_train: int) -> None:
+    """Refuse to score an index without a committed shard (before any query is computed);
+    warn of one that holds only some of data.train's rows, whose scores rank those alone."""
+    rows, shards = index.num_rows(), len(index.committed())
+    again = (
+        "run python -m jobs.index with the same settings (it resumes: committed shards are kept)"
+    )
+    if shards == 0:
+        raise IndexNotFoundError(
+            f"the gradient index at {index.store.url_of('')} holds no committed shard yet (a "
+            f"jobs.index stopped before its first commit, or one still running): {again}, "
+            f"then score"
+        )
+    if rows < n_train:
+        log.warning(
+            "the gradient index at %s holds %d of data.train's %d rows (%d committed shard%s): "
+            "the scores rank those rows only; to attribute to every row, %s",
+            index.store.url_of(""),
+            rows,
+            n_train,
+            shards,
+            "s" * (shards != 1),
+            again,
+        )
 
 
 def prepare_started(

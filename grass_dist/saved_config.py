@@ -14,6 +14,8 @@ files to the same folder with every credential replaced by `***`:
   `aws_session_token`, `sas_token`, ...; `endpoint_url`, `region_name` or `anon` stay;
 - in an override `<path>=<value>` whose path names such a key (also within Hydra's
   `override_dirname`, the overrides joined by commas), the value;
+- the user and password of a URL that carries them (`s3://user:password@bucket/...`, which
+  the job then refuses);
 - anywhere else (a dict override `store.storage_options={key:...}`,
   `hydra.job.override_dirname`), every occurrence of such a value of 4 characters or more.
 
@@ -34,6 +36,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+
+from grass_dist.urls import userinfo
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,10 @@ def credentials(tree: Any, path: str = "", under: bool = False) -> dict[str, str
     elif isinstance(tree, list):
         for i, value in enumerate(tree):
             found.update(credentials(value, f"{path}[{i}]", under))
+    elif isinstance(tree, str) and "://" in tree:  # user:password@ in a URL (store.url)
+        user, _, password = (userinfo(tree) or "").partition(":")
+        found.update({f"{path} (its user)": user} if user else {})
+        found.update({f"{path} (its password)": password} if password else {})
     return found
 
 

@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import logging
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from grass_dist import pipeline, run
 from grass_dist.build import build_dataset, build_model
-from grass_dist.errors import WorkerStartError
+from grass_dist.errors import IndexNotFoundError, WorkerStartError
 from grass_dist.index import GradientIndex, Store
 from grass_dist.runtime import job_actors
 from grass_dist.runtime.progress import read_progress
@@ -68,9 +69,20 @@ def test_index_is_identical_across_worker_counts_and_close_across_shard_sizes(
             np.testing.assert_allclose(one[1][layer], other[1][layer], rtol=1e-5, atol=1e-7)
 
 
-def test_resume_recomputes_only_missing_shards_and_matches_a_clean_run(ray_session, tmp_path):
+def test_resume_recomputes_only_missing_shards_and_matches_a_clean_run(
+    ray_session, tmp_path, caplog
+):
+    # An index without a commit is refused before scoring (a ValueError from the Fisher
+    # sum, exit 1, once the queries were computed); one of some rows is scored, with a word.
+    pipeline.prepare(compose_cfg(tmp_path / "r"))  # index.json, no shard yet
+    said = r"holds no committed shard yet .*run python -m jobs\.index with the same settings"
+    with pytest.raises(IndexNotFoundError, match=said):
+        pipeline.prepare(compose_cfg(tmp_path / "r"), create_index=False, query=True)
     partial = _index(tmp_path / "r", max_shards=1)
     assert len(partial.index.committed()) == 1
+    with caplog.at_level(logging.WARNING, logger="grass_dist"):
+        pipeline.prepare(compose_cfg(tmp_path / "r"), create_index=False, query=True)
+    assert "holds 30 of data.train's 90 rows (1 committed shard): the scores rank" in caplog.text
     first_file = next(iter(partial.index.committed().values())).file
     job = pipeline.prepare(compose_cfg(tmp_path / "r"))
     try:

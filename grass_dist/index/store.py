@@ -48,6 +48,7 @@ from grass_dist.index.retry import (
     is_transient,
     is_unclear_refusal,
 )
+from grass_dist.urls import userinfo, without_userinfo
 
 T = TypeVar("T")
 
@@ -60,22 +61,19 @@ _RANGE_BYTES = 8 * 2**20  # S3 objects above this are read in ranges of this siz
 
 def redact_url(url: str) -> str:
     """Return ``url`` without user:password in the netloc and without a query string."""
+    url = without_userinfo(url, "***")  # before urlsplit: a secret may hold '/'
     parts = urlsplit(url)
-    if "@" not in parts.netloc and not parts.query:  # nothing secret-looking (or a plain path)
+    if not parts.query:  # nothing secret-looking (or a plain path)
         return url
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", ""))
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "***", ""))
 
 
 def _userinfo(url: str) -> list[str]:
     """The credentials a URL carries before its '@' (user:password, and each part), which
     an error of the library that parsed it may quote (e.g. as part of a bucket name)."""
-    netloc = urlsplit(url).netloc
-    if "@" not in netloc:
+    info = userinfo(url)
+    if info is None:
         return []
-    info = netloc.rsplit("@", 1)[0]
     return [part for part in {info, *info.split(":", 1)} if part]
 
 
