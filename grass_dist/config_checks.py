@@ -97,6 +97,11 @@ def _validate_cluster(cl: ClusterConfig) -> None:
         )
     if cl.num_cpus is not None and cl.num_cpus < 1:
         raise ConfigError(f"cluster.num_cpus={cl.num_cpus} must be at least 1, or null (every CPU)")
+    if not cl.driver_reduce_mib >= 0:
+        raise ConfigError(
+            f"cluster.driver_reduce_mib={cl.driver_reduce_mib} must be >= 0 MiB (0: the "
+            f"reducer is always a process of its own)"
+        )
     if cl.worker_resources is not None and not isinstance(cl.worker_resources, dict):
         raise ConfigError(
             f"cluster.worker_resources={cl.worker_resources!r} must map resource names to "
@@ -299,6 +304,11 @@ def _validate_names(job: JobConfig) -> None:
                 f"{where}={value!r} must name a single folder: no '/' or '\\', not "
                 f"empty, '.' or '..'; e.g. {where}=my_queries"
             )
+    if not str(job.run.output_dir).strip():
+        raise ConfigError(
+            "run.output_dir is empty, which would put caches, logs and the default index at "
+            "the filesystem's root; set a folder, e.g. run.output_dir=outputs"
+        )
     if not job.store.url.strip():
         raise ConfigError(
             "store.url is empty; set it to the index location, e.g. store.url=outputs/index "

@@ -111,6 +111,35 @@ def test_non_positive_k(tmp_path, k):
     )
 
 
+@pytest.mark.parametrize(
+    ("override", "said"),
+    [
+        ("run.output_dir=''", r"run\.output_dir is empty, which would put caches, logs and the "),
+        ("cluster.driver_reduce_mib=-1", r"cluster\.driver_reduce_mib=-1\.0 must be >= 0 MiB"),
+        (
+            "+compression.overrides.fc9=grass",
+            r"compression\.overrides\.fc9 names neither an attributed layer nor the kind of "
+            r"one, so it would change nothing: the layers are \['fc1', 'out'\], of kinds",
+        ),
+    ],
+)
+def test_settings_that_were_taken_as_given_are_refused(tmp_path, override, said):
+    # An empty run.output_dir wrote /logs and /cache at the root (as root).
+    _fails_before_work(tmp_path, ConfigError, said, override)
+
+
+@pytest.mark.parametrize(
+    ("override", "said"),
+    [
+        ("task._target_=grass_dist.tasks.clasification", r"\(did you mean classification\?\)"),
+        ("model._target_=grass_dist.models.digits_mpl", r"\(did you mean digits_mlp or "),
+    ],
+)
+def test_a_misspelt_preset_target_is_told_the_near_names(tmp_path, override, said):
+    # These packages resolve their names lazily: "it defines no public callable", before.
+    _fails_before_work(tmp_path, ConfigError, said, override)
+
+
 def test_k_larger_than_the_layer_with_whole_small_layers_off(tmp_path):
     _fails_before_work(
         tmp_path,

@@ -26,6 +26,7 @@ from grass_dist.compress.linear import (
 from grass_dist.compress.registry import compressor_class, methods
 from grass_dist.compress.sketch import SJLT, random_mask
 from grass_dist.config import CompressionConfig
+from grass_dist.errors import ConfigError
 
 LinearCompressor = Compressor  # the name the first pipeline used for the interface
 
@@ -89,6 +90,14 @@ def check_compressors(cfg: CompressionConfig, shapes: dict[str, LayerShape]) -> 
     Non-learned compressors are built once and dropped (masks and sketch plans only; dense
     JL draws its matrix lazily); learned ones are checked without fitting.
     """
+    kinds = {"Linear" if isinstance(s, LinearShape) else s.kind for s in shapes.values()}
+    unused = sorted(set(cfg.overrides) - set(shapes) - kinds)
+    if unused:
+        raise ConfigError(
+            f"compression.overrides.{unused[0]} names neither an attributed layer nor the "
+            f"kind of one, so it would change nothing: the layers are {list(shapes)}, of "
+            f"kinds {sorted(kinds)}. Fix the name, or add the layer to index.layers"
+        )
     for name, shape in shapes.items():
         cls = compressor_class(*method_for(cfg, name, shape))
         if issubclass(cls, LearnedCompressor):

@@ -9,6 +9,6 @@ from __future__ import annotations
 
 from grass_dist import lazy_attributes
 
-__getattr__ = lazy_attributes(
+__getattr__, __dir__ = lazy_attributes(
     __name__, dict.fromkeys(["digits_mlp", "digits_cnn", "train_on"], "grass_dist.models.digits")
 )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from grass_dist import lazy_attributes
 
-__getattr__ = lazy_attributes(
+__getattr__, __dir__ = lazy_attributes(
     __name__,
     {
         "classification": "grass_dist.tasks.classifier",
