@@ -28,7 +28,6 @@ import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,6 +37,7 @@ from ray.exceptions import RayTaskError
 
 from grass_dist import assembly, pipeline
 from grass_dist.config import JobConfig, resolve
+from grass_dist.config_help import PRESETS
 from grass_dist.errors import ConfigError, GrassError, ResultsNotFoundError
 from grass_dist.index import GradientIndex
 from grass_dist.job import KeptReducer
@@ -47,7 +47,6 @@ from grass_dist.summary import job_summary
 DEFAULT_TASK = {"_target_": "grass_dist.tasks.classification"}
 # The jobs' config groups: `compression="identity"` is `compression=identity` on their command
 # line, the preset's every field (identity also keeps non-Linear layers exact: other=identity).
-PRESETS = Path(__file__).resolve().parents[1] / "conf"
 
 
 # Modules kept at their old paths so that configs (and index fingerprints) keep their `_target_`.

@@ -313,8 +313,14 @@ def resolve(cfg: DictConfig | dict) -> dict[str, Any]:
         return OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "the config"
+        said = str(getattr(e, "msg", e)).splitlines()[0]
+        if "Environment variable" in said:  # ${oc.env:NAME}, and no NAME is set
+            raise ConfigError(
+                f"{key} could not be resolved ({said}): set that variable in the job's "
+                f"environment, give {key} a value, or a default: ${{oc.env:NAME,default}}"
+            ) from None
         raise ConfigError(
-            f"{key} could not be resolved ({str(getattr(e, 'msg', e)).splitlines()[0]}). "
+            f"{key} could not be resolved ({said}). "
             f"The presets selected do not fit together (e.g. model=digits_mlp takes its sizes "
             f"from data=digits): select matching presets (model=custom with data=custom; a "
             f"language model on your own text: model=hf_causal_lm with data=text_files, "

@@ -12,6 +12,7 @@ import difflib
 import functools
 import json
 from dataclasses import MISSING, fields, is_dataclass
+from pathlib import Path
 from types import UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
@@ -50,6 +51,15 @@ def settings(schema: type = JobConfig, prefix: str = "") -> dict[str, bool]:
     return names
 
 
+# The presets: one folder per group (conf/compression/grass.yaml is compression=grass).
+PRESETS = Path(__file__).resolve().parents[1] / "conf"
+
+
+def preset_groups() -> list[str]:
+    """The preset groups, the folders of conf/."""
+    return sorted(p.name for p in PRESETS.iterdir() if p.is_dir())
+
+
 def near_settings(key: str) -> list[str]:
     """The settings a dotted `key` that is none probably meant: near in spelling, or with
     the same last part (a field named without its group), at most three."""
@@ -66,7 +76,7 @@ def did_you_mean(key: str, form: str) -> str:
     return form.format(f"did you mean {' or '.join(near)}?") if near else ""
 
 
-def unknown_setting(key: str) -> str | None:
+def unknown_setting(key: str, value: str | None = None) -> str | None:
     """What to do about a dotted `key` that the command line could not override: None when
     it lies under a free-form setting (`+key=value` adds it, as Hydra says), else a line
     saying it is no setting, what was probably meant, and that `+` would not add it."""
@@ -74,7 +84,7 @@ def unknown_setting(key: str) -> str | None:
     parts = key.split(".")
     if any(names.get(".".join(parts[:i])) for i in range(1, len(parts) + 1)):
         return None
-    return f"{not_a_setting(key)}, and `+{key}=...` would be refused too: {SETTINGS_ARE}"
+    return f"{not_a_setting(key, value)}, and `+{key}=...` would be refused too: {SETTINGS_ARE}"
 
 
 SETTINGS_ARE = "the settings are the fields of grass_dist/config.py, each with its help"
@@ -112,6 +122,13 @@ def setting_help(key: str, schema: type = JobConfig) -> str:
     return f"{key} takes {kind}" + (f": {said}" if said else "")
 
 
-def not_a_setting(key: str) -> str:
-    """'<key> is not a setting of grass_dist', with the settings it probably meant."""
+def not_a_setting(key: str, value: str | None = None) -> str:
+    """'<key> is not a setting of grass_dist', with the settings it probably meant; for a
+    misspelt preset group (`compresion=grass`, given `value`), the group."""
+    group = difflib.get_close_matches(key, preset_groups(), 1) if "." not in key else []
+    if group:
+        return (
+            f"{key} is neither a setting nor a preset group (did you mean {group[0]}="
+            f"{value or '...'}? the groups are the folders of conf/: {', '.join(preset_groups())})"
+        )
     return f"{key} is not a setting of grass_dist{did_you_mean(key, ' ({})')}"

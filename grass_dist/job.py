@@ -37,6 +37,7 @@ from grass_dist.gradients.computer import module_calls
 from grass_dist.gradients.learned_state import save_states
 from grass_dist.index import GradientIndex
 from grass_dist.index.content import row_digest
+from grass_dist.index.shards import repair_fix
 from grass_dist.models.state import state_hash
 from grass_dist.runtime import local_shard
 from grass_dist.runtime.cluster import CONNECTING, check_reachable, connect
@@ -172,6 +173,7 @@ def _prepare(
     check_committed_rows(index, train)  # growing data.train is fine, changing it is not
     if create_index:  # a job that adds shards must add them to the same data
         check_committed_content(index, train)
+        warn_unsound_files(index)
     else:
         check_scorable(index, len(train))
     job = Job(
@@ -189,6 +191,21 @@ def _prepare(
     if query and local_shard.wanted(job_cfg):
         job._replica = replica  # the driver may compute a few queries itself (query_phi)
     return job, replica, train
+
+
+def warn_unsound_files(index: GradientIndex, shown: int = 5) -> None:
+    """Say which committed shards' files are gone or cut short: the index stage skips
+    committed shards, and a later reading stage would refuse them."""
+    unsound = index.unsound_files()
+    if unsound:
+        log.warning(
+            "%d committed shard file(s) are missing or not of their committed size: %s%s. "
+            "This job skips committed shards. %s",
+            len(unsound),
+            "; ".join(unsound[:shown]),
+            f"; and {len(unsound) - shown} more" if len(unsound) > shown else "",
+            repair_fix(index.store),
+        )
 
 
 def check_scorable(index: GradientIndex, n_train: int) -> None:

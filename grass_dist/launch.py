@@ -214,8 +214,9 @@ def _hydra_refusal(message: str) -> str | None:
     if found is None or "defaults list" in message:
         return None
     key = found.group(1)
+    given = [a.split("=", 1)[1] for a in sys.argv[1:] if a.lstrip("+~").startswith(key + "=")]
     added = re.search(r"To append to your config use (\+\S+)", message)
-    return unknown_setting(key) or (
+    return unknown_setting(key, given[0] if given else None) or (
         f"{key} is not in the config yet: its node takes free-form keys (the arguments of "
         f"its _target_), added with a + as Hydra says: {added.group(1) if added else '+' + key}"
     )

@@ -140,6 +140,14 @@ def test_a_misspelt_preset_target_is_told_the_near_names(tmp_path, override, sai
     _fails_before_work(tmp_path, ConfigError, said, override)
 
 
+def test_an_unset_environment_variable_is_named_not_blamed_on_the_presets(tmp_path, monkeypatch):
+    monkeypatch.delenv("GRASS_DIST_TEST_UNSET", raising=False)
+    said = r"Environment variable 'GRASS_DIST_TEST_UNSET' not found\"\): set that variable in "
+    with pytest.raises(ConfigError, match=said) as refused:
+        pipeline.prepare(compose_cfg(tmp_path, "store.url=${oc.env:GRASS_DIST_TEST_UNSET}"))
+    assert "presets" not in str(refused.value)
+
+
 def test_k_larger_than_the_layer_with_whole_small_layers_off(tmp_path):
     _fails_before_work(
         tmp_path,

@@ -24,11 +24,10 @@ import time
 from dataclasses import asdict, dataclass
 
 from grass_dist.index.manifest import ManifestLog, legacy_files
+from grass_dist.index.shards import SHARDS_DIR
 from grass_dist.index.store import Store, redact_url
 
 log = logging.getLogger(__name__)
-
-SHARDS_DIR = "shards"
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.json"
 FORMAT_VERSION = 1
-_RESERVED_DIRS = (f"{manifest.MANIFEST_DIR}/", "shards/")
+_RESERVED_DIRS = (f"{manifest.MANIFEST_DIR}/", f"{shards.SHARDS_DIR}/")
 _SHARD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -183,7 +183,7 @@ class GradientIndex:
                 "model/compression settings as the index, or a new store.url."
             )
         attempt = uuid.uuid4().hex  # unique per attempt: files are never overwritten
-        rel = f"shards/{shard_id}/{attempt}.parquet"
+        rel = f"{shards.SHARDS_DIR}/{shard_id}/{attempt}.parquet"
         ordered = {name: phi[name] for name, _ in self.layers}
         nbytes, sha = shards.write_shard(
             self.store, rel, row_ids, keys, ordered, self.dtype, digests
@@ -212,6 +212,18 @@ class GradientIndex:
         """Shard ids of `records`, just committed, whose commit was ignored: another
         attempt (another writer's) was committed first (`ManifestLog.not_kept`)."""
         return self.manifests.not_kept(records)
+
+    def unsound_files(self) -> list[str]:
+        """A line for each committed shard whose file is gone or not of its committed size
+        (deleted, cut short): one listing of ``shards/``, no file read."""
+        listed = self.store.walk(shards.SHARDS_DIR)
+        said = []
+        for rec in sorted(self.committed().values(), key=lambda r: (r.start, r.shard_id)):
+            size = listed.get(rec.file, (None,))[0]
+            if size != rec.nbytes:
+                found = "missing" if size is None else f"{size} bytes, not {rec.nbytes}"
+                said.append(f"shard {rec.shard_id} ({self.store.url_of(rec.file)}: {found})")
+        return said
 
     def check_shard(self, record: ShardRecord) -> str | None:
         """Why a committed shard is bad (missing, altered, truncated, wrong rows), or None.

@@ -31,6 +31,7 @@ from grass_dist.errors import CorruptShardError, StorageOverflowError, listed
 from grass_dist.index.content import DIGEST_BYTES
 from grass_dist.index.store import Store
 
+SHARDS_DIR = "shards"  # <index>/shards/<shard id>/<attempt>.parquet
 DTYPES = ("float32", "float16", "bfloat16")
 _META_DTYPE = b"grass_dist.dtype"
 _META_LAYERS = b"grass_dist.layers"

@@ -191,6 +191,11 @@ HYDRA_REFUSALS = {
         "+compression=nope",
         r"compression=nope is not a preset of compression; its presets are factgrass, ",
     ),
+    "misspelt_group": (
+        "compresion=grass",  # told compression.k, a setting, before
+        r"compresion is neither a setting nor a preset group \(did you mean compression=grass\? "
+        r"the groups are the folders of conf/: cluster, compression, data, ",
+    ),
     "wrong_type": (
         "compression.k=many",
         r"compression\.k=many is refused \(Value 'many' of type 'str' could not be converted "

@@ -33,11 +33,24 @@ def test_a_corrupt_shard_is_named_and_the_repair_it_names_recomputes_it(tmp_path
     assert "`python -m jobs.index index.repair=true`" in said
     assert f"its index {index.store.url_of('')} included" in said
 
+    # A plain jobs.index skips committed shards, but says which files are gone or cut short
+    # (it said nothing, and exited 0, for a file deleted outside its sampled data check).
+    last = max(index.committed().values(), key=lambda r: r.start)
+    (tmp_path / "index" / last.file).unlink()
+    skipped = run_job("index", *given, user=user_pkg, cwd=tmp_path, timeout=300)
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    assert (
+        f"2 committed shard file(s) are missing or not of their committed size: shard "
+        f"{record.shard_id} ({index.store.url_of(record.file)}: 100 bytes, not {record.nbytes}); "
+        f"shard {last.shard_id} ({index.store.url_of(last.file)}: missing). This job skips "
+        f"committed shards. Fix: recompute it with `python -m jobs.index index.repair=true`"
+    ) in skipped.stderr
+
     repaired = run_job("index", *given, "index.repair=true", user=user_pkg, cwd=tmp_path,
                        timeout=300)  # fmt: skip
     assert repaired.returncode == 0, repaired.stderr[-3000:]
     summary = json.loads(repaired.stdout)
-    assert list(summary["repair"]["bad_shards"]) == [record.shard_id]
+    assert sorted(summary["repair"]["bad_shards"]) == sorted([record.shard_id, last.shard_id])
     assert summary["index"]["computed_shards"] == 0
     scored = run_job("score", *given, user=user_pkg, cwd=tmp_path, timeout=300)
     assert scored.returncode == 0, scored.stderr[-3000:]
