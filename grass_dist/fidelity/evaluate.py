@@ -109,15 +109,37 @@ def evaluate_results(
     return out
 
 
+def check_named_results(where: Any, names: list[str]) -> None:
+    """Refuse `lds.results` none of which is a complete result set with dense scores: its
+    LDS could only be skipped, after the ground truth's retraining. (With lds.results unset,
+    `jobs.lds` may run first, only to build the ground truth that damping=auto reads.)"""
+    why = {}
+    for name in names:
+        try:
+            if "dense" not in results.manifest(where, name)["files"]:
+                why[name] = "no dense scores (score with scoring.dense=true)"
+        except ResultsNotFoundError as e:
+            why[name] = str(e)
+    if len(why) == len(names):
+        said = "; ".join(f"{name!r}: {reason}" for name, reason in why.items())
+        raise ResultsNotFoundError(
+            f"lds.results={list(names)} names no result set this job can evaluate ({said}). "
+            f"Fix: name result sets that python -m jobs.attribute scoring.dense=true wrote "
+            f"(run.name), or leave lds.results unset to build the ground truth alone"
+        )
+
+
 def lds(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     """jobs.lds: ensure the ground truth, then evaluate lds.results (default [run.name])."""
     raw = resolve(cfg)
     job = JobConfig.from_cfg(raw)
+    where = results.ArtifactDir(assembly.open_store(job))
+    if job.lds.results:
+        check_named_results(where, job.lds.results)  # before retraining, not after it
     if ground_truth.lookup(job) is None:
         ground_truth.check_buildable(job)  # a bad recipe is refused before Ray starts
     connect(job.cluster)
     gt, built = ground_truth.ensure(job, raw)
-    where = results.ArtifactDir(assembly.open_store(job))
     evaluations = {}
     for name in job.lds.results or [job.run.name]:
         try:

@@ -114,3 +114,23 @@ def test_outputs_of_a_loss_only_task_are_read_from_input_label_items():
     with torch.no_grad():
         want = torch.log_softmax(model(x).double(), 1)[torch.arange(7), y].numpy()
     np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+def test_lds_results_none_of_which_exists_are_refused_before_any_retraining(
+    tmp_path, monkeypatch
+):
+    # It retrained the ground truth (minutes at the defaults), then skipped every result set
+    # and exited 0. Unset, jobs.lds may still build the ground truth alone.
+    from grass_dist.errors import ResultsNotFoundError
+    from grass_dist.fidelity import evaluate
+
+    def no_retraining(*args, **kwargs):
+        raise AssertionError("went on to build the ground truth")
+
+    monkeypatch.setattr(evaluate.ground_truth, "ensure", no_retraining)
+    monkeypatch.setattr(evaluate, "connect", no_retraining)
+    said = r"lds\.results=\['nosuch'\] names no result set this job can evaluate \('nosuch': no "
+    with pytest.raises(ResultsNotFoundError, match=said + r"complete results named 'nosuch'"):
+        evaluate.lds(compose_cfg(tmp_path, "lds.results=[nosuch]"))
+    with pytest.raises(AssertionError, match="went on to build the ground truth"):
+        evaluate.lds(compose_cfg(tmp_path))  # default [run.name]: on to the ground truth
