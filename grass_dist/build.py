@@ -91,6 +91,20 @@ def check_targets_set(job: JobConfig, query: bool) -> None:
     for node, where in nodes:
         if isinstance(node, dict) and node.get("_target_") == _UNSET:
             raise _unset_target(where)
+        if isinstance(node, dict):
+            check_unset_arguments(node, where)
+
+
+def check_unset_arguments(node: dict[str, Any], where: str) -> None:
+    """Refuse a preset's `???` arguments still unset (data=text_files' paths), which would
+    otherwise reach the callable as text."""
+    unset = unset_fields(node)
+    if unset:
+        adds = " ".join(f"{where}.{k}=<value>" for k in unset)
+        raise ConfigError(
+            f"{where}._target_={node.get('_target_')} needs {', '.join(unset)}, which the "
+            f"preset leaves unset: add {adds}"
+        )
 
 
 def locate_target(node: dict[str, Any], where: str) -> Callable[..., Any]:
@@ -150,13 +164,7 @@ def check_arguments(
                 f"{target} takes no argument {', '.join(extra)} (it takes: "
                 f"{', '.join(sorted(takes)) or 'none'}). {_leftover_fix(where, given, extra)}"
             )
-    # A preset's `???` (e.g. data=text_files' paths) would otherwise reach the callable as text.
-    unset = unset_fields(node)
-    if unset:
-        adds = " ".join(f"{where}.{k}=<value>" for k in unset)
-        raise ConfigError(
-            f"{target} needs {', '.join(unset)}, which the preset leaves unset: add {adds}"
-        )
+    check_unset_arguments(node, where)
     if node.get("_partial_") or node.get("_args_"):
         return
     missing = [

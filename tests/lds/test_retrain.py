@@ -116,9 +116,7 @@ def test_outputs_of_a_loss_only_task_are_read_from_input_label_items():
     np.testing.assert_allclose(got, want, rtol=1e-10)
 
 
-def test_lds_results_none_of_which_exists_are_refused_before_any_retraining(
-    tmp_path, monkeypatch
-):
+def test_lds_results_none_of_which_exists_are_refused_before_any_retraining(tmp_path, monkeypatch):
     # It retrained the ground truth (minutes at the defaults), then skipped every result set
     # and exited 0. Unset, jobs.lds may still build the ground truth alone.
     from grass_dist.errors import ResultsNotFoundError

@@ -238,3 +238,26 @@ def test_cli_serve_on_a_taken_port_names_it_before_anything_starts(tmp_path, use
         _message(proc.stderr),
     )
     assert not (tmp_path / "index").exists()
+
+
+def test_cli_refuses_a_presets_unset_argument_before_ray_starts(tmp_path, user_pkg):
+    # data=text_files leaves its paths `???`: refused only once Ray and two worker actors had
+    # started (about 10 s); a config value, so before Ray.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="gd-ray-"))
+    given = [
+        "model=hf_causal_lm",
+        "data=text_files",
+        "task=causal_lm",
+        f"run.output_dir={tmp_path}",
+    ]
+    try:
+        proc = run_job("index", *given, user=user_pkg, cwd=tmp_path,
+                       env=user_pkg.env(RAY_TMPDIR=str(ray_tmp)), timeout=300)  # fmt: skip
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert _message(proc.stderr) == (
+            "error: data.train._target_=grass_dist.data.text.text_files needs paths, which the preset "
+            "leaves unset: add data.train.paths=<value>"
+        )
+        assert "embedded Ray" not in proc.stderr and not any(ray_tmp.iterdir())
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
