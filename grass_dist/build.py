@@ -20,6 +20,12 @@ from torch import nn
 from grass_dist import compress
 from grass_dist.compress import Compressor, build_compressors, learned_layers
 from grass_dist.config import JobConfig
+from grass_dist.config_checks import (
+    HYDRA_KEYS,
+    UNSET,
+    check_unset_arguments,
+    unset_target,
+)
 from grass_dist.data.identity import data_identity
 from grass_dist.errors import ConfigError, GrassError
 from grass_dist.gradients import learned_state
@@ -32,8 +38,6 @@ from grass_dist.models.state import settings_hash, state_hash
 from grass_dist.target_errors import unimportable
 
 # Keys Hydra reads itself; everything else under a node is an argument of its _target_.
-_HYDRA_KEYS = frozenset({"_target_", "_args_", "_recursive_", "_convert_", "_partial_"})
-_UNSET = "???"
 # Groups with a `custom` preset: a bare `_target_` for the user's own callable.
 _CUSTOM_PRESETS = ("model", "data", "task")
 
@@ -75,43 +79,11 @@ def _leftover_fix(where: str, given: list[str], extra: list[str]) -> str:
     )
 
 
-def _unset_target(where: str) -> ConfigError:
-    return ConfigError(
-        f"{where}._target_ is not set: give the import path of your callable, e.g. "
-        f"{where}._target_=my_pkg.module.build"
-    )
-
-
-def check_targets_set(job: JobConfig, query: bool) -> None:
-    """Refuse a `_target_` the job builds (the queries' only when it scores them) that its
-    preset leaves unset (model=custom, data=custom), before Ray starts for the job."""
-    nodes = [(job.model, "model"), (job.task, "task"), (job.data.get("train"), "data.train")]
-    if query:
-        nodes.append((job.data.get("query"), "data.query"))
-    for node, where in nodes:
-        if isinstance(node, dict) and node.get("_target_") == _UNSET:
-            raise _unset_target(where)
-        if isinstance(node, dict):
-            check_unset_arguments(node, where)
-
-
-def check_unset_arguments(node: dict[str, Any], where: str) -> None:
-    """Refuse a preset's `???` arguments still unset (data=text_files' paths), which would
-    otherwise reach the callable as text."""
-    unset = unset_fields(node)
-    if unset:
-        adds = " ".join(f"{where}.{k}=<value>" for k in unset)
-        raise ConfigError(
-            f"{where}._target_={node.get('_target_')} needs {', '.join(unset)}, which the "
-            f"preset leaves unset: add {adds}"
-        )
-
-
 def locate_target(node: dict[str, Any], where: str) -> Callable[..., Any]:
     """The callable named by `node["_target_"]`; ConfigError when unset or not importable."""
     target = node.get("_target_")
-    if target in (None, _UNSET):
-        raise _unset_target(where)
+    if target in (None, UNSET):
+        raise unset_target(where)
     hydra_log = logging.getLogger("hydra.utils")  # logs the error it then raises
     hydra_log.addFilter(_silent)
     try:
@@ -124,18 +96,6 @@ def locate_target(node: dict[str, Any], where: str) -> Callable[..., Any]:
 
 def _silent(record: logging.LogRecord) -> bool:
     return False
-
-
-def unset_fields(node) -> list[str]:
-    """Keys of a `_target_` node that its preset leaves `???` (mandatory, not yet given):
-    its arguments, and `_target_` itself (data=custom's)."""
-    return [
-        k
-        for k in node
-        if (k == "_target_" or k not in _HYDRA_KEYS)
-        and isinstance(node[k], str)
-        and node[k] == _UNSET
-    ]
 
 
 def check_arguments(
@@ -154,7 +114,7 @@ def check_arguments(
     except (TypeError, ValueError):  # builtins and C extensions may have no signature
         return
     target = f"{where}._target_={node.get('_target_')}"
-    given = [k for k in node if k not in _HYDRA_KEYS]
+    given = [k for k in node if k not in HYDRA_KEYS]
     named = params[supplied:]
     if not any(p.kind is p.VAR_KEYWORD for p in params):
         takes = {p.name for p in named if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}

@@ -25,11 +25,10 @@ from grass_dist.build import (
     build_task,
     check_compressors,
     check_rows,
-    check_targets_set,
     fingerprint,
-    unset_fields,
 )
 from grass_dist.config import JobConfig, resolve
+from grass_dist.config_checks import check_targets_set, unset_fields
 from grass_dist.data.identity import check_committed_content, check_committed_rows
 from grass_dist.errors import IndexNotFoundError
 from grass_dist.gradients.capture import layers_that_run

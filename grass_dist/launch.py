@@ -33,6 +33,7 @@ import ray
 from omegaconf import DictConfig
 
 from grass_dist.config import ClusterConfig, JobConfig, resolve
+from grass_dist.config_checks import check_targets_set
 from grass_dist.config_help import setting_help, unknown_setting
 from grass_dist.errors import GrassError
 from grass_dist.runtime import cluster, placement, processes
@@ -233,7 +234,7 @@ def door(name: str, cfg: DictConfig) -> dict[str, Any]:
     there); its `connect` waits for this Ray. A Ray started here is stopped when the job
     raises or exits (a refusal exits 2), as `pipeline.prepare_started` stops one it started.
     """
-    embedded = _embedded_cluster(cfg)
+    embedded = _embedded_cluster(cfg, query=name != "index")
     if embedded is None:
         return _job(name, cfg)
     with cluster.CONNECTING:  # the job's own `connect` waits for this thread's Ray
@@ -279,13 +280,16 @@ def _job(name: str, cfg: DictConfig) -> dict[str, Any]:
     return getattr(importlib.import_module(_JOBS_MODULE), name)(cfg)
 
 
-def _embedded_cluster(cfg: DictConfig) -> ClusterConfig | None:
+def _embedded_cluster(cfg: DictConfig, query: bool) -> ClusterConfig | None:
     """`cfg`'s cluster settings when it asks for an embedded Ray (cluster.address null),
     else None. A config that fails its checks is refused here (`refuse`), before the job's
     modules import torch: a mistyped value is refused in about a second, not three; so are
-    workers that the embedded Ray could never place (`placement.check_placeable`)."""
+    a preset's unset values (the queries' only for a job that scores them) and workers that
+    the embedded Ray could never place (`placement.check_placeable`)."""
     try:
-        settings = JobConfig.from_cfg(resolve(cfg)).cluster
+        job = JobConfig.from_cfg(resolve(cfg))
+        check_targets_set(job, query)
+        settings = job.cluster
         placement.check_placeable(settings)
     except GrassError as e:
         refuse(e)

@@ -32,7 +32,7 @@ def test_a_door_checks_its_config_and_reaches_ray_without_importing_torch():
         "register_configs()\n"
         f"with initialize_config_dir(config_dir={str(ROOT / 'conf')!r}, version_base='1.3'):\n"
         "    cfg = compose('config', overrides=['compression.method=logra'])\n"
-        "assert launch._embedded_cluster(cfg) is not None\n"
+        "assert launch._embedded_cluster(cfg, query=True) is not None\n"
         "print(sorted(m for m in ('torch', 'grass_dist.compress') if m in sys.modules))\n"
     )
     done = subprocess.run(
@@ -68,7 +68,7 @@ def test_a_door_refuses_a_bad_value_before_torch_imports():
 def test_a_bad_compression_method_is_refused_with_the_methods_there_are(tmp_path, capsys):
     cfg = compose_cfg(tmp_path, "compression.method=nope", small=False)
     with pytest.raises(SystemExit) as refused:
-        launch._embedded_cluster(cfg)  # before Ray, as run.<door> would refuse it
+        launch._embedded_cluster(cfg, query=True)  # before Ray, as run.<door> would refuse it
     assert refused.value.code == 2
     said = r"^error: compression.method='nope' is unknown.*factgrass"
     assert re.search(said, capsys.readouterr().err)
