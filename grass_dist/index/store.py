@@ -460,6 +460,8 @@ class Store:
         """
         if self._is_local:
             self._check_local_folder()
+        if self.is_s3:
+            self._check_bucket()
         rel = f"_probe-{uuid.uuid4().hex}"  # at the top: no folder left behind
         payload = b"grass_dist write probe"
         self.write_bytes(rel, payload)
@@ -471,6 +473,22 @@ class Store:
         finally:
             self.delete(rel)
         self.check_create_only()
+
+    def _check_bucket(self) -> None:
+        """Refuse a bucket that does not exist (a misspelt one: a server such as SeaweedFS
+        would create it at the probe's put). Any other failure is left to the probe, which
+        names it (access denied, endpoint unreachable)."""
+        bucket = self._path("").split("/", 1)[0]
+        try:
+            self.fs.call_s3("head_bucket", Bucket=bucket)
+        except FileNotFoundError:
+            raise ConfigError(
+                f"the bucket {bucket!r} of the index store {self.url_of('')} does not exist"
+                f"{at_endpoint(self.endpoint)}. Fix: check the bucket's name in store.url (or "
+                f"index.url), or create the bucket first (e.g. `aws s3 mb s3://{bucket}`)"
+            ) from None
+        except Exception:  # noqa: BLE001 -- the probe's put reports it, by kind
+            return
 
     def _check_local_folder(self) -> None:
         """Refuse a local store path that is, or lies inside, an existing file."""

@@ -123,6 +123,18 @@ def test_wrong_credentials_name_endpoint_and_bucket(seaweedfs, tmp_path, capfd):
         assert wrong not in text and seaweedfs.secret_key not in text
 
 
+def test_a_misspelt_bucket_is_named_and_not_created(seaweedfs, tmp_path):
+    # SeaweedFS creates a bucket at the first put: the write probe's put made the typo a
+    # new bucket (or, with no free volume, read as "endpoint unreachable" after retries).
+    backend = s3_backend(seaweedfs)
+    cfg = backend.cfg(tmp_path, "store.url=s3://grass-typo/idx", *FAST_RETRY)
+    said = r"the bucket 'grass-typo' of the index store s3://grass-typo/idx does not exist at "
+    with pytest.raises(ConfigError, match=said + r"endpoint http://127\.0\.0\.1:\d+\. Fix: "):
+        pipeline.prepare(cfg)
+    fs = s3fs.S3FileSystem(**seaweedfs.storage_options())
+    assert not fs.exists("grass-typo") and fs.exists(seaweedfs.bucket)
+
+
 @pytest.mark.parametrize(
     ("given", "lacks", "fix"),
     [

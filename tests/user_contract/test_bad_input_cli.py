@@ -255,8 +255,8 @@ def test_cli_refuses_a_presets_unset_argument_before_ray_starts(tmp_path, user_p
                        env=user_pkg.env(RAY_TMPDIR=str(ray_tmp)), timeout=300)  # fmt: skip
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert _message(proc.stderr) == (
-            "error: data.train._target_=grass_dist.data.text.text_files needs paths, which the preset "
-            "leaves unset: add data.train.paths=<value>"
+            "error: data.train._target_=grass_dist.data.text.text_files needs paths, which the "
+            "preset leaves unset: add data.train.paths=<value>"
         )
         assert "embedded Ray" not in proc.stderr and not any(ray_tmp.iterdir())
     finally:
