@@ -249,3 +249,20 @@ def test_half_a_credential_under_client_kwargs_is_refused_without_its_value(tmp_
         *(f"+store.storage_options.client_kwargs.{k}={v}" for k, v in whole.items()),
     )
     assert JobConfig.from_cfg(cfg).store.storage_options["client_kwargs"] == whole
+
+
+def test_a_sweep_logs_under_the_output_dir_one_folder_per_job():
+    # Unset, Hydra's sweep folder was ./multirun/<date>/<time>, outside run.output_dir.
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from grass_dist.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", return_hydra_config=True)
+    sweep = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)
+    assert sweep == {
+        "dir": "${run.output_dir}/logs/${now:%Y-%m-%d_%H-%M-%S}-sweep",
+        "subdir": "${hydra.job.num}",
+    }
