@@ -98,6 +98,24 @@ def _no_commit_yet(store: Store) -> str:
     )
 
 
+# The fix when one entry alone differs: what that difference means.
+_ALONE = {
+    "model.state_sha256": (
+        "the model's weights differ from those the index was built with, its settings "
+        "alike: another checkpoint or other model arguments (use a new store.url for "
+        "them), or a model factory that builds other weights on every call (random "
+        "initial weights, or training inside it), whose index no later run can match: "
+        "make model._target_ load saved weights, then use a new store.url."
+    ),
+    "model.settings_sha256": (
+        "the model's weights are those the index was built with, but its settings "
+        "differ: a submodule, or a plain attribute of one that its forward may read (a "
+        "temperature, an activation's name, a size), so it computes other gradients. Use "
+        "a new store.url for this model, or build it as the index was built."
+    ),
+}
+
+
 def check_fingerprint(store: Store, stored: dict[str, Any], requested: dict[str, Any]) -> None:
     """FingerprintMismatchError naming every differing setting, unless `requested` is what
     the index at `store` was built with, and the fix: an index without a commit may go."""
@@ -116,21 +134,9 @@ def check_fingerprint(store: Store, stored: dict[str, Any], requested: dict[str,
         "use a new store.url (or index.url) for these settings, or rerun with the same "
         "model/compression/data settings as the existing index."
     )
-    if [path for path, _, _ in diffs] == ["model.state_sha256"]:
-        fix = (
-            "the model's weights differ from those the index was built with, its settings "
-            "alike: another checkpoint or other model arguments (use a new store.url for "
-            "them), or a model factory that builds other weights on every call (random "
-            "initial weights, or training inside it), whose index no later run can match: "
-            "make model._target_ load saved weights, then use a new store.url."
-        )
-    elif [path for path, _, _ in diffs] == ["model.settings_sha256"]:
-        fix = (
-            "the model's weights are those the index was built with, but its settings "
-            "differ: a submodule, or a plain attribute of one that its forward may read (a "
-            "temperature, an activation's name, a size), so it computes other gradients. Use "
-            "a new store.url for this model, or build it as the index was built."
-        )
+    alone = [path for path, _, _ in diffs]
+    if len(alone) == 1 and alone[0] in _ALONE:
+        fix = _ALONE[alone[0]]
     elif IN_MEMORY in json.dumps(stored) and IN_MEMORY not in json.dumps(requested):
         fix = (
             "this index was built from Python objects (the Python API's Index.build given a "
