@@ -77,6 +77,20 @@ class StoreAccessDeniedError(StoreUnavailableError):
         "variables) and that they may read, write and list this bucket and prefix."
     )
 
+    def __init__(
+        self, url: str, reason: str, endpoint: str | None = None, given: str | None = None
+    ) -> None:
+        super().__init__(url, reason, endpoint)
+        self.args = (url, reason, endpoint, given)
+        self.given = given  # where the job's config gave the credentials it used, if it did
+        if given is not None:
+            self.fix = (
+                f"Fix: check the credentials given in {given}, which this job used (they "
+                f"belong in the environment of every node: README, S3 credentials through "
+                f"environment variables), and that they may read, write and list this "
+                f"bucket and prefix."
+            )
+
     def problem(self) -> str:
         bucket = _bucket(self.url)
         named = f" (bucket {bucket!r})" if bucket else ""

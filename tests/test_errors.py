@@ -19,6 +19,7 @@ ARGUMENTS = {
     "endpoint": "http://127.0.0.1:8333",
     "positions": [1, 3],
     "status": 422,
+    "given": "store.storage_options",
 }
 CLASSES = [
     c

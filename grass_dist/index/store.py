@@ -204,7 +204,12 @@ class Store:
             if secret != endpoint:  # the endpoint is shown anyway (minus any credentials)
                 reason = reason.replace(secret, "***")
         if endpoint is not None and is_access_denied(exc):
-            return StoreAccessDeniedError(url, reason, endpoint)
+            from grass_dist.saved_config import credentials  # hydra: the error path only
+
+            given = credentials({"storage_options": self.storage_options})
+            return StoreAccessDeniedError(
+                url, reason, endpoint, "store.storage_options" if given else None
+            )
         if is_transient(exc):
             attempts = self.retry.attempts
             reason += f" (gave up after {attempts} attempt(s) over {seconds:.1f} s)"
