@@ -16,6 +16,7 @@ whose job is README's own `ray job submit` command.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shlex
@@ -123,10 +124,43 @@ def collect() -> list[Documented]:
     found: dict[tuple[str, tuple[str, ...]], Documented] = {}
     for path, n, line in lines:
         for job, overrides in jobs_in(line):
-            kept = tuple(o for o in overrides if o not in _PLACEHOLDERS)
+            kept = [o for o in overrides if o not in _PLACEHOLDERS]
             where = f"{path.relative_to(ROOT)}:{n}" if n else str(path.relative_to(ROOT))
-            found.setdefault((job, kept), Documented(where, job, kept))
+            for one in sweep(kept):
+                found.setdefault((job, one), Documented(where, job, one))
     return list(found.values())
+
+
+def sweep(overrides: list[str]) -> list[tuple[str, ...]]:
+    """The jobs of a command line: itself, or for a sweep (`-m`) one job per combination of
+    the values of each `key=a,b` (a comma outside brackets and quotes), as Hydra's basic
+    sweeper runs them."""
+    if "-m" not in overrides and "--multirun" not in overrides:
+        return [tuple(overrides)]
+    choices = []
+    for given in (o for o in overrides if o not in ("-m", "--multirun")):
+        key, eq, value = given.partition("=")
+        values = _top_level_split(value) if eq else [value]
+        choices.append([f"{key}={v}" for v in values] if len(values) > 1 else [given])
+    return list(itertools.product(*choices))
+
+
+def _top_level_split(value: str) -> list[str]:
+    """`value` split at its commas outside brackets, braces and quotes."""
+    parts, depth, quote, start = [], 0, None, 0
+    for i, ch in enumerate(value):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(value[start:i])
+            start = i + 1
+    return [*parts, value[start:]]
 
 
 COMMANDS = collect()
@@ -140,6 +174,13 @@ def test_commands_are_collected():
     assert {c.job for c in COMMANDS} >= {"attribute", "index", "lds", "serve"}
     make_run = ("compression.k=64", "cluster.num_workers=3", "store.url=outputs/index-k64")
     assert any(c.overrides == make_run for c in COMMANDS)
+    # README's sweep is its two jobs, each with its own store.
+    swept = [c.overrides for c in COMMANDS if "run.name=k${compression.k}" in c.overrides]
+    assert sorted(o[0] for o in swept) == ["compression.k=256", "compression.k=64"]
+    assert sweep(["-m", "index.layers=[a,b]", "x=1,2"]) == [
+        ("index.layers=[a,b]", "x=1"),
+        ("index.layers=[a,b]", "x=2"),
+    ]
 
 
 def _cheap_model(job: JobConfig, tmp_path: Path):
