@@ -38,7 +38,7 @@ from grass_dist.index import GradientIndex
 from grass_dist.index.content import row_digest
 from grass_dist.index.shards import repair_fix
 from grass_dist.models.state import state_hash
-from grass_dist.runtime import local_shard
+from grass_dist.runtime import compute_thread, local_shard
 from grass_dist.runtime.cluster import CONNECTING, check_reachable, connect
 from grass_dist.runtime.local_shard import LocalShard
 from grass_dist.runtime.placement import check_placeable, worker_factory
@@ -127,7 +127,14 @@ def prepare(cfg: DictConfig | dict, *, create_index: bool = True, query: bool = 
 def _prepare(
     cfg: DictConfig | dict, create_index: bool, query: bool
 ) -> tuple[Job, assembly.Replica, Any]:
-    """`prepare`'s job, and the driver's replica and training data."""
+    """`prepare`'s job, and the driver's replica and training data: built on the compute
+    thread (`runtime.compute_thread`), which also computes the driver's shards."""
+    return compute_thread.call(_prepared, cfg, create_index, query)
+
+
+def _prepared(
+    cfg: DictConfig | dict, create_index: bool, query: bool
+) -> tuple[Job, assembly.Replica, Any]:
     raw = resolve(cfg)
     job_cfg = JobConfig.from_cfg(raw)
     check_placeable(job_cfg.cluster)  # workers its Ray could never place

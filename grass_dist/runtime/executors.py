@@ -26,6 +26,7 @@ from typing import Any
 import ray
 import torch
 
+from grass_dist.runtime import compute_thread
 from grass_dist.runtime.cluster import threads_for
 from grass_dist.runtime.pool import ACTOR_LOST
 
@@ -42,8 +43,12 @@ def release_memory() -> None:
 
 
 def run_call(fn: Callable, threads: int, *args):
-    """One map call's body: fn(*args) on `threads` torch threads, then hand the freed
-    memory back."""
+    """One map call's body: fn(*args) on `threads` torch threads, on this process's compute
+    thread, then hand the freed memory back."""
+    return compute_thread.call(_call_on, fn, threads, *args)
+
+
+def _call_on(fn: Callable, threads: int, *args):
     torch.set_num_threads(threads)
     try:
         return fn(*args)
@@ -53,12 +58,12 @@ def run_call(fn: Callable, threads: int, *args):
 
 def _run_here(fn: Callable, threads: int, *args):
     """`run_call` in this process, whose torch thread count is restored after the call."""
-    before = torch.get_num_threads()
+    before = compute_thread.call(torch.get_num_threads)
     try:
         args = tuple(ray.get(a) if isinstance(a, ray.ObjectRef) else a for a in args)
         return run_call(fn, threads, *args)
     finally:
-        torch.set_num_threads(before)
+        compute_thread.call(torch.set_num_threads, before)
 
 
 def local_device() -> str:

@@ -45,6 +45,7 @@ from grass_dist.config import JobConfig
 from grass_dist.errors import BadRowsError, ConfigError, NonFiniteGradientError
 from grass_dist.gradients.computer import GradientComputer, PhiBlock
 from grass_dist.index import GradientIndex, ShardRecord
+from grass_dist.runtime import compute_thread
 from grass_dist.runtime.cluster import STOPPING, threads_for
 from grass_dist.runtime.overlap import Phases
 from grass_dist.runtime.worker import ShardPlan, index_rows, phi_rows
@@ -69,12 +70,12 @@ def as_a_worker(cfg: JobConfig, replica: Replica) -> Iterator[GradientComputer]:
     """The driver's `replica` computing as a CPU worker does: on a worker's thread count
     (torch's kernels split their sums by threads), the driver's own restored after. (In
     the Python API the replica's model is the job's copy of the caller's.)"""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(threads_for(cfg.cluster.cpus_per_worker))
+    threads = compute_thread.call(torch.get_num_threads)
+    compute_thread.call(torch.set_num_threads, threads_for(cfg.cluster.cpus_per_worker))
     try:
         yield GradientComputer(replica.model, replica.task, replica.compressors, "cpu")
     finally:
-        torch.set_num_threads(threads)
+        compute_thread.call(torch.set_num_threads, threads)
 
 
 def driver_phi(

@@ -18,6 +18,7 @@ from grass_dist.errors import ModelMismatchError
 from grass_dist.gradients.computer import GradientComputer, PhiBlock
 from grass_dist.index import ShardRecord
 from grass_dist.models.state import state_hash
+from grass_dist.runtime import compute_thread
 from grass_dist.runtime.executors import run_call
 from grass_dist.runtime.faults import FaultInjector
 from grass_dist.runtime.overlap import Phases
@@ -106,7 +107,7 @@ def index_rows(
     with phases.run(sid, "compute"):
         if before_compute is not None:
             before_compute()
-        block = computer.phi_loaded(loaded, on_batch=on_batch)
+        block = compute_thread.call(computer.phi_loaded, loaded, on_batch=on_batch)
     with phases.run(sid, "write"):
         return index.write_shard(
             sid, plan.start, plan.end, block.row_ids, block.keys, block.phi, loaded.digests
@@ -130,7 +131,7 @@ def phi_rows(
     with phases.run(key, "load"):
         loaded = computer.load_rows(dataset, range(start, end), batch_size, f"data.{which} rows")
     with phases.run(key, "compute"):
-        return computer.phi_loaded(loaded)
+        return compute_thread.call(computer.phi_loaded, loaded)
 
 
 class GradientWorker:
@@ -154,7 +155,7 @@ class GradientWorker:
         if in_ray and ray.get_runtime_context().get_actor_id() is not None:
             # An actor owns its process: use the CPUs it was given. A worker built in the
             # caller's process leaves the caller's thread count alone.
-            torch.set_num_threads(threads)
+            compute_thread.call(torch.set_num_threads, threads)
         self.job = JobConfig.from_cfg(job)
         self.threads = threads
         self.worker_id = worker_id
@@ -174,7 +175,10 @@ class GradientWorker:
 
     def start(self, model_hash: str) -> dict[str, Any]:
         """Build the replica (the index must exist), check it is the driver's model, and
-        return `describe()`."""
+        return `describe()`. On the compute thread, as the replica's compute will be."""
+        return compute_thread.call(self._start, model_hash)
+
+    def _start(self, model_hash: str) -> dict[str, Any]:
         assembly.receive(self.objects)  # in-memory model/task/data from the driver (api)
         # Learned masks come from the index, so queries use the masks the index was built with.
         self.index = assembly.open_index(self.job)
