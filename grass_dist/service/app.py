@@ -31,7 +31,7 @@ from starlette.responses import JSONResponse
 from grass_dist import launch
 from grass_dist.config import JobConfig
 from grass_dist.errors import BadRequestError, ConfigError, GrassError, ServiceCheckError
-from grass_dist.runtime import cluster
+from grass_dist.runtime import cluster, compute_thread
 from grass_dist.runtime.cluster import connect, threads_for
 from grass_dist.service.client import encode
 from grass_dist.service.engine import BUILD_PRECONDITIONER, QueryEngine
@@ -67,8 +67,10 @@ class AttributionService:
 
     def __init__(self, raw_job: dict[str, Any]):
         self.job = JobConfig.from_cfg(raw_job)
-        torch.set_num_threads(threads_for(self.job.serve.cpus_per_replica))
-        self.engine = QueryEngine(self.job)
+        # The model computes on one thread (runtime/compute_thread.py), whatever thread
+        # serves the request.
+        compute_thread.call(torch.set_num_threads, threads_for(self.job.serve.cpus_per_replica))
+        self.engine = compute_thread.call(QueryEngine, self.job)
         self.handler = QueryHandler(self.job, self.engine)
         self.prefix = self.job.serve.route_prefix.rstrip("/")
         # Gradient capture keeps per-forward state, so requests take turns on the model.
@@ -93,7 +95,7 @@ class AttributionService:
             raise BadRequestError(f"{path} takes POST, not {request.method}", 405)
         req, items = self.handler.parse(await self._body(request))
         async with self.lock:
-            return await asyncio.to_thread(self.handler.answer, req, items)
+            return await asyncio.to_thread(compute_thread.call, self.handler.answer, req, items)
 
     async def _body(self, request: Request) -> bytes:
         """The body, refusing (413) past serve.max_request_bytes without keeping it.
