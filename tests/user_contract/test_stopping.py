@@ -39,28 +39,37 @@ def _wait_for_a_commit(
         time.sleep(0.1)
 
 
-def _index_job(given: list[str], cwd: Path, user_pkg) -> subprocess.Popen:
-    """`python -m jobs.index given...` with the user's package, in a session of its own
-    (so that a signal can go to its whole process group, as a terminal's does)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "jobs.index", *given],
-        cwd=cwd,
-        env=user_pkg.env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+def _index_job(
+    given: list[str], cwd: Path, env: dict[str, str], new_session: bool = True
+) -> subprocess.Popen:
+    """`python -m jobs.index given...` in `env` (the user's package's), in a session of its
+    own (so that a signal can go to its whole process group, as a terminal's does). Its output
+    goes to files (`_stderr`): a pipe that nobody reads while the job runs fills up (a job
+    of many small shards logs each), and the job then waits in its logging for good."""
+    with open(cwd / "job.stdout", "w") as out, open(cwd / "job.stderr", "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jobs.index", *given],
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=err,
+            start_new_session=new_session,
+        )
+    proc.stderr_file = cwd / "job.stderr"
+    return proc
 
 
-def _from_pipe(proc: subprocess.Popen) -> Callable[[], str]:
-    return lambda: proc.communicate()[1]
+def _stderr(proc: subprocess.Popen) -> str:
+    """What a job of `_index_job` wrote to its stderr so far."""
+    return proc.stderr_file.read_text()
 
 
 def _ended_by_ctrl_c(proc: subprocess.Popen, index: Path) -> int:
-    """Checks a job stopped by Ctrl-C: status 130, no traceback or native stack, the line
-    saying what is kept, its progress record ended; returns how many shards it kept."""
-    _, stderr = proc.communicate(timeout=120)
+    """Checks a job of `_index_job` stopped by Ctrl-C: status 130, no traceback or native
+    stack, the line saying what is kept, its progress record ended; returns how many shards
+    it kept."""
+    proc.wait(timeout=120)
+    stderr = _stderr(proc)
     assert proc.returncode == 130, stderr[-3000:]
     for noise in ("Traceback", "terminate called", "logging.cc"):
         assert noise not in stderr, stderr[-3000:]
@@ -159,8 +168,8 @@ def test_ctrl_c_says_what_is_kept_and_a_rerun_goes_on(tmp_path, user_pkg):
     # Ctrl-C mid-index: no traceback, exit 130, and the rerun computes only what is missing.
     # A terminal sends SIGINT to its foreground process group: the job and Ray's processes.
     given = [*_overrides(user_pkg, tmp_path), "faults.shard_delay_s=2", "cluster.num_workers=1"]
-    proc = _index_job(given, tmp_path, user_pkg)
-    _wait_for_a_commit(proc, tmp_path / "index", 240, _from_pipe(proc))
+    proc = _index_job(given, tmp_path, user_pkg.env())
+    _wait_for_a_commit(proc, tmp_path / "index", 240, lambda: _stderr(proc))
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in its terminal sends
     kept = _ended_by_ctrl_c(proc, tmp_path / "index")
     assert _all_gone(proc.pid) == []
@@ -177,12 +186,12 @@ def test_ctrl_c_as_the_driver_commits_shard_after_shard_leaves_a_record_that_cou
     # was counted only when the stage's thread next looked: the ended record said 79 shards
     # where the index held 119.
     given = [*_overrides(user_pkg, tmp_path), "data.train.n=1200", "index.shard_size=2"]
-    proc = _index_job(given, tmp_path, user_pkg)
+    proc = _index_job(given, tmp_path, user_pkg.env())
     index = tmp_path / "index"
-    _wait_for_a_commit(proc, index, 240, _from_pipe(proc))
+    _wait_for_a_commit(proc, index, 240, lambda: _stderr(proc))
     store = GradientIndex.open(str(index)).store
     while (read_progress(store) or {}).get("index") is None:  # the stage counts from here
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert proc.poll() is None, _stderr(proc)[-3000:]
         time.sleep(0.05)
     time.sleep(0.3)
     os.killpg(proc.pid, signal.SIGINT)
@@ -212,9 +221,8 @@ def test_ctrl_c_while_the_embedded_ray_starts_ends_the_job_as_any_ctrl_c(tmp_pat
     env = user_pkg.env()
     env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(hook)])
     given = _overrides(user_pkg, tmp_path)
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.index", *given], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    _wait_for_a_commit(proc, tmp_path / "index", 120, _from_pipe(proc))
+    proc = _index_job(given, tmp_path, env, new_session=False)
+    _wait_for_a_commit(proc, tmp_path / "index", 120, lambda: _stderr(proc))
     proc.send_signal(signal.SIGINT)
     kept = _ended_by_ctrl_c(proc, tmp_path / "index")
     rerun = run_job("index", *given, user=user_pkg, cwd=tmp_path, timeout=300)
