@@ -105,6 +105,8 @@ def query_dicts(n=10):
 
 _TASKS = '''
 """A user's own task: label-smoothed cross-entropy per sample (no grass_dist import)."""
+import time
+
 import torch
 import torch.nn.functional as F
 from torch.utils.data import default_collate
@@ -124,6 +126,18 @@ class SmoothedCE:
         x, y = batch[0], batch[1]
         return F.cross_entropy(model(x), y.long(), reduction="none",
                                label_smoothing=self.smoothing)
+
+
+class Unhurried(SmoothedCE):
+    """SmoothedCE taking `delay_s` longer per batch: a slow model, in miniature."""
+
+    def __init__(self, delay_s=0.05, smoothing=0.1):
+        super().__init__(smoothing)
+        self.delay_s = delay_s
+
+    def per_sample_loss(self, model, batch):
+        time.sleep(self.delay_s)
+        return super().per_sample_loss(model, batch)
 '''
 
 _TRAIN = '''

@@ -181,11 +181,15 @@ def test_ctrl_c_says_what_is_kept_and_a_rerun_goes_on(tmp_path, user_pkg):
 def test_ctrl_c_as_the_driver_commits_shard_after_shard_leaves_a_record_that_counts_them(
     tmp_path, user_pkg
 ):
-    # The driver commits a two-row shard every few tens of milliseconds, also once the index
-    # stage counts them. After a Ctrl-C it went on committing while Ray stopped, and a shard
-    # was counted only when the stage's thread next looked: the ended record said 79 shards
-    # where the index held 119.
-    given = [*_overrides(user_pkg, tmp_path), "data.train.n=1200", "index.shard_size=2"]
+    # The driver commits a two-row shard about every 50 ms (a task that sleeps 50 ms a batch;
+    # on the bare model a few ms, and all 600 could be in before a slow Ray was up), also
+    # once the index stage counts them. After a Ctrl-C it went on committing while Ray
+    # stopped, and a shard was counted only when the stage's thread next looked: the ended
+    # record said 79 shards where the index held 119.
+    given = [
+        *_overrides(user_pkg, tmp_path), "data.train.n=1200", "index.shard_size=2",
+        "task=custom", "task._target_=my_pkg.tasks.Unhurried", "+task.delay_s=0.05",
+    ]  # fmt: skip
     proc = _index_job(given, tmp_path, user_pkg.env())
     index = tmp_path / "index"
     _wait_for_a_commit(proc, index, 240, lambda: _stderr(proc))
