@@ -20,12 +20,6 @@ from torch import nn
 from grass_dist import compress
 from grass_dist.compress import Compressor, build_compressors, learned_layers
 from grass_dist.config import JobConfig
-from grass_dist.config_checks import (
-    HYDRA_KEYS,
-    UNSET,
-    check_unset_arguments,
-    unset_target,
-)
 from grass_dist.data.identity import data_identity
 from grass_dist.errors import ConfigError, GrassError
 from grass_dist.gradients import learned_state
@@ -35,6 +29,12 @@ from grass_dist.index import GradientIndex
 from grass_dist.index.fingerprint import IN_MEMORY
 from grass_dist.index.gradient_index import FORMAT_VERSION
 from grass_dist.models.state import settings_hash, state_hash
+from grass_dist.target_checks import (
+    HYDRA_KEYS,
+    UNSET,
+    check_unset_arguments,
+    unset_target,
+)
 from grass_dist.target_errors import unimportable
 
 # Keys Hydra reads itself; everything else under a node is an argument of its _target_.

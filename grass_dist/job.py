@@ -28,7 +28,6 @@ from grass_dist.build import (
     fingerprint,
 )
 from grass_dist.config import JobConfig, resolve
-from grass_dist.config_checks import check_targets_set, unset_fields
 from grass_dist.data.identity import check_committed_content, check_committed_rows
 from grass_dist.errors import IndexNotFoundError
 from grass_dist.gradients.capture import layers_that_run
@@ -46,6 +45,7 @@ from grass_dist.runtime.pool import ActorPool
 from grass_dist.runtime.progress import JobProgress
 from grass_dist.runtime.reducer_handle import ReducerHandle, reduces_in_driver
 from grass_dist.runtime.worker import plan_shards
+from grass_dist.target_checks import check_targets_set, unset_fields
 
 log = logging.getLogger("grass_dist")
 

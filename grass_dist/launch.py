@@ -33,10 +33,10 @@ import ray
 from omegaconf import DictConfig
 
 from grass_dist.config import ClusterConfig, JobConfig, resolve
-from grass_dist.config_checks import check_targets_set
 from grass_dist.config_help import setting_help, unknown_setting
 from grass_dist.errors import GrassError
 from grass_dist.runtime import cluster, placement, processes
+from grass_dist.target_checks import check_targets_set
 
 # When this process started, set by `cli`: a `jobs/` entry point's times count from it.
 _PROCESS_STARTED: float | None = None

@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass
 
 from grass_dist.index.manifest import ManifestLog, legacy_files
 from grass_dist.index.shards import SHARDS_DIR
-from grass_dist.index.store import Store, redact_url
+from grass_dist.index.store import Store
+from grass_dist.urls import redact_url
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,6 @@ from collections.abc import Callable
 from contextlib import suppress
 from datetime import datetime
 from typing import IO, Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import fsspec.core
 from fsspec import AbstractFileSystem
@@ -48,7 +47,7 @@ from grass_dist.index.retry import (
     is_transient,
     is_unclear_refusal,
 )
-from grass_dist.urls import userinfo, without_userinfo
+from grass_dist.urls import redact_url, url_credentials
 
 T = TypeVar("T")
 
@@ -57,24 +56,6 @@ T = TypeVar("T")
 _MEMORY_LOCK = threading.Lock()
 _S3_SCHEMES = ("s3", "s3a")
 _RANGE_BYTES = 8 * 2**20  # S3 objects above this are read in ranges of this size
-
-
-def redact_url(url: str) -> str:
-    """Return ``url`` without user:password in the netloc and without a query string."""
-    url = without_userinfo(url, "***")  # before urlsplit: a secret may hold '/'
-    parts = urlsplit(url)
-    if not parts.query:  # nothing secret-looking (or a plain path)
-        return url
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, "***", ""))
-
-
-def _userinfo(url: str) -> list[str]:
-    """The credentials a URL carries before its '@' (user:password, and each part), which
-    an error of the library that parsed it may quote (e.g. as part of a bucket name)."""
-    info = userinfo(url)
-    if info is None:
-        return []
-    return [part for part in {info, *info.split(":", 1)} if part]
 
 
 def _secret_strings(value: Any) -> list[str]:
@@ -198,8 +179,8 @@ class Store:
     def _error(self, what: str, exc: BaseException, seconds: float = 0.0) -> StoreUnavailableError:
         reason = f"{what}: {type(exc).__name__}: {exc}"
         url, endpoint = redact_url(self.url), self.endpoint
-        secrets = _secret_strings(self.storage_options) + _userinfo(self.url)
-        secrets += _userinfo(self._endpoint_url() or "") if self.is_s3 else []
+        secrets = _secret_strings(self.storage_options) + url_credentials(self.url)
+        secrets += url_credentials(self._endpoint_url() or "") if self.is_s3 else []
         for secret in sorted(secrets, key=len, reverse=True):  # "key:secret" before "key"
             if secret != endpoint:  # the endpoint is shown anyway (minus any credentials)
                 reason = reason.replace(secret, "***")

@@ -20,9 +20,12 @@ from tests.conftest import compose_cfg
 
 
 def test_calls_run_on_one_thread_in_turn_and_raise_their_errors():
-    names = ThreadPoolExecutor(4).map(
-        lambda _: compute_thread.call(lambda: threading.current_thread().name), range(8)
-    )
+    with ThreadPoolExecutor(4) as callers:
+        names = list(
+            callers.map(
+                lambda _: compute_thread.call(lambda: threading.current_thread().name), range(8)
+            )
+        )
     assert set(names) == {"grass-compute"}
     assert threading.current_thread().name != "grass-compute"
     # A call made from the compute thread runs there at once (no queue to wait in).
