@@ -13,6 +13,7 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import ray
@@ -316,10 +317,19 @@ def _prepare_local(raw: dict[str, Any], create_index: bool, query: bool, started
     job.started = started
     job.reached("prepared")
     if create_index and local_shard.wanted(job.cfg):
-        plans = plan_shards(job.n_train, job.cfg.index.shard_size, job.index.committed())
+        committed = job.index.committed()
+        plans = plan_shards(job.n_train, job.cfg.index.shard_size, committed)
         if plans:
             landing = job.progress.held()
             job._local = LocalShard(job.cfg, replica, train, job.index, plans, landing)
+            job.progress.before_finish = partial(
+                local_shard.count_before_the_stage,
+                job,
+                job._local,
+                len(plans) + len(committed),
+                len(committed),
+                sum(p.rows for p in plans),
+            )
     return job
 
 

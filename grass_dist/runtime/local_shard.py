@@ -34,7 +34,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -260,9 +260,8 @@ class DriverShard:
         self.mine: list[ShardPlan] = []  # the driver's, once closed
         self.awaited: list[ShardPlan] = []  # the driver's, not yet committed, at `others`
         self.counted: set[str] = set()  # the driver's commits counted so far
-        self._node = ray.get_runtime_context().get_node_id()  # where the driver computes
         if local is not None:
-            local.on_commit = self._count
+            local.on_commit = self.count
         self.account()
 
     def close(self) -> None:
@@ -298,13 +297,13 @@ class DriverShard:
         if self.local is None:
             return
         refusal = self.local.refusal  # read first: the commits made before it are counted
-        self._count()
+        self.count()
         if refusal is not None:
             raise refusal
 
-    def _count(self) -> None:
+    def count(self) -> None:
         """Count the driver's commits once each (first shard, progress), on the driver's
-        thread or the stage's."""
+        thread or the stage's; by the node it computes on (`driver` before Ray is up)."""
         with self.job.progress.held():
             new = {s: c for s, c in self.local.committed().items() if s not in self.counted}
             if not new:
@@ -317,4 +316,20 @@ class DriverShard:
             ):
                 self.job.first_shard_committed(first - self.job.started)
             rows = sum(record.rows for record, _ in new.values())
-            self.job.progress.shards_done(rows, [self._node] * len(new))
+            node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "driver"
+            self.job.progress.shards_done(rows, [node] * len(new))
+
+
+def count_before_the_stage(
+    job: Job, local: LocalShard, shards_total: int, skipped: int, rows_todo: int
+) -> None:
+    """The progress record's count of `local`'s commits for a job that ends before its index
+    stage counts them (Ctrl-C or a failure while Ray starts): the shards a rerun skips, as
+    the stage would have counted them (`JobProgress.before_finish`). Nothing once the stage
+    planned its own count."""
+    if job.progress.doc["index"] is not None or not local.committed():
+        return
+    since = time.time() - job.started - job.startup_s.get("prepared", 0.0)  # it began then
+    job.progress.index_plan(shards_total, skipped, job.n_train, rows_todo, bar=False, since_s=since)
+    with suppress(*REFUSALS):  # the job's error, which it fails with where it is raised
+        DriverShard(job, local)  # counts the commits so far

@@ -18,6 +18,7 @@ import threading
 import time
 import weakref
 from collections import Counter
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -66,6 +67,9 @@ class JobProgress:
         self._by_node: Counter[str] = Counter()
         self._lock = threading.RLock()  # `finish` from another thread (Ctrl-C) against writes
         self._finished = False
+        # Called as the record ends, before it says so: what the job did before its stages
+        # counted it (the driver's commits while Ray started, `job._prepare_local`).
+        self.before_finish: Callable[[], None] | None = None
         _RUNNING.add(self)
 
     @property
@@ -121,6 +125,11 @@ class JobProgress:
         with self._lock:
             if self._finished:
                 return
+            if self.before_finish is not None:
+                try:
+                    self.before_finish()
+                except Exception as e:  # noqa: BLE001 -- the record still ends
+                    log.warning("progress record %s: %s", self.path, e)
             self.doc["state"] = "failed" if error is not None else "done"
             if error is not None:
                 self.doc.setdefault("error", _said(error))
@@ -139,11 +148,19 @@ class JobProgress:
             self.write()
 
     def index_plan(
-        self, shards_total: int, skipped: int, rows_total: int, rows_todo: int, stage: str = "index"
+        self,
+        shards_total: int,
+        skipped: int,
+        rows_total: int,
+        rows_todo: int,
+        stage: str = "index",
+        bar: bool = True,
+        since_s: float = 0.0,
     ) -> None:
-        """Start counting: `skipped` of `shards_total` shards were committed before this run;
-        the bar closes as `stage` ends."""
-        self._t0 = time.monotonic()
+        """Start counting (the rate from `since_s` seconds ago): `skipped` of `shards_total`
+        shards were committed before this run; the bar (none without `bar`) closes as
+        `stage` ends."""
+        self._t0 = time.monotonic() - since_s
         self._bar_stage = stage
         self.doc["index"] = {
             "shards_total": shards_total,
@@ -156,7 +173,7 @@ class JobProgress:
             "eta_s": None,
             "shards_by_node": {},
         }
-        if self.show_bar and shards_total > skipped:
+        if self.show_bar and bar and shards_total > skipped:
             self._bar = tqdm(
                 total=shards_total,
                 initial=skipped,

@@ -289,3 +289,25 @@ def test_only_an_embedded_cpu_job_without_faults_indexes_on_the_driver(tmp_path)
     assert not wanted("cluster.address=auto")
     assert not wanted("faults.kill_worker_after_rows=10")
     assert not wanted("faults.shard_delay_s=0.5")
+
+
+def test_a_job_stopped_while_ray_starts_records_the_drivers_commits(tmp_path):
+    # Ctrl-C (or a failure) before the index stage counts anything: the driver's shards are
+    # committed, and its progress record says so, as a rerun will skip them.
+    from grass_dist import job as job_module
+    from grass_dist.runtime.progress import interrupt_running
+
+    raw = resolve(compose_cfg(tmp_path))
+    job = job_module._prepare_local(raw, True, False, time.time())
+    done = job._local.result()  # no Ray, no stage: the driver takes every shard
+    plans = plan_shards(90, 32, {})
+    assert done.keys() == {p.shard_id for p in plans}
+    interrupt_running(KeyboardInterrupt())
+    doc = read_progress(job.index.store, job.job_id)
+    assert doc["state"] == "failed" and doc["stages"] == {}
+    ix = doc["index"]
+    assert (ix["shards_total"], ix["shards_skipped"], ix["shards_done"]) == (3, 0, 3)
+    assert (ix["rows_total"], ix["rows_todo"], ix["rows_done"]) == (90, 90, 90)
+    assert list(ix["shards_by_node"].values()) == [3]  # "driver", or Ray's node if it is up
+    assert ix["rows_per_s"] < 1e6  # since the driver began, not since the count
+    assert doc["first_shard_s"] == round(job.first_shard_s, 3) > 0
