@@ -170,11 +170,11 @@ def check_reachable(address: str, timeout_s: float = REACH_TIMEOUT_S) -> None:
     target: str | None = address
     if address == "auto":
         try:
-            from ray._private import services  # Ray's own resolution of 'auto'
-
-            target = services.canonicalize_bootstrap_address_or_die("auto")
+            target = _auto_address()
         except ConnectionError as e:
             raise _unreachable(address, str(e)) from None
+        except ClusterUnreachableError:
+            raise  # another process's embedded Ray
         except Exception:  # noqa: BLE001 - a Ray without it: ray.init resolves 'auto' itself
             return
     target = str(target).removeprefix("ray://")
@@ -198,6 +198,29 @@ def check_reachable(address: str, timeout_s: float = REACH_TIMEOUT_S) -> None:
             f"by default; the dashboard's 8265 is not it), or ray://HOST:10001 for the Ray "
             f"client; or drop cluster=ray (cluster.address=null) to run on an embedded Ray"
         )
+
+
+def _auto_address() -> str:
+    """The cluster `ray.init(address="auto")` joins: RAY_ADDRESS, else the one `ray start`
+    recorded on this machine. Ray's 'auto' then falls back to any Ray whose processes run
+    here: another process's embedded Ray (another job's, a notebook's), which a job that
+    joins it shares the CPUs of (its workers wait for them) and dies with. That one is
+    refused, naming it; its address, given as cluster.address, still joins it."""
+    from ray._private import services  # Ray's own resolution of 'auto'
+
+    recorded = services.canonicalize_bootstrap_address(None)  # RAY_ADDRESS, `ray start`'s
+    if recorded is not None:
+        return recorded
+    others = sorted(services.find_gcs_addresses())
+    if others:
+        raise _unreachable(
+            "auto",
+            "none was started with `ray start` on this machine, and RAY_ADDRESS is unset; "
+            f"the Ray running at {', '.join(others)} is not one `ray start` recorded (under "
+            "this RAY_TMPDIR): another process's own embedded Ray, whose CPUs its job holds "
+            "and which ends with it; to join it all the same, give its address",
+        )
+    return services.canonicalize_bootstrap_address_or_die("auto")  # raises: none is running
 
 
 def _tls() -> bool:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -92,27 +94,61 @@ def test_cli_names_the_row_whose_loss_is_nan_and_keeps_the_committed_shards(tmp_
     assert all(not rec.start <= 70 < rec.end for rec in committed)
 
 
-@pytest.mark.alone
-def test_cli_with_no_cluster_to_join_says_how_to_start_one(tmp_path, user_pkg):
-    # cluster=ray joins the cluster that `ray start` left this machine's address for: with
-    # none (an empty RAY_TMPDIR, no RAY_ADDRESS), the job says so and how to go on. Ray's
-    # `auto` also joins any Ray whose processes run on this machine: none may run meanwhile.
-    from ray._private.services import find_gcs_addresses
-
-    if find_gcs_addresses():
-        pytest.skip("another Ray runs on this machine: cluster.address=auto would join it")
+def _join_auto(tmp_path, user_pkg):
+    """`jobs.index cluster=ray` (cluster.address=auto) from a shell with no RAY_ADDRESS and
+    an empty RAY_TMPDIR: no cluster that `ray start` recorded."""
     ray_tmp = Path(tempfile.mkdtemp(prefix="gd-ray-"))
     env = {k: v for k, v in user_pkg.env(RAY_TMPDIR=str(ray_tmp)).items() if k != "RAY_ADDRESS"}
     try:
-        proc = run_job("index", *_overrides(user_pkg, tmp_path), "cluster=ray", user=user_pkg,
+        return run_job("index", *_overrides(user_pkg, tmp_path), "cluster=ray", user=user_pkg,
                        cwd=tmp_path, env=env, timeout=300)  # fmt: skip
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_cli_with_no_cluster_to_join_says_how_to_start_one(tmp_path, user_pkg):
+    # cluster=ray joins the cluster that `ray start` left this machine's address for: with
+    # none, the job says so and how to go on (whether or not another test's Ray runs here).
+    proc = _join_auto(tmp_path, user_pkg)
     assert proc.returncode == 2, proc.stderr[-3000:]
     message = _message(proc.stderr)
     assert re.search(r"no Ray cluster to join at cluster\.address=auto .*ray start --head", message)
     assert "cluster.address=null" in message
     assert not (tmp_path / "index").exists()  # refused before the store was written
+
+
+def test_cli_does_not_join_another_processs_embedded_ray(tmp_path, user_pkg):
+    # Ray's own `auto` falls back to any Ray running on the machine: another job's embedded
+    # Ray, whose CPUs that job's workers hold (this job's would wait for them) and which
+    # stops when that job ends. The job refuses it, naming it, at once.
+    other = subprocess.Popen(
+        [sys.executable, "-c", EMBEDDED_RAY], stdout=subprocess.PIPE, text=True, cwd=tmp_path
+    )
+    try:
+        address = other.stdout.readline().strip()
+        assert address, "the other process's Ray did not start"
+        started = time.monotonic()
+        proc = _join_auto(tmp_path, user_pkg)
+    finally:
+        other.kill()
+        other.wait()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    message = _message(proc.stderr)
+    assert re.search(r"no Ray cluster to join at cluster\.address=auto .*ray start --head", message)
+    assert address in message and "another process's own embedded Ray" in message
+    assert "cluster.address=null" in message
+    assert time.monotonic() - started < 60  # refused, not left waiting for its CPUs
+    assert not (tmp_path / "index").exists()
+
+
+# A process with an embedded Ray of its own (a notebook's, another job's): prints its
+# address, then waits to be killed (Ray's processes die with it).
+EMBEDDED_RAY = """
+import ray, time
+ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")
+print(ray.get_runtime_context().gcs_address, flush=True)
+time.sleep(600)
+"""
 
 
 def test_cli_with_nothing_listening_at_the_address_is_refused_at_once(tmp_path, user_pkg):
