@@ -98,6 +98,21 @@ def test_stdout_holds_the_summary_alone_when_a_worker_dies_and_the_model_prints(
     assert "forward of a batch of" in done.stderr
 
 
+@pytest.mark.parametrize("logging", ["disabled", "none"])
+def test_hydras_own_logging_presets_replace_ours_whole(user_pkg, tmp_path, logging):
+    # Our console logs to stderr; Hydra's other presets (hydra/job_logging=disabled: no log
+    # line) replace that whole, and the job runs as before (it crashed in Hydra's logging
+    # setup with a console handler of ours without its class).
+    done = run_job(
+        "index", *_overrides(user_pkg, tmp_path), f"hydra/job_logging={logging}",
+        user=user_pkg, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["index"]["rows"] == 90
+    assert "[INFO]" not in done.stderr and "Traceback" not in done.stderr
+    assert not list((tmp_path / "outputs" / "logs").glob("*/index.log"))  # nor a log file
+
+
 def test_a_leftover_preset_argument_stops_the_job_naming_it_and_its_removal(user_pkg, tmp_path):
     # README's old command: only _target_ overridden, so model=digits_mlp's arguments stay.
     done = run_job(
