@@ -161,10 +161,11 @@ def cli(main: Callable[[], Any]) -> None:
 
     global _PROCESS_STARTED, _ANSWERS
     _PROCESS_STARTED = process_start()
-    _ANSWERS, sys.stdout = sys.stdout, sys.stderr
+    if not _hydra_prints(sys.argv[1:]):  # else Hydra prints on stdout, with its own log handler
+        _ANSWERS, sys.stdout = sys.stdout, sys.stderr
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, _terminated)
     processes.adopt_orphans()  # what Ray leaves when stopped stays in reach (`stop_now`)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         main()
     except SystemExit as e:
@@ -182,6 +183,19 @@ def cli(main: Callable[[], Any]) -> None:
             signal.signal(sig, signal.SIG_IGN)
         cluster.shutdown_unless_lost()
         gc.freeze()
+
+
+# Hydra's flags that print and run no job: what they print is the command's output
+# (`python -m jobs.index --cfg job > job.yaml`), on stdout, each line once.
+_HYDRA_PRINTING = frozenset(
+    ("--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--info", "-i")
+    + ("--shell-completion", "-sc")
+)
+
+
+def _hydra_prints(args: list[str]) -> bool:
+    """Whether the command line `args` asks Hydra to print something instead of a job."""
+    return any(a.split("=", 1)[0] in _HYDRA_PRINTING for a in args)
 
 
 def _correct_hydra(message: str) -> None:

@@ -1,6 +1,7 @@
 """A job's start-up: the config is checked without torch, so Ray can start first; the job's
 thread hands back what it raised; workers build their data while the driver prepares."""
 
+import os
 import re
 import subprocess
 import sys
@@ -148,3 +149,26 @@ def test_a_job_refused_while_ray_starts_exits_then_with_the_processes_started(tm
         time.sleep(0.1)
     assert not any(processes.running(pid) for pid in left)
     assert {p.name for p in tmp_path.iterdir()} <= {"pids", "logs"}  # no index written
+
+
+@pytest.mark.parametrize("job", ["index", "attribute", "serve"])
+def test_hydras_printing_flags_print_on_stdout_once(tmp_path, job):
+    # `--cfg job > job.yaml`, `--help | less`, `--info`: what they print is the command's
+    # output (a job's stdout is kept for its summary only while a job runs), each line once.
+    import yaml
+
+    def run(*flags):
+        done = subprocess.run(
+            [sys.executable, "-m", f"jobs.{job}", *flags], capture_output=True, text=True,
+            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    config = yaml.safe_load(run("--cfg", "job"))
+    assert config["model"]["_target_"] and config["cluster"]["num_workers"] >= 1
+    assert "== Configuration groups ==" in run("--help")
+    info = run("--info", "searchpath").splitlines()
+    (header,) = [line for line in info if "Config search path" in line]  # once, as printed
+    assert header == "Config search path"
+    assert not list(tmp_path.iterdir())  # and nothing ran (a job writes outputs/ here)
