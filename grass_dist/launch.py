@@ -246,7 +246,8 @@ def door(name: str, cfg: DictConfig) -> dict[str, Any]:
     is refused first, as `run.<name>` would refuse it. The job runs on a daemon thread
     (Ray's processes die with the thread that started them, so this one starts Ray and waits
     there); its `connect` waits for this Ray. A Ray started here is stopped when the job
-    raises or exits (a refusal exits 2), as `pipeline.prepare_started` stops one it started.
+    ends, also when it raises or exits (a refusal exits 2), as `pipeline.prepare_started`
+    stops one it started: each job of a sweep (`-m`) runs on a Ray of its own settings.
     """
     embedded = _embedded_cluster(cfg, query=name != "index")
     if embedded is None:
@@ -262,10 +263,9 @@ def door(name: str, cfg: DictConfig) -> dict[str, Any]:
         return job.result()
     except KeyboardInterrupt as e:  # Ctrl-C and SIGTERM reach this thread, not the job's
         stop_now(e)
-    except BaseException:
-        if started:
-            cluster.shutdown()  # its workers with it
-        raise
+    finally:
+        if started:  # its workers with it; a sweep's next job starts a Ray of its settings
+            cluster.shutdown_unless_lost()
 
 
 def _refusal(e: BaseException) -> bool:

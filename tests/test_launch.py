@@ -172,3 +172,19 @@ def test_hydras_printing_flags_print_on_stdout_once(tmp_path, job):
     (header,) = [line for line in info if "Config search path" in line]  # once, as printed
     assert header == "Config search path"
     assert not list(tmp_path.iterdir())  # and nothing ran (a job writes outputs/ here)
+
+
+@pytest.mark.integration
+def test_each_job_of_a_sweep_runs_on_an_embedded_ray_of_its_own_settings(tmp_path):
+    # Hydra runs a sweep's jobs one after another in one process: the second one ran on the
+    # first one's Ray, with its CPUs, whatever its own cluster.num_cpus said.
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.index", "-m", "cluster.num_cpus=1,2",
+         "store.url=${run.output_dir}/index-${cluster.num_cpus}", f"run.output_dir={tmp_path}"],
+        capture_output=True, text=True, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    started = re.findall(r"started an embedded Ray with (\S+) CPUs", done.stderr)
+    assert started == ["1.0", "2.0"], done.stderr[-3000:]
+    assert {p.name for p in tmp_path.glob("index-*")} == {"index-1", "index-2"}
