@@ -171,7 +171,11 @@ def cli(main: Callable[[], Any]) -> None:
     except SystemExit as e:
         if e.code == 1 and isinstance(e.__context__, CompactHydraException):
             refusal = e.__context__  # its reason, where it has one, is what it was raised from
-            _correct_hydra("\n".join(str(x) for x in (refusal, refusal.__cause__) if x))
+            said = [str(x) for x in (refusal, refusal.__cause__) if x]
+            override = getattr(refusal, "override", None)  # an argument it could not read
+            if override is not None and not said[0].startswith("Error parsing override"):
+                said.insert(0, f"Error parsing override '{override}'")
+            _correct_hydra("\n".join(said))
             sys.exit(2)
         raise
     except KeyboardInterrupt as e:  # outside a job's stages: composing, importing
@@ -209,31 +213,86 @@ def _correct_hydra(message: str) -> None:
 def _hydra_refusal(message: str) -> str | None:
     """What to do about Hydra's refusal `message`: a preset that is none (with the group's
     presets), a value of the wrong type (with the setting's help), a key Hydra could not
-    override. Hydra's advice there, to add the key with `+`, is right for the free-form
-    nodes (model, data, task), but a misspelt setting would only be refused again."""
-    missing = re.search(r"Could not find '([^'/]+)/([^']+)'", message)
-    if missing is not None:
-        group, name = missing.groups()
-        options = re.findall(r"^\t(\S+)$", message.partition("Available options")[2], re.M)
-        near = difflib.get_close_matches(name, options, 1)
-        meant = f" (did you mean {group}={near[0]}?)" if near else ""
-        return (
-            f"{group}={name} is not a preset of {group}{meant}; its presets are "
-            f"{', '.join(options)} (the files of conf/{group}/)"
-        )
+    override, an argument it could not read, a `+` on a key that is there, a value it could
+    not tell a list, a string or a sweep in. Hydra's advice to add a key with `+` is right
+    for the free-form nodes (model, data, task), but a misspelt setting would only be
+    refused again."""
+    for explain in (_no_preset, _bad_value, _not_overridden, _unreadable, _added_twice, _unclear):
+        line = explain(message)
+        if line is not None:
+            return line
+    return None
+
+
+def _given(key: str) -> str | None:
+    """The value the command line gave `key` (KEY=VALUE, +KEY=..., ~KEY=...), if any."""
+    given = [a.split("=", 1)[1] for a in sys.argv[1:] if a.lstrip("+~").startswith(key + "=")]
+    return given[0] if given else None
+
+
+def _no_preset(message: str) -> str | None:
+    missing = re.search(r"Could not find '([^'/]+)/([^']*)'", message)
+    if missing is None:
+        return None
+    group, name = missing.groups()
+    options = re.findall(r"^\t(\S+)$", message.partition("Available options")[2], re.M)
+    near = difflib.get_close_matches(name, options, 1)
+    meant = f" (did you mean {group}={near[0]}?)" if near else ""
+    said = f"{group}={name} is not a preset of {group}{meant}" if name else f"{group}= names none"
+    return f"{said}; its presets are {', '.join(options)} (the files of conf/{group}/)"
+
+
+def _bad_value(message: str) -> str | None:
     merging = re.search(r"Error merging override ([^=\s]+)=(.*)\n(.+)", message)
-    if merging is not None:
-        key, value, why = merging.groups()
-        return f"{key}={value} is refused ({why.strip()}); {setting_help(key)}"
+    if merging is None:
+        return None
+    key, value, why = merging.groups()
+    return f"{key}={value} is refused ({why.strip()}); {setting_help(key)}"
+
+
+def _not_overridden(message: str) -> str | None:
     found = re.search(r"Could not override '([^']+)'", message)
     if found is None or "defaults list" in message:
         return None
     key = found.group(1)
-    given = [a.split("=", 1)[1] for a in sys.argv[1:] if a.lstrip("+~").startswith(key + "=")]
     added = re.search(r"To append to your config use (\+\S+)", message)
-    return unknown_setting(key, given[0] if given else None) or (
+    return unknown_setting(key, _given(key)) or (
         f"{key} is not in the config yet: its node takes free-form keys (the arguments of "
         f"its _target_), added with a + as Hydra says: {added.group(1) if added else '+' + key}"
+    )
+
+
+def _unreadable(message: str) -> str | None:
+    found = re.search(r"Error parsing override '(.*)'\n(.*)", message)
+    if found is None:
+        return None
+    given, why = found.groups()
+    return (
+        f"Hydra cannot read the argument {given!r} ({why.strip()}): each one is KEY=VALUE, "
+        "e.g. compression.k=64, a list index.layers=[fc1,fc2], a value with spaces or commas "
+        "in quotes (\"run.name='a b'\"); +KEY=VALUE adds a key, ~KEY removes one"
+    )
+
+
+def _added_twice(message: str) -> str | None:
+    found = re.search(r"An item is already at '([^']+)'", message)
+    if found is None:
+        return None
+    key = found.group(1)
+    return (
+        f"+{key} adds a key, and {key} is already in the config: set it without the +, "
+        f"{key}={_given(key) or '...'}"
+    )
+
+
+def _unclear(message: str) -> str | None:
+    found = re.search(r"Ambiguous value for argument '([^=']+)=(.*)'", message)
+    if found is None:
+        return None
+    key, value = found.groups()
+    return (
+        f"{key}={value} is a list, a string or a sweep: write {key}=[{value}] for a list, "
+        f"\"{key}='{value}'\" for one string, or add -m (--multirun) to run one job per value"
     )
 
 

@@ -247,6 +247,31 @@ HYDRA_REFUSALS = {
         r"cluster\.driver_shard=maybe is refused \(.*not a valid bool.*\); "
         r"cluster\.driver_shard takes true or false \(default true\)",
     ),
+    "no_equals": (
+        "compression.k",
+        r"Hydra cannot read the argument 'compression\.k' \(missing EQUAL.*\): each one is "
+        r"KEY=VALUE, e\.g\. compression\.k=64",
+    ),
+    "unclosed_list": (
+        "index.layers=[fc1,fc2",
+        r"Hydra cannot read the argument 'index\.layers=\[fc1,fc2' \(.*\): each one is KEY=VALUE",
+    ),
+    "empty_preset": (
+        "compression=",
+        r"compression= names none; its presets are factgrass, .* "
+        r"\(the files of conf/compression/\)",
+    ),
+    "plus_on_a_setting": (
+        "+compression.k=64",
+        r"\+compression\.k adds a key, and compression\.k is already in the config: set it "
+        r"without the \+, compression\.k=64$",
+    ),
+    "list_string_or_sweep": (
+        "model=digits_mlp,digits_cnn",
+        r"model=digits_mlp,digits_cnn is a list, a string or a sweep: write "
+        r"model=\[digits_mlp,digits_cnn\] for a list, .* or add -m \(--multirun\) to run one "
+        r"job per value",
+    ),
 }
 
 
