@@ -323,7 +323,7 @@ def _prepare_local(raw: dict[str, Any], create_index: bool, query: bool, started
             landing = job.progress.held()
             job._local = LocalShard(job.cfg, replica, train, job.index, plans, landing)
             job.progress.before_finish = partial(
-                local_shard.count_before_the_stage,
+                local_shard.count_as_the_record_ends,
                 job,
                 job._local,
                 len(plans) + len(committed),
@@ -337,9 +337,11 @@ def _early_workers(
     job_cfg: JobConfig, raw: dict[str, Any], preparing: Future, datasets: tuple[str, ...]
 ) -> list[Any]:
     """Create `cluster.num_workers` unstarted worker actors (Ray is up), which build
-    `datasets` meanwhile; none when the job names in-memory objects (shipped with the pool)
-    or `preparing` already failed."""
+    `datasets` meanwhile; none when the job names in-memory objects (shipped with the pool),
+    `preparing` already failed, or the driver indexes alone (`local_shard.alone`)."""
     if assembly.in_memory_digests(raw) or (preparing.done() and preparing.exception()):
+        return []
+    if "train" in datasets and local_shard.alone(job_cfg):
         return []
     factory = worker_factory(job_cfg.cluster, raw, datasets=datasets)
     spares = [factory(i) for i in range(job_cfg.cluster.num_workers)]

@@ -22,7 +22,7 @@ from grass_dist.job import Job, KeptReducer
 from grass_dist.job import prepare as prepare  # re-exported: a door needs only this module
 from grass_dist.job import prepare_started as prepare_started
 from grass_dist.runtime import job_actors as actors
-from grass_dist.runtime import repair
+from grass_dist.runtime import local_shard, repair
 from grass_dist.runtime.cluster import STOPPING, idle_cpus, map_tasks, this_machine_only
 from grass_dist.runtime.executors import Executor
 from grass_dist.runtime.job_actors import on_workers as on_workers  # re-exported, as prepare
@@ -71,7 +71,7 @@ def run_index(
     job.progress.index_plan(len(plans) + skipped, skipped, job.n_train, rows)
     stage = _IndexStage(job, DriverShard(job, local), reducer_early=precondition_next)
     stage.run(plans)
-    if stage.pool.ready:
+    if stage.pool is not None and stage.pool.ready:
         job._replica = None  # the workers compute the queries (query_phi): free the model
     out = {
         "computed_shards": len(plans),
@@ -118,7 +118,21 @@ class _IndexStage:
 
     def run(self, plans: list[ShardPlan]) -> None:
         """Index `plans`: the driver's own shards, then the workers' (and any the driver
-        took but gave back late)."""
+        took but gave back late). A driver that indexes alone (`local_shard.alone`)
+        starts a worker only for the shards it gave back."""
+        if self.driver.local is not None and local_shard.alone(self.job.cfg):
+            with self.job.stage("index"):
+                while not self.driver.local.wait(0.2):
+                    self.tick()  # its commits count as they land
+                self.tick()
+                done = self.driver.local.committed()
+                back = [p for p in plans if p.shard_id not in done]
+                if back and STOPPING.is_set():  # Ctrl-C, SIGTERM: Ray is stopping
+                    raise RuntimeError("not starting a worker: this process is stopping")
+                if back:  # it failed otherwise than by its rows, or the job ends early
+                    self.pool = actors.ready_pool(self.job)
+                    self.index(back)
+            return
 
         def waiting() -> bool:
             """While no worker is ready: the driver's commits count as they come; True once

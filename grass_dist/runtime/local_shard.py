@@ -105,6 +105,15 @@ def wanted(cfg: JobConfig) -> bool:
     )
 
 
+def alone(cfg: JobConfig) -> bool:
+    """Whether the driver indexes every shard itself, with no worker started unless it
+    gives a shard back: `wanted`, and one worker that would not grow (`cluster.num_workers`
+    1, `max_workers` at most 1). That worker would run on the driver's machine with the
+    thread count the driver computes with, and take over the shards only once it had
+    started: its start would only take the CPUs from the driver's shards meanwhile."""
+    return wanted(cfg) and cfg.cluster.num_workers == 1 and (cfg.cluster.max_workers or 1) <= 1
+
+
 class LocalShard:
     """`plans`' rows of `dataset`, front first, through the driver's `replica` into `index`,
     on a daemon thread started now, until `close` or `stop`, or the process stops
@@ -153,6 +162,11 @@ class LocalShard:
     def running(self) -> bool:
         """Whether its thread still works (on a shard, or about to take the next)."""
         return self._thread.is_alive()
+
+    def wait(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for its thread to end: whether it has."""
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
 
     def committed(self) -> dict[str, tuple[ShardRecord, float]]:
         """shard id -> (its committed record, time.time() of the commit), so far."""
@@ -320,16 +334,22 @@ class DriverShard:
             self.job.progress.shards_done(rows, [node] * len(new))
 
 
-def count_before_the_stage(
+def count_as_the_record_ends(
     job: Job, local: LocalShard, shards_total: int, skipped: int, rows_todo: int
 ) -> None:
-    """The progress record's count of `local`'s commits for a job that ends before its index
-    stage counts them (Ctrl-C or a failure while Ray starts): the shards a rerun skips, as
-    the stage would have counted them (`JobProgress.before_finish`). Nothing once the stage
-    planned its own count."""
-    if job.progress.doc["index"] is not None or not local.committed():
+    """Count the commits of `local` that no count has seen as the job's progress record
+    ends (`JobProgress.before_finish`): those of a job that ends before its index stage
+    planned its count (Ctrl-C or a failure while Ray starts), planned here as the stage
+    would have, or made as the stage began, before it counted the driver's."""
+    if not local.committed():
         return
-    since = time.time() - job.started - job.startup_s.get("prepared", 0.0)  # it began then
-    job.progress.index_plan(shards_total, skipped, job.n_train, rows_todo, bar=False, since_s=since)
+    if job.progress.doc["index"] is None:
+        since = time.time() - job.started - job.startup_s.get("prepared", 0.0)  # began then
+        job.progress.index_plan(
+            shards_total, skipped, job.n_train, rows_todo, bar=False, since_s=since
+        )
     with suppress(*REFUSALS):  # the job's error, which it fails with where it is raised
-        DriverShard(job, local)  # counts the commits so far
+        if local.on_commit is not None:
+            local.on_commit()  # the stage's count, of what it has not counted yet
+        else:
+            DriverShard(job, local)  # counts the commits so far

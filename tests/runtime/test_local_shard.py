@@ -291,6 +291,42 @@ def test_only_an_embedded_cpu_job_without_faults_indexes_on_the_driver(tmp_path)
     assert not wanted("faults.shard_delay_s=0.5")
 
 
+def test_with_one_worker_that_would_not_grow_the_driver_indexes_alone(tmp_path):
+    def alone(*overrides):
+        return local_shard.alone(JobConfig.from_cfg(resolve(compose_cfg(tmp_path, *overrides))))
+
+    assert alone("cluster.num_workers=1")
+    assert alone("cluster.num_workers=1", "cluster.max_workers=1")
+    assert not alone("cluster.num_workers=2")
+    assert not alone("cluster.num_workers=1", "cluster.max_workers=3")  # it would grow
+    assert not alone("cluster.num_workers=1", "cluster.driver_shard=false")
+    assert not alone("cluster.num_workers=1", "cluster.address=auto")
+
+
+def test_a_driver_alone_starts_no_worker(ray_session, tmp_path):
+    job, data = _local_job(tmp_path, "cluster.num_workers=1")
+    data.go.set()
+    try:
+        summary = pipeline.run_index(job)
+        assert job._pool is None and not job._spares  # none started, none left to stop
+    finally:
+        pipeline.shutdown(job)
+    assert summary == {"computed_shards": 3, "skipped_shards": 0, "rows": 90, "driver_shards": 3}
+    assert "first_worker" not in job.startup_s
+    ix = read_progress(job.index.store, job.job_id)["index"]
+    assert ix["shards_done"] == 3 and ix["rows_done"] == 90
+
+
+def test_a_driver_alone_starts_a_worker_for_the_shards_it_gave_back(ray_session, tmp_path):
+    # A failure of the driver's process, not of the rows: a worker computes what it left.
+    job, data = _local_job(tmp_path, "cluster.num_workers=1", error=RuntimeError("disk on fire"))
+    data.go.set()
+    summary = _run_index(job)
+    assert summary == {"computed_shards": 3, "skipped_shards": 0, "rows": 90, "driver_shards": 0}
+    assert "first_worker" in job.startup_s
+    assert sorted(_shards(job.cfg.index_url)) == [p.shard_id for p in plan_shards(90, 32, {})]
+
+
 def test_a_job_stopped_while_ray_starts_records_the_drivers_commits(tmp_path):
     # Ctrl-C (or a failure) before the index stage counts anything: the driver's shards are
     # committed, and its progress record says so, as a rerun will skip them.

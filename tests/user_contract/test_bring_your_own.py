@@ -113,6 +113,17 @@ def test_hydras_own_logging_presets_replace_ours_whole(user_pkg, tmp_path, loggi
     assert not list((tmp_path / "outputs" / "logs").glob("*/index.log"))  # nor a log file
 
 
+def test_a_one_worker_job_on_this_machine_starts_no_worker_process(user_pkg, tmp_path):
+    # cluster.num_workers=1 on the embedded Ray: the driver indexes every shard; a worker
+    # would only have competed for its CPUs while it started.
+    done = run_job("index", *_overrides(user_pkg, tmp_path), user=user_pkg, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert summary["index"]["driver_shards"] == summary["index"]["computed_shards"] > 1
+    assert "first_worker" not in summary["startup_seconds"]
+    assert "worker actors" not in done.stderr and "starting worker" not in done.stderr
+
+
 def test_a_leftover_preset_argument_stops_the_job_naming_it_and_its_removal(user_pkg, tmp_path):
     # README's old command: only _target_ overridden, so model=digits_mlp's arguments stay.
     done = run_job(

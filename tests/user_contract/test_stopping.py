@@ -229,6 +229,9 @@ def test_ctrl_c_while_the_embedded_ray_starts_ends_the_job_as_any_ctrl_c(tmp_pat
     _wait_for_a_commit(proc, tmp_path / "index", 120, lambda: _stderr(proc))
     proc.send_signal(signal.SIGINT)
     kept = _ended_by_ctrl_c(proc, tmp_path / "index")
+    # Its record counts them, though no index stage began to (it said `index: null`).
+    counted = read_progress(GradientIndex.open(str(tmp_path / "index")).store)["index"]
+    assert counted["shards_done"] == kept and counted["rows_done"] > 0
     rerun = run_job("index", *given, user=user_pkg, cwd=tmp_path, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert json.loads(rerun.stdout)["index"]["skipped_shards"] == kept
