@@ -22,13 +22,11 @@ run: $(STAMP)
 	@$(PY) -m jobs.attribute $(ARGS)
 
 # The suite runs on TEST_WORKERS processes, one test file each at a time (a file's tests
-# share its Ray); then, alone, the few tests that need no other Ray running on the machine.
-# (pytest exits 5 when PYTEST_ARGS leave a part no test to run.)
+# share its Ray).
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not alone" $(PYTEST_ARGS) || test $$? -eq 5
-	$(PY) -m pytest -q -m alone $(PYTEST_ARGS) || test $$? -eq 5
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
