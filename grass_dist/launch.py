@@ -214,11 +214,12 @@ def _hydra_refusal(message: str) -> str | None:
     """What to do about Hydra's refusal `message`: a preset that is none (with the group's
     presets), a value of the wrong type (with the setting's help), a key Hydra could not
     override, an argument it could not read, a `+` on a key that is there, a value it could
-    not tell a list, a string or a sweep in. Hydra's advice to add a key with `+` is right
-    for the free-form nodes (model, data, task), but a misspelt setting would only be
-    refused again."""
-    for explain in (_no_preset, _bad_value, _not_overridden, _unreadable, _added_twice, _unclear):
-        line = explain(message)
+    not tell a list, a string or a sweep in (`_EXPLAINED`). Hydra's advice to add a key with
+    `+` is right for the free-form nodes (model, data, task), but a misspelt setting would
+    only be refused again."""
+    for pattern, explain in _EXPLAINED:
+        found = re.search(pattern, message)
+        line = explain(found, message) if found is not None else None
         if line is not None:
             return line
     return None
@@ -230,11 +231,8 @@ def _given(key: str) -> str | None:
     return given[0] if given else None
 
 
-def _no_preset(message: str) -> str | None:
-    missing = re.search(r"Could not find '([^'/]+)/([^']*)'", message)
-    if missing is None:
-        return None
-    group, name = missing.groups()
+def _no_preset(found: re.Match, message: str) -> str:
+    group, name = found.groups()
     options = re.findall(r"^\t(\S+)$", message.partition("Available options")[2], re.M)
     near = difflib.get_close_matches(name, options, 1)
     meant = f" (did you mean {group}={near[0]}?)" if near else ""
@@ -242,17 +240,8 @@ def _no_preset(message: str) -> str | None:
     return f"{said}; its presets are {', '.join(options)} (the files of conf/{group}/)"
 
 
-def _bad_value(message: str) -> str | None:
-    merging = re.search(r"Error merging override ([^=\s]+)=(.*)\n(.+)", message)
-    if merging is None:
-        return None
-    key, value, why = merging.groups()
-    return f"{key}={value} is refused ({why.strip()}); {setting_help(key)}"
-
-
-def _not_overridden(message: str) -> str | None:
-    found = re.search(r"Could not override '([^']+)'", message)
-    if found is None or "defaults list" in message:
+def _not_overridden(found: re.Match, message: str) -> str | None:
+    if "defaults list" in message:
         return None
     key = found.group(1)
     added = re.search(r"To append to your config use (\+\S+)", message)
@@ -262,38 +251,41 @@ def _not_overridden(message: str) -> str | None:
     )
 
 
-def _unreadable(message: str) -> str | None:
-    found = re.search(r"Error parsing override '(.*)'\n(.*)", message)
-    if found is None:
-        return None
-    given, why = found.groups()
-    return (
-        f"Hydra cannot read the argument {given!r} ({why.strip()}): each one is KEY=VALUE, "
-        "e.g. compression.k=64, a list index.layers=[fc1,fc2], a value with spaces or commas "
-        "in quotes (\"run.name='a b'\"); +KEY=VALUE adds a key, ~KEY removes one"
-    )
-
-
-def _added_twice(message: str) -> str | None:
-    found = re.search(r"An item is already at '([^']+)'", message)
-    if found is None:
-        return None
-    key = found.group(1)
-    return (
-        f"+{key} adds a key, and {key} is already in the config: set it without the +, "
-        f"{key}={_given(key) or '...'}"
-    )
-
-
-def _unclear(message: str) -> str | None:
-    found = re.search(r"Ambiguous value for argument '([^=']+)=(.*)'", message)
-    if found is None:
-        return None
-    key, value = found.groups()
-    return (
-        f"{key}={value} is a list, a string or a sweep: write {key}=[{value}] for a list, "
-        f"\"{key}='{value}'\" for one string, or add -m (--multirun) to run one job per value"
-    )
+# Hydra's refusals, each a pattern of its text and what to say about it (found, message).
+_EXPLAINED: tuple[tuple[str, Callable[[re.Match, str], str | None]], ...] = (
+    (r"Could not find '([^'/]+)/([^']*)'", _no_preset),
+    (
+        r"Error merging override ([^=\s]+)=(.*)\n(.+)",
+        lambda found, _: (
+            f"{found[1]}={found[2]} is refused ({found[3].strip()}); {setting_help(found[1])}"
+        ),
+    ),
+    (r"Could not override '([^']+)'", _not_overridden),
+    (
+        r"Error parsing override '(.*)'\n(.*)",
+        lambda found, _: (
+            f"Hydra cannot read the argument {found[1]!r} ({found[2].strip()}): each one is "
+            "KEY=VALUE, e.g. compression.k=64, a list index.layers=[fc1,fc2], a value with "
+            "spaces or commas in quotes (\"run.name='a b'\"); +KEY=VALUE adds a key, ~KEY "
+            "removes one"
+        ),
+    ),
+    (
+        r"An item is already at '([^']+)'",
+        lambda found, _: (
+            f"+{found[1]} adds a key, and {found[1]} is already in the config: set it without "
+            f"the +, {found[1]}={_given(found[1]) or '...'}"
+        ),
+    ),
+    (
+        r"Ambiguous value for argument '([^=']+)=(.*)'",
+        lambda found, _: (
+            f"{found[1]}={found[2]} is a list, a string or a sweep: write {found[1]}=[{found[2]}] "
+            f"for a list, \"{found[1]}='{found[2]}'\" for one string, or add -m (--multirun) to "
+            "run one job per value"
+        ),
+    ),
+)
 
 
 def door(name: str, cfg: DictConfig) -> dict[str, Any]:
