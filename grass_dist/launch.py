@@ -15,12 +15,10 @@ This module imports no torch: only Hydra, OmegaConf, Ray and the config.
 
 from __future__ import annotations
 
-import difflib
 import gc
 import importlib
 import logging
 import os
-import re
 import signal
 import sys
 import threading
@@ -32,8 +30,8 @@ from typing import Any, NoReturn, TextIO
 import ray
 from omegaconf import DictConfig
 
+from grass_dist import hydra_cli
 from grass_dist.config import ClusterConfig, JobConfig, resolve
-from grass_dist.config_help import setting_help, unknown_setting
 from grass_dist.errors import GrassError
 from grass_dist.runtime import cluster, placement, processes
 from grass_dist.target_checks import check_targets_set
@@ -150,7 +148,9 @@ def cli(main: Callable[[], Any]) -> None:
 
     Hydra itself refuses a bad command line (an unknown key or preset, a malformed override)
     with status 1, the status of a crash; such a refusal exits 2 here like every other bad
-    input. Hydra exits from inside its handler, so the refusal is the exit's context.
+    input, after the fix (`hydra_cli.say_the_fix`). Hydra exits from inside its handler, so
+    the refusal is the exit's context. Hydra's printing flags (`hydra_cli.prints`) print on
+    stdout.
     However the job ends, Ray stops now rather than in its exit hook, and the objects left
     are frozen: the process is about to end, so nothing needs collecting, and the
     interpreter's final collection over torch's and the job's objects took 1-2 s.
@@ -161,7 +161,7 @@ def cli(main: Callable[[], Any]) -> None:
 
     global _PROCESS_STARTED, _ANSWERS
     _PROCESS_STARTED = process_start()
-    if not _hydra_prints(sys.argv[1:]):  # else Hydra prints on stdout, with its own log handler
+    if not hydra_cli.prints(sys.argv[1:]):  # else Hydra prints on stdout, with its own log handler
         _ANSWERS, sys.stdout = sys.stdout, sys.stderr
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, _terminated)
@@ -170,12 +170,7 @@ def cli(main: Callable[[], Any]) -> None:
         main()
     except SystemExit as e:
         if e.code == 1 and isinstance(e.__context__, CompactHydraException):
-            refusal = e.__context__  # its reason, where it has one, is what it was raised from
-            said = [str(x) for x in (refusal, refusal.__cause__) if x]
-            override = getattr(refusal, "override", None)  # an argument it could not read
-            if override is not None and not said[0].startswith("Error parsing override"):
-                said.insert(0, f"Error parsing override '{override}'")
-            _correct_hydra("\n".join(said))
+            hydra_cli.say_the_fix(e.__context__)
             sys.exit(2)
         raise
     except KeyboardInterrupt as e:  # outside a job's stages: composing, importing
@@ -187,105 +182,6 @@ def cli(main: Callable[[], Any]) -> None:
             signal.signal(sig, signal.SIG_IGN)
         cluster.shutdown_unless_lost()
         gc.freeze()
-
-
-# Hydra's flags that print and run no job: what they print is the command's output
-# (`python -m jobs.index --cfg job > job.yaml`), on stdout, each line once.
-_HYDRA_PRINTING = frozenset(
-    ("--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--info", "-i")
-    + ("--shell-completion", "-sc")
-)
-
-
-def _hydra_prints(args: list[str]) -> bool:
-    """Whether the command line `args` asks Hydra to print something instead of a job."""
-    return any(a.split("=", 1)[0] in _HYDRA_PRINTING for a in args)
-
-
-def _correct_hydra(message: str) -> None:
-    """After Hydra's refusal of a command line (its own text, printed above): the one
-    `error:` paragraph every refused job ends with, naming the fix."""
-    line = _hydra_refusal(message)
-    if line is not None:
-        print(f"error: {line}", file=sys.stderr)
-
-
-def _hydra_refusal(message: str) -> str | None:
-    """What to do about Hydra's refusal `message`: a preset that is none (with the group's
-    presets), a value of the wrong type (with the setting's help), a key Hydra could not
-    override, an argument it could not read, a `+` on a key that is there, a value it could
-    not tell a list, a string or a sweep in (`_EXPLAINED`). Hydra's advice to add a key with
-    `+` is right for the free-form nodes (model, data, task), but a misspelt setting would
-    only be refused again."""
-    for pattern, explain in _EXPLAINED:
-        found = re.search(pattern, message)
-        line = explain(found, message) if found is not None else None
-        if line is not None:
-            return line
-    return None
-
-
-def _given(key: str) -> str | None:
-    """The value the command line gave `key` (KEY=VALUE, +KEY=..., ~KEY=...), if any."""
-    given = [a.split("=", 1)[1] for a in sys.argv[1:] if a.lstrip("+~").startswith(key + "=")]
-    return given[0] if given else None
-
-
-def _no_preset(found: re.Match, message: str) -> str:
-    group, name = found.groups()
-    options = re.findall(r"^\t(\S+)$", message.partition("Available options")[2], re.M)
-    near = difflib.get_close_matches(name, options, 1)
-    meant = f" (did you mean {group}={near[0]}?)" if near else ""
-    said = f"{group}={name} is not a preset of {group}{meant}" if name else f"{group}= names none"
-    return f"{said}; its presets are {', '.join(options)} (the files of conf/{group}/)"
-
-
-def _not_overridden(found: re.Match, message: str) -> str | None:
-    if "defaults list" in message:
-        return None
-    key = found.group(1)
-    added = re.search(r"To append to your config use (\+\S+)", message)
-    return unknown_setting(key, _given(key)) or (
-        f"{key} is not in the config yet: its node takes free-form keys (the arguments of "
-        f"its _target_), added with a + as Hydra says: {added.group(1) if added else '+' + key}"
-    )
-
-
-# Hydra's refusals, each a pattern of its text and what to say about it (found, message).
-_EXPLAINED: tuple[tuple[str, Callable[[re.Match, str], str | None]], ...] = (
-    (r"Could not find '([^'/]+)/([^']*)'", _no_preset),
-    (
-        r"Error merging override ([^=\s]+)=(.*)\n(.+)",
-        lambda found, _: (
-            f"{found[1]}={found[2]} is refused ({found[3].strip()}); {setting_help(found[1])}"
-        ),
-    ),
-    (r"Could not override '([^']+)'", _not_overridden),
-    (
-        r"Error parsing override '(.*)'\n(.*)",
-        lambda found, _: (
-            f"Hydra cannot read the argument {found[1]!r} ({found[2].strip()}): each one is "
-            "KEY=VALUE, e.g. compression.k=64, a list index.layers=[fc1,fc2], a value with "
-            "spaces or commas in quotes (\"run.name='a b'\"); +KEY=VALUE adds a key, ~KEY "
-            "removes one"
-        ),
-    ),
-    (
-        r"An item is already at '([^']+)'",
-        lambda found, _: (
-            f"+{found[1]} adds a key, and {found[1]} is already in the config: set it without "
-            f"the +, {found[1]}={_given(found[1]) or '...'}"
-        ),
-    ),
-    (
-        r"Ambiguous value for argument '([^=']+)=(.*)'",
-        lambda found, _: (
-            f"{found[1]}={found[2]} is a list, a string or a sweep: write {found[1]}=[{found[2]}] "
-            f"for a list, \"{found[1]}='{found[2]}'\" for one string, or add -m (--multirun) to "
-            "run one job per value"
-        ),
-    ),
-)
 
 
 def door(name: str, cfg: DictConfig) -> dict[str, Any]:
