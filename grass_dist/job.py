@@ -39,11 +39,12 @@ from grass_dist.index.content import row_digest
 from grass_dist.index.shards import repair_fix
 from grass_dist.models.state import state_hash
 from grass_dist.runtime import compute_thread, local_shard
-from grass_dist.runtime.cluster import CONNECTING, check_reachable, connect
+from grass_dist.runtime.cluster import CONNECTING, connect
 from grass_dist.runtime.local_shard import LocalShard
 from grass_dist.runtime.placement import check_placeable, worker_factory
 from grass_dist.runtime.pool import ActorPool
 from grass_dist.runtime.progress import JobProgress
+from grass_dist.runtime.reach import check_reachable
 from grass_dist.runtime.reducer_handle import ReducerHandle, reduces_in_driver
 from grass_dist.runtime.worker import plan_shards
 from grass_dist.target_checks import check_targets_set, unset_fields
@@ -275,6 +276,10 @@ def prepare_started(
         job.reached("prepared")
         return job
     ours = not ray.is_initialized()
+    # A driver that builds an index alone needs Ray only for a shard it gives back: Ray
+    # starts then (`actors.connect_job`), if ever (a job that scores needs it for its
+    # reducer, whose map calls and objects are Ray's even in the driver: it starts now).
+    later = ours and create_index and not query and local_shard.alone(job_cfg)
     spares: list[Any] = []
     with ThreadPoolExecutor(1, thread_name_prefix="prepare") as executor:
         preparing = executor.submit(_prepare_local, raw, create_index, query, started)
@@ -282,15 +287,17 @@ def prepare_started(
             try:
                 # What the first call of a worker reads: the first shard's, else the queries'.
                 datasets = ("train",) if create_index else ("query",) * query
-                _refused_while_ray_starts(preparing)
-                connect(job_cfg.cluster)
-                ray_up = time.time()
-                spares = _early_workers(job_cfg, raw, preparing, datasets)
+                if not later:
+                    _refused_while_ray_starts(preparing)
+                    connect(job_cfg.cluster)
+                ray_up = None if later else time.time()
+                spares = [] if later else _early_workers(job_cfg, raw, preparing, datasets)
             except BaseException:
                 preparing.result()  # a refused job fails with its refusal, not Ray's error
                 raise
             job = preparing.result()
-            job.reached("ray", ray_up)
+            if ray_up is not None:
+                job.reached("ray", ray_up)
         except BaseException:
             if preparing.done() and not preparing.exception() and preparing.result()._local:
                 preparing.result()._local.stop()

@@ -195,15 +195,19 @@ def door(name: str, cfg: DictConfig) -> dict[str, Any]:
     there); its `connect` waits for this Ray. A Ray started here is stopped when the job
     ends, also when it raises or exits (a refusal exits 2), as `pipeline.prepare_started`
     stops one it started: each job of a sweep (`-m`) runs on a Ray of its own settings.
+    An index job whose driver computes every shard itself (`_ray_on_request`) starts Ray
+    only if it asks for one.
     """
-    embedded = _embedded_cluster(cfg, query=name != "index")
-    if embedded is None:
+    job_cfg = _embedded_job(cfg, query=name != "index")
+    if job_cfg is None:
         return _job(name, cfg)
+    if name == "index" and cluster.driver_alone(job_cfg) and not _cuda_devices():
+        return _ray_on_request(name, cfg, job_cfg.cluster)
     with cluster.CONNECTING:  # the job's own `connect` waits for this thread's Ray
         job = _Background(_job, name, cfg)
         try:
             with job.exiting_on_refusal():
-                started = cluster.connect(embedded)
+                started = cluster.connect(job_cfg.cluster)
         except KeyboardInterrupt as e:  # the lock is held until the process ends
             stop_now(e)
     try:
@@ -213,6 +217,32 @@ def door(name: str, cfg: DictConfig) -> dict[str, Any]:
     finally:
         if started:  # its workers with it; a sweep's next job starts a Ray of its settings
             cluster.shutdown_unless_lost()
+
+
+def _ray_on_request(name: str, cfg: DictConfig, settings: ClusterConfig) -> dict[str, Any]:
+    """`door`'s job when its driver computes every shard itself (`cluster.driver_alone`, on
+    a machine without GPUs): an embedded Ray would only take CPUs from the driver's shards
+    as it starts (its processes: about 3 CPU-seconds), and the job needs one only for a
+    shard the driver gives back. This thread starts one only when the job's `connect` asks
+    (`cluster.OnRequest`), and stops it as the job ends."""
+    ray_start = cluster.OnRequest(settings)
+    with cluster.on_request(ray_start):
+        job = _Background(_job, name, cfg)
+        try:
+            while not job.ended(0.05):
+                ray_start.serve()
+            return job.result()
+        except KeyboardInterrupt as e:  # Ctrl-C and SIGTERM reach this thread
+            stop_now(e)
+        finally:
+            if ray_start.started:
+                cluster.shutdown_unless_lost()
+
+
+def _cuda_devices() -> bool:
+    """Whether this machine shows NVIDIA devices (without importing torch): where it does,
+    the driver computes no shard of its own (`local_shard.wanted`)."""
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
 
 
 def _refusal(e: BaseException) -> bool:
@@ -241,8 +271,8 @@ def _job(name: str, cfg: DictConfig) -> dict[str, Any]:
     return getattr(importlib.import_module(_JOBS_MODULE), name)(cfg)
 
 
-def _embedded_cluster(cfg: DictConfig, query: bool) -> ClusterConfig | None:
-    """`cfg`'s cluster settings when it asks for an embedded Ray (cluster.address null),
+def _embedded_job(cfg: DictConfig, query: bool) -> JobConfig | None:
+    """`cfg`'s checked settings when it asks for an embedded Ray (cluster.address null),
     else None. A config that fails its checks is refused here (`refuse`), before the job's
     modules import torch: a mistyped value is refused in about a second, not three; so are
     a preset's unset values (the queries' only for a job that scores them) and workers that
@@ -250,11 +280,10 @@ def _embedded_cluster(cfg: DictConfig, query: bool) -> ClusterConfig | None:
     try:
         job = JobConfig.from_cfg(resolve(cfg))
         check_targets_set(job, query)
-        settings = job.cluster
-        placement.check_placeable(settings)
+        placement.check_placeable(job.cluster)
     except GrassError as e:
         refuse(e)
-    return settings if settings.address is None else None
+    return job if job.cluster.address is None else None
 
 
 def refuse(e: GrassError) -> NoReturn:
@@ -303,6 +332,11 @@ class _Background:
         finally:
             with self._guard:
                 self._exits = False
+
+    def ended(self, timeout_s: float) -> bool:
+        """Whether the job has ended, waiting up to `timeout_s` for it."""
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
 
     def result(self) -> Any:
         self._thread.join()

@@ -67,7 +67,8 @@ def run_index(
     if not plans:
         job.progress.index_plan(skipped, skipped, job.n_train, 0)
         return {"computed_shards": 0, "skipped_shards": skipped, "rows": 0, "driver_shards": 0}
-    actors.connect_job(job)  # a commit of the driver's is counted on its node
+    if local is None or not local_shard.alone(job.cfg):  # else Ray starts if it needs one
+        actors.connect_job(job)  # a commit of the driver's is counted on its node
     job.progress.index_plan(len(plans) + skipped, skipped, job.n_train, rows)
     stage = _IndexStage(job, DriverShard(job, local), reducer_early=precondition_next)
     stage.run(plans)

@@ -33,7 +33,7 @@ def test_a_door_checks_its_config_and_reaches_ray_without_importing_torch():
         "register_configs()\n"
         f"with initialize_config_dir(config_dir={str(ROOT / 'conf')!r}, version_base='1.3'):\n"
         "    cfg = compose('config', overrides=['compression.method=logra'])\n"
-        "assert launch._embedded_cluster(cfg, query=True) is not None\n"
+        "assert launch._embedded_job(cfg, query=True) is not None\n"
         "print(sorted(m for m in ('torch', 'grass_dist.compress') if m in sys.modules))\n"
     )
     done = subprocess.run(
@@ -69,7 +69,7 @@ def test_a_door_refuses_a_bad_value_before_torch_imports():
 def test_a_bad_compression_method_is_refused_with_the_methods_there_are(tmp_path, capsys):
     cfg = compose_cfg(tmp_path, "compression.method=nope", small=False)
     with pytest.raises(SystemExit) as refused:
-        launch._embedded_cluster(cfg, query=True)  # before Ray, as run.<door> would refuse it
+        launch._embedded_job(cfg, query=True)  # before Ray, as run.<door> would refuse it
     assert refused.value.code == 2
     said = r"^error: compression.method='nope' is unknown.*factgrass"
     assert re.search(said, capsys.readouterr().err)
@@ -100,6 +100,49 @@ def test_connect_waits_for_the_thread_that_holds_rays_start(monkeypatch):
     job.join(5)
     assert started == [threading.current_thread()]
     assert answers == [False]
+
+
+def test_a_job_thread_asks_the_main_thread_to_start_ray_on_request(monkeypatch):
+    # An index job its driver computes alone starts Ray only if it needs one: the job's
+    # thread asks, and waits while the main thread (which outlives it) starts Ray.
+    started = []
+    monkeypatch.setattr(cluster, "_start", lambda cfg: started.append(threading.current_thread()))
+    monkeypatch.setattr(cluster.ray, "is_initialized", lambda: bool(started))
+    ray_start, answers = cluster.OnRequest(None), []
+    with cluster.on_request(ray_start):
+        job = threading.Thread(target=lambda: answers.extend([cluster.connect(None)] * 2))
+        job.start()
+        while job.is_alive():
+            ray_start.serve()
+            job.join(0.02)
+        ray_start.serve()  # nothing more to start
+    assert started == [threading.current_thread()] and ray_start.started
+    assert answers == [True, True]
+    assert cluster._ON_REQUEST is None  # a later job's connect starts its own
+
+
+def test_a_ray_that_fails_to_start_on_request_fails_the_thread_that_asked(monkeypatch):
+    def failed(cfg):
+        raise cluster.RayStartError("the embedded Ray did not start, 2 times (test)")
+
+    monkeypatch.setattr(cluster, "_start", failed)
+    monkeypatch.setattr(cluster.ray, "is_initialized", lambda: False)
+    ray_start, errors = cluster.OnRequest(None), []
+
+    def ask() -> None:
+        try:
+            cluster.connect(None)
+        except cluster.RayStartError as e:
+            errors.append(str(e))
+
+    with cluster.on_request(ray_start):
+        job = threading.Thread(target=ask)
+        job.start()
+        while job.is_alive():
+            ray_start.serve()  # the main thread goes on: the job says what failed
+            job.join(0.02)
+    assert errors == ["the embedded Ray did not start, 2 times (test)"]
+    assert not ray_start.started
 
 
 def test_a_worker_builds_the_datasets_it_is_given_as_it_is_created(tmp_path):

@@ -1,11 +1,11 @@
-"""Connecting to Ray: embedded by default, an existing cluster when an address is given."""
+"""Connecting to Ray: embedded by default, an existing cluster when an address is given
+(`runtime.reach` checks first that one is there)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import signal
-import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -13,9 +13,10 @@ from typing import Any
 
 import ray
 
-from grass_dist.config import ClusterConfig
-from grass_dist.errors import ClusterUnreachableError, RayStartError
+from grass_dist.config import ClusterConfig, JobConfig
+from grass_dist.errors import RayStartError
 from grass_dist.runtime import processes
+from grass_dist.runtime.reach import check_reachable, unreachable
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +26,6 @@ CONNECTING = threading.RLock()
 # Set once this process is stopping (Ctrl-C or SIGTERM, grass_dist.launch): a job thread
 # that is still running must not start a Ray of its own while the job's Ray stops.
 STOPPING = threading.Event()
-REACH_TIMEOUT_S = 10.0  # how long a joined cluster's head may take to accept a connection
-# HTTP/2's client preface and an empty SETTINGS frame: a Ray head (its GCS, or the Ray
-# client server behind ray://) is a gRPC server, which answers with a SETTINGS frame.
-_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
-_H2_SETTINGS = 0x04
 
 
 def connect(cfg: ClusterConfig) -> bool:
@@ -37,8 +33,13 @@ def connect(cfg: ClusterConfig) -> bool:
     True when this call started or joined it (False: Ray was already initialized).
 
     This module imports no torch, so a job door can start Ray before it imports the rest
-    (grass_dist.launch), while another thread prepares the job and connects here too.
+    (grass_dist.launch), while another thread prepares the job and connects here too. A
+    thread other than the main one, while the main thread starts Ray on request
+    (`OnRequest`), asks it to and waits.
     """
+    asked = _ON_REQUEST
+    if asked is not None and threading.current_thread() is not threading.main_thread():
+        return asked.ask()
     with CONNECTING:
         if ray.is_initialized():
             return False
@@ -47,6 +48,76 @@ def connect(cfg: ClusterConfig) -> bool:
         with keeping_sigterm():
             _start(cfg)
     return True
+
+
+class OnRequest:
+    """An embedded Ray of `cfg` that the main thread starts only once another thread of
+    the job asks for one (`connect`): a job whose driver computes every shard itself
+    (`driver_alone`) may need none. Ray's processes die with the thread that started them,
+    so the main thread, which outlives the job's, starts it (`serve`, between its waits
+    for the job) while the asking thread waits. `started`: whether it did."""
+
+    def __init__(self, cfg: ClusterConfig):
+        self.cfg = cfg
+        self.started = False
+        self._asked, self._answered = threading.Event(), threading.Event()
+        self._error: Exception | None = None
+
+    def ask(self) -> bool:
+        """From a job's thread: `connect`'s answer, once the main thread has started Ray."""
+        if not self._answered.is_set():
+            self._asked.set()
+            self._answered.wait()
+        if self._error is not None:
+            raise self._error
+        return self.started
+
+    def serve(self) -> None:
+        """On the main thread: start Ray if a thread asked for it and none did yet."""
+        if not self._asked.is_set() or self._answered.is_set():
+            return
+        try:
+            self.started = connect(self.cfg)  # on the main thread: starts it here
+        except Exception as e:
+            self._error = e
+        except BaseException:  # Ctrl-C, SIGTERM: the process stops
+            self._error = RuntimeError("not starting Ray: this process is stopping")
+            raise
+        finally:
+            self._answered.set()
+
+
+_ON_REQUEST: OnRequest | None = None
+
+
+@contextmanager
+def on_request(ray_start: OnRequest) -> Iterator[OnRequest]:
+    """A job's `connect` calls, inside, ask `ray_start`'s main thread for its Ray."""
+    global _ON_REQUEST
+    _ON_REQUEST = ray_start
+    try:
+        yield ray_start
+    finally:
+        _ON_REQUEST = None
+
+
+def driver_computes(cfg: JobConfig) -> bool:
+    """What `local_shard.wanted` asks of the config (it also needs a machine without
+    CUDA): `cluster.driver_shard`, an embedded Ray, and no injected faults (they are aimed
+    at workers)."""
+    return (
+        cfg.cluster.driver_shard
+        and cfg.cluster.address is None
+        and cfg.faults.kill_worker_after_rows is None
+        and cfg.faults.shard_delay_s == 0
+    )
+
+
+def driver_alone(cfg: JobConfig) -> bool:
+    """`driver_computes`, with one worker that would not grow (`cluster.num_workers` 1,
+    `max_workers` at most 1): what `local_shard.alone` asks of the config."""
+    one = cfg.cluster.num_workers == 1 and (cfg.cluster.max_workers or 1) <= 1
+    return driver_computes(cfg) and one
 
 
 @contextmanager
@@ -98,7 +169,7 @@ def _start(cfg: ClusterConfig) -> None:
         try:
             ray.init(address=cfg.address, logging_level=logging.WARNING)
         except ConnectionError as e:
-            raise _unreachable(cfg.address, str(e)) from None
+            raise unreachable(cfg.address, str(e)) from None
         log.info("joined the Ray cluster at %s", cfg.address)
 
 
@@ -149,104 +220,6 @@ TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 def _drop_token_notice(record: logging.LogRecord) -> bool:
     return "Token authentication is enabled" not in record.getMessage()
-
-
-def _unreachable(address: str, why: str) -> ClusterUnreachableError:
-    return ClusterUnreachableError(
-        f"no Ray cluster to join at cluster.address={address} ({why}): start one "
-        'first (`ray start --head`; README: "On this machine with `ray start`"), '
-        "give the head's address, or drop cluster=ray (cluster.address=null) to run "
-        "on an embedded Ray"
-    )
-
-
-def check_reachable(address: str, timeout_s: float = REACH_TIMEOUT_S) -> None:
-    """ClusterUnreachableError unless a Ray head answers at its address (for 'auto', the
-    cluster Ray would join) within `timeout_s`: something accepts connections there and
-    speaks gRPC (HTTP/2) as Ray's head does. Ray's own join waits minutes on an address
-    where nothing listens, and for good on one where another server does (the dashboard's
-    port, say). Addresses of other schemes are left to Ray, as is a head that uses TLS.
-    """
-    target: str | None = address
-    if address == "auto":
-        try:
-            target = _auto_address()
-        except ConnectionError as e:
-            raise _unreachable(address, str(e)) from None
-        except ClusterUnreachableError:
-            raise  # another process's embedded Ray
-        except Exception:  # noqa: BLE001 - a Ray without it: ray.init resolves 'auto' itself
-            return
-    target = str(target).removeprefix("ray://")
-    host, sep, port = target.rpartition(":")
-    if "://" in target or not sep or not port.isdigit():
-        return
-    try:
-        connection = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s)
-    except OSError as e:
-        why = f"nothing accepted a connection at {target} within {timeout_s:g} s: {e}"
-        raise _unreachable(address, why) from None
-    with connection:
-        if _tls():  # a TLS head answers our plaintext with an alert: leave it to Ray
-            return
-        answer = _first_frame(connection, timeout_s)
-    if answer is not None:
-        raise ClusterUnreachableError(
-            f"no Ray cluster to join at cluster.address={address}: something at {target} "
-            f"accepted a connection but is not a Ray head ({answer}), and Ray would wait "
-            f"for it for good. Fix: give the address `ray start --head` printed (port 6379 "
-            f"by default; the dashboard's 8265 is not it), or ray://HOST:10001 for the Ray "
-            f"client; or drop cluster=ray (cluster.address=null) to run on an embedded Ray"
-        )
-
-
-def _auto_address() -> str:
-    """The cluster `ray.init(address="auto")` joins: RAY_ADDRESS, else the one `ray start`
-    recorded on this machine. Ray's 'auto' then falls back to any Ray whose processes run
-    here: another process's embedded Ray (another job's, a notebook's), which a job that
-    joins it shares the CPUs of (its workers wait for them) and dies with. That one is
-    refused, naming it; its address, given as cluster.address, still joins it."""
-    from ray._private import services  # Ray's own resolution of 'auto'
-
-    recorded = services.canonicalize_bootstrap_address(None)  # RAY_ADDRESS, `ray start`'s
-    if recorded is not None:
-        return recorded
-    others = sorted(services.find_gcs_addresses())
-    if others:
-        raise _unreachable(
-            "auto",
-            "none was started with `ray start` on this machine, and RAY_ADDRESS is unset; "
-            f"the Ray running at {', '.join(others)} is not one `ray start` recorded (under "
-            "this RAY_TMPDIR): another process's own embedded Ray, whose CPUs its job holds "
-            "and which ends with it; to join it all the same, give its address",
-        )
-    return services.canonicalize_bootstrap_address_or_die("auto")  # raises: none is running
-
-
-def _tls() -> bool:
-    return os.environ.get("RAY_USE_TLS", "0").strip().lower() in ("1", "true")
-
-
-def _first_frame(connection: socket.socket, timeout_s: float) -> str | None:
-    """None when the server at `connection` answers HTTP/2's preface with a SETTINGS frame,
-    as a gRPC server (Ray's head) does; else what it did instead, in words."""
-    received = b""
-    try:
-        connection.sendall(_H2_PREFACE)
-        while len(received) < 9:  # a frame header: length (3), type, flags, stream (4)
-            chunk = connection.recv(9 - len(received))
-            if not chunk:
-                break
-            received += chunk
-    except TimeoutError:
-        return f"it sent nothing within {timeout_s:g} s" if not received else "it stopped"
-    except OSError as e:
-        return f"it broke the connection ({e})"
-    if len(received) == 9 and received[3] == _H2_SETTINGS:
-        return None
-    if received.startswith(b"HTTP/") or received.lstrip().lower().startswith(b"<"):
-        return "it answered as an HTTP/1 server"  # a status line, or an HTML error page
-    return "it closed the connection" if not received else "it answered in another protocol"
 
 
 def shutdown() -> None:

@@ -46,7 +46,7 @@ from grass_dist.errors import BadRowsError, ConfigError, NonFiniteGradientError
 from grass_dist.gradients.computer import GradientComputer, PhiBlock
 from grass_dist.index import GradientIndex, ShardRecord
 from grass_dist.runtime import compute_thread
-from grass_dist.runtime.cluster import STOPPING, threads_for
+from grass_dist.runtime.cluster import STOPPING, driver_alone, driver_computes, threads_for
 from grass_dist.runtime.overlap import Phases
 from grass_dist.runtime.worker import ShardPlan, index_rows, phi_rows
 
@@ -95,23 +95,20 @@ class _Stopped(Exception):
 def wanted(cfg: JobConfig) -> bool:
     """Whether the driver indexes shards while the workers start: `cluster.driver_shard`,
     an embedded Ray (the driver's machine is the cluster) whose workers compute on the CPU
-    (without CUDA here), and no injected faults (they are aimed at workers)."""
-    return (
-        cfg.cluster.driver_shard
-        and cfg.cluster.address is None
-        and not torch.cuda.is_available()
-        and cfg.faults.kill_worker_after_rows is None
-        and cfg.faults.shard_delay_s == 0
-    )
+    (without CUDA here), and no injected faults (they are aimed at workers):
+    `cluster.driver_computes`."""
+    return driver_computes(cfg) and not torch.cuda.is_available()
 
 
 def alone(cfg: JobConfig) -> bool:
     """Whether the driver indexes every shard itself, with no worker started unless it
     gives a shard back: `wanted`, and one worker that would not grow (`cluster.num_workers`
-    1, `max_workers` at most 1). That worker would run on the driver's machine with the
-    thread count the driver computes with, and take over the shards only once it had
-    started: its start would only take the CPUs from the driver's shards meanwhile."""
-    return wanted(cfg) and cfg.cluster.num_workers == 1 and (cfg.cluster.max_workers or 1) <= 1
+    1, `max_workers` at most 1: `cluster.driver_alone`). That worker would run on the
+    driver's machine with the thread count the driver computes with, and take over the
+    shards only once it had started: its start would only take the CPUs from the driver's
+    shards meanwhile. So would Ray's: the job starts it only once it needs it (a shard given
+    back, a reducer of its own)."""
+    return driver_alone(cfg) and not torch.cuda.is_available()
 
 
 class LocalShard:

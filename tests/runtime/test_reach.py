@@ -1,4 +1,4 @@
-"""`cluster.check_reachable`: a Ray head passes; a port where nothing, or something else,
+"""`reach.check_reachable`: a Ray head passes; a port where nothing, or something else,
 answers is refused in words at once, where Ray's own join would wait."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import time
 import pytest
 
 from grass_dist.errors import ClusterUnreachableError
-from grass_dist.runtime.cluster import check_reachable
+from grass_dist.runtime.reach import check_reachable
 
 
 def test_a_running_ray_head_and_its_ray_client_scheme_pass(ray_session):

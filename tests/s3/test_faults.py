@@ -205,7 +205,7 @@ def test_credentials_given_as_overrides_reach_the_store_and_nothing_written(seaw
         f"+store.storage_options.client_kwargs.endpoint_url={seaweedfs.endpoint}",
         f"run.output_dir={tmp_path / 'outputs'}",
         *SMALL,
-        "cluster.num_workers=1",
+        "cluster.num_workers=2",  # with one, the driver indexes alone and no Ray starts
     ]
     try:
         proc = subprocess.run(

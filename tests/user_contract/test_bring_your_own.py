@@ -113,15 +113,48 @@ def test_hydras_own_logging_presets_replace_ours_whole(user_pkg, tmp_path, loggi
     assert not list((tmp_path / "outputs" / "logs").glob("*/index.log"))  # nor a log file
 
 
-def test_a_one_worker_job_on_this_machine_starts_no_worker_process(user_pkg, tmp_path):
+def test_a_one_worker_job_on_this_machine_starts_no_worker_process_and_no_ray(user_pkg, tmp_path):
     # cluster.num_workers=1 on the embedded Ray: the driver indexes every shard; a worker
-    # would only have competed for its CPUs while it started.
+    # would only have competed for its CPUs while it started, and so would Ray's processes
+    # (the job waited for Ray's start after its last commit).
     done = run_job("index", *_overrides(user_pkg, tmp_path), user=user_pkg, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout)
     assert summary["index"]["driver_shards"] == summary["index"]["computed_shards"] > 1
     assert "first_worker" not in summary["startup_seconds"]
+    assert "ray" not in summary["startup_seconds"]
     assert "worker actors" not in done.stderr and "starting worker" not in done.stderr
+    assert "embedded Ray" not in done.stderr
+
+
+_DRIVER_GIVES_BACK = """
+import grass_dist.runtime.local_shard as local_shard
+
+def _failed(*args, **kwargs):  # the driver's process fails, not its rows
+    raise OSError("the driver's shard failed (test)")
+
+local_shard.index_rows = _failed
+"""
+
+
+def test_a_one_worker_job_starts_ray_and_a_worker_for_shards_the_driver_gives_back(
+    user_pkg, tmp_path
+):
+    # The driver indexing alone starts no Ray; a shard it gives back (a failure of its
+    # process's own) needs a worker: the job's thread asks, the main thread starts Ray (its
+    # processes die with the thread that starts them), a worker computes every shard.
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_DRIVER_GIVES_BACK)
+    env = user_pkg.env()
+    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(hook)])
+    done = run_job("index", *_overrides(user_pkg, tmp_path), user=user_pkg, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert summary["index"]["driver_shards"] == 0 and summary["index"]["rows"] == 90
+    assert {"ray", "first_worker"} <= set(summary["startup_seconds"])
+    assert "started an embedded Ray" in done.stderr and "Traceback" not in done.stderr
+    assert len(GradientIndex.open(str(tmp_path / "index")).committed()) > 1
 
 
 def test_a_leftover_preset_argument_stops_the_job_naming_it_and_its_removal(user_pkg, tmp_path):

@@ -204,6 +204,12 @@ def test_ctrl_c_as_the_driver_commits_shard_after_shard_leaves_a_record_that_cou
     assert read_progress(store)["index"]["shards_done"] == kept
 
 
+def _ray_starting(user_pkg, tmp_path) -> list[str]:
+    """The user's job with two workers: it starts Ray as it starts (with one, the driver
+    indexes alone and Ray starts only for a shard it gives back)."""
+    return [*_overrides(user_pkg, tmp_path), "cluster.num_workers=2"]
+
+
 _HOLD_RAY_START = """
 import time
 import grass_dist.runtime.cluster as cluster
@@ -224,7 +230,7 @@ def test_ctrl_c_while_the_embedded_ray_starts_ends_the_job_as_any_ctrl_c(tmp_pat
     (hook / "sitecustomize.py").write_text(_HOLD_RAY_START)
     env = user_pkg.env()
     env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(hook)])
-    given = _overrides(user_pkg, tmp_path)
+    given = _ray_starting(user_pkg, tmp_path)
     proc = _index_job(given, tmp_path, env, new_session=False)
     _wait_for_a_commit(proc, tmp_path / "index", 120, lambda: _stderr(proc))
     proc.send_signal(signal.SIGINT)
@@ -272,7 +278,7 @@ def test_a_signal_while_the_embedded_ray_starts_ends_the_job_as_any_signal(
     (hook / "sitecustomize.py").write_text(_MARK_RAY_START)
     env = user_pkg.env(RAY_START_MARKS=str(marks))
     env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(hook)])
-    given = _overrides(user_pkg, tmp_path)
+    given = _ray_starting(user_pkg, tmp_path)
     err = tmp_path / "stderr.txt"
     with err.open("w") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", "jobs.index", *given], cwd=tmp_path,
