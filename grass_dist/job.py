@@ -281,6 +281,7 @@ def prepare_started(
     # reducer, whose map calls and objects are Ray's even in the driver: it starts now).
     later = ours and create_index and not query and local_shard.alone(job_cfg)
     spares: list[Any] = []
+    ray_up: float | None = None
     with ThreadPoolExecutor(1, thread_name_prefix="prepare") as executor:
         preparing = executor.submit(_prepare_local, raw, create_index, query, started)
         try:
@@ -290,8 +291,8 @@ def prepare_started(
                 if not later:
                     _refused_while_ray_starts(preparing)
                     connect(job_cfg.cluster)
-                ray_up = None if later else time.time()
-                spares = [] if later else _early_workers(job_cfg, raw, preparing, datasets)
+                    ray_up = time.time()
+                    spares = _early_workers(job_cfg, raw, preparing, datasets)
             except BaseException:
                 preparing.result()  # a refused job fails with its refusal, not Ray's error
                 raise

@@ -31,7 +31,7 @@ import ray
 from omegaconf import DictConfig
 
 from grass_dist import hydra_cli
-from grass_dist.config import ClusterConfig, JobConfig, resolve
+from grass_dist.config import JobConfig, resolve
 from grass_dist.errors import GrassError
 from grass_dist.runtime import cluster, placement, processes
 from grass_dist.target_checks import check_targets_set
@@ -195,48 +195,41 @@ def door(name: str, cfg: DictConfig) -> dict[str, Any]:
     there); its `connect` waits for this Ray. A Ray started here is stopped when the job
     ends, also when it raises or exits (a refusal exits 2), as `pipeline.prepare_started`
     stops one it started: each job of a sweep (`-m`) runs on a Ray of its own settings.
-    An index job whose driver computes every shard itself (`_ray_on_request`) starts Ray
-    only if it asks for one.
+    An index job whose driver computes every shard itself starts Ray only if it asks.
     """
     job_cfg = _embedded_job(cfg, query=name != "index")
     if job_cfg is None:
         return _job(name, cfg)
+    ray_start = cluster.OnRequest(job_cfg.cluster)
     if name == "index" and cluster.driver_alone(job_cfg) and not _cuda_devices():
-        return _ray_on_request(name, cfg, job_cfg.cluster)
+        # Its driver computes every shard itself (on a machine without GPUs): Ray would only
+        # take CPUs from its shards as it starts (its processes: about 3 CPU-seconds), and
+        # the job needs one only for a shard the driver gives back. Ray starts if it asks.
+        with cluster.on_request(ray_start):
+            return _served(_Background(_job, name, cfg), ray_start)
     with cluster.CONNECTING:  # the job's own `connect` waits for this thread's Ray
         job = _Background(_job, name, cfg)
         try:
             with job.exiting_on_refusal():
-                started = cluster.connect(job_cfg.cluster)
+                ray_start.started = cluster.connect(job_cfg.cluster)
         except KeyboardInterrupt as e:  # the lock is held until the process ends
             stop_now(e)
+    return _served(job, ray_start)
+
+
+def _served(job: _Background, ray_start: cluster.OnRequest) -> dict[str, Any]:
+    """`job`'s result, this thread starting Ray meanwhile if the job asks for it
+    (`cluster.OnRequest`). A Ray started here (`ray_start.started`) stops as the job ends,
+    its workers with it: a sweep's next job starts a Ray of its own settings."""
     try:
+        while not job.ended(0.05):
+            ray_start.serve()
         return job.result()
     except KeyboardInterrupt as e:  # Ctrl-C and SIGTERM reach this thread, not the job's
         stop_now(e)
     finally:
-        if started:  # its workers with it; a sweep's next job starts a Ray of its settings
+        if ray_start.started:
             cluster.shutdown_unless_lost()
-
-
-def _ray_on_request(name: str, cfg: DictConfig, settings: ClusterConfig) -> dict[str, Any]:
-    """`door`'s job when its driver computes every shard itself (`cluster.driver_alone`, on
-    a machine without GPUs): an embedded Ray would only take CPUs from the driver's shards
-    as it starts (its processes: about 3 CPU-seconds), and the job needs one only for a
-    shard the driver gives back. This thread starts one only when the job's `connect` asks
-    (`cluster.OnRequest`), and stops it as the job ends."""
-    ray_start = cluster.OnRequest(settings)
-    with cluster.on_request(ray_start):
-        job = _Background(_job, name, cfg)
-        try:
-            while not job.ended(0.05):
-                ray_start.serve()
-            return job.result()
-        except KeyboardInterrupt as e:  # Ctrl-C and SIGTERM reach this thread
-            stop_now(e)
-        finally:
-            if ray_start.started:
-                cluster.shutdown_unless_lost()
 
 
 def _cuda_devices() -> bool:

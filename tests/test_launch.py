@@ -110,7 +110,7 @@ def test_a_job_thread_asks_the_main_thread_to_start_ray_on_request(monkeypatch):
     monkeypatch.setattr(cluster.ray, "is_initialized", lambda: bool(started))
     ray_start, answers = cluster.OnRequest(None), []
     with cluster.on_request(ray_start):
-        job = threading.Thread(target=lambda: answers.extend([cluster.connect(None)] * 2))
+        job = threading.Thread(target=lambda: answers.extend(cluster.connect(None) for _ in "ab"))
         job.start()
         while job.is_alive():
             ray_start.serve()

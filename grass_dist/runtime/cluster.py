@@ -55,7 +55,8 @@ class OnRequest:
     the job asks for one (`connect`): a job whose driver computes every shard itself
     (`driver_alone`) may need none. Ray's processes die with the thread that started them,
     so the main thread, which outlives the job's, starts it (`serve`, between its waits
-    for the job) while the asking thread waits. `started`: whether it did."""
+    for the job) while the asking thread waits. `started`: whether it did (or the door,
+    which starts one at once for other jobs)."""
 
     def __init__(self, cfg: ClusterConfig):
         self.cfg = cfg

@@ -27,7 +27,8 @@ import torch
 
 from grass_dist.scoring.precondition import Preconditioner
 from grass_dist.scoring.results import key_positions
-from grass_dist.scoring.topk import MAX_ROW, TopKPair, decode, merge_keys, query_block
+from grass_dist.scoring.tile_filter import query_block
+from grass_dist.scoring.topk import MAX_ROW, TopKPair, decode, merge_keys
 
 log = logging.getLogger(__name__)
 

@@ -25,13 +25,12 @@ import math
 import numpy as np
 import torch
 
+from grass_dist.scoring.tile_filter import MASK_PASS_RATE, TileScan, group_extrema, query_block
+
 EMPTY = torch.iinfo(torch.int64).min  # an unfilled slot; sorts below every real key
 _LOW = 0xFFFFFFFF
 MAX_ROW = _LOW - 1  # row 2**32 - 1 would make a key collide with EMPTY's low bits
 _CHUNK = 1 << 21  # elements of int64 keys built at once on the dense path (16 MiB)
-GROUP = 8  # columns summarised by one maximum and one minimum (the group filter)
-_CACHE_FLOATS = 1 << 17  # scores per block of queries (512 KiB), scanned while in cache
-MASK_PASS_RATE = 0.005  # share of candidates above which a plain compare beats the groups
 
 
 def _pack(scores: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
@@ -129,7 +128,7 @@ class RunningTopK:
         at a time."""
         used = self._buf[:, : max(self.k, int(self.fill.max()))]
         out = np.empty((used.shape[0], self.k), dtype=np.int64)
-        step = max(1, _CACHE_FLOATS // used.shape[1])
+        step = query_block(used.shape[1])
         for lo in range(0, used.shape[0], step):
             best = torch.topk(used[lo : lo + step], self.k, dim=1, sorted=False).values
             flipped = np.invert(best.numpy(), out=out[lo : lo + step])  # reverses the order
@@ -205,14 +204,14 @@ class TopKPair:
         # later in the stream a higher floor saves fewer candidates than its selection costs
         self._raise_until = (expected_rows or 0) // 2
         self._pass_rate = [1.0, 1.0]  # per side, the last tile's share of candidates
-        self._scan: _TileScan | None = None
+        self._scan: TileScan | None = None
 
     def scan(self, block: torch.Tensor, start: int) -> None:
         """Queries start.. (q of them) of the tile being scored: block (q, T) float32,
         contiguous. Call for every block in order of `start`, then `add` the whole tile."""
         if start == 0:
             masked = [rate >= MASK_PASS_RATE for rate in self._pass_rate]
-            self._scan = _TileScan(block.shape[1], self._bounds(), masked)
+            self._scan = TileScan(block.shape[1], self._bounds(), masked)
         scan = self._scan
         if scan is None or start != scan.covered:
             raise ValueError(
@@ -220,7 +219,7 @@ class TopKPair:
             )
         scan.covered += block.shape[0]
         if not self._started:  # the floor needs the whole first tile's extrema first
-            scan.extrema.append(_group_extrema(block))
+            scan.extrema.append(group_extrema(block))
             return
         scan.collect(block.numpy())
 
@@ -320,86 +319,6 @@ class TopKPair:
         return short.flatten().nonzero().flatten()
 
 
-class _TileScan:
-    """What `TopKPair.scan` gathered of one tile: per side (0 proponents, 1 opponents) and
-    block, its candidates as (flat indices into the tile, scores), grouped by query, or
-    `dense` when most scores qualified. `masked[side]` picks the side's filter."""
-
-    def __init__(self, n_cols: int, bounds: tuple[np.ndarray, np.ndarray], masked: list[bool]):
-        self.n_cols, self.bounds, self.masked = n_cols, bounds, masked
-        self.covered = 0
-        self.extrema: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.dense = [False, False]
-        self.parts: tuple[list, list] = ([], [])
-        self._mask = np.empty(0, dtype=bool)
-
-    def collect(self, block: np.ndarray) -> None:
-        """Candidates of the block (q, T) of queries that `covered` ends with."""
-        start = self.covered - block.shape[0]
-        if self.masked[0] and self.masked[1]:
-            extrema = (None, None)
-        else:
-            extrema = tuple(e.numpy() for e in _group_extrema(torch.from_numpy(block)))
-        for side in (0, 1):
-            if self.dense[side]:
-                continue
-            bound = self.bounds[side][start : self.covered]
-            if self.masked[side]:
-                found = self._compare_all(side, block, bound)
-            else:
-                found = _open_groups(side, block, extrema[side], bound)
-            if found is None:
-                self.dense[side] = True
-            else:
-                self.parts[side].append((found[0] + start * self.n_cols, found[1]))
-
-    def _compare_all(self, side: int, block: np.ndarray, bound: np.ndarray):
-        """(flat indices, scores) of the block's scores that reach `bound`, None if most do."""
-        if self._mask.size < block.size:
-            self._mask = np.empty(block.size, dtype=bool)
-        mask = self._mask[: block.size].reshape(block.shape)
-        flat = np.flatnonzero(_COMPARE[side](block, bound, out=mask))
-        if flat.size > block.size // 2:
-            return None
-        return flat, block.reshape(-1)[flat]
-
-    def runs(self, side: int, scores: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        """The side's candidates as (flat indices into `scores` (Q, T), scores) runs, each
-        grouped by query: the blocks' candidates, then (group filter) any columns past the
-        last whole group, compared plainly."""
-        parts = self.parts[side]
-        out = []
-        if parts:
-            out.append(
-                (np.concatenate([f for f, _ in parts]), np.concatenate([v for _, v in parts]))
-            )
-        edge = GROUP * (self.n_cols // GROUP)
-        if not self.masked[side] and edge < self.n_cols:
-            qi, col = np.nonzero(_COMPARE[side](scores[:, edge:], self.bounds[side]))
-            flat = qi * self.n_cols + edge + col
-            out.append((flat, scores.reshape(-1)[flat]))
-        return out
-
-
-_COMPARE = (np.greater_equal, np.less_equal)  # a candidate's test against its side's bound
-
-
-def _open_groups(side: int, block: np.ndarray, extrema: np.ndarray, bound: np.ndarray):
-    """(flat indices, scores) of the block's (q, T) whole-group scores that reach `bound`
-    (q, 1), found through the groups' extrema (q, W); None if most groups qualify."""
-    compare = _COMPARE[side]
-    n_block, width = extrema.shape
-    hit = np.flatnonzero(compare(extrema, bound))
-    if hit.size > extrema.size // 2:
-        return None
-    qi = hit // width
-    first = hit + qi * (block.shape[1] - width)  # the group's first column, flat in the block
-    flat = first[:, None] + np.arange(GROUP) * width  # (hits, GROUP): grouped by query
-    values = block.reshape(-1)[flat]
-    keep = compare(values, bound.reshape(-1)[qi][:, None])
-    return flat[keep], values[keep]
-
-
 def _add_flat(
     side: RunningTopK, n_cols: int, flat: np.ndarray, values: np.ndarray, low: torch.Tensor
 ) -> None:
@@ -410,22 +329,6 @@ def _add_flat(
     values = torch.from_numpy(values)
     adjusted = values + 0.0 if side.sign > 0 else 0.0 - values  # also folds -0.0 into +0.0
     side.add_candidates(qi, _pack(adjusted, low.index_select(0, flat - qi * n_cols)))
-
-
-def query_block(n_cols: int) -> int:
-    """Queries per block of a (Q, n_cols) float32 tile such that a block stays in cache."""
-    return max(1, _CACHE_FLOATS // max(1, n_cols))
-
-
-def _group_extrema(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query of a block (q, T), the max and min (q, W) over each group of columns
-    {w, w + W, ..., w + (GROUP - 1) W}, W = T // GROUP: reductions over a middle axis,
-    which torch vectorises along the contiguous one."""
-    width = block.shape[1] // GROUP
-    if width == 0:
-        return torch.empty(block.shape[0], 0), torch.empty(block.shape[0], 0)
-    part = block[:, : GROUP * width].view(-1, GROUP, width)
-    return part.amax(1), part.amin(1)
 
 
 def _padded(qi: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
