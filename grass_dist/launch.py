@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any, NoReturn, TextIO
 
-import ray
 from omegaconf import DictConfig
 
 from grass_dist import hydra_cli
@@ -111,18 +110,20 @@ def stop_now(e: KeyboardInterrupt) -> NoReturn:
     """End a `jobs/` process on Ctrl-C or SIGTERM, wherever its job is: the records of the
     jobs running here end, Ray stops, what is kept is said, and the process exits with the
     signal's status at once (0 when the job had printed its answer: the signal only cut
-    its way out short). Every commit is atomic and a rerun goes on from the committed
-    shards, so a shard half written is only recomputed. The interpreter's own exit would
-    wait for the job's threads, and a thread stopped inside torch then aborts the process
-    with a native stack; and a job thread that saw its Ray stop must not start another
-    (`cluster.STOPPING`, and Ray's own start on first use turned off)."""
+    its way out short). Ray stops by the kill of the processes below this one (its
+    embedded Ray's, `processes.stop_half_started`) and this process's exit (a joined
+    cluster's ends the driver's actors), not by `ray.shutdown`: a job thread's next Ray call
+    after that (an actor it was creating) ended the process with status 1 and Ray's "The
+    core worker has already been shutdown". Every commit is atomic and a rerun goes on
+    from the committed shards, so a shard half written is only recomputed. The
+    interpreter's own exit would wait for the job's threads, and a thread stopped inside
+    torch then aborts the process with a native stack; and a job thread that saw its Ray
+    stop must not start another (`cluster.STOPPING`, and Ray's own start on first use
+    turned off)."""
     cluster.STOPPING.set()
     with suppress(ImportError):  # nor may Ray start one on a job thread's next Ray call
         importlib.import_module("ray._private.auto_init_hook").enable_auto_connect = False
     _end_progress(e)
-    with suppress(Exception):  # Ray cut short while starting, or whose processes the same
-        if not cluster.shutdown_unless_lost():  # signal stopped (sent to the whole group)
-            ray.shutdown()
     processes.stop_half_started()  # what outlived a Ray lost so (this process adopts orphans)
     if _ANSWERED.is_set():  # the signal only cut its way out short
         _exit_now(0)

@@ -231,3 +231,73 @@ def test_each_job_of_a_sweep_runs_on_an_embedded_ray_of_its_own_settings(tmp_pat
     started = re.findall(r"started an embedded Ray with (\S+) CPUs", done.stderr)
     assert started == ["1.0", "2.0"], done.stderr[-3000:]
     assert {p.name for p in tmp_path.glob("index-*")} == {"index-1", "index-2"}
+
+
+# A signal that comes as Ray's start forks a process: its exception is raised in the fork's
+# handler (logging's, in Ray's start: "Exception ignored in: <function _releaseLock ...>"),
+# where nothing can receive it, and only printed.
+_SIGNAL_AS_RAY_FORKS = """
+import os, runpy, signal, sys, time, traceback
+
+sent = []
+
+def after_fork():
+    stack = [frame.filename for frame in traceback.extract_stack()]
+    if not sent and any("ray/_private/services.py" in f for f in stack):
+        sent.append(True)
+        os.kill(os.getpid(), signal.{sig})
+        time.sleep(5)  # the handler raises here
+
+os.register_at_fork(after_in_parent=after_fork)
+sys.argv = ["jobs.index", *sys.argv[1:]]
+runpy.run_module("jobs.index", run_name="__main__")
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("sig", "status"), [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_as_ray_starts_a_process_still_ends_the_job(tmp_path, sig, status):
+    # Ctrl-C as Ray's start forked a process: the KeyboardInterrupt was only printed, and
+    # the job ran on to its end and exited 0.
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_AS_RAY_FORKS.format(sig=sig), "cluster.num_workers=2",
+         "data.train.n_train=90", f"run.output_dir={tmp_path}"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert "Exception ignored in" in done.stderr, done.stderr[-3000:]  # it was only printed
+    assert done.returncode == status, done.stderr[-3000:]
+    assert "rerun the same command to go on" in done.stderr
+    assert not done.stdout  # no summary: the job did not run on
+
+
+# Ctrl-C as the job's thread goes on from Ray's start (creating its workers, asking Ray
+# for its resources) while the main thread stops the job.
+_CTRL_C_AS_RAY_IS_UP = """
+import os, runpy, signal, sys
+from grass_dist import launch
+
+real_served = launch._served
+
+def served(job, ray_start):
+    os.kill(os.getpid(), signal.SIGINT)
+    return real_served(job, ray_start)
+
+launch._served = served
+sys.argv = ["jobs.index", *sys.argv[1:]]
+runpy.run_module("jobs.index", run_name="__main__")
+"""
+
+
+@pytest.mark.integration
+def test_ctrl_c_as_ray_is_up_exits_130(tmp_path):
+    # The main thread stopped Ray with `ray.shutdown` while the job's thread went on: its
+    # next Ray call ended the process with status 1 ("The core worker has already been
+    # shutdown").
+    done = subprocess.run(
+        [sys.executable, "-c", _CTRL_C_AS_RAY_IS_UP, "cluster.num_workers=2",
+         "data.train.n_train=90", f"run.output_dir={tmp_path}"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 130, done.stderr[-3000:]
+    assert done.stderr.rstrip().splitlines()[-1].startswith("interrupted: what the job")
+    assert not done.stdout

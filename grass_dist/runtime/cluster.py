@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -182,13 +182,15 @@ def _start_embedded(cfg: ClusterConfig, attempts: int = 2) -> None:
     for attempt in range(1, attempts + 1):
         before = processes.children()
         try:
-            ray.init(
-                address="local",
-                num_cpus=cfg.num_cpus,
-                include_dashboard=False,
-                logging_level=logging.WARNING,
-                configure_logging=True,
-            )
+            with _signals_kept() as raise_lost:
+                ray.init(
+                    address="local",
+                    num_cpus=cfg.num_cpus,
+                    include_dashboard=False,
+                    logging_level=logging.WARNING,
+                    configure_logging=True,
+                )
+                raise_lost()
             return
         except BaseException as e:
             _stop_cut_short(before)
@@ -202,6 +204,51 @@ def _start_embedded(cfg: ClusterConfig, attempts: int = 2) -> None:
                     f"Ray once yourself (`ray start --head`) and join it with cluster=ray"
                 ) from None
             log.warning("the embedded Ray did not start (%s); starting it once more", why)
+
+
+@contextmanager
+def _signals_kept() -> Iterator[Callable[[], None]]:
+    """Ray's start, with each exception that a Ctrl-C or SIGTERM handler raises meanwhile
+    recorded; yields `raise_lost`, which raises the last one again. An exception raised
+    where nothing can receive it is only printed ("Exception ignored in: <function
+    _releaseLock ...> KeyboardInterrupt"), and Ray's start forks its processes from this
+    thread, which runs Python's fork handlers (logging's): a Ctrl-C at that moment was
+    lost, and the job ran on to its end and exited 0. One that reached the start ends it,
+    so one recorded once it returned was lost. The main thread's handlers only (the others
+    get no signals); those that are Python functions (not SIG_DFL or SIG_IGN)."""
+    raised: list[tuple[int, Callable[..., Any]]] = []
+    kept: dict[int, tuple[Callable[..., Any], Callable[..., Any]]] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(sig)
+            if callable(handler):
+                kept[sig] = (handler, _recording(handler, raised))
+                signal.signal(sig, kept[sig][1])
+
+    def raise_lost() -> None:
+        if raised:
+            signum, handler = raised[-1]
+            handler(signum, None)
+
+    try:
+        yield raise_lost
+    finally:
+        for sig, (handler, recording) in kept.items():
+            if signal.getsignal(sig) is recording:  # else Ray's start set one of its own
+                signal.signal(sig, handler)
+
+
+def _recording(
+    handler: Callable[..., Any], raised: list[tuple[int, Callable[..., Any]]]
+) -> Callable[..., Any]:
+    def recording(signum: int, frame: Any) -> None:
+        try:
+            handler(signum, frame)
+        except BaseException:
+            raised.append((signum, handler))
+            raise
+
+    return recording
 
 
 def _stop_cut_short(before: set[int]) -> None:
