@@ -3,8 +3,8 @@
     python bench/bench_gpu.py            # on a CUDA device (H200: well under 5 minutes)
     python bench/bench_gpu.py --tiny     # a tiny model on the CPU in seconds (tested)
 
-Sequence 1024, batch 4; the 112 Linear layers of the 16 blocks are attributed. Tokens/s and
-peak device memory of, interleaved in one process:
+Sequence 1024, batch 4 (`--batch`); the 112 Linear layers of the 16 blocks are attributed.
+Tokens/s and peak device memory of, interleaved in one process:
 - plain forward + backward (summed loss, `loss.backward()` with weight gradients: the limit);
 - grass_dist FactGraSS (k = 4096 per layer, 128 x 128 masks) through
   `GradientComputer.phi_batch`;
@@ -135,9 +135,12 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="a tiny model on the CPU")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (for --tiny)")
+    ap.add_argument("--batch", type=int, default=None, help="sequences per batch (default 4)")
     ap.add_argument("--out", default=None, help=f"results file (default on a GPU: {RESULTS})")
     args = ap.parse_args()
-    setup = TINY if args.tiny else FULL
+    setup = dict(TINY if args.tiny else FULL)
+    if args.batch is not None:
+        setup["batch"] = args.batch
     torch.set_num_threads(args.threads)
     device = torch.device("cpu" if args.tiny else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
