@@ -8,6 +8,7 @@ the clean run's, every training row exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -232,8 +233,12 @@ def _summary(stdout: str) -> dict:
     return json.loads(stdout[("\n" + stdout).index("\n{\n") :])
 
 
-def test_killed_driver_resumes_with_the_same_index(cluster, clean, tmp_path):
-    name = "driver"
+@pytest.mark.parametrize("how", ["killed", "ctrl-c"])
+def test_killed_driver_resumes_with_the_same_index(cluster, clean, tmp_path, how):
+    # Ctrl-C ends the driver by killing the processes below it and exiting (`stop_now`), not
+    # by Ray's shutdown: on a joined cluster its workers must still go with it, or the rerun
+    # would wait for their slots.
+    name = f"driver-{how}"
     cmd = [
         sys.executable,
         "-m",
@@ -260,10 +265,16 @@ def test_killed_driver_resumes_with_the_same_index(cluster, clean, tmp_path):
                 break
             time.sleep(0.1)
     finally:
-        os.killpg(first.pid, signal.SIGKILL)
+        if how == "ctrl-c" and seen is not None:
+            first.send_signal(signal.SIGINT)
+            status = first.wait(timeout=60)
+        with contextlib.suppress(ProcessLookupError):  # none left in its group
+            os.killpg(first.pid, signal.SIGKILL)
         first.wait()
         log.close()
     assert seen is not None, (tmp_path / "first.log").read_text()[-3000:]
+    if how == "ctrl-c":
+        assert status == 130, (tmp_path / "first.log").read_text()[-3000:]
     # Another process followed the running job through its progress record.
     assert seen["state"] == "running" and seen["stage"] == "index"
     assert 3 <= seen["index"]["shards_done"] < SHARDS and seen["index"]["rows_per_s"] > 0
