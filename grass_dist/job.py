@@ -39,7 +39,7 @@ from grass_dist.index.content import row_digest
 from grass_dist.index.shards import repair_fix
 from grass_dist.models.state import state_hash
 from grass_dist.runtime import compute_thread, local_shard
-from grass_dist.runtime.cluster import CONNECTING, connect
+from grass_dist.runtime.cluster import CONNECTING, connect, on_request_active, request_soon
 from grass_dist.runtime.local_shard import LocalShard
 from grass_dist.runtime.placement import check_placeable, worker_factory
 from grass_dist.runtime.pool import ActorPool
@@ -277,9 +277,11 @@ def prepare_started(
         return job
     ours = not ray.is_initialized()
     # A driver that builds an index alone needs Ray only for a shard it gives back: Ray
-    # starts then (`actors.connect_job`), if ever (a job that scores needs it for its
-    # reducer, whose map calls and objects are Ray's even in the driver: it starts now).
-    later = ours and create_index and not query and local_shard.alone(job_cfg)
+    # starts then (`actors.connect_job`), if ever. So does a `jobs/` job that scores, whose
+    # door starts its Ray on request (`cluster.OnRequest`); one that will need Ray for its
+    # reducer or damping=auto asks for it as soon as that is known (`_needs_ray`).
+    alone = ours and local_shard.alone(job_cfg)
+    later = alone and (create_index and not query or on_request_active())
     spares: list[Any] = []
     ray_up: float | None = None
     with ThreadPoolExecutor(1, thread_name_prefix="prepare") as executor:
@@ -299,6 +301,8 @@ def prepare_started(
             job = preparing.result()
             if ray_up is not None:
                 job.reached("ray", ray_up)
+            elif later and query and _needs_ray(job):
+                request_soon()  # Ray starts while the driver indexes
         except BaseException:
             if preparing.done() and not preparing.exception() and preparing.result()._local:
                 preparing.result()._local.stop()
@@ -306,6 +310,13 @@ def prepare_started(
             raise
     job._spares = spares
     return job
+
+
+def _needs_ray(job: Job) -> bool:
+    """Whether a job that scores, whose driver computes alone (its queries too:
+    `pipeline.query_phi`), will need Ray: for a reducer too large for the driver, or
+    damping=auto's choice."""
+    return not job.reduces_in_driver() or job.cfg.precondition.damping == "auto"
 
 
 def _refused_while_ray_starts(preparing: Future, poll_s: float = 0.05) -> None:

@@ -202,10 +202,11 @@ def door(name: str, cfg: DictConfig) -> dict[str, Any]:
     if job_cfg is None:
         return _job(name, cfg)
     ray_start = cluster.OnRequest(job_cfg.cluster)
-    if name == "index" and cluster.driver_alone(job_cfg) and not _cuda_devices():
-        # Its driver computes every shard itself (on a machine without GPUs): Ray would only
-        # take CPUs from its shards as it starts (its processes: about 3 CPU-seconds), and
-        # the job needs one only for a shard the driver gives back. Ray starts if it asks.
+    if cluster.driver_alone(job_cfg) and not _cuda_devices():
+        # Its driver computes every shard and query itself (on a machine without GPUs) and
+        # reduces a small index: Ray would only take CPUs from it as it starts (its
+        # processes: about 3 CPU-seconds), and the job needs one only for a shard the driver
+        # gives back, a larger index or damping=auto. Ray starts if it asks.
         with cluster.on_request(ray_start):
             return _served(_Background(_job, name, cfg), ray_start)
     with cluster.CONNECTING:  # the job's own `connect` waits for this thread's Ray

@@ -219,29 +219,35 @@ def run_precondition(job: Job) -> dict[str, Any]:
 
 
 def query_phi(job: Job, which: str = "query") -> PhiBlock:
-    """phi of every row of data.<which>, from the worker pool with the index's compressors;
-    or, for a query set of one chunk (`index.shard_size` rows) while no worker is ready,
-    from the driver's replica (`local_shard.driver_phi`: the same bits)."""
+    """phi of every row of data.<which>, from the worker pool with the index's compressors,
+    in chunks of `index.shard_size` rows; or, while no worker is ready, from the driver's
+    replica (`local_shard.driver_phi`: the same bits, chunk by chunk): a query set of one
+    chunk, or any, for a driver that computes alone (`local_shard.alone`: its one worker
+    would compute them on the same CPUs)."""
     replica, job._replica = job._replica, None  # needed here only
     dataset = build_dataset(job.cfg, which)
     n = len(dataset)
     chunk = job.cfg.index.shard_size
     spans = [(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]
-    if replica is not None and len(spans) == 1 and _no_worker_ready(job):
-        with job.stage(f"{which}_gradients"):
-            log.info("%s gradients: %d rows, computed by the driver", which, n)
-            return driver_phi(job.cfg, replica, dataset, 0, n, which)
+    by_driver = replica is not None and (len(spans) == 1 or local_shard.alone(job.cfg))
     blocks: dict[tuple[int, int], PhiBlock] = {}
     with job.stage(f"{which}_gradients"):
-        run_items(
-            actors.ready_pool(job),
-            spans,
-            lambda a, s: a.phi.remote(which, *s),
-            blocks.update,
-            describe=lambda s: f"{which} rows {s[0]}..{s[1]}",
-            max_inflight=job.cfg.cluster.max_inflight_per_worker,
-            max_retries=job.cfg.cluster.max_shard_retries,
-        )
+        if by_driver and _no_worker_ready(job):
+            log.info("%s gradients: %d rows, computed by the driver", which, n)
+            for s in spans:
+                blocks[s] = driver_phi(job.cfg, replica, dataset, *s, which)
+        else:
+            run_items(
+                actors.ready_pool(job),
+                spans,
+                lambda a, s: a.phi.remote(which, *s),
+                blocks.update,
+                describe=lambda s: f"{which} rows {s[0]}..{s[1]}",
+                max_inflight=job.cfg.cluster.max_inflight_per_worker,
+                max_retries=job.cfg.cluster.max_shard_retries,
+            )
+    if len(spans) == 1:
+        return blocks[spans[0]]
     parts = [blocks[s] for s in spans]
     return PhiBlock(
         np.concatenate([p.row_ids for p in parts]),

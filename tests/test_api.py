@@ -428,10 +428,20 @@ def test_a_small_query_set_is_computed_by_the_driver_as_a_worker_computes_it(
     index.attribute(query, name="more", overrides=["cluster.num_workers=1"])  # 2 map tasks
     assert index._kept.handle.actor._actor_id not in (actor._actor_id, other._actor_id)
 
-    # More than one chunk of queries: the worker pool computes them, its chunks in parallel.
+    # More than one chunk of queries: with one worker the driver computes them all, chunk
+    # by chunk (that worker would, on the same CPUs); with more, the worker pool does, its
+    # chunks in parallel, to the same bits.
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="grass_dist"):
         many = index.attribute(TensorDataset(x[60:], y[60:]), dense=True, name="many")
+    assert "query gradients: 40 rows, computed by the driver" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="grass_dist"):
+        pooled = index.attribute(
+            TensorDataset(x[60:], y[60:]), dense=True, name="pooled",
+            overrides=["cluster.num_workers=2"],
+        )  # fmt: skip
     assert "computed by the driver" not in caplog.text
+    np.testing.assert_array_equal(pooled.dense(), many.dense())
     # (In batches of other sizes: equal to rounding.)
     np.testing.assert_allclose(many.dense()[:, :5], mine.dense(), rtol=1e-5, atol=1e-7)

@@ -121,6 +121,35 @@ def test_a_job_thread_asks_the_main_thread_to_start_ray_on_request(monkeypatch):
     assert cluster._ON_REQUEST is None  # a later job's connect starts its own
 
 
+def test_a_ray_call_before_ray_started_on_request_asks_for_the_jobs_ray(monkeypatch):
+    # Ray's own start on first use (`ray.put` and the like, before `ray.init`) would start
+    # a Ray of its default settings on the job's thread: it asks for the job's instead. And
+    # a job that will need Ray asks early without waiting (`request_soon`).
+    import ray._private.auto_init_hook as hook
+
+    started = []
+    monkeypatch.setattr(
+        cluster, "_start", lambda cfg: started.append((cfg, threading.current_thread()))
+    )
+    monkeypatch.setattr(cluster.ray, "is_initialized", lambda: bool(started))
+    ray_own = hook.auto_init_ray
+    ray_start = cluster.OnRequest("the job's cluster settings")
+    with cluster.on_request(ray_start):
+        job = threading.Thread(target=hook.auto_init_ray)  # what Ray's wrapped calls run
+        job.start()
+        while job.is_alive():
+            ray_start.serve()
+            job.join(0.02)
+    assert started == [("the job's cluster settings", threading.current_thread())]
+    assert hook.auto_init_ray is ray_own
+    started.clear()
+    ray_start = cluster.OnRequest("settings")
+    with cluster.on_request(ray_start):
+        cluster.request_soon()  # from the job's thread: nothing waits for it
+        ray_start.serve()
+    assert started == [("settings", threading.current_thread())] and ray_start.started
+
+
 def test_a_ray_that_fails_to_start_on_request_fails_the_thread_that_asked(monkeypatch):
     def failed(cfg):
         raise cluster.RayStartError("the embedded Ray did not start, 2 times (test)")

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import ray
 import torch
 
 from grass_dist.build import IN_MEMORY, build_dataset, build_task
@@ -124,8 +123,7 @@ def sweep(
     (Ray tasks, or in this process for an index the driver reduces) and merged."""
     records = sorted(index.committed().values(), key=lambda r: r.start)
     groups = [records[i::parallelism] for i in range(min(parallelism, len(records)))]
-    cols = columns if executor.inline else ray.put(columns)
-    kept = masks if executor.inline else ray.put(masks)
+    cols, kept = executor.share(columns), executor.share(masks)
     parts = executor.get(
         [
             executor.submit(i, sweep_records, index, g, cols, kept, topk, verify)

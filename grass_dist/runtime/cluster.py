@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import signal
@@ -64,10 +65,14 @@ class OnRequest:
         self._asked, self._answered = threading.Event(), threading.Event()
         self._error: Exception | None = None
 
+    def request(self) -> None:
+        """From a job's thread: have the main thread start Ray, without waiting for it."""
+        self._asked.set()
+
     def ask(self) -> bool:
         """From a job's thread: `connect`'s answer, once the main thread has started Ray."""
         if not self._answered.is_set():
-            self._asked.set()
+            self.request()
             self._answered.wait()
         if self._error is not None:
             raise self._error
@@ -91,15 +96,36 @@ class OnRequest:
 _ON_REQUEST: OnRequest | None = None
 
 
+def on_request_active() -> bool:
+    """Whether this job's Ray starts on request (`on_request`)."""
+    return _ON_REQUEST is not None
+
+
+def request_soon() -> None:
+    """Ask, without waiting, for the Ray of a job whose Ray starts on request: a job that
+    will need one has the main thread start it while the driver goes on."""
+    if _ON_REQUEST is not None:
+        _ON_REQUEST.request()
+
+
 @contextmanager
 def on_request(ray_start: OnRequest) -> Iterator[OnRequest]:
-    """A job's `connect` calls, inside, ask `ray_start`'s main thread for its Ray."""
+    """A job's `connect` calls, inside, ask `ray_start`'s main thread for its Ray; so does
+    a Ray call made before it started (Ray's own start on first use would start a Ray of
+    its default settings on the calling thread)."""
     global _ON_REQUEST
-    _ON_REQUEST = ray_start
+    hook = importlib.import_module("ray._private.auto_init_hook")
+    ray_own = hook.auto_init_ray
+
+    def ask() -> None:
+        if hook.enable_auto_connect and not ray.is_initialized():
+            connect(ray_start.cfg)
+
+    _ON_REQUEST, hook.auto_init_ray = ray_start, ask
     try:
         yield ray_start
     finally:
-        _ON_REQUEST = None
+        _ON_REQUEST, hook.auto_init_ray = None, ray_own
 
 
 def driver_computes(cfg: JobConfig) -> bool:
@@ -321,6 +347,18 @@ def shutdown_unless_lost(poll_s: float = 0.2) -> bool:
         if embedded_lost():
             return True
     return False
+
+
+def resources() -> dict[str, float]:
+    """`ray.cluster_resources()`; or, in a job whose embedded Ray starts on request
+    (`OnRequest`) and has not, those it would have: `cluster.num_cpus`, else the CPUs Ray
+    counts itself, and no GPUs (such a job runs on a machine without them). A reducer in
+    the driver shares them out as it would on that Ray (its thread counts: the same bits)."""
+    asked = _ON_REQUEST
+    if asked is not None and not ray.is_initialized():
+        cpus = asked.cfg.num_cpus
+        return {"CPU": float(cpus if cpus is not None else ray._private.utils.get_num_cpus())}
+    return ray.cluster_resources()
 
 
 def this_machine_only() -> bool:

@@ -99,6 +99,11 @@ class Executor:
     def lent(self) -> bool:
         return bool(self.workers)
 
+    def share(self, obj: Any) -> Any:
+        """`obj` as an argument of several calls: put in Ray's object store once (a ref),
+        or itself for calls made in this process (`inline`, which needs no Ray)."""
+        return obj if self.inline else ray.put(obj)
+
     def with_retries(self, max_retries: int, fresh_process: bool = False) -> Executor:
         return Executor(self.workers, max_retries, fresh_process, self.inline)
 

@@ -17,6 +17,7 @@ import torch
 from grass_dist.errors import NonFiniteShardError
 from grass_dist.index import GradientIndex, ShardRecord
 from grass_dist.index.shards import overflow_fix
+from grass_dist.runtime.cluster import resources as cluster_resources
 from grass_dist.runtime.cluster import threads_for
 from grass_dist.runtime.executors import Executor, local_device, release_memory
 from grass_dist.runtime.scoring import shard_groups
@@ -114,7 +115,7 @@ def _per_layer_call(n_groups: int) -> dict[str, Any]:
     """`Executor.submit` options of one of `n_groups` per-layer calls made as tasks: a GPU
     each when the cluster has GPUs, else the cluster's CPUs shared out among them as
     threads."""
-    resources = ray.cluster_resources()
+    resources = cluster_resources()
     if resources.get("GPU", 0) >= 1:
         return {"gpu": True, "threads": 1}
     return {"threads": threads_for(resources.get("CPU", 1) / n_groups)}
@@ -132,7 +133,7 @@ def layer_map(parallelism: int, ex: Executor | None = None) -> LayerMap:
         sizes = {n: t.shape[0] for n, t in tensors.items()}
         groups = balanced_groups(sizes, parallelism)
         where = _per_layer_call(len(groups))
-        fn_ref = ray.put(fn)
+        fn_ref = ex.share(fn)
         refs = [
             ex.submit(i, _apply, fn_ref, {n: tensors[n] for n in g}, **where)
             for i, g in enumerate(groups)

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from grass_dist import assembly
 from grass_dist.job import Job, stop_early
-from grass_dist.runtime.cluster import connect, idle_cpus
+from grass_dist.runtime.cluster import connect, idle_cpus, on_request_active
 from grass_dist.runtime.executors import WorkersLostError
 from grass_dist.runtime.placement import start_worker_pool
 from grass_dist.runtime.pool import ActorPool
@@ -66,8 +66,10 @@ def job_reducer(job: Job) -> ReducerHandle:
     """The job's reducer (in the driver or an actor: `Job.reduces_in_driver`), started on
     first use."""
     if job._reducer is None:
-        connect_job(job)
-        job._reducer = ReducerHandle(job.cfg, job.reduces_in_driver())
+        in_driver = job.reduces_in_driver()
+        if not (in_driver and on_request_active()):  # else Ray starts if a call needs one
+            connect_job(job)
+        job._reducer = ReducerHandle(job.cfg, in_driver)
     return job._reducer
 
 

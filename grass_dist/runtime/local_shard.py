@@ -106,8 +106,9 @@ def alone(cfg: JobConfig) -> bool:
     1, `max_workers` at most 1: `cluster.driver_alone`). That worker would run on the
     driver's machine with the thread count the driver computes with, and take over the
     shards only once it had started: its start would only take the CPUs from the driver's
-    shards meanwhile. So would Ray's: an index job starts it only for a shard given back
-    (`cluster.OnRequest`); a job that scores starts it for its reducer."""
+    shards meanwhile. So would Ray's: a `jobs/` job starts it only for a shard given back,
+    a reducer too large for the driver or damping=auto (`cluster.OnRequest`); the driver
+    differentiates every query itself too (`pipeline.query_phi`)."""
     return driver_alone(cfg) and not torch.cuda.is_available()
 
 

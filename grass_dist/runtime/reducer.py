@@ -15,14 +15,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import ray
-
 from grass_dist.config import FaultsConfig, JobConfig
 from grass_dist.errors import PreconditionerNotFoundError
 from grass_dist.gradients.computer import PhiBlock
 from grass_dist.index import GradientIndex
 from grass_dist.index.manifest import ShardRecord
 from grass_dist.index.retry import RetryPolicy
+from grass_dist.runtime.cluster import resources as cluster_resources
 from grass_dist.runtime.executors import Executor
 from grass_dist.runtime.faults import FaultInjector, KillOnce
 from grass_dist.runtime.fisher import build_fisher, fisher_source, layer_map
@@ -79,7 +78,7 @@ class ScoreRequest:
         """`parallelism`, by default the cluster's CPUs / `cpus_per_task`."""
         if self.parallelism is not None:
             return self.parallelism
-        return max(1, int(ray.cluster_resources().get("CPU", 1) // self.cpus_per_task))
+        return max(1, int(cluster_resources().get("CPU", 1) // self.cpus_per_task))
 
     @classmethod
     def of(cls, job: JobConfig) -> ScoreRequest:

@@ -83,7 +83,7 @@ class ReducerHandle:
     def _start(self, reason: str) -> None:
         self.started += 1
         url, options, parallelism, retry, faults = _arguments(self.cfg)
-        self.ray_job = ray.get_runtime_context().get_job_id()
+        self.ray_job = ray.get_runtime_context().get_job_id() if ray.is_initialized() else None
         if self.in_driver:
             log.info("the driver reduces the index itself (cluster.driver_reduce_mib)")
             self.actor = Reducer(url, options, parallelism, retry, faults, inline=True)

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import ray
 import torch
 
 from grass_dist.index import GradientIndex, ShardRecord
@@ -252,7 +251,7 @@ def fan_out(
         empty.train_keys = np.zeros(0, np.int64), pa.array([], pa.string())
         return empty, files
     ex = _executor(opts, ex)
-    q_ref, w_ref = ray.put(query), ray.put(whiteners)  # shared once, not per call
+    q_ref, w_ref = ex.share(query), ex.share(whiteners)  # shared once, not per call
     refs = [
         ex.submit(
             i,
@@ -357,7 +356,7 @@ def fan_out_breakdown(
     if not records:
         return out.reshape(*rows.shape, -1)
     ex = _executor(opts, ex)
-    q_ref, r_ref = ray.put(query), ray.put(rows)
+    q_ref, r_ref = ex.share(query), ex.share(rows)
     refs = [
         ex.submit(
             i, breakdown_records, index, group, q_ref, r_ref, opts.verify, cpus=opts.cpus_per_task

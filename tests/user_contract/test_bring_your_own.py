@@ -127,6 +127,39 @@ def test_a_one_worker_job_on_this_machine_starts_no_worker_process_and_no_ray(us
     assert "embedded Ray" not in done.stderr
 
 
+def test_a_one_worker_attribute_job_starts_no_ray_and_scores_as_jobs_with_ray(user_pkg, tmp_path):
+    # Its driver indexes, differentiates the queries (12 rows: three chunks) and reduces the
+    # small index itself: Ray's start (about 3 CPU-seconds) only took CPUs from it. A
+    # reducer too large for the driver asks for Ray (the main thread starts it then); and
+    # two workers start it at once. The scores are the same, to the bit, every way.
+    def attribute(name: str, *overrides: str) -> tuple[dict, str, dict]:
+        given = _overrides(user_pkg, tmp_path / name, "index.shard_size=5", *overrides)
+        done = run_job("attribute", *given, user=user_pkg, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        index = GradientIndex.open(str(tmp_path / name / "index"))
+        tables = ("topk", "self_influence")
+        return (
+            json.loads(done.stdout),
+            done.stderr,
+            {t: load_table(index, "default", t).to_pandas() for t in tables},
+        )
+
+    alone, said, scores = attribute("alone")
+    assert "ray" not in alone["startup_seconds"] and "embedded Ray" not in said
+    assert "query gradients: 12 rows, computed by the driver" in said
+    assert "the driver reduces the index itself" in said
+    said = {}
+    for name, override in [("reducer", "cluster.driver_reduce_mib=0"),
+                           ("workers", "cluster.num_workers=2")]:  # fmt: skip
+        _, said[name], theirs = attribute(name, override)
+        assert "started an embedded Ray" in said[name], said[name][-3000:]
+        for table, want in scores.items():
+            got = theirs[table]
+            assert got.shape == want.shape and (got.values == want.values).all(), (name, table)
+    assert "starting reducer 1" in said["reducer"]  # an actor, on the Ray it asked for
+    assert "computed by the driver" not in said["workers"]  # the workers' queries
+
+
 _DRIVER_GIVES_BACK = """
 import grass_dist.runtime.local_shard as local_shard
 
