@@ -40,7 +40,7 @@ from grass_dist.config import JobConfig, resolve
 from grass_dist.config_help import PRESETS
 from grass_dist.errors import ConfigError, GrassError, ResultsNotFoundError
 from grass_dist.index import GradientIndex
-from grass_dist.job import KeptReducer
+from grass_dist.runtime.reducer_handle import KeptReducer
 from grass_dist.scoring import results
 from grass_dist.summary import job_summary
 

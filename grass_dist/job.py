@@ -376,32 +376,3 @@ def stop_early(spares: list[Any], ours: bool) -> None:
     for actor in spares:
         with suppress(Exception):  # one that already died
             ray.kill(actor, no_restart=True)
-
-
-class KeptReducer:
-    """A reducer kept running from one job to the next of one caller (the Python API's
-    `Index`, whose `attribute` calls are jobs): a job whose reducer would be started with
-    the same arguments (`ReducerHandle.serves`) uses it, and no process starts. The
-    reducer's cache holds the loaded preconditioner; its stages read everything else from
-    the store anew, and check the preconditioner against the shards committed now."""
-
-    def __init__(self) -> None:
-        self.handle: ReducerHandle | None = None
-
-    def lend(self, job: Job) -> None:
-        """Give `job` the kept reducer where it serves it; else stop it."""
-        handle, self.handle = self.handle, None
-        if handle is not None and handle.serves(job.cfg, job.reduces_in_driver()):
-            handle.cfg = job.cfg
-            job._reducer = handle
-        elif handle is not None:
-            handle.shutdown()
-
-    def take_back(self, job: Job) -> None:
-        self.handle, job._reducer = job._reducer, None
-
-    def close(self) -> None:
-        """Stop the kept reducer (a later job starts its own)."""
-        if self.handle is not None:
-            self.handle.shutdown()
-            self.handle = None

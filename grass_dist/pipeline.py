@@ -18,7 +18,7 @@ from grass_dist.build import build_dataset
 from grass_dist.config import JobConfig
 from grass_dist.fidelity import damping
 from grass_dist.gradients.computer import PhiBlock
-from grass_dist.job import Job, KeptReducer
+from grass_dist.job import Job
 from grass_dist.job import prepare as prepare  # re-exported: a door needs only this module
 from grass_dist.job import prepare_started as prepare_started
 from grass_dist.runtime import job_actors as actors
@@ -30,6 +30,7 @@ from grass_dist.runtime.job_actors import release_workers as release_workers
 from grass_dist.runtime.local_shard import DriverShard, LocalShard, driver_phi
 from grass_dist.runtime.pool import ActorPool
 from grass_dist.runtime.reducer import ScoreRequest
+from grass_dist.runtime.reducer_handle import KeptReducer
 from grass_dist.runtime.scheduler import run_items
 from grass_dist.runtime.worker import ShardPlan, ShardResult, plan_shards
 from grass_dist.scoring import results

@@ -8,12 +8,10 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 from torch.utils.data import TensorDataset
 
@@ -341,107 +339,3 @@ def test_an_in_memory_training_set_grows_and_a_changed_row_is_named(ray_session,
     x[25, 3] += 1.0
     with pytest.raises(DataMismatchError, match=r"first row 25 \(key '25'\)"):
         gd.Index.build(model, TensorDataset(x, y), **settings)
-
-
-def _stops(actor, within_s: float = 60.0) -> bool:
-    """Whether `actor` is dead within `within_s` (ray.kill is asynchronous: a call made
-    right after it may still be answered)."""
-
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        try:
-            ray.get(actor.__ray_ready__.remote(), timeout=10)
-        except ray.exceptions.RayActorError:
-            return True
-        time.sleep(0.2)
-    return False
-
-
-@pytest.mark.integration
-def test_a_small_query_set_is_computed_by_the_driver_as_a_worker_computes_it(
-    ray_session, tmp_path, caplog
-):
-    # Index.attribute starts no worker pool for a query set of one chunk (index.shard_size
-    # rows): the driver's replica computes it on a worker's thread count, to the same bits.
-    model = digits_mlp(hidden=[16], epochs=1, n_train=60, n_query=5, cache_dir=str(tmp_path))
-    gen = torch.Generator().manual_seed(0)
-    x, y = torch.rand(100, 64, generator=gen), torch.randint(0, 10, (100,), generator=gen)
-    model.train()  # the caller's model as a notebook may hold it: training, a layer frozen
-    frozen = next(model.parameters())
-    frozen.requires_grad_(False)
-    # A reducer process, as for an index past cluster.driver_reduce_mib.
-    index = gd.Index.build(model, TensorDataset(x[:60], y[:60]), store=str(tmp_path / "i"), k=16,
-                           workers=1, overrides=[f"run.output_dir={tmp_path}",
-                                                 "index.shard_size=32",
-                                                 "cluster.driver_reduce_mib=0"])  # fmt: skip
-    query = TensorDataset(x[60:65], y[60:65])
-    with caplog.at_level(logging.INFO, logger="grass_dist"):
-        mine = index.attribute(query, dense=True, name="driver")
-    assert "query gradients: 5 rows, computed by the driver" in caplog.text
-    assert model.training and not frozen.requires_grad  # left as the caller had it
-    assert all(p.requires_grad for p in list(model.parameters())[1:])
-
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="grass_dist"):
-        theirs = index.attribute(
-            query, dense=True, name="workers", overrides=["cluster.driver_shard=false"]
-        )
-    assert "computed by the driver" not in caplog.text
-    np.testing.assert_array_equal(mine.dense(), theirs.dense())  # bit for bit
-
-    # A top-k past half the training set: the two lists share rows, and the log says so.
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="grass_dist"):
-        wide = index.attribute(query, topk=40, name="wide").topk()
-    assert (
-        "scoring.topk=40 of 60 training rows: each query's proponents and opponents "
-        in (caplog.text)
-        and "share 20 rows" in caplog.text
-    )
-    q0 = wide[wide["query_row"] == 0]
-    shared = set(q0[q0["kind"] == "proponent"]["train_row"]) & set(
-        q0[q0["kind"] == "opponent"]["train_row"]
-    )
-    assert len(shared) == 20
-
-    # A top-k past the whole training set: each list is the whole set, and the log says so.
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="grass_dist"):
-        whole = index.attribute(query, topk=100, name="whole").topk()
-    assert (
-        "share 60 rows (a row ranked both among its most and its least helpful); each "
-        "list holds all 60 rows" in caplog.text
-    )
-    assert (whole.groupby(["query_row", "kind"]).size() == 60).all()
-
-    # The calls shared one reducer process, kept between them; close() stops it, and the
-    # next call starts another, as does a call whose reducer would take other arguments.
-    kept = index._kept.handle
-    assert kept.started == 1 and "starting reducer" not in caplog.text
-    actor = kept.actor
-    index.close()
-    assert index._kept.handle is None
-    assert _stops(actor)
-    again = index.attribute(query, dense=True, name="again", overrides=["cluster.num_workers=3"])
-    np.testing.assert_array_equal(again.dense(), mine.dense())
-    other = index._kept.handle.actor
-    index.attribute(query, name="more", overrides=["cluster.num_workers=1"])  # 2 map tasks
-    assert index._kept.handle.actor._actor_id not in (actor._actor_id, other._actor_id)
-
-    # More than one chunk of queries: with one worker the driver computes them all, chunk
-    # by chunk (that worker would, on the same CPUs); with more, the worker pool does, its
-    # chunks in parallel, to the same bits.
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="grass_dist"):
-        many = index.attribute(TensorDataset(x[60:], y[60:]), dense=True, name="many")
-    assert "query gradients: 40 rows, computed by the driver" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="grass_dist"):
-        pooled = index.attribute(
-            TensorDataset(x[60:], y[60:]), dense=True, name="pooled",
-            overrides=["cluster.num_workers=2"],
-        )  # fmt: skip
-    assert "computed by the driver" not in caplog.text
-    np.testing.assert_array_equal(pooled.dense(), many.dense())
-    # (In batches of other sizes: equal to rounding.)
-    np.testing.assert_allclose(many.dense()[:, :5], mine.dense(), rtol=1e-5, atol=1e-7)

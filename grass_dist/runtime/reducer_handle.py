@@ -3,7 +3,8 @@ stage on a new one when it dies.
 
 A job's reducer (`runtime.reducer.Reducer`) is an actor, or, for a small index
 (`reduces_in_driver`), an object of the driver whose map calls run in the driver's own
-process. `ReducerHandle` hides which from the pipeline's stages.
+process. `ReducerHandle` hides which from the pipeline's stages; `KeptReducer` keeps one from a job
+to the next of the Python API's `Index`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
@@ -23,6 +24,9 @@ from grass_dist.runtime.cluster import idle_cpus, map_tasks
 from grass_dist.runtime.fisher import start_process
 from grass_dist.runtime.pool import ACTOR_LOST
 from grass_dist.runtime.reducer import Reducer, ScoreRequest
+
+if TYPE_CHECKING:
+    from grass_dist.job import Job  # which imports this module
 
 log = logging.getLogger(__name__)
 
@@ -158,3 +162,32 @@ class ReducerHandle:
             with contextlib.suppress(Exception):
                 ray.kill(self.actor, no_restart=True)
             self.actor = None
+
+
+class KeptReducer:
+    """A reducer kept running from one job to the next of one caller (the Python API's
+    `Index`, whose `attribute` calls are jobs): a job whose reducer would be started with
+    the same arguments (`ReducerHandle.serves`) uses it, and no process starts. The
+    reducer's cache holds the loaded preconditioner; its stages read everything else from
+    the store anew, and check the preconditioner against the shards committed now."""
+
+    def __init__(self) -> None:
+        self.handle: ReducerHandle | None = None
+
+    def lend(self, job: Job) -> None:
+        """Give `job` the kept reducer where it serves it; else stop it."""
+        handle, self.handle = self.handle, None
+        if handle is not None and handle.serves(job.cfg, job.reduces_in_driver()):
+            handle.cfg = job.cfg
+            job._reducer = handle
+        elif handle is not None:
+            handle.shutdown()
+
+    def take_back(self, job: Job) -> None:
+        self.handle, job._reducer = job._reducer, None
+
+    def close(self) -> None:
+        """Stop the kept reducer (a later job starts its own)."""
+        if self.handle is not None:
+            self.handle.shutdown()
+            self.handle = None
