@@ -7,16 +7,16 @@
 What a user compares: one process from launch to exit that indexes the training rows,
 builds the preconditioner and scores the queries against every training row.
 - grass_dist: `python -m jobs.attribute` with the documented bring-your-own path
-  (`model=custom data=custom`, the `_target_`s are `load_model` and `load_rows` below),
+  (`model=custom data=custom`, the `_target_`s are `load_model` and `load_rows` of
+  `bench/digits_payload.py`),
   FactGraSS at k per attributed layer (fc1 and fc2 of the digits MLP), the dense score
   matrix written (`scoring.dense=true`), damping delta, 2 workers of 1 CPU each;
 - dattri: this script re-run in `.venv-dattri` (`bash bench/dattri_env.sh`): its
   FactGraSSAttributor (hessian eFIM, the same relative damping, proj_dim k) caches the
   training gradients, computes its preconditioners and inverse-Hessian-vector products and
   attributes the queries, on the same number of torch threads.
-Both read one payload file: the trained MLP's weights and the rows. The training rows are
-scikit-learn's digits made into `--rows` rows (each a seeded one-pixel shift of a digit plus
-seeded pixel noise); the queries are noisy copies of digits held out of the training base.
+Both read one payload file (`bench/digits_payload.py`): the trained MLP's weights, `--rows`
+training rows made from scikit-learn's digits, and the queries.
 The two processes run in turn, `--repeats` times; each is reported by its best wall time.
 dattri's CPU FactGraSS has a dense Gaussian second stage where grass_dist has an SJLT, so
 the score matrices differ: the table reports their agreement (per-query Spearman, top-10
@@ -42,86 +42,15 @@ from torch.utils.data import TensorDataset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.models import digits_mlp_shape  # noqa: E402 -- torch only: loads in .venv-dattri
+# torch only (and scikit-learn for the payload's rows): loads in .venv-dattri too
+from bench.digits_payload import load_model, write_payload  # noqa: E402
 from bench.timing import job_summary, write_result  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "job_vs_dattri.md"
 DATTRI_PY = ROOT / ".venv-dattri" / "bin" / "python"
 LAYERS = ["fc1", "fc2"]
-HELD_OUT = 100  # digits images kept out of the training base: the queries' source
-NOISE = 1.0  # std of the pixel noise (digits pixels are 0..16)
 EPOCHS = 5
 TOP = 10  # proponents compared per query
-
-
-def load_model(path: str) -> torch.nn.Module:
-    """The benchmark MLP with the payload's trained weights (the `model._target_`)."""
-    model = digits_mlp_shape()
-    model.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
-    return model.eval()
-
-
-def load_rows(path: str, split: str) -> TensorDataset:
-    """The payload's `split` rows, (input (64,), label) pairs (the `data.*._target_`)."""
-    payload = torch.load(path, weights_only=True)
-    return TensorDataset(payload[f"{split}_x"], payload[f"{split}_y"])
-
-
-def _shifted(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Each 8x8 image rolled by a seeded -1, 0 or 1 pixel along each axis."""
-    shifts = torch.randint(-1, 2, (len(images), 2), generator=gen)
-    out = images.view(-1, 8, 8).clone()
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            pick = (shifts[:, 0] == dy) & (shifts[:, 1] == dx)
-            out[pick] = out[pick].roll((dy, dx), dims=(1, 2))
-    return out.view(-1, 64)
-
-
-def make_rows(n_rows: int, n_queries: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """`n_rows` training rows and `n_queries` queries from digits, deterministically."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32)
-    y = torch.tensor(digits.target, dtype=torch.int64)
-    gen = torch.Generator().manual_seed(seed)
-    base = len(x) - HELD_OUT
-    pick = torch.arange(n_rows) % base
-    train_x = _shifted(x[pick], gen) + NOISE * torch.randn(n_rows, 64, generator=gen)
-    query = base + torch.arange(n_queries) % HELD_OUT
-    query_x = x[query] + NOISE * torch.randn(n_queries, 64, generator=gen)
-    scale = 1.0 / 16.0  # pixels to about [0, 1], as grass_dist's digits data
-    return {
-        "train_x": train_x * scale,
-        "train_y": y[pick],
-        "query_x": query_x * scale,
-        "query_y": y[query],
-    }
-
-
-def train(rows: dict[str, torch.Tensor], epochs: int, seed: int = 0) -> torch.nn.Module:
-    """The MLP trained with Adam on the training rows (seeded, one thread: reproducible)."""
-    model = digits_mlp_shape()
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    x, y = rows["train_x"], rows["train_y"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(y), generator=gen).split(64):
-            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    torch.set_num_threads(threads)
-    return model.eval()
-
-
-def write_payload(path: Path, n_rows: int, n_queries: int, epochs: int) -> None:
-    rows = make_rows(n_rows, n_queries)
-    torch.save({"state_dict": train(rows, epochs).state_dict(), **rows}, path)
 
 
 # ---- the dattri side (runs in .venv-dattri) ---------------------------------------------
@@ -170,7 +99,7 @@ def dattri_job(payload: str, k: int, damping: float, scores: str, work: str) -> 
 
 def grass_dist_command(payload: Path, store: Path, outputs: Path, args) -> list[str]:
     """`python -m jobs.attribute` on the payload, as a user brings their own model and data."""
-    here = "bench.bench_job_vs_dattri"
+    here = "bench.digits_payload"
     return [
         sys.executable,
         "-m",
@@ -251,20 +180,12 @@ def grass_dist_scores(store: Path) -> np.ndarray:
     return load_dense(GradientIndex.open(str(store), {}), "default")
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Column-wise ranks 0..n-1 (ties broken by position)."""
-    out = np.empty_like(x, dtype=np.float64)
-    order = np.argsort(x, axis=0, kind="stable")
-    np.put_along_axis(out, order, np.arange(len(x), dtype=np.float64)[:, None], axis=0)
-    return out
-
-
 def agreement(a: np.ndarray, b: np.ndarray, top: int = TOP) -> dict[str, float]:
     """Per-query Spearman of two (n, Q) score matrices (mean, min) and the mean share of
     each query's `top` proponents they share."""
-    ra, rb = _ranks(a), _ranks(b)
-    ra, rb = ra - ra.mean(0), rb - rb.mean(0)
-    rho = (ra * rb).sum(0) / np.sqrt((ra**2).sum(0) * (rb**2).sum(0))
+    from grass_dist.fidelity.metric import spearman_columns
+
+    rho = spearman_columns(a, b)
     top_a = np.argsort(-a, axis=0)[:top]
     top_b = np.argsort(-b, axis=0)[:top]
     shared = [len(set(top_a[:, q]) & set(top_b[:, q])) / top for q in range(a.shape[1])]

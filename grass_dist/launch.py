@@ -124,7 +124,7 @@ def stop_now(e: KeyboardInterrupt) -> NoReturn:
     with suppress(ImportError):  # nor may Ray start one on a job thread's next Ray call
         importlib.import_module("ray._private.auto_init_hook").enable_auto_connect = False
     _end_progress(e)
-    processes.stop_half_started()  # what outlived a Ray lost so (this process adopts orphans)
+    processes.stop_half_started()  # Ray's processes, and any orphans of theirs (adopted)
     if _ANSWERED.is_set():  # the signal only cut its way out short
         _exit_now(0)
     _say_interrupted(e)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import signal
@@ -13,6 +12,7 @@ from contextlib import contextmanager, suppress
 from typing import Any
 
 import ray
+from ray._private import auto_init_hook
 
 from grass_dist.config import ClusterConfig, JobConfig
 from grass_dist.errors import RayStartError
@@ -114,18 +114,17 @@ def on_request(ray_start: OnRequest) -> Iterator[OnRequest]:
     a Ray call made before it started (Ray's own start on first use would start a Ray of
     its default settings on the calling thread)."""
     global _ON_REQUEST
-    hook = importlib.import_module("ray._private.auto_init_hook")
-    ray_own = hook.auto_init_ray
+    ray_own = auto_init_hook.auto_init_ray
 
     def ask() -> None:
-        if hook.enable_auto_connect and not ray.is_initialized():
+        if auto_init_hook.enable_auto_connect and not ray.is_initialized():
             connect(ray_start.cfg)
 
-    _ON_REQUEST, hook.auto_init_ray = ray_start, ask
+    _ON_REQUEST, auto_init_hook.auto_init_ray = ray_start, ask
     try:
         yield ray_start
     finally:
-        _ON_REQUEST, hook.auto_init_ray = None, ray_own
+        _ON_REQUEST, auto_init_hook.auto_init_ray = None, ray_own
 
 
 def driver_computes(cfg: JobConfig) -> bool:

@@ -16,8 +16,8 @@ def stop_half_started(
     grace_s: float = 3.0, poll_s: float = 0.02, spare: Collection[int] = ()
 ) -> None:
     """Kill the processes of an embedded Ray whose start another thread of this process is
-    still in, or was cut short in, or that a signal to the whole group left lost (what of
-    it outlived the shutdown, `grass_dist.launch.stop_now`): neither that `ray.init` nor
+    still in, or was cut short in, or of one that a stopping job ends this way rather than
+    by Ray's shutdown (`grass_dist.launch.stop_now`): neither that `ray.init` nor
     Ray's shutdown can stop a Ray that has not finished starting, and its raylet, in its
     own start, does not stop on SIGTERM. Every process below this one (Ray's GCS, raylet,
     monitors, and the raylet's agents, which would outlive a raylet that died) gets
