@@ -329,12 +329,14 @@ class Index:
 
     @classmethod
     def from_config(cls, cfg: DictConfig | dict[str, Any]) -> Index:
-        """Build (or resume) the index of a job config, as `python -m jobs.index` does."""
+        """Build (or resume) the index of a job config, as `python -m jobs.index` does
+        (with overrides=["index.repair=true"], first check every committed shard and
+        recompute the bad ones)."""
         with _own_errors():
             raw = copy.deepcopy(resolve(cfg))
             job = pipeline.prepare(raw)
         with _own_errors(), pipeline.running(job):
-            stages = {"index": pipeline.run_index(job)}
+            stages = pipeline.index_stages(job)
         return cls(raw, job_summary(job, stages))
 
     @property

@@ -90,7 +90,7 @@ class IndexConfig:
     batch_size: int = _f(64, "rows per forward/backward batch inside a shard")
     dtype: str = _f("float32", "storage dtype of phi: float32 | float16 | bfloat16")
     verify: bool = _f(True, "check each shard's sha256 when reading")
-    repair: bool = _f(False, "jobs.index: check every committed shard, recompute the bad ones")
+    repair: bool = _f(False, "check every committed shard first, recompute the bad ones")
 
 
 DAMPING_GRID = [10.0**e for e in range(-7, 3)]

@@ -116,6 +116,11 @@ class CorruptShardError(CorruptIndexError):
     """A committed shard file is missing, truncated or does not match its recorded sha256."""
 
 
+class CorruptPreconditionerError(CorruptIndexError):
+    """A stored preconditioner file is truncated, unparsable or does not match the sha256
+    its header records."""
+
+
 class CommitConflictError(GrassError):
     """A manifest commit kept losing create-only races and gave up."""
 
@@ -190,6 +195,11 @@ class PreconditionerNotFoundError(GrassError):
 
 class ResultsNotFoundError(GrassError):
     """No complete result set of the requested name exists."""
+
+
+class CorruptResultsError(GrassError):
+    """A file of a complete result set (or its `_COMPLETE.json`) is missing, cut short or
+    fails its page checksums: the scores must be computed again; the index is not affected."""
 
 
 class WorkerStartError(GrassError):

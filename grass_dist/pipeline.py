@@ -29,7 +29,7 @@ from grass_dist.runtime.job_actors import on_workers as on_workers  # re-exporte
 from grass_dist.runtime.job_actors import release_workers as release_workers
 from grass_dist.runtime.local_shard import DriverShard, LocalShard, driver_phi
 from grass_dist.runtime.pool import ActorPool
-from grass_dist.runtime.reducer import ScoreRequest
+from grass_dist.runtime.reducer import ScoreRequest, read_preconditioner
 from grass_dist.runtime.reducer_handle import KeptReducer
 from grass_dist.runtime.scheduler import run_items
 from grass_dist.runtime.worker import ShardPlan, ShardResult, plan_shards
@@ -191,6 +191,14 @@ class _IndexStage:
         self.driver.account()
 
 
+def index_stages(job: Job, precondition_next: bool = False) -> dict[str, Any]:
+    """The index stage (`run_index`), after the repair stage when `index.repair=true`:
+    `jobs.index`, `jobs.attribute` and the API's `Index.build` alike."""
+    out = {"repair": run_repair(job)} if job.cfg.index.repair else {}
+    out["index"] = run_index(job, precondition_next=precondition_next)
+    return out
+
+
 def run_repair(job: Job) -> dict[str, Any]:
     """Check every committed shard; recompute and re-commit only the bad ones."""
     with job.stage("repair"):
@@ -307,7 +315,7 @@ def members_of(jobs: list[Job], queries: list[PhiBlock]) -> list[damping.Member]
     return [
         damping.Member(
             j.index,
-            damping.load_preconditioner(j.index, j.cfg.precondition.name),
+            read_preconditioner(j.index, j.cfg.precondition.name),
             q,
             j.cfg,
             Executor(inline=j.reduces_in_driver()),

@@ -179,7 +179,7 @@ def attribute(cfg: DictConfig) -> dict[str, Any]:
         return _summarised(lambda: evaluate.attribute_ensemble(raw))
 
     def body(job: pipeline.Job) -> dict[str, Any]:
-        out = {"index": pipeline.run_index(job, precondition_next=True)}
+        out = pipeline.index_stages(job, precondition_next=True)
         query = pipeline.query_phi(job)
         out["precondition"] = pipeline.run_precondition(job)
         out.update(pipeline.score_stage(job, query))
@@ -199,8 +199,7 @@ def index(cfg: DictConfig) -> dict[str, Any]:
     """
 
     def body(job: pipeline.Job) -> dict[str, Any]:
-        out = {"repair": pipeline.run_repair(job)} if job.cfg.index.repair else {}
-        out["index"] = pipeline.run_index(job)
+        out = pipeline.index_stages(job)
         out["index_bytes"] = _index_bytes(job)
         return out
 

@@ -193,10 +193,16 @@ def test_a_dataset_passed_as_the_model_is_named_so(tmp_path):
     with pytest.raises(ConfigError) as refused:
         gd.Index.build(train, model, store=str(tmp_path / "i"), workers=1)
     assert str(refused.value).startswith(
-        "the model you passed is a TensorDataset, not a torch nn.Module: a dataset? "
+        "the model you passed is of type TensorDataset, not a torch nn.Module: a dataset? "
         "Index.build takes the model first, then train"
     )
     assert "grass_dist.assembly" not in str(refused.value)
+    with pytest.raises(ConfigError) as refused:
+        gd.Index.build(object(), train, store=str(tmp_path / "i"), workers=1)
+    assert str(refused.value).startswith(
+        "the model you passed is of type object, not a torch nn.Module: pass the trained "
+        "nn.Module to attribute"
+    )
 
 
 def test_workers_the_callers_ray_could_never_place_are_refused_before_the_index(tmp_path):

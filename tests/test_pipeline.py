@@ -11,11 +11,11 @@ import torch
 
 from grass_dist import pipeline, run
 from grass_dist.build import build_dataset, build_model
-from grass_dist.errors import IndexNotFoundError, WorkerStartError
+from grass_dist.errors import CorruptPreconditionerError, IndexNotFoundError, WorkerStartError
 from grass_dist.index import GradientIndex, Store
 from grass_dist.runtime import job_actors
 from grass_dist.runtime.progress import read_progress
-from grass_dist.runtime.reducer import preconditioner_path
+from grass_dist.runtime.reducer import preconditioner_path, read_preconditioner
 from grass_dist.scoring import results
 from tests.conftest import compose_cfg
 from tests.helpers import layer_grad, per_sample_grads
@@ -285,7 +285,9 @@ def test_a_worker_whose_model_differs_from_the_drivers_is_refused(ray_session, t
         pipeline.shutdown(job)
 
 
-def test_a_rescore_of_the_same_shards_reuses_the_stored_preconditioner(ray_session, tmp_path):
+def test_a_rescore_of_the_same_shards_reuses_the_stored_preconditioner(
+    ray_session, tmp_path, caplog
+):
     def scored(damping: float, name: str, shards: int | None = 0) -> dict:
         job = pipeline.prepare(
             compose_cfg(
@@ -313,6 +315,18 @@ def test_a_rescore_of_the_same_shards_reuses_the_stored_preconditioner(ray_sessi
     fresh = scored(0.01, "fresh")
     assert fresh["reused"] is False
     np.testing.assert_array_equal(again["dense"], fresh["dense"])
+    # A file damaged at rest is refused when read, and the next job builds it again.
+    data = bytearray(index.get_artifact(preconditioner_path("fisher")))
+    data[-40:] = bytes(40)
+    index.put_artifact(preconditioner_path("fisher"), bytes(data))
+    said = r"fisher\.safetensors is damaged: its data does not match .*Fix: run the job's"
+    with pytest.raises(CorruptPreconditionerError, match=said):
+        read_preconditioner(index, "fisher")
+    with caplog.at_level(logging.WARNING):
+        healed = scored(0.01, "healed")
+    assert healed["reused"] is False and "building it again from the index" in caplog.text
+    np.testing.assert_array_equal(healed["dense"], fresh["dense"])
+    assert read_preconditioner(index, "fisher").n == healed["rows"]
     # Another shard committed: another Fisher sum.
     grown = scored(0.01, "grown", shards=None)
     assert grown["reused"] is False and grown["rows"] > fresh["rows"]

@@ -2,8 +2,11 @@
 the store formats (including files written before format 2), the float32 Fisher sum and
 the parallel per-layer factorisation and the Ray build of the whole preconditioner."""
 
+import hashlib
+import io
 import json
 import re
+import struct
 
 import numpy as np
 import pytest
@@ -11,7 +14,7 @@ import ray
 import torch
 from safetensors.torch import save as st_save
 
-from grass_dist.errors import NonFiniteShardError
+from grass_dist.errors import CorruptPreconditionerError, NonFiniteShardError
 from grass_dist.index import GradientIndex, shards
 from grass_dist.runtime.fisher import (
     balanced_groups,
@@ -32,6 +35,7 @@ from grass_dist.scoring.precondition import (
     eigen_factor,
     relative_damping,
     serial_map,
+    stored_source,
 )
 from tests.synthetic import phi_rows, write_index
 
@@ -179,6 +183,35 @@ def test_format_1_files_give_the_answers_they_gave(train):
         np.testing.assert_array_equal(got[name], want.float().numpy())
     with pytest.raises(ValueError, match="cannot be saved again"):
         pre.to_bytes()
+
+
+def test_a_file_records_the_sha256_of_its_data(train):
+    data = Preconditioner.from_fisher(exact_fisher(train)).factorise(1e-3).to_bytes()
+    start = 8 + int.from_bytes(data[:8], "little")
+    meta = json.loads(json.loads(data[8:start])["__metadata__"]["grass_dist"])
+    assert meta["sha256"] == hashlib.sha256(data[start:]).hexdigest()
+
+
+@pytest.mark.parametrize("damage", ["a changed float", "zeroed tail", "cut short", "no header"])
+def test_a_damaged_file_is_refused_as_damaged_not_read(train, damage):
+    """A stored preconditioner is reused without a pass over the index: a file damaged at
+    rest must not be read as another H."""
+    data = bytearray(Preconditioner.from_fisher(exact_fisher(train)).factorise(1e-3).to_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    if damage == "a changed float":  # still a well-formed file, of another H
+        data[start + 64 : start + 72] = struct.pack("<d", 3.0)
+    elif damage == "zeroed tail":
+        data[-40:] = bytes(40)
+    elif damage == "cut short":
+        del data[-40:]
+    else:
+        data = data[start:]
+    said = "does not match the sha256" if damage != "no header" else "no readable safetensors"
+    with pytest.raises(CorruptPreconditionerError, match=said):
+        Preconditioner.from_bytes(bytes(data))
+    if damage == "no header":
+        with pytest.raises(CorruptPreconditionerError, match="header is unreadable"):
+            stored_source(io.BytesIO(bytes(data)))
 
 
 def test_a_newer_store_format_is_refused_with_the_fix():

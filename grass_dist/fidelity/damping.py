@@ -42,7 +42,6 @@ from grass_dist.index import GradientIndex, ShardRecord
 from grass_dist.runtime.cluster import connect, map_tasks
 from grass_dist.runtime.executors import Executor
 from grass_dist.runtime.fisher import layer_map
-from grass_dist.runtime.reducer import preconditioner_path
 from grass_dist.runtime.seeding import generator
 from grass_dist.scoring.precondition import Preconditioner
 from grass_dist.scoring.tiles import TopK, tile_scores
@@ -134,11 +133,6 @@ def sweep(
     for part in parts[1:]:
         merged = merged.merge(part)
     return merged
-
-
-def load_preconditioner(index: GradientIndex, name: str) -> Preconditioner:
-    """The saved preconditioner of the index (H per layer, or a format-1 eigenbasis)."""
-    return Preconditioner.from_bytes(index.get_artifact(preconditioner_path(name)))
 
 
 def _check_ground_truth(gt: gt_mod.GroundTruth, query: PhiBlock, n_train: int) -> None:

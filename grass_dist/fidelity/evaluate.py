@@ -23,7 +23,6 @@ from grass_dist.errors import GroundTruthError, ResultsNotFoundError
 from grass_dist.fidelity import damping, ground_truth
 from grass_dist.fidelity.metric import lds_from_predictions
 from grass_dist.gradients.computer import PhiBlock
-from grass_dist.index.shards import table_from_bytes
 from grass_dist.runtime.cluster import connect
 from grass_dist.scoring import ensemble, results
 
@@ -81,7 +80,7 @@ def predictions_of(where: Any, name: str, gt: ground_truth.GroundTruth) -> np.nd
         )
     yhat = np.zeros_like(gt.y)
     for rel in done["files"]["dense"]:
-        table = table_from_bytes(where.get_artifact(rel))
+        table = results.read_table(where, rel, name)
         rows = table["train_row"].to_numpy()
         scores = table["scores"].combine_chunks().flatten().to_numpy().reshape(len(rows), -1)
         yhat += gt.masks[:, rows].astype(np.float64) @ scores.astype(np.float64)

@@ -81,6 +81,7 @@ class ManifestLog:
         self.checkpoint_every = checkpoint_every or CHECKPOINT_EVERY
         self._state: ManifestState | None = None
         self._blocked = 0  # the newest version, when it is unreadable (else 0)
+        self._warned = 0  # the unreadable version last logged (once, not at every retry)
         # Shard id -> its checkpoint entry ('"id":{...}'): serialising 100k records anew for
         # each checkpoint would cost more than the commits between two checkpoints.
         self._entries: dict[str, str] = {}
@@ -165,10 +166,13 @@ class ManifestLog:
         """Why `commit` gave up after `max_attempts` tries: the newest manifest stayed
         unreadable, or other writers kept committing first."""
         if self._blocked:
+            where = self.store.url_of(manifest_path(self._blocked))
             return CorruptIndexError(
-                f"manifest {self.store.url_of(manifest_path(self._blocked))} is unreadable, so "
-                "new shards cannot be committed on top of it. Fix: inspect or restore that "
-                "file, then rerun."
+                f"manifest {where} is unreadable, so new shards cannot be committed on top of "
+                f"it (the newest commit of the index's log, damaged or cut short). Fix: if no "
+                f"other job is writing to this index, move that file out of the index's "
+                f"_manifests/ folder (keep it elsewhere) and rerun: the state before it is "
+                f"intact, and the shards it committed are computed again."
             )
         return CommitConflictError(
             f"could not commit {n_records} shard(s) to {redact_url(self.store.url)} after "
@@ -247,10 +251,11 @@ class ManifestLog:
                 "committed state cannot be read. Fix: restore that file from a backup, or "
                 "rebuild the index under a new store.url."
             )
-        log.warning(
-            "newest manifest %s is unreadable (%s); reading the state before it", where, exc
-        )
-        self._blocked = version
+        if self._warned != version:
+            log.warning(
+                "newest manifest %s is unreadable (%s); reading the state before it", where, exc
+            )
+        self._blocked = self._warned = version
 
     def _checkpoint(self) -> None:
         state, entries = self._state, self._entries

@@ -69,8 +69,11 @@ def table_from_bytes(data: bytes, columns: list[str] | None = None) -> pa.Table:
     `pq.read_table` pre-buffers on Arrow's IO threads, which then hold the Python bytes; one
     releasing them while the interpreter exits aborts the process after the caller's work is
     done ("terminate called without an active exception", apache/arrow#34314).
+    The pages' CRC checksums, where the writer recorded them (result tables), are verified:
+    a damaged file raises OSError rather than reading as other numbers.
     """
-    return pq.ParquetFile(pa.BufferReader(data)).read(columns=columns)
+    reader = pq.ParquetFile(pa.BufferReader(data), page_checksum_verification=True)
+    return reader.read(columns=columns)
 
 
 def _float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -266,7 +269,8 @@ def repair_fix(store: Store) -> str:
     """How a bad shard of the index in `store` is recomputed: the command, for that index."""
     return (
         f"Fix: recompute it with `python -m jobs.index index.repair=true` and the job's other "
-        f"settings, its index {store.url_of('')} included (store.url or index.url)."
+        f"settings, its index {store.url_of('')} included (store.url or index.url); from "
+        f"the Python API, the same Index.build call with overrides=['index.repair=true']."
     )
 
 

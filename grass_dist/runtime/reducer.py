@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from grass_dist.config import FaultsConfig, JobConfig
-from grass_dist.errors import PreconditionerNotFoundError
+from grass_dist.errors import CorruptPreconditionerError, PreconditionerNotFoundError
 from grass_dist.gradients.computer import PhiBlock
 from grass_dist.index import GradientIndex
 from grass_dist.index.manifest import ShardRecord
@@ -42,6 +42,30 @@ _FRESH_PROCESS_BYTES = 1 << 28
 
 def preconditioner_path(name: str) -> str:
     return f"preconditioner/{name}.safetensors"
+
+
+def read_preconditioner(index: GradientIndex, name: str) -> Preconditioner:
+    """The index's stored preconditioner `name`: PreconditionerNotFoundError when it holds
+    none, CorruptPreconditionerError naming the file and the fix when that file is damaged."""
+    path = preconditioner_path(name)
+    if not index.has_artifact(path):
+        raise PreconditionerNotFoundError(
+            f"no preconditioner {name!r} in the index: run `python -m jobs.attribute` "
+            f"or build it with the precondition stage first"
+        )
+    try:
+        return Preconditioner.from_bytes(index.get_artifact(path))
+    except CorruptPreconditionerError as exc:
+        raise CorruptPreconditionerError(_damaged(index, path, exc)) from None
+
+
+def _damaged(index: GradientIndex, path: str, why: Exception) -> str:
+    return (
+        f"the preconditioner {index.store.url_of(path)} is damaged: {why}. Fix: run the "
+        f"job's precondition stage again (python -m jobs.attribute or jobs.score with the "
+        f"same settings, or the Python API's attribute), which builds a damaged "
+        f"preconditioner again from the index"
+    )
 
 
 @dataclass(frozen=True)
@@ -181,11 +205,9 @@ class Reducer:
         t0 = time.perf_counter()
         delta = float(damping) if isinstance(damping, int | float) else None
         path, source = preconditioner_path(name), fisher_source(self.index.committed().values())
-        reused = self._saved_source(path) == source
+        pre = self._reusable(name, path, source)
+        reused = pre is not None
         if reused:  # summed from the very shards committed now: no pass over the index
-            if name in self.cached and self.cached[name].source != source:
-                del self.cached[name]
-            pre = self.load_preconditioner(name)
             self.faults.reducer("precondition")
             log.info("preconditioner %r: reused, built from the shards committed now", name)
         else:
@@ -202,22 +224,27 @@ class Reducer:
             "reused": reused,
         }
 
-    def _saved_source(self, path: str) -> str | None:
-        """The `source` the stored preconditioner at `path` records (None: none stored)."""
+    def _reusable(self, name: str, path: str, source: str) -> Preconditioner | None:
+        """The stored preconditioner `name` when it was summed from `source` (the shards
+        committed now) and is intact; None when it must be built: none stored, another
+        source, or a damaged file (built again, with a warning)."""
         if not self.index.has_artifact(path):
             return None
-        with self.index.store.open(path) as f:
-            return stored_source(f)
+        try:
+            with self.index.store.open(path) as f:
+                if stored_source(f) != source:
+                    return None
+            if name in self.cached and self.cached[name].source != source:
+                del self.cached[name]
+            return self.load_preconditioner(name)
+        except CorruptPreconditionerError as exc:
+            self.cached.pop(name, None)
+            log.warning("%s; building it again from the index", _damaged(self.index, path, exc))
+            return None
 
     def load_preconditioner(self, name: str) -> Preconditioner:
         if name not in self.cached:
-            path = preconditioner_path(name)
-            if not self.index.has_artifact(path):
-                raise PreconditionerNotFoundError(
-                    f"no preconditioner {name!r} in the index: run `python -m jobs.attribute` "
-                    f"or build it with the precondition stage first"
-                )
-            self.cached[name] = Preconditioner.from_bytes(self.index.get_artifact(path))
+            self.cached[name] = read_preconditioner(self.index, name)
         return self.cached[name]
 
     def factorised(self, name: str, damping: float, ex: Executor | None = None) -> Preconditioner:

@@ -21,7 +21,6 @@ import torch
 from grass_dist.config import JobConfig
 from grass_dist.errors import ConfigError, ResultsNotFoundError
 from grass_dist.gradients.computer import sample_key
-from grass_dist.index.shards import table_from_bytes
 from grass_dist.scoring import results
 from grass_dist.scoring.tiles import TopK
 
@@ -57,10 +56,6 @@ def member_configs(raw: dict[str, Any], cfg: JobConfig) -> list[dict[str, Any]]:
     return members
 
 
-def _read(where: Any, rel: str) -> pa.Table:
-    return table_from_bytes(where.get_artifact(rel))
-
-
 def _dense_by_shard(where: Any, name: str) -> dict[str, str]:
     """{shard id: dense part path} of a complete result set."""
     files = results.manifest(where, name)["files"]
@@ -73,10 +68,10 @@ def _dense_by_shard(where: Any, name: str) -> dict[str, str]:
     return {rel.rsplit("/", 1)[1].removesuffix(".parquet"): rel for rel in files["dense"]}
 
 
-def _mean_block(members: list[Any], parts: list[dict[str, str]], shard: str):
+def _mean_block(members: list[Any], parts: list[dict[str, str]], shard: str, name: str):
     rows, total = None, None
     for where, by_shard in zip(members, parts, strict=True):
-        table = _read(where, by_shard[shard])
+        table = results.read_table(where, by_shard[shard], name)
         r = table["train_row"].to_numpy()
         q = table.schema.field("scores").type.list_size
         s = table["scores"].combine_chunks().flatten().to_numpy().reshape(-1, q)
@@ -143,7 +138,7 @@ def average(members: list[Any], name: str, out: Any, topk: int, train: Any) -> d
     dense_files = []
     run_dir = results.new_run_dir(name)
     for part in sorted(parts[0]):
-        rows, block = _mean_block(members, parts, part)
+        rows, block = _mean_block(members, parts, part, name)
         scores, row_ids = torch.tensor(block), torch.tensor(rows)  # copies: Arrow is read-only
         props.update(scores, row_ids)
         opps.update(scores, row_ids)

@@ -5,6 +5,7 @@ is described in `grass_dist.scoring.precondition`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from typing import Any
@@ -123,3 +124,24 @@ def safetensors_buffer(
         lo, hi = header[name]["data_offsets"]
         views[name] = buf[start + lo : start + hi].view(dtypes[name])
     return buf, views
+
+
+UNSEALED = "0" * 64  # the metadata value `seal` overwrites with the data's sha256 (same length)
+
+
+def data_start(buf: Any) -> int:
+    """Where a safetensors file's data begins: after its 8-byte length and its header."""
+    return 8 + int.from_bytes(bytes(buf[:8]), "little")
+
+
+def data_sha256(buf: Any) -> str:
+    """The hex sha256 of a safetensors file's data (its bytes after the header)."""
+    return hashlib.sha256(memoryview(buf)[data_start(buf) :]).hexdigest()
+
+
+def seal(buf: np.ndarray) -> None:
+    """Write the sha256 of a filled `safetensors_buffer`'s data over the `UNSEALED` value in
+    its metadata: the header keeps its length, so every offset holds."""
+    start = data_start(buf)
+    at = 8 + buf[8:start].tobytes().index(UNSEALED.encode())
+    buf[at : at + len(UNSEALED)] = np.frombuffer(data_sha256(buf).encode(), np.uint8)

@@ -10,15 +10,18 @@ without refactorising, which the damping=auto sweep needs; it costs ~10-50x a Ch
 it is computed only when asked for (`Preconditioner.eigendecompose`).
 
 Store format (safetensors) 3, metadata {"grass_dist": the JSON of {"delta": "0.001",
-"format": "3", "layers": "a,b"} with sorted keys}; triangles packed row by row (half the
-bytes of the full matrices: 268 MB instead of 537 MB for two layers at k=4096):
+"format": "3", "layers": "a,b", "sha256": the hex sha256 of the file's data, "source": ...}
+with sorted keys}; triangles packed row by row (half the bytes of the full matrices: 268 MB
+instead of 537 MB for two layers at k=4096):
     n              (1,) int64                 rows summed
     NAME.fisher    (k (k + 1) / 2,) float64   H_l's upper triangle (`pack_triangle`)
     NAME.cholesky  (k (k + 1) / 2,) float64   L_l's lower triangle for metadata delta (absent
                                               when delta is "")
-Format 2 held the same as full (k, k) matrices; format 1, written before (no "format" key),
-NAME.eigvals (k,) and NAME.eigvecs (k, k): it loads as an eigenbasis and is applied through
-it, giving the same answers as before. Both still load.
+A file whose data does not match its sha256 is refused as damaged (files written before the
+sha256 was recorded load unchecked). Format 2 held the same as full (k, k) matrices;
+format 1, written before (no "format" key), NAME.eigvals (k,) and NAME.eigvecs (k, k): it
+loads as an eigenbasis and is applied through it, giving the same answers as before. Both
+still load.
 """
 
 from __future__ import annotations
@@ -32,14 +35,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 
-from grass_dist.errors import ConfigError
+from grass_dist.errors import ConfigError, CorruptPreconditionerError
 from grass_dist.scoring.fisher_sum import EMPTY_INDEX, FisherSum, fisher_matrix
 from grass_dist.scoring.packing import (
+    UNSEALED,
+    data_sha256,
     pack_triangle,
     packed_size,
     safetensors_buffer,
+    seal,
     symmetric_,
     unpack_triangle,
 )
@@ -264,6 +271,7 @@ class Preconditioner:
         )
         delta = "" if self.delta is None else repr(self.delta)
         meta = {"format": FORMAT, "layers": ",".join(self.layers), "delta": delta}
+        meta["sha256"] = UNSEALED
         if self.source:
             meta["source"] = self.source
         # One metadata entry, so the same preconditioner is the same bytes wherever it is built.
@@ -271,13 +279,27 @@ class Preconditioner:
         views["n"][0] = self.n
         for key, (m, lower) in stored.items():
             pack_triangle(m, lower, out=views[key])
+        seal(buf)
         return memoryview(buf)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Preconditioner:
-        tensors = st_load(data)
-        meta = _metadata(data)
-        n = int(tensors["n"][0])
+        """A stored preconditioner; CorruptPreconditionerError (saying why) when `data` is no
+        preconditioner file or does not match the sha256 its header records."""
+        try:
+            meta = _metadata(data)
+            sealed = meta.get("sha256")
+            if sealed is not None and sealed != data_sha256(data):
+                raise CorruptPreconditionerError(
+                    f"its data does not match the sha256 its header records ({len(data)} bytes)"
+                )
+            tensors = st_load(data)
+            n = int(tensors["n"][0])
+        except (SafetensorError, ValueError, KeyError, IndexError, AttributeError) as exc:
+            # Cut short, or bytes that are not a safetensors file (JSONDecodeError, too).
+            raise CorruptPreconditionerError(
+                f"it is no readable safetensors file ({type(exc).__name__}: {exc})"
+            ) from exc
         if "format" not in meta:  # format 1: the eigendecomposition only
             names = [k.removesuffix(".eigvals") for k in tensors if k.endswith(".eigvals")]
             eigen = {m: (tensors[f"{m}.eigvals"], tensors[f"{m}.eigvecs"]) for m in names}
@@ -301,10 +323,14 @@ class Preconditioner:
 
 def stored_source(f: Any) -> str:
     """The `source` of a stored preconditioner, from the file object `f`'s header alone
-    ("" for one that records none)."""
+    ("" for one that records none); CorruptPreconditionerError when that header is
+    unreadable."""
     size = int.from_bytes(f.read(8), "little")
-    meta = json.loads(f.read(size)).get("__metadata__") or {}
-    return json.loads(meta[_META]).get("source", "") if _META in meta else ""
+    try:
+        meta = json.loads(f.read(size)).get("__metadata__") or {}
+        return json.loads(meta[_META]).get("source", "") if _META in meta else ""
+    except (ValueError, AttributeError) as exc:  # not JSON, or JSON of another shape
+        raise CorruptPreconditionerError(f"its header is unreadable ({exc})") from exc
 
 
 def _metadata(data: bytes) -> dict[str, str]:

@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from grass_dist.errors import (
+    CorruptResultsError,
     ResultsCollectedError,
     ResultsNotFoundError,
     StoreUnavailableError,
@@ -155,7 +156,11 @@ def write_tables(index: GradientIndex, run_dir: str, file: str, tables: Iterable
         writer = None
         for table in tables:
             if writer is None:
-                writer = pq.ParquetWriter(f, table.schema, compression="zstd")
+                # Page checksums: a file damaged at rest is refused when read, not read as
+                # other scores (`table_from_bytes` verifies them).
+                writer = pq.ParquetWriter(
+                    f, table.schema, compression="zstd", write_page_checksum=True
+                )
             writer.write_table(table)
         if writer is None:
             raise ValueError(f"no rows to write to {file}")
@@ -263,7 +268,29 @@ def manifest(where: Where, name: str) -> dict[str, Any]:
             f"no complete results named {name!r} in {index.store.url_of('')}: run "
             f"`python -m jobs.score run.name={name}` (or jobs.attribute) first"
         )
-    return json.loads(index.get_artifact(rel))
+    try:
+        return json.loads(index.get_artifact(rel))
+    except ValueError as exc:  # not JSON (cut short, overwritten)
+        raise CorruptResultsError(_damaged(index, rel, name, exc)) from exc
+
+
+def _damaged(index: GradientIndex | ArtifactDir, rel: str, name: str, why: Exception) -> str:
+    return (
+        f"result file {index.store.url_of(rel)} of results {name!r} is damaged or gone "
+        f"({type(why).__name__}: {why}). Fix: score again, which writes the result set "
+        f"afresh: `python -m jobs.score run.name={name}` (or jobs.attribute) with the job's "
+        f"settings, or the same Python API attribute call (name={name!r}); the index is "
+        f"not affected"
+    )
+
+
+def read_table(index: GradientIndex | ArtifactDir, rel: str, name: str) -> pa.Table:
+    """The result file `rel` of result set `name`, or CorruptResultsError naming it and the
+    fix."""
+    try:
+        return table_from_bytes(index.get_artifact(rel))
+    except (OSError, pa.ArrowException) as exc:  # gone, cut short, failed page checksums
+        raise CorruptResultsError(_damaged(index, rel, name, exc)) from exc
 
 
 def load_table(where: Where, name: str, kind: str) -> pa.Table:
@@ -274,8 +301,8 @@ def load_table(where: Where, name: str, kind: str) -> pa.Table:
     if kind not in files:
         raise ResultsNotFoundError(f"results {name!r} have no {kind} table (files: {list(files)})")
     if isinstance(files[kind], str):
-        return table_from_bytes(index.get_artifact(files[kind]))
-    tables = [table_from_bytes(index.get_artifact(rel)) for rel in files[kind]]
+        return read_table(index, files[kind], name)
+    tables = [read_table(index, rel, name) for rel in files[kind]]
     if not tables:
         return SELF_INFLUENCE_SCHEMA.empty_table()
     return pa.concat_tables(tables).sort_by("train_row")
@@ -290,7 +317,7 @@ def load_dense(where: Where, name: str) -> np.ndarray:
         raise ResultsNotFoundError(
             f"results {name!r} have no dense scores: rerun with scoring.dense=true"
         )
-    tables = [table_from_bytes(index.get_artifact(rel)) for rel in files["dense"]]
+    tables = [read_table(index, rel, name) for rel in files["dense"]]
     table = pa.concat_tables(tables).sort_by("train_row")
     n_query = table.schema.field("scores").type.list_size
     return table["scores"].combine_chunks().flatten().to_numpy().reshape(-1, n_query)

@@ -33,6 +33,7 @@ from grass_dist.errors import (
     BadRequestError,
     BadRowsError,
     ConfigError,
+    CorruptPreconditionerError,
     DampingNotChosenError,
     NonFiniteGradientError,
     ResultsNotFoundError,
@@ -40,7 +41,7 @@ from grass_dist.errors import (
 from grass_dist.gradients.computer import GradientComputer
 from grass_dist.index import GradientIndex, ShardRecord
 from grass_dist.runtime.fisher import fisher_source
-from grass_dist.runtime.reducer import preconditioner_path
+from grass_dist.runtime.reducer import preconditioner_path, read_preconditioner
 from grass_dist.runtime.scoring import ScoreOptions, fan_out, score_records
 from grass_dist.scoring import results
 from grass_dist.scoring.precondition import Preconditioner
@@ -197,7 +198,10 @@ class QueryEngine:
         path = preconditioner_path(name)
         if not self.index.has_artifact(path):
             return None, f"the index has no preconditioner {name!r}"
-        pre = Preconditioner.from_bytes(self.index.get_artifact(path))
+        try:
+            pre = read_preconditioner(self.index, name)
+        except CorruptPreconditionerError as exc:  # the batch job builds it again
+            return None, str(exc)
         rows = sum(r.rows for r in records)
         # A preconditioner written before sources were recorded is known by its rows alone.
         if (pre.source == fisher_source(records)) if pre.source else (pre.n == rows):

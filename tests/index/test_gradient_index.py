@@ -64,14 +64,22 @@ def test_commit_merges_and_first_attempt_wins(url, caplog):
     assert store.list("_manifests") == [f"{v:010d}.json" for v in (1, 2, 3)]
 
 
-def test_latest_skips_unreadable_manifest_and_commit_refuses(url):
+def test_latest_skips_unreadable_manifest_and_commit_refuses(url, caplog):
     store = Store(url)
     commit(store, [_rec("s0")])
     store.write_bytes(manifest_path(2), b"{not json")
     store.write_bytes("_manifests/README", b"ignored")
     assert latest(store)[0] == 1
-    with pytest.raises(CorruptIndexError, match="0000000002.json"):
+    caplog.clear()
+    said = r"0000000002\.json is unreadable, .*Fix: if no other job is writing to this index, "
+    with caplog.at_level(logging.WARNING), pytest.raises(CorruptIndexError, match=said):
         commit(store, [_rec("s1")], max_attempts=3)
+    # Said once, not at every retry of the commit (it was logged at each of them).
+    assert caplog.text.count("0000000002.json is unreadable") == 1
+    # The fix it names: the file moved out of _manifests/, the commit builds on version 1.
+    store.write_bytes("damaged-0000000002.json", store.read_bytes(manifest_path(2)))
+    store.delete(manifest_path(2))
+    assert commit(store, [_rec("s1")]) == 2 and sorted(latest(store)[1]) == ["s0", "s1"]
 
 
 def test_commit_gives_up_after_max_attempts(url, monkeypatch):
