@@ -279,29 +279,33 @@ class Reducer:
         layers = [name for name, _, _ in prepared.layers]
         records = sorted(self.index.committed().values(), key=lambda r: r.start)
         run_dir = results.new_run_dir(req.result_name)
-        whiteners = whiteners_for(pre, layers, damping) if req.self_influence else None
-        merged, parts = fan_out(
-            self.index, records, prepared, opts, parallelism, whiteners,
-            run_dir if req.dense else None, fault, run_dir if req.self_influence else None, ex,
-        )  # fmt: skip
-        score_seconds = time.perf_counter() - t0
-        breakdown = (opts, parallelism, ex) if req.breakdown else None
-        tables = _topk_tables(self.index, records, query, prepared, merged, breakdown)
-        files: dict[str, Any] = {
-            "topk": results.write_tables(self.index, run_dir, "topk.parquet", tables),
-            **{k: sorted(parts[k]) for k in ("self_influence", "dense") if getattr(req, k)},
-        }
-        self.faults.reducer("score")  # files written, _COMPLETE.json not yet
-        n_train = sum(r.rows for r in records)
-        summary = {
-            "queries": len(query.row_ids),
-            "train_rows": n_train,
-            "kind": kind,
-            "damping": damping if pre is not None else None,  # grad_dot, cosine: unused
-            "topk": req.topk,
-            "scorer_tasks": min(parallelism, len(records)),
-            "pairs_per_second": len(query.row_ids) * n_train / max(score_seconds, 1e-9),
-            "seconds": time.perf_counter() - t0,
-        }
-        results.complete(self.index, req.result_name, files, summary)
+        try:
+            whiteners = whiteners_for(pre, layers, damping) if req.self_influence else None
+            merged, parts = fan_out(
+                self.index, records, prepared, opts, parallelism, whiteners,
+                run_dir if req.dense else None, fault, run_dir if req.self_influence else None, ex,
+            )  # fmt: skip
+            score_seconds = time.perf_counter() - t0
+            breakdown = (opts, parallelism, ex) if req.breakdown else None
+            tables = _topk_tables(self.index, records, query, prepared, merged, breakdown)
+            files: dict[str, Any] = {
+                "topk": results.write_tables(self.index, run_dir, "topk.parquet", tables),
+                **{k: sorted(parts[k]) for k in ("self_influence", "dense") if getattr(req, k)},
+            }
+            self.faults.reducer("score")  # files written, _COMPLETE.json not yet
+            n_train = sum(r.rows for r in records)
+            summary = {
+                "queries": len(query.row_ids),
+                "train_rows": n_train,
+                "kind": kind,
+                "damping": damping if pre is not None else None,  # grad_dot, cosine: unused
+                "topk": req.topk,
+                "scorer_tasks": min(parallelism, len(records)),
+                "pairs_per_second": len(query.row_ids) * n_train / max(score_seconds, 1e-9),
+                "seconds": time.perf_counter() - t0,
+            }
+            results.complete(self.index, req.result_name, files, summary)
+        except Exception:  # refused (a damaged shard, NaN): remove what the run wrote
+            results.abandon(self.index, run_dir)
+            raise
         return {**summary, "files": files, "ran_on": _ran_on(workers, self.inline)}

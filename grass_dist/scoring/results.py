@@ -189,6 +189,17 @@ def complete(index: GradientIndex, name: str, files: dict[str, Any], summary: di
         log.warning("could not delete the replaced run's result files: %s", e)
 
 
+def abandon(index: GradientIndex, run_dir: str) -> None:
+    """Remove what a scoring run that failed wrote (it was never published), best effort:
+    a scorer call still writing may leave a part, which `jobs.gc` removes later."""
+    try:
+        for rel in sorted(index.store.walk(run_dir)):
+            index.store.delete(rel)
+        index.store.prune_folders(run_dir)
+    except StoreUnavailableError as e:
+        log.warning("could not remove the failed scoring run's files: %s", e)
+
+
 def _check_present(store: Store, files: dict[str, Any]) -> None:
     """ResultsCollectedError unless every listed file exists (one listing per run folder)."""
     paths = _paths(files)
