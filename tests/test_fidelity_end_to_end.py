@@ -68,7 +68,7 @@ def test_ground_truth_is_built_once_from_retrained_models(ray_session, root, mon
 
 
 def test_ensemble_with_auto_damping_by_lds_and_no_second_gradient_pass(
-    ray_session, root, monkeypatch
+    ray_session, root, monkeypatch, caplog
 ):
     calls = {"run_index": 0, "query_phi": 0, "run_precondition": 0}
     for name in calls:
@@ -82,7 +82,11 @@ def test_ensemble_with_auto_damping_by_lds_and_no_second_gradient_pass(
     url = f"{root}/ensemble"
     grid = "precondition.grid=[1e-4,1e-2,1,100]"
     raw = _raw(root, "ensemble.size=2", f"index.url={url}", "precondition.damping=auto", grid)
+    caplog.set_level("INFO", logger="grass_dist.fidelity.damping")
     summary = run.attribute(OmegaConf.create(raw))
+    # It says which ground truth it chose by.
+    where = ground_truth.location(JobConfig.from_cfg(OmegaConf.create(raw)))
+    assert f"damping=auto: choosing by LDS on the ground truth at {where}" in caplog.text
     # One gradient pass per member; every delta of the grid came from the saved factors.
     assert calls == {"run_index": 2, "query_phi": 2, "run_precondition": 2}
     selection = summary["damping"]

@@ -314,6 +314,7 @@ def choose(members: list[Member], cfg: JobConfig, n_train: int) -> dict[str, Any
     grid = [float(d) for d in p.grid]
     if gt is not None:
         _check_ground_truth(gt, members[0].query, n_train)
+        log.info("damping=auto: choosing by LDS on the ground truth at %s", gt_mod.location(cfg))
         out = by_lds(members, gt, val, test, grid, cfg.lds.bootstrap)
     else:
         log.info(

@@ -41,7 +41,8 @@ class GcReport:
     young: int  # uncommitted, but modified less than grace_s ago: kept
     removed: int  # uncommitted and older: removed (dry run: would be removed)
     bytes_reclaimed: int  # their sizes (dry run: would be reclaimed)
-    manifest_version: int  # the version naming the removed files (0: none written)
+    collected_in_version: int | None  # the manifest version gc wrote naming the removed files
+    # (None: gc wrote none: nothing to remove, or a dry run)
     grace_s: float
     dry_run: bool
 
@@ -85,7 +86,7 @@ def collect(
             young += 1
         else:
             candidates[rel] = size
-    version = 0
+    version = None
     for rel in sorted(candidates) if dry_run else ():
         log.info("would remove uncommitted attempt file %s (gc.dry_run)", store.url_of(rel))
     if candidates and not dry_run:
@@ -104,7 +105,7 @@ def collect(
         young=young,
         removed=len(candidates),
         bytes_reclaimed=sum(candidates.values()),
-        manifest_version=version,
+        collected_in_version=version,
         grace_s=grace_s,
         dry_run=dry_run,
     )

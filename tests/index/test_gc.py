@@ -48,7 +48,7 @@ def test_gc_removes_old_uncommitted_attempts_only_and_reports_bytes(url, caplog)
     assert (young.listed, young.young, young.removed, young.bytes_reclaimed) == (7, 2, 0, 0)
     with caplog.at_level(logging.INFO, logger="grass_dist"):
         dry = collect(index.store, grace_s=0, dry_run=True)
-    assert (dry.removed, dry.bytes_reclaimed, dry.manifest_version) == (2, garbage, 0)
+    assert (dry.removed, dry.bytes_reclaimed, dry.collected_in_version) == (2, garbage, None)
     assert all(index.store.exists(r.file) for r in orphans)
     for r in orphans:  # named, as the ones a real run would remove
         said = f"would remove uncommitted attempt file {index.store.url_of(r.file)} (gc.dry_run)"
@@ -56,12 +56,13 @@ def test_gc_removes_old_uncommitted_attempts_only_and_reports_bytes(url, caplog)
 
     done = collect(index.store, grace_s=0)
     assert (done.removed, done.bytes_reclaimed, done.committed) == (2, garbage, 5)
+    assert done.collected_in_version == 4  # after the three commits: gc's own
     assert not any(index.store.exists(r.file) for r in orphans)
     assert index.store.exists(bad.file)
     for rec in index.committed().values():
         index.read(rec)  # present, and the sha256 matches
     again = collect(index.store, grace_s=0)
-    assert (again.removed, again.bytes_reclaimed) == (0, 0)
+    assert (again.removed, again.bytes_reclaimed, again.collected_in_version) == (0, 0, None)
 
 
 def test_grace_is_measured_from_the_files_modification_time(tmp_path):
