@@ -471,7 +471,9 @@ class Store:
             raise ConfigError(
                 f"the bucket {bucket!r} of the index store {self.url_of('')} does not exist"
                 f"{at_endpoint(self.endpoint)}. Fix: check the bucket's name in store.url (or "
-                f"index.url), or create the bucket first (e.g. `aws s3 mb s3://{bucket}`)"
+                f"index.url), or create the bucket first (e.g. `aws s3 mb s3://{bucket}`, or "
+                f"with the job's credentials and endpoint in the environment: python -c "
+                f"\"import s3fs; s3fs.S3FileSystem().mkdir('{bucket}')\")"
             ) from None
         except Exception:  # noqa: BLE001 -- the probe's put reports it, by kind
             return

@@ -4,6 +4,7 @@ secret in anything the job writes or says."""
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -131,10 +132,23 @@ def test_a_misspelt_bucket_is_named_and_not_created(seaweedfs, tmp_path):
     backend = s3_backend(seaweedfs)
     cfg = backend.cfg(tmp_path, "store.url=s3://grass-typo/idx", *FAST_RETRY)
     said = r"the bucket 'grass-typo' of the index store s3://grass-typo/idx does not exist at "
-    with pytest.raises(ConfigError, match=said + r"endpoint http://127\.0\.0\.1:\d+\. Fix: "):
+    said += r"endpoint http://127\.0\.0\.1:\d+\. Fix: "
+    with pytest.raises(ConfigError, match=said) as info:
         pipeline.prepare(cfg)
     fs = s3fs.S3FileSystem(**seaweedfs.storage_options())
     assert not fs.exists("grass-typo") and fs.exists(seaweedfs.bucket)
+    # The fix it names, run as written with the credentials and endpoint in the environment.
+    fix = re.search(r'python -c "(.+)"\)$', str(info.value)).group(1)
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": seaweedfs.access_key,
+        "AWS_SECRET_ACCESS_KEY": seaweedfs.secret_key,
+        "AWS_ENDPOINT_URL": seaweedfs.endpoint,
+    }
+    subprocess.run([sys.executable, "-c", fix], env=env, check=True, timeout=60)
+    fs.invalidate_cache()
+    assert fs.exists("grass-typo")
+    assert pipeline.prepare(cfg).index.store.url_of("") == "s3://grass-typo/idx"
 
 
 @pytest.mark.parametrize(
