@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import ray
 from omegaconf import DictConfig, OmegaConf
 from ray.exceptions import RayTaskError
 
@@ -40,6 +41,7 @@ from grass_dist.config import JobConfig, resolve
 from grass_dist.config_help import PRESETS
 from grass_dist.errors import ConfigError, GrassError, ResultsNotFoundError
 from grass_dist.index import GradientIndex
+from grass_dist.runtime import cluster, local_shard
 from grass_dist.runtime.reducer_handle import KeptReducer
 from grass_dist.scoring import results
 from grass_dist.summary import job_summary
@@ -232,6 +234,22 @@ def _own_errors() -> Iterator[None]:
         raise
 
 
+@contextmanager
+def _ray_when_needed(raw: dict[str, Any]) -> Iterator[None]:
+    """The jobs' doors' start-up (`launch.door`) for a call on the caller's thread: a job
+    whose driver computes alone (one worker, no GPU: `local_shard.alone`) starts no Ray
+    unless a call needs one (a shard given back, a reducer too large for the driver,
+    damping=auto), then on this thread (`cluster.on_call`); others start it, and their
+    workers, while the job is checked (`pipeline.prepare_started`). A Ray the caller
+    connected is used as it is."""
+    job = JobConfig.from_cfg(raw)
+    if ray.is_initialized() or not local_shard.alone(job):
+        yield
+        return
+    with cluster.on_call(job.cluster):
+        yield
+
+
 def _url(store: Any) -> str:
     if not isinstance(store, (str, os.PathLike)):
         raise ConfigError(
@@ -334,9 +352,10 @@ class Index:
         recompute the bad ones)."""
         with _own_errors():
             raw = copy.deepcopy(resolve(cfg))
-            job = pipeline.prepare(raw)
-        with _own_errors(), pipeline.running(job):
-            stages = pipeline.index_stages(job)
+        with _own_errors(), _ray_when_needed(raw):
+            job = pipeline.prepare_started(raw)
+            with pipeline.running(job):
+                stages = pipeline.index_stages(job)
         return cls(raw, job_summary(job, stages))
 
     @property
@@ -364,12 +383,12 @@ class Index:
         raw["scoring"] = {**raw.get("scoring", {}), "kind": kind, "topk": topk, "dense": dense}
         raw["run"] = {**raw.get("run", {}), "name": name}
         raw = with_overrides(raw, overrides)
-        with _own_errors():
-            job = pipeline.prepare(raw, create_index=False, query=True)
-        with _own_errors(), pipeline.running(job, self._kept):
-            phi = pipeline.query_phi(job)
-            stages = {"precondition": pipeline.run_precondition(job)}
-            stages.update(pipeline.score_stage(job, phi))
+        with _own_errors(), _ray_when_needed(raw):
+            job = pipeline.prepare_started(raw, create_index=False, query=True)
+            with pipeline.running(job, self._kept):
+                phi = pipeline.query_phi(job)
+                stages = {"precondition": pipeline.run_precondition(job)}
+                stages.update(pipeline.score_stage(job, phi))
         summary = job_summary(job, stages)
         return Attribution(job.index, name, summary, results.manifest(job.index, name)["files"])
 

@@ -4,7 +4,10 @@ that must share rows."""
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -119,3 +122,44 @@ def test_a_small_query_set_is_computed_by_the_driver_as_a_worker_computes_it(
     np.testing.assert_array_equal(pooled.dense(), many.dense())
     # (In batches of other sizes: equal to rounding.)
     np.testing.assert_allclose(many.dense()[:, :5], mine.dense(), rtol=1e-5, atol=1e-7)
+
+
+_ONE_WORKER_THEN_TWO = """
+import json, sys
+import numpy as np, ray, torch
+from torch.utils.data import TensorDataset
+import grass_dist as gd
+
+torch.manual_seed(0)
+x, y = torch.rand(90, 8), torch.arange(90) % 3
+model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+train, query = TensorDataset(x[:80], y[:80]), TensorDataset(x[80:], y[80:])
+scores, said = [], {}
+for workers in (1, 2):
+    store = f"{sys.argv[1]}/w{workers}"
+    index = gd.Index.build(model, train, store=store, k=8, workers=workers,
+                           overrides=["index.shard_size=20", f"run.output_dir={sys.argv[1]}"])
+    result = index.attribute(query, dense=True)
+    scores.append(result.dense())
+    said[workers] = {"ray": ray.is_initialized(), "driver_shards":
+                     index.summary["index"]["driver_shards"], "startup":
+                     sorted(index.summary["startup_seconds"])}
+said["same"] = bool(np.array_equal(scores[0], scores[1]))
+print(json.dumps(said))
+"""
+
+
+@pytest.mark.integration
+def test_one_worker_calls_start_no_ray_and_score_as_calls_with_workers(tmp_path):
+    # As the jobs' one-worker commands: Index.build and attribute with workers=1 ran in a
+    # Ray they started (a worker indexed every shard while the caller waited for it).
+    script = tmp_path / "calls.py"
+    script.write_text(_ONE_WORKER_THEN_TWO)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = json.loads(done.stdout.strip().splitlines()[-1])
+    one, two = said["1"], said["2"]
+    assert one == {"ray": False, "driver_shards": 4, "startup": ["prepared"]}, one
+    assert two["ray"] and "ray" in two["startup"], two
+    assert said["same"]  # the same scores, to the bit, with Ray and its workers

@@ -92,8 +92,17 @@ def test_an_object_that_cannot_be_pickled_is_refused_naming_the_argument(ray_ses
     locked = _LockedData(torch.rand(8, 4), torch.arange(8) % 3)
     with pytest.raises(ConfigError, match=r"the [\w.]*test_api_refusals\._LockedData you passed "
                        r"cannot be copied or pickled"):  # fmt: skip
-        gd.Index.build(torch.nn.Linear(4, 3), locked, store=str(tmp_path / "j"), workers=1,
-                       overrides=[f"run.output_dir={tmp_path}"])  # fmt: skip
+        gd.Index.build(
+            torch.nn.Linear(4, 3),
+            locked,
+            store=str(tmp_path / "j"),
+            workers=1,
+            overrides=[f"run.output_dir={tmp_path}", "cluster.driver_shard=false"],
+        )
+    # The driver indexes a small set itself, which needs no pickling: built.
+    built = gd.Index.build(torch.nn.Linear(4, 3), locked, store=str(tmp_path / "k"), workers=1,
+                           overrides=[f"run.output_dir={tmp_path}"])  # fmt: skip
+    assert built.summary["index"]["driver_shards"] == 1
 
 
 def test_a_model_with_nan_weights_is_refused_naming_them_before_anything_is_written(tmp_path):

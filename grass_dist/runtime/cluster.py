@@ -94,11 +94,12 @@ class OnRequest:
 
 
 _ON_REQUEST: OnRequest | None = None
+_DEFERRED: tuple[ClusterConfig] | None = None  # (the job's settings,) in on_request, on_call
 
 
 def on_request_active() -> bool:
-    """Whether this job's Ray starts on request (`on_request`)."""
-    return _ON_REQUEST is not None
+    """Whether this job's Ray starts only when a call needs one (`on_request`, `on_call`)."""
+    return _DEFERRED is not None
 
 
 def request_soon() -> None:
@@ -114,17 +115,38 @@ def on_request(ray_start: OnRequest) -> Iterator[OnRequest]:
     a Ray call made before it started (Ray's own start on first use would start a Ray of
     its default settings on the calling thread)."""
     global _ON_REQUEST
+    _ON_REQUEST = ray_start
+    try:
+        with _deferred(ray_start.cfg):
+            yield ray_start
+    finally:
+        _ON_REQUEST = None
+
+
+@contextmanager
+def on_call(cfg: ClusterConfig) -> Iterator[None]:
+    """`on_request` for a job run on its caller's thread (the Python API's): a call that
+    needs Ray starts it there and then, with the job's settings (`connect`)."""
+    with _deferred(cfg):
+        yield
+
+
+@contextmanager
+def _deferred(cfg: ClusterConfig) -> Iterator[None]:
+    """Inside, the job defers its Ray to the first call that needs it (`on_request_active`),
+    and a Ray call made before it started connects with the job's settings `cfg`."""
+    global _DEFERRED
     ray_own = auto_init_hook.auto_init_ray
 
     def ask() -> None:
         if auto_init_hook.enable_auto_connect and not ray.is_initialized():
-            connect(ray_start.cfg)
+            connect(cfg)
 
-    _ON_REQUEST, auto_init_hook.auto_init_ray = ray_start, ask
+    _DEFERRED, auto_init_hook.auto_init_ray = (cfg,), ask
     try:
-        yield ray_start
+        yield
     finally:
-        _ON_REQUEST, auto_init_hook.auto_init_ray = None, ray_own
+        _DEFERRED, auto_init_hook.auto_init_ray = None, ray_own
 
 
 def driver_computes(cfg: JobConfig) -> bool:
@@ -350,12 +372,13 @@ def shutdown_unless_lost(poll_s: float = 0.2) -> bool:
 
 def resources() -> dict[str, float]:
     """`ray.cluster_resources()`; or, in a job whose embedded Ray starts on request
-    (`OnRequest`) and has not, those it would have: `cluster.num_cpus`, else the CPUs Ray
-    counts itself, and no GPUs (such a job runs on a machine without them). A reducer in
-    the driver shares them out as it would on that Ray (its thread counts: the same bits)."""
-    asked = _ON_REQUEST
-    if asked is not None and not ray.is_initialized():
-        cpus = asked.cfg.num_cpus
+    (`on_request`, `on_call`) and has not, those it would have: `cluster.num_cpus`, else
+    the CPUs Ray counts itself, and no GPUs (such a job runs on a machine without them). A
+    reducer in the driver shares them out as it would on that Ray (its thread counts: the
+    same bits)."""
+    deferred = _DEFERRED
+    if deferred is not None and not ray.is_initialized():
+        cpus = deferred[0].num_cpus
         return {"CPU": float(cpus if cpus is not None else ray._private.utils.get_num_cpus())}
     return ray.cluster_resources()
 
