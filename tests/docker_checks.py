@@ -252,6 +252,7 @@ CHECKS = {
     "set": check_set,
     "export": check_export,
     "chmod": accept,
+    "mkdir": accept,
     # busybox tools of the SeaweedFS image (healthcheck, bucket creation)
     "wget": accept,
     "echo": accept,

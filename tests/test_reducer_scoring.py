@@ -71,10 +71,14 @@ def test_a_failed_run_leaves_the_last_complete_results_visible(reducer, tmp_path
         _score(actor, "kept", topk=3, max_retries=0, fault=KillOnce(str(tmp_path), "after_shard"))
     assert results.manifest(index, "kept")["files"] == first["files"]
     assert results.load_table(index, "kept", "topk").equals(before)
-    # The failed run left its self-influence parts in a folder no _COMPLETE.json lists.
+    # The failed run removed the parts it wrote (they waited for jobs.gc in a folder no
+    # _COMPLETE.json lists).
     folders = {results.run_folder(p) for p in index.store.walk("results/kept")} - {None}
     first_folder = results.run_folder(first["files"]["topk"])
-    (failed,) = folders - {first_folder}
+    assert folders == {first_folder}
+    # A run whose reducer was killed before it completed leaves such a folder: as this one.
+    failed = results.new_run_dir("kept")
+    index.put_artifact(f"{failed}/self_influence/000000000000-000000000100.parquet", b"part")
     for derived in results.DERIVED:  # what later stages wrote from the first run
         index.put_artifact(f"results/kept/{derived}", b"of the first run")
     second = _score(actor, "kept", topk=3, dense=False)

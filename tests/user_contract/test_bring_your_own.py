@@ -1,8 +1,9 @@
 """README's "Bring your own model and data" commands, run literally with a user's package.
 
 The commands are parsed from README.md's own fenced blocks of that section, so the
-documentation cannot drift from what is tested; only the checkpoint placeholder
-`/ckpt.pt` is replaced by the user's real checkpoint.
+documentation cannot drift from what is tested; only the checkpoint `$PWD/ckpt.pt` (which
+the shell would expand) is replaced by the user's real checkpoint. README's own listing of
+that package runs as written in test_readme_package.py.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from tests.user_contract.test_bad_input import _overrides
 pytestmark = pytest.mark.integration
 
 SECTION = "## Bring your own model and data (config only)"
-CHECKPOINT = "/ckpt.pt"
+CHECKPOINT = "$PWD/ckpt.pt"
 
 
 def readme_commands() -> list[tuple[str, list[str]]]:
