@@ -176,13 +176,10 @@ def build_model(job: JobConfig) -> nn.Module:
     model = _instantiate(job.model, "model")
     if not isinstance(model, nn.Module) and job.model.get("_target_") == IN_MEMORY:
         swapped = hasattr(model, "__getitem__") and hasattr(model, "__len__")
+        fix = "a dataset? Index.build takes the model first, then train" if swapped else None
         raise ConfigError(
-            f"the model you passed is of type {type(model).__name__}, not a torch nn.Module"
-            + (
-                ": a dataset? Index.build takes the model first, then train"
-                if swapped
-                else ": pass the trained nn.Module to attribute (or a factory that builds it)"
-            )
+            f"the model you passed is of type {type(model).__name__}, not a torch nn.Module: "
+            f"{fix or 'pass the trained nn.Module to attribute (or a factory that builds it)'}"
         )
     if not isinstance(model, nn.Module):
         raise ConfigError(

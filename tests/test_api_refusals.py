@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import grass_dist as gd
-from grass_dist.api import _BUILD_SETTINGS
+from grass_dist.api import BUILD_SETTINGS
 from grass_dist.build import check_keys
 from grass_dist.data import digits
 from grass_dist.errors import BadRowsError, ConfigError
@@ -135,7 +135,7 @@ def test_a_misspelt_argument_or_a_path_for_the_model_is_named_as_the_caller_wrot
         gd.Index(store)
     settings = inspect.signature(gd.Index.build).parameters
     assert list(settings)[:2] == ["model", "train"] and settings["store"].default == "outputs/index"
-    assert set(settings) == {"model", "train", *_BUILD_SETTINGS}
+    assert set(settings) == {"model", "train", *BUILD_SETTINGS}
     empty = TensorDataset(torch.rand(0, 4), torch.zeros(0))
     said = r"^the training set you passed \(a [\w.]*TensorDataset\) is empty \(0 rows\)$"
     with pytest.raises(ConfigError, match=said):

@@ -14,6 +14,7 @@ from grass_dist import launch
 from grass_dist.compress.registry import REGISTRY
 from grass_dist.config import resolve
 from grass_dist.config_checks import COMPRESSION_METHODS
+from grass_dist.errors import RayStartError
 from grass_dist.runtime import cluster, processes
 from grass_dist.runtime.worker import GradientWorker
 from tests.conftest import ROOT, compose_cfg
@@ -152,7 +153,7 @@ def test_a_ray_call_before_ray_started_on_request_asks_for_the_jobs_ray(monkeypa
 
 def test_a_ray_that_fails_to_start_on_request_fails_the_thread_that_asked(monkeypatch):
     def failed(cfg):
-        raise cluster.RayStartError("the embedded Ray did not start, 2 times (test)")
+        raise RayStartError("the embedded Ray did not start, 2 times (test)")
 
     monkeypatch.setattr(cluster, "_start", failed)
     monkeypatch.setattr(cluster.ray, "is_initialized", lambda: False)
@@ -161,7 +162,7 @@ def test_a_ray_that_fails_to_start_on_request_fails_the_thread_that_asked(monkey
     def ask() -> None:
         try:
             cluster.connect(None)
-        except cluster.RayStartError as e:
+        except RayStartError as e:
             errors.append(str(e))
 
     with cluster.on_request(ray_start):

@@ -297,7 +297,7 @@ def test_shards_split_rows_evenly_and_a_resume_plans_what_was_left():
 def test_an_embedded_ray_that_does_not_start_is_tried_once_more_then_refused(monkeypatch):
     from grass_dist.config import ClusterConfig
     from grass_dist.errors import RayStartError
-    from grass_dist.runtime import cluster
+    from grass_dist.runtime import cluster, embedded
 
     calls = []
 
@@ -309,12 +309,12 @@ def test_an_embedded_ray_that_does_not_start_is_tried_once_more_then_refused(mon
     monkeypatch.setattr(cluster.ray, "init", init)
     monkeypatch.setattr(cluster.ray, "shutdown", lambda: calls.append("shutdown"))
     fail_times = 1
-    cluster._start_embedded(ClusterConfig())
+    embedded.start(ClusterConfig())
     assert calls == ["local", "shutdown", "local"]
     calls.clear()
     fail_times = 2
     with pytest.raises(RayStartError, match=r"did not start, 2 times \(The current node timed "):
-        cluster._start_embedded(ClusterConfig())
+        embedded.start(ClusterConfig())
     assert calls == ["local", "shutdown", "local", "shutdown"]
 
 

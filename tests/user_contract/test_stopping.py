@@ -212,12 +212,12 @@ def _ray_starting(user_pkg, tmp_path) -> list[str]:
 
 _HOLD_RAY_START = """
 import time
-import grass_dist.runtime.cluster as cluster
+import grass_dist.runtime.embedded as embedded
 
 def _held(cfg, *args, **kwargs):  # Ray's start, held: a Ctrl-C meanwhile lands in it
     time.sleep(120)
 
-cluster._start_embedded = _held
+embedded.start = _held
 """
 
 
@@ -246,9 +246,9 @@ def test_ctrl_c_while_the_embedded_ray_starts_ends_the_job_as_any_ctrl_c(tmp_pat
 _MARK_RAY_START = """
 import os
 import pathlib
-import grass_dist.runtime.cluster as cluster
+import grass_dist.runtime.embedded as embedded
 
-_real = cluster._start_embedded
+_real = embedded.start
 
 def _marked(cfg, *args, **kwargs):  # Ray's real start, saying where it is
     marks = pathlib.Path(os.environ["RAY_START_MARKS"])
@@ -256,7 +256,7 @@ def _marked(cfg, *args, **kwargs):  # Ray's real start, saying where it is
     _real(cfg, *args, **kwargs)
     (marks / "started").touch()
 
-cluster._start_embedded = _marked
+embedded.start = _marked
 """
 
 
