@@ -19,8 +19,6 @@ from grass_dist.config_help import PRESETS
 from grass_dist.errors import ConfigError
 
 DEFAULT_TASK = {"_target_": "grass_dist.tasks.classification"}
-# The jobs' config groups: `compression="identity"` is `compression=identity` on their command
-# line, the preset's every field (identity also keeps non-Linear layers exact: other=identity).
 
 
 # Modules kept at their old paths so that configs (and index fingerprints) keep their `_target_`.
@@ -143,6 +141,8 @@ BUILD_SETTINGS = tuple(
 )
 
 
+# The jobs' config groups: `compression="identity"` is `compression=identity` on their command
+# line, the preset's every field (identity also keeps non-Linear layers exact: other=identity).
 def compression_preset(method: str) -> dict[str, Any]:
     """The compression node of `compression=<method>` on a jobs command line: the fields of
     conf/compression/<method>.yaml; {"method": method} for a method without a preset (the

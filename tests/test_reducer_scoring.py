@@ -71,13 +71,15 @@ def test_a_failed_run_leaves_the_last_complete_results_visible(reducer, tmp_path
         _score(actor, "kept", topk=3, max_retries=0, fault=KillOnce(str(tmp_path), "after_shard"))
     assert results.manifest(index, "kept")["files"] == first["files"]
     assert results.load_table(index, "kept", "topk").equals(before)
-    # The failed run removed the parts it wrote (they waited for jobs.gc in a folder no
-    # _COMPLETE.json lists).
-    folders = {results.run_folder(p) for p in index.store.walk("results/kept")} - {None}
+    # The failed run removed what it had written, but a scorer task still running then may
+    # have written a part since (best effort: jobs.gc removes it, below; test_api_damage.py
+    # checks the removal where the scorer calls run in the driver, one after another).
     first_folder = results.run_folder(first["files"]["topk"])
-    assert folders == {first_folder}
-    # A run whose reducer was killed before it completed leaves such a folder: as this one.
-    failed = results.new_run_dir("kept")
+    walked = {results.run_folder(p) for p in index.store.walk("results/kept")}
+    left = walked - {None, first_folder}
+    assert len(left) <= 1
+    # A run whose reducer was killed before it completed leaves such a folder too: as this one.
+    (failed,) = left or {results.new_run_dir("kept")}
     index.put_artifact(f"{failed}/self_influence/000000000000-000000000100.parquet", b"part")
     for derived in results.DERIVED:  # what later stages wrote from the first run
         index.put_artifact(f"results/kept/{derived}", b"of the first run")

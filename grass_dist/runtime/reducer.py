@@ -56,16 +56,15 @@ def read_preconditioner(index: GradientIndex, name: str) -> Preconditioner:
     try:
         return Preconditioner.from_bytes(index.get_artifact(path))
     except CorruptPreconditionerError as exc:
-        raise CorruptPreconditionerError(_damaged(index, path, exc)) from None
+        raise CorruptPreconditionerError(
+            f"{_damaged(index, path, exc)}. Fix: run the job's precondition stage again "
+            f"(python -m jobs.attribute or jobs.score with the same settings, or the Python "
+            f"API's attribute), which builds a damaged preconditioner again from the index"
+        ) from None
 
 
 def _damaged(index: GradientIndex, path: str, why: Exception) -> str:
-    return (
-        f"the preconditioner {index.store.url_of(path)} is damaged: {why}. Fix: run the "
-        f"job's precondition stage again (python -m jobs.attribute or jobs.score with the "
-        f"same settings, or the Python API's attribute), which builds a damaged "
-        f"preconditioner again from the index"
-    )
+    return f"the preconditioner {index.store.url_of(path)} is damaged: {why}"
 
 
 @dataclass(frozen=True)
@@ -234,9 +233,9 @@ class Reducer:
             with self.index.store.open(path) as f:
                 if stored_source(f) != source:
                     return None
-            if name in self.cached and self.cached[name].source != source:
-                del self.cached[name]
-            return self.load_preconditioner(name)
+            if name not in self.cached or self.cached[name].source != source:
+                self.cached[name] = Preconditioner.from_bytes(self.index.get_artifact(path))
+            return self.cached[name]
         except CorruptPreconditionerError as exc:
             self.cached.pop(name, None)
             log.warning("%s; building it again from the index", _damaged(self.index, path, exc))
@@ -304,8 +303,8 @@ class Reducer:
                 "pairs_per_second": len(query.row_ids) * n_train / max(score_seconds, 1e-9),
                 "seconds": time.perf_counter() - t0,
             }
-            results.complete(self.index, req.result_name, files, summary)
         except Exception:  # refused (a damaged shard, NaN): remove what the run wrote
             results.abandon(self.index, run_dir)
             raise
+        results.complete(self.index, req.result_name, files, summary)
         return {**summary, "files": files, "ran_on": _ran_on(workers, self.inline)}
