@@ -39,6 +39,7 @@ from grass_dist.errors import (
     StoreUnreachableError,
     at_endpoint,
 )
+from grass_dist.index import local_files
 from grass_dist.index.retry import (
     RetryPolicy,
     is_access_denied,
@@ -272,7 +273,7 @@ class Store:
         def put() -> None:
             if self._is_local:
                 # Temp file in the same directory + os.replace: atomic on POSIX and Windows.
-                os.replace(self._local_temp(path, data), path)
+                os.replace(local_files.finished_temp(path, data), path)
             else:
                 self.fs.pipe_file(path, bytes(data))  # object-store puts are atomic
 
@@ -299,7 +300,7 @@ class Store:
 
         def put() -> bool:
             if isinstance(fs, LocalFileSystem):
-                return self._local_create_only(path, data)
+                return local_files.create_only(path, data)
             if isinstance(fs, MemoryFileSystem):
                 with _MEMORY_LOCK:
                     if fs.exists(path):
@@ -490,41 +491,6 @@ class Store:
                 f"the index store {self._root} {inside} a file, not a folder. Fix: set "
                 f"store.url (or index.url) to a folder path; it is created if absent"
             )
-
-    # ---- local helpers ---------------------------------------------------------------
-    @staticmethod
-    def _local_temp(path: str, data: bytes | memoryview) -> str:
-        directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
-        # Dot-prefixed so manifest listings (which match digit names only) ignore it.
-        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        return tmp
-
-    def _local_create_only(self, path: str, data: bytes) -> bool:
-        # Write a complete temp file, then hard-link it into place: link() fails with EEXIST if
-        # the name is taken, and readers only ever see the finished file.
-        tmp = self._local_temp(path, data)
-        try:
-            os.link(tmp, path)
-            return True
-        except FileExistsError:
-            return False
-        except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
-                raise
-            # Filesystem without hard links: exclusive create (a reader may see it mid-write).
-            try:
-                with open(path, "xb") as f:
-                    f.write(data)
-                return True
-            except FileExistsError:
-                return False
-        finally:
-            os.unlink(tmp)
 
 
 def _modified(info: dict[str, Any]) -> float | None:
