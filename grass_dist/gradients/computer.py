@@ -24,6 +24,7 @@ from grass_dist.errors import (
     listed,
 )
 from grass_dist.gradients.capture import LinearCapture, counting_calls
+from grass_dist.gradients.fast_paths import activation_gradients, fusable_modules
 from grass_dist.gradients.persample import FlatGradients, check_losses
 from grass_dist.index.content import row_digests
 
@@ -116,6 +117,7 @@ class GradientComputer:
         linear = [n for n, c in compressors.items() if isinstance(c.shape, LinearShape)]
         flat = [n for n in compressors if n not in linear]
         self.capture = LinearCapture(self.model, linear) if linear else None
+        self.fused = fusable_modules(self.model)
         self.flat = FlatGradients(self.model, task, flat) if flat else None
 
     def layer_gradients(self, batch) -> dict[str, tuple[torch.Tensor, torch.Tensor] | torch.Tensor]:
@@ -124,7 +126,7 @@ class GradientComputer:
         batch = self.task.to(batch, self.device)
         out: dict[str, tuple[torch.Tensor, torch.Tensor] | torch.Tensor] = {}
         if self.capture is not None:
-            with self.capture.recording():
+            with self.capture.recording(), activation_gradients(self.fused):
                 losses = self.task.per_sample_loss(self.model, batch)
             check_losses(losses)
             out.update(self.capture.factors(losses))

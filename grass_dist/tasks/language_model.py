@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from grass_dist.errors import BadRequestError, BadTokensError, ConfigError
+from grass_dist.gradients.fast_paths import activation_gradients_only
 from grass_dist.service.codec import decode_tokens
+from grass_dist.tasks.lm_head import IGNORE, head_losses
 
-IGNORE = -100
 REDUCTIONS = ("sum", "mean")
 _ITEMS = (
     "items {'input_ids': 1-D int64 tensor, 'labels': the same or -100 where a token carries "
@@ -109,13 +110,18 @@ def saved_tokenizer(model: nn.Module) -> str | None:
 class CausalLMTask:
     """Items are {"input_ids": (L,), "labels": (L,)}; batches are right-padded dicts."""
 
-    def __init__(self, reduction: str = "sum", batch_tokens: int | None = 4096):
+    def __init__(
+        self, reduction: str = "sum", batch_tokens: int | None = 4096, fused_head: bool = True
+    ):
         if reduction not in REDUCTIONS:
             raise ConfigError(f"task.reduction={reduction!r}; choose one of {list(REDUCTIONS)}")
         if batch_tokens is not None and batch_tokens <= 0:
             raise ConfigError(f"task.batch_tokens={batch_tokens} must be positive or null")
+        if not isinstance(fused_head, bool):
+            raise ConfigError(f"task.fused_head={fused_head!r} must be true or false")
         self.reduction = reduction
         self.batch_tokens = batch_tokens
+        self.fused_head = fused_head
 
     def collate(self, items: list[Any]) -> dict[str, torch.Tensor]:
         """Right-pads to the longest item: input_ids, labels (IGNORE on padding) and
@@ -204,7 +210,19 @@ class CausalLMTask:
             )
         # Positions count real tokens only, so they are right under left padding too.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+        # Position t predicts token t + 1; the last position predicts nothing. Its logits
+        # are computed but ignored: slicing them off would copy the (B, T, V) logits, and
+        # the loss over a contiguous (B T, V) view is several times faster than over the
+        # (B, V, T) transpose.
+        targets = torch.full_like(ids, IGNORE)
+        targets[:, :-1] = batch["labels"][:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE)
+
+        def call() -> Any:
+            kwargs = {"attention_mask": mask, "position_ids": positions, "use_cache": False}
+            return model(input_ids=ids, **kwargs)
+
+        fused = self.fused_head and activation_gradients_only() and isinstance(model, nn.Module)
+        out, losses = head_losses(model, call, targets) if fused else (call(), None)
         logits = getattr(out, "logits", out)
         if not torch.is_tensor(logits):
             raise ConfigError(
@@ -212,19 +230,14 @@ class CausalLMTask:
                 f"needs a causal LM whose output has .logits (B, T, vocab), e.g. "
                 f"AutoModelForCausalLM rather than AutoModel"
             )
-        # Position t predicts token t + 1; the last position predicts nothing. Its logits
-        # are computed but ignored: slicing them off would copy the (B, T, V) logits, and
-        # the loss over a contiguous (B T, V) view is several times faster than over the
-        # (B, V, T) transpose.
-        targets = torch.full_like(ids, IGNORE)
-        targets[:, :-1] = batch["labels"][:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE)
-        b, t, v = logits.shape
-        losses = F.cross_entropy(
-            logits.reshape(b * t, v).float(),
-            targets.reshape(b * t),
-            ignore_index=IGNORE,
-            reduction="none",
-        )
+        b, t = ids.shape
+        if losses is None:
+            losses = F.cross_entropy(
+                logits.reshape(b * t, logits.shape[-1]).float(),
+                targets.reshape(b * t),
+                ignore_index=IGNORE,
+                reduction="none",
+            )
         return losses.view(b, t)[:, :-1]
 
     def per_sample_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -270,6 +283,8 @@ class CausalLMTask:
         return {"task": "causal_lm", "loss": f"next_token_cross_entropy_{self.reduction}"}
 
 
-def causal_lm(reduction: str = "sum", batch_tokens: int | None = 4096) -> CausalLMTask:
+def causal_lm(
+    reduction: str = "sum", batch_tokens: int | None = 4096, fused_head: bool = True
+) -> CausalLMTask:
     """Hydra target of task=causal_lm."""
-    return CausalLMTask(reduction, batch_tokens)
+    return CausalLMTask(reduction, batch_tokens, fused_head)

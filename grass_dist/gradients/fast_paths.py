@@ -1,0 +1,69 @@
+"""Faster ways to run a model where only gradients with respect to activations are wanted.
+
+The capture (capture.py) differentiates the loss with respect to layer outputs, never with
+respect to parameters. Inside `activation_gradients(model)` two things hold:
+
+- `activation_gradients_only()` is True on this thread, so a task may compute its loss on
+  a path whose gradients with respect to activations are exact but which gives parameters
+  none (the causal-LM task's fused head and loss, `grass_dist.tasks.lm_head`). A task
+  that trains a model calls its loss outside, and is never given such a path.
+- modules known to compute the same function as one of PyTorch's fused kernels run as that
+  kernel: transformers' `NewGELUActivation` (GPT-2's `gelu_new`), six elementwise Python
+  ops forward and more backward, is `F.gelu(x, approximate="tanh")`, the same formula in
+  one kernel each way (the two agree to float rounding). The swap is on the module
+  instances for the block only: the user's model is left as it was.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_state = threading.local()
+
+# (module, class name) of modules whose forward is one of PyTorch's fused kernels.
+_SAME_AS_FUSED = {("transformers.activations", "NewGELUActivation"): "gelu_tanh"}
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+_KERNELS = {"gelu_tanh": _gelu_tanh}
+
+
+def activation_gradients_only() -> bool:
+    """Whether this thread is inside `activation_gradients`: only gradients with respect to
+    activations are wanted, so a loss may take a path that gives parameters none."""
+    return getattr(_state, "depth", 0) > 0
+
+
+def fusable_modules(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module, kernel name) for each module of `model` that runs as a fused kernel inside
+    `activation_gradients` (its class is listed and it has no forward of its own set)."""
+    found = []
+    for module in model.modules():
+        kernel = _SAME_AS_FUSED.get((type(module).__module__, type(module).__name__))
+        if kernel is not None and "forward" not in vars(module):
+            found.append((module, kernel))
+    return found
+
+
+@contextmanager
+def activation_gradients(modules: list[tuple[nn.Module, str]]) -> Iterator[None]:
+    """The block computes only gradients with respect to activations: `modules` (from
+    `fusable_modules`) run as their fused kernels and `activation_gradients_only()` is True."""
+    for module, kernel in modules:
+        module.forward = _KERNELS[kernel]
+    _state.depth = getattr(_state, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _state.depth -= 1
+        for module, _ in modules:
+            vars(module).pop("forward", None)
