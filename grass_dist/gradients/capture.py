@@ -235,6 +235,7 @@ class LinearCapture:
         self.names = list(names)
         self.inputs: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
+        self._modules: list[nn.Module] | None = None
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -249,8 +250,13 @@ class LinearCapture:
     def recording(self) -> Iterator[LinearCapture]:
         self.inputs.clear()
         self.outputs.clear()
-        modules = dict(self.model.named_modules())
-        handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.names]
+        if self._modules is None:  # once: a walk of every module is 0.1 ms on a small GPT-2
+            named = dict(self.model.named_modules())
+            self._modules = [named[n] for n in self.names]
+        handles = [
+            m.register_forward_hook(self._hook(n))
+            for n, m in zip(self.names, self._modules, strict=True)
+        ]
         try:
             yield self
         finally:
