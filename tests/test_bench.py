@@ -156,3 +156,8 @@ def test_read_results_benchmark_runs_tiny(tmp_path):
     for read in ("top-k", "dense"):
         assert f"| README's {read} read | " in table
         assert f"| README's {read} read, torch imported first | " in table
+
+
+def test_fast_paths_benchmark_runs_tiny(tmp_path):
+    text = _table(tmp_path, "bench_fast_paths.py", "--tiny --rounds 1 --profile")
+    assert "| fast paths |" in text and "| usual path |" in text and "`aten::" in text

@@ -17,7 +17,7 @@ respect to parameters. Inside `activation_gradients(model)` two things hold:
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -26,15 +26,13 @@ from torch import nn
 
 _state = threading.local()
 
-# (module, class name) of modules whose forward is one of PyTorch's fused kernels.
-_SAME_AS_FUSED = {("transformers.activations", "NewGELUActivation"): "gelu_tanh"}
-
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-_KERNELS = {"gelu_tanh": _gelu_tanh}
+# (module, class name) of modules whose forward is one of PyTorch's fused kernels -> it.
+_SAME_AS_FUSED = {("transformers.activations", "NewGELUActivation"): _gelu_tanh}
 
 
 def activation_gradients_only() -> bool:
@@ -43,8 +41,8 @@ def activation_gradients_only() -> bool:
     return getattr(_state, "depth", 0) > 0
 
 
-def fusable_modules(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    """(module, kernel name) for each module of `model` that runs as a fused kernel inside
+def fusable_modules(model: nn.Module) -> list[tuple[nn.Module, Callable]]:
+    """(module, its fused kernel) for each module of `model` that runs as a fused kernel inside
     `activation_gradients` (its class is listed and it has no forward of its own set)."""
     found = []
     for module in model.modules():
@@ -55,11 +53,11 @@ def fusable_modules(model: nn.Module) -> list[tuple[nn.Module, str]]:
 
 
 @contextmanager
-def activation_gradients(modules: list[tuple[nn.Module, str]]) -> Iterator[None]:
+def activation_gradients(modules: list[tuple[nn.Module, Callable]]) -> Iterator[None]:
     """The block computes only gradients with respect to activations: `modules` (from
     `fusable_modules`) run as their fused kernels and `activation_gradients_only()` is True."""
     for module, kernel in modules:
-        module.forward = _KERNELS[kernel]
+        module.forward = kernel
     _state.depth = getattr(_state, "depth", 0) + 1
     try:
         yield

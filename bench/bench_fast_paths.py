@@ -1,0 +1,152 @@
+"""The capture's fast paths on a causal LM: one index batch with and without them.
+
+On bench_vs_bergson.py's model and documents (GPT-2, 4 blocks of width 256, vocabulary
+8192, documents of 256 tokens, 512 padded tokens per batch, FactGraSS k=256 on the 16
+block projections), two GradientComputers on the same model compute every batch's phi,
+interleaved: one as indexing runs (`causal_lm()`: the fused head and loss, and GPT-2's
+`gelu_new` as PyTorch's tanh GELU kernel; docs/language_models.md), one on the usual path
+(`causal_lm(fused_head=False)`, no kernel swap). It reports milliseconds per batch (median
+of rounds, each over every batch), their ratio, how far the two phi differ, and with
+`--profile` the ops that take a batch's time on each path (`torch.profiler`).
+
+    python bench/bench_fast_paths.py --docs 64 --rounds 3 --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.lm_workload import Size, build_workload, checked_token_ids  # noqa: E402
+from bench.timing import write_result  # noqa: E402
+from bench.vs_bergson_sides import module_names  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "fast_paths.md"
+PROFILED_OPS = 10
+
+
+def computers(model, size: Size, k: int):
+    """(fast, usual) GradientComputers on `model`: as indexing runs it, and the usual path."""
+    from grass_dist.compress import build_compressors
+    from grass_dist.config import CompressionConfig
+    from grass_dist.gradients.capture import resolve_layers
+    from grass_dist.gradients.computer import GradientComputer
+    from grass_dist.tasks.language_model import causal_lm
+
+    shapes = resolve_layers(model, module_names(size))
+    comps = build_compressors(CompressionConfig(method="factgrass", k=k, seed=0), shapes)
+    fast = GradientComputer(model, causal_lm(), comps)
+    usual = GradientComputer(model, causal_lm(fused_head=False), comps)
+    usual.fused = []  # no module runs as a fused kernel
+    return fast, usual
+
+
+def per_batch_ms(computer, batches) -> float:
+    t0 = time.perf_counter()
+    for batch in batches:
+        computer.phi_batch(batch)
+    return (time.perf_counter() - t0) / len(batches) * 1000
+
+
+def phi_difference(fast, usual, batches) -> float:
+    """The largest relative difference of a layer's phi between the two, over the batches."""
+    worst = 0.0
+    for batch in batches:
+        a, b = fast.phi_batch(batch), usual.phi_batch(batch)
+        for name in a:
+            worst = max(worst, float((a[name] - b[name]).norm() / b[name].norm()))
+    return worst
+
+
+def profiled(computer, batches) -> list[tuple[str, float]]:
+    """(op, ms per batch) of the ops with the most self CPU time over `batches`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for batch in batches:
+            computer.phi_batch(batch)
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [(e.key, e.self_cpu_time_total / 1000 / len(batches)) for e in ops[:PROFILED_OPS]]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--docs", type=int, default=64, help="documents (two per batch)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--k", type=int, default=256, help="FactGraSS dimensions per module")
+    ap.add_argument("--profile", action="store_true", help="also list each path's top ops")
+    ap.add_argument("--tiny", action="store_true", help="2 blocks of width 64, 32 tokens")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    if args.tiny:
+        size = Size(docs=8, tokens=32, blocks=2, width=64, heads=2, vocab=1024)
+    else:
+        size = Size(args.docs, 256, blocks=4, width=256, heads=4, vocab=8192)
+    torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0]
+
+    from transformers import GPT2LMHeadModel
+
+    from grass_dist.tasks.language_model import causal_lm
+
+    with tempfile.TemporaryDirectory(prefix="fast_paths-") as work:
+        model_dir, corpus = build_workload(size, Path(work))
+        ids = checked_token_ids(model_dir, corpus, size)
+        model = GPT2LMHeadModel.from_pretrained(model_dir, dtype=torch.float32)
+    task = causal_lm()
+    batches = [
+        task.collate([torch.tensor(r) for r in ids[i : i + 2]]) for i in range(0, len(ids), 2)
+    ]
+    fast, usual = computers(model, size, args.k)
+    fast.phi_batch(batches[0])  # the first batch of each watches the head
+    usual.phi_batch(batches[0])
+    times: dict[str, list[float]] = {"fast paths": [], "usual path": []}
+    for _ in range(args.rounds):
+        times["fast paths"].append(per_batch_ms(fast, batches))
+        times["usual path"].append(per_batch_ms(usual, batches))
+    fast_ms, usual_ms = (statistics.median(v) for v in times.values())
+    lines = [
+        "# The capture's fast paths: an index batch with and without them",
+        "",
+        f"Command: `python bench/bench_fast_paths.py {' '.join(sys.argv[1:])}`",
+        "",
+        f"Machine: {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads; "
+        f"load average at start {load:.1f} (a shared machine: the two interleaved per round).",
+        "",
+        f"Work: GPT-2 ({size.blocks} blocks, width {size.width}, vocabulary {size.vocab}), "
+        f"{len(ids)} documents of {size.tokens} tokens, 2 per batch ({len(batches)} batches), "
+        f"FactGraSS k={args.k} on {len(fast.compressors)} modules; `phi_batch` per batch.",
+        "",
+        "| path | ms per batch (median) | rounds | x |",
+        "|---|---|---|---|",
+    ]
+    for name, runs in times.items():
+        median = statistics.median(runs)
+        shown = ", ".join(f"{r:.1f}" for r in runs)
+        lines.append(f"| {name} | {median:.1f} | {shown} | {median / fast_ms:.2f} |")
+    lines += [
+        "",
+        f"phi: largest relative difference of a layer's between the two, over every batch: "
+        f"{phi_difference(fast, usual, batches):.1e}.",
+    ]
+    if args.profile:
+        for name, computer in (("fast paths", fast), ("usual path", usual)):
+            lines += ["", f"Top ops of a batch, {name} (self CPU time):", ""]
+            lines += ["| op | ms per batch |", "|---|---|"]
+            lines += [f"| `{op}` | {ms:.2f} |" for op, ms in profiled(computer, batches)]
+    write_result(args.out, lines)
+    print(f"fast {fast_ms:.1f} ms, usual {usual_ms:.1f} ms per batch")
+
+
+if __name__ == "__main__":
+    main()
