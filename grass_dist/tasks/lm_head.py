@@ -9,9 +9,11 @@ chunks of rows:
 
     loss_i = logsumexp(z_i) - z_i[t_i],    dloss_i/dh_i = (softmax(z_i) - onehot(t_i)) W
 
-with z = h W^T + b: the same GEMMs as the usual forward and backward, one pass over each
-chunk of logits, and an (N, d) result kept for the backward rather than (N, V) ones. The
-head's weight gets no gradient on this path (it is never asked for there).
+with z = h W^T + b: the same GEMMs as the usual forward and backward, the max, exp and sum
+over each chunk of logits (the softmax's normalising and the one-hot act on the (N, d)
+product instead: (exp(z - max) W) / sum - W[t]), and an (N, d) result kept for the
+backward rather than (N, V) ones. The head's weight gets no gradient on this path (it is
+never asked for there).
 
 It applies only to a model whose logits are exactly its output embedding (a plain
 `nn.Linear`) applied to what the model passes it: checked on the model's first call
@@ -59,13 +61,15 @@ class _HeadLoss(torch.autograd.Function):
             logits = F.linear(h[lo:hi], weight, bias).float()
             top = logits.amax(1, keepdim=True)
             picked = logits.gather(1, t[:, None])
-            probs = logits.sub_(top).exp_()  # in place: one (rows, V) buffer per chunk
-            total = probs.sum(1, keepdim=True)
+            scores = logits.sub_(top).exp_()  # in place: one (rows, V) buffer per chunk
+            total = scores.sum(1, keepdim=True)
             losses[lo:hi] = torch.where(valid, (top + total.log() - picked).squeeze(1), 0.0)
-            probs.div_(total)
-            probs[torch.arange(hi - lo, device=h.device), t] -= 1.0
-            probs.mul_(valid[:, None])
-            torch.mm(probs.to(weight.dtype), weight, out=grad_h[lo:hi])
+            # (softmax - onehot(t)) W = (scores W) / total - W[t]: the normalising and the
+            # one-hot act on the (rows, d) product, not in more passes over (rows, V).
+            grad = grad_h[lo:hi]
+            torch.mm(scores.to(weight.dtype), weight, out=grad)
+            grad.div_(total.to(grad.dtype)).sub_(weight.index_select(0, t).to(grad.dtype))
+            grad.mul_(valid[:, None])
         ctx.save_for_backward(grad_h)
         return losses
 
