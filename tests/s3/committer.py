@@ -31,12 +31,15 @@ def commit_shards(
     barrier: Any,
     lost: Any,
     checkpoint_every: int,
+    hold: Any = None,
 ) -> None:
     """Commit each of ``shards`` on its own, all processes in lockstep; also race on "dup".
 
     Counts lost manifest races into ``lost`` (a shared integer); the store's create-only
     probe, refused by design, is not one. Writes a checkpoint every ``checkpoint_every``
-    versions.
+    versions. With ``hold`` (an Event), each process waits after its first commit until the
+    event is set (at most 60 s): a reader racing the committers is sure to see a version
+    between the first and the last, however slowly a loaded machine runs it.
     """
     manifest.CHECKPOINT_EVERY = checkpoint_every  # this process only
     original = Store.create_only
@@ -58,6 +61,8 @@ def commit_shards(
         record = index.write_shard(sid, start, start + ROWS, rows, [f"r{r}" for r in rows], phi)
         barrier.wait(timeout=60)  # everyone commits at the same moment
         index.commit([record])
+        if hold is not None and shard == shards[0]:
+            hold.wait(timeout=60)
 
 
 def write_and_commit(url: str, options: dict[str, Any], count: int, stats: Any) -> None:

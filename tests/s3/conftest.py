@@ -48,7 +48,7 @@ class Backend:
 
     name: str
     url: str
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)  # credentials
 
     def cfg(self, tmp_path: Path, *overrides: str, url: str | None = None):
         """The SMALL test config with this backend as ``store`` (``url`` overrides the URL)."""

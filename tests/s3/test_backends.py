@@ -76,7 +76,7 @@ def test_racing_committer_processes_lose_and_duplicate_nothing(backend):
         backend.storage_options,
     )
     ctx = mp.get_context("spawn")  # fresh interpreters: never fork a process running Ray
-    barrier, lost = ctx.Barrier(procs), ctx.Value("i", 0)
+    barrier, lost, hold = ctx.Barrier(procs), ctx.Value("i", 0), ctx.Event()
     workers = [
         ctx.Process(
             target=committer.commit_shards,
@@ -88,6 +88,7 @@ def test_racing_committer_processes_lose_and_duplicate_nothing(backend):
                 barrier,
                 lost,
                 3,  # checkpoint every 3 versions: readers load checkpoints mid-race
+                hold,  # the committers wait after their first commit for a reader to see it
             ),
         )
         for p in range(procs)
@@ -99,6 +100,8 @@ def test_racing_committer_processes_lose_and_duplicate_nothing(backend):
     kept, seen = ManifestLog(Store(backend.url, backend.storage_options)), []
     while any(w.is_alive() for w in workers):
         seen += [latest(Store(backend.url, backend.storage_options)), kept.snapshot()]
+        if any(v > 0 for v, _ in seen):
+            hold.set()
         time.sleep(0.01)
     for w in workers:
         w.join(120)
