@@ -208,6 +208,7 @@ def test_new_gelu_runs_as_pytorchs_tanh_gelu_inside_the_block_only():
         with contextlib.suppress(ValueError), activation_gradients(found):
             raise ValueError
         assert activation_gradients_only()  # a nested block's exit leaves the outer one on
+        assert all(vars(m)["forward"] is k for m, k in found)  # and its kernels swapped in
     assert not activation_gradients_only()
     assert all("forward" not in vars(m) for m, _ in found)
     torch.testing.assert_close(fused, usual, rtol=1e-6, atol=1e-6)

@@ -55,13 +55,15 @@ def fusable_modules(model: nn.Module) -> list[tuple[nn.Module, Callable]]:
 @contextmanager
 def activation_gradients(modules: list[tuple[nn.Module, Callable]]) -> Iterator[None]:
     """The block computes only gradients with respect to activations: `modules` (from
-    `fusable_modules`) run as their fused kernels and `activation_gradients_only()` is True."""
-    for module, kernel in modules:
+    `fusable_modules`) run as their fused kernels and `activation_gradients_only()` is True.
+    A block inside another leaves the outer block's swaps in place as it exits."""
+    swapped = [(m, k) for m, k in modules if "forward" not in vars(m)]
+    for module, kernel in swapped:
         module.forward = kernel
     _state.depth = getattr(_state, "depth", 0) + 1
     try:
         yield
     finally:
         _state.depth -= 1
-        for module, _ in modules:
+        for module, _ in swapped:
             vars(module).pop("forward", None)
