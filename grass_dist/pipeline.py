@@ -203,11 +203,17 @@ def run_repair(job: Job) -> dict[str, Any]:
     """Check every committed shard; recompute and re-commit only the bad ones."""
     with job.stage("repair"):
         actors.connect_job(job)
+        workers: list[Any] = []
         if job._spares and idle_cpus(job.cfg.cluster, len(job._spares)) < 1:
-            # The scan runs on Ray tasks: they would wait for good for the CPUs that the
-            # early workers hold (the index stage starts its pool afterwards).
-            actors.release_workers(job)
-        committed, bad = repair.scan(job.index, map_tasks(job.cfg.cluster))
+            # Ray tasks would wait for good for the CPUs that the early workers hold, and
+            # stopping workers that are still starting can leave their CPUs held in Ray: the
+            # scan runs on the workers instead, once one is ready (they index next).
+            workers = actors.lendable_workers(job)
+        committed, bad = actors.with_lent(
+            job,
+            lambda lent: repair.scan(job.index, map_tasks(job.cfg.cluster), Executor(lent)),
+            workers,
+        )
         log.info("repair: %d committed shards checked, %d bad", len(committed), len(bad))
         fixed = (
             repair.recompute(

@@ -112,6 +112,12 @@ def on_workers(job: Job, stage: Callable[[list[Any]], T], tasks_only: bool = Fal
     one of them dies, the workers stop and the stage runs again on Ray tasks (it starts
     over from the store: the committed shards, the saved preconditioner)."""
     workers = [] if job_reducer(job).in_driver else lendable_workers(job, tasks_only)
+    return with_lent(job, stage, workers)
+
+
+def with_lent(job: Job, stage: Callable[[list[Any]], T], workers: list[Any]) -> T:
+    """stage(workers); if one of the lent `workers` dies, the workers stop and the stage
+    runs again on Ray tasks (stage([]))."""
     if workers:
         said = (
             "the idle worker runs" if len(workers) == 1 else f"the {len(workers)} idle workers run"

@@ -1,10 +1,11 @@
 """Integrity repair: find committed shards that fail their checks and recompute only those.
 
-``scan`` reads every committed shard in Ray tasks (sha256, parse, row count) and names the
-bad ones. ``recompute`` has the workers write a fresh attempt of each bad shard's rows and
-commits it with ``replace``, a compare-and-swap on the bad attempt (see
-``grass_dist.index.manifest``). Nothing is deleted: until the replacement is committed, the
-manifest keeps pointing at the old file, and older manifests keep naming it afterwards.
+``scan`` reads every committed shard in map calls (sha256, parse, row count: Ray tasks, or
+the job's workers lent to it) and names the bad ones. ``recompute`` has the workers write a
+fresh attempt of each bad shard's rows and commits it with ``replace``, a compare-and-swap
+on the bad attempt (see ``grass_dist.index.manifest``). Nothing is deleted: until the
+replacement is committed, the manifest keeps pointing at the old file, and older manifests
+keep naming it afterwards.
 """
 
 from __future__ import annotations
@@ -12,10 +13,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import ray
-
 from grass_dist.config import ClusterConfig
 from grass_dist.index import GradientIndex, ShardRecord
+from grass_dist.runtime.executors import Executor
 from grass_dist.runtime.pool import ActorPool
 from grass_dist.runtime.scheduler import run_items
 from grass_dist.runtime.worker import ShardPlan, ShardResult
@@ -23,8 +23,7 @@ from grass_dist.runtime.worker import ShardPlan, ShardResult
 log = logging.getLogger(__name__)
 
 
-@ray.remote
-def _check_task(index: GradientIndex, records: list[ShardRecord]) -> list[tuple[str, str]]:
+def _check(index: GradientIndex, records: list[ShardRecord]) -> list[tuple[str, str]]:
     out = []
     for record in records:
         problem = index.check_shard(record)
@@ -33,13 +32,17 @@ def _check_task(index: GradientIndex, records: list[ShardRecord]) -> list[tuple[
     return out
 
 
-def scan(index: GradientIndex, parallelism: int) -> tuple[dict[str, ShardRecord], dict[str, str]]:
-    """(committed records, shard_id -> problem for each bad one), checked by Ray tasks."""
+def scan(
+    index: GradientIndex, parallelism: int, ex: Executor | None = None
+) -> tuple[dict[str, ShardRecord], dict[str, str]]:
+    """(committed records, shard_id -> problem for each bad one), checked by `parallelism`
+    map calls of `ex` (default: Ray tasks)."""
+    ex = ex or Executor()
     committed = index.committed()
     records = sorted(committed.values(), key=lambda r: (r.start, r.shard_id))
     n = max(1, min(parallelism, len(records)))
-    refs = [_check_task.remote(index, records[i::n]) for i in range(n)] if records else []
-    bad = dict(pair for part in ray.get(refs) for pair in part)
+    refs = [ex.submit(i, _check, index, records[i::n]) for i in range(n)] if records else []
+    bad = dict(pair for part in ex.get(refs) for pair in part)
     for shard_id in sorted(bad):
         log.warning("bad shard %s: %s", shard_id, bad[shard_id])
     return committed, bad
