@@ -2,6 +2,7 @@
 duplicating pairs, results appear only when complete (a failed run leaves the previous
 complete results in place), and per-layer breakdowns add up to the scores."""
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,14 @@ def reducer(ray_session, tmp_path_factory):
 
 
 QUERY = PhiBlock(np.arange(7), [f"q{i}" for i in range(7)], phi_rows(10**6, 10**6 + 7, LAYERS))
+
+
+def _until_cpus_idle(timeout_s: float = 60.0) -> None:
+    """Wait until no task holds a CPU of the cluster (the reducer holds none)."""
+    deadline = time.monotonic() + timeout_s
+    total = ray.cluster_resources().get("CPU", 0)
+    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _score(actor, name, fault=None, **kw):
@@ -73,7 +82,9 @@ def test_a_failed_run_leaves_the_last_complete_results_visible(reducer, tmp_path
     assert results.load_table(index, "kept", "topk").equals(before)
     # The failed run removed what it had written, but a scorer task still running then may
     # have written a part since (best effort: jobs.gc removes it, below; test_api_damage.py
-    # checks the removal where the scorer calls run in the driver, one after another).
+    # checks the removal where the scorer calls run in the driver, one after another). Such
+    # tasks are not waited for: let them end (their CPUs free again) before looking.
+    _until_cpus_idle()
     first_folder = results.run_folder(first["files"]["topk"])
     walked = {results.run_folder(p) for p in index.store.walk("results/kept")}
     left = walked - {None, first_folder}
