@@ -165,6 +165,11 @@ class ClusterConfig:
     address: str | None = _f(None, "null = embedded Ray; 'auto' or ray://... joins a cluster")
     num_workers: int = _f(2, "GradientWorker actors (one model replica each)")
     cpus_per_worker: float = _f(1.0, "CPUs per worker (also its torch thread count)")
+    cpu_lanes: int | None = _f(
+        None,
+        "batches a CPU worker computes at once, on its threads // lanes torch threads each "
+        "(null = one per thread up to 4 threads, else 1)",
+    )
     gpus_per_worker: float = _f(1.0, "GPUs per worker when the cluster has GPUs")
     num_cpus: int | None = _f(None, "logical CPUs of the embedded Ray (null = machine)")
     max_inflight_per_worker: int = _f(2, "shards in flight per worker (backpressure)")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import itertools
+import logging
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -27,6 +31,9 @@ from grass_dist.gradients.capture import LinearCapture, counting_calls
 from grass_dist.gradients.fast_paths import activation_gradients, fusable_modules
 from grass_dist.gradients.persample import FlatGradients, check_losses
 from grass_dist.index.content import row_digests
+from grass_dist.runtime import compute_thread
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -101,6 +108,12 @@ class GradientComputer:
     Linear layers: one forward/backward with capture hooks gives their factors (x, g).
     Other layers: `torch.func` gives their flat per-sample gradients (a second pass, only
     when such layers are chosen).
+
+    On the CPU, `lanes` > 1 computes that many batches of a `phi_loaded` at once, each lane
+    on torch's thread count // lanes threads with a copy of the model's modules of its own
+    (the weights shared, not copied): a lane's batch of one thread keeps that thread's
+    cores busier than one batch split across all of them (bench/results/vs_bergson.md).
+    A row's phi depends on the threads per lane, as it does on the threads of one batch.
     """
 
     def __init__(
@@ -109,11 +122,16 @@ class GradientComputer:
         task,
         compressors: dict[str, Compressor],
         device: torch.device | str = "cpu",
+        lanes: int = 1,
     ):
         self.device = torch.device(device)
         self.model = as_computed(model, self.device)
         self.task = task
         self.compressors = {n: c.to(self.device) for n, c in compressors.items()}
+        # Copied before the capture's hooks go on, so that no copy carries them.
+        self._lane_models = _lane_copies(self.model, lanes if self.device.type == "cpu" else 1)
+        self.lanes = 1 + len(self._lane_models)
+        self._lane_computers: list[GradientComputer] | None = None
         linear = [n for n, c in compressors.items() if isinstance(c.shape, LinearShape)]
         flat = [n for n in compressors if n not in linear]
         self.capture = LinearCapture(self.model, linear) if linear else None
@@ -194,40 +212,105 @@ class GradientComputer:
         """phi of rows read by `load_rows`; `on_batch(n_rows)` runs after each batch."""
         n = len(loaded.row_ids)
         phi = {name: np.zeros((n, c.out_dim), np.float32) for name, c in self.compressors.items()}
-        for group, batch in loaded.batches:
-            try:
-                alone = partial(self._failing_alone, loaded, group)
-                with _naming_rows(
-                    loaded.row_ids, group, "compute the loss of", loaded.source, alone
-                ):
-                    blocks = self.phi_batch(batch)
-            except BadTokensError as e:
-                rows = [int(loaded.row_ids[group[j]]) for j in e.positions]
-                keys = [loaded.keys[group[j]] for j in e.positions]
-                raise BadTokensError(
-                    f"{loaded.source} {listed(rows)} (keys {listed(keys)}): {e}", e.positions
-                ) from None
-            except NonFiniteLossError as e:
-                bad = [int(loaded.row_ids[group[j]]) for j in e.positions]
-                raise NonFiniteLossError(
-                    f"non-finite loss (NaN or inf) for {loaded.source} {listed(bad)} "
-                    f"({len(bad)} of a batch of {len(group)}): their gradients would be "
-                    f"meaningless. Check the model's output and the labels on these examples "
-                    f"(NaN/inf inputs or outputs, labels out of range, or a diverged checkpoint)",
-                    bad,
-                ) from None
-            for name, block in blocks.items():
-                if not all_finite(block):
-                    bad = sorted(int(loaded.row_ids[j]) for j in group)
-                    raise NonFiniteGradientError(
-                        f"non-finite gradients in layer {name!r} for {loaded.source} "
-                        f"{bad[0]}..{bad[-1]} (a batch of {len(bad)}): check the model's loss "
-                        f"on these examples (NaN/inf inputs or labels, or a diverged checkpoint)"
-                    )
+        counted = threading.Lock()
+
+        def one(computer: GradientComputer, group: list[int], batch: Any) -> None:
+            for name, block in computer._checked_phi(loaded, group, batch).items():
                 phi[name][group] = block.cpu().numpy()
             if on_batch is not None:
-                on_batch(len(group))
+                with counted:
+                    on_batch(len(group))
+
+        if self.lanes > 1 and len(loaded.batches) > 1:
+            self._by_lanes(loaded.batches, one)
+        else:
+            for group, batch in loaded.batches:
+                one(self, group, batch)
         return PhiBlock(row_ids=loaded.row_ids, keys=loaded.keys, phi=phi)
+
+    def _by_lanes(self, batches: list[tuple[list[int], Any]], one: Callable[..., None]) -> None:
+        """one(computer, group, batch) for every batch, `lanes` at a time, each lane taking
+        the next batch as it ends one. What a lane raises stops the others taking more, and
+        the first failing batch's error is raised: the one a single lane would raise."""
+        if self._lane_computers is None:
+            self._lane_computers = [
+                GradientComputer(m, self.task, self.compressors, self.device)
+                for m in self._lane_models
+            ]
+        todo = iter(enumerate(batches))
+        taking = threading.Lock()
+        failed: dict[int, BaseException] = {}
+        threads = torch.get_num_threads()
+        per_lane = max(1, threads // self.lanes)
+
+        def lane(computer: GradientComputer) -> None:
+            torch.set_num_threads(per_lane)  # on each lane's own thread: its kernels' threads
+            while True:
+                with taking:
+                    item = None if failed else next(todo, None)
+                if item is None:
+                    return
+                i, (group, batch) = item
+                try:
+                    one(computer, group, batch)
+                except BaseException as e:  # noqa: BLE001 -- raised below, in batch order
+                    with taking:
+                        failed[i] = e
+                    return
+
+        try:
+            compute_thread.in_lanes([partial(lane, c) for c in [self, *self._lane_computers]])
+        finally:
+            torch.set_num_threads(threads)
+        if failed:
+            raise failed[min(failed)]
+
+    def _checked_phi(self, loaded: LoadedRows, group: list[int], batch: Any) -> dict:
+        """phi_batch of the batch `group` of `loaded`, its errors naming its rows."""
+        try:
+            alone = partial(self._failing_alone, loaded, group)
+            with _naming_rows(loaded.row_ids, group, "compute the loss of", loaded.source, alone):
+                blocks = self.phi_batch(batch)
+        except BadTokensError as e:
+            rows = [int(loaded.row_ids[group[j]]) for j in e.positions]
+            keys = [loaded.keys[group[j]] for j in e.positions]
+            raise BadTokensError(
+                f"{loaded.source} {listed(rows)} (keys {listed(keys)}): {e}", e.positions
+            ) from None
+        except NonFiniteLossError as e:
+            bad = [int(loaded.row_ids[group[j]]) for j in e.positions]
+            raise NonFiniteLossError(
+                f"non-finite loss (NaN or inf) for {loaded.source} {listed(bad)} "
+                f"({len(bad)} of a batch of {len(group)}): their gradients would be "
+                f"meaningless. Check the model's output and the labels on these examples "
+                f"(NaN/inf inputs or outputs, labels out of range, or a diverged checkpoint)",
+                bad,
+            ) from None
+        for name, block in blocks.items():
+            if not all_finite(block):
+                bad = sorted(int(loaded.row_ids[j]) for j in group)
+                raise NonFiniteGradientError(
+                    f"non-finite gradients in layer {name!r} for {loaded.source} "
+                    f"{bad[0]}..{bad[-1]} (a batch of {len(bad)}): check the model's loss "
+                    f"on these examples (NaN/inf inputs or labels, or a diverged checkpoint)"
+                )
+        return blocks
+
+
+def _lane_copies(model: nn.Module, lanes: int) -> list[nn.Module]:
+    """lanes - 1 copies of `model`'s modules whose parameters and buffers are `model`'s own;
+    none (one lane) for a model that cannot be copied."""
+    copies = []
+    for _ in range(lanes - 1):
+        shared = itertools.chain(model.parameters(), model.buffers())
+        try:
+            copies.append(copy.deepcopy(model, memo={id(t): t for t in shared}))
+        except Exception as e:  # noqa: BLE001 -- whatever a model's attributes refuse
+            log.info(
+                "computing one batch at a time: %s cannot be copied (%s)", type(model).__name__, e
+            )
+            return []
+    return copies
 
 
 @contextmanager

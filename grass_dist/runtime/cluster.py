@@ -259,6 +259,18 @@ def threads_for(cpus: float) -> int:
     return max(1, min(int(cpus), os.cpu_count() or 1))
 
 
+AUTO_LANES_UP_TO = 4  # threads per worker for which cpu_lanes=null means one lane per thread
+
+
+def lanes_for(cfg: ClusterConfig, threads: int) -> int:
+    """Batches a CPU worker (or the driver computing as one) of `threads` torch threads
+    computes at once: `cluster.cpu_lanes`, at most one per thread; null: one per thread up
+    to AUTO_LANES_UP_TO threads (each lane on one thread), else 1."""
+    if cfg.cpu_lanes is not None:
+        return max(1, min(cfg.cpu_lanes, threads))
+    return threads if threads <= AUTO_LANES_UP_TO else 1
+
+
 def idle_cpus(cfg: ClusterConfig, workers: int | None = None) -> float:
     """CPUs of the cluster that `workers` of the job's workers (default
     `cluster.num_workers`) leave to others. From what the workers ask for and the cluster's

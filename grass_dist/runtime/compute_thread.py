@@ -17,7 +17,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -25,6 +25,8 @@ T = TypeVar("T")
 _lock = threading.Lock()
 _calls: queue.SimpleQueue[tuple[Future, Callable[..., Any], tuple, dict]] = queue.SimpleQueue()
 _thread: threading.Thread | None = None
+_lanes: ThreadPoolExecutor | None = None
+_lane_threads = 0
 
 
 def _serve() -> None:
@@ -40,8 +42,9 @@ def _serve() -> None:
 
 def _forgotten() -> None:
     """In a forked child, which has none of its parent's threads: start afresh."""
-    global _lock, _calls, _thread
+    global _lock, _calls, _thread, _lanes, _lane_threads
     _lock, _calls, _thread = threading.Lock(), queue.SimpleQueue(), None
+    _lanes, _lane_threads = None, 0
 
 
 os.register_at_fork(after_in_child=_forgotten)
@@ -62,3 +65,26 @@ def call(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     future: Future = Future()
     _calls.put((future, fn, args, kwargs))
     return future.result()
+
+
+def in_lanes(calls: list[Callable[[], None]]) -> None:
+    """Each of `calls` at once, returning once all have: the first on this thread, the
+    others on the lane threads, kept for the process's life (a lane's torch state lasts from
+    shard to shard). A call that raises has it raised here, after the others end."""
+    global _lanes, _lane_threads
+    with _lock:
+        if _lanes is None or _lane_threads < len(calls) - 1:
+            if _lanes is not None:
+                _lanes.shutdown(wait=False)  # its idle threads exit
+            _lane_threads = max(1, len(calls) - 1)
+            _lanes = ThreadPoolExecutor(_lane_threads, thread_name_prefix="grass-lane")
+        pool = _lanes
+    others = [pool.submit(c) for c in calls[1:]]
+    try:
+        if calls:
+            calls[0]()
+    finally:
+        for f in others:
+            f.exception()  # waits
+    for f in others:
+        f.result()

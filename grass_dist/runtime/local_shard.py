@@ -46,7 +46,13 @@ from grass_dist.errors import BadRowsError, ConfigError, NonFiniteGradientError
 from grass_dist.gradients.computer import GradientComputer, PhiBlock
 from grass_dist.index import GradientIndex, ShardRecord
 from grass_dist.runtime import compute_thread
-from grass_dist.runtime.cluster import STOPPING, driver_alone, driver_computes, threads_for
+from grass_dist.runtime.cluster import (
+    STOPPING,
+    driver_alone,
+    driver_computes,
+    lanes_for,
+    threads_for,
+)
 from grass_dist.runtime.overlap import Phases
 from grass_dist.runtime.worker import ShardPlan, index_rows, phi_rows
 
@@ -71,9 +77,11 @@ def as_a_worker(cfg: JobConfig, replica: Replica) -> Iterator[GradientComputer]:
     (torch's kernels split their sums by threads), the driver's own restored after. (In
     the Python API the replica's model is the job's copy of the caller's.)"""
     threads = compute_thread.call(torch.get_num_threads)
-    compute_thread.call(torch.set_num_threads, threads_for(cfg.cluster.cpus_per_worker))
+    workers = threads_for(cfg.cluster.cpus_per_worker)
+    compute_thread.call(torch.set_num_threads, workers)
     try:
-        yield GradientComputer(replica.model, replica.task, replica.compressors, "cpu")
+        lanes = lanes_for(cfg.cluster, workers)
+        yield GradientComputer(replica.model, replica.task, replica.compressors, "cpu", lanes)
     finally:
         compute_thread.call(torch.set_num_threads, threads)
 

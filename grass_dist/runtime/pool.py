@@ -201,11 +201,12 @@ class ActorPool:
             self.ready.append(member)
             info = member.info
             log.info(
-                "%s is ready after %.1f s (device %s, GPUs %s)",
+                "%s is ready after %.1f s (device %s, GPUs %s, %s batch(es) at once)",
                 member.where(),
                 time.monotonic() - member.since,
                 info.get("device"),
                 info.get("gpu_ids") or "none",
+                info.get("lanes", 1),
             )
             note = info.get("device_note")
             if note and "device_note" not in self._said:

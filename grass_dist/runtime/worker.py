@@ -19,6 +19,7 @@ from grass_dist.gradients.computer import GradientComputer, PhiBlock
 from grass_dist.index import ShardRecord
 from grass_dist.models.state import state_hash
 from grass_dist.runtime import compute_thread
+from grass_dist.runtime.cluster import lanes_for
 from grass_dist.runtime.executors import run_call
 from grass_dist.runtime.faults import FaultInjector
 from grass_dist.runtime.overlap import Phases
@@ -194,7 +195,10 @@ class GradientWorker:
             )
         if self.device_note:
             log.warning("worker %d %s", self.worker_id, self.device_note)  # once, at start
-        self.computer = GradientComputer(parts.model, parts.task, parts.compressors, self.device)
+        lanes = lanes_for(self.job.cluster, self.threads)
+        self.computer = GradientComputer(
+            parts.model, parts.task, parts.compressors, self.device, lanes
+        )
         self.faults = FaultInjector(self.job.faults, self.index.store)
         return self.describe()
 
@@ -212,6 +216,7 @@ class GradientWorker:
             "gpu_ids": self.gpu_ids,
             "device": str(self.device),
             "device_note": self.device_note,
+            "lanes": self.computer.lanes if hasattr(self, "computer") else None,
         }
 
     def index_shard(self, plan: ShardPlan) -> ShardResult:

@@ -1,6 +1,7 @@
 """One compute thread per process (runtime/compute_thread.py): a worker's shard calls, run on
 several threads at once as Ray runs them, and the driver's checks all compute on the one
-thread, so the process holds one OpenMP team."""
+thread, so the process holds one OpenMP team (a shard's lanes, each on one torch thread,
+start none)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from grass_dist import job as job_module
 from grass_dist import pipeline
 from grass_dist.gradients.computer import GradientComputer
 from grass_dist.runtime import compute_thread
+from grass_dist.runtime.cluster import lanes_for
 from grass_dist.runtime.worker import GradientWorker, plan_shards
 from tests.conftest import compose_cfg
 
@@ -65,12 +67,13 @@ def test_a_workers_concurrent_shard_calls_and_the_drivers_checks_compute_on_one_
     tmp_path, monkeypatch
 ):
     threads: list[str] = []
+    shards: list[str] = []
     compute = GradientComputer.phi_loaded
     check = GradientComputer.phi_batch
     build = job_module.build_model
 
     def phi_loaded(self, *args, **kwargs):
-        threads.append(threading.current_thread().name)
+        shards.append(threading.current_thread().name)
         return compute(self, *args, **kwargs)
 
     def phi_batch(self, batch):
@@ -93,4 +96,9 @@ def test_a_workers_concurrent_shard_calls_and_the_drivers_checks_compute_on_one_
     with ThreadPoolExecutor(len(plans)) as calls:  # as Ray's threads call an actor
         results = list(calls.map(worker.index_shard, plans))
     assert [(r.record.start, r.record.end) for r in results] == [(0, 30), (30, 60), (60, 90)]
-    assert len(threads) == 3 + 6 and set(threads) == {"grass-compute"}  # 3 shards, 6 batches
+    assert len(shards) == 3 and len(threads) == 6  # 3 shards, 6 batches
+    # A worker of several threads computes a shard's batches in lanes of one torch thread
+    # each (test_lanes.py): the compute thread and the lane threads, none with a team.
+    lanes = {"grass-compute"} | {f"grass-lane_{i}" for i in range(worker.computer.lanes - 1)}
+    assert worker.computer.lanes == lanes_for(worker.job.cluster, worker.threads)
+    assert set(shards) == {"grass-compute"} and set(threads) <= lanes
