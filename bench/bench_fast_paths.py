@@ -5,9 +5,11 @@ On bench_vs_bergson.py's model and documents (GPT-2, 4 blocks of width 256, voca
 block projections), two GradientComputers on the same model compute every batch's phi,
 interleaved: one as indexing runs (`causal_lm()`: the fused head and loss, and GPT-2's
 `gelu_new` as PyTorch's tanh GELU kernel; docs/language_models.md), one on the usual path
-(`causal_lm(fused_head=False)`, no kernel swap). It reports milliseconds per batch (median
-of rounds, each over every batch), their ratio, how far the two phi differ, and with
-`--profile` the ops that take a batch's time on each path (`torch.profiler`).
+(`causal_lm(fused_head=False)`, no kernel swap). With 2 or more threads a third computes
+the fast paths in lanes as a worker of that many CPUs does (`cluster.cpu_lanes`: a batch per
+thread at once). It reports milliseconds per batch (median of rounds, each over every
+batch), their ratios, how far the two paths' phi differ, and with `--profile` the ops that
+take a batch's time on each path (`torch.profiler`).
 
     python bench/bench_fast_paths.py --docs 64 --rounds 3 --profile
 """
@@ -34,8 +36,9 @@ RESULTS = Path(__file__).parent / "results" / "fast_paths.md"
 PROFILED_OPS = 10
 
 
-def computers(model, size: Size, k: int):
-    """(fast, usual) GradientComputers on `model`: as indexing runs it, and the usual path."""
+def computers(model, size: Size, k: int, lanes: int = 1):
+    """(fast, usual) GradientComputers on `model`: as indexing runs it (in `lanes` lanes),
+    and the usual path."""
     from grass_dist.compress import build_compressors
     from grass_dist.config import CompressionConfig
     from grass_dist.gradients.capture import resolve_layers
@@ -44,7 +47,7 @@ def computers(model, size: Size, k: int):
 
     shapes = resolve_layers(model, module_names(size))
     comps = build_compressors(CompressionConfig(method="factgrass", k=k, seed=0), shapes)
-    fast = GradientComputer(model, causal_lm(), comps)
+    fast = GradientComputer(model, causal_lm(), comps, "cpu", lanes)
     usual = GradientComputer(model, causal_lm(fused_head=False), comps)
     usual.fused = []  # no module runs as a fused kernel
     return fast, usual
@@ -54,6 +57,24 @@ def per_batch_ms(computer, batches) -> float:
     t0 = time.perf_counter()
     for batch in batches:
         computer.phi_batch(batch)
+    return (time.perf_counter() - t0) / len(batches) * 1000
+
+
+def laned_ms(computer, batches) -> float:
+    """Milliseconds per batch of `phi_loaded` over every batch: in the computer's lanes."""
+    import numpy as np
+
+    from grass_dist.gradients.computer import LoadedRows
+
+    n = 2 * len(batches)
+    loaded = LoadedRows(
+        row_ids=np.arange(n),
+        keys=[str(i) for i in range(n)],
+        digests=np.zeros((n, 32), np.uint8),
+        batches=[([2 * i, 2 * i + 1], batch) for i, batch in enumerate(batches)],
+    )
+    t0 = time.perf_counter()
+    computer.phi_loaded(loaded)
     return (time.perf_counter() - t0) / len(batches) * 1000
 
 
@@ -108,20 +129,27 @@ def main() -> None:
         task.collate([torch.tensor(r) for r in ids[i : i + 2]]) for i in range(0, len(ids), 2)
     ]
     fast, usual = computers(model, size, args.k)
+    laned = computers(model, size, args.k, lanes=args.threads)[0] if args.threads > 1 else None
     fast.phi_batch(batches[0])  # the first batch of each watches the head
     usual.phi_batch(batches[0])
+    lanes_row = f"fast paths, {args.threads} lanes of 1 thread"
     times: dict[str, list[float]] = {"fast paths": [], "usual path": []}
+    if laned is not None:
+        laned_ms(laned, batches[: 2 * args.threads])  # each lane's first batch watches the head
+        times[lanes_row] = []
     for _ in range(args.rounds):
         times["fast paths"].append(per_batch_ms(fast, batches))
         times["usual path"].append(per_batch_ms(usual, batches))
-    fast_ms, usual_ms = (statistics.median(v) for v in times.values())
+        if laned is not None:
+            times[lanes_row].append(laned_ms(laned, batches))
+    fast_ms, usual_ms = (statistics.median(times[k]) for k in ("fast paths", "usual path"))
     lines = [
         "# The capture's fast paths: an index batch with and without them",
         "",
         f"Command: `python bench/bench_fast_paths.py {' '.join(sys.argv[1:])}`",
         "",
         f"Machine: {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads; "
-        f"load average at start {load:.1f} (a shared machine: the two interleaved per round).",
+        f"load average at start {load:.1f} (a shared machine: the paths interleaved per round).",
         "",
         f"Work: GPT-2 ({size.blocks} blocks, width {size.width}, vocabulary {size.vocab}), "
         f"{len(ids)} documents of {size.tokens} tokens, 2 per batch ({len(batches)} batches), "
@@ -145,7 +173,7 @@ def main() -> None:
             lines += ["| op | ms per batch |", "|---|---|"]
             lines += [f"| `{op}` | {ms:.2f} |" for op, ms in profiled(computer, batches)]
     write_result(args.out, lines)
-    print(f"fast {fast_ms:.1f} ms, usual {usual_ms:.1f} ms per batch")
+    print(", ".join(f"{k} {statistics.median(v):.1f} ms" for k, v in times.items()), "per batch")
 
 
 if __name__ == "__main__":
