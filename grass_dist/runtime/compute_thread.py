@@ -78,8 +78,8 @@ def in_lanes(calls: list[Callable[[], None]]) -> None:
                 _lanes.shutdown(wait=False)  # its idle threads exit
             _lane_threads = max(1, len(calls) - 1)
             _lanes = ThreadPoolExecutor(_lane_threads, thread_name_prefix="grass-lane")
-        pool = _lanes
-    others = [pool.submit(c) for c in calls[1:]]
+        # Submitted under the lock: a caller wanting more lanes cannot shut this pool first.
+        others = [_lanes.submit(c) for c in calls[1:]]
     try:
         if calls:
             calls[0]()
