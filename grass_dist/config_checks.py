@@ -90,11 +90,8 @@ def _validate_cluster(cl: ClusterConfig) -> None:
             f"cluster.cpus_per_worker={cl.cpus_per_worker} must be positive (CPUs per "
             f"worker, fractions allowed), e.g. cluster.cpus_per_worker=1"
         )
-    if cl.cpu_lanes is not None and (isinstance(cl.cpu_lanes, bool) or cl.cpu_lanes < 1):
-        raise ConfigError(
-            f"cluster.cpu_lanes={cl.cpu_lanes} must be at least 1 (batches a CPU worker "
-            f"computes at once), or null (one per torch thread, up to 4)"
-        )
+    if cl.cpu_lanes is not None and cl.cpu_lanes < 1:
+        raise ConfigError(f"cluster.cpu_lanes={cl.cpu_lanes} must be at least 1, or null (auto)")
     if cl.gpus_per_worker < 0:
         raise ConfigError(
             f"cluster.gpus_per_worker={cl.gpus_per_worker} must be >= 0; set 0 to run the "

@@ -3,6 +3,7 @@ its share of torch's threads with a copy of the model's modules (the weights sha
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -164,3 +165,20 @@ def test_cpu_lanes_below_one_is_refused(tmp_path, value):
     cfg = OmegaConf.to_container(compose_cfg(tmp_path, f"cluster.cpu_lanes={value}"), resolve=True)
     with pytest.raises(ConfigError, match=f"cluster.cpu_lanes={value} must be at least 1"):
         JobConfig.from_cfg(cfg)
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_the_driver_computes_its_shards_in_a_workers_lanes(tmp_path, cpus):
+    from grass_dist.assembly import Replica
+    from grass_dist.runtime import compute_thread
+    from grass_dist.runtime.local_shard import as_a_worker
+
+    given = compose_cfg(tmp_path, f"cluster.cpus_per_worker={cpus}")
+    cfg = JobConfig.from_cfg(OmegaConf.to_container(given, resolve=True))
+    model = tiny_lm("gpt2")
+    comps = _computer(model, 1).compressors
+    before = compute_thread.call(torch.get_num_threads)
+    with as_a_worker(cfg, Replica(model, CausalLMTask("sum", 4096), comps)) as computer:
+        threads = min(cpus, os.cpu_count() or 1)  # a worker's: one lane per thread
+        assert compute_thread.call(torch.get_num_threads) == threads == computer.lanes
+    assert compute_thread.call(torch.get_num_threads) == before
