@@ -64,16 +64,19 @@ class ShardData:
 
 
 def table_from_bytes(data: bytes, columns: list[str] | None = None) -> pa.Table:
-    """The table of a Parquet file held in `data`, read without pre-buffering.
+    """The table of a Parquet file held in `data`, read on this thread alone.
 
     `pq.read_table` pre-buffers on Arrow's IO threads, which then hold the Python bytes; one
     releasing them while the interpreter exits aborts the process after the caller's work is
-    done ("terminate called without an active exception", apache/arrow#34314).
+    done ("terminate called without an active exception", apache/arrow#34314). Decoding on
+    Arrow's CPU threads starts its pool, whose threads a process exiting meanwhile could
+    abort the same way (one reader process in several hundred, on a loaded machine): a result
+    table decodes in milliseconds on one thread, so no Arrow thread is started.
     The pages' CRC checksums, where the writer recorded them (result tables), are verified:
     a damaged file raises OSError rather than reading as other numbers.
     """
     reader = pq.ParquetFile(pa.BufferReader(data), page_checksum_verification=True)
-    return reader.read(columns=columns)
+    return reader.read(columns=columns, use_threads=False)
 
 
 def _float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
