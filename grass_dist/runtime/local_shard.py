@@ -77,10 +77,10 @@ def as_a_worker(cfg: JobConfig, replica: Replica) -> Iterator[GradientComputer]:
     (torch's kernels split their sums by threads), the driver's own restored after. (In
     the Python API the replica's model is the job's copy of the caller's.)"""
     threads = compute_thread.call(torch.get_num_threads)
-    workers = threads_for(cfg.cluster.cpus_per_worker)
-    compute_thread.call(torch.set_num_threads, workers)
+    worker_threads = threads_for(cfg.cluster.cpus_per_worker)
+    compute_thread.call(torch.set_num_threads, worker_threads)
     try:
-        lanes = lanes_for(cfg.cluster, workers)
+        lanes = lanes_for(cfg.cluster, worker_threads)
         yield GradientComputer(replica.model, replica.task, replica.compressors, "cpu", lanes)
     finally:
         compute_thread.call(torch.set_num_threads, threads)
