@@ -209,7 +209,8 @@ class GradientComputer:
     def phi_loaded(
         self, loaded: LoadedRows, on_batch: Callable[[int], None] | None = None
     ) -> PhiBlock:
-        """phi of rows read by `load_rows`; `on_batch(n_rows)` runs after each batch."""
+        """phi of rows read by `load_rows`; `on_batch(n_rows)` runs after each batch (in a
+        computer of several lanes, from the lane that computed it, one call at a time)."""
         n = len(loaded.row_ids)
         phi = {name: np.zeros((n, c.out_dim), np.float32) for name, c in self.compressors.items()}
         counted = threading.Lock()
