@@ -7,9 +7,11 @@ interleaved: one as indexing runs (`causal_lm()`: the fused head and loss, and G
 `gelu_new` as PyTorch's tanh GELU kernel; docs/language_models.md), one on the usual path
 (`causal_lm(fused_head=False)`, no kernel swap). With 2 or more threads a third computes
 the fast paths in lanes as a worker of that many CPUs does (`cluster.cpu_lanes`: a batch per
-thread at once). It reports milliseconds per batch (median of rounds, each over every
-batch), their ratios, how far the two paths' phi differ, and with `--profile` the ops that
-take a batch's time on each path (`torch.profiler`).
+thread at once). The one-thread path (the lanes, or the fast paths with `--threads 1`) runs
+two elementwise steps as C loops (grass_dist/gradients/native.py); it is timed once more
+with PyTorch's kernels in their place. It reports milliseconds per batch (median of rounds,
+each over every batch), their ratios, how far the two paths' phi differ, and with
+`--profile` the ops that take a batch's time on each path (`torch.profiler`).
 
     python bench/bench_fast_paths.py --docs 64 --rounds 3 --profile
 """
@@ -118,6 +120,7 @@ def main() -> None:
 
     from transformers import GPT2LMHeadModel
 
+    from grass_dist.gradients import native
     from grass_dist.tasks.language_model import causal_lm
 
     with tempfile.TemporaryDirectory(prefix="fast_paths-") as work:
@@ -137,11 +140,18 @@ def main() -> None:
     if laned is not None:
         laned_ms(laned, batches[: 2 * args.threads])  # each lane's first batch watches the head
         times[lanes_row] = []
+    one_thread = lanes_row if laned is not None else "fast paths"  # where the C loops run
+    unlooped = f"{one_thread}, PyTorch's kernels for the C loops"
+    times[unlooped] = []
     for _ in range(args.rounds):
         times["fast paths"].append(per_batch_ms(fast, batches))
         times["usual path"].append(per_batch_ms(usual, batches))
         if laned is not None:
             times[lanes_row].append(laned_ms(laned, batches))
+        with native.pytorch_kernels():
+            times[unlooped].append(
+                laned_ms(laned, batches) if laned is not None else per_batch_ms(fast, batches)
+            )
     fast_ms, usual_ms = (statistics.median(times[k]) for k in ("fast paths", "usual path"))
     lines = [
         "# The capture's fast paths: an index batch with and without them",

@@ -162,3 +162,4 @@ def test_fast_paths_benchmark_runs_tiny(tmp_path):
     text = _table(tmp_path, "bench_fast_paths.py", "--tiny --rounds 1 --profile")
     assert "| fast paths |" in text and "| usual path |" in text and "`aten::" in text
     assert "| fast paths, 2 lanes of 1 thread |" in text
+    assert "| fast paths, 2 lanes of 1 thread, PyTorch's kernels for the C loops |" in text

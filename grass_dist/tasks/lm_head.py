@@ -12,7 +12,8 @@ chunks of rows:
 with z = h W^T + b: the same GEMMs as the usual forward and backward, the max, exp and sum
 over each chunk of logits (the softmax's normalising and the one-hot act on the (N, d)
 product instead: (exp(z - max) W) / sum - W[t]), and an (N, d) result kept for the
-backward rather than (N, V) ones. The head's weight gets no gradient on this path (it is
+backward rather than (N, V) ones. On one CPU thread the max, exp and sum are one C loop
+(`grass_dist.gradients.native.exp_rows_`). The head's weight gets no gradient on this path (it is
 never asked for there).
 
 It applies only to a model whose logits are exactly its output embedding (a plain
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from grass_dist.errors import ConfigError
+from grass_dist.gradients.native import exp_rows_
 
 IGNORE = -100
 _CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MiB in float32
@@ -59,10 +61,9 @@ class _HeadLoss(torch.autograd.Function):
             valid = t != IGNORE
             t = t.clamp(min=0)
             logits = F.linear(h[lo:hi], weight, bias).float()
-            top = logits.amax(1, keepdim=True)
             picked = logits.gather(1, t[:, None])
-            scores = logits.sub_(top).exp_()  # in place: one (rows, V) buffer per chunk
-            total = scores.sum(1, keepdim=True)
+            top, total = exp_rows_(logits)  # in place: one (rows, V) buffer per chunk
+            scores = logits
             losses[lo:hi] = torch.where(valid, (top + total.log() - picked).squeeze(1), 0.0)
             # (softmax - onehot(t)) W = (scores W) / total - W[t]: the normalising and the
             # one-hot act on the (rows, d) product, not in more passes over (rows, V).
