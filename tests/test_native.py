@@ -130,6 +130,16 @@ def test_pytorch_kernels_switches_the_loops_off_for_its_block_only():
         assert path_of(gelu_tanh(x)) == "_GeluTanhBackward"
 
 
+@needs_kernel
+def test_a_cache_it_cannot_write_in_builds_in_the_temporary_folder(monkeypatch, tmp_path):
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_text("")  # $XDG_CACHE_HOME is a file: no folder can be made in it
+    fresh(monkeypatch, not_a_folder)
+    monkeypatch.setattr(native.tempfile, "tempdir", str(tmp_path / "tmp"))
+    assert native.available()
+    assert len(list((tmp_path / "tmp").rglob("loops-*.so"))) == 1
+
+
 def test_switched_off_by_the_environment(monkeypatch, tmp_path):
     fresh(monkeypatch, tmp_path, GRASS_DIST_NATIVE="0")
     assert not native.available()

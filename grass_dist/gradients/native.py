@@ -170,9 +170,9 @@ def _load() -> ctypes.CDLL | None:
     if compiler is None:
         log.debug("no C compiler: the capture's elementwise loops run as PyTorch's kernels")
         return None
-    try:
+    try:  # RuntimeError: no home folder to cache in
         library = ctypes.CDLL(str(_built(compiler)))
-    except (OSError, subprocess.SubprocessError) as e:
+    except (OSError, subprocess.SubprocessError, RuntimeError) as e:
         log.info("the native loops did not build (%s): PyTorch's kernels run instead", _first(e))
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_ssize_t
@@ -202,8 +202,10 @@ def _built(compiler: str) -> Path:
                 _compile(compiler, Path(work))
                 os.replace(Path(work) / "lib.so", target)
             return target
-        except PermissionError:
-            continue
+        except OSError:  # not a folder it can write in: the next
+            if not (target.parent.is_dir() and os.access(target.parent, os.W_OK)):
+                continue
+            raise
     raise OSError("no writable folder for the compiled kernel")
 
 
