@@ -5,6 +5,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,17 @@ class SeqModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.mix(torch.relu(self.proj(x))))
         return self.head(h.mean(1))
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's thread count is `n` inside the block, what it was after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def mlp(d_in: int = 6, hidden: int = 8, classes: int = 4, seed: int = 0) -> nn.Module:

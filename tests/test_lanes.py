@@ -21,6 +21,7 @@ from grass_dist.gradients.computer import GradientComputer
 from grass_dist.runtime.cluster import lanes_for
 from grass_dist.tasks.language_model import CausalLMTask
 from tests.conftest import compose_cfg
+from tests.helpers import torch_threads
 from tests.test_lm import make_items, tiny_lm
 
 
@@ -29,16 +30,6 @@ def _computer(model, lanes: int, method: str = "factgrass") -> GradientComputer:
         CompressionConfig(method=method, k=8, seed=3), resolve_layers(model, None)
     )
     return GradientComputer(model, CausalLMTask("sum", 4096), comps, "cpu", lanes)
-
-
-@contextmanager
-def torch_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @contextmanager

@@ -18,6 +18,7 @@ from grass_dist.gradients import native
 from grass_dist.gradients.native import exp_rows_, gelu_tanh
 from grass_dist.tasks import lm_head
 from tests import test_fast_paths
+from tests.helpers import torch_threads
 from tests.test_fast_paths import _computer
 from tests.test_lm import make_items, rel_err, tiny_lm
 
@@ -27,16 +28,6 @@ BUILDS_HERE = (
     and shutil.which("cc") is not None
 )
 needs_kernel = pytest.mark.skipif(not BUILDS_HERE, reason="needs x86-64 Linux with a C compiler")
-
-
-@contextlib.contextmanager
-def threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def fresh(monkeypatch, tmp_path, **env):
@@ -69,7 +60,7 @@ def test_values_and_gradients_are_pytorchs_to_float_rounding(scale):
     torch.manual_seed(0)
     x = (torch.randn(3, 64, 1024) * scale).requires_grad_()
     g = torch.randn(3, 64, 1024)
-    with threads(1):
+    with torch_threads(1):
         y = gelu_tanh(x)
     assert path_of(y) == "_GeluTanhBackward"
     (grad,) = torch.autograd.grad(y, x, g)
@@ -89,7 +80,7 @@ def test_values_and_gradients_are_pytorchs_to_float_rounding(scale):
 @needs_kernel
 def test_it_is_pytorchs_kernel_wherever_the_loop_does_not_apply():
     x = torch.randn(2, 64, 256)
-    with threads(1):
+    with torch_threads(1):
         assert path_of(gelu_tanh(x.clone().requires_grad_())) == "_GeluTanhBackward"
         for other in (
             x.double(),  # not float32
@@ -98,7 +89,7 @@ def test_it_is_pytorchs_kernel_wherever_the_loop_does_not_apply():
         ):
             y = gelu_tanh(other.clone().requires_grad_() if other.is_contiguous() else other)
             assert torch.equal(y, F.gelu(other, approximate="tanh"))
-    with threads(2):  # the loop is one thread; PyTorch's kernel splits across more
+    with torch_threads(2):  # the loop is one thread; PyTorch's kernel splits across more
         y = gelu_tanh(x.requires_grad_())
         assert path_of(y) == "GeluBackward0"
         assert torch.equal(y, F.gelu(x, approximate="tanh"))
@@ -115,7 +106,7 @@ def test_loading_it_leaves_denormals_alone():
 @needs_kernel
 def test_a_second_derivative_is_refused():
     x = torch.randn(4096, requires_grad=True)
-    with threads(1):
+    with torch_threads(1):
         y = gelu_tanh(x)
     with pytest.raises(RuntimeError, match="first derivatives only"):
         torch.autograd.grad(y.sum(), x, create_graph=True)
@@ -124,7 +115,7 @@ def test_a_second_derivative_is_refused():
 @needs_kernel
 def test_pytorch_kernels_switches_the_loops_off_for_its_block_only():
     x = torch.randn(2, 64, 256, requires_grad=True)
-    with threads(1):
+    with torch_threads(1):
         with native.pytorch_kernels():
             assert path_of(gelu_tanh(x)) == "GeluBackward0"
         assert path_of(gelu_tanh(x)) == "_GeluTanhBackward"
@@ -144,7 +135,7 @@ def test_switched_off_by_the_environment(monkeypatch, tmp_path):
     fresh(monkeypatch, tmp_path, GRASS_DIST_NATIVE="0")
     assert not native.available()
     x = torch.randn(2, 64, 256, requires_grad=True)
-    with threads(1):
+    with torch_threads(1):
         assert path_of(gelu_tanh(x)) == "GeluBackward0"
 
 
@@ -161,7 +152,7 @@ def test_a_compiler_that_fails_leaves_pytorchs_kernel(monkeypatch, tmp_path, cap
         assert "did not build (cc: no such flag)" in caplog.text
     assert not list(tmp_path.rglob("*.so"))
     x = torch.randn(2, 64, 256)
-    with threads(1):
+    with torch_threads(1):
         assert torch.equal(gelu_tanh(x), F.gelu(x, approximate="tanh"))
 
 
@@ -172,13 +163,13 @@ def test_a_gpt2s_phi_on_one_thread_changes_by_float_rounding_only(monkeypatch):
     calls = []
     original = native._GeluTanh.apply
     monkeypatch.setattr(native._GeluTanh, "apply", lambda *a: calls.append(1) or original(*a))
-    with threads(1):
+    with torch_threads(1):
         fast = _computer(tiny_lm("gpt2")).phi_rows(items, range(6), batch_size=2)
     assert calls
     monkeypatch.setattr(
         computer_module, "activation_gradients", lambda _m: contextlib.nullcontext()
     )
-    with threads(1):
+    with torch_threads(1):
         usual = _computer(tiny_lm("gpt2")).phi_rows(items, range(6), batch_size=2)
     for name, phi in usual.phi.items():
         assert rel_err(torch.from_numpy(fast.phi[name]), torch.from_numpy(phi)) < 1e-6, name
@@ -200,7 +191,7 @@ def test_exp_rows_is_pytorchs_softmax_numerators_to_float_rounding(monkeypatch):
     calls = []
     monkeypatch.setattr(native, "_loaded", lambda: calls.append(1) or native._library[0])
     got = z.clone()
-    with threads(1):
+    with torch_threads(1):
         top, total = exp_rows_(got)
     assert calls
     assert torch.equal(top, want_top)
@@ -216,7 +207,7 @@ def test_exp_rows_leaves_a_non_finite_logit_non_finite(bad):
     z = torch.randn(8, 4096)
     z[2, 100] = bad
     _, _, want = torch_exp_rows(z)
-    with threads(1):
+    with torch_threads(1):
         _, total = exp_rows_(z)
     assert not torch.isfinite(want[2]) and not torch.isfinite(total[2])
     assert torch.isfinite(total[[0, 1, 3]]).all()
@@ -230,6 +221,6 @@ def test_the_fused_heads_float32_error_on_one_thread(confidence, monkeypatch):
     original = native.exp_rows_
     monkeypatch.setattr(lm_head, "exp_rows_", lambda z: calls.append(z.shape) or original(z))
     monkeypatch.setattr(native, "MIN_ELEMENTS", 1)
-    with threads(1):
+    with torch_threads(1):
         test_fast_paths.test_the_fused_gradients_float32_error_is_the_usual_paths(confidence)
     assert calls
