@@ -184,8 +184,9 @@ class ClusterConfig:
     progress_interval_s: float = _f(2.0, "seconds between rewrites of the progress record")
     driver_shard: bool = _f(
         True,
-        "an embedded Ray's driver indexes shards until the first worker is ready, and "
-        "differentiates a query set of one shard_size itself while none is (CPU)",
+        "an embedded Ray's driver indexes shards on the CPU: as one of num_workers where the "
+        "pool would not grow, else until the first worker is ready; and it differentiates a "
+        "query set of one shard_size itself while no worker is ready",
     )
     driver_reduce_mib: float = _f(
         64.0,

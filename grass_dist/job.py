@@ -38,7 +38,7 @@ from grass_dist.index import GradientIndex
 from grass_dist.index.content import row_digest
 from grass_dist.index.shards import repair_fix
 from grass_dist.models.state import state_hash
-from grass_dist.runtime import compute_thread, local_shard
+from grass_dist.runtime import compute_thread, driver_shard, local_shard
 from grass_dist.runtime.cluster import CONNECTING, connect, on_request_active, request_soon
 from grass_dist.runtime.local_shard import LocalShard
 from grass_dist.runtime.placement import check_placeable, worker_factory
@@ -78,6 +78,7 @@ class Job:
     _spares: list[Any] = field(default_factory=list)  # unstarted worker actors (prepare_started)
     _pool: ActorPool | None = None
     _local: LocalShard | None = None  # the driver's own shards (prepare_started)
+    _member: bool = False  # the driver is one of the computing processes (LocalShard.member)
     _replica: assembly.Replica | None = None  # the driver's, for its own queries (query_phi)
     _reducer: ReducerHandle | None = None
 
@@ -341,8 +342,9 @@ def _prepare_local(raw: dict[str, Any], create_index: bool, query: bool, started
         if plans:
             landing = job.progress.held()
             job._local = LocalShard(job.cfg, replica, train, job.index, plans, landing)
+            job._member = job._local.member  # its pool starts one worker fewer
             job.progress.before_finish = partial(
-                local_shard.count_as_the_record_ends,
+                driver_shard.count_as_the_record_ends,
                 job,
                 job._local,
                 len(plans) + len(committed),
@@ -355,15 +357,16 @@ def _prepare_local(raw: dict[str, Any], create_index: bool, query: bool, started
 def _early_workers(
     job_cfg: JobConfig, raw: dict[str, Any], preparing: Future, datasets: tuple[str, ...]
 ) -> list[Any]:
-    """Create `cluster.num_workers` unstarted worker actors (Ray is up), which build
-    `datasets` meanwhile; none when the job names in-memory objects (shipped with the pool),
-    `preparing` already failed, or the driver indexes alone (`local_shard.alone`)."""
+    """Create the job's unstarted worker actors (Ray is up: `local_shard.ray_workers`),
+    which build `datasets` meanwhile; none when the job names in-memory objects (shipped
+    with the pool), `preparing` already failed, or the driver indexes alone
+    (`local_shard.alone`)."""
     if assembly.in_memory_digests(raw) or (preparing.done() and preparing.exception()):
         return []
     if "train" in datasets and local_shard.alone(job_cfg):
         return []
     factory = worker_factory(job_cfg.cluster, raw, datasets=datasets)
-    spares = [factory(i) for i in range(job_cfg.cluster.num_workers)]
+    spares = [factory(i) for i in range(local_shard.ray_workers(job_cfg))]
     log.info("created %d worker actors while the job is checked", len(spares))
     return spares
 

@@ -24,10 +24,11 @@ from grass_dist.job import prepare_started as prepare_started
 from grass_dist.runtime import job_actors as actors
 from grass_dist.runtime import local_shard, repair
 from grass_dist.runtime.cluster import STOPPING, idle_cpus, map_tasks, this_machine_only
+from grass_dist.runtime.driver_shard import DriverShard
 from grass_dist.runtime.executors import Executor
 from grass_dist.runtime.job_actors import on_workers as on_workers  # re-exported, as prepare
 from grass_dist.runtime.job_actors import release_workers as release_workers
-from grass_dist.runtime.local_shard import DriverShard, LocalShard, driver_phi
+from grass_dist.runtime.local_shard import LocalShard, driver_phi
 from grass_dist.runtime.pool import ActorPool
 from grass_dist.runtime.reducer import ScoreRequest, read_preconditioner
 from grass_dist.runtime.reducer_handle import KeptReducer
@@ -110,8 +111,9 @@ def _to_compute(
 
 class _IndexStage:
     """The index stage of `run_index`: the workers start while the driver indexes shards of
-    its own (`driver`); then the workers index the rest, each commit counted as it lands,
-    and the reducer starts once the first shard is in (with `reducer_early`)."""
+    its own (`driver`); then the workers index the rest (beside the driver, where it is one
+    of the job's computing processes: `local_shard.member`), each commit counted as it
+    lands, and the reducer starts once the first shard is in (with `reducer_early`)."""
 
     def __init__(self, job: Job, driver: DriverShard, reducer_early: bool):
         self.job, self.driver, self.reducer_early = job, driver, reducer_early
@@ -148,6 +150,7 @@ class _IndexStage:
             self.driver.close()
             self.start_reducer()  # now if the driver already committed a shard
             self.index(self.driver.others(plans))
+            self.driver.wait(self.tick)  # a member driver's last shard
             self.index(self.driver.returned())
 
     def start_reducer(self) -> None:

@@ -159,11 +159,18 @@ def driver_computes(cfg: JobConfig) -> bool:
     )
 
 
+def driver_member(cfg: JobConfig) -> bool:
+    """`driver_computes`, with a pool that would not grow (`cluster.max_workers` null or at
+    most `num_workers`): what `local_shard.member` asks of the config. The driver is then
+    one of the job's `num_workers` computing processes, and Ray starts the others."""
+    c = cfg.cluster
+    return driver_computes(cfg) and (c.max_workers or c.num_workers) <= c.num_workers
+
+
 def driver_alone(cfg: JobConfig) -> bool:
-    """`driver_computes`, with one worker that would not grow (`cluster.num_workers` 1,
-    `max_workers` at most 1): what `local_shard.alone` asks of the config."""
-    one = cfg.cluster.num_workers == 1 and (cfg.cluster.max_workers or 1) <= 1
-    return driver_computes(cfg) and one
+    """`driver_member` with `cluster.num_workers` 1: the driver is the job's one computing
+    process (what `local_shard.alone` asks of the config)."""
+    return driver_member(cfg) and cfg.cluster.num_workers == 1
 
 
 def _start(cfg: ClusterConfig) -> None:

@@ -16,6 +16,7 @@ from grass_dist import assembly
 from grass_dist.job import Job, stop_early
 from grass_dist.runtime.cluster import connect, idle_cpus, on_request_active
 from grass_dist.runtime.executors import WorkersLostError
+from grass_dist.runtime.local_shard import ray_workers
 from grass_dist.runtime.placement import start_worker_pool
 from grass_dist.runtime.pool import ActorPool
 from grass_dist.runtime.reducer_handle import ReducerHandle
@@ -37,8 +38,16 @@ def started_pool(job: Job) -> ActorPool:
         connect_job(job)
         objects = assembly.ship(job.raw)  # in-memory model/task/data, once per pool
         spares, job._spares = job._spares, []
-        job._pool = start_worker_pool(job.cfg.cluster, job.raw, job.model_hash, objects, spares)
+        job._pool = start_worker_pool(
+            job.cfg.cluster, job.raw, job.model_hash, objects, spares, _size(job)
+        )
     return job._pool
+
+
+def _size(job: Job) -> int:
+    """Workers the pool starts: `cluster.num_workers`, less the driver where it computes
+    shards as one of them (`local_shard.ray_workers`)."""
+    return ray_workers(job.cfg) if job._member else job.cfg.cluster.num_workers
 
 
 def ready_pool(job: Job, unless: Callable[[], bool] | None = None) -> ActorPool:
@@ -46,8 +55,9 @@ def ready_pool(job: Job, unless: Callable[[], bool] | None = None) -> ActorPool:
     join as they are placed), and then the driver takes no more shards of its own; or until
     `unless()` says the caller needs no worker after all (the driver computed them all)."""
     pool = started_pool(job)
-    if not pool.ready and pool.wait_ready(1, unless) and job._local is not None:
-        job._local.close()
+    local = job._local  # a member driver takes shards beside the workers: not closed
+    if not pool.ready and pool.wait_ready(1, unless) and local is not None and not local.member:
+        local.close()
     if pool.ready:
         job.reached("first_worker")
     return pool

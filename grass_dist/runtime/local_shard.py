@@ -1,26 +1,34 @@
-"""The driver's own shards: the first shards of an index, computed in the driver's process
-while an embedded Ray and the workers start.
+"""The driver's own shards: shards of an index computed in the driver's process, on an
+embedded Ray on the CPU.
 
 A `jobs/` door's driver builds the model, task, data and compressors to check the job
-(`pipeline.prepare`) and then waits seconds for Ray's processes and the workers' (each
-imports torch and builds its replica). `LocalShard` spends that wait on the uncommitted
-shards, front of the plan first: on the CPU, with a worker's thread count and the worker's
-code (`worker.index_rows`), so the index holds the same bits whichever process computed
-them. It commits each as soon as it is written (a commit keeps a shard's first committed
-attempt) and takes the next one as long as no worker is ready: the index stage `close`s it
-when the first worker is, and the workers take the shards it has not taken.
+(`pipeline.prepare`) and would then wait seconds for Ray's processes and the workers' (each
+imports torch and builds its replica). `LocalShard` computes the uncommitted shards there,
+front of the plan first: on the CPU, with a worker's thread count and the worker's code
+(`worker.index_rows`), so the index holds the same bits whichever process computed them.
+It commits each as soon as it is written (a commit keeps a shard's first committed attempt).
 
-The driver's shards compete with the workers' start for the CPUs, so it keeps one only
-where that pays. A shard that spares the workers a round of shards (with one worker, every
-shard; with two workers and three shards left, the first) is finished however long it
-takes: the job ends a round sooner. Any other shard goes back to the workers when its first
-batch projects more than `BUDGET_S` of work: with two workers and two shards, the driver's
-shard would only delay the worker that computes the other. A shard that the rows
-themselves make fail (a NaN loss or gradient, rows the task cannot batch, items it does not
-take: `REFUSALS`) fails the job as a worker's would, without waiting for one to compute it
-again: it runs the same code on the same bits. A shard that fails otherwise goes back to the
-workers (the driver's process is not a worker's), and so does one stopped because the job
-ends.
+Where the pool would not grow (`member`), the driver is one of the job's
+`cluster.num_workers` computing processes until the index's last shard: Ray starts one
+worker fewer (`ray_workers`), and the driver and the workers take the shards from one queue
+(`hand_out`) until none is left. A worker of its own would compute on the same machine with
+the same threads, and its start (its imports and replica: seconds of CPU) would only take
+the CPUs from the others'. With one worker the driver computes alone (`alone`).
+
+Where the pool may grow, the driver takes the next shard only as long as no worker is
+ready: the index stage `close`s it when the first worker is, and the workers take the
+shards it has not taken. Its shards then compete with the workers' start for the CPUs, so
+it keeps one only where that pays. A shard that spares the workers a round of shards
+(with one worker, every shard; with two workers and three shards left, the first) is
+finished however long it takes: the job ends a round sooner. Any other shard goes back to
+the workers when its first batch projects more than `BUDGET_S` of work: with two workers
+and two shards, the driver's shard would only delay the worker that computes the other.
+
+Either way, a shard that the rows themselves make fail (a NaN loss or gradient, rows the
+task cannot batch, items it does not take: `REFUSALS`) fails the job as a worker's would,
+without waiting for one to compute it again: it runs the same code on the same bits. A
+shard that fails otherwise goes back to the workers (the driver's process is not a
+worker's), and so does one stopped because the job ends.
 
 A few queries, too (`driver_phi`): where a job scores a query set of one chunk while no
 worker is ready (the Python API's `Index.attribute` starts none; a job's are still starting),
@@ -34,10 +42,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
-from typing import TYPE_CHECKING, Any
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
 
-import ray
 import torch
 
 from grass_dist.assembly import Replica
@@ -50,14 +57,12 @@ from grass_dist.runtime.cluster import (
     STOPPING,
     driver_alone,
     driver_computes,
+    driver_member,
     lanes_for,
     threads_for,
 )
 from grass_dist.runtime.overlap import Phases
 from grass_dist.runtime.worker import ShardPlan, index_rows, phi_rows
-
-if TYPE_CHECKING:
-    from grass_dist.job import Job
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +125,33 @@ def alone(cfg: JobConfig) -> bool:
     return driver_alone(cfg) and not torch.cuda.is_available()
 
 
+def member(cfg: JobConfig) -> bool:
+    """Whether the driver is one of the job's `cluster.num_workers` computing processes for
+    the whole index stage: `wanted`, and a pool that would not grow
+    (`cluster.driver_member`). Ray then starts `ray_workers` workers, and the driver and
+    they take the shards from one queue (`LocalShard.hand_out`) until none is left: on the
+    driver's machine, a worker of its own would only repeat the driver's start-up (its
+    imports and its model, seconds of CPU each) to compute what the driver can. With one
+    worker it is `alone`."""
+    return driver_member(cfg) and not torch.cuda.is_available()
+
+
+def ray_workers(cfg: JobConfig) -> int:
+    """Workers a job starts on Ray: `cluster.num_workers` less the driver where it is one
+    of them (`member`, and it computes shards: `Job._member`; at least one, for the shards
+    a driver that is `alone` gives back)."""
+    n = cfg.cluster.num_workers
+    return max(n - 1, 1) if member(cfg) else n
+
+
 class LocalShard:
     """`plans`' rows of `dataset`, front first, through the driver's `replica` into `index`,
     on a daemon thread started now, until `close` or `stop`, or the process stops
     (`cluster.STOPPING`). Each commit and its `on_commit` run holding `landing` (the job's
     progress record's lock: a record that Ctrl-C ends waits for a commit in hand, and no
-    commit starts after it)."""
+    commit starts after it). Where the driver is a `member` of the job's computing
+    processes, the workers take the plans from the same queue (`hand_out`), and the driver
+    keeps every shard it takes."""
 
     def __init__(
         self,
@@ -141,7 +167,9 @@ class LocalShard:
         self._replica: Replica | None = replica
         self._dataset = dataset
         self._plans = list(plans)
-        self._taken: list[ShardPlan] = []  # started, in plan order
+        self._next_plan = 0  # plans before it are taken, by the driver or the workers
+        self._taken: list[ShardPlan] = []  # the driver's, started, in plan order
+        self.member = member(cfg)
         self._committed: dict[str, tuple[ShardRecord, float]] = {}  # id -> record, time.time()
         self.dropped: list[str] = []  # committed, but another writer's attempt came first
         self.refusal: Exception | None = None  # the rows' own failure (REFUSALS): the job's
@@ -159,6 +187,24 @@ class LocalShard:
         with self._lock:
             self._closed = True
             return list(self._taken)
+
+    def hand_out(self) -> ShardPlan | None:
+        """The next plan, for a worker (`member`): the driver will not take it; None when
+        every plan is taken."""
+        with self._lock:
+            if self._next_plan == len(self._plans):
+                return None
+            self._next_plan += 1
+            return self._plans[self._next_plan - 1]
+
+    def queued(self) -> list[ShardPlan]:
+        """Every plan it was given, taken or not."""
+        return list(self._plans)
+
+    def left(self) -> int:
+        """How many plans nobody has taken yet."""
+        with self._lock:
+            return len(self._plans) - self._next_plan
 
     def taken(self) -> list[ShardPlan]:
         """The plans it took so far (committed, in hand, or given back), in plan order."""
@@ -195,17 +241,19 @@ class LocalShard:
         return self.result()
 
     def _next(self) -> ShardPlan | None:
-        """The next plan, taken; its budget: none when the workers would compute the plans
-        left in fewer rounds (`cluster.num_workers` shards at a time, all of one size)
-        without it, else `BUDGET_S` of projected work."""
+        """The next plan, taken; its budget: none for a `member`, or where the workers
+        would compute the plans left in fewer rounds (`cluster.num_workers` shards at a
+        time, all of one size) without it, else `BUDGET_S` of projected work."""
         with self._lock:
-            left = len(self._plans) - len(self._taken)
+            left = len(self._plans) - self._next_plan
             if self._closed or self._stop.is_set() or STOPPING.is_set() or not left:
                 return None  # STOPPING: the process was told to stop (Ctrl-C, SIGTERM)
-            plan = self._plans[len(self._taken)]
+            plan = self._plans[self._next_plan]
+            self._next_plan += 1
             self._taken.append(plan)
         spares_a_round = (left - 1) % max(self._cfg.cluster.num_workers, 1) == 0
-        self._plan, self._rows, self._budget = plan, 0, None if spares_a_round else BUDGET_S
+        keep = self.member or spares_a_round
+        self._plan, self._rows, self._budget = plan, 0, None if keep else BUDGET_S
         return plan
 
     def _run(self) -> None:
@@ -267,95 +315,3 @@ class LocalShard:
             projected = (time.perf_counter() - self._t0) * self._plan.rows / rows
             if projected > self._budget:
                 raise _Stopped(f"about {projected:.1f} s of work, more than {self._budget} s")
-
-
-class DriverShard:
-    """The index stage's view of the driver's own shards (`LocalShard`, or None): the
-    driver's commits counted in the job's first shard and progress as each lands (on the
-    driver's thread: a record ended by Ctrl-C meanwhile counts every commit before it) and,
-    once it is closed, which plans the workers take."""
-
-    def __init__(self, job: Job, local: LocalShard | None):
-        self.job, self.local = job, local
-        self.mine: list[ShardPlan] = []  # the driver's, once closed
-        self.awaited: list[ShardPlan] = []  # the driver's, not yet committed, at `others`
-        self.counted: set[str] = set()  # the driver's commits counted so far
-        if local is not None:
-            local.on_commit = self.count
-        self.account()
-
-    def close(self) -> None:
-        """The driver takes no more shards (a worker is ready, or it computed them all)."""
-        if self.local is not None:
-            self.mine = self.local.close()
-
-    def computed(self, plans: list[ShardPlan]) -> bool:
-        """Whether the driver computed and committed every one of `plans`."""
-        return self.local is not None and self.local.computed(plans)
-
-    def others(self, plans: list[ShardPlan]) -> list[ShardPlan]:
-        """The workers' shards: all but the driver's, save those it already gave back."""
-        if self.local is None:
-            return plans
-        running = self.local.running()  # before `committed`: a commit after it is seen
-        done = self.local.committed()
-        self.awaited = [p for p in self.mine if p.shard_id not in done] if running else []
-        skipped = done.keys() | {p.shard_id for p in self.awaited}
-        return [p for p in plans if p.shard_id not in skipped]
-
-    def returned(self) -> list[ShardPlan]:
-        """After the workers' shards: those of the driver's it gave back since `others`
-        (this waits for the driver). Every commit of the driver's is counted by then, also
-        those made after the last count of the wait for workers, which they ended."""
-        done = self.local.result() if self.awaited else {}
-        self.account()
-        return [p for p in self.awaited if p.shard_id not in done]
-
-    def account(self) -> None:
-        """Count the driver's commits not counted yet; then raise the rows' refusal of a
-        shard of the driver's (`LocalShard.refusal`): the job's error."""
-        if self.local is None:
-            return
-        refusal = self.local.refusal  # read first: the commits made before it are counted
-        self.count()
-        if refusal is not None:
-            raise refusal
-
-    def count(self) -> None:
-        """Count the driver's commits once each (first shard, progress), on the driver's
-        thread or the stage's; by the node it computes on (`driver` before Ray is up)."""
-        with self.job.progress.held():
-            new = {s: c for s, c in self.local.committed().items() if s not in self.counted}
-            if not new:
-                return
-            self.counted.update(new)
-            kept = [at for s, (_, at) in new.items() if s not in self.local.dropped]
-            first = min(kept, default=None)  # not a shard another writer committed first
-            if first is not None and (
-                self.job.first_shard_s is None or first - self.job.started < self.job.first_shard_s
-            ):
-                self.job.first_shard_committed(first - self.job.started)
-            rows = sum(record.rows for record, _ in new.values())
-            node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "driver"
-            self.job.progress.shards_done(rows, [node] * len(new))
-
-
-def count_as_the_record_ends(
-    job: Job, local: LocalShard, shards_total: int, skipped: int, rows_todo: int
-) -> None:
-    """Count the commits of `local` that no count has seen as the job's progress record
-    ends (`JobProgress.before_finish`): those of a job that ends before its index stage
-    planned its count (Ctrl-C or a failure while Ray starts), planned here as the stage
-    would have, or made as the stage began, before it counted the driver's."""
-    if not local.committed():
-        return
-    if job.progress.doc["index"] is None:
-        since = time.time() - job.started - job.startup_s.get("prepared", 0.0)  # began then
-        job.progress.index_plan(
-            shards_total, skipped, job.n_train, rows_todo, bar=False, since_s=since
-        )
-    with suppress(*REFUSALS):  # the job's error, which it fails with where it is raised
-        if local.on_commit is not None:
-            local.on_commit()  # the stage's count, of what it has not counted yet
-        else:
-            DriverShard(job, local)  # counts the commits so far

@@ -101,16 +101,18 @@ def start_worker_pool(
     model_hash: str,
     objects: dict[str, ray.ObjectRef] | None = None,
     spares: list[Any] | None = None,
+    size: int | None = None,
 ) -> ActorPool:
-    """Start `cfg.num_workers` GradientWorker actors (growing to `cfg.max_workers`), using
-    `spares` (made by `worker_factory` for the same job, e.g. while the driver prepared it)
-    first."""
+    """Start `size` GradientWorker actors (default `cfg.num_workers`, growing to
+    `cfg.max_workers`; a `size` below it does not grow), using `spares` (made by
+    `worker_factory` for the same job, e.g. while the driver prepared it) first."""
+    fixed = size is not None and size < cfg.num_workers  # the driver computes beside them
     return ActorPool(
         worker_factory(cfg, job, objects),
-        cfg.num_workers,
+        cfg.num_workers if size is None else size,
         start=lambda actor: actor.start.remote(model_hash),
         spares=spares,
-        max_size=cfg.max_workers,
+        max_size=size if fixed else cfg.max_workers,
         request=worker_request(cfg),
         scale_check_s=cfg.scale_check_s,
         placement_timeout_s=cfg.placement_timeout_s,

@@ -3,11 +3,14 @@
 Policy: items go one at a time to the least loaded ready worker, which holds at most
 `max_inflight` in flight, and a second one only while more items wait than workers are
 starting (two shards, one worker ready and one starting: each gets a shard, rather than the
-first both). An item whose worker died is retried on another worker (up to `max_retries`
-times) and the pool replaces the dead worker. An error raised by the work itself (bad data,
-NaN gradients) is not retried: it fails the job. The loop wakes at least every `tick_s`
-seconds so the pool can admit new workers and grow, and `on_tick` can report progress,
-even while no item finishes.
+first both). Items may come from a queue that another taker shares (`SharedItems`: the
+driver's own shards, where the driver is one of the job's computing processes): a worker
+then holds a second one only while more wait than there are takers, so that none is held
+back at the end while the driver could compute it. An item whose worker died is retried on
+another worker (up to `max_retries` times) and the pool replaces the dead worker. An error
+raised by the work itself (bad data, NaN gradients) is not retried: it fails the job. The
+loop wakes at least every `tick_s` seconds so the pool can admit new workers and grow, and
+`on_tick` can report progress, even while no item finishes.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import ray
 from ray.exceptions import RayTaskError
@@ -29,9 +32,17 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+class SharedItems(Generic[T]):
+    """Items that another taker takes from too: `take()` hands out the next one (None when
+    none is left) and `left()` counts those not taken yet."""
+
+    def __init__(self, take: Callable[[], T | None], left: Callable[[], int]):
+        self.take, self.left = take, left
+
+
 def run_items(
     pool: ActorPool,
-    items: Sequence[T],
+    items: Sequence[T] | SharedItems[T],
     submit: Callable[[Any, T], ray.ObjectRef],
     on_done: Callable[[list[tuple[T, Any]]], None],
     *,
@@ -47,7 +58,7 @@ def run_items(
     """
     run = _Dispatch(pool, items, submit, describe, max_inflight, max_retries)
     try:
-        while run.pending or run.inflight:
+        while run.waiting() or run.inflight:
             pool.tick()
             run.fill()
             waitables = [*run.inflight, *pool.waitables()]
@@ -73,7 +84,7 @@ class _Dispatch:
     def __init__(
         self,
         pool: ActorPool,
-        items: Sequence[T],
+        items: Sequence[T] | SharedItems[T],
         submit: Callable[[Any, T], ray.ObjectRef],
         describe: Callable[[T], str],
         max_inflight: int,
@@ -81,21 +92,30 @@ class _Dispatch:
     ):
         self.pool, self.submit, self.describe = pool, submit, describe
         self.max_inflight, self.max_retries = max_inflight, max_retries
-        self.pending: deque[T] = deque(items)
+        self.shared = items if isinstance(items, SharedItems) else None
+        self.pending: deque[T] = deque() if self.shared else deque(items)  # and retries
         self.inflight: dict[ray.ObjectRef, tuple[T, Any]] = {}
         self.failures: dict[T, int] = {}
 
     def load(self, actor: Any) -> int:
         return sum(1 for _, a in self.inflight.values() if a is actor)
 
+    def waiting(self) -> int:
+        """Items not handed out yet (those another taker may still take included)."""
+        return len(self.pending) + (self.shared.left() if self.shared else 0)
+
     def fill(self) -> None:
         """Submit items, one at a time to the least loaded ready worker, while one has room."""
-        while self.pending and self.pool.actors:
+        while (waiting := self.waiting()) and self.pool.actors:
             actor = min(self.pool.actors, key=self.load)
             busy = self.load(actor)
-            if busy >= self.max_inflight or (busy and len(self.pending) <= len(self.pool.starting)):
-                break  # full, or the rest is for the workers starting: none idles at the end
-            item = self.pending.popleft()
+            takers = len(self.pool.actors) + 1 if self.shared else 0  # the other one too
+            others = len(self.pool.starting) + takers
+            if busy >= self.max_inflight or (busy and waiting <= others):
+                break  # full, or the rest is for the other takers: none idles at the end
+            item = self.pending.popleft() if self.pending else self.shared.take()
+            if item is None:
+                break  # the other taker took the last
             self.inflight[self.submit(actor, item)] = (item, actor)
 
     def collect(self) -> list[tuple[T, Any]]:

@@ -32,8 +32,9 @@ from tests.conftest import compose_cfg
 pytestmark = pytest.mark.integration
 
 # The session has 4 CPUs: two workers of 2 CPUs hold them all, two of 0.5 (SMALL) leave
-# three idle.
-EVERY_CPU = ("cluster.num_workers=2", "cluster.cpus_per_worker=2")
+# three idle. A pool that may grow (this one cannot: they hold every CPU) starts both: the
+# driver is not one of them (`local_shard.member`).
+EVERY_CPU = ("cluster.num_workers=2", "cluster.cpus_per_worker=2", "cluster.max_workers=3")
 # A reducer process, whose stages the workers are lent to (these indexes are small enough
 # for the driver to reduce itself, with no process and no lending).
 OUT = (

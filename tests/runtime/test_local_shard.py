@@ -1,5 +1,6 @@
 """The driver's own shards (runtime/local_shard.py): the same bits as a worker's, taken
-until the first worker is ready, and given back to the workers when stopped or failed."""
+beside the workers (a pool that would not grow) or until the first worker is ready, and
+given back to the workers when stopped or failed."""
 
 import threading
 import time
@@ -153,6 +154,7 @@ def _local_job(tmp_path, *overrides, error: Exception | None = None, nan_row: in
     plans = plan_shards(job.n_train, job.cfg.index.shard_size, {})
     replica = assembly.Replica(model, task, compressors)
     job._local = LocalShard(job.cfg, replica, data, job.index, plans)
+    job._member = job._local.member  # as `job._prepare_local` sets it
     return job, data
 
 
@@ -166,9 +168,11 @@ def _run_index(job):
 def test_the_workers_take_the_other_shards_while_the_driver_finishes_its_own(
     ray_session, tmp_path, monkeypatch
 ):
+    # A pool that may grow: the driver takes shards until the first worker is ready.
     monkeypatch.setattr(local_shard, "BUDGET_S", float("inf"))  # its rows wait: no projection
-    job, data = _local_job(tmp_path)
+    job, data = _local_job(tmp_path, "cluster.max_workers=3")
     local = job._local
+    assert not local.member
     first_commit = Job.first_shard_committed
 
     def worker_committed(self, *args):  # the driver's rows load only after a worker's commit
@@ -185,6 +189,45 @@ def test_the_workers_take_the_other_shards_while_the_driver_finishes_its_own(
     assert job.first_shard_s < committed_at - job.started  # a worker's came first
     ix = read_progress(job.index.store, job.job_id)["index"]
     assert ix["shards_done"] == 3 and ix["rows_done"] == 90
+
+
+def test_a_member_driver_takes_shards_beside_the_workers_from_one_queue(
+    ray_session, tmp_path, monkeypatch
+):
+    # Two workers in a pool that would not grow: the driver is one of the two computing
+    # processes, so Ray starts one worker, and the driver goes on taking shards once it is
+    # ready, from the queue the worker takes its own from: each shard once, by one of them.
+    job, data = _local_job(tmp_path, "index.shard_size=10")
+    local = job._local
+    assert local.member and local_shard.ray_workers(job.cfg) == 1
+    first_commit = Job.first_shard_committed
+
+    def worker_committed(self, *args):  # the driver's rows load only after a worker's commit
+        data.go.set()
+        first_commit(self, *args)
+
+    monkeypatch.setattr(Job, "first_shard_committed", worker_committed)
+    try:
+        summary = pipeline.run_index(job)
+        assert job._pool.created == 1  # one worker started: the driver is the other
+    finally:
+        pipeline.shutdown(job)
+    plans = plan_shards(90, 10, {})
+    mine = local.taken()
+    assert summary == {
+        "computed_shards": 9,
+        "skipped_shards": 0,
+        "rows": 90,
+        "driver_shards": len(mine),
+    }
+    assert mine[0] == plans[0] and len(mine) > 1  # it went on once the worker was ready
+    assert len(mine) < len(plans)  # and the worker computed the others
+    committed = job.index.committed()
+    assert committed.keys() == {p.shard_id for p in plans}
+    assert local.committed().keys() == {p.shard_id for p in mine}  # its attempts are the index's
+    assert all(committed[sid] == record for sid, (record, _) in local.committed().items())
+    ix = read_progress(job.index.store, job.job_id)["index"]
+    assert ix["shards_done"] == 9 and ix["rows_done"] == 90
 
 
 def test_driver_commits_made_as_the_wait_for_workers_ends_are_counted(
@@ -229,12 +272,15 @@ def test_a_closed_driver_finishes_the_shard_in_hand_and_takes_no_other(tmp_path,
 def test_the_driver_keeps_a_long_shard_only_where_it_spares_the_workers_a_round(
     tmp_path, monkeypatch, workers, kept
 ):
-    # Three shards, each projecting more work than the budget. One worker: each one the
-    # driver computes is a round fewer. Two: the first leaves two shards, one round, instead
-    # of three, two rounds; the second would leave one shard, still a round. Three: none
-    # spares a round, and the first goes back at once.
+    # Three shards, each projecting more work than the budget, and a pool that may grow (a
+    # driver that is a member of a fixed one keeps every shard it takes). One worker: each
+    # one the driver computes is a round fewer. Two: the first leaves two shards, one round,
+    # instead of three, two rounds; the second would leave one shard, still a round. Three:
+    # none spares a round, and the first goes back at once.
     monkeypatch.setattr(local_shard, "BUDGET_S", 0.0)
-    job, data = _local_job(tmp_path, f"cluster.num_workers={workers}")
+    grows = f"cluster.max_workers={workers + 1}"
+    job, data = _local_job(tmp_path, f"cluster.num_workers={workers}", grows)
+    assert not job._local.member
     data.go.set()
     plans = plan_shards(90, 32, {})
     assert job._local.result().keys() == {p.shard_id for p in plans[:kept]}

@@ -318,6 +318,27 @@ def test_an_embedded_ray_that_does_not_start_is_tried_once_more_then_refused(mon
     assert calls == ["local", "shutdown", "local", "shutdown"]
 
 
+_NICENESS = """
+import os, ray
+from grass_dist.config import ClusterConfig
+from grass_dist.runtime import embedded
+embedded.start(ClusterConfig(num_cpus=1))
+print(os.nice(0), ray.get(ray.remote(lambda: os.nice(0)).remote()))
+"""
+
+
+@pytest.mark.integration
+def test_an_embedded_rays_workers_compute_at_the_drivers_priority():
+    # Ray starts its workers at nice 15: beside a driver that computes shards as one of the
+    # workers (local_shard.member) they got less CPU than it, and finished last.
+    said = subprocess.run(
+        [sys.executable, "-c", _NICENESS], capture_output=True, text=True, timeout=120
+    )
+    assert said.returncode == 0, said.stderr[-2000:]
+    driver, worker = said.stdout.split()
+    assert worker == driver
+
+
 def test_the_driver_reduces_an_index_up_to_driver_reduce_mib_and_never_one_a_fault_kills(tmp_path):
     def cfg(*overrides: str) -> JobConfig:
         return JobConfig.from_cfg(

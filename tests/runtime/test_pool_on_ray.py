@@ -13,7 +13,7 @@ import ray
 
 from grass_dist.errors import BadRowsError, ConfigError, PlacementTimeoutError, WorkerStartError
 from grass_dist.runtime.pool import ActorPool
-from grass_dist.runtime.scheduler import run_items
+from grass_dist.runtime.scheduler import SharedItems, run_items
 
 pytestmark = pytest.mark.integration
 
@@ -81,6 +81,55 @@ def test_the_last_shards_wait_for_a_starting_worker_rather_than_queue_on_a_busy_
     finally:
         pool.shutdown()
     assert sorted(ran_on) == [0, 1] and ran_on[0] != ran_on[1]
+
+
+def test_shared_items_go_once_each_to_the_workers_or_the_other_taker_and_none_waits_at_the_end(
+    ray_session,
+):
+    # A queue that a thread of this process takes from too (as a member driver takes its
+    # shards): every item is taken once, by one side; a worker holds a second item only
+    # while more wait than there are takers (itself and the thread), so the last ones are
+    # not queued behind a busy worker.
+    items, lock, local = list(range(30)), threading.Lock(), []
+    second_at: list[int] = []  # items left when the worker got a second one
+
+    def take():
+        with lock:
+            return items.pop(0) if items else None
+
+    def left():
+        with lock:
+            return len(items)
+
+    def taker():
+        while (item := take()) is not None:
+            local.append(item)
+            time.sleep(0.1)  # as long as a worker's item
+
+    pool = ActorPool(lambda i: _Probe.remote(), 1)
+    done: list[int] = []
+    inflight: set[int] = set()
+    try:
+        pool.wait_ready(1)
+        thread = threading.Thread(target=taker)
+        thread.start()
+
+        def submit(actor, item):
+            if inflight - set(done):
+                second_at.append(left() + 1)
+            inflight.add(item)
+            return actor.work.remote(item, 0.1)
+
+        run_items(pool, SharedItems(take, left), submit, done_items(done), max_inflight=2)
+        thread.join()
+        peaks = ray.get([a.peak_calls.remote() for a in pool.actors])
+    finally:
+        pool.shutdown()
+    assert sorted(done + local) == list(range(30)) and not set(done) & set(local)
+    assert done and local  # both sides computed
+    assert peaks == [2] and second_at  # a second item while many waited
+    # ...never while at most two waited (one more may go to the thread as it is taken)
+    assert min(second_at) >= 2
 
 
 def test_items_failing_after_the_first_are_not_logged_as_unhandled_errors(ray_session, monkeypatch):

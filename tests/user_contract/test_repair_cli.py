@@ -13,12 +13,14 @@ from tests.user_contract.test_bad_input import _message, _overrides
 
 
 def test_a_corrupt_shard_is_named_and_the_repair_it_names_recomputes_it(tmp_path, user_pkg):
-    # The default pool of two workers on two CPUs: the repair's scan runs on Ray tasks, which
-    # waited for good for the CPUs that the job's early workers held (the command hung).
+    # A pool of two workers on two CPUs: the repair's scan runs on Ray tasks, which waited
+    # for good for the CPUs that the job's early workers held (the command hung). (With the
+    # driver computing shards as one of the two, one worker starts and leaves a CPU free.)
     given = [
         *(o for o in _overrides(user_pkg, tmp_path) if not o.startswith("cluster.num_workers")),
         "cluster.num_workers=2",
         "cluster.num_cpus=2",
+        "cluster.driver_shard=false",
     ]
     built = run_job("index", *given, user=user_pkg, cwd=tmp_path, timeout=300)
     assert built.returncode == 0, built.stderr[-3000:]
