@@ -23,11 +23,8 @@ log = logging.getLogger(__name__)
 # An embedded Ray's driver computes shards beside its workers on the same CPUs
 # (`local_shard.member`). Ray starts its workers at nice 15, below the driver's 0: a worker
 # got about 5 % less CPU than the driver whenever a third thread ran (a Ray process, the
-# driver's own loop), and finished its last shard seconds after the driver's. And Ray starts
-# a process per CPU as the driver connects, for tasks to come: the CPU the driver computes
-# on kept one idle, started for nothing (a second of CPU). Processes start as they are asked
-# for instead.
-SYSTEM_CONFIG = {"worker_niceness": 0, "prestart_worker_first_driver": False}
+# driver's own loop), and finished its last shard seconds after the driver's.
+SYSTEM_CONFIG = {"worker_niceness": 0}
 
 
 def start(cfg: ClusterConfig, attempts: int = 2) -> None:
