@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 # An embedded Ray's driver computes shards beside its workers on the same CPUs
 # (`local_shard.member`). Ray starts its workers at nice 15, below the driver's 0: beside the
 # driver a worker got 2 % less CPU time over an index stage (61.4 against 62.8 CPU-s in 65
-# s), its shards took about 5 % longer, and it finished its last one 2-5 s after the driver.
+# s), its shards took about 5 % longer, and it finished its last one 2-5 s after the driver
+# (exploratory runs of bench_vs_bergson.py's 2 x 1 job: bench/results/vs_bergson.md).
 SYSTEM_CONFIG = {"worker_niceness": 0}
 
 

@@ -15,7 +15,7 @@ from grass_dist.config import JobConfig, resolve
 from grass_dist.errors import NonFiniteLossError
 from grass_dist.index import GradientIndex
 from grass_dist.job import Job
-from grass_dist.runtime import job_actors, local_shard
+from grass_dist.runtime import driver_shard, job_actors, local_shard
 from grass_dist.runtime.local_shard import LocalShard
 from grass_dist.runtime.progress import read_progress
 from grass_dist.runtime.worker import plan_shards
@@ -238,14 +238,14 @@ def test_driver_commits_made_as_the_wait_for_workers_ends_are_counted(
     # still count them (summary, first shard, progress).
     monkeypatch.setattr(local_shard, "BUDGET_S", float("inf"))  # its rows wait: no projection
     job, data = _local_job(tmp_path)
-    computed = pipeline.DriverShard.computed
+    computed = driver_shard.DriverShard.computed
 
     def all_in_since_the_count(self, plans):  # the commits land right after the count
         data.go.set()
         self.local.result()
         return computed(self, plans)
 
-    monkeypatch.setattr(pipeline.DriverShard, "computed", all_in_since_the_count)
+    monkeypatch.setattr(driver_shard.DriverShard, "computed", all_in_since_the_count)
     summary = _run_index(job)
     assert summary == {"computed_shards": 3, "skipped_shards": 0, "rows": 90, "driver_shards": 3}
     assert job.first_shard_s is not None
