@@ -4,12 +4,15 @@ On bench_vs_bergson.py's model and documents (GPT-2, 4 blocks of width 256, voca
 8192, documents of 256 tokens, 512 padded tokens per batch, FactGraSS k=256 on the 16
 block projections), two GradientComputers on the same model compute every batch's phi,
 interleaved: one as indexing runs (`causal_lm()`: the fused head and loss, and GPT-2's
-`gelu_new` as PyTorch's tanh GELU kernel; docs/language_models.md), one on the usual path
-(`causal_lm(fused_head=False)`, no kernel swap). With 2 or more threads a third computes
+`gelu_new` as PyTorch's tanh GELU kernel, the attention in blocks of query rows;
+docs/language_models.md), one on the usual path (`causal_lm(fused_head=False)`, no kernel
+swap, the attention in one call). With 2 or more threads a third computes
 the fast paths in lanes as a worker of that many CPUs does (`cluster.cpu_lanes`: a batch per
 thread at once). The one-thread path (the lanes, or the fast paths with `--threads 1`) runs
 two elementwise steps as C loops (grass_dist/gradients/native.py); it is timed once more
-with PyTorch's kernels in their place. It reports milliseconds per batch (median of rounds,
+with PyTorch's kernels in their place, and once more with the causal attention in
+transformers' one call rather than in blocks of query rows
+(grass_dist/gradients/causal_attention.py). It reports milliseconds per batch (median of rounds,
 each over every batch), their ratios, how far the two paths' phi differ, and with
 `--profile` the ops that take a batch's time on each path (`torch.profiler`).
 
@@ -43,6 +46,7 @@ def computers(model, size: Size, k: int, lanes: int = 1):
     and the usual path."""
     from grass_dist.compress import build_compressors
     from grass_dist.config import CompressionConfig
+    from grass_dist.gradients import causal_attention
     from grass_dist.gradients.capture import resolve_layers
     from grass_dist.gradients.computer import GradientComputer
     from grass_dist.tasks.language_model import causal_lm
@@ -52,6 +56,13 @@ def computers(model, size: Size, k: int, lanes: int = 1):
     fast = GradientComputer(model, causal_lm(), comps, "cpu", lanes)
     usual = GradientComputer(model, causal_lm(fused_head=False), comps)
     usual.fused = []  # no module runs as a fused kernel
+    blocked = usual.phi_batch
+
+    def phi_batch(batch):  # and attention runs in transformers' one call
+        with causal_attention.one_call():
+            return blocked(batch)
+
+    usual.phi_batch = phi_batch
     return fast, usual
 
 
@@ -120,7 +131,7 @@ def main() -> None:
 
     from transformers import GPT2LMHeadModel
 
-    from grass_dist.gradients import native
+    from grass_dist.gradients import causal_attention, native
     from grass_dist.tasks.language_model import causal_lm
 
     with tempfile.TemporaryDirectory(prefix="fast_paths-") as work:
@@ -143,6 +154,8 @@ def main() -> None:
     one_thread = lanes_row if laned is not None else "fast paths"  # where the C loops run
     unlooped = f"{one_thread}, PyTorch's kernels for the C loops"
     times[unlooped] = []
+    one_call = f"{one_thread}, attention in one call"
+    times[one_call] = []
     for _ in range(args.rounds):
         times["fast paths"].append(per_batch_ms(fast, batches))
         times["usual path"].append(per_batch_ms(usual, batches))
@@ -150,6 +163,10 @@ def main() -> None:
             times[lanes_row].append(laned_ms(laned, batches))
         with native.pytorch_kernels():
             times[unlooped].append(
+                laned_ms(laned, batches) if laned is not None else per_batch_ms(fast, batches)
+            )
+        with causal_attention.one_call():
+            times[one_call].append(
                 laned_ms(laned, batches) if laned is not None else per_batch_ms(fast, batches)
             )
     fast_ms, usual_ms = (statistics.median(times[k]) for k in ("fast paths", "usual path"))

@@ -14,6 +14,9 @@ respect to parameters. Inside `activation_gradients(model)` two things hold:
   instances for the block only: the user's model is left as it was. On a one-thread CPU
   batch the kernel is our own C loop (`native`), which forms the derivative in the
   forward: about a third of PyTorch's kernel's time, each way.
+- transformers' "sdpa" causal self-attention on the CPU runs in blocks of query rows, each
+  attending only to the keys up to its last row (`causal_attention`): PyTorch's CPU kernel
+  computes the masked half of the scores in its backward.
 """
 
 from __future__ import annotations
@@ -40,7 +43,12 @@ def activation_gradients_only() -> bool:
 
 def fusable_modules(model: nn.Module) -> list[tuple[nn.Module, Callable]]:
     """(module, its fused kernel) for each module of `model` that runs as a fused kernel inside
-    `activation_gradients` (its class is listed and it has no forward of its own set)."""
+    `activation_gradients` (its class is listed and it has no forward of its own set). A model
+    with transformers' "sdpa" attention also gets its causal self-attention in blocks of
+    query rows there (`causal_attention`)."""
+    from grass_dist.gradients import causal_attention  # it imports this module
+
+    causal_attention.install(model)
     found = []
     for module in model.modules():
         kernel = _SAME_AS_FUSED.get((type(module).__module__, type(module).__name__))
