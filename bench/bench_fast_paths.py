@@ -4,15 +4,17 @@ On bench_vs_bergson.py's model and documents (GPT-2, 4 blocks of width 256, voca
 8192, documents of 256 tokens, 512 padded tokens per batch, FactGraSS k=256 on the 16
 block projections), two GradientComputers on the same model compute every batch's phi,
 interleaved: one as indexing runs (`causal_lm()`: the fused head and loss, and GPT-2's
-`gelu_new` as PyTorch's tanh GELU kernel, the attention in blocks of query rows;
-docs/language_models.md), one on the usual path (`causal_lm(fused_head=False)`, no kernel
-swap, the attention in one call). With 2 or more threads a third computes
-the fast paths in lanes as a worker of that many CPUs does (`cluster.cpu_lanes`: a batch per
-thread at once). The one-thread path (the lanes, or the fast paths with `--threads 1`) runs
-two elementwise steps as C loops (grass_dist/gradients/native.py); it is timed once more
-with PyTorch's kernels in their place, and once more with the causal attention in
-transformers' one call rather than in blocks of query rows
-(grass_dist/gradients/causal_attention.py). It reports milliseconds per batch (median of rounds,
+`gelu_new` as PyTorch's tanh GELU kernel, the attention in blocks of query rows, the
+products through oneDNN; docs/language_models.md), one on the usual path
+(`causal_lm(fused_head=False)`, no kernel swap, the attention in one call). With 2 or more
+threads a third computes the fast paths in lanes as a worker of that many CPUs does
+(`cluster.cpu_lanes`: a batch per thread at once). The one-thread path (the lanes, or the
+fast paths with `--threads 1`) runs two elementwise steps as C loops
+(grass_dist/gradients/native.py); it is timed once more with PyTorch's kernels in their
+place, once more with the causal attention in transformers' one call rather than in blocks
+of query rows (grass_dist/gradients/causal_attention.py), and once more with PyTorch's
+matrix products (its BLAS) in the Linear layers and the head rather than oneDNN's
+(grass_dist/gradients/dnn_linear.py). It reports milliseconds per batch (median of rounds,
 each over every batch), their ratios, how far the two paths' phi differ, and with
 `--profile` the ops that take a batch's time on each path (`torch.profiler`).
 
@@ -131,7 +133,7 @@ def main() -> None:
 
     from transformers import GPT2LMHeadModel
 
-    from grass_dist.gradients import causal_attention, native
+    from grass_dist.gradients import causal_attention, dnn_linear, native
     from grass_dist.tasks.language_model import causal_lm
 
     with tempfile.TemporaryDirectory(prefix="fast_paths-") as work:
@@ -156,6 +158,8 @@ def main() -> None:
     times[unlooped] = []
     one_call = f"{one_thread}, attention in one call"
     times[one_call] = []
+    mkl = f"{one_thread}, PyTorch's GEMMs (its BLAS) for oneDNN's"
+    times[mkl] = []
     for _ in range(args.rounds):
         times["fast paths"].append(per_batch_ms(fast, batches))
         times["usual path"].append(per_batch_ms(usual, batches))
@@ -167,6 +171,10 @@ def main() -> None:
             )
         with causal_attention.one_call():
             times[one_call].append(
+                laned_ms(laned, batches) if laned is not None else per_batch_ms(fast, batches)
+            )
+        with dnn_linear.pytorch_gemms():
+            times[mkl].append(
                 laned_ms(laned, batches) if laned is not None else per_batch_ms(fast, batches)
             )
     fast_ms, usual_ms = (statistics.median(times[k]) for k in ("fast paths", "usual path"))

@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from grass_dist.compress import build_compressors
 from grass_dist.config import CompressionConfig
+from grass_dist.gradients import dnn_linear
 from grass_dist.gradients.capture import resolve_layers
 from grass_dist.gradients.computer import GradientComputer
 from grass_dist.tasks.classifier import ClassificationTask
@@ -37,6 +38,7 @@ MATMULS = {
     aten.matmul,
     aten.linear,
     aten.einsum,
+    torch.ops.mkldnn._linear_pointwise,  # Linear layers' products inside the capture
 }
 
 
@@ -79,6 +81,10 @@ def _case(model_kind: str):
     torch.manual_seed(0)
     if model_kind == "mlp":  # weights (11, 9), (4, 11); batch 5
         return mlp(d_in=9, hidden=11, classes=4), torch.randn(5, 9)
+    if model_kind == "wide":  # weights (129, 9), (131, 129), (4, 131); the middle one's
+        # products (forward, and its input's gradient) go through oneDNN; batch 5
+        layers = [nn.Linear(9, 129), nn.ReLU(), nn.Linear(129, 131), nn.ReLU(), nn.Linear(131, 4)]
+        return nn.Sequential(*layers), torch.randn(5, 9)
     # SeqModel: weights (11, 9), (11, 11), (3, 11); (B, T) = (5, 4), so B * T = 20 rows
     return SeqModel(d_in=9, hidden=11), torch.randn(5, 4, 9)
 
@@ -89,18 +95,24 @@ def _index_batch(model: nn.Module, x: torch.Tensor, method: str) -> MatmulLog:
     )
     computer = GradientComputer(model, ClassificationTask(), comps)
     batch = [x, torch.randint(0, 3, (x.shape[0],))]
+    dnn_linear.available()  # its check at first use is no product of the batch
     with MatmulLog() as log:
         computer.phi_batch(batch)
     return log
 
 
 @pytest.mark.parametrize("method", ["factgrass", "identity"])
-@pytest.mark.parametrize("model_kind", ["mlp", "seq"])
+@pytest.mark.parametrize("model_kind", ["mlp", "seq", "wide"])
 def test_an_index_batch_runs_no_weight_gradient_gemm(model_kind, method):
     model, x = _case(model_kind)
     log = _index_batch(model, x, method)
     assert log.calls, "no matrix multiply was recorded: the check would be vacuous"
     assert weight_gradient_gemms(log, model) == []
+    routed = [shape for op, shape in log.calls if op == "_linear_pointwise"]
+    if model_kind == "wide" and dnn_linear.available():
+        assert routed == [(5, 131), (5, 129)]  # its forward, then its input's gradient
+    else:
+        assert routed == []
 
 
 @pytest.mark.parametrize("model_kind", ["mlp", "seq"])

@@ -12,7 +12,8 @@ chunks of rows:
 with z = h W^T + b: the same GEMMs as the usual forward and backward, the max, exp and sum
 over each chunk of logits (the softmax's normalising and the one-hot act on the (N, d)
 product instead: (exp(z - max) W) / sum - W[t]), and an (N, d) result kept for the
-backward rather than (N, V) ones. On one CPU thread the max, exp and sum are one C loop
+backward rather than (N, V) ones. On the CPU the two products run through oneDNN
+(`grass_dist.gradients.dnn_linear`). On one CPU thread the max, exp and sum are one C loop
 (`grass_dist.gradients.native.exp_rows_`). The head's weight gets no gradient on this path (it is
 never asked for there).
 
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from grass_dist.errors import ConfigError
+from grass_dist.gradients.dnn_linear import linear
 from grass_dist.gradients.native import exp_rows_
 
 IGNORE = -100
@@ -60,7 +62,7 @@ class _HeadLoss(torch.autograd.Function):
             t = targets[lo:hi]
             valid = t != IGNORE
             t = t.clamp(min=0)
-            logits = F.linear(h[lo:hi], weight, bias).float()
+            logits = linear(h[lo:hi], weight, bias).float()
             picked = logits.gather(1, t[:, None])
             top, total = exp_rows_(logits)  # in place: one (rows, V) buffer per chunk
             scores = logits
@@ -68,7 +70,7 @@ class _HeadLoss(torch.autograd.Function):
             # (softmax - onehot(t)) W = (scores W) / total - W[t]: the normalising and the
             # one-hot act on the (rows, d) product, not in more passes over (rows, V).
             grad = grad_h[lo:hi]
-            torch.mm(scores.to(weight.dtype), weight, out=grad)
+            grad.copy_(linear(scores.to(weight.dtype), weight.t()))
             grad.div_(total.to(grad.dtype)).sub_(weight.index_select(0, t).to(grad.dtype))
             grad.mul_(valid[:, None])
         ctx.save_for_backward(grad_h)
