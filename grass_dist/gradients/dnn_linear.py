@@ -16,15 +16,16 @@ way, tasks/lm_head.py). Smaller layers keep PyTorch's
 products (a oneDNN call costs about 10 us more; which path a layer takes depends on its
 weight's shape alone, never on a batch). The fused LM head's two products use `linear`.
 
-The op is used only in a torch that has it and where it agrees with `F.linear` on a small
-check at first use; anywhere else (another device or dtype, or GRASS_DIST_ONEDNN=0 in the
-environment) PyTorch's products run.
+The op is used only on x86-64, in a torch that has it, and where it agrees with `F.linear`
+on a small check at first use; anywhere else (another device or dtype, another CPU
+architecture, or GRASS_DIST_ONEDNN=0 in the environment) PyTorch's products run.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import platform
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -57,6 +58,8 @@ def _op() -> Any:
 def _checked_op() -> Any:
     if os.environ.get("GRASS_DIST_ONEDNN", "1") == "0" or not torch.backends.mkldnn.is_available():
         return None
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None  # measured on x86-64 only; elsewhere oneDNN runs through other backends
     try:
         op = torch.ops.mkldnn._linear_pointwise
         gen = torch.Generator().manual_seed(0)
