@@ -42,6 +42,7 @@ from grass_dist.compress.sketch import scatter_signed  # noqa: E402
 from grass_dist.config import CompressionConfig  # noqa: E402
 from grass_dist.gradients.capture import resolve_layers  # noqa: E402
 from grass_dist.gradients.computer import GradientComputer, all_finite  # noqa: E402
+from grass_dist.gradients.fast_paths import activation_gradients  # noqa: E402
 from grass_dist.index.shards import write_shard  # noqa: E402
 from grass_dist.index.store import Store  # noqa: E402
 from grass_dist.tasks.classifier import ClassificationTask  # noqa: E402
@@ -100,7 +101,7 @@ def compress_in_phases(comp: MaskedFactors, x, g, clock: Clock) -> torch.Tensor:
 
 def index_batch(gc: GradientComputer, batch, clock: Clock, check: bool) -> dict[str, np.ndarray]:
     """One batch through the worker's steps; phi (B, k) per layer as host arrays."""
-    with gc.capture.recording():
+    with gc.capture.recording(), activation_gradients(gc.fused):  # as the computer runs it
         losses = gc.task.per_sample_loss(gc.model, batch)
     clock.lap("forward (with capture hooks)")
     factors = gc.capture.factors(losses)
