@@ -6,9 +6,9 @@ Here the queries go in blocks of `BLOCK_ROWS` rows: the block of rows [lo, hi) a
 keys [0, hi) only, since every later key is masked for each of its rows anyway. The result
 is the same function (it agrees with the one-call kernel to float rounding) for about
 (n + 1) / 2n of the work in n blocks. An index batch of GPT-2 of width 256 (2 rows of 256
-tokens, 4 heads, 4 blocks, vocabulary 8192) at one CPU thread took 126.5 ms with the
-attention in blocks of 64 rows against 129.5 ms in one call (`python
-bench/bench_fast_paths.py --docs 32 --rounds 3 --threads 1`).
+tokens, 4 heads, 4 blocks, vocabulary 8192) at one CPU thread took 76.2 ms with the
+attention in blocks of 64 rows against 80.3 ms in one call (`python
+bench/bench_fast_paths.py --docs 32 --rounds 3 --threads 1`, bench/results/vs_bergson.md).
 
 It applies to transformers' "sdpa" attention (`transformers.integrations.sdpa_attention`)
 where that attention is causal self-attention on the CPU, on a thread inside
