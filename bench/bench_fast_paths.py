@@ -15,7 +15,8 @@ place, once more with the causal attention in transformers' one call rather than
 of query rows (grass_dist/gradients/causal_attention.py), and once more with PyTorch's
 matrix products (its BLAS) in the Linear layers and the head rather than oneDNN's
 (grass_dist/gradients/dnn_linear.py). It reports milliseconds per batch (median of rounds,
-each over every batch), their ratios, how far the two paths' phi differ, and with
+each over every batch), their ratios, how far the two paths' phi differ, the GFLOP/s of each
+of a batch's matrix products on one thread through PyTorch and through oneDNN, and with
 `--profile` the ops that take a batch's time on each path (`torch.profiler`).
 
     python bench/bench_fast_paths.py --docs 64 --rounds 3 --profile
@@ -93,6 +94,53 @@ def laned_ms(computer, batches) -> float:
     return (time.perf_counter() - t0) / len(batches) * 1000
 
 
+def product_rates(model, rows: int, repeats: int = 5) -> list[str]:
+    """Table lines: GFLOP/s on one thread of an index batch's matrix products (each block
+    Linear layer's forward and input gradient, the head's two), PyTorch's (`F.linear`)
+    against oneDNN's (`dnn_linear.linear`), interleaved, medians of `repeats`."""
+    import torch.nn.functional as F
+
+    from grass_dist.gradients import dnn_linear
+    from grass_dist.gradients.fast_paths import fusable_modules
+
+    if not dnn_linear.available():
+        return ["oneDNN's products are not usable in this process: no table."]
+    weights = {}  # (out, in) -> that form of a weight
+    for module, _ in fusable_modules(model):
+        if dnn_linear.routed(module):
+            w = module.weight if isinstance(module, torch.nn.Linear) else module.weight.t()
+            weights.setdefault(tuple(w.shape), w.detach())
+    head = model.get_output_embeddings().weight.detach()
+    weights.setdefault(tuple(head.shape), head)
+    products = {}  # name -> (x, weight as (out, in)): forward and input gradient, once each
+    gen = torch.Generator().manual_seed(0)
+    for (d_out, d_in), w in weights.items():
+        for n_in, n_out, form in ((d_in, d_out, w), (d_out, d_in, w.t())):
+            x = torch.randn(rows, n_in, generator=gen)
+            products.setdefault(f"{rows} x {n_in} -> {n_out}", (x, form))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    lines = [
+        "| product (rows x in -> out) | PyTorch GFLOP/s | oneDNN GFLOP/s | x |",
+        "|---|---|---|---|",
+    ]
+    try:
+        for name, (x, w) in products.items():
+            flops = 2 * x.shape[0] * x.shape[1] * w.shape[0]
+            runs: dict[str, list[float]] = {"pytorch": [], "onednn": []}
+            for _ in range(repeats):
+                for side, fn in (("pytorch", F.linear), ("onednn", dnn_linear.linear)):
+                    fn(x, w)
+                    t0 = time.perf_counter()
+                    fn(x, w)
+                    runs[side].append(flops / (time.perf_counter() - t0) / 1e9)
+            ours, theirs = statistics.median(runs["onednn"]), statistics.median(runs["pytorch"])
+            lines.append(f"| {name} | {theirs:.0f} | {ours:.0f} | {ours / theirs:.2f} |")
+    finally:
+        torch.set_num_threads(threads)
+    return lines
+
+
 def phi_difference(fast, usual, batches) -> float:
     """The largest relative difference of a layer's phi between the two, over the batches."""
     worst = 0.0
@@ -154,29 +202,23 @@ def main() -> None:
         laned_ms(laned, batches[: 2 * args.threads])  # each lane's first batch watches the head
         times[lanes_row] = []
     one_thread = lanes_row if laned is not None else "fast paths"  # where the C loops run
-    unlooped = f"{one_thread}, PyTorch's kernels for the C loops"
-    times[unlooped] = []
-    one_call = f"{one_thread}, attention in one call"
-    times[one_call] = []
-    mkl = f"{one_thread}, PyTorch's GEMMs (its BLAS) for oneDNN's"
-    times[mkl] = []
+    # The one-thread path once more with each of its parts swapped back for PyTorch's.
+    swapped = {
+        f"{one_thread}, PyTorch's kernels for the C loops": native.pytorch_kernels,
+        f"{one_thread}, attention in one call": causal_attention.one_call,
+        f"{one_thread}, PyTorch's GEMMs (its BLAS) for oneDNN's": dnn_linear.pytorch_gemms,
+    }
+    times.update((name, []) for name in swapped)
     for _ in range(args.rounds):
         times["fast paths"].append(per_batch_ms(fast, batches))
         times["usual path"].append(per_batch_ms(usual, batches))
         if laned is not None:
             times[lanes_row].append(laned_ms(laned, batches))
-        with native.pytorch_kernels():
-            times[unlooped].append(
-                laned_ms(laned, batches) if laned is not None else per_batch_ms(fast, batches)
-            )
-        with causal_attention.one_call():
-            times[one_call].append(
-                laned_ms(laned, batches) if laned is not None else per_batch_ms(fast, batches)
-            )
-        with dnn_linear.pytorch_gemms():
-            times[mkl].append(
-                laned_ms(laned, batches) if laned is not None else per_batch_ms(fast, batches)
-            )
+        for name, pytorchs in swapped.items():
+            with pytorchs():
+                times[name].append(
+                    laned_ms(laned, batches) if laned is not None else per_batch_ms(fast, batches)
+                )
     fast_ms, usual_ms = (statistics.median(times[k]) for k in ("fast paths", "usual path"))
     lines = [
         "# The capture's fast paths: an index batch with and without them",
@@ -201,6 +243,13 @@ def main() -> None:
         "",
         f"phi: largest relative difference of a layer's between the two, over every batch: "
         f"{phi_difference(fast, usual, batches):.1e}.",
+    ]
+    lines += [
+        "",
+        "The matrix products of a batch on one thread, PyTorch's and oneDNN's "
+        "(`grass_dist/gradients/dnn_linear.py`):",
+        "",
+        *product_rates(model, 2 * size.tokens),
     ]
     if args.profile:
         for name, computer in (("fast paths", fast), ("usual path", usual)):

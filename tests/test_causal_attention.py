@@ -144,3 +144,24 @@ def test_other_attention_is_left_as_it_was(monkeypatch):
     monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", own)
     assert not causal_attention.install(_gpt2())
     assert AttentionInterface._global_mapping["sdpa"] is own
+
+
+def test_a_forwards_mask_is_checked_once_and_block_masks_are_one_view(monkeypatch):
+    model = _gpt2()
+    found = fusable_modules(model)
+    checks = []
+    check = causal_attention.is_causal_mask
+    monkeypatch.setattr(
+        causal_attention, "is_causal_mask", lambda m, n: checks.append(n) or check(m, n)
+    )
+    ids = torch.randint(1, VOCAB, (2, 150))
+    padding = torch.ones(2, 150, dtype=torch.long)
+    padding[1, :20] = 0
+    with activation_gradients(found):
+        model(input_ids=ids, attention_mask=padding)
+    assert checks == [150]  # two layers, one mask, one check
+    monkeypatch.setattr(causal_attention, "_causal", {})
+    for length in (130, 200, 140):
+        q, k, v = _qkv(length)
+        blocked_attention(q, k, v)
+    assert [tuple(m.shape) for m in causal_attention._causal.values()] == [(200, 200)]

@@ -24,6 +24,7 @@ for any other attention, the registered function is transformers' own, called as
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -39,9 +40,11 @@ BLOCK_ROWS = 64
 _install_lock = threading.Lock()
 _one_call = [False]  # set by `one_call`
 _MARK = "_grass_dist_causal_blocks"
-# (device, length) -> one boolean mask per block after the first: row r of the block [lo, hi)
-# attends to the keys 0..lo + r.
-_masks: dict[tuple[str, int], list[torch.Tensor]] = {}
+# device -> a lower-triangular (n, n) boolean mask for the longest rows seen there: a block's
+# mask is a view of it, so what is kept is bounded by the longest rows, not by how many
+# lengths come by.
+_causal: dict[str, torch.Tensor] = {}
+_seen = threading.local()  # the last mask `_applies` checked on this thread, and its answer
 
 
 def install(model: nn.Module) -> bool:
@@ -134,7 +137,13 @@ def _applies(
         return False
     if mask is None:
         return bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
-    return is_causal_mask(mask, length)
+    # Every layer of a forward gets the same mask: check it once, not once per layer.
+    last = getattr(_seen, "mask", None)
+    if last is not None and last[0]() is mask:
+        return last[1]
+    causal = is_causal_mask(mask, length)
+    _seen.mask = (weakref.ref(mask), causal)
+    return causal
 
 
 def is_causal_mask(mask: torch.Tensor, length: int) -> bool:
@@ -156,28 +165,25 @@ def blocked_attention(
     `mask`, the causal one; with one, a boolean (..., T, T) mask that masks every score above
     the diagonal (`is_causal_mask`)."""
     length = query.shape[2]
+    full = mask if mask is not None else _causal_mask(query.device, length)
     blocks = []
     for lo in range(0, length, BLOCK_ROWS):
         hi = min(lo + BLOCK_ROWS, length)
         q, k, v = query[:, :, lo:hi], key[:, :, :hi], value[:, :, :hi]
-        if mask is None and lo == 0:
+        if mask is None and lo == 0:  # a square block: the kernel's own causal flag
             blocks.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale))
-            continue
-        if mask is None:
-            block_mask = _block_masks(query.device, length)[lo // BLOCK_ROWS - 1]
         else:
-            block_mask = mask[..., lo:hi, :hi]
-        blocks.append(F.scaled_dot_product_attention(q, k, v, attn_mask=block_mask, scale=scale))
+            block_mask = full[..., lo:hi, :hi]
+            blocks.append(
+                F.scaled_dot_product_attention(q, k, v, attn_mask=block_mask, scale=scale)
+            )
     return torch.cat(blocks, dim=2)
 
 
-def _block_masks(device: torch.device, length: int) -> list[torch.Tensor]:
-    known = _masks.get((str(device), length))
-    if known is None:
-        known = []
-        for lo in range(BLOCK_ROWS, length, BLOCK_ROWS):
-            hi = min(lo + BLOCK_ROWS, length)
-            full = torch.ones(hi - lo, hi, dtype=torch.bool, device=device)
-            known.append(full.tril(diagonal=lo))
-        _masks[(str(device), length)] = known
+def _causal_mask(device: torch.device, length: int) -> torch.Tensor:
+    """A lower-triangular boolean mask of at least (length, length) on `device`."""
+    known = _causal.get(str(device))
+    if known is None or known.shape[0] < length:
+        known = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+        _causal[str(device)] = known
     return known

@@ -1,9 +1,9 @@
 """Linear layers' GEMMs through oneDNN on the CPU, inside `activation_gradients`.
 
 PyTorch runs a float32 CPU matrix multiply through its BLAS (MKL in the x86 wheels), which
-on this project's AMD EPYC machines reached 96-113 GFLOP/s at one thread on an index
+on this project's AMD EPYC machines reached 109-112 GFLOP/s at one thread on an index
 batch's shapes (512 tokens against weights of 256 x 256 to 8192 x 256). oneDNN, which
-PyTorch ships as well, ran the same products at 232-254 GFLOP/s, in float32, its results
+PyTorch ships as well, ran the same products at 205-250 GFLOP/s, in float32, its results
 agreeing with MKL's to float rounding. Its matrix multiply with a bias is reachable as
 `torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")`: x (..., in) times a
 weight (out, in) given as any strided view (a transpose needs no copy).
